@@ -1,0 +1,821 @@
+//! The worker's runtime configuration: one YAML document plus environment overrides.
+//!
+//! ```yaml
+//! pipeline: iot-enrich
+//! source:
+//!   bootstrapServers: kafka:9092
+//!   topic: iot-events
+//!   groupId: iot-enrich
+//! processor: {passthrough: {}}
+//! sinks:
+//!   - kafka: {topic: iot-enriched}
+//! workers: {perPartition: 5, queueCapacity: 1024, ordering: key}
+//! batching: {maxMessages: 5000, maxBytes: 1MiB, linger: 5ms}
+//! ```
+//!
+//! Every field but `pipeline`, `source` and `sinks` has a default. Secrets never live
+//! here: a SASL password is named by the environment variable that holds it.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::units::{ByteSize, HumanDuration};
+
+/// Environment variables with this prefix override fields of the file:
+/// `SLUICE__SOURCE__BOOTSTRAP_SERVERS=host:9092` sets `source.bootstrapServers`,
+/// `SLUICE__SINKS__0__KAFKA__TOPIC=out` sets `sinks[0].kafka.topic`.
+pub const ENV_OVERRIDE_PREFIX: &str = "SLUICE__";
+
+/// Why a configuration was refused. The message names the field and what is allowed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The YAML could not be read or does not match the schema.
+    #[error("invalid configuration at `{path}`: {message}")]
+    Parse {
+        /// Dotted path of the offending field (`.` for the document itself).
+        path: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+    /// The document parsed, but a value is out of range or inconsistent.
+    #[error("invalid configuration at `{field}`: {message}")]
+    Invalid {
+        /// Dotted path of the offending field.
+        field: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+    /// An environment override could not be applied.
+    #[error("invalid environment override `{var}`: {message}")]
+    Override {
+        /// The environment variable.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Everything one worker process needs to run a pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// The pipeline's name: the `pipeline` label on every metric.
+    pub pipeline: String,
+    /// Where records come from.
+    pub source: SourceConfig,
+    /// What happens to each record.
+    #[serde(default)]
+    pub processor: ProcessorConfig,
+    /// Where outputs go. A record is done when every sink acknowledged every output.
+    pub sinks: Vec<SinkConfig>,
+    /// Worker pool per partition and its queue.
+    #[serde(default)]
+    pub workers: WorkersConfig,
+    /// When a sink's batch is flushed.
+    #[serde(default)]
+    pub batching: BatchingConfig,
+    /// When offsets are committed and how long a drain may take.
+    #[serde(default)]
+    pub commit: CommitConfig,
+    /// Memory bounds.
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// The metrics and health server.
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// The Kafka topic read by the pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// The input topic.
+    pub topic: String,
+    /// Consumer group id; one group per pipeline.
+    pub group_id: String,
+    /// Where to start when the group has no committed offset.
+    #[serde(default)]
+    pub start_from: StartFrom,
+    /// Group session timeout. The revoke drain deadline must be shorter.
+    #[serde(default = "defaults::session_timeout")]
+    pub session_timeout: HumanDuration,
+    /// Static membership id (e.g. the pod name), so a restart does not rebalance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_instance_id: Option<String>,
+    /// TLS and SASL.
+    #[serde(default)]
+    pub security: SecurityConfig,
+    /// Extra librdkafka consumer properties, applied last.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consumer_properties: BTreeMap<String, String>,
+}
+
+/// Where a group without a committed offset starts reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StartFrom {
+    /// The log start offset: nothing that is still retained is skipped.
+    #[default]
+    Earliest,
+    /// The end of the log: only records produced after the first join.
+    Latest,
+}
+
+/// Connection security for Kafka. Passwords come from the environment, never from here.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Transport protocol.
+    #[serde(default)]
+    pub protocol: SecurityProtocol,
+    /// SASL mechanism, required for the sasl protocols.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Name of the environment variable that holds the SASL password.
+    #[serde(default = "defaults::password_env")]
+    pub password_env: String,
+    /// PEM file with the CA certificates to trust (TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+/// Kafka `security.protocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SecurityProtocol {
+    /// No TLS, no SASL.
+    #[default]
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL without TLS.
+    SaslPlaintext,
+    /// SASL over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The librdkafka spelling.
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+    fn uses_sasl(self) -> bool {
+        matches!(self, SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl)
+    }
+}
+
+/// Kafka `sasl.mechanism`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SaslMechanism {
+    /// PLAIN.
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM-SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka spelling.
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// The processor run on every record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum ProcessorConfig {
+    /// Emit every record unchanged (key, value and headers).
+    Passthrough {},
+    /// A processor compiled into a custom worker binary, looked up by name.
+    Custom {
+        /// Name the custom binary registered its processor under.
+        name: String,
+    },
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig::Passthrough {}
+    }
+}
+
+/// One destination of the pipeline's outputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// A Kafka topic, written through an idempotent producer with acks=all.
+    Kafka(KafkaSinkConfig),
+    /// Print each output on standard output (debugging).
+    Stdout {},
+    /// Acknowledge and discard (benchmarks).
+    Null {},
+}
+
+impl SinkConfig {
+    /// A short, bounded name for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Kafka(_) => "kafka",
+            SinkConfig::Stdout {} => "stdout",
+            SinkConfig::Null {} => "null",
+        }
+    }
+}
+
+/// A Kafka output topic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// The output topic.
+    pub topic: String,
+    /// Defaults to the source's bootstrap servers and security settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_servers: Option<String>,
+    /// Extra librdkafka producer properties, applied last.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+/// How records of one partition are spread over its workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Ordering {
+    /// One lane per partition: strict offset order (only one worker runs).
+    Partition,
+    /// `hash(key) % perPartition`: order is kept per key.
+    #[default]
+    Key,
+    /// Any free worker; no order is promised.
+    Unordered,
+}
+
+/// The fixed worker pool of each partition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// Workers per assigned partition (1..=256).
+    #[serde(default = "defaults::per_partition")]
+    pub per_partition: u32,
+    /// Records a partition may hold in its channel before it is paused in the consumer.
+    /// It resumes when the channel is down to half of this.
+    #[serde(default = "defaults::queue_capacity")]
+    pub queue_capacity: u32,
+    /// How records are spread over the workers.
+    #[serde(default)]
+    pub ordering: Ordering,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        WorkersConfig {
+            per_partition: defaults::per_partition(),
+            queue_capacity: defaults::queue_capacity(),
+            ordering: Ordering::default(),
+        }
+    }
+}
+
+/// When a sink's batch is flushed: whichever limit is reached first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Outputs per batch.
+    #[serde(default = "defaults::max_messages")]
+    pub max_messages: u32,
+    /// Payload bytes per batch.
+    #[serde(default = "defaults::max_bytes")]
+    pub max_bytes: ByteSize,
+    /// How long the first output of a batch may wait for company.
+    #[serde(default = "defaults::linger")]
+    pub linger: HumanDuration,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            max_messages: defaults::max_messages(),
+            max_bytes: defaults::max_bytes(),
+            linger: defaults::linger(),
+        }
+    }
+}
+
+/// Offset commits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CommitConfig {
+    /// How often the contiguous watermarks are committed.
+    #[serde(default = "defaults::commit_interval")]
+    pub interval: HumanDuration,
+    /// How long a revoke or a shutdown waits for in-flight work before committing.
+    /// Must be shorter than `source.sessionTimeout`.
+    #[serde(default = "defaults::drain_timeout")]
+    pub drain_timeout: HumanDuration,
+}
+
+impl Default for CommitConfig {
+    fn default() -> Self {
+        CommitConfig {
+            interval: defaults::commit_interval(),
+            drain_timeout: defaults::drain_timeout(),
+        }
+    }
+}
+
+/// Memory bounds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Payload bytes that may be in flight (dispatched, not yet acknowledged) across all
+    /// partitions. When it is spent, dispatch waits and partitions pause.
+    #[serde(default = "defaults::in_flight_bytes")]
+    pub in_flight_bytes: ByteSize,
+    /// librdkafka's prefetch buffer per partition (`queued.max.messages.kbytes`).
+    #[serde(default = "defaults::fetch_buffer")]
+    pub fetch_buffer: ByteSize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            in_flight_bytes: defaults::in_flight_bytes(),
+            fetch_buffer: defaults::fetch_buffer(),
+        }
+    }
+}
+
+/// The HTTP server for /metrics, /healthz and /readyz.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address.
+    #[serde(default = "defaults::listen")]
+    pub listen: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: defaults::listen(),
+        }
+    }
+}
+
+mod defaults {
+    use crate::units::{ByteSize, HumanDuration};
+
+    pub fn session_timeout() -> HumanDuration {
+        HumanDuration::from_millis(30_000)
+    }
+    pub fn password_env() -> String {
+        "SLUICE_SASL_PASSWORD".into()
+    }
+    pub fn per_partition() -> u32 {
+        5
+    }
+    pub fn queue_capacity() -> u32 {
+        4096
+    }
+    pub fn max_messages() -> u32 {
+        5000
+    }
+    pub fn max_bytes() -> ByteSize {
+        ByteSize(1 << 20)
+    }
+    pub fn linger() -> HumanDuration {
+        HumanDuration::from_millis(5)
+    }
+    pub fn commit_interval() -> HumanDuration {
+        HumanDuration::from_millis(1000)
+    }
+    pub fn drain_timeout() -> HumanDuration {
+        HumanDuration::from_millis(10_000)
+    }
+    pub fn in_flight_bytes() -> ByteSize {
+        ByteSize(256 << 20)
+    }
+    pub fn fetch_buffer() -> ByteSize {
+        ByteSize(8 << 20)
+    }
+    pub fn listen() -> String {
+        "0.0.0.0:9095".into()
+    }
+}
+
+impl WorkerConfig {
+    /// Parse and validate a YAML document, without environment overrides.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let value: serde_json::Value = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: ".".into(),
+            message: e.to_string(),
+        })?;
+        Self::from_value(value)
+    }
+
+    /// Parse a YAML document, apply `SLUICE__…` overrides from `env`, then validate.
+    pub fn from_yaml_with_env<I>(text: &str, env: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut value: serde_json::Value =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: ".".into(),
+                message: e.to_string(),
+            })?;
+        let mut overrides: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_OVERRIDE_PREFIX))
+            .collect();
+        overrides.sort();
+        for (var, raw) in overrides {
+            apply_override(&mut value, &var, &raw)?;
+        }
+        Self::from_value(value)
+    }
+
+    fn from_value(value: serde_json::Value) -> Result<Self, ConfigError> {
+        let config: WorkerConfig =
+            serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Parse {
+                path: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Render as YAML (what the operator writes into the ConfigMap).
+    pub fn to_yaml(&self) -> String {
+        // Through JSON values, so enums render as plain maps (`kafka: {topic: out}`) rather
+        // than YAML tags, which is what people write and what `from_yaml` reads.
+        let value = serde_json::to_value(self).expect("a WorkerConfig always serializes");
+        serde_yaml::to_string(&value).expect("a JSON value always renders as YAML")
+    }
+
+    /// Semantic checks the schema cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        non_empty("pipeline", &self.pipeline)?;
+        non_empty("source.bootstrapServers", &self.source.bootstrap_servers)?;
+        topic_name("source.topic", &self.source.topic)?;
+        non_empty("source.groupId", &self.source.group_id)?;
+        if self.sinks.is_empty() {
+            return Err(ConfigError::invalid(
+                "sinks",
+                "at least one sink is required (kafka, stdout or null)",
+            ));
+        }
+        for (i, sink) in self.sinks.iter().enumerate() {
+            if let SinkConfig::Kafka(k) = sink {
+                topic_name(&format!("sinks[{i}].kafka.topic"), &k.topic)?;
+                if k.topic == self.source.topic
+                    && k.bootstrap_servers
+                        .as_ref()
+                        .is_none_or(|b| b == &self.source.bootstrap_servers)
+                {
+                    return Err(ConfigError::invalid(
+                        format!("sinks[{i}].kafka.topic"),
+                        "the output topic is the input topic: the pipeline would feed itself",
+                    ));
+                }
+            }
+        }
+        let w = &self.workers;
+        if !(1..=256).contains(&w.per_partition) {
+            return Err(ConfigError::invalid(
+                "workers.perPartition",
+                format!("must be between 1 and 256, got {}", w.per_partition),
+            ));
+        }
+        if !(2..=1_000_000).contains(&w.queue_capacity) {
+            return Err(ConfigError::invalid(
+                "workers.queueCapacity",
+                format!("must be between 2 and 1000000 records, got {}", w.queue_capacity),
+            ));
+        }
+        let b = &self.batching;
+        if !(1..=1_000_000).contains(&b.max_messages) {
+            return Err(ConfigError::invalid(
+                "batching.maxMessages",
+                format!("must be between 1 and 1000000, got {}", b.max_messages),
+            ));
+        }
+        if b.max_bytes.0 < 1024 {
+            return Err(ConfigError::invalid(
+                "batching.maxBytes",
+                format!("must be at least 1KiB, got {}", b.max_bytes),
+            ));
+        }
+        if b.linger.0.as_secs() > 60 {
+            return Err(ConfigError::invalid(
+                "batching.linger",
+                format!("must be at most 60s, got {}", b.linger),
+            ));
+        }
+        let session = self.source.session_timeout.0;
+        if session.as_millis() < 6_000 || session.as_millis() > 300_000 {
+            return Err(ConfigError::invalid(
+                "source.sessionTimeout",
+                format!("must be between 6s and 5m, got {}", self.source.session_timeout),
+            ));
+        }
+        if self.commit.interval.0.as_millis() < 10 {
+            return Err(ConfigError::invalid(
+                "commit.interval",
+                format!("must be at least 10ms, got {}", self.commit.interval),
+            ));
+        }
+        if self.commit.drain_timeout.0 >= session {
+            return Err(ConfigError::invalid(
+                "commit.drainTimeout",
+                format!(
+                    "must be shorter than source.sessionTimeout ({}), got {}: a drain that outlives the session gets the member fenced",
+                    self.source.session_timeout, self.commit.drain_timeout
+                ),
+            ));
+        }
+        if self.memory.in_flight_bytes.0 < (1 << 20) {
+            return Err(ConfigError::invalid(
+                "memory.inFlightBytes",
+                format!("must be at least 1MiB, got {}", self.memory.in_flight_bytes),
+            ));
+        }
+        if self.memory.in_flight_bytes.0 < b.max_bytes.0 {
+            return Err(ConfigError::invalid(
+                "memory.inFlightBytes",
+                format!(
+                    "must be at least batching.maxBytes ({}), got {}",
+                    b.max_bytes, self.memory.in_flight_bytes
+                ),
+            ));
+        }
+        let sec = &self.source.security;
+        if sec.protocol.uses_sasl() {
+            if sec.sasl_mechanism.is_none() {
+                return Err(ConfigError::invalid(
+                    "source.security.saslMechanism",
+                    "required with a SASL protocol: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                ));
+            }
+            if sec.username.as_deref().is_none_or(str::is_empty) {
+                return Err(ConfigError::invalid(
+                    "source.security.username",
+                    "required with a SASL protocol",
+                ));
+            }
+        } else if sec.sasl_mechanism.is_some() {
+            return Err(ConfigError::invalid(
+                "source.security.saslMechanism",
+                "set only with protocol SASL_PLAINTEXT or SASL_SSL",
+            ));
+        }
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "server.listen",
+                format!("`{}` is not an ip:port address", self.server.listen),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn non_empty(field: &str, v: &str) -> Result<(), ConfigError> {
+    if v.trim().is_empty() {
+        Err(ConfigError::invalid(field, "must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Kafka's rule: 1-249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
+fn topic_name(field: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 249
+        && v != "."
+        && v != ".."
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("`{v}` is not a Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -)"),
+        ))
+    }
+}
+
+/// `SCREAMING_SNAKE` segment to the camelCase key used in the document.
+fn camel(segment: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in segment.split('_').filter(|p| !p.is_empty()).enumerate() {
+        let lower = part.to_ascii_lowercase();
+        if i == 0 {
+            out.push_str(&lower);
+        } else {
+            let mut c = lower.chars();
+            if let Some(f) = c.next() {
+                out.push(f.to_ascii_uppercase());
+                out.extend(c);
+            }
+        }
+    }
+    out
+}
+
+fn apply_override(root: &mut serde_json::Value, var: &str, raw: &str) -> Result<(), ConfigError> {
+    use serde_json::Value;
+    let err = |message: String| ConfigError::Override {
+        var: var.to_string(),
+        message,
+    };
+    let path: Vec<&str> = var[ENV_OVERRIDE_PREFIX.len()..].split("__").collect();
+    if path.iter().any(|s| s.is_empty()) {
+        return Err(err("empty path segment; separate fields with a double underscore".into()));
+    }
+    let new: Value =
+        serde_yaml::from_str(raw).map_err(|e| err(format!("value is not YAML: {e}")))?;
+    let mut cur = root;
+    for (i, seg) in path.iter().enumerate() {
+        let last = i + 1 == path.len();
+        if let Ok(idx) = seg.parse::<usize>() {
+            let seq = cur
+                .as_array_mut()
+                .ok_or_else(|| err(format!("`{seg}` indexes a field that is not a list")))?;
+            let len = seq.len();
+            let slot = seq
+                .get_mut(idx)
+                .ok_or_else(|| err(format!("index {idx} is out of range (the list has {len})")))?;
+            if last {
+                *slot = new;
+                return Ok(());
+            }
+            cur = slot;
+        } else {
+            if cur.is_null() {
+                *cur = Value::Object(Default::default());
+            }
+            let map = cur
+                .as_object_mut()
+                .ok_or_else(|| err(format!("`{seg}` is inside a field that is not a map")))?;
+            let key = camel(seg);
+            if last {
+                map.insert(key, new);
+                return Ok(());
+            }
+            cur = map.entry(key).or_insert(Value::Null);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+pipeline: demo
+source: {bootstrapServers: "127.0.0.1:9092", topic: in, groupId: g}
+sinks: [{kafka: {topic: out}}]
+"#;
+
+    fn err(yaml: &str) -> String {
+        WorkerConfig::from_yaml(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = WorkerConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.workers.per_partition, 5);
+        assert_eq!(c.workers.ordering, Ordering::Key);
+        assert_eq!(c.batching.max_bytes.0, 1 << 20);
+        assert_eq!(c.batching.linger.0.as_millis(), 5);
+        assert_eq!(c.processor, ProcessorConfig::Passthrough {});
+        assert_eq!(c.source.start_from, StartFrom::Earliest);
+    }
+
+    #[test]
+    fn rendered_yaml_round_trips() {
+        let c = WorkerConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(WorkerConfig::from_yaml(&c.to_yaml()).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_path() {
+        let e = err(&MINIMAL.replace("groupId: g", "groupId: g, grupId: x"));
+        assert!(e.contains("source") && e.contains("grupId"), "{e}");
+        assert!(e.contains("expected one of"), "{e}");
+    }
+
+    #[test]
+    fn unknown_sink_kind_lists_the_allowed_kinds() {
+        let e = err(&MINIMAL.replace("kafka: {topic: out}", "s3: {bucket: b}"));
+        assert!(e.contains("sinks[0]") && e.contains("s3") && e.contains("kafka"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_say_what_is_allowed() {
+        let cases = [
+            ("workers: {perPartition: 0}", "workers.perPartition", "between 1 and 256"),
+            ("workers: {queueCapacity: 1}", "workers.queueCapacity", "between 2"),
+            ("batching: {maxMessages: 0}", "batching.maxMessages", "between 1"),
+            ("batching: {maxBytes: 10}", "batching.maxBytes", "at least 1KiB"),
+            ("batching: {linger: 5 parsecs}", "batching.linger", "not a duration"),
+            ("batching: {maxBytes: 1QB}", "batching.maxBytes", "unknown byte unit"),
+            ("workers: {ordering: random}", "workers.ordering", "partition"),
+            ("commit: {drainTimeout: 40s}", "commit.drainTimeout", "shorter than"),
+            ("server: {listen: nowhere}", "server.listen", "ip:port"),
+        ];
+        for (extra, field, want) in cases {
+            let e = err(&format!("{MINIMAL}{extra}\n"));
+            assert!(e.contains(field) && e.contains(want), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn sink_that_feeds_its_own_input_is_refused() {
+        let e = err(&MINIMAL.replace("topic: out", "topic: in"));
+        assert!(e.contains("feed itself"), "{e}");
+    }
+
+    #[test]
+    fn bad_topic_names_are_refused() {
+        let e = err(&MINIMAL.replace("topic: in", "topic: \"in put\""));
+        assert!(e.contains("source.topic") && e.contains("not a Kafka topic name"), "{e}");
+    }
+
+    #[test]
+    fn sasl_needs_a_mechanism_and_user_but_never_a_password_in_the_file() {
+        let e = err(&MINIMAL.replace(
+            "groupId: g",
+            "groupId: g, security: {protocol: SASL_PLAINTEXT}",
+        ));
+        assert!(e.contains("saslMechanism"), "{e}");
+        let e = err(&MINIMAL.replace(
+            "groupId: g",
+            "groupId: g, security: {protocol: SASL_PLAINTEXT, saslMechanism: PLAIN, username: u, password: p}",
+        ));
+        assert!(e.contains("unknown field `password`"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_reach_nested_fields_and_list_items() {
+        let env = vec![
+            ("SLUICE__SOURCE__BOOTSTRAP_SERVERS".to_string(), "10.0.0.1:9092".to_string()),
+            ("SLUICE__SINKS__0__KAFKA__TOPIC".to_string(), "other".to_string()),
+            ("SLUICE__WORKERS__PER_PARTITION".to_string(), "3".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = WorkerConfig::from_yaml_with_env(MINIMAL, env).unwrap();
+        assert_eq!(c.source.bootstrap_servers, "10.0.0.1:9092");
+        assert_eq!(c.workers.per_partition, 3);
+        match &c.sinks[0] {
+            SinkConfig::Kafka(k) => assert_eq!(k.topic, "other"),
+            s => panic!("{s:?}"),
+        }
+    }
+
+    #[test]
+    fn env_overrides_are_validated_like_the_file() {
+        let env = vec![("SLUICE__WORKERS__PER_PARTITION".to_string(), "0".to_string())];
+        let e = WorkerConfig::from_yaml_with_env(MINIMAL, env).unwrap_err().to_string();
+        assert!(e.contains("workers.perPartition"), "{e}");
+        let env = vec![("SLUICE__SINKS__3__KAFKA__TOPIC".to_string(), "x".to_string())];
+        let e = WorkerConfig::from_yaml_with_env(MINIMAL, env).unwrap_err().to_string();
+        assert!(e.contains("SLUICE__SINKS__3") && e.contains("out of range"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parser_never_panics_on_arbitrary_text(s in "\\PC{0,200}") {
+            let _ = WorkerConfig::from_yaml(&s);
+        }
+    }
+}

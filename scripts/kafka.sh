@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Install, start and stop a real single-node Apache Kafka (KRaft) broker on loopback.
+#
+#   scripts/kafka.sh install   fetch the broker jars from Maven Central into the cache
+#   scripts/kafka.sh start     format (first time) and start; waits until it accepts connections
+#   scripts/kafka.sh stop      stop it (data stays on disk, so start resumes it)
+#   scripts/kafka.sh restart   stop + start, keeping the data
+#   scripts/kafka.sh reset     stop and delete the data
+#   scripts/kafka.sh status    exit 0 when it is up
+#
+# Environment:
+#   SLUICE_KAFKA_VERSION  broker version            (default 4.1.1)
+#   SLUICE_CACHE          jar cache, kept across runs (default ~/.cache/sluice)
+#   SLUICE_KAFKA_DIR      data, config and log dir    (default /tmp/sluice-kafka)
+#   SLUICE_KAFKA_PORT     client port on 127.0.0.1    (default 9092; controller uses port+1)
+#   SLUICE_KAFKA_CPUS     optional taskset cpu list to pin the broker (benchmarks)
+set -euo pipefail
+
+VERSION="${SLUICE_KAFKA_VERSION:-4.1.1}"
+CACHE="${SLUICE_CACHE:-$HOME/.cache/sluice}/kafka-$VERSION"
+DIR="${SLUICE_KAFKA_DIR:-/tmp/sluice-kafka}"
+PORT="${SLUICE_KAFKA_PORT:-9092}"
+CPORT=$((PORT + 1))
+LOG4J_VERSION=2.24.3
+
+log() { echo "[kafka] $*" >&2; }
+
+install() {
+  if [[ -f "$CACHE/.complete" ]]; then return 0; fi
+  command -v java >/dev/null || { log "java not found (need Java 17+)"; exit 1; }
+  command -v mvn >/dev/null || { log "mvn not found (need Maven to fetch the broker)"; exit 1; }
+  log "fetching Apache Kafka $VERSION from Maven Central into $CACHE (once per machine)"
+  mkdir -p "$CACHE"
+  cat > "$CACHE/pom.xml" <<POM
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.sluice</groupId><artifactId>kafka-broker</artifactId><version>1</version>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$VERSION</version></dependency>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>$VERSION</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId><version>$LOG4J_VERSION</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>$LOG4J_VERSION</version></dependency>
+  </dependencies>
+</project>
+POM
+  rm -rf "$CACHE/libs"
+  (cd "$CACHE" && mvn -q -B dependency:copy-dependencies -DoutputDirectory=libs -DincludeScope=runtime)
+  touch "$CACHE/.complete"
+  log "installed $(ls "$CACHE/libs" | wc -l) jars"
+}
+
+is_up() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
+
+pid() { [[ -f "$DIR/broker.pid" ]] && kill -0 "$(cat "$DIR/broker.pid")" 2>/dev/null && cat "$DIR/broker.pid"; }
+
+write_config() {
+  mkdir -p "$DIR/data"
+  cat > "$DIR/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$CPORT
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$DIR/data
+num.partitions=8
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+num.network.threads=2
+num.io.threads=4
+log.retention.hours=4
+log.segment.bytes=268435456
+PROPS
+  cat > "$DIR/log4j2.properties" <<L4J
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = $DIR/broker.log
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.kafka.name = kafka
+logger.kafka.level = WARN
+logger.apache.name = org.apache.kafka
+logger.apache.level = WARN
+L4J
+}
+
+java_argv() {
+  JAVA=()
+  if [[ -n "${SLUICE_KAFKA_CPUS:-}" ]]; then JAVA=(taskset -c "$SLUICE_KAFKA_CPUS"); fi
+  JAVA+=(java -Xms512m -Xmx2g -XX:+UseG1GC -Djava.awt.headless=true
+    -Dlog4j2.configurationFile="$DIR/log4j2.properties" -cp "$CACHE/libs/*")
+}
+
+start() {
+  install
+  if pid >/dev/null; then
+    log "already running (pid $(pid)) on 127.0.0.1:$PORT"; return 0
+  fi
+  if is_up; then log "port $PORT is taken by another process; set SLUICE_KAFKA_PORT"; exit 1; fi
+  write_config
+  if [[ ! -f "$DIR/data/meta.properties" ]]; then
+    local id
+    java_argv
+    id="$("${JAVA[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)"
+    log "formatting storage in $DIR/data (cluster id $id)"
+    "${JAVA[@]}" kafka.tools.StorageTool format --standalone -t "$id" -c "$DIR/server.properties" >"$DIR/format.log" 2>&1 \
+      || { cat "$DIR/format.log" >&2; exit 1; }
+  fi
+  log "starting Apache Kafka $VERSION on 127.0.0.1:$PORT (logs: $DIR/broker.log)"
+  java_argv
+  # a simple command in the background: $! is the JVM itself, so stop can signal it
+  "${JAVA[@]}" kafka.Kafka "$DIR/server.properties" >"$DIR/stdout.log" 2>&1 </dev/null &
+  echo $! > "$DIR/broker.pid"
+  local deadline=$((SECONDS + 90))
+  until is_up; do
+    if ! pid >/dev/null; then log "broker exited during start-up:"; tail -30 "$DIR/stdout.log" "$DIR/broker.log" >&2 || true; exit 1; fi
+    if (( SECONDS > deadline )); then log "broker did not open port $PORT within 90s"; exit 1; fi
+    sleep 0.3
+  done
+  log "up (pid $(cat "$DIR/broker.pid"))"
+}
+
+stop() {
+  local p
+  if p="$(pid)"; then
+    log "stopping pid $p"
+    kill "$p" 2>/dev/null || true
+    local deadline=$((SECONDS + 60)) forced=0
+    while kill -0 "$p" 2>/dev/null; do
+      if (( SECONDS > deadline && forced == 0 )); then log "no clean stop in 60s, killing"; kill -9 "$p" 2>/dev/null || true; forced=1; fi
+      sleep 0.2
+    done
+  fi
+  rm -f "$DIR/broker.pid"
+  if is_up; then log "port $PORT is still served by a process this script did not start"; exit 1; fi
+}
+
+case "${1:-}" in
+  install) install ;;
+  start) start ;;
+  stop) stop ;;
+  restart) stop; start ;;
+  reset) stop; rm -rf "$DIR" ;;
+  status) is_up ;;
+  *) echo "usage: $0 install|start|stop|restart|reset|status" >&2; exit 2 ;;
+esac
