@@ -1,1 +1,180 @@
+//! sluice-worker: the data path of a sluice pipeline.
+//!
+//! ```text
+//! consumer (one per process, group member)
+//!   -> one queue per assigned partition, split in the rebalance callback
+//!   -> dispatcher per partition         (dispatcher.rs)   batches of <= 512 records
+//!   -> worker pool per partition        (pool.rs)         processor runs here
+//!   -> one batcher per sink             (batcher.rs)      count / bytes / linger
+//!   -> sink acknowledges the batch      (sink/)
+//!   -> offset tracker marks ranges done (offsets.rs, ack.rs)
+//!   -> committer commits the watermark  (committer.rs)
+//! ```
+//!
+//! To run custom processing logic, implement [`processor::Processor`] and call [`run`]
+//! from your own `main`.
 
+pub mod ack;
+pub mod backpressure;
+pub mod batcher;
+pub mod client;
+pub mod committer;
+pub mod consumer;
+pub mod dispatcher;
+pub mod metrics;
+pub mod offsets;
+pub mod partition;
+pub mod pipeline;
+pub mod pool;
+pub mod processor;
+pub mod progress;
+pub mod record;
+pub mod server;
+pub mod sink;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use sluice_api::config::ProcessorConfig;
+use sluice_api::WorkerConfig;
+
+pub use pipeline::{run_pipeline, Runtime};
+pub use processor::{ProcessError, Processor};
+pub use record::{Output, Record};
+
+/// Command-line interface of a worker binary.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-worker", version, about = "Run a sluice pipeline: consume, process, deliver in batches, commit.")]
+pub struct Cli {
+    /// The worker configuration (YAML). `SLUICE__…` environment variables override fields.
+    #[arg(long, short, env = "SLUICE_CONFIG", default_value = "/etc/sluice/config.yaml")]
+    pub config: PathBuf,
+    /// Print a live progress line to stderr every second.
+    #[arg(long, env = "SLUICE_PROGRESS")]
+    pub progress: bool,
+    /// Check the configuration, print it with defaults filled in, and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// Set up logging: JSON lines by default (`SLUICE_LOG_FORMAT=text` for people), level
+/// from `SLUICE_LOG` or `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("SLUICE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr);
+    let text = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f == "text");
+    let _ = if text {
+        builder.try_init()
+    } else {
+        builder.json().flatten_event(true).try_init()
+    };
+}
+
+/// Read and validate the configuration file with environment overrides.
+pub fn load_config(path: &std::path::Path) -> anyhow::Result<WorkerConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+    Ok(WorkerConfig::from_yaml_with_env(&text, std::env::vars())?)
+}
+
+/// Resolves once SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// Pick the processor named by the configuration. `custom` is what a custom binary
+/// passed to [`run`].
+pub fn select_processor(
+    config: &ProcessorConfig,
+    custom: Option<Arc<dyn Processor>>,
+) -> anyhow::Result<Arc<dyn Processor>> {
+    match (config, custom) {
+        (ProcessorConfig::Passthrough {}, _) => Ok(Arc::new(processor::Passthrough)),
+        (ProcessorConfig::Custom { name }, Some(p)) if p.name() == name => Ok(p),
+        (ProcessorConfig::Custom { name }, Some(p)) => anyhow::bail!(
+            "processor.custom.name is `{name}` but this binary provides `{}`",
+            p.name()
+        ),
+        (ProcessorConfig::Custom { name }, None) => anyhow::bail!(
+            "processor.custom.name is `{name}` but this is the stock worker binary; build one with sluice_worker::run(your_processor)"
+        ),
+    }
+}
+
+/// The whole worker process: parse the CLI, load the config, serve metrics and health,
+/// run the pipeline until SIGTERM, drain, commit, and return the exit code.
+///
+/// A custom worker binary is `fn main() -> std::process::ExitCode { sluice_worker::run(Some(Arc::new(MyProcessor))) }`.
+pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let cli = Cli::parse();
+    init_logging();
+    let config = match load_config(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluice-worker: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        print!("{}", config.to_yaml());
+        return ExitCode::SUCCESS;
+    }
+    let processor = match select_processor(&config.processor, custom) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("sluice-worker: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let tokio_rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice-worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio_rt.block_on(async move {
+        let rt = Runtime::new(&config);
+        match server::serve(&config.server.listen, rt.metrics.clone(), rt.health.clone()).await {
+            Ok(addr) => tracing::info!(%addr, "serving /metrics, /healthz and /readyz"),
+            Err(e) => {
+                eprintln!("sluice-worker: cannot listen on {}: {e}", config.server.listen);
+                return ExitCode::FAILURE;
+            }
+        }
+        let progress = cli
+            .progress
+            .then(|| tokio::spawn(progress::report(rt.metrics.clone(), Duration::from_secs(1))));
+        let res = run_pipeline(config, processor, rt, shutdown_signal()).await;
+        if let Some(p) = progress {
+            p.abort();
+        }
+        match res {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "pipeline failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

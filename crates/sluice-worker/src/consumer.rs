@@ -1,0 +1,232 @@
+//! The group consumer: one librdkafka consumer per worker process.
+//!
+//! Its context turns rebalance callbacks into events for the pipeline's coordinator:
+//! - **assign**: each new partition's queue is split off *inside* the callback, before the
+//!   assignment takes effect, so no record of it ever lands on the main queue;
+//! - **revoke**: the callback blocks until the coordinator has stopped the partitions'
+//!   dispatchers, drained their in-flight work (bounded by `commit.drainTimeout`) and
+//!   committed synchronously. Only then does librdkafka let the partitions go.
+//!
+//! The main queue is served by a dedicated thread (it runs the callbacks, which block).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::metrics::{Metrics, PartitionMetrics};
+use crate::partition::PartitionControl;
+
+/// The consumer type used by the worker.
+pub type SluiceConsumer = StreamConsumer<SluiceContext>;
+
+/// A rebalance, as seen by the coordinator.
+pub enum RebalanceEvent {
+    /// New partitions, each with its own queue already split off.
+    Assigned(Vec<(String, i32, StreamPartitionQueue<SluiceContext>)>),
+    /// Partitions to give up. Reply on `done` once drained and committed.
+    Revoked {
+        /// The partitions.
+        partitions: Vec<(String, i32)>,
+        /// Reply channel; the rebalance callback waits on it.
+        done: std::sync::mpsc::SyncSender<()>,
+    },
+}
+
+/// The consumer's context: rebalance hooks, statistics (lag) and errors.
+pub struct SluiceContext {
+    consumer: OnceLock<Weak<SluiceConsumer>>,
+    events: mpsc::UnboundedSender<RebalanceEvent>,
+    revoke_timeout: Duration,
+    metrics: Metrics,
+    /// Gauges of the partitions this process owns, for lag from statistics.
+    pub(crate) owned: Mutex<HashMap<(String, i32), PartitionMetrics>>,
+    fatal: std::sync::atomic::AtomicBool,
+}
+
+impl SluiceContext {
+    /// A context that sends rebalance events to `events`. A revoke waits at most
+    /// `revoke_timeout` for the coordinator.
+    pub fn new(
+        events: mpsc::UnboundedSender<RebalanceEvent>,
+        revoke_timeout: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        SluiceContext {
+            consumer: OnceLock::new(),
+            events,
+            revoke_timeout,
+            metrics,
+            owned: Mutex::new(HashMap::new()),
+            fatal: Default::default(),
+        }
+    }
+
+    /// Give the context a handle on its consumer (needed to split partition queues).
+    /// Weak, so the context does not keep its own consumer alive.
+    pub fn attach(consumer: &Arc<SluiceConsumer>) {
+        let _ = consumer.context().consumer.set(Arc::downgrade(consumer));
+    }
+
+    /// True after a fatal consumer error.
+    pub fn is_fatal(&self) -> bool {
+        self.fatal.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl ClientContext for SluiceContext {
+    fn stats(&self, stats: Statistics) {
+        let owned = self.owned.lock().expect("owned lock");
+        for (topic, t) in &stats.topics {
+            for (p, s) in &t.partitions {
+                if let Some(m) = owned.get(&(topic.clone(), *p)) {
+                    if s.hi_offset >= 0 {
+                        m.high_watermark.set(s.hi_offset);
+                        // Nothing committed yet: measure from the log start, not from 0.
+                        let base = if s.committed_offset >= 0 {
+                            s.committed_offset
+                        } else {
+                            s.lo_offset.max(0)
+                        };
+                        m.lag.set((s.hi_offset - base).max(0));
+                    }
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(rdkafka::error::RDKafkaErrorCode::Fatal)
+        ) {
+            tracing::error!(%reason, "fatal consumer error");
+            self.fatal.store(true, std::sync::atomic::Ordering::Release);
+        } else {
+            tracing::warn!(error = %error, %reason, "consumer error");
+        }
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for SluiceContext {
+    fn pre_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts = partitions(tpl);
+                if parts.is_empty() {
+                    return;
+                }
+                self.metrics.rebalances.with_label_values(&[self.metrics.pipeline(), "assign"]).inc();
+                let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+                    tracing::error!("assignment arrived while the consumer is closing; ignoring it");
+                    return;
+                };
+                let mut queues = Vec::with_capacity(parts.len());
+                for (topic, p) in parts {
+                    match consumer.split_partition_queue(&topic, p) {
+                        Some(q) => queues.push((topic, p, q)),
+                        None => tracing::error!(%topic, partition = p, "could not split the partition queue"),
+                    }
+                }
+                tracing::info!(partitions = ?queues.iter().map(|q| q.1).collect::<Vec<_>>(), "partitions assigned");
+                let _ = self.events.send(RebalanceEvent::Assigned(queues));
+            }
+            Rebalance::Revoke(tpl) => {
+                let parts = partitions(tpl);
+                if parts.is_empty() {
+                    return;
+                }
+                self.metrics.rebalances.with_label_values(&[self.metrics.pipeline(), "revoke"]).inc();
+                tracing::info!(partitions = ?parts.iter().map(|q| q.1).collect::<Vec<_>>(), "partitions revoked; draining");
+                let (done, wait) = std::sync::mpsc::sync_channel(1);
+                if self
+                    .events
+                    .send(RebalanceEvent::Revoked { partitions: parts, done })
+                    .is_ok()
+                    && wait.recv_timeout(self.revoke_timeout).is_err()
+                {
+                    tracing::warn!("revoke drain did not finish in time; letting the partitions go (uncommitted work will be redelivered)");
+                }
+            }
+            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "offset commit failed");
+        }
+    }
+}
+
+/// Pauses and resumes partitions on the consumer.
+#[derive(Clone)]
+pub struct ConsumerControl(pub Weak<SluiceConsumer>);
+
+impl PartitionControl for ConsumerControl {
+    fn pause(&self, topic: &str, partition: i32) {
+        if let Some(c) = self.0.upgrade() {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            if let Err(e) = c.pause(&tpl) {
+                tracing::warn!(%topic, partition, error = %e, "pause failed");
+            }
+        }
+    }
+    fn resume(&self, topic: &str, partition: i32) {
+        if let Some(c) = self.0.upgrade() {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            if let Err(e) = c.resume(&tpl) {
+                tracing::warn!(%topic, partition, error = %e, "resume failed");
+            }
+        }
+    }
+}
+
+/// Serve the consumer's main queue (rebalances, errors, statistics) on a dedicated thread
+/// until `stop` is set. A record seen here was not split to its partition queue: it is
+/// reported and its partition is stalled by the coordinator (`stray`).
+pub fn spawn_main_queue_thread(
+    consumer: Arc<SluiceConsumer>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    stray: mpsc::UnboundedSender<(String, i32, i64)>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("sluice-consumer".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("consumer thread runtime");
+            rt.block_on(async move {
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    tokio::select! {
+                        m = consumer.recv() => match m {
+                            Ok(m) => {
+                                tracing::error!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "record on the main queue (its partition queue was not split); stalling the partition");
+                                let _ = stray.send((m.topic().to_string(), m.partition(), m.offset()));
+                            }
+                            Err(e) => tracing::warn!(error = %e, "consumer error"),
+                        },
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+            });
+        })
+        .expect("spawn consumer thread")
+}

@@ -1,0 +1,185 @@
+//! Prometheus metrics of the worker. Labels are bounded: pipeline, topic, partition, sink,
+//! stage; never an error string.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
+
+/// Every worker metric, registered in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry served on /metrics.
+    pub registry: Registry,
+    pipeline: String,
+    consumed: IntCounterVec,
+    processed: IntCounterVec,
+    delivered: IntCounterVec,
+    failed: IntCounterVec,
+    depth: IntGaugeVec,
+    paused: IntGaugeVec,
+    stalled: IntGaugeVec,
+    committed: IntGaugeVec,
+    lag: IntGaugeVec,
+    high_watermark: IntGaugeVec,
+    /// Time from dispatch to the end of processing, observed per worker batch.
+    pub processing_latency: Histogram,
+    /// Time from the record timestamp to the sink acknowledgement, per output.
+    pub end_to_end_latency: HistogramVec,
+    /// Outputs per flushed sink batch.
+    pub batch_size: HistogramVec,
+    /// Outputs delivered per sink.
+    pub sink_outputs: IntCounterVec,
+    /// Sink delivery retries.
+    pub sink_retries: IntCounterVec,
+    /// Duration of offset commits.
+    pub commit_latency: Histogram,
+    /// Failed commits.
+    pub commit_failures: IntCounter,
+    /// Payload bytes dispatched and not yet acknowledged.
+    pub in_flight_bytes: IntGauge,
+    /// Rebalance events by kind (assign, revoke).
+    pub rebalances: IntCounterVec,
+    /// Partitions currently assigned.
+    pub assigned_partitions: IntGauge,
+}
+
+/// Handles for one partition, resolved once so the hot path does no label lookups.
+#[derive(Clone, Debug)]
+pub struct PartitionMetrics {
+    /// Records read from the partition.
+    pub consumed: IntCounter,
+    /// Records processed.
+    pub processed: IntCounter,
+    /// Records whose outputs were all acknowledged.
+    pub delivered: IntCounter,
+    /// Records that failed in the processor.
+    pub failed_processor: IntCounter,
+    /// Records that failed in a sink.
+    pub failed_sink: IntCounter,
+    /// Records waiting in the partition's channel.
+    pub depth: IntGauge,
+    /// 1 while the partition is paused.
+    pub paused: IntGauge,
+    /// 1 while the partition cannot advance.
+    pub stalled: IntGauge,
+    /// Last committed offset.
+    pub committed: IntGauge,
+    /// High watermark minus committed offset.
+    pub lag: IntGauge,
+    /// Partition high watermark.
+    pub high_watermark: IntGauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+impl Metrics {
+    /// Create and register every metric for `pipeline`.
+    pub fn new(pipeline: &str) -> Self {
+        let registry = Registry::new();
+        let p = ["pipeline", "topic", "partition"];
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let hist = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let size_buckets = prometheus::exponential_buckets(1.0, 4.0, 10).expect("buckets");
+        let m = Metrics {
+            pipeline: pipeline.to_string(),
+            consumed: counter("sluice_messages_consumed_total", "Records read from the source partition.", &p),
+            processed: counter("sluice_messages_processed_total", "Records run through the processor.", &p),
+            delivered: counter("sluice_messages_delivered_total", "Records whose outputs every sink acknowledged.", &p),
+            failed: counter("sluice_messages_failed_total", "Records that failed, by stage (processor or sink).", &["pipeline", "topic", "partition", "stage"]),
+            depth: gauge("sluice_channel_depth", "Records waiting in the partition's channel.", &p),
+            paused: gauge("sluice_partition_paused", "1 while the partition is paused in the consumer.", &p),
+            stalled: gauge("sluice_partition_stalled", "1 while the partition cannot advance (a record failed and there is no dead-letter topic).", &p),
+            committed: gauge("sluice_committed_offset", "Last offset committed for the partition (the next offset to read).", &p),
+            lag: gauge("sluice_consumer_lag", "Partition high watermark minus committed offset, in records.", &p),
+            high_watermark: gauge("sluice_partition_high_watermark", "Partition high watermark as last seen by the consumer.", &p),
+            processing_latency: hist("sluice_processing_latency_seconds", "Time from dispatch to the end of processing, per worker batch.", &["pipeline"], LATENCY_BUCKETS.to_vec()).with_label_values(&[pipeline]),
+            end_to_end_latency: hist("sluice_end_to_end_latency_seconds", "Time from the record timestamp to the sink acknowledgement, per output.", &["pipeline", "sink"], LATENCY_BUCKETS.to_vec()),
+            batch_size: hist("sluice_batch_size_messages", "Outputs per flushed sink batch.", &["pipeline", "sink"], size_buckets),
+            sink_outputs: counter("sluice_sink_outputs_total", "Outputs acknowledged by a sink.", &["pipeline", "sink"]),
+            sink_retries: counter("sluice_sink_retries_total", "Outputs a sink sent again after a transient error.", &["pipeline", "sink"]),
+            commit_latency: hist("sluice_commit_latency_seconds", "Duration of offset commits.", &["pipeline"], LATENCY_BUCKETS.to_vec()).with_label_values(&[pipeline]),
+            commit_failures: counter("sluice_commit_failures_total", "Offset commits that failed.", &["pipeline"]).with_label_values(&[pipeline]),
+            in_flight_bytes: gauge("sluice_in_flight_bytes", "Payload bytes dispatched and not yet acknowledged.", &["pipeline"]).with_label_values(&[pipeline]),
+            rebalances: counter("sluice_rebalances_total", "Consumer group rebalance events, by kind.", &["pipeline", "kind"]),
+            assigned_partitions: gauge("sluice_assigned_partitions", "Partitions assigned to this worker.", &["pipeline"]).with_label_values(&[pipeline]),
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector");
+        m
+    }
+
+    /// The pipeline label.
+    pub fn pipeline(&self) -> &str {
+        &self.pipeline
+    }
+
+    /// Resolve the handles of one partition.
+    pub fn partition(&self, topic: &str, partition: i32) -> PartitionMetrics {
+        let part = partition.to_string();
+        let l = [self.pipeline.as_str(), topic, part.as_str()];
+        let stage = |s: &str| {
+            self.failed
+                .with_label_values(&[self.pipeline.as_str(), topic, part.as_str(), s])
+        };
+        PartitionMetrics {
+            consumed: self.consumed.with_label_values(&l),
+            processed: self.processed.with_label_values(&l),
+            delivered: self.delivered.with_label_values(&l),
+            failed_processor: stage("processor"),
+            failed_sink: stage("sink"),
+            depth: self.depth.with_label_values(&l),
+            paused: self.paused.with_label_values(&l),
+            stalled: self.stalled.with_label_values(&l),
+            committed: self.committed.with_label_values(&l),
+            lag: self.lag.with_label_values(&l),
+            high_watermark: self.high_watermark.with_label_values(&l),
+        }
+    }
+
+    /// Drop the gauges of a partition this worker no longer owns, so no stale series stay.
+    /// Counters stay: they are per process and only ever go up.
+    pub fn forget_partition(&self, topic: &str, partition: i32) {
+        let part = partition.to_string();
+        let l = [self.pipeline.as_str(), topic, part.as_str()];
+        for g in [
+            &self.depth,
+            &self.paused,
+            &self.stalled,
+            &self.committed,
+            &self.lag,
+            &self.high_watermark,
+        ] {
+            let _ = g.remove_label_values(&l);
+        }
+    }
+
+    /// Text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut buf)
+            .expect("text encoding never fails");
+        buf
+    }
+}

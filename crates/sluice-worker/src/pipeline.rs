@@ -1,0 +1,377 @@
+//! Wiring: builds the sinks and their batchers, the consumer, and runs the coordinator
+//! that owns the assigned partitions (dispatcher + worker pool each), commits on an
+//! interval, handles rebalances and drains on shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::ClientConfig;
+use sluice_api::config::{Ordering, SinkConfig, StartFrom, WorkerConfig};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::backpressure::{ByteBudget, HoldReason};
+use crate::batcher::{run_batcher, Limits, Piece};
+use crate::client::base_config;
+use crate::committer::Committer;
+use crate::consumer::{
+    spawn_main_queue_thread, ConsumerControl, RebalanceEvent, SluiceConsumer, SluiceContext,
+};
+use crate::dispatcher::{run_kafka_dispatcher, Lane, DISPATCH_BATCH};
+use crate::metrics::Metrics;
+use crate::partition::{PartitionControl, PartitionState};
+use crate::pool::spawn_workers;
+use crate::processor::Processor;
+use crate::server::Health;
+use crate::sink::kafka::KafkaSink;
+use crate::sink::null::NullSink;
+use crate::sink::stdout::StdoutSink;
+use crate::sink::{DynSink, SinkMetrics};
+
+/// Why the pipeline stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A Kafka client could not be created or subscribed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// Client configuration (e.g. a missing secret).
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    /// A fatal producer or consumer error; restart resumes from the last commit.
+    #[error("fatal {0} error; restarting resumes from the last committed offsets")]
+    Fatal(&'static str),
+}
+
+/// Handles the worker's outside world needs: metrics and health.
+#[derive(Clone)]
+pub struct Runtime {
+    /// Metrics of this pipeline.
+    pub metrics: Metrics,
+    /// Health of this pipeline.
+    pub health: Arc<Health>,
+}
+
+impl Runtime {
+    /// Fresh metrics and health for `config`.
+    pub fn new(config: &WorkerConfig) -> Self {
+        Runtime {
+            metrics: Metrics::new(&config.pipeline),
+            health: Arc::new(Health::default()),
+        }
+    }
+}
+
+struct Sinks {
+    senders: Arc<[mpsc::Sender<Piece>]>,
+    all: Vec<DynSink>,
+    kafka: Vec<Arc<KafkaSink>>,
+    batchers: Vec<JoinHandle<()>>,
+}
+
+fn build_sinks(config: &WorkerConfig, metrics: &Metrics) -> Result<Sinks, PipelineError> {
+    let limits = Limits {
+        max_messages: config.batching.max_messages as usize,
+        max_bytes: config.batching.max_bytes.0 as usize,
+        linger: config.batching.linger.0,
+    };
+    let mut senders = Vec::new();
+    let mut all = Vec::new();
+    let mut kafka = Vec::new();
+    let mut batchers = Vec::new();
+    for (i, sc) in config.sinks.iter().enumerate() {
+        let name = sc.kind();
+        let sm = SinkMetrics::new(metrics, name);
+        let sink: DynSink = match sc {
+            SinkConfig::Kafka(k) => {
+                let cfg = base_config(
+                    k.bootstrap_servers.as_deref().unwrap_or(&config.source.bootstrap_servers),
+                    &config.source.security,
+                    &format!("sluice-{}-sink{i}", config.pipeline),
+                )?;
+                let s = KafkaSink::new(cfg, &k.topic, &k.producer_properties, sm)?;
+                kafka.push(s.clone());
+                s
+            }
+            SinkConfig::Null {} => Arc::new(NullSink::new(sm)),
+            SinkConfig::Stdout {} => Arc::new(StdoutSink::new(sm)),
+        };
+        let (tx, rx) = mpsc::channel(256);
+        senders.push(tx);
+        batchers.push(tokio::spawn(run_batcher(rx, sink.clone(), limits, metrics.clone())));
+        all.push(sink);
+    }
+    Ok(Sinks {
+        senders: senders.into(),
+        all,
+        kafka,
+        batchers,
+    })
+}
+
+fn consumer_config(config: &WorkerConfig) -> Result<ClientConfig, PipelineError> {
+    let s = &config.source;
+    let mut c = base_config(&s.bootstrap_servers, &s.security, &format!("sluice-{}", config.pipeline))?;
+    let fetch_kb = (config.memory.fetch_buffer.0 / 1024).max(1);
+    c.set("group.id", &s.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set(
+            "auto.offset.reset",
+            match s.start_from {
+                StartFrom::Earliest => "earliest",
+                StartFrom::Latest => "latest",
+            },
+        )
+        .set("session.timeout.ms", s.session_timeout.0.as_millis().to_string())
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("statistics.interval.ms", "5000")
+        .set("queued.max.messages.kbytes", fetch_kb.to_string())
+        .set("queued.min.messages", "10000")
+        // With capped queues, librdkafka backs off fetching for a second by default.
+        .set("fetch.queue.backoff.ms", "10");
+    if let Some(id) = &s.group_instance_id {
+        c.set("group.instance.id", id);
+    }
+    for (k, v) in &s.consumer_properties {
+        c.set(k, v);
+    }
+    Ok(c)
+}
+
+struct Owned {
+    state: Arc<PartitionState>,
+    stop: watch::Sender<bool>,
+    dispatcher: JoinHandle<()>,
+}
+
+struct Coordinator {
+    config: WorkerConfig,
+    processor: Arc<dyn Processor>,
+    metrics: Metrics,
+    consumer: Arc<SluiceConsumer>,
+    control: Arc<dyn PartitionControl>,
+    budget: ByteBudget,
+    sinks: Arc<[mpsc::Sender<Piece>]>,
+    owned: HashMap<(String, i32), Owned>,
+    committer: Committer,
+}
+
+impl Coordinator {
+    fn assign(&mut self, parts: Vec<(String, i32, rdkafka::consumer::stream_consumer::StreamPartitionQueue<SluiceContext>)>) {
+        for (topic, p, queue) in parts {
+            let key = (topic.clone(), p);
+            if self.owned.contains_key(&key) {
+                tracing::warn!(%topic, partition = p, "assigned a partition this worker already owns");
+                continue;
+            }
+            let pm = self.metrics.partition(&topic, p);
+            self.consumer
+                .context()
+                .owned
+                .lock()
+                .expect("owned lock")
+                .insert(key.clone(), pm.clone());
+            let w = &self.config.workers;
+            let state = PartitionState::new(
+                topic.as_str().into(),
+                p,
+                w.queue_capacity as usize,
+                self.control.clone(),
+                pm,
+                self.metrics.processing_latency.clone(),
+            );
+            let lanes = match w.ordering {
+                Ordering::Partition => 1,
+                _ => w.per_partition as usize,
+            };
+            // Channel slots are batches; size them so the channel can hold the queue
+            // capacity in records, split over the lanes.
+            let slots = (w.queue_capacity as usize).div_ceil(DISPATCH_BATCH * lanes).max(2);
+            let (txs, _workers) = spawn_workers(&state, lanes, slots, self.processor.clone(), self.sinks.clone());
+            let lane = Lane::new(state.clone(), txs, w.ordering, self.budget.clone());
+            let (stop, stop_rx) = watch::channel(false);
+            let dispatcher = tokio::spawn(run_kafka_dispatcher(queue, lane, stop_rx));
+            self.owned.insert(key, Owned { state, stop, dispatcher });
+        }
+        self.metrics.assigned_partitions.set(self.owned.len() as i64);
+    }
+
+    /// Stop dispatching `keys`, wait (bounded) for their in-flight work, commit.
+    async fn drain(&mut self, keys: &[(String, i32)]) {
+        let deadline = tokio::time::Instant::now() + self.config.commit.drain_timeout.0;
+        let mut states = Vec::new();
+        for k in keys {
+            if let Some(o) = self.owned.get_mut(k) {
+                o.state.hold(HoldReason::Draining, true);
+                let _ = o.stop.send(true);
+                if tokio::time::timeout_at(deadline, &mut o.dispatcher).await.is_err() {
+                    tracing::warn!(topic = %k.0, partition = k.1, "dispatcher did not stop before the drain deadline");
+                }
+                states.push(o.state.clone());
+            }
+        }
+        for s in &states {
+            if !s.wait_idle(deadline).await && !s.is_stalled() {
+                tracing::warn!(topic = %s.topic, partition = s.partition, "in-flight work did not finish before the drain deadline; it will be redelivered");
+            }
+        }
+        if let Err(e) = self.committer.commit(&states).await {
+            tracing::error!(error = %e, "commit after drain failed; uncommitted work will be redelivered");
+        }
+    }
+
+    async fn revoke(&mut self, keys: Vec<(String, i32)>) {
+        self.drain(&keys).await;
+        for k in &keys {
+            if let Some(o) = self.owned.remove(k) {
+                o.dispatcher.abort();
+            }
+            self.consumer.context().owned.lock().expect("owned lock").remove(k);
+            self.committer.forget(&k.0, k.1);
+            self.metrics.forget_partition(&k.0, k.1);
+        }
+        self.metrics.assigned_partitions.set(self.owned.len() as i64);
+    }
+
+    async fn commit_all(&mut self) {
+        let states: Vec<_> = self.owned.values().map(|o| o.state.clone()).collect();
+        if let Err(e) = self.committer.commit(&states).await {
+            tracing::warn!(error = %e, "periodic commit failed; retrying at the next interval");
+        }
+    }
+
+    fn in_flight_bytes(&self) -> u64 {
+        self.budget.in_use()
+    }
+}
+
+/// Run the pipeline until `shutdown` resolves, then drain, flush and commit.
+pub async fn run_pipeline(
+    config: WorkerConfig,
+    processor: Arc<dyn Processor>,
+    rt: Runtime,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), PipelineError> {
+    let metrics = rt.metrics.clone();
+    let sinks = build_sinks(&config, &metrics)?;
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    // The revoke callback waits a little longer than the drain itself, so the drain's own
+    // deadline is what normally ends it.
+    let ctx = SluiceContext::new(
+        events_tx,
+        config.commit.drain_timeout.0 + Duration::from_secs(2),
+        metrics.clone(),
+    );
+    let consumer: Arc<SluiceConsumer> = Arc::new(consumer_config(&config)?.create_with_context(ctx)?);
+    SluiceContext::attach(&consumer);
+    consumer.subscribe(&[&config.source.topic])?;
+    let stop_poller = Arc::new(AtomicBool::new(false));
+    let (stray_tx, mut stray) = mpsc::unbounded_channel();
+    let poller = spawn_main_queue_thread(consumer.clone(), stop_poller.clone(), stray_tx);
+    rt.health.ready.store(true, AtomicOrdering::Release);
+    tracing::info!(pipeline = %config.pipeline, topic = %config.source.topic, group = %config.source.group_id, "pipeline started");
+
+    let mut co = Coordinator {
+        processor,
+        metrics: metrics.clone(),
+        control: Arc::new(ConsumerControl(Arc::downgrade(&consumer))),
+        budget: ByteBudget::new(config.memory.in_flight_bytes.0),
+        sinks: sinks.senders.clone(),
+        owned: HashMap::new(),
+        committer: Committer::new(consumer.clone(), metrics.commit_latency.clone(), metrics.commit_failures.clone()),
+        consumer: consumer.clone(),
+        config,
+    };
+    let mut commit_tick = tokio::time::interval(co.config.commit.interval.0);
+    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check_tick = tokio::time::interval(Duration::from_millis(500));
+    tokio::pin!(shutdown);
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => {
+                tracing::info!("shutdown requested: stop fetching, drain, flush, commit");
+                break;
+            }
+            Some(ev) = events.recv() => match ev {
+                RebalanceEvent::Assigned(parts) => co.assign(parts),
+                RebalanceEvent::Revoked { partitions, done } => {
+                    co.revoke(partitions).await;
+                    let _ = done.send(());
+                }
+            },
+            Some((t, p, _offset)) = stray.recv() => {
+                if let Some(o) = co.owned.get(&(t, p)) {
+                    o.state.stall("a record arrived on the consumer's main queue");
+                }
+            }
+            _ = commit_tick.tick() => co.commit_all().await,
+            _ = check_tick.tick() => {
+                metrics.in_flight_bytes.set(co.in_flight_bytes() as i64);
+                if sinks.kafka.iter().any(|k| k.fatal()) {
+                    result = Err(PipelineError::Fatal("producer"));
+                    break;
+                }
+                if consumer.context().is_fatal() {
+                    result = Err(PipelineError::Fatal("consumer"));
+                    break;
+                }
+            }
+        }
+    }
+    rt.health.ready.store(false, AtomicOrdering::Release);
+    if result.is_err() {
+        rt.health.failed.store(true, AtomicOrdering::Release);
+    }
+
+    // Stop fetching, drain every partition, commit what is done.
+    let keys: Vec<_> = co.owned.keys().cloned().collect();
+    co.drain(&keys).await;
+    let states: Vec<_> = co.owned.values().map(|o| o.state.clone()).collect();
+    for (_, o) in std::mem::take(&mut co.owned) {
+        o.dispatcher.abort();
+    }
+    // Closing the batchers' inputs flushes what they hold.
+    let Sinks { senders, all, kafka, batchers } = sinks;
+    drop(senders);
+    co.sinks = Arc::from(Vec::new());
+    for b in batchers {
+        let _ = b.await;
+    }
+    for s in &all {
+        if !s.flush(Duration::from_secs(10)).await {
+            tracing::warn!(sink = s.name(), "sink still had unacknowledged outputs at exit; they will be redelivered");
+        }
+    }
+    drop(kafka);
+    // Anything acknowledged during the flush is committed too.
+    if let Err(e) = co.committer.commit(&states).await {
+        tracing::error!(error = %e, "final commit failed; uncommitted work will be redelivered");
+    }
+    drop(states);
+    // No coordinator answers rebalance events from here on: the revoke that leaving the
+    // group triggers must not wait for one (everything is drained and committed already).
+    drop(events);
+    stop_poller.store(true, AtomicOrdering::Release);
+    let _ = tokio::task::spawn_blocking(move || poller.join()).await;
+    drop(co);
+    // Leave the group now rather than after the session timeout.
+    let consumer = Arc::try_unwrap(consumer);
+    if let Ok(c) = consumer {
+        tokio::task::spawn_blocking(move || {
+            c.unsubscribe();
+            drop(c);
+        })
+        .await
+        .ok();
+    }
+    tracing::info!("pipeline stopped");
+    result
+}

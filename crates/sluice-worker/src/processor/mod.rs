@@ -1,0 +1,46 @@
+//! Processors turn one input record into zero, one or many outputs.
+//!
+//! Implement [`Processor`] for custom logic and hand it to [`crate::run`]; the built-in
+//! ones are selected by the `processor` field of the configuration.
+
+mod passthrough;
+
+pub use passthrough::Passthrough;
+
+use crate::record::{Output, Record};
+
+/// Why a processor could not handle a record. The record is not skipped: it goes to the
+/// dead-letter path, or, without one, its partition stops advancing.
+#[derive(Debug, thiserror::Error)]
+#[error("{class}: {message}")]
+pub struct ProcessError {
+    /// A short, bounded class for metrics and headers (e.g. `not_json`).
+    pub class: &'static str,
+    /// A human-readable message.
+    pub message: String,
+}
+
+impl ProcessError {
+    /// A new error of `class`.
+    pub fn new(class: &'static str, message: impl Into<String>) -> Self {
+        ProcessError {
+            class,
+            message: message.into(),
+        }
+    }
+}
+
+/// The processing step of a pipeline.
+///
+/// It runs on the worker pool: many calls may run at once on different records (never
+/// on the same record), so implementations are `Send + Sync` and keep per-record state on
+/// the stack. It is synchronous on purpose: the pool calls it in a tight loop over a batch
+/// of records; blocking I/O belongs in a sink.
+pub trait Processor: Send + Sync + 'static {
+    /// A short name for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Push the outputs for `record` onto `out`. Pushing nothing filters the record out;
+    /// it still counts as done.
+    fn process(&self, record: &Record, out: &mut Vec<Output>) -> Result<(), ProcessError>;
+}

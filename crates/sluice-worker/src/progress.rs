@@ -1,0 +1,140 @@
+//! A live progress line for local runs: rates in and out, lag, end-to-end p99, pressure.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use prometheus::proto::MetricFamily;
+
+use crate::metrics::Metrics;
+
+/// Totals read from the registry at one instant.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Records consumed.
+    pub consumed: f64,
+    /// Records delivered (all outputs acknowledged).
+    pub delivered: f64,
+    /// Sum of partition lag.
+    pub lag: f64,
+    /// Partitions paused.
+    pub paused: f64,
+    /// Partitions stalled.
+    pub stalled: f64,
+    /// Bytes in flight.
+    pub in_flight: f64,
+    /// End-to-end latency buckets (upper bound -> cumulative count), summed over sinks.
+    pub e2e: Vec<(f64, u64)>,
+}
+
+fn sum(fams: &[MetricFamily], name: &str) -> f64 {
+    fams.iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric())
+        .map(|m| {
+            if m.get_counter().has_value() {
+                m.get_counter().value()
+            } else {
+                m.get_gauge().value()
+            }
+        })
+        .sum::<f64>()
+        + 0.0 // an empty sum is -0.0
+}
+
+impl Snapshot {
+    /// Read the current totals.
+    pub fn take(metrics: &Metrics) -> Self {
+        let fams = metrics.registry.gather();
+        let mut buckets: HashMap<u64, u64> = HashMap::new();
+        for f in fams.iter().filter(|f| f.name() == "sluice_end_to_end_latency_seconds") {
+            for m in f.get_metric() {
+                for b in m.get_histogram().get_bucket() {
+                    *buckets.entry(b.upper_bound().to_bits()).or_default() += b.cumulative_count();
+                }
+            }
+        }
+        let mut e2e: Vec<(f64, u64)> = buckets.into_iter().map(|(k, v)| (f64::from_bits(k), v)).collect();
+        e2e.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Snapshot {
+            consumed: sum(&fams, "sluice_messages_consumed_total"),
+            delivered: sum(&fams, "sluice_messages_delivered_total"),
+            lag: sum(&fams, "sluice_consumer_lag"),
+            paused: sum(&fams, "sluice_partition_paused"),
+            stalled: sum(&fams, "sluice_partition_stalled"),
+            in_flight: sum(&fams, "sluice_in_flight_bytes"),
+            e2e,
+        }
+    }
+}
+
+/// The `q` quantile (upper bucket bound) of the observations between two snapshots.
+pub fn quantile_between(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    let prev: HashMap<u64, u64> = before.iter().map(|(b, c)| (b.to_bits(), *c)).collect();
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|(b, c)| (*b, c - prev.get(&b.to_bits()).copied().unwrap_or(0).min(*c)))
+        .collect();
+    let total = delta.last().map(|d| d.1)?;
+    if total == 0 {
+        return None;
+    }
+    let want = (total as f64 * q).ceil() as u64;
+    delta.iter().find(|(_, c)| *c >= want).map(|(b, _)| *b)
+}
+
+fn human(n: f64) -> String {
+    if n >= 1e6 {
+        format!("{:.2}M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1}k", n / 1e3)
+    } else {
+        format!("{n:.0}")
+    }
+}
+
+/// Print a progress line to stderr every `every` until the task is dropped.
+pub async fn report(metrics: Metrics, every: Duration) {
+    let mut prev = Snapshot::take(&metrics);
+    let mut at = Instant::now();
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = Snapshot::take(&metrics);
+        let dt = at.elapsed().as_secs_f64().max(1e-3);
+        let p99 = quantile_between(&prev.e2e, &now.e2e, 0.99)
+            .map(|s| if s.is_infinite() { ">60s".into() } else { format!("<={:.1}ms", s * 1000.0) })
+            .unwrap_or_else(|| "-".into());
+        let line = format!(
+            "in {:>8}/s  out {:>8}/s  total in {:>8} out {:>8}  lag {:>8}  e2e p99 {:>9}  paused {} stalled {}  in-flight {:.1}MiB",
+            human((now.consumed - prev.consumed) / dt),
+            human((now.delivered - prev.delivered) / dt),
+            human(now.consumed),
+            human(now.delivered),
+            human(now.lag),
+            p99,
+            now.paused,
+            now.stalled,
+            now.in_flight / (1024.0 * 1024.0),
+        );
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "[sluice] {line}");
+        prev = now;
+        at = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantile_uses_only_new_observations() {
+        let before = vec![(0.001, 100), (0.01, 100), (f64::INFINITY, 100)];
+        let after = vec![(0.001, 100), (0.01, 190), (f64::INFINITY, 200)];
+        assert_eq!(quantile_between(&before, &after, 0.5), Some(0.01));
+        assert_eq!(quantile_between(&before, &after, 0.99), Some(f64::INFINITY));
+        assert_eq!(quantile_between(&after, &after, 0.99), None);
+    }
+}
