@@ -1,1 +1,226 @@
+//! Harness for sluice's integration tests: the Kafka broker under test, worker processes
+//! (real binaries, so tests can SIGKILL and SIGTERM them), metrics scraping, polling with
+//! deadlines, and the independent auditor from `sluice-loadgen`.
+//!
+//! The broker is `SLUICE_TEST_BOOTSTRAP` when set (any Kafka or Redpanda), otherwise the
+//! local Apache Kafka started by `scripts/kafka.sh` (started here if it is not running).
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use sluice_loadgen::{audit, create_topic, offsets, produce, AuditReport, ProduceSpec};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Bootstrap servers of the broker under test. Prints, once, which broker it is.
+pub fn bootstrap() -> String {
+    static B: OnceLock<String> = OnceLock::new();
+    B.get_or_init(|| {
+        if let Ok(b) = std::env::var("SLUICE_TEST_BOOTSTRAP") {
+            eprintln!("[testkit] broker: external, SLUICE_TEST_BOOTSTRAP={b}");
+            return b;
+        }
+        let port = std::env::var("SLUICE_KAFKA_PORT").unwrap_or_else(|_| "9092".into());
+        let b = format!("127.0.0.1:{port}");
+        if TcpStream::connect(&b).is_err() {
+            eprintln!("[testkit] no broker on {b}; starting the local Apache Kafka (scripts/kafka.sh start)");
+            let st = Command::new("bash")
+                .arg(repo_root().join("scripts/kafka.sh"))
+                .arg("start")
+                .status()
+                .expect("run scripts/kafka.sh");
+            assert!(st.success(), "scripts/kafka.sh start failed");
+        }
+        let version = std::env::var("SLUICE_KAFKA_VERSION").unwrap_or_else(|_| "4.1.1".into());
+        eprintln!("[testkit] broker: local Apache Kafka {version} (KRaft) at {b}");
+        b
+    })
+    .clone()
+}
+
+/// A name no other test run uses.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+/// Poll `cond` every 100 ms until it returns true or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A worker process under test.
+pub struct WorkerProcess {
+    child: Child,
+    /// Its metrics address.
+    pub metrics_addr: String,
+    /// Where its logs go.
+    pub log: PathBuf,
+    /// Its configuration file.
+    pub config: PathBuf,
+}
+
+impl WorkerProcess {
+    /// Start `bin` with `config_yaml` (which should listen on `metrics_addr`).
+    pub fn start(bin: &str, name: &str, config_yaml: &str, metrics_addr: &str) -> Self {
+        let dir = std::env::temp_dir().join("sluice-tests");
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let config = dir.join(format!("{name}.yaml"));
+        std::fs::write(&config, config_yaml).expect("write config");
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::options().create(true).append(true).open(&log).expect("log file");
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .env("SLUICE_LOG_FORMAT", "text")
+            .env("SLUICE_LOG", "info,librdkafka=warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn worker");
+        WorkerProcess { child, metrics_addr: metrics_addr.to_string(), log, config }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send a signal with `kill(1)`.
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill");
+        assert!(st.success(), "kill -{sig} failed");
+    }
+
+    /// Wait for the process to exit, up to `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// GET /metrics (empty string while the server is not up).
+    pub fn metrics(&self) -> String {
+        http_get(&self.metrics_addr, "/metrics").unwrap_or_default()
+    }
+
+    /// Sum of all series of metric `name` (optionally only those whose labels contain
+    /// `label_filter`).
+    pub fn metric(&self, name: &str, label_filter: &str) -> f64 {
+        metric_sum(&self.metrics(), name, label_filter)
+    }
+
+    /// Resident set size in bytes, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// The last `n` lines of its log (for failure messages).
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET on loopback.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_string())
+}
+
+/// Sum the samples of `name` in a Prometheus text exposition.
+pub fn metric_sum(text: &str, name: &str, label_filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| l.contains(label_filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        + 0.0
+}
+
+/// Sum over partitions of (end offset - committed offset); uncommitted partitions count
+/// in full.
+pub fn uncommitted(bootstrap: &str, group: &str, topic: &str) -> i64 {
+    offsets::committed_and_end(bootstrap, group, topic)
+        .map(|v| v.iter().map(|(c, hi)| hi - c.unwrap_or(0)).sum())
+        .unwrap_or(i64::MAX)
+}
+
+/// A worker configuration for tests: `input` -> kafka `output`, metrics on `addr`.
+pub fn worker_config(bootstrap: &str, input: &str, output: &str, group: &str, addr: &str, extra: &str) -> String {
+    format!(
+        r#"pipeline: test
+source:
+  bootstrapServers: "{bootstrap}"
+  topic: {input}
+  groupId: {group}
+  sessionTimeout: 10s
+sinks:
+  - kafka: {{topic: {output}}}
+commit: {{interval: 500ms, drainTimeout: 8s}}
+server: {{listen: "{addr}"}}
+{extra}
+"#
+    )
+}

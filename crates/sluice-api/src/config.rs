@@ -213,9 +213,16 @@ impl SaslMechanism {
 /// The processor run on every record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all_fields = "camelCase")]
 pub enum ProcessorConfig {
     /// Emit every record unchanged (key, value and headers).
     Passthrough {},
+    /// Passthrough that first spends `perRecord` (a sleep) on each record: a load-testing
+    /// aid that simulates expensive processing. It blocks its worker thread.
+    Delay {
+        /// Time spent per record.
+        per_record: HumanDuration,
+    },
     /// A processor compiled into a custom worker binary, looked up by name.
     Custom {
         /// Name the custom binary registered its processor under.

@@ -109,6 +109,7 @@ pub fn select_processor(
 ) -> anyhow::Result<Arc<dyn Processor>> {
     match (config, custom) {
         (ProcessorConfig::Passthrough {}, _) => Ok(Arc::new(processor::Passthrough)),
+        (ProcessorConfig::Delay { per_record }, _) => Ok(Arc::new(processor::Delay(per_record.0))),
         (ProcessorConfig::Custom { name }, Some(p)) if p.name() == name => Ok(p),
         (ProcessorConfig::Custom { name }, Some(p)) => anyhow::bail!(
             "processor.custom.name is `{name}` but this binary provides `{}`",

@@ -193,6 +193,9 @@ impl Coordinator {
             // capacity in records, split over the lanes.
             let slots = (w.queue_capacity as usize).div_ceil(DISPATCH_BATCH * lanes).max(2);
             let (txs, _workers) = spawn_workers(&state, lanes, slots, self.processor.clone(), self.sinks.clone());
+            // librdkafka keeps a partition's pause flag across assignments: a partition that
+            // was paused when it was revoked would come back paused and never be fetched.
+            self.control.resume(&topic, p);
             let lane = Lane::new(state.clone(), txs, w.ordering, self.budget.clone());
             let (stop, stop_rx) = watch::channel(false);
             let dispatcher = tokio::spawn(run_kafka_dispatcher(queue, lane, stop_rx));
@@ -201,13 +204,17 @@ impl Coordinator {
         self.metrics.assigned_partitions.set(self.owned.len() as i64);
     }
 
-    /// Stop dispatching `keys`, wait (bounded) for their in-flight work, commit.
-    async fn drain(&mut self, keys: &[(String, i32)]) {
+    /// Stop dispatching `keys`, wait (bounded) for their in-flight work, commit. With
+    /// `pause`, fetching stops too (shutdown); a revoked partition is not paused, since
+    /// librdkafka would carry the pause into its next assignment.
+    async fn drain(&mut self, keys: &[(String, i32)], pause: bool) {
         let deadline = tokio::time::Instant::now() + self.config.commit.drain_timeout.0;
         let mut states = Vec::new();
         for k in keys {
             if let Some(o) = self.owned.get_mut(k) {
-                o.state.hold(HoldReason::Draining, true);
+                if pause {
+                    o.state.hold(HoldReason::Draining, true);
+                }
                 let _ = o.stop.send(true);
                 if tokio::time::timeout_at(deadline, &mut o.dispatcher).await.is_err() {
                     tracing::warn!(topic = %k.0, partition = k.1, "dispatcher did not stop before the drain deadline");
@@ -226,7 +233,7 @@ impl Coordinator {
     }
 
     async fn revoke(&mut self, keys: Vec<(String, i32)>) {
-        self.drain(&keys).await;
+        self.drain(&keys, false).await;
         for k in &keys {
             if let Some(o) = self.owned.remove(k) {
                 o.dispatcher.abort();
@@ -333,7 +340,7 @@ pub async fn run_pipeline(
 
     // Stop fetching, drain every partition, commit what is done.
     let keys: Vec<_> = co.owned.keys().cloned().collect();
-    co.drain(&keys).await;
+    co.drain(&keys, true).await;
     let states: Vec<_> = co.owned.values().map(|o| o.state.clone()).collect();
     for (_, o) in std::mem::take(&mut co.owned) {
         o.dispatcher.abort();

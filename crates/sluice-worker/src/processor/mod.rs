@@ -5,7 +5,7 @@
 
 mod passthrough;
 
-pub use passthrough::Passthrough;
+pub use passthrough::{Delay, Passthrough};
 
 use crate::record::{Output, Record};
 

@@ -20,6 +20,21 @@ impl Processor for Passthrough {
     }
 }
 
+/// Passthrough after a sleep per record: simulates expensive processing in load tests.
+#[derive(Clone, Copy, Debug)]
+pub struct Delay(pub std::time::Duration);
+
+impl Processor for Delay {
+    fn name(&self) -> &'static str {
+        "delay"
+    }
+
+    fn process(&self, record: &Record, out: &mut Vec<Output>) -> Result<(), ProcessError> {
+        std::thread::sleep(self.0);
+        Passthrough.process(record, out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
