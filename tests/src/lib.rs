@@ -16,7 +16,10 @@ pub use sluice_loadgen::{audit, create_topic, offsets, produce, AuditReport, Pro
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// Bootstrap servers of the broker under test. Prints, once, which broker it is.
@@ -58,7 +61,10 @@ pub fn unique(prefix: &str) -> String {
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -90,7 +96,11 @@ impl WorkerProcess {
         let config = dir.join(format!("{name}.yaml"));
         std::fs::write(&config, config_yaml).expect("write config");
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::options().create(true).append(true).open(&log).expect("log file");
+        let out = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let child = Command::new(bin)
             .arg("--config")
             .arg(&config)
@@ -101,7 +111,12 @@ impl WorkerProcess {
             .stderr(out)
             .spawn()
             .expect("spawn worker");
-        WorkerProcess { child, metrics_addr: metrics_addr.to_string(), log, config }
+        WorkerProcess {
+            child,
+            metrics_addr: metrics_addr.to_string(),
+            log,
+            config,
+        }
     }
 
     /// The process id.
@@ -111,7 +126,11 @@ impl WorkerProcess {
 
     /// Send a signal with `kill(1)`.
     pub fn signal(&self, sig: &str) {
-        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill");
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
         assert!(st.success(), "kill -{sig} failed");
     }
 
@@ -148,7 +167,8 @@ impl WorkerProcess {
 
     /// Resident set size in bytes, from /proc.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -208,7 +228,14 @@ pub fn uncommitted(bootstrap: &str, group: &str, topic: &str) -> i64 {
 }
 
 /// A worker configuration for tests: `input` -> kafka `output`, metrics on `addr`.
-pub fn worker_config(bootstrap: &str, input: &str, output: &str, group: &str, addr: &str, extra: &str) -> String {
+pub fn worker_config(
+    bootstrap: &str,
+    input: &str,
+    output: &str,
+    group: &str,
+    addr: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"pipeline: test
 source:

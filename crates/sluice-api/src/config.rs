@@ -181,7 +181,10 @@ impl SecurityProtocol {
         }
     }
     fn uses_sasl(self) -> bool {
-        matches!(self, SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl)
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
     }
 }
 
@@ -442,10 +445,11 @@ mod defaults {
 impl WorkerConfig {
     /// Parse and validate a YAML document, without environment overrides.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let value: serde_json::Value = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: ".".into(),
-            message: e.to_string(),
-        })?;
+        let value: serde_json::Value =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: ".".into(),
+                message: e.to_string(),
+            })?;
         Self::from_value(value)
     }
 
@@ -525,7 +529,10 @@ impl WorkerConfig {
         if !(2..=1_000_000).contains(&w.queue_capacity) {
             return Err(ConfigError::invalid(
                 "workers.queueCapacity",
-                format!("must be between 2 and 1000000 records, got {}", w.queue_capacity),
+                format!(
+                    "must be between 2 and 1000000 records, got {}",
+                    w.queue_capacity
+                ),
             ));
         }
         let b = &self.batching;
@@ -551,7 +558,10 @@ impl WorkerConfig {
         if session.as_millis() < 6_000 || session.as_millis() > 300_000 {
             return Err(ConfigError::invalid(
                 "source.sessionTimeout",
-                format!("must be between 6s and 5m, got {}", self.source.session_timeout),
+                format!(
+                    "must be between 6s and 5m, got {}",
+                    self.source.session_timeout
+                ),
             ));
         }
         if self.commit.interval.0.as_millis() < 10 {
@@ -628,7 +638,8 @@ fn topic_name(field: &str, v: &str) -> Result<(), ConfigError> {
         && v.len() <= 249
         && v != "."
         && v != ".."
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -665,7 +676,9 @@ fn apply_override(root: &mut serde_json::Value, var: &str, raw: &str) -> Result<
     };
     let path: Vec<&str> = var[ENV_OVERRIDE_PREFIX.len()..].split("__").collect();
     if path.iter().any(|s| s.is_empty()) {
-        return Err(err("empty path segment; separate fields with a double underscore".into()));
+        return Err(err(
+            "empty path segment; separate fields with a double underscore".into(),
+        ));
     }
     let new: Value =
         serde_yaml::from_str(raw).map_err(|e| err(format!("value is not YAML: {e}")))?;
@@ -744,20 +757,55 @@ sinks: [{kafka: {topic: out}}]
     #[test]
     fn unknown_sink_kind_lists_the_allowed_kinds() {
         let e = err(&MINIMAL.replace("kafka: {topic: out}", "s3: {bucket: b}"));
-        assert!(e.contains("sinks[0]") && e.contains("s3") && e.contains("kafka"), "{e}");
+        assert!(
+            e.contains("sinks[0]") && e.contains("s3") && e.contains("kafka"),
+            "{e}"
+        );
     }
 
     #[test]
     fn out_of_range_values_say_what_is_allowed() {
         let cases = [
-            ("workers: {perPartition: 0}", "workers.perPartition", "between 1 and 256"),
-            ("workers: {queueCapacity: 1}", "workers.queueCapacity", "between 2"),
-            ("batching: {maxMessages: 0}", "batching.maxMessages", "between 1"),
-            ("batching: {maxBytes: 10}", "batching.maxBytes", "at least 1KiB"),
-            ("batching: {linger: 5 parsecs}", "batching.linger", "not a duration"),
-            ("batching: {maxBytes: 1QB}", "batching.maxBytes", "unknown byte unit"),
-            ("workers: {ordering: random}", "workers.ordering", "partition"),
-            ("commit: {drainTimeout: 40s}", "commit.drainTimeout", "shorter than"),
+            (
+                "workers: {perPartition: 0}",
+                "workers.perPartition",
+                "between 1 and 256",
+            ),
+            (
+                "workers: {queueCapacity: 1}",
+                "workers.queueCapacity",
+                "between 2",
+            ),
+            (
+                "batching: {maxMessages: 0}",
+                "batching.maxMessages",
+                "between 1",
+            ),
+            (
+                "batching: {maxBytes: 10}",
+                "batching.maxBytes",
+                "at least 1KiB",
+            ),
+            (
+                "batching: {linger: 5 parsecs}",
+                "batching.linger",
+                "not a duration",
+            ),
+            (
+                "batching: {maxBytes: 1QB}",
+                "batching.maxBytes",
+                "unknown byte unit",
+            ),
+            (
+                "workers: {ordering: random}",
+                "workers.ordering",
+                "partition",
+            ),
+            (
+                "commit: {drainTimeout: 40s}",
+                "commit.drainTimeout",
+                "shorter than",
+            ),
             ("server: {listen: nowhere}", "server.listen", "ip:port"),
         ];
         for (extra, field, want) in cases {
@@ -775,7 +823,10 @@ sinks: [{kafka: {topic: out}}]
     #[test]
     fn bad_topic_names_are_refused() {
         let e = err(&MINIMAL.replace("topic: in", "topic: \"in put\""));
-        assert!(e.contains("source.topic") && e.contains("not a Kafka topic name"), "{e}");
+        assert!(
+            e.contains("source.topic") && e.contains("not a Kafka topic name"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -795,9 +846,18 @@ sinks: [{kafka: {topic: out}}]
     #[test]
     fn env_overrides_reach_nested_fields_and_list_items() {
         let env = vec![
-            ("SLUICE__SOURCE__BOOTSTRAP_SERVERS".to_string(), "10.0.0.1:9092".to_string()),
-            ("SLUICE__SINKS__0__KAFKA__TOPIC".to_string(), "other".to_string()),
-            ("SLUICE__WORKERS__PER_PARTITION".to_string(), "3".to_string()),
+            (
+                "SLUICE__SOURCE__BOOTSTRAP_SERVERS".to_string(),
+                "10.0.0.1:9092".to_string(),
+            ),
+            (
+                "SLUICE__SINKS__0__KAFKA__TOPIC".to_string(),
+                "other".to_string(),
+            ),
+            (
+                "SLUICE__WORKERS__PER_PARTITION".to_string(),
+                "3".to_string(),
+            ),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
         let c = WorkerConfig::from_yaml_with_env(MINIMAL, env).unwrap();
@@ -811,12 +871,25 @@ sinks: [{kafka: {topic: out}}]
 
     #[test]
     fn env_overrides_are_validated_like_the_file() {
-        let env = vec![("SLUICE__WORKERS__PER_PARTITION".to_string(), "0".to_string())];
-        let e = WorkerConfig::from_yaml_with_env(MINIMAL, env).unwrap_err().to_string();
+        let env = vec![(
+            "SLUICE__WORKERS__PER_PARTITION".to_string(),
+            "0".to_string(),
+        )];
+        let e = WorkerConfig::from_yaml_with_env(MINIMAL, env)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("workers.perPartition"), "{e}");
-        let env = vec![("SLUICE__SINKS__3__KAFKA__TOPIC".to_string(), "x".to_string())];
-        let e = WorkerConfig::from_yaml_with_env(MINIMAL, env).unwrap_err().to_string();
-        assert!(e.contains("SLUICE__SINKS__3") && e.contains("out of range"), "{e}");
+        let env = vec![(
+            "SLUICE__SINKS__3__KAFKA__TOPIC".to_string(),
+            "x".to_string(),
+        )];
+        let e = WorkerConfig::from_yaml_with_env(MINIMAL, env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SLUICE__SINKS__3") && e.contains("out of range"),
+            "{e}"
+        );
     }
 
     proptest::proptest! {

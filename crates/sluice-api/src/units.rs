@@ -129,11 +129,13 @@ impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)
             .map_err(|_| serde::de::Error::custom("expected a duration such as 5ms, 1s or 2m"))?;
-        humantime::parse_duration(&s).map(HumanDuration).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "`{s}` is not a duration ({e}); write e.g. 5ms, 1s or 2m"
-            ))
-        })
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{s}` is not a duration ({e}); write e.g. 5ms, 1s or 2m"
+                ))
+            })
     }
 }
 
@@ -160,14 +162,20 @@ mod tests {
         assert_eq!("64KiB".parse::<ByteSize>().unwrap().0, 65536);
         assert_eq!("2GB".parse::<ByteSize>().unwrap().0, 2_000_000_000);
         assert_eq!("512".parse::<ByteSize>().unwrap().0, 512);
-        assert!("1XB".parse::<ByteSize>().unwrap_err().contains("unknown byte unit"));
+        assert!("1XB"
+            .parse::<ByteSize>()
+            .unwrap_err()
+            .contains("unknown byte unit"));
         assert!("MiB".parse::<ByteSize>().is_err());
     }
 
     #[test]
     fn byte_sizes_round_trip_through_display() {
         for b in [0, 1, 1000, 1024, 1 << 20, 3 << 30, 12345] {
-            assert_eq!(ByteSize(b).to_string().parse::<ByteSize>().unwrap(), ByteSize(b));
+            assert_eq!(
+                ByteSize(b).to_string().parse::<ByteSize>().unwrap(),
+                ByteSize(b)
+            );
         }
     }
 }

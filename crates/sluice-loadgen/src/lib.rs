@@ -23,7 +23,10 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 /// bytes: `{"seq":42,"deviceId":"dev-42","tempC":21.5,"pad":"   "}`.
 pub fn payload(seq: u64, size: usize) -> Vec<u8> {
     let temp = (seq % 400) as f64 / 10.0;
-    let mut s = format!(r#"{{"seq":{seq},"deviceId":"dev-{}","tempC":{temp},"pad":""#, seq % 1000);
+    let mut s = format!(
+        r#"{{"seq":{seq},"deviceId":"dev-{}","tempC":{temp},"pad":""#,
+        seq % 1000
+    );
     while s.len() + 2 < size {
         s.push('.');
     }
@@ -40,8 +43,14 @@ pub fn key(seq: u64) -> String {
 pub fn parse_seq(payload: &[u8]) -> Option<u64> {
     let pat = b"\"seq\":";
     let pos = payload.windows(pat.len()).position(|w| w == pat)? + pat.len();
-    let digits = payload[pos..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&payload[pos..pos + digits]).ok()?.parse().ok()
+    let digits = payload[pos..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&payload[pos..pos + digits])
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Create `topic` with `partitions` partitions; an existing topic is fine.
@@ -52,7 +61,10 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyh
         .context("admin client")?;
     let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let res = admin
-        .create_topics([&t], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+        .create_topics(
+            [&t],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
         .await
         .context("create topics")?;
     for r in res {
@@ -62,13 +74,20 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyh
         }
     }
     // Wait until the metadata shows every partition with a leader.
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ok = c
             .fetch_metadata(Some(topic), Duration::from_secs(5))
             .ok()
-            .and_then(|m| m.topics().first().map(|t| t.partitions().len() == partitions as usize && t.partitions().iter().all(|p| p.leader() >= 0)))
+            .and_then(|m| {
+                m.topics().first().map(|t| {
+                    t.partitions().len() == partitions as usize
+                        && t.partitions().iter().all(|p| p.leader() >= 0)
+                })
+            })
             .unwrap_or(false);
         if ok {
             return Ok(());
@@ -181,7 +200,13 @@ impl std::fmt::Display for AuditReport {
 
 /// Read `topic` from the beginning until every number in `from..from+count` has been seen
 /// or `timeout` passes, then report. Uses no consumer group. Blocking.
-pub fn audit(bootstrap: &str, topic: &str, from: u64, count: u64, timeout: Duration) -> anyhow::Result<AuditReport> {
+pub fn audit(
+    bootstrap: &str,
+    topic: &str,
+    from: u64,
+    count: u64,
+    timeout: Duration,
+) -> anyhow::Result<AuditReport> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "sluice-auditor")
@@ -189,7 +214,11 @@ pub fn audit(bootstrap: &str, topic: &str, from: u64, count: u64, timeout: Durat
         .set("enable.partition.eof", "false")
         .create()?;
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let parts = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+    let parts = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
     if parts == 0 {
         bail!("topic {topic} does not exist");
     }

@@ -11,10 +11,18 @@ use sluice_loadgen::{audit, create_topic, offsets, produce, ProduceSpec};
 use sluice_worker::progress::Snapshot;
 
 #[derive(Parser)]
-#[command(name = "sluice-loadgen", about = "Load generator, auditor and local demo for sluice")]
+#[command(
+    name = "sluice-loadgen",
+    about = "Load generator, auditor and local demo for sluice"
+)]
 struct Cli {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "SLUICE_BOOTSTRAP", default_value = "127.0.0.1:9092", global = true)]
+    #[arg(
+        long,
+        env = "SLUICE_BOOTSTRAP",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
     bootstrap: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -97,33 +105,82 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     }
     sluice_worker::init_logging();
     match cli.cmd {
-        Cmd::Produce { topic, count, from, rate, size, partitions } => {
+        Cmd::Produce {
+            topic,
+            count,
+            from,
+            rate,
+            size,
+            partitions,
+        } => {
             if let Some(p) = partitions {
                 create_topic(&cli.bootstrap, &topic, p).await?;
             }
-            let spec = ProduceSpec { bootstrap: cli.bootstrap, topic, from, count, rate: (rate > 0.0).then_some(rate), size };
+            let spec = ProduceSpec {
+                bootstrap: cli.bootstrap,
+                topic,
+                from,
+                count,
+                rate: (rate > 0.0).then_some(rate),
+                size,
+            };
             let sent = Arc::new(AtomicU64::new(0));
             let started = Instant::now();
             let s2 = sent.clone();
             tokio::task::spawn_blocking(move || produce(&spec, &s2)).await??;
             let secs = started.elapsed().as_secs_f64();
-            eprintln!("produced {} records in {secs:.2}s ({:.0}/s)", sent.load(Ordering::Relaxed), sent.load(Ordering::Relaxed) as f64 / secs);
+            eprintln!(
+                "produced {} records in {secs:.2}s ({:.0}/s)",
+                sent.load(Ordering::Relaxed),
+                sent.load(Ordering::Relaxed) as f64 / secs
+            );
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Cmd::Verify { topic, count, from, timeout } => {
+        Cmd::Verify {
+            topic,
+            count,
+            from,
+            timeout,
+        } => {
             let b = cli.bootstrap.clone();
-            let r = tokio::task::spawn_blocking(move || audit(&b, &topic, from, count, timeout.0)).await??;
+            let r = tokio::task::spawn_blocking(move || audit(&b, &topic, from, count, timeout.0))
+                .await??;
             println!("{r}");
-            Ok(if r.complete() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+            Ok(if r.complete() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
         }
-        Cmd::Demo { count, rate, partitions, size, listen } => demo(&cli.bootstrap, count, rate, partitions, size, &listen).await,
+        Cmd::Demo {
+            count,
+            rate,
+            partitions,
+            size,
+            listen,
+        } => demo(&cli.bootstrap, count, rate, partitions, size, &listen).await,
     }
 }
 
-async fn demo(bootstrap: &str, count: u64, rate: f64, partitions: i32, size: usize, listen: &str) -> anyhow::Result<std::process::ExitCode> {
-    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let (input, output, group) = (format!("demo-in-{run}"), format!("demo-out-{run}"), format!("demo-{run}"));
-    eprintln!("[demo] broker {bootstrap}; topics {input} -> {output} ({partitions} partitions each)");
+async fn demo(
+    bootstrap: &str,
+    count: u64,
+    rate: f64,
+    partitions: i32,
+    size: usize,
+    listen: &str,
+) -> anyhow::Result<std::process::ExitCode> {
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let (input, output, group) = (
+        format!("demo-in-{run}"),
+        format!("demo-out-{run}"),
+        format!("demo-{run}"),
+    );
+    eprintln!(
+        "[demo] broker {bootstrap}; topics {input} -> {output} ({partitions} partitions each)"
+    );
     create_topic(bootstrap, &input, partitions).await?;
     create_topic(bootstrap, &output, partitions).await?;
     let config = WorkerConfig::from_yaml(&format!(
@@ -139,9 +196,10 @@ server: {{listen: "{listen}"}}
     ))
     .context("demo configuration")?;
     let rt = sluice_worker::Runtime::new(&config);
-    let addr = sluice_worker::server::serve(&config.server.listen, rt.metrics.clone(), rt.health.clone())
-        .await
-        .with_context(|| format!("cannot listen on {listen}; pass --listen 127.0.0.1:0"))?;
+    let addr =
+        sluice_worker::server::serve(&config.server.listen, rt.metrics.clone(), rt.health.clone())
+            .await
+            .with_context(|| format!("cannot listen on {listen}; pass --listen 127.0.0.1:0"))?;
     eprintln!("[demo] worker metrics at http://{addr}/metrics (health: /healthz, /readyz)");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let metrics = rt.metrics.clone();
@@ -153,15 +211,28 @@ server: {{listen: "{listen}"}}
             let _ = stop_rx.await;
         },
     ));
-    let progress = tokio::spawn(sluice_worker::progress::report(metrics.clone(), Duration::from_secs(1)));
+    let progress = tokio::spawn(sluice_worker::progress::report(
+        metrics.clone(),
+        Duration::from_secs(1),
+    ));
     eprintln!("[demo] generating {count} records of ~{size} bytes at {rate:.0}/s");
     let sent = Arc::new(AtomicU64::new(0));
-    let spec = ProduceSpec { bootstrap: bootstrap.into(), topic: input.clone(), from: 0, count, rate: Some(rate), size };
+    let spec = ProduceSpec {
+        bootstrap: bootstrap.into(),
+        topic: input.clone(),
+        from: 0,
+        count,
+        rate: Some(rate),
+        size,
+    };
     let s2 = sent.clone();
     let started = Instant::now();
     let gen = tokio::task::spawn_blocking(move || produce(&spec, &s2));
     gen.await??;
-    eprintln!("[demo] generator done: {count} records in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "[demo] generator done: {count} records in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     // Wait for the pipeline to deliver everything.
     let deadline = Instant::now() + Duration::from_secs(120 + count / 10_000);
     loop {
@@ -170,7 +241,10 @@ server: {{listen: "{listen}"}}
             break;
         }
         if Instant::now() > deadline {
-            eprintln!("[demo] timed out waiting for delivery ({} of {count})", s.delivered);
+            eprintln!(
+                "[demo] timed out waiting for delivery ({} of {count})",
+                s.delivered
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -181,17 +255,37 @@ server: {{listen: "{listen}"}}
     pipeline.await?.context("pipeline")?;
     eprintln!("[demo] pipeline drained and committed; auditing {output}");
     let (b, o) = (bootstrap.to_string(), output.clone());
-    let report = tokio::task::spawn_blocking(move || audit(&b, &o, 0, count, Duration::from_secs(60))).await??;
+    let report =
+        tokio::task::spawn_blocking(move || audit(&b, &o, 0, count, Duration::from_secs(60)))
+            .await??;
     let (b, g, i) = (bootstrap.to_string(), group.clone(), input.clone());
-    let offs = tokio::task::spawn_blocking(move || offsets::committed_and_end(&b, &g, &i)).await??;
+    let offs =
+        tokio::task::spawn_blocking(move || offsets::committed_and_end(&b, &g, &i)).await??;
     let behind: i64 = offs.iter().map(|(c, hi)| hi - c.unwrap_or(0)).sum();
     println!();
     println!("sluice demo summary");
     println!("  records produced     {count}");
-    println!("  wall time            {elapsed:.1}s ({:.0} records/s end to end)", count as f64 / elapsed);
+    println!(
+        "  wall time            {elapsed:.1}s ({:.0} records/s end to end)",
+        count as f64 / elapsed
+    );
     println!("  output audit         {report}");
-    println!("  committed vs end     {} partitions, {behind} records uncommitted", offs.len());
+    println!(
+        "  committed vs end     {} partitions, {behind} records uncommitted",
+        offs.len()
+    );
     let ok = report.complete() && behind == 0;
-    println!("  result               {}", if ok { "OK: every sequence number arrived, offsets fully committed" } else { "FAILED" });
-    Ok(if ok { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+    println!(
+        "  result               {}",
+        if ok {
+            "OK: every sequence number arrived, offsets fully committed"
+        } else {
+            "FAILED"
+        }
+    );
+    Ok(if ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
 }

@@ -7,19 +7,29 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// Per partition: (committed offset or None, high watermark).
-pub fn committed_and_end(bootstrap: &str, group: &str, topic: &str) -> anyhow::Result<Vec<(Option<i64>, i64)>> {
+pub fn committed_and_end(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<Vec<(Option<i64>, i64)>> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()?;
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let parts = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0) as i32;
+    let parts = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0) as i32;
     let mut tpl = TopicPartitionList::new();
     for p in 0..parts {
         tpl.add_partition(topic, p);
     }
-    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).context("committed offsets")?;
+    let committed = c
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .context("committed offsets")?;
     let mut out = Vec::new();
     for p in 0..parts {
         let (_, hi) = c.fetch_watermarks(topic, p, Duration::from_secs(10))?;

@@ -31,8 +31,9 @@ pub struct BatchAck {
 
 impl BatchAck {
     /// A batch of `records` records starting at offset `first`, already registered with
-    /// the partition's tracker; `bytes` is released when the batch is gone.
-    pub fn new(
+    /// the partition's tracker; `bytes` is released when the batch is gone. Returns the
+    /// first token of the batch.
+    pub fn open(
         partition: Arc<PartitionState>,
         first: i64,
         records: usize,

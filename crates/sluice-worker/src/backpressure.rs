@@ -117,7 +117,10 @@ impl ByteBudget {
 
     /// Take `bytes` now if they are free.
     pub fn try_acquire(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        self.sem.clone().try_acquire_many_owned(self.clamp(bytes)).ok()
+        self.sem
+            .clone()
+            .try_acquire_many_owned(self.clamp(bytes))
+            .ok()
     }
 
     /// Wait for `bytes`.
@@ -162,7 +165,11 @@ mod tests {
             (60, false, false),
         ];
         for (depth, holding, want) in table {
-            assert_eq!(w.queue_full(depth, holding), want, "depth {depth} holding {holding}");
+            assert_eq!(
+                w.queue_full(depth, holding),
+                want,
+                "depth {depth} holding {holding}"
+            );
         }
     }
 

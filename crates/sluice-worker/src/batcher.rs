@@ -115,7 +115,12 @@ pub struct Piece {
 }
 
 /// Run one sink's batcher until `rx` closes, then flush what is left.
-pub async fn run_batcher(mut rx: mpsc::Receiver<Piece>, sink: DynSink, limits: Limits, metrics: crate::metrics::Metrics) {
+pub async fn run_batcher(
+    mut rx: mpsc::Receiver<Piece>,
+    sink: DynSink,
+    limits: Limits,
+    metrics: crate::metrics::Metrics,
+) {
     let mut batcher: Batcher<(Output, Option<i64>)> = Batcher::new(limits);
     let mut tokens: Vec<AckToken> = Vec::new();
     let size_hist = metrics
@@ -221,6 +226,9 @@ mod tests {
         assert_eq!(b.deadline(), Some(t0 + Duration::from_millis(5)));
         b.take();
         b.push(3, 1, Instant::now());
-        assert_eq!(b.deadline(), Some(Instant::now() + Duration::from_millis(5)));
+        assert_eq!(
+            b.deadline(),
+            Some(Instant::now() + Duration::from_millis(5))
+        );
     }
 }

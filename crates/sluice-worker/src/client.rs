@@ -26,7 +26,10 @@ pub fn base_config(
         let password = std::env::var(&security.password_env)
             .map_err(|_| ClientError::MissingPassword(security.password_env.clone()))?;
         c.set("sasl.mechanism", m.as_librdkafka())
-            .set("sasl.username", security.username.clone().unwrap_or_default())
+            .set(
+                "sasl.username",
+                security.username.clone().unwrap_or_default(),
+            )
             .set("sasl.password", password);
     }
     if let Some(ca) = &security.ca_file {

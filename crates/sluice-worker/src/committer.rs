@@ -57,7 +57,9 @@ impl Committer {
     /// (run on a blocking thread); returns how many partitions were committed.
     pub async fn commit(&mut self, parts: &[Arc<PartitionState>]) -> Result<usize, KafkaError> {
         let todo = plan(
-            parts.iter().map(|s| (&*s.topic, s.partition, s.watermark())),
+            parts
+                .iter()
+                .map(|s| (&*s.topic, s.partition, s.watermark())),
             &self.last,
         );
         if todo.is_empty() {
@@ -106,7 +108,12 @@ mod tests {
         last.insert(("t".to_string(), 0), 100);
         last.insert(("t".to_string(), 1), 50);
         let got = plan(
-            [("t", 0, Some(100)), ("t", 1, Some(70)), ("t", 2, None), ("t", 3, Some(1))],
+            [
+                ("t", 0, Some(100)),
+                ("t", 1, Some(70)),
+                ("t", 2, None),
+                ("t", 3, Some(1)),
+            ],
             &last,
         );
         assert_eq!(got, vec![("t".into(), 1, 70), ("t".into(), 3, 1)]);

@@ -130,16 +130,23 @@ impl ConsumerContext for SluiceContext {
                 if parts.is_empty() {
                     return;
                 }
-                self.metrics.rebalances.with_label_values(&[self.metrics.pipeline(), "assign"]).inc();
+                self.metrics
+                    .rebalances
+                    .with_label_values(&[self.metrics.pipeline(), "assign"])
+                    .inc();
                 let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
-                    tracing::error!("assignment arrived while the consumer is closing; ignoring it");
+                    tracing::error!(
+                        "assignment arrived while the consumer is closing; ignoring it"
+                    );
                     return;
                 };
                 let mut queues = Vec::with_capacity(parts.len());
                 for (topic, p) in parts {
                     match consumer.split_partition_queue(&topic, p) {
                         Some(q) => queues.push((topic, p, q)),
-                        None => tracing::error!(%topic, partition = p, "could not split the partition queue"),
+                        None => {
+                            tracing::error!(%topic, partition = p, "could not split the partition queue")
+                        }
                     }
                 }
                 tracing::info!(partitions = ?queues.iter().map(|q| q.1).collect::<Vec<_>>(), "partitions assigned");
@@ -150,12 +157,18 @@ impl ConsumerContext for SluiceContext {
                 if parts.is_empty() {
                     return;
                 }
-                self.metrics.rebalances.with_label_values(&[self.metrics.pipeline(), "revoke"]).inc();
+                self.metrics
+                    .rebalances
+                    .with_label_values(&[self.metrics.pipeline(), "revoke"])
+                    .inc();
                 tracing::info!(partitions = ?parts.iter().map(|q| q.1).collect::<Vec<_>>(), "partitions revoked; draining");
                 let (done, wait) = std::sync::mpsc::sync_channel(1);
                 if self
                     .events
-                    .send(RebalanceEvent::Revoked { partitions: parts, done })
+                    .send(RebalanceEvent::Revoked {
+                        partitions: parts,
+                        done,
+                    })
                     .is_ok()
                     && wait.recv_timeout(self.revoke_timeout).is_err()
                 {
@@ -166,7 +179,11 @@ impl ConsumerContext for SluiceContext {
         }
     }
 
-    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _offsets: &TopicPartitionList) {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
         if let Err(e) = result {
             tracing::warn!(error = %e, "offset commit failed");
         }

@@ -79,7 +79,7 @@ impl Lane {
             self.state.stall(&e.to_string());
             return;
         }
-        let token = BatchAck::new(self.state.clone(), first, n, Some(permit));
+        let token = BatchAck::open(self.state.clone(), first, n, Some(permit));
         self.state.enqueued(n);
         match self.ordering {
             Ordering::Partition => {
@@ -92,7 +92,12 @@ impl Lane {
                 self.next_unordered = (start + 1) % w;
                 let idx = (0..w)
                     .map(|i| (start + i) % w)
-                    .max_by_key(|&i| (self.workers[i].capacity(), std::cmp::Reverse((i + w - start) % w)))
+                    .max_by_key(|&i| {
+                        (
+                            self.workers[i].capacity(),
+                            std::cmp::Reverse((i + w - start) % w),
+                        )
+                    })
                     .unwrap_or(0);
                 let _ = self.workers[idx].send(WorkItem { records, token }).await;
             }

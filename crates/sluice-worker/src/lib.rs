@@ -47,10 +47,19 @@ pub use record::{Output, Record};
 
 /// Command-line interface of a worker binary.
 #[derive(Debug, Parser)]
-#[command(name = "sluice-worker", version, about = "Run a sluice pipeline: consume, process, deliver in batches, commit.")]
+#[command(
+    name = "sluice-worker",
+    version,
+    about = "Run a sluice pipeline: consume, process, deliver in batches, commit."
+)]
 pub struct Cli {
     /// The worker configuration (YAML). `SLUICE__…` environment variables override fields.
-    #[arg(long, short, env = "SLUICE_CONFIG", default_value = "/etc/sluice/config.yaml")]
+    #[arg(
+        long,
+        short,
+        env = "SLUICE_CONFIG",
+        default_value = "/etc/sluice/config.yaml"
+    )]
     pub config: PathBuf,
     /// Print a live progress line to stderr every second.
     #[arg(long, env = "SLUICE_PROGRESS")]
@@ -147,7 +156,10 @@ pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
             return ExitCode::from(2);
         }
     };
-    let tokio_rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let tokio_rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sluice-worker: cannot start the async runtime: {e}");
@@ -159,7 +171,10 @@ pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
         match server::serve(&config.server.listen, rt.metrics.clone(), rt.health.clone()).await {
             Ok(addr) => tracing::info!(%addr, "serving /metrics, /healthz and /readyz"),
             Err(e) => {
-                eprintln!("sluice-worker: cannot listen on {}: {e}", config.server.listen);
+                eprintln!(
+                    "sluice-worker: cannot listen on {}: {e}",
+                    config.server.listen
+                );
                 return ExitCode::FAILURE;
             }
         }

@@ -143,8 +143,14 @@ mod tests {
     fn misuse_is_reported() {
         let mut t = OffsetTracker::new();
         t.register(10, 19).unwrap();
-        assert!(matches!(t.register(15, 30), Err(TrackerError::OutOfOrder { .. })));
-        assert!(matches!(t.register(25, 20), Err(TrackerError::OutOfOrder { .. })));
+        assert!(matches!(
+            t.register(15, 30),
+            Err(TrackerError::OutOfOrder { .. })
+        ));
+        assert!(matches!(
+            t.register(25, 20),
+            Err(TrackerError::OutOfOrder { .. })
+        ));
         assert_eq!(t.complete(11), Err(TrackerError::Unknown(11)));
         t.complete(10).unwrap();
         assert_eq!(t.complete(10), Err(TrackerError::Unknown(10)));

@@ -85,7 +85,10 @@ impl PartitionState {
 
     /// Register a dispatched range with the tracker.
     pub fn register(&self, first: i64, last: i64) -> Result<(), TrackerError> {
-        self.tracker.lock().expect("tracker lock").register(first, last)
+        self.tracker
+            .lock()
+            .expect("tracker lock")
+            .register(first, last)
     }
 
     pub(crate) fn batch_done(&self, first: i64, records: usize, dispatched_at: Instant) {

@@ -88,7 +88,9 @@ fn build_sinks(config: &WorkerConfig, metrics: &Metrics) -> Result<Sinks, Pipeli
         let sink: DynSink = match sc {
             SinkConfig::Kafka(k) => {
                 let cfg = base_config(
-                    k.bootstrap_servers.as_deref().unwrap_or(&config.source.bootstrap_servers),
+                    k.bootstrap_servers
+                        .as_deref()
+                        .unwrap_or(&config.source.bootstrap_servers),
                     &config.source.security,
                     &format!("sluice-{}-sink{i}", config.pipeline),
                 )?;
@@ -101,7 +103,12 @@ fn build_sinks(config: &WorkerConfig, metrics: &Metrics) -> Result<Sinks, Pipeli
         };
         let (tx, rx) = mpsc::channel(256);
         senders.push(tx);
-        batchers.push(tokio::spawn(run_batcher(rx, sink.clone(), limits, metrics.clone())));
+        batchers.push(tokio::spawn(run_batcher(
+            rx,
+            sink.clone(),
+            limits,
+            metrics.clone(),
+        )));
         all.push(sink);
     }
     Ok(Sinks {
@@ -114,7 +121,11 @@ fn build_sinks(config: &WorkerConfig, metrics: &Metrics) -> Result<Sinks, Pipeli
 
 fn consumer_config(config: &WorkerConfig) -> Result<ClientConfig, PipelineError> {
     let s = &config.source;
-    let mut c = base_config(&s.bootstrap_servers, &s.security, &format!("sluice-{}", config.pipeline))?;
+    let mut c = base_config(
+        &s.bootstrap_servers,
+        &s.security,
+        &format!("sluice-{}", config.pipeline),
+    )?;
     let fetch_kb = (config.memory.fetch_buffer.0 / 1024).max(1);
     c.set("group.id", &s.group_id)
         .set("enable.auto.commit", "false")
@@ -127,7 +138,10 @@ fn consumer_config(config: &WorkerConfig) -> Result<ClientConfig, PipelineError>
                 StartFrom::Latest => "latest",
             },
         )
-        .set("session.timeout.ms", s.session_timeout.0.as_millis().to_string())
+        .set(
+            "session.timeout.ms",
+            s.session_timeout.0.as_millis().to_string(),
+        )
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("statistics.interval.ms", "5000")
         .set("queued.max.messages.kbytes", fetch_kb.to_string())
@@ -162,7 +176,14 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    fn assign(&mut self, parts: Vec<(String, i32, rdkafka::consumer::stream_consumer::StreamPartitionQueue<SluiceContext>)>) {
+    fn assign(
+        &mut self,
+        parts: Vec<(
+            String,
+            i32,
+            rdkafka::consumer::stream_consumer::StreamPartitionQueue<SluiceContext>,
+        )>,
+    ) {
         for (topic, p, queue) in parts {
             let key = (topic.clone(), p);
             if self.owned.contains_key(&key) {
@@ -191,17 +212,34 @@ impl Coordinator {
             };
             // Channel slots are batches; size them so the channel can hold the queue
             // capacity in records, split over the lanes.
-            let slots = (w.queue_capacity as usize).div_ceil(DISPATCH_BATCH * lanes).max(2);
-            let (txs, _workers) = spawn_workers(&state, lanes, slots, self.processor.clone(), self.sinks.clone());
+            let slots = (w.queue_capacity as usize)
+                .div_ceil(DISPATCH_BATCH * lanes)
+                .max(2);
+            let (txs, _workers) = spawn_workers(
+                &state,
+                lanes,
+                slots,
+                self.processor.clone(),
+                self.sinks.clone(),
+            );
             // librdkafka keeps a partition's pause flag across assignments: a partition that
             // was paused when it was revoked would come back paused and never be fetched.
             self.control.resume(&topic, p);
             let lane = Lane::new(state.clone(), txs, w.ordering, self.budget.clone());
             let (stop, stop_rx) = watch::channel(false);
             let dispatcher = tokio::spawn(run_kafka_dispatcher(queue, lane, stop_rx));
-            self.owned.insert(key, Owned { state, stop, dispatcher });
+            self.owned.insert(
+                key,
+                Owned {
+                    state,
+                    stop,
+                    dispatcher,
+                },
+            );
         }
-        self.metrics.assigned_partitions.set(self.owned.len() as i64);
+        self.metrics
+            .assigned_partitions
+            .set(self.owned.len() as i64);
     }
 
     /// Stop dispatching `keys`, wait (bounded) for their in-flight work, commit. With
@@ -216,7 +254,10 @@ impl Coordinator {
                     o.state.hold(HoldReason::Draining, true);
                 }
                 let _ = o.stop.send(true);
-                if tokio::time::timeout_at(deadline, &mut o.dispatcher).await.is_err() {
+                if tokio::time::timeout_at(deadline, &mut o.dispatcher)
+                    .await
+                    .is_err()
+                {
                     tracing::warn!(topic = %k.0, partition = k.1, "dispatcher did not stop before the drain deadline");
                 }
                 states.push(o.state.clone());
@@ -238,11 +279,18 @@ impl Coordinator {
             if let Some(o) = self.owned.remove(k) {
                 o.dispatcher.abort();
             }
-            self.consumer.context().owned.lock().expect("owned lock").remove(k);
+            self.consumer
+                .context()
+                .owned
+                .lock()
+                .expect("owned lock")
+                .remove(k);
             self.committer.forget(&k.0, k.1);
             self.metrics.forget_partition(&k.0, k.1);
         }
-        self.metrics.assigned_partitions.set(self.owned.len() as i64);
+        self.metrics
+            .assigned_partitions
+            .set(self.owned.len() as i64);
     }
 
     async fn commit_all(&mut self) {
@@ -275,7 +323,8 @@ pub async fn run_pipeline(
         config.commit.drain_timeout.0 + Duration::from_secs(2),
         metrics.clone(),
     );
-    let consumer: Arc<SluiceConsumer> = Arc::new(consumer_config(&config)?.create_with_context(ctx)?);
+    let consumer: Arc<SluiceConsumer> =
+        Arc::new(consumer_config(&config)?.create_with_context(ctx)?);
     SluiceContext::attach(&consumer);
     consumer.subscribe(&[&config.source.topic])?;
     let stop_poller = Arc::new(AtomicBool::new(false));
@@ -291,7 +340,11 @@ pub async fn run_pipeline(
         budget: ByteBudget::new(config.memory.in_flight_bytes.0),
         sinks: sinks.senders.clone(),
         owned: HashMap::new(),
-        committer: Committer::new(consumer.clone(), metrics.commit_latency.clone(), metrics.commit_failures.clone()),
+        committer: Committer::new(
+            consumer.clone(),
+            metrics.commit_latency.clone(),
+            metrics.commit_failures.clone(),
+        ),
         consumer: consumer.clone(),
         config,
     };
@@ -346,7 +399,12 @@ pub async fn run_pipeline(
         o.dispatcher.abort();
     }
     // Closing the batchers' inputs flushes what they hold.
-    let Sinks { senders, all, kafka, batchers } = sinks;
+    let Sinks {
+        senders,
+        all,
+        kafka,
+        batchers,
+    } = sinks;
     drop(senders);
     co.sinks = Arc::from(Vec::new());
     for b in batchers {
@@ -354,7 +412,10 @@ pub async fn run_pipeline(
     }
     for s in &all {
         if !s.flush(Duration::from_secs(10)).await {
-            tracing::warn!(sink = s.name(), "sink still had unacknowledged outputs at exit; they will be redelivered");
+            tracing::warn!(
+                sink = s.name(),
+                "sink still had unacknowledged outputs at exit; they will be redelivered"
+            );
         }
     }
     drop(kafka);

@@ -47,14 +47,20 @@ impl Snapshot {
     pub fn take(metrics: &Metrics) -> Self {
         let fams = metrics.registry.gather();
         let mut buckets: HashMap<u64, u64> = HashMap::new();
-        for f in fams.iter().filter(|f| f.name() == "sluice_end_to_end_latency_seconds") {
+        for f in fams
+            .iter()
+            .filter(|f| f.name() == "sluice_end_to_end_latency_seconds")
+        {
             for m in f.get_metric() {
                 for b in m.get_histogram().get_bucket() {
                     *buckets.entry(b.upper_bound().to_bits()).or_default() += b.cumulative_count();
                 }
             }
         }
-        let mut e2e: Vec<(f64, u64)> = buckets.into_iter().map(|(k, v)| (f64::from_bits(k), v)).collect();
+        let mut e2e: Vec<(f64, u64)> = buckets
+            .into_iter()
+            .map(|(k, v)| (f64::from_bits(k), v))
+            .collect();
         e2e.sort_by(|a, b| a.0.total_cmp(&b.0));
         Snapshot {
             consumed: sum(&fams, "sluice_messages_consumed_total"),
@@ -104,7 +110,13 @@ pub async fn report(metrics: Metrics, every: Duration) {
         let now = Snapshot::take(&metrics);
         let dt = at.elapsed().as_secs_f64().max(1e-3);
         let p99 = quantile_between(&prev.e2e, &now.e2e, 0.99)
-            .map(|s| if s.is_infinite() { ">60s".into() } else { format!("<={:.1}ms", s * 1000.0) })
+            .map(|s| {
+                if s.is_infinite() {
+                    ">60s".into()
+                } else {
+                    format!("<={:.1}ms", s * 1000.0)
+                }
+            })
             .unwrap_or_else(|| "-".into());
         let line = format!(
             "in {:>8}/s  out {:>8}/s  total in {:>8} out {:>8}  lag {:>8}  e2e p99 {:>9}  paused {} stalled {}  in-flight {:.1}MiB",

@@ -24,21 +24,42 @@ fn setup(name: &str, partitions: i32) -> Setup {
         group: unique(&format!("{name}-g")),
         bootstrap,
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        create_topic(&s.bootstrap, &s.input, partitions).await.unwrap();
-        create_topic(&s.bootstrap, &s.output, partitions).await.unwrap();
+        create_topic(&s.bootstrap, &s.input, partitions)
+            .await
+            .unwrap();
+        create_topic(&s.bootstrap, &s.output, partitions)
+            .await
+            .unwrap();
     });
     s
 }
 
 fn produce_now(s: &Setup, from: u64, count: u64, rate: Option<f64>, size: usize) {
-    let spec = ProduceSpec { bootstrap: s.bootstrap.clone(), topic: s.input.clone(), from, count, rate, size };
+    let spec = ProduceSpec {
+        bootstrap: s.bootstrap.clone(),
+        topic: s.input.clone(),
+        from,
+        count,
+        rate,
+        size,
+    };
     produce(&spec, &AtomicU64::new(0)).unwrap();
 }
 
 fn produce_in_background(s: &Setup, count: u64, rate: f64) -> std::thread::JoinHandle<()> {
-    let spec = ProduceSpec { bootstrap: s.bootstrap.clone(), topic: s.input.clone(), from: 0, count, rate: Some(rate), size: 100 };
+    let spec = ProduceSpec {
+        bootstrap: s.bootstrap.clone(),
+        topic: s.input.clone(),
+        from: 0,
+        count,
+        rate: Some(rate),
+        size: 100,
+    };
     std::thread::spawn(move || produce(&spec, &AtomicU64::new(0)).unwrap())
 }
 
@@ -46,7 +67,11 @@ fn start_worker(s: &Setup, name: &str, extra: &str) -> WorkerProcess {
     let addr = format!("127.0.0.1:{}", free_port());
     let cfg = worker_config(&s.bootstrap, &s.input, &s.output, &s.group, &addr, extra);
     let w = WorkerProcess::start(BIN, &unique(name), &cfg, &addr);
-    wait_for("the worker's metrics endpoint", Duration::from_secs(30), || !w.metrics().is_empty());
+    wait_for(
+        "the worker's metrics endpoint",
+        Duration::from_secs(30),
+        || !w.metrics().is_empty(),
+    );
     w
 }
 
@@ -81,7 +106,9 @@ fn clean_run_delivers_every_record_once_and_commits_to_the_end() {
     let mut w = start_worker(&s, "clean", "");
     wait_fully_committed(&s, Duration::from_secs(180), &[&w]);
     w.signal("TERM");
-    let st = w.wait(Duration::from_secs(30)).expect("worker exits after SIGTERM");
+    let st = w
+        .wait(Duration::from_secs(30))
+        .expect("worker exits after SIGTERM");
     assert!(st.success(), "exit status {st:?}\n{}", w.log_tail(30));
     let r = audit_output(&s, n);
     assert_eq!(r.missing, 0, "{r}");
@@ -95,9 +122,12 @@ fn sigkill_mid_stream_then_restart_loses_nothing() {
     let n = 200_000;
     let producer = produce_in_background(&s, n, 50_000.0);
     let mut w = start_worker(&s, "sigkill-a", "");
-    wait_for("some records delivered", Duration::from_secs(60), || w.metric("sluice_messages_delivered_total", "") > 20_000.0);
+    wait_for("some records delivered", Duration::from_secs(60), || {
+        w.metric("sluice_messages_delivered_total", "") > 20_000.0
+    });
     w.signal("KILL");
-    w.wait(Duration::from_secs(10)).expect("killed worker exits");
+    w.wait(Duration::from_secs(10))
+        .expect("killed worker exits");
     let w2 = start_worker(&s, "sigkill-b", "");
     producer.join().unwrap();
     wait_fully_committed(&s, Duration::from_secs(180), &[&w2]);
@@ -112,20 +142,37 @@ fn second_worker_joins_and_leaves_without_loss_or_duplicates() {
     let n = 250_000;
     let producer = produce_in_background(&s, n, 40_000.0);
     let a = start_worker(&s, "rebalance-a", "");
-    wait_for("worker A to consume", Duration::from_secs(60), || a.metric("sluice_messages_delivered_total", "") > 10_000.0);
+    wait_for("worker A to consume", Duration::from_secs(60), || {
+        a.metric("sluice_messages_delivered_total", "") > 10_000.0
+    });
     let mut b = start_worker(&s, "rebalance-b", "");
-    wait_for("worker B to get partitions", Duration::from_secs(60), || b.metric("sluice_messages_delivered_total", "") > 5_000.0);
-    assert!(a.metric("sluice_rebalances_total", "kind=\"revoke\"") >= 1.0, "A gave up partitions to B");
+    wait_for(
+        "worker B to get partitions",
+        Duration::from_secs(60),
+        || b.metric("sluice_messages_delivered_total", "") > 5_000.0,
+    );
+    assert!(
+        a.metric("sluice_rebalances_total", "kind=\"revoke\"") >= 1.0,
+        "A gave up partitions to B"
+    );
     b.signal("TERM");
-    let st = b.wait(Duration::from_secs(30)).expect("B exits after SIGTERM");
+    let st = b
+        .wait(Duration::from_secs(30))
+        .expect("B exits after SIGTERM");
     assert!(st.success(), "B exit status {st:?}\n{}", b.log_tail(30));
     producer.join().unwrap();
     wait_fully_committed(&s, Duration::from_secs(180), &[&a]);
-    assert!(a.metric("sluice_rebalances_total", "kind=\"assign\"") >= 2.0, "A took B's partitions back");
+    assert!(
+        a.metric("sluice_rebalances_total", "kind=\"assign\"") >= 2.0,
+        "A took B's partitions back"
+    );
     let r = audit_output(&s, n);
     assert_eq!(r.missing, 0, "{r}");
     // Revokes drain and commit before letting go, so a clean hand-over redelivers nothing.
-    assert_eq!(r.duplicates, 0, "a drained hand-over must not duplicate: {r}");
+    assert_eq!(
+        r.duplicates, 0,
+        "a drained hand-over must not duplicate: {r}"
+    );
 }
 
 #[test]
@@ -149,11 +196,29 @@ fn slow_processor_pauses_partitions_and_keeps_memory_bounded() {
     let delivered = w.metric("sluice_messages_delivered_total", "");
     let in_flight = w.metric("sluice_in_flight_bytes", "");
     eprintln!("[slow] paused partitions seen: {paused_seen}, peak RSS {} MiB, delivered {delivered}, in flight {in_flight} bytes", peak_rss >> 20);
-    assert!(delivered > 0.0, "the slow pipeline still makes progress\n{}", w.log_tail(20));
-    assert!(delivered < 300_000.0, "the backlog is still waiting (the test needs pressure)");
-    assert!(paused_seen >= 1.0, "partitions were paused under pressure\n{}", w.log_tail(20));
-    assert!(in_flight <= (4 << 20) as f64, "in-flight bytes stay within the budget: {in_flight}");
-    assert!(peak_rss < 200 << 20, "RSS stays bounded while 300 MB wait: peak {} MiB", peak_rss >> 20);
+    assert!(
+        delivered > 0.0,
+        "the slow pipeline still makes progress\n{}",
+        w.log_tail(20)
+    );
+    assert!(
+        delivered < 300_000.0,
+        "the backlog is still waiting (the test needs pressure)"
+    );
+    assert!(
+        paused_seen >= 1.0,
+        "partitions were paused under pressure\n{}",
+        w.log_tail(20)
+    );
+    assert!(
+        in_flight <= (4 << 20) as f64,
+        "in-flight bytes stay within the budget: {in_flight}"
+    );
+    assert!(
+        peak_rss < 200 << 20,
+        "RSS stays bounded while 300 MB wait: peak {} MiB",
+        peak_rss >> 20
+    );
 }
 
 #[test]
@@ -162,10 +227,14 @@ fn sigterm_exits_zero_in_the_grace_period_having_committed() {
     let n = 150_000;
     produce_now(&s, 0, n, None, 100);
     let mut w = start_worker(&s, "sigterm-a", "processor: {delay: {perRecord: 20us}}");
-    wait_for("some records delivered", Duration::from_secs(60), || w.metric("sluice_messages_delivered_total", "") > 10_000.0);
+    wait_for("some records delivered", Duration::from_secs(60), || {
+        w.metric("sluice_messages_delivered_total", "") > 10_000.0
+    });
     let t = Instant::now();
     w.signal("TERM");
-    let st = w.wait(Duration::from_secs(30)).expect("exits within the 30s grace period");
+    let st = w
+        .wait(Duration::from_secs(30))
+        .expect("exits within the 30s grace period");
     eprintln!("[sigterm] exited {st:?} {:?} after SIGTERM", t.elapsed());
     assert!(st.success(), "{}", w.log_tail(30));
     let left = uncommitted(&s.bootstrap, &s.group, &s.input);

@@ -122,12 +122,22 @@ impl ProducerContext for SinkContext {
                             .headers()
                             .map(|h| {
                                 h.iter()
-                                    .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice)))
+                                    .map(|h| {
+                                        (h.key.to_string(), h.value.map(Bytes::copy_from_slice))
+                                    })
                                     .collect()
                             })
                             .unwrap_or_default(),
                     };
-                    if self.shared.retry_tx.send(Retry { output, flight: flight.clone() }).is_err() {
+                    if self
+                        .shared
+                        .retry_tx
+                        .send(Retry {
+                            output,
+                            flight: flight.clone(),
+                        })
+                        .is_err()
+                    {
                         flight.failed.store(true, Ordering::Release);
                         self.shared.finish_one(&flight);
                     }
@@ -146,7 +156,9 @@ pub struct KafkaSink {
 
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaSink").field("topic", &self.topic).finish()
+        f.debug_struct("KafkaSink")
+            .field("topic", &self.topic)
+            .finish()
     }
 }
 
@@ -200,9 +212,15 @@ impl KafkaSink {
     /// Send one record, waiting while the producer's queue is full.
     async fn send_one(&self, out: &Output, flight: &Arc<InFlight>) {
         let headers = (!out.headers.is_empty()).then(|| {
-            out.headers.iter().fold(OwnedHeaders::new_with_capacity(out.headers.len()), |h, (k, v)| {
-                h.insert(Header { key: k, value: v.as_deref() })
-            })
+            out.headers.iter().fold(
+                OwnedHeaders::new_with_capacity(out.headers.len()),
+                |h, (k, v)| {
+                    h.insert(Header {
+                        key: k,
+                        value: v.as_deref(),
+                    })
+                },
+            )
         });
         let mut rec: BaseRecord<'_, [u8], [u8], Arc<InFlight>> =
             BaseRecord::with_opaque_to(&self.topic, flight.clone());
@@ -238,7 +256,8 @@ impl KafkaSink {
 async fn retry_loop(sink: std::sync::Weak<KafkaSink>, mut rx: mpsc::UnboundedReceiver<Retry>) {
     while let Some(r) = rx.recv().await {
         let attempt = r.flight.retries.load(Ordering::Acquire).min(8);
-        tokio::time::sleep(Duration::from_millis(50u64 << attempt).min(Duration::from_secs(5))).await;
+        tokio::time::sleep(Duration::from_millis(50u64 << attempt).min(Duration::from_secs(5)))
+            .await;
         let Some(sink) = sink.upgrade() else { return };
         sink.send_one(&r.output, &r.flight).await;
     }

@@ -27,8 +27,16 @@ impl Sink for StdoutSink {
         let mut out = std::io::stdout().lock();
         let mut ok = true;
         for (o, _) in &batch.items {
-            let key = o.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-            let val = o.value.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            let key = o
+                .key
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            let val = o
+                .value
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
             ok &= writeln!(out, "{key}\t{val}").is_ok();
         }
         ok &= out.flush().is_ok();

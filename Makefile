@@ -1,0 +1,49 @@
+# sluice: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+DEMO_COUNT ?= 1000000
+DEMO_RATE ?= 100000
+
+.PHONY: setup demo test test-unit lint fmt bench kafka-start kafka-stop kafka-reset clean
+
+setup:
+	@scripts/setup.sh
+
+## Run a real pipeline against a local Kafka with a load generator and live progress.
+demo: setup kafka-start
+	$(CARGO) build --release -p sluice-loadgen
+	./target/release/sluice-loadgen demo --count $(DEMO_COUNT) --rate $(DEMO_RATE)
+
+## Every test: unit, property and integration tests against the real broker.
+## SLUICE_TEST_BOOTSTRAP=host:port runs them against another Kafka or Redpanda instead.
+test: setup
+	@if [[ -z "$${SLUICE_TEST_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi
+	$(CARGO) build --workspace --all-targets
+	$(CARGO) test --workspace --all-targets -- --test-threads=1
+
+## Unit and property tests only (no broker).
+test-unit:
+	$(CARGO) test --workspace --lib --bins
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Benchmarks (see BENCHMARKS.md). Pins the broker and the clients to different cores.
+bench: setup
+	scripts/bench.sh
+
+kafka-start:
+	@scripts/kafka.sh start
+
+kafka-stop:
+	@scripts/kafka.sh stop
+
+kafka-reset:
+	@scripts/kafka.sh reset
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install what building and testing sluice needs on a fresh Debian machine, skipping
+# whatever is already there. Safe to run again.
+#   - Debian packages: cmake and the headers librdkafka builds against, Java 17, Maven
+#   - the Apache Kafka broker jars (scripts/kafka.sh install; cached under ~/.cache/sluice)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { echo "[setup] $*" >&2; }
+
+PKGS=(cmake pkg-config libssl-dev libsasl2-dev zlib1g-dev libzstd-dev build-essential)
+command -v java >/dev/null || PKGS+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || PKGS+=(maven)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+  log "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  log "cargo not found: install Rust (rustup) first"
+  exit 1
+fi
+
+java_major="$(java -version 2>&1 | awk -F'"' '/version/ {split($2, v, "."); print v[1]}')"
+if [[ "${java_major:-0}" -lt 17 ]]; then
+  log "Java $java_major found; Kafka 4 needs Java 17 or newer"
+  exit 1
+fi
+
+scripts/kafka.sh install
+log "ready"
