@@ -231,4 +231,80 @@ mod tests {
             Some(Instant::now() + Duration::from_millis(5))
         );
     }
+
+    struct Counting {
+        batches: std::sync::Mutex<Vec<usize>>,
+        metrics: crate::sink::SinkMetrics,
+    }
+
+    impl crate::sink::Sink for Counting {
+        fn name(&self) -> &str {
+            "counting"
+        }
+        fn deliver(&self, batch: SinkBatch) -> futures::future::BoxFuture<'_, ()> {
+            self.batches.lock().unwrap().push(batch.items.len());
+            batch.acknowledge(&self.metrics);
+            Box::pin(async {})
+        }
+        fn flush(&self, _: Duration) -> futures::future::BoxFuture<'_, bool> {
+            Box::pin(async { true })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_batcher_task_flushes_on_linger_and_splits_at_max_messages() {
+        use crate::ack::BatchAck;
+        use crate::partition::{NoControl, PartitionState};
+        use std::sync::Arc;
+        let m = crate::metrics::Metrics::new("t");
+        let st = PartitionState::new(
+            "t".into(),
+            0,
+            64,
+            Arc::new(NoControl),
+            m.partition("t", 0),
+            m.processing_latency.clone(),
+        );
+        let sink = Arc::new(Counting {
+            batches: Default::default(),
+            metrics: crate::sink::SinkMetrics::new(&m, "counting"),
+        });
+        let (tx, rx) = mpsc::channel(4);
+        let task = tokio::spawn(run_batcher(rx, sink.clone(), limits(), m.clone()));
+
+        st.register(0, 0).unwrap();
+        let token = BatchAck::open(st.clone(), 0, 1, None);
+        tx.send(Piece {
+            outputs: vec![(Output::default(), None)],
+            token,
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(4)).await;
+        assert!(
+            sink.batches.lock().unwrap().is_empty(),
+            "nothing before linger"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(*sink.batches.lock().unwrap(), vec![1]);
+        assert_eq!(
+            st.watermark(),
+            Some(1),
+            "acknowledged batch completes its offsets"
+        );
+
+        // Seven outputs of one record range: split 3 + 3 + 1, acknowledged only when all are.
+        st.register(1, 1).unwrap();
+        let token = BatchAck::open(st.clone(), 1, 1, None);
+        tx.send(Piece {
+            outputs: vec![(Output::default(), None); 7],
+            token,
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        task.await.unwrap();
+        assert_eq!(*sink.batches.lock().unwrap(), vec![1, 3, 3, 1]);
+        assert_eq!(st.watermark(), Some(2));
+    }
 }

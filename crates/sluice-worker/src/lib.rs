@@ -21,6 +21,7 @@ pub mod client;
 pub mod committer;
 pub mod consumer;
 pub mod dispatcher;
+pub mod engine;
 pub mod metrics;
 pub mod offsets;
 pub mod partition;

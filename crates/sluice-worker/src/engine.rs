@@ -1,0 +1,322 @@
+//! The in-memory engine: dispatcher lanes, worker pools, offset trackers and batchers
+//! wired to caller-supplied sinks, with no broker. It is what the engine benchmark and
+//! the data-path tests drive; the Kafka pipeline wires the same pieces to a consumer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_api::config::{BatchingConfig, Ordering, WorkersConfig};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::backpressure::ByteBudget;
+use crate::batcher::{run_batcher, Limits, Piece};
+use crate::dispatcher::{Lane, DISPATCH_BATCH};
+use crate::metrics::Metrics;
+use crate::partition::{NoControl, PartitionState};
+use crate::pool::spawn_workers;
+use crate::processor::Processor;
+use crate::sink::DynSink;
+
+/// Partitions fed directly by the caller.
+pub struct Engine {
+    lanes: Vec<Lane>,
+    senders: Option<Arc<[mpsc::Sender<Piece>]>>,
+    batchers: Vec<JoinHandle<()>>,
+    /// The metrics the engine reports to.
+    pub metrics: Metrics,
+}
+
+impl Engine {
+    /// `partitions` partitions of topic `topic`, each with its pool, delivering to `sinks`.
+    pub fn new(
+        topic: &str,
+        partitions: i32,
+        workers: &WorkersConfig,
+        batching: &BatchingConfig,
+        in_flight_bytes: u64,
+        processor: Arc<dyn Processor>,
+        sinks: Vec<DynSink>,
+    ) -> Self {
+        let metrics = Metrics::new("engine");
+        let limits = Limits {
+            max_messages: batching.max_messages as usize,
+            max_bytes: batching.max_bytes.0 as usize,
+            linger: batching.linger.0,
+        };
+        let mut senders = Vec::new();
+        let mut batchers = Vec::new();
+        for sink in sinks {
+            let (tx, rx) = mpsc::channel(256);
+            senders.push(tx);
+            batchers.push(tokio::spawn(run_batcher(rx, sink, limits, metrics.clone())));
+        }
+        let senders: Arc<[mpsc::Sender<Piece>]> = senders.into();
+        let budget = ByteBudget::new(in_flight_bytes);
+        let lanes_per_partition = match workers.ordering {
+            Ordering::Partition => 1,
+            _ => workers.per_partition as usize,
+        };
+        let slots = (workers.queue_capacity as usize)
+            .div_ceil(DISPATCH_BATCH * lanes_per_partition)
+            .max(2);
+        let lanes = (0..partitions)
+            .map(|p| {
+                let state = PartitionState::new(
+                    topic.into(),
+                    p,
+                    workers.queue_capacity as usize,
+                    Arc::new(NoControl),
+                    metrics.partition(topic, p),
+                    metrics.processing_latency.clone(),
+                );
+                let (txs, _) = spawn_workers(
+                    &state,
+                    lanes_per_partition,
+                    slots,
+                    processor.clone(),
+                    senders.clone(),
+                );
+                Lane::new(state, txs, workers.ordering, budget.clone())
+            })
+            .collect();
+        Engine {
+            lanes,
+            senders: Some(senders),
+            batchers,
+            metrics,
+        }
+    }
+
+    /// Dispatch a batch of records (in offset order) of `partition`.
+    pub async fn feed(&mut self, partition: usize, records: Vec<crate::record::Record>) {
+        self.lanes[partition].dispatch(records).await;
+    }
+
+    /// The state of `partition` (tracker watermark, stall flag, ...).
+    pub fn partition(&self, partition: usize) -> &Arc<PartitionState> {
+        self.lanes[partition].state()
+    }
+
+    /// Wait until every partition is idle (or stalled), up to `timeout`.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut all = true;
+        for l in &self.lanes {
+            all &= l.state().wait_idle(deadline).await;
+        }
+        all
+    }
+
+    /// Close the lanes and batchers, flushing what they hold.
+    pub async fn close(mut self) {
+        self.lanes.clear();
+        self.senders.take();
+        for b in self.batchers.drain(..) {
+            let _ = b.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::processor::{ProcessError, Processor};
+    use crate::record::{Output, Record};
+    use crate::sink::{Sink, SinkBatch, SinkMetrics};
+    use bytes::Bytes;
+    use futures::future::BoxFuture;
+    use std::sync::Mutex;
+
+    /// Records every output (key, value) in arrival order.
+    struct Recording {
+        seen: Mutex<Vec<(Bytes, Bytes)>>,
+        metrics: SinkMetrics,
+        fail_when: Option<&'static [u8]>,
+    }
+
+    impl Sink for Recording {
+        fn name(&self) -> &str {
+            "recording"
+        }
+        fn deliver(&self, batch: SinkBatch) -> BoxFuture<'_, ()> {
+            let bad = self.fail_when.is_some_and(|needle| {
+                batch
+                    .items
+                    .iter()
+                    .any(|(o, _)| o.value.as_deref() == Some(needle))
+            });
+            if bad {
+                batch.fail();
+            } else {
+                let mut seen = self.seen.lock().unwrap();
+                for (o, _) in &batch.items {
+                    seen.push((
+                        o.key.clone().unwrap_or_default(),
+                        o.value.clone().unwrap_or_default(),
+                    ));
+                }
+                drop(seen);
+                batch.acknowledge(&self.metrics);
+            }
+            Box::pin(async {})
+        }
+        fn flush(&self, _: Duration) -> BoxFuture<'_, bool> {
+            Box::pin(async { true })
+        }
+    }
+
+    struct FailOn(i32, i64);
+    impl Processor for FailOn {
+        fn name(&self) -> &'static str {
+            "fail-on"
+        }
+        fn process(&self, r: &Record, out: &mut Vec<Output>) -> Result<(), ProcessError> {
+            if (r.partition, r.offset) == (self.0, self.1) {
+                return Err(ProcessError::new("test", "poison"));
+            }
+            crate::processor::Passthrough.process(r, out)
+        }
+    }
+
+    fn record(p: i32, offset: i64, key: &str) -> Record {
+        Record {
+            topic: "t".into(),
+            partition: p,
+            offset,
+            timestamp_ms: None,
+            key: Some(Bytes::from(key.to_string())),
+            value: Some(Bytes::from(format!("p{p}:{key}:{offset}"))),
+            headers: vec![],
+        }
+    }
+
+    fn workers(ordering: Ordering) -> WorkersConfig {
+        WorkersConfig {
+            per_partition: 4,
+            queue_capacity: 64,
+            ordering,
+        }
+    }
+
+    fn batching() -> BatchingConfig {
+        BatchingConfig {
+            max_messages: 7,
+            max_bytes: sluice_api::units::ByteSize(1 << 20),
+            linger: sluice_api::units::HumanDuration::from_millis(1),
+        }
+    }
+
+    fn recording(metrics: &Metrics, fail_when: Option<&'static [u8]>) -> Arc<Recording> {
+        Arc::new(Recording {
+            seen: Mutex::new(Vec::new()),
+            metrics: SinkMetrics::new(metrics, "recording"),
+            fail_when,
+        })
+    }
+
+    async fn run(
+        ordering: Ordering,
+        processor: Arc<dyn Processor>,
+        fail_when: Option<&'static [u8]>,
+    ) -> (Engine, Vec<Arc<Recording>>) {
+        let m = Metrics::new("test");
+        let sinks = vec![recording(&m, fail_when), recording(&m, None)];
+        let mut e = Engine::new(
+            "t",
+            2,
+            &workers(ordering),
+            &batching(),
+            1 << 20,
+            processor,
+            sinks.iter().map(|s| s.clone() as DynSink).collect(),
+        );
+        for p in 0..2 {
+            for chunk in 0..20 {
+                let recs = (0..50)
+                    .map(|i| record(p, chunk * 50 + i, &format!("k{}", i % 13)))
+                    .collect();
+                e.feed(p as usize, recs).await;
+            }
+        }
+        (e, sinks)
+    }
+
+    #[tokio::test]
+    async fn every_ordering_delivers_everything_to_every_sink_and_the_watermark_reaches_the_end() {
+        for ordering in [Ordering::Partition, Ordering::Key, Ordering::Unordered] {
+            let (e, sinks) = run(ordering, Arc::new(crate::processor::Passthrough), None).await;
+            assert!(e.wait_idle(Duration::from_secs(10)).await, "{ordering:?}");
+            for p in 0..2 {
+                assert_eq!(e.partition(p).watermark(), Some(1000), "{ordering:?}");
+            }
+            for s in &sinks {
+                assert_eq!(
+                    s.seen.lock().unwrap().len(),
+                    2000,
+                    "{ordering:?}: fan-out reaches every sink"
+                );
+            }
+            e.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn key_ordering_keeps_each_keys_offsets_in_order() {
+        let (e, sinks) = run(Ordering::Key, Arc::new(crate::processor::Passthrough), None).await;
+        assert!(e.wait_idle(Duration::from_secs(10)).await);
+        let seen = sinks[0].seen.lock().unwrap().clone();
+        let mut last: std::collections::HashMap<String, i64> = Default::default();
+        for (_, v) in seen {
+            let v = String::from_utf8(v.to_vec()).unwrap();
+            let (partition_and_key, off) = v.rsplit_once(':').unwrap();
+            let off: i64 = off.parse().unwrap();
+            if let Some(prev) = last.insert(partition_and_key.to_string(), off) {
+                assert!(
+                    prev < off,
+                    "{partition_and_key}: offset {off} arrived after {prev}"
+                );
+            }
+        }
+        assert_eq!(last.len(), 2 * 13);
+        e.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_processor_failure_stalls_only_its_partition_below_the_poison_record() {
+        let (e, _) = run(Ordering::Key, Arc::new(FailOn(0, 420)), None).await;
+        e.wait_idle(Duration::from_secs(5)).await;
+        let poisoned = e.partition(0);
+        assert!(poisoned.is_stalled());
+        assert!(
+            poisoned.watermark().unwrap_or(0) <= 420,
+            "watermark {:?} passed the poison record",
+            poisoned.watermark()
+        );
+        let healthy = e.partition(1);
+        assert!(!healthy.is_stalled());
+        assert_eq!(healthy.watermark(), Some(1000));
+        e.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_sink_failure_never_lets_the_watermark_pass_the_failed_records() {
+        let (e, _) = run(
+            Ordering::Unordered,
+            Arc::new(crate::processor::Passthrough),
+            Some(b"p0:k1:601"),
+        )
+        .await;
+        e.wait_idle(Duration::from_secs(5)).await;
+        // A failed sink batch fails every record in it (other partitions' too, which then
+        // stall as well: never skipped). Partition 0 must stop at or below offset 601.
+        let s0 = e.partition(0);
+        assert!(s0.is_stalled());
+        assert!(
+            s0.watermark().unwrap_or(0) <= 601,
+            "watermark {:?}",
+            s0.watermark()
+        );
+        e.close().await;
+    }
+}
