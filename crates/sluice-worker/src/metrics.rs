@@ -71,9 +71,10 @@ pub struct PartitionMetrics {
     pub high_watermark: IntGauge,
 }
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0, 30.0, 60.0,
+/// Buckets of every latency histogram (seconds): fine below 10 ms, where the targets are.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01,
+    0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 impl Metrics {

@@ -89,6 +89,30 @@ pub fn quantile_between(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> 
     delta.iter().find(|(_, c)| *c >= want).map(|(b, _)| *b)
 }
 
+/// The `q` quantile of cumulative buckets `(upper bound, count)`, interpolated linearly
+/// inside the bucket it falls in (as PromQL's `histogram_quantile` does).
+pub fn quantile_interpolated(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let (mut lo, mut below) = (0.0, 0u64);
+    for &(hi, c) in buckets {
+        if c as f64 >= rank {
+            if hi.is_infinite() {
+                return Some(lo);
+            }
+            let inside = (c - below) as f64;
+            let frac = if inside > 0.0 { (rank - below as f64) / inside } else { 1.0 };
+            return Some(lo + (hi - lo) * frac);
+        }
+        lo = hi;
+        below = c;
+    }
+    Some(lo)
+}
+
 fn human(n: f64) -> String {
     if n >= 1e6 {
         format!("{:.2}M", n / 1e6)

@@ -1,0 +1,350 @@
+//! `sluice-bench`: one benchmark measurement per invocation, printed as a JSON line.
+//! `scripts/bench.sh` runs the set with repetitions, pinning, and takes medians.
+//!
+//! Modes:
+//! - `preload`       fill the backlog topic (not measured)
+//! - `consume`       plain rdkafka BaseConsumer drain loop, no processing (baseline)
+//! - `sluice-null`   the sluice pipeline into the null sink, commits on
+//! - `relay`         bare relay: consume + produce, auto-commit, fire and forget
+//! - `sluice-relay`  the sluice pipeline, passthrough to a Kafka topic, contiguous commits
+//! - `engine`        the in-memory engine alone (no broker) on one core
+//! - `latency-relay` / `latency-sluice`: end-to-end latency at an offered `--rate`
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Parser;
+use prometheus::{Histogram, HistogramOpts};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use sluice_api::WorkerConfig;
+use sluice_loadgen::{create_topic, produce, ProduceSpec};
+use sluice_worker::metrics::LATENCY_BUCKETS;
+use sluice_worker::progress::{quantile_interpolated, Snapshot};
+
+#[derive(Parser)]
+struct Args {
+    mode: String,
+    #[arg(long, env = "SLUICE_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    bootstrap: String,
+    #[arg(long, default_value = "bench-in")]
+    topic: String,
+    #[arg(long, default_value_t = 2_000_000)]
+    count: u64,
+    #[arg(long, default_value_t = 8)]
+    partitions: i32,
+    /// Offered load for the latency modes (records/s).
+    #[arg(long, default_value_t = 50_000.0)]
+    rate: f64,
+    /// Duration of a latency run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Batching linger for the sluice modes.
+    #[arg(long, default_value = "5ms")]
+    linger: String,
+}
+
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = 100.0;
+    let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    (ut + st) / tick
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn run_id() -> String {
+    format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis())
+}
+
+fn report(mode: &str, records: u64, secs: f64, cpu: f64, extra: serde_json::Value) {
+    let mut v = serde_json::json!({
+        "mode": mode,
+        "records": records,
+        "seconds": secs,
+        "rate": records as f64 / secs,
+        "cpu_s_per_million": cpu / (records as f64 / 1e6),
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    println!("{v}");
+}
+
+fn assign_all(c: &BaseConsumer, topic: &str, parts: i32) -> anyhow::Result<()> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..parts {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    Ok(())
+}
+
+/// (1) Plain consumer: poll until `count` records were read.
+fn consume(a: &Args) -> anyhow::Result<()> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &a.bootstrap)
+        .set("group.id", format!("bench-consume-{}", run_id()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    assign_all(&c, &a.topic, a.partitions)?;
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let mut n = 0u64;
+    let mut bytes = 0u64;
+    while n < a.count {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            n += 1;
+            bytes += m.payload_len() as u64;
+        }
+    }
+    report("consume", n, t0.elapsed().as_secs_f64(), cpu_seconds() - cpu0, serde_json::json!({"bytes": bytes}));
+    Ok(())
+}
+
+struct RelayCtx {
+    hist: Histogram,
+    delivered: AtomicU64,
+}
+impl ClientContext for RelayCtx {}
+impl ProducerContext for RelayCtx {
+    type DeliveryOpaque = usize;
+    fn delivery(&self, r: &DeliveryResult<'_>, source_ts_ms: usize) {
+        if r.is_ok() {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            let now = sluice_worker::sink::now_ms();
+            self.hist.observe(((now - source_ts_ms as i64).max(0) as f64) / 1000.0);
+        }
+    }
+}
+
+/// (3) Bare relay: auto-commit, fire-and-forget produce. Runs until `count` records were
+/// consumed and delivered, or (latency mode) for `seconds`.
+fn relay(a: &Args, input: &str, output: &str, deadline: Option<Instant>) -> anyhow::Result<(u64, f64, f64, Histogram)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &a.bootstrap)
+        .set("group.id", format!("bench-relay-{}", run_id()))
+        .set("enable.auto.commit", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    let hist = Histogram::with_opts(HistogramOpts::new("relay_e2e", "e2e").buckets(LATENCY_BUCKETS.to_vec()))?;
+    let p: ThreadedProducer<RelayCtx> = ClientConfig::new()
+        .set("bootstrap.servers", &a.bootstrap)
+        .set("linger.ms", "2")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create_with_context(RelayCtx { hist: hist.clone(), delivered: AtomicU64::new(0) })?;
+    c.subscribe(&[input])?;
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let mut n = 0u64;
+    loop {
+        if deadline.map_or(n >= a.count, |d| Instant::now() >= d) {
+            break;
+        }
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
+            n += 1;
+            let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as usize;
+            let mut rec = BaseRecord::with_opaque_to(output, ts).payload(m.payload().unwrap_or(&[]));
+            if let Some(k) = m.key() {
+                rec = rec.key(k);
+            }
+            let mut rec = rec;
+            while let Err((_, back)) = p.send(rec) {
+                rec = back;
+                p.poll(Duration::from_millis(1));
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60))?;
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((n, secs, cpu_seconds() - cpu0, hist))
+}
+
+fn sluice_config(a: &Args, input: &str, sink: &str) -> anyhow::Result<WorkerConfig> {
+    Ok(WorkerConfig::from_yaml(&format!(
+        r#"
+pipeline: bench
+source: {{bootstrapServers: "{}", topic: {input}, groupId: bench-sluice-{}}}
+sinks: [{sink}]
+workers: {{perPartition: 2, queueCapacity: 8192, ordering: key}}
+batching: {{maxMessages: 5000, maxBytes: 1MiB, linger: {}}}
+server: {{listen: "127.0.0.1:0"}}
+"#,
+        a.bootstrap,
+        run_id(),
+        a.linger
+    ))?)
+}
+
+/// (2)/(4) The sluice pipeline in-process: until `count` delivered, or for `seconds`.
+async fn sluice(a: &Args, input: &str, sink: &str, deadline: Option<Instant>) -> anyhow::Result<(u64, f64, f64, Snapshot)> {
+    let config = sluice_config(a, input, sink)?;
+    let rt = sluice_worker::Runtime::new(&config);
+    let metrics = rt.metrics.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let h = tokio::spawn(sluice_worker::run_pipeline(config, Arc::new(sluice_worker::processor::Passthrough), rt, async move {
+        let _ = stop_rx.await;
+    }));
+    let mut s;
+    loop {
+        s = Snapshot::take(&metrics);
+        if deadline.map_or(s.delivered as u64 >= a.count, |d| Instant::now() >= d) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    let _ = stop_tx.send(());
+    h.await?.context("pipeline")?;
+    Ok((s.delivered as u64, secs, cpu, s))
+}
+
+/// (5) The in-memory engine on a current-thread runtime (one core), null sink.
+async fn engine(a: &Args) -> anyhow::Result<()> {
+    use sluice_api::config::{BatchingConfig, Ordering as O, WorkersConfig};
+    let m = sluice_worker::metrics::Metrics::new("engine-sink");
+    let sink = Arc::new(sluice_worker::sink::null::NullSink::new(sluice_worker::sink::SinkMetrics::new(&m, "null")));
+    let workers = WorkersConfig { per_partition: 2, queue_capacity: 8192, ordering: O::Key };
+    let mut e = sluice_worker::engine::Engine::new("t", a.partitions, &workers, &BatchingConfig::default(), 256 << 20, Arc::new(sluice_worker::processor::Passthrough), vec![sink]);
+    let payload = Bytes::from(sluice_loadgen::payload(1, 100));
+    let keys: Vec<Bytes> = (0..1000).map(|i| Bytes::from(format!("dev-{i}"))).collect();
+    let topic: Arc<str> = "t".into();
+    let per_partition = a.count / a.partitions as u64;
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let mut offset = 0i64;
+    while (offset as u64) < per_partition {
+        for p in 0..a.partitions {
+            let recs = (0..sluice_worker::dispatcher::DISPATCH_BATCH as i64)
+                .map(|i| sluice_worker::Record {
+                    topic: topic.clone(),
+                    partition: p,
+                    offset: offset + i,
+                    timestamp_ms: None,
+                    key: Some(keys[((offset + i) % 1000) as usize].clone()),
+                    value: Some(payload.clone()),
+                    headers: Vec::new(),
+                })
+                .collect();
+            e.feed(p as usize, recs).await;
+        }
+        offset += sluice_worker::dispatcher::DISPATCH_BATCH as i64;
+    }
+    anyhow::ensure!(e.wait_idle(Duration::from_secs(60)).await, "engine did not drain");
+    let n = offset as u64 * a.partitions as u64;
+    report("engine", n, t0.elapsed().as_secs_f64(), cpu_seconds() - cpu0, serde_json::json!({}));
+    e.close().await;
+    Ok(())
+}
+
+fn quantiles(buckets: &[(f64, u64)]) -> serde_json::Value {
+    let q = |x| quantile_interpolated(buckets, x).map(|s| s * 1000.0);
+    serde_json::json!({"p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999)})
+}
+
+fn hist_buckets(h: &Histogram) -> Vec<(f64, u64)> {
+    let m = prometheus::core::Collector::collect(h);
+    m[0].get_metric()[0].get_histogram().get_bucket().iter().map(|b| (b.upper_bound(), b.cumulative_count())).chain([(f64::INFINITY, h.get_sample_count())]).collect()
+}
+
+/// Offer `rate` records/s to a fresh topic for `seconds` while the relay under test runs.
+async fn latency(a: &Args, which: &str) -> anyhow::Result<()> {
+    let id = run_id();
+    let (input, output) = (format!("lat-in-{id}"), format!("lat-out-{id}"));
+    create_topic(&a.bootstrap, &input, a.partitions).await?;
+    create_topic(&a.bootstrap, &output, a.partitions).await?;
+    let warmup = Duration::from_secs(4);
+    let count = (a.rate * (a.seconds as f64 + warmup.as_secs_f64() + 1.0)) as u64;
+    let spec = ProduceSpec { bootstrap: a.bootstrap.clone(), topic: input.clone(), from: 0, count, rate: Some(a.rate), size: 100 };
+    // Start the relay first so the group has joined before the load begins.
+    let deadline = Instant::now() + warmup + Duration::from_secs(a.seconds);
+    let gen = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        produce(&spec, &AtomicU64::new(0))
+    });
+    let mode = format!("latency-{which}");
+    let extra = |q: serde_json::Value| {
+        let mut q = q;
+        q["offered_rate"] = serde_json::json!(a.rate);
+        q
+    };
+    if which == "relay" {
+        let (n, secs, cpu, h) = {
+            let (a2, i, o) = (Args { ..clone_args(a) }, input.clone(), output.clone());
+            tokio::task::spawn_blocking(move || relay(&a2, &i, &o, Some(deadline))).await??
+        };
+        report(&mode, n, secs, cpu, extra(quantiles(&hist_buckets(&h))));
+    } else {
+        let sink = format!("{{kafka: {{topic: {output}}}}}");
+        let (n, secs, cpu, s) = sluice(a, &input, &sink, Some(deadline)).await?;
+        report(&mode, n, secs, cpu, extra(quantiles(&s.e2e)));
+    }
+    let _ = gen.join();
+    Ok(())
+}
+
+fn clone_args(a: &Args) -> Args {
+    Args { mode: a.mode.clone(), bootstrap: a.bootstrap.clone(), topic: a.topic.clone(), count: a.count, partitions: a.partitions, rate: a.rate, seconds: a.seconds, linger: a.linger.clone() }
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    if a.mode == "engine" {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return rt.block_on(engine(&a));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match a.mode.as_str() {
+            "preload" => {
+                create_topic(&a.bootstrap, &a.topic, a.partitions).await?;
+                let spec = ProduceSpec { bootstrap: a.bootstrap.clone(), topic: a.topic.clone(), from: 0, count: a.count, rate: None, size: 100 };
+                tokio::task::spawn_blocking(move || produce(&spec, &AtomicU64::new(0))).await??;
+                Ok(())
+            }
+            "consume" => {
+                let a2 = clone_args(&a);
+                tokio::task::spawn_blocking(move || consume(&a2)).await?
+            }
+            "relay" => {
+                let out = format!("bench-out-{}", run_id());
+                create_topic(&a.bootstrap, &out, a.partitions).await?;
+                let (a2, t) = (clone_args(&a), a.topic.clone());
+                let (n, secs, cpu, _) = tokio::task::spawn_blocking(move || relay(&a2, &t, &out, None)).await??;
+                report("relay", n, secs, cpu, serde_json::json!({}));
+                Ok(())
+            }
+            "sluice-null" => {
+                let (n, secs, cpu, _) = sluice(&a, &a.topic, "{null: {}}", None).await?;
+                report("sluice-null", n, secs, cpu, serde_json::json!({}));
+                Ok(())
+            }
+            "sluice-relay" => {
+                let out = format!("bench-out-{}", run_id());
+                create_topic(&a.bootstrap, &out, a.partitions).await?;
+                let (n, secs, cpu, _) = sluice(&a, &a.topic, &format!("{{kafka: {{topic: {out}}}}}"), None).await?;
+                report("sluice-relay", n, secs, cpu, serde_json::json!({}));
+                Ok(())
+            }
+            "latency-relay" => latency(&a, "relay").await,
+            "latency-sluice" => latency(&a, "sluice").await,
+            m => anyhow::bail!("unknown mode {m}"),
+        }
+    })
+}

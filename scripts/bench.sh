@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The benchmark set of BENCHMARKS.md, in one run on one broker:
+#   broker pinned to core 0, clients to core 1 (taskset), 8 partitions, 100-byte records,
+#   a 2M-record backlog, REPS repetitions of each throughput mode, medians reported.
+# Results: target/bench/results.jsonl (one JSON line per measurement) and a summary table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REPS="${REPS:-3}"
+COUNT="${COUNT:-2000000}"
+LAT_SECONDS="${LAT_SECONDS:-10}"
+BROKER_CPU="${BROKER_CPU:-0}"
+CLIENT_CPU="${CLIENT_CPU:-1}"
+OUT=target/bench
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+
+log() { echo "[bench] $*" >&2; }
+
+cargo build --release -p sluice-loadgen
+BENCH=./target/release/sluice-bench
+
+if [[ -z "${SLUICE_BOOTSTRAP:-}" ]]; then
+  log "restarting the local broker pinned to cpu $BROKER_CPU"
+  SLUICE_KAFKA_CPUS="$BROKER_CPU" scripts/kafka.sh restart
+fi
+run() { taskset -c "$CLIENT_CPU" "$BENCH" "$@" 2>"$OUT/last.log" | tee -a "$RESULTS" >&2; }
+
+TOPIC="bench-in-$(date +%s)"
+log "preloading $COUNT records into $TOPIC"
+"$BENCH" preload --topic "$TOPIC" --count "$COUNT"
+
+for rep in $(seq "$REPS"); do
+  for mode in consume sluice-null relay sluice-relay engine; do
+    log "rep $rep: $mode"
+    run "$mode" --topic "$TOPIC" --count "$COUNT"
+  done
+done
+
+# Latency at 10%, 50% and 80% of the bare relay's median maximum rate.
+RELAY_MAX=$(python3 - "$RESULTS" <<'PY'
+import json, sys, statistics
+rates = [json.loads(l)["rate"] for l in open(sys.argv[1]) if json.loads(l)["mode"] == "relay"]
+print(int(statistics.median(rates)))
+PY
+)
+log "bare relay maximum (median): $RELAY_MAX records/s"
+for pct in 10 50 80; do
+  rate=$((RELAY_MAX * pct / 100))
+  for which in relay sluice; do
+    log "latency $which at $pct% ($rate/s)"
+    run "latency-$which" --rate "$rate" --seconds "$LAT_SECONDS"
+  done
+  log "latency sluice (linger 1ms) at $pct% ($rate/s)"
+  run latency-sluice --rate "$rate" --seconds "$LAT_SECONDS" --linger 1ms
+done
+
+python3 scripts/bench_summary.py "$RESULTS" | tee "$OUT/summary.md"

@@ -1,0 +1,29 @@
+"""Summarise target/bench/results.jsonl: medians per mode, and the ratios BENCHMARKS.md reports."""
+import json
+import statistics
+import sys
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+
+
+def med(mode, key, rate=None):
+    vals = [r[key] for r in rows if r["mode"] == mode and (rate is None or r.get("offered_rate") == rate) and r.get(key) is not None]
+    return statistics.median(vals) if vals else float("nan")
+
+
+print("| mode | runs | median records/s | CPU s per 1M | peak RSS MiB |")
+print("|---|---|---|---|---|")
+for mode in ["consume", "sluice-null", "relay", "sluice-relay", "engine"]:
+    n = sum(1 for r in rows if r["mode"] == mode)
+    print(f"| {mode} | {n} | {med(mode, 'rate'):,.0f} | {med(mode, 'cpu_s_per_million'):.2f} | {med(mode, 'peak_rss_mib'):.0f} |")
+print()
+print(f"- sluice-null / consume  = {med('sluice-null', 'rate') / med('consume', 'rate'):.2f} (target >= 0.9)")
+print(f"- sluice-relay / relay   = {med('sluice-relay', 'rate') / med('relay', 'rate'):.2f} (target >= 0.9)")
+print(f"- engine                 = {med('engine', 'rate') / 1e6:.2f} M records/s on one core (target >= 5)")
+print()
+print("| offered rate | mode | delivered/s | p50 ms | p99 ms | p99.9 ms |")
+print("|---|---|---|---|---|---|")
+lat = [r for r in rows if r["mode"].startswith("latency")]
+for r in lat:
+    label = r["mode"]
+    print(f"| {r['offered_rate']:,.0f} | {label} | {r['rate']:,.0f} | {r['p50_ms'] or float('nan'):.2f} | {r['p99_ms'] or float('nan'):.2f} | {r['p999_ms'] or float('nan'):.2f} |")
