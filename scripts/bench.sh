@@ -52,8 +52,8 @@ for pct in 10 50 80; do
     log "latency $which at $pct% ($rate/s)"
     run "latency-$which" --rate "$rate" --seconds "$LAT_SECONDS"
   done
-  log "latency sluice (linger 1ms) at $pct% ($rate/s)"
-  run latency-sluice --rate "$rate" --seconds "$LAT_SECONDS" --linger 1ms
+  log "latency sluice, low-linger configuration, at $pct% ($rate/s)"
+  run latency-sluice --rate "$rate" --seconds "$LAT_SECONDS" --linger 0ms --producer-linger-ms 0
 done
 
 python3 scripts/bench_summary.py "$RESULTS" | tee "$OUT/summary.md"

@@ -25,5 +25,5 @@ print("| offered rate | mode | delivered/s | p50 ms | p99 ms | p99.9 ms |")
 print("|---|---|---|---|---|---|")
 lat = [r for r in rows if r["mode"].startswith("latency")]
 for r in lat:
-    label = r["mode"]
+    label = f"{r['mode']} (linger {r.get('linger', '?')})"
     print(f"| {r['offered_rate']:,.0f} | {label} | {r['rate']:,.0f} | {r['p50_ms'] or float('nan'):.2f} | {r['p99_ms'] or float('nan'):.2f} | {r['p999_ms'] or float('nan'):.2f} |")

@@ -46,6 +46,9 @@ enum Cmd {
         /// Create the topic with this many partitions first.
         #[arg(long)]
         partitions: Option<i32>,
+        /// The producer's linger.ms (lower it when measuring latency).
+        #[arg(long, default_value_t = 5)]
+        linger_ms: u32,
     },
     /// Read a topic and check that every sequence number arrived.
     Verify {
@@ -112,6 +115,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             rate,
             size,
             partitions,
+            linger_ms,
         } => {
             if let Some(p) = partitions {
                 create_topic(&cli.bootstrap, &topic, p).await?;
@@ -123,6 +127,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 count,
                 rate: (rate > 0.0).then_some(rate),
                 size,
+                linger_ms,
             };
             let sent = Arc::new(AtomicU64::new(0));
             let started = Instant::now();
@@ -224,6 +229,7 @@ server: {{listen: "{listen}"}}
         count,
         rate: Some(rate),
         size,
+        linger_ms: 5,
     };
     let s2 = sent.clone();
     let started = Instant::now();

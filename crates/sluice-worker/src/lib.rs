@@ -12,7 +12,27 @@
 //! ```
 //!
 //! To run custom processing logic, implement [`processor::Processor`] and call [`run`]
-//! from your own `main`.
+//! from your own `main`:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use sluice_worker::{Output, ProcessError, Processor, Record};
+//!
+//! struct Upper;
+//! impl Processor for Upper {
+//!     fn name(&self) -> &'static str { "upper" }
+//!     fn process(&self, r: &Record, out: &mut Vec<Output>) -> Result<(), ProcessError> {
+//!         let v = r.value.as_deref().unwrap_or_default().to_ascii_uppercase();
+//!         out.push(Output { key: r.key.clone(), value: Some(v.into()), headers: r.headers.clone() });
+//!         Ok(())
+//!     }
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     // with `processor: {custom: {name: upper}}` in the configuration
+//!     sluice_worker::run(Some(Arc::new(Upper)))
+//! }
+//! ```
 
 pub mod ack;
 pub mod backpressure;

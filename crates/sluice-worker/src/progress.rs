@@ -104,7 +104,11 @@ pub fn quantile_interpolated(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
                 return Some(lo);
             }
             let inside = (c - below) as f64;
-            let frac = if inside > 0.0 { (rank - below as f64) / inside } else { 1.0 };
+            let frac = if inside > 0.0 {
+                (rank - below as f64) / inside
+            } else {
+                1.0
+            };
             return Some(lo + (hi - lo) * frac);
         }
         lo = hi;

@@ -47,6 +47,7 @@ fn produce_now(s: &Setup, from: u64, count: u64, rate: Option<f64>, size: usize)
         count,
         rate,
         size,
+        linger_ms: 5,
     };
     produce(&spec, &AtomicU64::new(0)).unwrap();
 }
@@ -59,6 +60,7 @@ fn produce_in_background(s: &Setup, count: u64, rate: f64) -> std::thread::JoinH
         count,
         rate: Some(rate),
         size: 100,
+        linger_ms: 5,
     };
     std::thread::spawn(move || produce(&spec, &AtomicU64::new(0)).unwrap())
 }

@@ -47,6 +47,9 @@ struct Args {
     /// Batching linger for the sluice modes.
     #[arg(long, default_value = "5ms")]
     linger: String,
+    /// linger.ms of the sluice Kafka sink's producer.
+    #[arg(long, default_value_t = 2)]
+    producer_linger_ms: u32,
 }
 
 fn cpu_seconds() -> f64 {
@@ -69,7 +72,14 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn run_id() -> String {
-    format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis())
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    )
 }
 
 fn report(mode: &str, records: u64, secs: f64, cpu: f64, extra: serde_json::Value) {
@@ -104,16 +114,26 @@ fn consume(a: &Args) -> anyhow::Result<()> {
         .set("enable.auto.commit", "false")
         .create()?;
     assign_all(&c, &a.topic, a.partitions)?;
-    let (cpu0, t0) = (cpu_seconds(), Instant::now());
     let mut n = 0u64;
     let mut bytes = 0u64;
+    let (mut cpu0, mut t0) = (cpu_seconds(), Instant::now());
     while n < a.count {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            if n == 0 {
+                // Time from the first record: group join and metadata are not throughput.
+                (cpu0, t0) = (cpu_seconds(), Instant::now());
+            }
             n += 1;
             bytes += m.payload_len() as u64;
         }
     }
-    report("consume", n, t0.elapsed().as_secs_f64(), cpu_seconds() - cpu0, serde_json::json!({"bytes": bytes}));
+    report(
+        "consume",
+        n,
+        t0.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu0,
+        serde_json::json!({"bytes": bytes}),
+    );
     Ok(())
 }
 
@@ -128,38 +148,60 @@ impl ProducerContext for RelayCtx {
         if r.is_ok() {
             self.delivered.fetch_add(1, Ordering::Relaxed);
             let now = sluice_worker::sink::now_ms();
-            self.hist.observe(((now - source_ts_ms as i64).max(0) as f64) / 1000.0);
+            self.hist
+                .observe(((now - source_ts_ms as i64).max(0) as f64) / 1000.0);
         }
     }
 }
 
 /// (3) Bare relay: auto-commit, fire-and-forget produce. Runs until `count` records were
 /// consumed and delivered, or (latency mode) for `seconds`.
-fn relay(a: &Args, input: &str, output: &str, deadline: Option<Instant>) -> anyhow::Result<(u64, f64, f64, Histogram)> {
+fn relay(
+    a: &Args,
+    input: &str,
+    output: &str,
+    deadline: Option<Instant>,
+    warmup_end: Option<Instant>,
+) -> anyhow::Result<(u64, f64, f64, Vec<(f64, u64)>)> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &a.bootstrap)
         .set("group.id", format!("bench-relay-{}", run_id()))
         .set("enable.auto.commit", "true")
         .set("auto.offset.reset", "earliest")
         .create()?;
-    let hist = Histogram::with_opts(HistogramOpts::new("relay_e2e", "e2e").buckets(LATENCY_BUCKETS.to_vec()))?;
+    let hist = Histogram::with_opts(
+        HistogramOpts::new("relay_e2e", "e2e").buckets(LATENCY_BUCKETS.to_vec()),
+    )?;
     let p: ThreadedProducer<RelayCtx> = ClientConfig::new()
         .set("bootstrap.servers", &a.bootstrap)
         .set("linger.ms", "2")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
-        .create_with_context(RelayCtx { hist: hist.clone(), delivered: AtomicU64::new(0) })?;
+        .create_with_context(RelayCtx {
+            hist: hist.clone(),
+            delivered: AtomicU64::new(0),
+        })?;
     c.subscribe(&[input])?;
-    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let (mut cpu0, mut t0) = (cpu_seconds(), Instant::now());
     let mut n = 0u64;
+    let mut base: Option<Vec<(f64, u64)>> = None;
     loop {
-        if deadline.map_or(n >= a.count, |d| Instant::now() >= d) {
+        let now = Instant::now();
+        if deadline.map_or(n >= a.count, |d| now >= d) {
             break;
         }
+        if base.is_none() && warmup_end.is_some_and(|w| now >= w) {
+            base = Some(hist_buckets(&hist));
+            (cpu0, t0, n) = (cpu_seconds(), now, 0);
+        }
         if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
+            if n == 0 && warmup_end.is_none() {
+                (cpu0, t0) = (cpu_seconds(), Instant::now());
+            }
             n += 1;
             let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as usize;
-            let mut rec = BaseRecord::with_opaque_to(output, ts).payload(m.payload().unwrap_or(&[]));
+            let mut rec =
+                BaseRecord::with_opaque_to(output, ts).payload(m.payload().unwrap_or(&[]));
             if let Some(k) = m.key() {
                 rec = rec.key(k);
             }
@@ -172,7 +214,19 @@ fn relay(a: &Args, input: &str, output: &str, deadline: Option<Instant>) -> anyh
     }
     p.flush(Duration::from_secs(60))?;
     let secs = t0.elapsed().as_secs_f64();
-    Ok((n, secs, cpu_seconds() - cpu0, hist))
+    let buckets = delta(&base.unwrap_or_default(), &hist_buckets(&hist));
+    Ok((n, secs, cpu_seconds() - cpu0, buckets))
+}
+
+/// Cumulative buckets observed between two readings.
+fn delta(before: &[(f64, u64)], after: &[(f64, u64)]) -> Vec<(f64, u64)> {
+    after
+        .iter()
+        .map(|&(b, c)| {
+            let prev = before.iter().find(|x| x.0 == b).map_or(0, |x| x.1);
+            (b, c - prev.min(c))
+        })
+        .collect()
 }
 
 fn sluice_config(a: &Args, input: &str, sink: &str) -> anyhow::Result<WorkerConfig> {
@@ -192,37 +246,76 @@ server: {{listen: "127.0.0.1:0"}}
 }
 
 /// (2)/(4) The sluice pipeline in-process: until `count` delivered, or for `seconds`.
-async fn sluice(a: &Args, input: &str, sink: &str, deadline: Option<Instant>) -> anyhow::Result<(u64, f64, f64, Snapshot)> {
+async fn sluice(
+    a: &Args,
+    input: &str,
+    sink: &str,
+    deadline: Option<Instant>,
+    warmup_end: Option<Instant>,
+) -> anyhow::Result<(u64, f64, f64, Vec<(f64, u64)>)> {
     let config = sluice_config(a, input, sink)?;
     let rt = sluice_worker::Runtime::new(&config);
     let metrics = rt.metrics.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (cpu0, t0) = (cpu_seconds(), Instant::now());
-    let h = tokio::spawn(sluice_worker::run_pipeline(config, Arc::new(sluice_worker::processor::Passthrough), rt, async move {
-        let _ = stop_rx.await;
-    }));
+    let (mut cpu0, mut t0) = (cpu_seconds(), Instant::now());
+    let h = tokio::spawn(sluice_worker::run_pipeline(
+        config,
+        Arc::new(sluice_worker::processor::Passthrough),
+        rt,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     let mut s;
+    let mut base: Option<Snapshot> = None;
+    let mut started = false;
     loop {
         s = Snapshot::take(&metrics);
-        if deadline.map_or(s.delivered as u64 >= a.count, |d| Instant::now() >= d) {
+        let now = Instant::now();
+        if !started && warmup_end.is_none() && s.consumed > 0.0 {
+            // Time from the first record: group join and metadata are not throughput.
+            (cpu0, t0, started) = (cpu_seconds(), now, true);
+            base = Some(s.clone());
+        }
+        if base.is_none() && warmup_end.is_some_and(|w| now >= w) {
+            (cpu0, t0) = (cpu_seconds(), now);
+            base = Some(s.clone());
+        }
+        if deadline.map_or(s.delivered as u64 >= a.count, |d| now >= d) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
     let _ = stop_tx.send(());
     h.await?.context("pipeline")?;
-    Ok((s.delivered as u64, secs, cpu, s))
+    let base = base.unwrap_or_default();
+    let n = (s.delivered - base.delivered) as u64;
+    Ok((n, secs, cpu, delta(&base.e2e, &s.e2e)))
 }
 
 /// (5) The in-memory engine on a current-thread runtime (one core), null sink.
 async fn engine(a: &Args) -> anyhow::Result<()> {
     use sluice_api::config::{BatchingConfig, Ordering as O, WorkersConfig};
     let m = sluice_worker::metrics::Metrics::new("engine-sink");
-    let sink = Arc::new(sluice_worker::sink::null::NullSink::new(sluice_worker::sink::SinkMetrics::new(&m, "null")));
-    let workers = WorkersConfig { per_partition: 2, queue_capacity: 8192, ordering: O::Key };
-    let mut e = sluice_worker::engine::Engine::new("t", a.partitions, &workers, &BatchingConfig::default(), 256 << 20, Arc::new(sluice_worker::processor::Passthrough), vec![sink]);
+    let sink = Arc::new(sluice_worker::sink::null::NullSink::new(
+        sluice_worker::sink::SinkMetrics::new(&m, "null"),
+    ));
+    let workers = WorkersConfig {
+        per_partition: 2,
+        queue_capacity: 8192,
+        ordering: O::Key,
+    };
+    let mut e = sluice_worker::engine::Engine::new(
+        "t",
+        a.partitions,
+        &workers,
+        &BatchingConfig::default(),
+        256 << 20,
+        Arc::new(sluice_worker::processor::Passthrough),
+        vec![sink],
+    );
     let payload = Bytes::from(sluice_loadgen::payload(1, 100));
     let keys: Vec<Bytes> = (0..1000).map(|i| Bytes::from(format!("dev-{i}"))).collect();
     let topic: Arc<str> = "t".into();
@@ -246,9 +339,18 @@ async fn engine(a: &Args) -> anyhow::Result<()> {
         }
         offset += sluice_worker::dispatcher::DISPATCH_BATCH as i64;
     }
-    anyhow::ensure!(e.wait_idle(Duration::from_secs(60)).await, "engine did not drain");
+    anyhow::ensure!(
+        e.wait_idle(Duration::from_secs(60)).await,
+        "engine did not drain"
+    );
     let n = offset as u64 * a.partitions as u64;
-    report("engine", n, t0.elapsed().as_secs_f64(), cpu_seconds() - cpu0, serde_json::json!({}));
+    report(
+        "engine",
+        n,
+        t0.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu0,
+        serde_json::json!({}),
+    );
     e.close().await;
     Ok(())
 }
@@ -260,7 +362,13 @@ fn quantiles(buckets: &[(f64, u64)]) -> serde_json::Value {
 
 fn hist_buckets(h: &Histogram) -> Vec<(f64, u64)> {
     let m = prometheus::core::Collector::collect(h);
-    m[0].get_metric()[0].get_histogram().get_bucket().iter().map(|b| (b.upper_bound(), b.cumulative_count())).chain([(f64::INFINITY, h.get_sample_count())]).collect()
+    m[0].get_metric()[0]
+        .get_histogram()
+        .get_bucket()
+        .iter()
+        .map(|b| (b.upper_bound(), b.cumulative_count()))
+        .chain([(f64::INFINITY, h.get_sample_count())])
+        .collect()
 }
 
 /// Offer `rate` records/s to a fresh topic for `seconds` while the relay under test runs.
@@ -269,52 +377,107 @@ async fn latency(a: &Args, which: &str) -> anyhow::Result<()> {
     let (input, output) = (format!("lat-in-{id}"), format!("lat-out-{id}"));
     create_topic(&a.bootstrap, &input, a.partitions).await?;
     create_topic(&a.bootstrap, &output, a.partitions).await?;
-    let warmup = Duration::from_secs(4);
-    let count = (a.rate * (a.seconds as f64 + warmup.as_secs_f64() + 1.0)) as u64;
-    let spec = ProduceSpec { bootstrap: a.bootstrap.clone(), topic: input.clone(), from: 0, count, rate: Some(a.rate), size: 100 };
-    // Start the relay first so the group has joined before the load begins.
-    let deadline = Instant::now() + warmup + Duration::from_secs(a.seconds);
+    // The relay under test starts first and joins the group; the generator (a separate
+    // process, pinned next to the broker, linger 1 ms) starts after 3 s; the first 4 s of
+    // load are warm-up and not measured.
+    let start = Instant::now();
+    let warmup_end = start + Duration::from_secs(7);
+    let deadline = warmup_end + Duration::from_secs(a.seconds);
+    let count = (a.rate * (a.seconds as f64 + 6.0)) as u64;
+    let loadgen = std::env::current_exe()?.with_file_name("sluice-loadgen");
+    let gen_cpus = std::env::var("SLUICE_BENCH_GEN_CPUS").unwrap_or_else(|_| "0".into());
+    let gen_cmd = {
+        let mut c = std::process::Command::new("taskset");
+        c.arg("-c")
+            .arg(&gen_cpus)
+            .arg(&loadgen)
+            .arg("--bootstrap")
+            .arg(&a.bootstrap)
+            .args([
+                "produce",
+                "--topic",
+                &input,
+                "--count",
+                &count.to_string(),
+                "--rate",
+                &a.rate.to_string(),
+                "--linger-ms",
+                "1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
     let gen = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(3));
-        produce(&spec, &AtomicU64::new(0))
+        let mut gen_cmd = gen_cmd;
+        gen_cmd.status()
     });
     let mode = format!("latency-{which}");
     let extra = |q: serde_json::Value| {
         let mut q = q;
         q["offered_rate"] = serde_json::json!(a.rate);
+        q["linger"] = serde_json::json!(if which == "relay" {
+            "producer 2ms".to_string()
+        } else {
+            format!("batch {}, producer {}ms", a.linger, a.producer_linger_ms)
+        });
         q
     };
-    if which == "relay" {
-        let (n, secs, cpu, h) = {
-            let (a2, i, o) = (Args { ..clone_args(a) }, input.clone(), output.clone());
-            tokio::task::spawn_blocking(move || relay(&a2, &i, &o, Some(deadline))).await??
-        };
-        report(&mode, n, secs, cpu, extra(quantiles(&hist_buckets(&h))));
+    let (n, secs, cpu, buckets) = if which == "relay" {
+        let (a2, i, o) = (clone_args(a), input.clone(), output.clone());
+        tokio::task::spawn_blocking(move || relay(&a2, &i, &o, Some(deadline), Some(warmup_end)))
+            .await??
     } else {
-        let sink = format!("{{kafka: {{topic: {output}}}}}");
-        let (n, secs, cpu, s) = sluice(a, &input, &sink, Some(deadline)).await?;
-        report(&mode, n, secs, cpu, extra(quantiles(&s.e2e)));
-    }
+        let sink = format!(
+            "{{kafka: {{topic: {output}, producerProperties: {{linger.ms: \"{}\"}}}}}}",
+            a.producer_linger_ms
+        );
+        sluice(a, &input, &sink, Some(deadline), Some(warmup_end)).await?
+    };
+    report(&mode, n, secs, cpu, extra(quantiles(&buckets)));
     let _ = gen.join();
     Ok(())
 }
 
 fn clone_args(a: &Args) -> Args {
-    Args { mode: a.mode.clone(), bootstrap: a.bootstrap.clone(), topic: a.topic.clone(), count: a.count, partitions: a.partitions, rate: a.rate, seconds: a.seconds, linger: a.linger.clone() }
+    Args {
+        mode: a.mode.clone(),
+        bootstrap: a.bootstrap.clone(),
+        topic: a.topic.clone(),
+        count: a.count,
+        partitions: a.partitions,
+        rate: a.rate,
+        seconds: a.seconds,
+        linger: a.linger.clone(),
+        producer_linger_ms: a.producer_linger_ms,
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     if a.mode == "engine" {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         return rt.block_on(engine(&a));
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         match a.mode.as_str() {
             "preload" => {
                 create_topic(&a.bootstrap, &a.topic, a.partitions).await?;
-                let spec = ProduceSpec { bootstrap: a.bootstrap.clone(), topic: a.topic.clone(), from: 0, count: a.count, rate: None, size: 100 };
+                let spec = ProduceSpec {
+                    bootstrap: a.bootstrap.clone(),
+                    topic: a.topic.clone(),
+                    from: 0,
+                    count: a.count,
+                    rate: None,
+                    size: 100,
+                    linger_ms: 5,
+                };
                 tokio::task::spawn_blocking(move || produce(&spec, &AtomicU64::new(0))).await??;
                 Ok(())
             }
@@ -326,19 +489,27 @@ fn main() -> anyhow::Result<()> {
                 let out = format!("bench-out-{}", run_id());
                 create_topic(&a.bootstrap, &out, a.partitions).await?;
                 let (a2, t) = (clone_args(&a), a.topic.clone());
-                let (n, secs, cpu, _) = tokio::task::spawn_blocking(move || relay(&a2, &t, &out, None)).await??;
+                let (n, secs, cpu, _) =
+                    tokio::task::spawn_blocking(move || relay(&a2, &t, &out, None, None)).await??;
                 report("relay", n, secs, cpu, serde_json::json!({}));
                 Ok(())
             }
             "sluice-null" => {
-                let (n, secs, cpu, _) = sluice(&a, &a.topic, "{null: {}}", None).await?;
+                let (n, secs, cpu, _) = sluice(&a, &a.topic, "{null: {}}", None, None).await?;
                 report("sluice-null", n, secs, cpu, serde_json::json!({}));
                 Ok(())
             }
             "sluice-relay" => {
                 let out = format!("bench-out-{}", run_id());
                 create_topic(&a.bootstrap, &out, a.partitions).await?;
-                let (n, secs, cpu, _) = sluice(&a, &a.topic, &format!("{{kafka: {{topic: {out}}}}}"), None).await?;
+                let (n, secs, cpu, _) = sluice(
+                    &a,
+                    &a.topic,
+                    &format!("{{kafka: {{topic: {out}}}}}"),
+                    None,
+                    None,
+                )
+                .await?;
                 report("sluice-relay", n, secs, cpu, serde_json::json!({}));
                 Ok(())
             }
