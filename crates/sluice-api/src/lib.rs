@@ -5,6 +5,8 @@
 //! which rejects unknown fields and invalid values with an error that names the field.
 
 pub mod config;
+#[cfg(feature = "crd")]
+pub mod crd;
 pub mod units;
 
 pub use config::{ConfigError, WorkerConfig};

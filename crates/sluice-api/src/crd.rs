@@ -1,0 +1,365 @@
+//! The `StreamPipeline` custom resource (`sluice.dev/v1alpha1`), behind the `crd` feature.
+//!
+//! Its spec reuses the worker configuration's types (processor, sinks, workers, batching,
+//! commit, memory), so [`StreamPipeline::worker_config`] renders exactly what the worker
+//! parses. What differs is what only the cluster knows: secrets are Secret references
+//! (never literals), and scaling, pausing, the image and resources drive the Deployment.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{
+    BatchingConfig, CommitConfig, ConfigError, MemoryConfig, ProcessorConfig, SaslMechanism,
+    SecurityConfig, SecurityProtocol, ServerConfig, SinkConfig, SourceConfig, StartFrom,
+    WorkerConfig, WorkersConfig,
+};
+use crate::units::HumanDuration;
+
+/// Where the worker's metrics and health server listens inside the pod.
+pub const WORKER_PORT: u16 = 9095;
+/// The environment variable the rendered config names for the SASL password.
+pub const SASL_PASSWORD_ENV: &str = "SLUICE_SASL_PASSWORD";
+
+/// A Kafka stream pipeline: consume a topic, process, deliver to sinks, commit.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "StreamPipeline",
+    namespaced,
+    status = "StreamPipelineStatus",
+    derive = "PartialEq",
+    shortname = "sp",
+    category = "sluice",
+    doc = "A Kafka stream pipeline run by sluice worker pods",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Partitions",
+        type_ = "integer",
+        json_path = ".status.partitions"
+    ),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamPipelineSpec {
+    /// The input topic and its consumer group.
+    pub source: PipelineSource,
+    /// What happens to each record (default: passthrough).
+    #[serde(default)]
+    pub processor: ProcessorConfig,
+    /// Where outputs go; every sink gets every output.
+    #[schemars(length(min = 1, max = 16))]
+    pub sinks: Vec<SinkConfig>,
+    /// Worker pool per partition.
+    #[serde(default)]
+    pub workers: WorkersConfig,
+    /// Sink batching.
+    #[serde(default)]
+    pub batching: BatchingConfig,
+    /// Offset commits.
+    #[serde(default)]
+    pub commit: CommitConfig,
+    /// Memory bounds per worker pod.
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// Lag-based autoscaling.
+    #[serde(default)]
+    pub scaling: ScalingSpec,
+    /// Scale the workers to zero; committed offsets stay as they are.
+    #[serde(default)]
+    pub paused: bool,
+    /// Fixed replica count, set through the scale subresource (HPA, KEDA or
+    /// `kubectl scale`). When set, the lag autoscaler does not act; still capped at the
+    /// partition count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+    /// Worker image; defaults to the controller's configured worker image. A custom image
+    /// built with `sluice_worker::run` runs custom processors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Worker container resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Worker log level (`SLUICE_LOG`), e.g. `info` or `debug,librdkafka=warn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+/// The input topic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineSource {
+    /// Comma-separated `host:port` list.
+    #[schemars(length(min = 1))]
+    pub bootstrap_servers: String,
+    /// The input topic.
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub topic: String,
+    /// Consumer group id.
+    #[schemars(length(min = 1))]
+    pub group_id: String,
+    /// Where a group without a committed offset starts.
+    #[serde(default)]
+    pub start_from: StartFrom,
+    /// Group session timeout.
+    #[serde(default = "default_session_timeout")]
+    pub session_timeout: HumanDuration,
+    /// TLS and SASL, with the password in a Secret.
+    #[serde(default)]
+    pub security: PipelineSecurity,
+    /// Extra librdkafka consumer properties.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consumer_properties: BTreeMap<String, String>,
+}
+
+fn default_session_timeout() -> HumanDuration {
+    HumanDuration::from_millis(30_000)
+}
+
+/// Kafka security; the password is read from a Secret and reaches pods only as an env var.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!(self.protocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || (has(self.saslMechanism) && has(self.username) && has(self.passwordSecretRef))",
+     "message": "SASL_PLAINTEXT and SASL_SSL need saslMechanism, username and passwordSecretRef"}
+]))]
+pub struct PipelineSecurity {
+    /// Transport protocol.
+    #[serde(default)]
+    pub protocol: SecurityProtocol,
+    /// SASL mechanism.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The Secret key holding the SASL password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the pipeline's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key in the Secret.
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+/// Lag-based autoscaling: desired = clamp(ceil(lag / lagPerReplica), min, min(max, partitions)).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.maxReplicas >= self.minReplicas", "message": "maxReplicas must be at least minReplicas"}
+]))]
+pub struct ScalingSpec {
+    /// Fewest replicas while not paused.
+    #[serde(default = "default_min")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Most replicas (also capped at the partition count).
+    #[serde(default = "default_max")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Records of lag one replica is expected to absorb.
+    #[serde(default = "default_lag_per_replica")]
+    #[schemars(range(min = 1))]
+    pub lag_per_replica: i64,
+    /// A lower desired count must hold this long before replicas are removed.
+    #[serde(default = "default_stabilization")]
+    pub scale_down_stabilization: HumanDuration,
+    /// How often lag is read from Kafka.
+    #[serde(default = "default_poll")]
+    pub poll_interval: HumanDuration,
+}
+
+fn default_min() -> i32 {
+    1
+}
+fn default_max() -> i32 {
+    10
+}
+fn default_lag_per_replica() -> i64 {
+    10_000
+}
+fn default_stabilization() -> HumanDuration {
+    HumanDuration::from_millis(300_000)
+}
+fn default_poll() -> HumanDuration {
+    HumanDuration::from_millis(30_000)
+}
+
+impl Default for ScalingSpec {
+    fn default() -> Self {
+        ScalingSpec {
+            min_replicas: default_min(),
+            max_replicas: default_max(),
+            lag_per_replica: default_lag_per_replica(),
+            scale_down_stabilization: default_stabilization(),
+            poll_interval: default_poll(),
+        }
+    }
+}
+
+/// What the controller observed and decided.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamPipelineStatus {
+    /// The generation these fields describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Partitions of the input topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<i32>,
+    /// Worker replicas now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Worker replicas the autoscaler wants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// Total consumer lag in records, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<i64>,
+    /// When replicas last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    /// Label selector of the worker pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Ready, Progressing, Degraded, ScalingLimited, Paused.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+impl StreamPipeline {
+    /// The worker configuration this resource renders into its ConfigMap: the same types
+    /// the worker parses, validated by the same code.
+    pub fn worker_config(&self) -> Result<WorkerConfig, ConfigError> {
+        let name = self.metadata.name.clone().unwrap_or_default();
+        let s = &self.spec;
+        let sec = &s.source.security;
+        let config = WorkerConfig {
+            pipeline: name,
+            source: SourceConfig {
+                bootstrap_servers: s.source.bootstrap_servers.clone(),
+                topic: s.source.topic.clone(),
+                group_id: s.source.group_id.clone(),
+                start_from: s.source.start_from,
+                session_timeout: s.source.session_timeout,
+                group_instance_id: None,
+                security: SecurityConfig {
+                    protocol: sec.protocol,
+                    sasl_mechanism: sec.sasl_mechanism,
+                    username: sec.username.clone(),
+                    password_env: SASL_PASSWORD_ENV.into(),
+                    ca_file: None,
+                },
+                consumer_properties: s.source.consumer_properties.clone(),
+            },
+            processor: s.processor.clone(),
+            sinks: s.sinks.clone(),
+            workers: s.workers.clone(),
+            batching: s.batching.clone(),
+            commit: s.commit.clone(),
+            memory: s.memory.clone(),
+            server: ServerConfig {
+                listen: format!("0.0.0.0:{WORKER_PORT}"),
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    fn example() -> StreamPipeline {
+        // Through JSON values: externally tagged enums are maps, as the API server sends them.
+        let v: serde_json::Value = serde_yaml::from_str(
+            r#"
+apiVersion: sluice.dev/v1alpha1
+kind: StreamPipeline
+metadata: {name: iot-enrich, namespace: default}
+spec:
+  source: {bootstrapServers: "kafka:9092", topic: iot-events, groupId: iot-enrich}
+  sinks: [{kafka: {topic: iot-enriched}}]
+  workers: {perPartition: 5, queueCapacity: 1024, ordering: key}
+  batching: {maxMessages: 5000, maxBytes: 1MiB, linger: 5ms}
+  scaling: {minReplicas: 1, maxReplicas: 10, lagPerReplica: 10000}
+"#,
+        )
+        .unwrap();
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn rendered_config_round_trips_through_the_worker_parser() {
+        let rendered = example().worker_config().unwrap();
+        let parsed = WorkerConfig::from_yaml(&rendered.to_yaml()).unwrap();
+        assert_eq!(parsed, rendered);
+        assert_eq!(parsed.pipeline, "iot-enrich");
+        assert_eq!(parsed.server.listen, "0.0.0.0:9095");
+    }
+
+    #[test]
+    fn the_password_is_an_env_reference_never_a_literal() {
+        let mut p = example();
+        p.spec.source.security = PipelineSecurity {
+            protocol: SecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(SaslMechanism::ScramSha512),
+            username: Some("app".into()),
+            password_secret_ref: Some(SecretKeyRef {
+                name: "kafka-creds".into(),
+                key: "password".into(),
+            }),
+        };
+        let yaml = p.worker_config().unwrap().to_yaml();
+        assert!(yaml.contains(SASL_PASSWORD_ENV), "{yaml}");
+        assert!(!yaml.contains("kafka-creds"), "{yaml}");
+    }
+
+    #[test]
+    fn crd_has_scale_status_printer_columns_and_cel_rules() {
+        let crd = serde_json::to_string(&StreamPipeline::crd()).unwrap();
+        for want in [
+            "\"specReplicasPath\":\".spec.replicas\"",
+            "\"labelSelectorPath\":\".status.selector\"",
+            "\"status\":{}",
+            "\"name\":\"Partitions\"",
+            "\"name\":\"Lag\"",
+            "\"shortNames\":[\"sp\"]",
+            "self.maxReplicas >= self.minReplicas",
+            "x-kubernetes-int-or-string",
+        ] {
+            assert!(crd.contains(want), "CRD lacks {want}");
+        }
+    }
+}
