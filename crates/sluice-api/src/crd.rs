@@ -5,6 +5,9 @@
 //! parses. What differs is what only the cluster knows: secrets are Secret references
 //! (never literals), and scaling, pausing, the image and resources drive the Deployment.
 
+// The derive's repeated `printcolumn(type_ = ...)` arguments trip this lint.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;

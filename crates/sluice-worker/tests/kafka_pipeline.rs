@@ -217,7 +217,7 @@ fn slow_processor_pauses_partitions_and_keeps_memory_bounded() {
         "in-flight bytes stay within the budget: {in_flight}"
     );
     assert!(
-        peak_rss < 200 << 20,
+        peak_rss < 128 << 20,
         "RSS stays bounded while 300 MB wait: peak {} MiB",
         peak_rss >> 20
     );
