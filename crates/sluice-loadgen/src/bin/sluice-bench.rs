@@ -52,6 +52,9 @@ struct Args {
     producer_linger_ms: u32,
 }
 
+/// Records, seconds, CPU seconds, and latency buckets (upper bound, cumulative count).
+type Measurement = (u64, f64, f64, Vec<(f64, u64)>);
+
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
@@ -162,7 +165,7 @@ fn relay(
     output: &str,
     deadline: Option<Instant>,
     warmup_end: Option<Instant>,
-) -> anyhow::Result<(u64, f64, f64, Vec<(f64, u64)>)> {
+) -> anyhow::Result<Measurement> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &a.bootstrap)
         .set("group.id", format!("bench-relay-{}", run_id()))
@@ -252,7 +255,7 @@ async fn sluice(
     sink: &str,
     deadline: Option<Instant>,
     warmup_end: Option<Instant>,
-) -> anyhow::Result<(u64, f64, f64, Vec<(f64, u64)>)> {
+) -> anyhow::Result<Measurement> {
     let config = sluice_config(a, input, sink)?;
     let rt = sluice_worker::Runtime::new(&config);
     let metrics = rt.metrics.clone();
