@@ -4,7 +4,7 @@ CARGO ?= cargo
 DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 
-.PHONY: setup demo test test-unit lint fmt bench kafka-start kafka-stop kafka-reset clean
+.PHONY: setup demo test test-unit lint fmt bench crds kafka-start kafka-stop kafka-reset k8s-install clean
 
 setup:
 	@scripts/setup.sh
@@ -35,6 +35,14 @@ fmt:
 ## Benchmarks (see BENCHMARKS.md). Pins the broker and the clients to different cores.
 bench: setup
 	scripts/bench.sh
+
+## Regenerate the checked-in CRD (a test fails when it is stale).
+crds:
+	$(CARGO) run -q -p sluice-controller --bin crdgen > crds/streampipeline.yaml
+
+## Build kube-apiserver and etcd from Go modules into the cache (operator integration tests).
+k8s-install:
+	@scripts/k8s.sh install
 
 kafka-start:
 	@scripts/kafka.sh start

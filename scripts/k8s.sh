@@ -50,8 +50,14 @@ GO
   fi
   if [[ ! -x "$BIN/etcd" ]]; then
     log "building etcd v$ETCD_VERSION from Go modules"
-    GOBIN="$BIN" CGO_ENABLED=0 go install -trimpath "go.etcd.io/etcd/server/v3@v$ETCD_VERSION"
-    mv "$BIN/server" "$BIN/etcd" 2>/dev/null || mv "$BIN/v3" "$BIN/etcd"
+    # etcd's own go.mod has replace directives, so `go install pkg@version` refuses it;
+    # a wrapper module builds the same main package.
+    mkdir -p "$CACHE/etcd-wrapper"
+    cd "$CACHE/etcd-wrapper"
+    printf 'module sluice.dev/etcd-binary\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 v%s\n' "$ETCD_VERSION" > go.mod
+    printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > tools.go
+    GOFLAGS=-mod=mod go mod tidy >/dev/null 2>&1 || true
+    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
   fi
   log "installed: $("$BIN/kube-apiserver" --version 2>&1 | head -1); etcd $("$BIN/etcd" --version 2>&1 | head -1)"
 }

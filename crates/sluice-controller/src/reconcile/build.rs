@@ -1,0 +1,486 @@
+//! The children of a StreamPipeline, built as pure functions of a [`Validated`] pipeline:
+//! a ConfigMap with the rendered worker config, a Deployment of workers, a metrics Service
+//! and a PodDisruptionBudget. No client, no I/O: everything here is table-testable.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use sha2::{Digest, Sha256};
+use sluice_api::config::WorkerConfig;
+use sluice_api::crd::{StreamPipeline, SASL_PASSWORD_ENV, WORKER_PORT};
+
+/// Annotation on the pod template carrying the config hash: a new config rolls the pods.
+pub const CONFIG_HASH_ANNOTATION: &str = "sluice.dev/config-hash";
+/// Key of the worker config in its ConfigMap.
+pub const CONFIG_KEY: &str = "config.yaml";
+/// Where the worker config is mounted.
+pub const CONFIG_DIR: &str = "/etc/sluice";
+/// The worker container's name.
+pub const CONTAINER: &str = "worker";
+
+/// A pipeline that passed validation, with what the controller learned about it.
+#[derive(Clone, Debug)]
+pub struct Validated {
+    /// The resource.
+    pub pipeline: StreamPipeline,
+    /// Its rendered worker config.
+    pub config: WorkerConfig,
+    /// The input topic's partition count.
+    pub partitions: u32,
+    /// The worker image to run.
+    pub image: String,
+}
+
+impl Validated {
+    fn name(&self) -> String {
+        self.pipeline.metadata.name.clone().unwrap_or_default()
+    }
+
+    fn namespace(&self) -> Option<String> {
+        self.pipeline.metadata.namespace.clone()
+    }
+
+    fn owner(&self) -> Vec<OwnerReference> {
+        self.pipeline
+            .controller_owner_ref(&())
+            .into_iter()
+            .collect()
+    }
+
+    fn meta(&self, name: String) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: self.namespace(),
+            labels: Some(labels(&self.name())),
+            owner_references: Some(self.owner()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Labels of every child, and the worker pods' selector.
+pub fn labels(pipeline: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "sluice-worker".into()),
+        ("app.kubernetes.io/instance".into(), pipeline.into()),
+        ("app.kubernetes.io/managed-by".into(), "sluice".into()),
+        ("sluice.dev/pipeline".into(), pipeline.into()),
+    ])
+}
+
+/// The selector of a pipeline's worker pods, as a label selector string (scale subresource).
+pub fn selector_string(pipeline: &str) -> String {
+    labels(pipeline)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The rendered worker config (YAML) and its hash.
+pub fn rendered_config(config: &WorkerConfig) -> (String, String) {
+    let yaml = config.to_yaml();
+    let digest = Sha256::digest(yaml.as_bytes());
+    let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    (yaml, hash)
+}
+
+/// The ConfigMap `<name>-config` holding `config.yaml`. It never holds a secret: the SASL
+/// password is named by an environment variable filled from a Secret reference.
+pub fn build_configmap(v: &Validated) -> ConfigMap {
+    let (yaml, _) = rendered_config(&v.config);
+    ConfigMap {
+        metadata: v.meta(format!("{}-config", v.name())),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), yaml)])),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+/// The worker Deployment with `replicas` pods, never more than the partition count.
+pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
+    let name = v.name();
+    let replicas = replicas.min(v.partitions) as i32;
+    let (_, hash) = rendered_config(&v.config);
+    let spec = &v.pipeline.spec;
+    let mut env = vec![
+        EnvVar {
+            name: "SLUICE_CONFIG".into(),
+            value: Some(format!("{CONFIG_DIR}/{CONFIG_KEY}")),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "SLUICE_LOG".into(),
+            value: Some(spec.log_level.clone().unwrap_or_else(|| "info".into())),
+            ..Default::default()
+        },
+    ];
+    if let Some(secret) = &spec.source.security.password_secret_ref {
+        env.push(EnvVar {
+            name: SASL_PASSWORD_ENV.into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret.name.clone(),
+                    key: secret.key.clone(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    // SIGTERM drains (bounded by drainTimeout), flushes and commits: give it that long and more.
+    let grace = v.config.commit.drain_timeout.0.as_secs() as i64 + 20;
+    let container = Container {
+        name: CONTAINER.into(),
+        image: Some(v.image.clone()),
+        args: Some(vec![
+            "--config".into(),
+            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+        ]),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: WORKER_PORT as i32,
+            ..Default::default()
+        }]),
+        liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut pod_annotations = BTreeMap::new();
+    pod_annotations.insert(CONFIG_HASH_ANNOTATION.to_string(), hash);
+    pod_annotations.insert("prometheus.io/port".into(), WORKER_PORT.to_string());
+    Deployment {
+        metadata: v.meta(name.clone()),
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(labels(&name)),
+                ..Default::default()
+            },
+            // One pod at a time: every change is a rebalance, so keep them few and drained.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(0)),
+                    max_unavailable: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&name)),
+                    annotations: Some(pod_annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    termination_grace_period_seconds: Some(grace),
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    volumes: Some(vec![Volume {
+                        name: "config".into(),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: format!("{name}-config"),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The metrics Service `<name>-metrics` (port `metrics`), scraped by a ServiceMonitor.
+pub fn build_service(v: &Validated) -> Service {
+    let name = v.name();
+    Service {
+        metadata: v.meta(format!("{name}-metrics")),
+        spec: Some(ServiceSpec {
+            selector: Some(labels(&name)),
+            ports: Some(vec![ServicePort {
+                name: Some("metrics".into()),
+                port: WORKER_PORT as i32,
+                target_port: Some(IntOrString::String("metrics".into())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A PodDisruptionBudget allowing one worker down at a time (each departure is a rebalance).
+pub fn build_pdb(v: &Validated) -> PodDisruptionBudget {
+    let name = v.name();
+    PodDisruptionBudget {
+        metadata: v.meta(name.clone()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(labels(&name)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_api::config::{SaslMechanism, SecurityProtocol};
+    use sluice_api::crd::{PipelineSecurity, SecretKeyRef};
+
+    fn pipeline(extra: &str) -> StreamPipeline {
+        let v: serde_json::Value = serde_yaml::from_str(&format!(
+            r#"
+apiVersion: sluice.dev/v1alpha1
+kind: StreamPipeline
+metadata: {{name: iot-enrich, namespace: prod, uid: 1234-abcd}}
+spec:
+  source: {{bootstrapServers: "kafka:9092", topic: iot-events, groupId: iot-enrich}}
+  sinks: [{{kafka: {{topic: iot-enriched}}}}]
+{extra}
+"#
+        ))
+        .unwrap();
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn validated(p: StreamPipeline, partitions: u32) -> Validated {
+        let config = p.worker_config().unwrap();
+        Validated {
+            pipeline: p,
+            config,
+            partitions,
+            image: "sluice/worker:test".into(),
+        }
+    }
+
+    #[test]
+    fn every_child_is_owned_by_the_pipeline_and_labelled() {
+        let v = validated(pipeline(""), 8);
+        let metas = [
+            build_configmap(&v).metadata,
+            build_deployment(&v, 2).metadata,
+            build_service(&v).metadata,
+            build_pdb(&v).metadata,
+        ];
+        for m in metas {
+            let owner = &m.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+                ("StreamPipeline", "iot-enrich", Some(true))
+            );
+            assert_eq!(m.namespace.as_deref(), Some("prod"));
+            assert_eq!(
+                m.labels.as_ref().unwrap()["sluice.dev/pipeline"],
+                "iot-enrich"
+            );
+        }
+    }
+
+    #[test]
+    fn replicas_never_exceed_the_partition_count() {
+        let v = validated(pipeline(""), 3);
+        for (asked, want) in [(0, 0), (1, 1), (3, 3), (4, 3), (100, 3)] {
+            assert_eq!(
+                build_deployment(&v, asked).spec.unwrap().replicas,
+                Some(want),
+                "asked {asked}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_configmap_round_trips_through_the_worker_parser() {
+        let v = validated(
+            pipeline("  workers: {perPartition: 3, ordering: unordered}"),
+            8,
+        );
+        let cm = build_configmap(&v);
+        let yaml = &cm.data.unwrap()[CONFIG_KEY];
+        assert_eq!(WorkerConfig::from_yaml(yaml).unwrap(), v.config);
+    }
+
+    #[test]
+    fn a_config_change_changes_the_pod_template_hash() {
+        let hash = |v: &Validated| {
+            build_deployment(v, 1)
+                .spec
+                .unwrap()
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()[CONFIG_HASH_ANNOTATION]
+                .clone()
+        };
+        let a = validated(pipeline(""), 8);
+        let b = validated(pipeline("  batching: {linger: 1ms}"), 8);
+        assert_ne!(hash(&a), hash(&b));
+        assert_eq!(
+            hash(&a),
+            hash(&validated(pipeline(""), 8)),
+            "the hash is deterministic"
+        );
+    }
+
+    #[test]
+    fn secrets_reach_pods_only_through_env_references() {
+        let mut p = pipeline("");
+        p.spec.source.security = PipelineSecurity {
+            protocol: SecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(SaslMechanism::Plain),
+            username: Some("app".into()),
+            password_secret_ref: Some(SecretKeyRef {
+                name: "kafka-creds".into(),
+                key: "password".into(),
+            }),
+        };
+        let v = validated(p, 8);
+        let d = build_deployment(&v, 1);
+        let c = &d
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        let env = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == SASL_PASSWORD_ENV)
+            .unwrap();
+        assert!(env.value.is_none());
+        let sel = env
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (sel.name.as_str(), sel.key.as_str()),
+            ("kafka-creds", "password")
+        );
+        let cm = serde_json::to_string(&build_configmap(&v)).unwrap();
+        assert!(
+            !cm.contains("kafka-creds") && !cm.contains("password\""),
+            "{cm}"
+        );
+    }
+
+    #[test]
+    fn pods_are_locked_down_and_probed_on_the_health_endpoints() {
+        let d = build_deployment(&validated(pipeline(""), 8), 1);
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let c = &pod.containers[0];
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert_eq!(
+            c.liveness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/healthz")
+        );
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/readyz")
+        );
+        assert!(
+            pod.termination_grace_period_seconds.unwrap() > 10,
+            "longer than the drain timeout"
+        );
+    }
+
+    #[test]
+    fn service_and_pdb_select_the_workers() {
+        let v = validated(pipeline(""), 8);
+        let svc = build_service(&v).spec.unwrap();
+        assert_eq!(svc.selector.unwrap(), labels("iot-enrich"));
+        assert_eq!(svc.ports.unwrap()[0].port, 9095);
+        let pdb = build_pdb(&v).spec.unwrap();
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(selector_string("p"), "app.kubernetes.io/instance=p,app.kubernetes.io/managed-by=sluice,app.kubernetes.io/name=sluice-worker,sluice.dev/pipeline=p");
+    }
+}

@@ -1,0 +1,3 @@
+//! Reconciliation: validate, build the children, apply, report status.
+
+pub mod build;
