@@ -4,7 +4,7 @@ CARGO ?= cargo
 DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 
-.PHONY: setup demo test test-unit lint fmt bench crds kafka-start kafka-stop kafka-reset k8s-install clean
+.PHONY: setup demo test test-unit lint fmt bench crds kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -14,10 +14,12 @@ demo: setup kafka-start
 	$(CARGO) build --release -p sluice-loadgen
 	./target/release/sluice-loadgen demo --count $(DEMO_COUNT) --rate $(DEMO_RATE)
 
-## Every test: unit, property and integration tests against the real broker.
-## SLUICE_TEST_BOOTSTRAP=host:port runs them against another Kafka or Redpanda instead.
+## Every test: unit, property and integration tests against the real broker and a real
+## kube-apiserver. SLUICE_TEST_BOOTSTRAP=host:port runs them against another Kafka or
+## Redpanda; SLUICE_TEST_KUBECONFIG=path against another API server.
 test: setup
 	@if [[ -z "$${SLUICE_TEST_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi
+	@if [[ -z "$${SLUICE_TEST_KUBECONFIG:-}" ]]; then scripts/k8s.sh start; fi
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --all-targets -- --test-threads=1
 
@@ -43,6 +45,12 @@ crds:
 ## Build kube-apiserver and etcd from Go modules into the cache (operator integration tests).
 k8s-install:
 	@scripts/k8s.sh install
+
+k8s-start:
+	@scripts/k8s.sh start
+
+k8s-stop:
+	@scripts/k8s.sh stop
 
 kafka-start:
 	@scripts/kafka.sh start

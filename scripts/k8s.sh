@@ -4,6 +4,11 @@
 #
 #   scripts/k8s.sh install   build both into $SLUICE_CACHE/k8s-<version>/bin
 #   scripts/k8s.sh path      print that bin directory
+#   scripts/k8s.sh start     start etcd + kube-apiserver on loopback; writes $DIR/kubeconfig
+#   scripts/k8s.sh stop      stop both and delete their data
+#
+# SLUICE_K8S_DIR (default /tmp/sluice-k8s) holds data, certs, logs and the kubeconfig;
+# SLUICE_K8S_PORT (default 6443) is the API server's port, etcd uses 2379/2380 + 10000.
 #
 # kube-apiserver comes from k8s.io/kubernetes through a small wrapper module that replaces
 # every k8s.io staging module with its v0.<minor> release; etcd from go.etcd.io.
@@ -19,7 +24,61 @@ STAGING=(api apiextensions-apiserver apimachinery apiserver cli-runtime client-g
   kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics
   mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller)
 
+DIR="${SLUICE_K8S_DIR:-/tmp/sluice-k8s}"
+PORT="${SLUICE_K8S_PORT:-6443}"
+ETCD_CLIENT=$((PORT + 10000))
+ETCD_PEER=$((PORT + 10001))
+
 log() { echo "[k8s] $*" >&2; }
+
+up() { curl -sk --max-time 2 -H "Authorization: Bearer sluice-admin" "https://127.0.0.1:$PORT/readyz" 2>/dev/null | grep -q '^ok$'; }
+
+start() {
+  install
+  if up; then log "already running on 127.0.0.1:$PORT"; return 0; fi
+  mkdir -p "$DIR/etcd" "$DIR/certs"
+  if [[ ! -f "$DIR/sa.key" ]]; then
+    openssl genrsa -out "$DIR/sa.key" 2048 2>/dev/null
+    openssl rsa -in "$DIR/sa.key" -pubout -out "$DIR/sa.pub" 2>/dev/null
+  fi
+  echo 'sluice-admin,admin,admin,system:masters' > "$DIR/tokens.csv"
+  "$BIN/etcd" --data-dir "$DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_CLIENT" --advertise-client-urls "http://127.0.0.1:$ETCD_CLIENT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
+    --initial-cluster "default=http://127.0.0.1:$ETCD_PEER" --log-level warn >"$DIR/etcd.log" 2>&1 &
+  echo $! > "$DIR/etcd.pid"
+  "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$ETCD_CLIENT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$PORT" --cert-dir "$DIR/certs" \
+    --token-auth-file "$DIR/tokens.csv" --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$DIR/sa.pub" \
+    --service-account-signing-key-file "$DIR/sa.key" --service-cluster-ip-range 10.96.0.0/24 \
+    --disable-admission-plugins ServiceAccount --enable-priority-and-fairness=false \
+    >"$DIR/apiserver.log" 2>&1 &
+  echo $! > "$DIR/apiserver.pid"
+  local deadline=$((SECONDS + 90))
+  until up; do
+    if ! kill -0 "$(cat "$DIR/apiserver.pid")" 2>/dev/null; then log "kube-apiserver exited:"; tail -20 "$DIR/apiserver.log" >&2; exit 1; fi
+    if (( SECONDS > deadline )); then log "kube-apiserver not ready after 90s"; tail -20 "$DIR/apiserver.log" >&2; exit 1; fi
+    sleep 0.5
+  done
+  cat > "$DIR/kubeconfig" <<KC
+apiVersion: v1
+kind: Config
+clusters: [{name: sluice-test, cluster: {server: "https://127.0.0.1:$PORT", insecure-skip-tls-verify: true}}]
+users: [{name: admin, user: {token: sluice-admin}}]
+contexts: [{name: sluice-test, context: {cluster: sluice-test, user: admin, namespace: default}}]
+current-context: sluice-test
+KC
+  log "kube-apiserver ready on https://127.0.0.1:$PORT (kubeconfig: $DIR/kubeconfig)"
+}
+
+stop() {
+  for f in apiserver etcd; do
+    if [[ -f "$DIR/$f.pid" ]]; then kill "$(cat "$DIR/$f.pid")" 2>/dev/null || true; fi
+  done
+  sleep 1
+  rm -rf "$DIR"
+}
 
 install() {
   if [[ -x "$BIN/kube-apiserver" && -x "$BIN/etcd" ]]; then return 0; fi
@@ -65,5 +124,7 @@ GO
 case "${1:-}" in
   install) install ;;
   path) echo "$BIN" ;;
-  *) echo "usage: $0 install|path" >&2; exit 2 ;;
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: $0 install|path|start|stop" >&2; exit 2 ;;
 esac

@@ -3,12 +3,13 @@
 # whatever is already there. Safe to run again.
 #   - Debian packages: cmake and the headers librdkafka builds against, Java 17, Maven
 #   - the Apache Kafka broker jars (scripts/kafka.sh install; cached under ~/.cache/sluice)
+#   - kube-apiserver and etcd built from Go modules (scripts/k8s.sh install; cached likewise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { echo "[setup] $*" >&2; }
 
-PKGS=(cmake pkg-config libssl-dev libsasl2-dev zlib1g-dev libzstd-dev build-essential)
+PKGS=(cmake pkg-config libssl-dev libsasl2-dev zlib1g-dev libzstd-dev build-essential curl openssl)
 command -v java >/dev/null || PKGS+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || PKGS+=(maven)
 
@@ -36,4 +37,9 @@ if [[ "${java_major:-0}" -lt 17 ]]; then
 fi
 
 scripts/kafka.sh install
+if ! command -v go >/dev/null; then
+  log "go not found: the operator's integration tests build kube-apiserver and etcd from Go modules (Go 1.24+)"
+  exit 1
+fi
+scripts/k8s.sh install
 log "ready"

@@ -48,6 +48,29 @@ pub fn bootstrap() -> String {
     .clone()
 }
 
+/// Path of a kubeconfig for a real Kubernetes API server: `SLUICE_TEST_KUBECONFIG` when
+/// set, otherwise the local kube-apiserver + etcd of `scripts/k8s.sh` (started here if it
+/// is not running; built from Go modules into the cache the first time).
+pub fn kubeconfig() -> PathBuf {
+    static K: OnceLock<PathBuf> = OnceLock::new();
+    K.get_or_init(|| {
+        if let Ok(k) = std::env::var("SLUICE_TEST_KUBECONFIG") {
+            eprintln!("[testkit] api server: external, SLUICE_TEST_KUBECONFIG={k}");
+            return PathBuf::from(k);
+        }
+        let st = Command::new("bash")
+            .arg(repo_root().join("scripts/k8s.sh"))
+            .arg("start")
+            .status()
+            .expect("run scripts/k8s.sh");
+        assert!(st.success(), "scripts/k8s.sh start failed");
+        let dir = std::env::var("SLUICE_K8S_DIR").unwrap_or_else(|_| "/tmp/sluice-k8s".into());
+        eprintln!("[testkit] api server: local kube-apiserver + etcd ({dir})");
+        PathBuf::from(dir).join("kubeconfig")
+    })
+    .clone()
+}
+
 /// A name no other test run uses.
 pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()

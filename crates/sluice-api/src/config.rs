@@ -267,6 +267,7 @@ impl SinkConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KafkaSinkConfig {
     /// The output topic.
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub topic: String,
     /// Defaults to the source's bootstrap servers and security settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -295,10 +296,12 @@ pub enum Ordering {
 pub struct WorkersConfig {
     /// Workers per assigned partition (1..=256).
     #[serde(default = "defaults::per_partition")]
+    #[schemars(range(min = 1, max = 256))]
     pub per_partition: u32,
     /// Records a partition may hold in its channel before it is paused in the consumer.
     /// It resumes when the channel is down to half of this.
     #[serde(default = "defaults::queue_capacity")]
+    #[schemars(range(min = 2, max = 1_000_000))]
     pub queue_capacity: u32,
     /// How records are spread over the workers.
     #[serde(default)]
@@ -321,6 +324,7 @@ impl Default for WorkersConfig {
 pub struct BatchingConfig {
     /// Outputs per batch.
     #[serde(default = "defaults::max_messages")]
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub max_messages: u32,
     /// Payload bytes per batch.
     #[serde(default = "defaults::max_bytes")]

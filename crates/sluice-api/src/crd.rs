@@ -91,12 +91,12 @@ pub struct StreamPipelineSpec {
     /// Scale the workers to zero; committed offsets stay as they are.
     #[serde(default)]
     pub paused: bool,
-    /// Fixed replica count, set through the scale subresource (HPA, KEDA or
-    /// `kubectl scale`). When set, the lag autoscaler does not act; still capped at the
+    /// Replicas for `scaling.mode: manual`, and what the scale subresource reads and writes
+    /// (HPA, KEDA, `kubectl scale`). Ignored in `scaling.mode: lag`. Always capped at the
     /// partition count.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
-    pub replicas: Option<i32>,
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: i32,
     /// Worker image; defaults to the controller's configured worker image. A custom image
     /// built with `sluice_worker::run` runs custom processors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,6 +134,10 @@ pub struct PipelineSource {
     /// Extra librdkafka consumer properties.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub consumer_properties: BTreeMap<String, String>,
+}
+
+fn default_replicas() -> i32 {
+    1
 }
 
 fn default_session_timeout() -> HumanDuration {
@@ -181,6 +185,10 @@ pub struct SecretKeyRef {
     {"rule": "self.maxReplicas >= self.minReplicas", "message": "maxReplicas must be at least minReplicas"}
 ]))]
 pub struct ScalingSpec {
+    /// `lag`: the controller sizes the workers from consumer lag. `manual`: it runs
+    /// `spec.replicas`, for HPA, KEDA or `kubectl scale` to drive.
+    #[serde(default)]
+    pub mode: ScalingMode,
     /// Fewest replicas while not paused.
     #[serde(default = "default_min")]
     #[schemars(range(min = 1, max = 1000))]
@@ -199,6 +207,17 @@ pub struct ScalingSpec {
     /// How often lag is read from Kafka.
     #[serde(default = "default_poll")]
     pub poll_interval: HumanDuration,
+}
+
+/// Who decides the replica count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ScalingMode {
+    /// The lag autoscaler.
+    #[default]
+    Lag,
+    /// `spec.replicas` (the scale subresource).
+    Manual,
 }
 
 fn default_min() -> i32 {
@@ -220,6 +239,7 @@ fn default_poll() -> HumanDuration {
 impl Default for ScalingSpec {
     fn default() -> Self {
         ScalingSpec {
+            mode: ScalingMode::default(),
             min_replicas: default_min(),
             max_replicas: default_max(),
             lag_per_replica: default_lag_per_replica(),

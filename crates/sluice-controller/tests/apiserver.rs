@@ -1,0 +1,219 @@
+//! The StreamPipeline CRD against a real kube-apiserver (+ etcd): schema, defaults, CEL
+//! rules, the status and scale subresources.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, Config, CustomResourceExt};
+use serde_json::json;
+use sluice_api::crd::StreamPipeline;
+use sluice_testkit::{kubeconfig, unique};
+
+async fn client() -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig()).expect("kubeconfig");
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    Client::try_from(cfg).expect("client")
+}
+
+/// Install the CRD (server-side apply) and a fresh namespace.
+async fn setup() -> (Client, String) {
+    let c = client().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
+    crds.patch(
+        "streampipelines.sluice.dev",
+        &PatchParams::apply("sluice-tests").force(),
+        &Patch::Apply(StreamPipeline::crd()),
+    )
+    .await
+    .expect("apply CRD");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(
+            crds,
+            "streampipelines.sluice.dev",
+            conditions::is_crd_established(),
+        ),
+    )
+    .await
+    .expect("CRD established in time")
+    .expect("watch");
+    let ns = unique("sp").replace('_', "-");
+    let nss: Api<Namespace> = Api::all(c.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+    )
+    .await
+    .expect("namespace");
+    (c, ns)
+}
+
+fn minimal(name: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "StreamPipeline",
+        "metadata": {"name": name},
+        "spec": {
+            "source": {"bootstrapServers": "kafka:9092", "topic": "iot-events", "groupId": "iot"},
+            "sinks": [{"kafka": {"topic": "iot-enriched"}}]
+        }
+    })
+}
+
+async fn create(
+    api: &Api<kube::api::DynamicObject>,
+    obj: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let obj: kube::api::DynamicObject = serde_json::from_value(obj).unwrap();
+    api.create(&PostParams::default(), &obj)
+        .await
+        .map(|o| serde_json::to_value(o).unwrap())
+        .map_err(|e| e.to_string())
+}
+
+fn dynamic(c: &Client, ns: &str) -> Api<kube::api::DynamicObject> {
+    let ar = kube::api::ApiResource::erase::<StreamPipeline>(&());
+    Api::namespaced_with(c.clone(), ns, &ar)
+}
+
+#[tokio::test]
+async fn the_api_server_accepts_a_minimal_pipeline_and_fills_in_defaults() {
+    let (c, ns) = setup().await;
+    let created = create(&dynamic(&c, &ns), minimal("iot"))
+        .await
+        .expect("valid pipeline");
+    let spec = &created["spec"];
+    assert_eq!(
+        spec["workers"],
+        json!({"perPartition": 5, "queueCapacity": 4096, "ordering": "key"})
+    );
+    assert_eq!(spec["batching"]["linger"], "5ms");
+    assert_eq!(spec["scaling"]["scaleDownStabilization"], "5m");
+    assert_eq!(spec["scaling"]["mode"], "lag");
+    assert_eq!(spec["replicas"], 1);
+    assert_eq!(spec["processor"], json!({"passthrough": {}}));
+    // The typed client reads it back and it renders a valid worker config.
+    let typed: Api<StreamPipeline> = Api::namespaced(c, &ns);
+    let sp = typed.get("iot").await.unwrap();
+    assert_eq!(sp.worker_config().unwrap().pipeline, "iot");
+}
+
+#[tokio::test]
+async fn the_api_server_rejects_invalid_pipelines_with_actionable_messages() {
+    let (c, ns) = setup().await;
+    let api = dynamic(&c, &ns);
+    let corpus: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "no sinks",
+            json!({"sinks": []}),
+            "should have at least 1 items",
+        ),
+        (
+            "max below min",
+            json!({"scaling": {"minReplicas": 5, "maxReplicas": 2}}),
+            "maxReplicas must be at least minReplicas",
+        ),
+        (
+            "zero workers",
+            json!({"workers": {"perPartition": 0}}),
+            "perPartition",
+        ),
+        (
+            "negative lag per replica",
+            json!({"scaling": {"lagPerReplica": -1}}),
+            "lagPerReplica",
+        ),
+        (
+            "unknown ordering",
+            json!({"workers": {"ordering": "random"}}),
+            "supported values: \"partition\", \"key\", \"unordered\"",
+        ),
+        (
+            "bad duration",
+            json!({"batching": {"linger": "5 parsecs"}}),
+            "spec.batching.linger",
+        ),
+        (
+            "bad byte size",
+            json!({"batching": {"maxBytes": true}}),
+            "spec.batching.maxBytes",
+        ),
+        (
+            "unknown sink kind",
+            json!({"sinks": [{"s3": {"bucket": "b"}}]}),
+            "spec.sinks[0]",
+        ),
+        (
+            "sasl without a secret",
+            json!({"source": {"bootstrapServers": "k:9092", "topic": "t", "groupId": "g", "security": {"protocol": "SASL_SSL"}}}),
+            "passwordSecretRef",
+        ),
+        (
+            "bad topic name",
+            json!({"source": {"bootstrapServers": "k:9092", "topic": "a topic", "groupId": "g"}}),
+            "spec.source.topic",
+        ),
+        (
+            "wrong type",
+            json!({"workers": {"perPartition": "five"}}),
+            "spec.workers.perPartition",
+        ),
+        (
+            "negative replicas",
+            json!({"replicas": -1}),
+            "spec.replicas",
+        ),
+        (
+            "unknown scaling mode",
+            json!({"scaling": {"mode": "magic"}}),
+            "spec.scaling.mode",
+        ),
+    ];
+    for (i, (what, patch, want)) in corpus.into_iter().enumerate() {
+        let mut obj = minimal(&format!("bad-{i}"));
+        for (k, v) in patch.as_object().unwrap() {
+            obj["spec"][k] = v.clone();
+        }
+        match create(&api, obj).await {
+            Ok(_) => panic!("{what}: accepted, expected a rejection mentioning {want:?}"),
+            Err(e) => assert!(e.contains(want), "{what}: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn status_and_scale_subresources_work() {
+    let (c, ns) = setup().await;
+    create(&dynamic(&c, &ns), minimal("scaled")).await.unwrap();
+    let api: Api<StreamPipeline> = Api::namespaced(c, &ns);
+    api.patch_status(
+        "scaled",
+        &PatchParams::apply("sluice-tests").force(),
+        &Patch::Apply(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+            "status": {"replicas": 2, "partitions": 8, "selector": "sluice.dev/pipeline=scaled"}
+        })),
+    )
+    .await
+    .expect("status subresource");
+    let scale = api.get_scale("scaled").await.expect("scale subresource");
+    assert_eq!(scale.status.as_ref().unwrap().replicas, 2);
+    assert_eq!(
+        scale.status.as_ref().unwrap().selector.as_deref(),
+        Some("sluice.dev/pipeline=scaled")
+    );
+    api.patch_scale(
+        "scaled",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    )
+    .await
+    .expect("scale patch");
+    assert_eq!(api.get("scaled").await.unwrap().spec.replicas, 3);
+}
