@@ -7,6 +7,7 @@
 //!   PodDisruptionBudget) as pure functions of a validated pipeline.
 
 pub mod autoscale;
+pub mod controller;
 pub mod reconcile;
 
 use kube::CustomResourceExt;

@@ -1,3 +1,4 @@
 //! Reconciliation: validate, build the children, apply, report status.
 
 pub mod build;
+pub mod status;

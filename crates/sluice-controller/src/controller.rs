@@ -1,0 +1,545 @@
+//! The reconciler: a kube-runtime Controller over StreamPipelines that owns their
+//! Deployments, ConfigMaps, Services and PodDisruptionBudgets.
+//!
+//! Each reconcile is a visible pipeline: validate (pure) -> ask Kafka for the partition
+//! count and lag (I/O) -> decide replicas (pure policy) -> build children (pure) -> apply
+//! them with server-side apply and owner references -> write status with computed
+//! conditions. An invalid spec waits for a change; transient errors back off exponentially.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use rdkafka::ClientConfig;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sluice_api::crd::{PipelineSource, ScalingMode, StreamPipeline, StreamPipelineStatus};
+
+use crate::autoscale::lag::{group_lag, partition_count, LagError};
+use crate::autoscale::policy::{Autoscaler, Lag, Limit, Policy};
+use crate::reconcile::build::{
+    build_configmap, build_deployment, build_pdb, build_service, selector_string, Validated,
+};
+use crate::reconcile::status::{conditions, Observed};
+
+/// The field manager of every server-side apply.
+pub const MANAGER: &str = "sluice-controller";
+
+/// Why a reconcile failed (transiently; an invalid spec is not an error but a condition).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The Kubernetes API.
+    #[error("kubernetes api: {0}")]
+    Kube(#[from] kube::Error),
+    /// A Secret the pipeline refers to is missing or lacks the key.
+    #[error("secret {0}: {1}")]
+    Secret(String, String),
+    /// Kafka could not be reached.
+    #[error("kafka: {0}")]
+    Kafka(String),
+}
+
+impl Error {
+    /// A bounded label for metrics and Events.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube_api",
+            Error::Secret(..) => "secret",
+            Error::Kafka(_) => "kafka",
+        }
+    }
+}
+
+/// Controller metrics (bounded labels: pipeline, namespace, category, decision).
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    /// The registry served on /metrics.
+    pub registry: Registry,
+    reconciles: IntCounterVec,
+    duration: HistogramVec,
+    errors: IntCounterVec,
+    decisions: IntCounterVec,
+    desired: IntGaugeVec,
+    current: IntGaugeVec,
+    lag: IntGaugeVec,
+    partitions: IntGaugeVec,
+}
+
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let p = ["namespace", "pipeline"];
+        let c = |n: &str, h: &str, l: &[&str]| {
+            let m = IntCounterVec::new(Opts::new(n, h), l).expect("metric");
+            registry.register(Box::new(m.clone())).expect("register");
+            m
+        };
+        let g = |n: &str, h: &str| {
+            let m = IntGaugeVec::new(Opts::new(n, h), &p).expect("metric");
+            registry.register(Box::new(m.clone())).expect("register");
+            m
+        };
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_controller_reconcile_duration_seconds",
+                "Duration of reconciles.",
+            ),
+            &[],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(duration.clone()))
+            .expect("register");
+        ControllerMetrics {
+            reconciles: c(
+                "sluice_controller_reconciliations_total",
+                "Reconciles, by result.",
+                &["result"],
+            ),
+            errors: c(
+                "sluice_controller_errors_total",
+                "Reconcile errors, by category.",
+                &["category"],
+            ),
+            decisions: c(
+                "sluice_controller_scaling_decisions_total",
+                "Scaling decisions, by reason.",
+                &["namespace", "pipeline", "reason"],
+            ),
+            desired: g(
+                "sluice_controller_desired_replicas",
+                "Replicas the autoscaler wants.",
+            ),
+            current: g(
+                "sluice_controller_current_replicas",
+                "Replicas of the worker Deployment.",
+            ),
+            lag: g(
+                "sluice_controller_observed_lag",
+                "Consumer lag observed by the controller (records).",
+            ),
+            partitions: g(
+                "sluice_controller_partitions",
+                "Partitions of the input topic.",
+            ),
+            duration,
+            registry,
+        }
+    }
+}
+
+/// Reads partition counts and lag from Kafka. A trait so tests can substitute it.
+pub trait KafkaInspector: Send + Sync + 'static {
+    /// Partition count of the source topic.
+    fn partitions(&self, config: &ClientConfig, topic: &str) -> Result<u32, LagError>;
+    /// Total lag of `group` on `topic`.
+    fn lag(&self, config: &ClientConfig, group: &str, topic: &str) -> Result<u64, LagError>;
+}
+
+/// The real inspector (rdkafka).
+#[derive(Debug, Default)]
+pub struct RdKafka;
+
+impl KafkaInspector for RdKafka {
+    fn partitions(&self, config: &ClientConfig, topic: &str) -> Result<u32, LagError> {
+        partition_count(config, topic, Duration::from_secs(10)).map(|p| p as u32)
+    }
+    fn lag(&self, config: &ClientConfig, group: &str, topic: &str) -> Result<u64, LagError> {
+        Ok(group_lag(config, group, topic, Duration::from_secs(10))?
+            .iter()
+            .map(|p| p.lag)
+            .sum())
+    }
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Kafka access.
+    pub kafka: Arc<dyn KafkaInspector>,
+    /// Image for pipelines that do not name one.
+    pub default_image: String,
+    /// Metrics.
+    pub metrics: ControllerMetrics,
+    recorder: Recorder,
+    autoscalers: Mutex<HashMap<String, Autoscaler>>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context for `client`.
+    pub fn new(client: Client, kafka: Arc<dyn KafkaInspector>, default_image: String) -> Arc<Self> {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Arc::new(Context {
+            client,
+            kafka,
+            default_image,
+            metrics: ControllerMetrics::default(),
+            recorder,
+            autoscalers: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+}
+
+async fn kafka_config(
+    client: &Client,
+    ns: &str,
+    source: &PipelineSource,
+) -> Result<ClientConfig, Error> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &source.bootstrap_servers).set(
+        "security.protocol",
+        source.security.protocol.as_librdkafka(),
+    );
+    if let Some(m) = source.security.sasl_mechanism {
+        c.set("sasl.mechanism", m.as_librdkafka());
+        c.set(
+            "sasl.username",
+            source.security.username.clone().unwrap_or_default(),
+        );
+    }
+    if let Some(r) = &source.security.password_secret_ref {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let s = secrets
+            .get_opt(&r.name)
+            .await?
+            .ok_or_else(|| Error::Secret(r.name.clone(), "not found".into()))?;
+        let v = s
+            .data
+            .and_then(|d| d.get(&r.key).cloned())
+            .ok_or_else(|| Error::Secret(r.name.clone(), format!("has no key `{}`", r.key)))?;
+        c.set("sasl.password", String::from_utf8_lossy(&v.0).to_string());
+    }
+    Ok(c)
+}
+
+async fn write_status(
+    client: &Client,
+    sp: &StreamPipeline,
+    status: StreamPipelineStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<StreamPipeline> =
+        Api::namespaced(client.clone(), &sp.namespace().unwrap_or_default());
+    let patch = serde_json::json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline", "status": status});
+    api.patch_status(
+        &sp.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking task panicked")
+}
+
+/// Reconcile one StreamPipeline.
+pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = sp.namespace().unwrap_or_default();
+    let name = sp.name_any();
+    let key = format!("{ns}/{name}");
+    let generation = sp.metadata.generation;
+    let previous = sp.status.clone().unwrap_or_default();
+    let mut status = StreamPipelineStatus {
+        observed_generation: generation,
+        selector: Some(selector_string(&name)),
+        ..previous.clone()
+    };
+    let obj_ref = sp.object_ref(&());
+    let labels = [ns.as_str(), name.as_str()];
+
+    // 1. Validate (pure). An invalid spec waits for a change.
+    let config = match sp.worker_config() {
+        Ok(c) => c,
+        Err(e) => {
+            let o = Observed {
+                invalid: Some(e.to_string()),
+                ..Default::default()
+            };
+            status.conditions = conditions(&o, generation, &previous.conditions);
+            write_status(&ctx.client, &sp, status).await?;
+            let _ = ctx
+                .recorder
+                .publish(
+                    &Event {
+                        type_: EventType::Warning,
+                        reason: "InvalidSpec".into(),
+                        note: Some(e.to_string()),
+                        action: "Validate".into(),
+                        secondary: None,
+                    },
+                    &obj_ref,
+                )
+                .await;
+            ctx.metrics.reconciles.with_label_values(&["invalid"]).inc();
+            return Ok(Action::await_change());
+        }
+    };
+
+    // 2. Ask Kafka for the partition count. A missing topic is a condition, not a crash.
+    let kcfg = kafka_config(&ctx.client, &ns, &sp.spec.source).await?;
+    let topic = sp.spec.source.topic.clone();
+    let (k, c2, t2) = (ctx.kafka.clone(), kcfg.clone(), topic.clone());
+    let partitions = match blocking(move || k.partitions(&c2, &t2)).await {
+        Ok(p) => p,
+        Err(e) => {
+            let (reason, retry) = match e {
+                LagError::TopicNotFound(_) => ("TopicNotFound", Duration::from_secs(30)),
+                LagError::Kafka(_) => ("KafkaUnavailable", Duration::from_secs(15)),
+            };
+            let o = Observed {
+                source_error: Some((reason.into(), e.to_string())),
+                ..Default::default()
+            };
+            status.conditions = conditions(&o, generation, &previous.conditions);
+            write_status(&ctx.client, &sp, status).await?;
+            ctx.metrics
+                .reconciles
+                .with_label_values(&["source_error"])
+                .inc();
+            return Ok(Action::requeue(retry));
+        }
+    };
+    status.partitions = Some(partitions as i32);
+    ctx.metrics
+        .partitions
+        .with_label_values(&labels)
+        .set(partitions as i64);
+
+    // 3. Decide replicas.
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = deployments.get_opt(&name).await?;
+    let current = existing
+        .as_ref()
+        .and_then(|d| d.spec.as_ref()?.replicas)
+        .unwrap_or(0)
+        .max(0) as u32;
+    let ready = existing
+        .as_ref()
+        .and_then(|d| d.status.as_ref()?.ready_replicas)
+        .unwrap_or(0)
+        .max(0) as u32;
+    let scaling = &sp.spec.scaling;
+    let mut observed = Observed {
+        paused: sp.spec.paused,
+        ready,
+        ..Default::default()
+    };
+    let replicas = if sp.spec.paused {
+        0
+    } else if scaling.mode == ScalingMode::Manual {
+        (sp.spec.replicas.max(0) as u32).min(partitions)
+    } else {
+        let (k, c2, t2, g2) = (
+            ctx.kafka.clone(),
+            kcfg.clone(),
+            topic.clone(),
+            sp.spec.source.group_id.clone(),
+        );
+        let lag = match blocking(move || k.lag(&c2, &g2, &t2)).await {
+            Ok(l) => {
+                status.lag = Some(l as i64);
+                ctx.metrics.lag.with_label_values(&labels).set(l as i64);
+                Lag::Known(l)
+            }
+            Err(e) => {
+                observed.lag_unknown = Some(e.to_string());
+                Lag::Unknown
+            }
+        };
+        let policy = Policy {
+            min: scaling.min_replicas.max(0) as u32,
+            max: scaling.max_replicas.max(0) as u32,
+            lag_per_replica: scaling.lag_per_replica.max(1) as u64,
+            scale_down_window: scaling.scale_down_stabilization.0,
+        };
+        // A Deployment that does not exist yet starts from the minimum.
+        let base = if existing.is_some() {
+            current
+        } else {
+            policy.min.min(partitions)
+        };
+        let d = ctx
+            .autoscalers
+            .lock()
+            .expect("autoscalers lock")
+            .entry(key.clone())
+            .or_default()
+            .decide(Instant::now(), base, lag, partitions, &policy);
+        ctx.metrics
+            .decisions
+            .with_label_values(&[ns.as_str(), name.as_str(), d.reason.label()])
+            .inc();
+        status.desired_replicas = d.desired.map(|r| r as i32);
+        observed.limited = d.limited.map(|l| match l {
+            Limit::MaxReplicas => ("AtMaxReplicas".to_string(), format!("lag asks for more than maxReplicas ({})", policy.max)),
+            Limit::Partitions => ("AtPartitionCount".to_string(), format!("lag asks for more replicas than the topic's {partitions} partitions; extra replicas would idle")),
+        });
+        d.replicas
+    };
+    observed.desired = replicas;
+
+    // 4. Build (pure) and apply the children.
+    let v = Validated {
+        pipeline: (*sp).clone(),
+        config,
+        partitions,
+        image: sp
+            .spec
+            .image
+            .clone()
+            .unwrap_or_else(|| ctx.default_image.clone()),
+    };
+    apply(&ctx.client, &ns, &build_configmap(&v)).await?;
+    apply(&ctx.client, &ns, &build_service(&v)).await?;
+    apply(&ctx.client, &ns, &build_pdb(&v)).await?;
+    apply(&ctx.client, &ns, &build_deployment(&v, replicas)).await?;
+    if existing.is_some() && replicas != current {
+        status.last_scale_time = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        let _ = ctx
+            .recorder
+            .publish(
+                &Event {
+                    type_: EventType::Normal,
+                    reason: "Scaled".into(),
+                    note: Some(format!(
+                        "workers {current} -> {replicas} (lag {:?}, {partitions} partitions)",
+                        status.lag
+                    )),
+                    action: "Scale".into(),
+                    secondary: None,
+                },
+                &obj_ref,
+            )
+            .await;
+    }
+    ctx.metrics
+        .desired
+        .with_label_values(&labels)
+        .set(replicas as i64);
+    ctx.metrics
+        .current
+        .with_label_values(&labels)
+        .set(current as i64);
+
+    // 5. Status.
+    status.replicas = Some(replicas as i32);
+    status.conditions = conditions(&observed, generation, &previous.conditions);
+    write_status(&ctx.client, &sp, status).await?;
+    ctx.failures.lock().expect("failures lock").remove(&key);
+    ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
+    ctx.metrics
+        .duration
+        .with_label_values::<&str>(&[])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(Action::requeue(
+        scaling.poll_interval.0.max(Duration::from_secs(1)),
+    ))
+}
+
+/// Transient errors back off exponentially per object: 1 s, 2 s, 4 s ... up to 5 min.
+pub fn error_policy(sp: Arc<StreamPipeline>, err: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("{}/{}", sp.namespace().unwrap_or_default(), sp.name_any());
+    let n = {
+        let mut f = ctx.failures.lock().expect("failures lock");
+        let n = f.entry(key).or_insert(0);
+        *n += 1;
+        *n
+    };
+    ctx.metrics.errors.with_label_values(&[err.label()]).inc();
+    ctx.metrics.reconciles.with_label_values(&["error"]).inc();
+    tracing::warn!(pipeline = %sp.name_any(), category = err.label(), error = %err, attempt = n, "reconcile failed");
+    Action::requeue(backoff(n))
+}
+
+/// The retry delay after `n` consecutive failures.
+pub fn backoff(n: u32) -> Duration {
+    Duration::from_secs(1u64 << n.saturating_sub(1).min(9)).min(Duration::from_secs(300))
+}
+
+/// Run the controller until the stream ends (shutdown signal).
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    Controller::new(
+        Api::<StreamPipeline>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(
+        Api::<Deployment>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<ConfigMap>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<PodDisruptionBudget>::all(client),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(reconcile, error_policy, ctx)
+    .for_each(|res| async move {
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "reconcile loop");
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        let got: Vec<u64> = (1..=12).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(got, vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+    }
+}
