@@ -8,6 +8,7 @@
 
 pub mod autoscale;
 pub mod controller;
+pub mod lease;
 pub mod reconcile;
 
 use kube::CustomResourceExt;

@@ -156,6 +156,39 @@ async fn a_pipeline_becomes_a_deployment_configmap_service_and_pdb_and_follows_i
     assert_eq!(condition(&st, "Progressing").unwrap().0, "True");
     assert_eq!(status.observed_generation, st.metadata.generation);
 
+    // Lag scales up at once: 35,000 records and no commit, 10,000 per replica -> 4.
+    let spec = sluice_testkit::ProduceSpec {
+        bootstrap: b.clone(),
+        topic: topic.clone(),
+        from: 0,
+        count: 35_000,
+        rate: None,
+        size: 100,
+        linger_ms: 5,
+    };
+    tokio::task::spawn_blocking(move || {
+        sluice_testkit::produce(&spec, &std::sync::atomic::AtomicU64::new(0))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let st = eventually(
+        "4 replicas for 35k lag",
+        Duration::from_secs(60),
+        || async {
+            let sp = pipelines.get("iot").await.unwrap();
+            (deployments.get("iot").await.unwrap().spec?.replicas == Some(4)).then_some(sp)
+        },
+    )
+    .await;
+    let st = eventually("status lag", Duration::from_secs(30), || async {
+        let sp = pipelines.get("iot").await.unwrap();
+        (sp.status.as_ref()?.lag == Some(35_000)).then_some(sp)
+    })
+    .await;
+    assert_eq!(st.status.as_ref().unwrap().desired_replicas, Some(4));
+    let d = deployments.get("iot").await.unwrap();
+
     // A spec change rolls the config hash on the pod template.
     let hash = |d: &Deployment| {
         d.spec

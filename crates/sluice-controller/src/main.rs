@@ -1,0 +1,102 @@
+//! The sluice controller binary.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::routing::get;
+use clap::Parser;
+use sluice_controller::controller::{run, Context, RdKafka};
+use sluice_controller::lease::{acquire, LeaseConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-controller",
+    version,
+    about = "Reconciles StreamPipelines into worker Deployments and scales them on consumer lag"
+)]
+struct Cli {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "SLUICE_CONTROLLER_METRICS_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    metrics_addr: String,
+    /// Worker image for pipelines that do not set spec.image.
+    #[arg(long, env = "SLUICE_WORKER_IMAGE", default_value = concat!("ghcr.io/sluice-dev/sluice-worker:", env!("CARGO_PKG_VERSION")))]
+    worker_image: String,
+    /// Take a Lease before acting, so only one replica reconciles.
+    #[arg(long, env = "SLUICE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sluice-system")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME", default_value = "sluice-controller-local")]
+    identity: String,
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info,kube=warn".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr);
+    if std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f == "text") {
+        b.init();
+    } else {
+        b.json().flatten_event(true).init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
+    let ctx = Context::new(client.clone(), Arc::new(RdKafka), cli.worker_image.clone());
+    let registry = ctx.metrics.registry.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut buf = String::new();
+                    let _ =
+                        prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut buf);
+                    buf
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }));
+    let listener = tokio::net::TcpListener::bind(&cli.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.metrics_addr))?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    tracing::info!(addr = %cli.metrics_addr, image = %cli.worker_image, "sluice-controller starting");
+    if cli.leader_election {
+        let mut guard = acquire(
+            client,
+            LeaseConfig {
+                name: "sluice-controller".into(),
+                namespace: cli.lease_namespace,
+                identity: cli.identity,
+                duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(5),
+            },
+        )
+        .await;
+        tokio::select! {
+            _ = run(ctx) => {}
+            _ = guard.lost() => anyhow::bail!("lost leadership; exiting so another replica takes over"),
+        }
+    } else {
+        run(ctx).await;
+    }
+    Ok(())
+}
