@@ -269,10 +269,10 @@ async fn write_status(
     Ok(())
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)
         .await
-        .expect("blocking task panicked")
+        .map_err(|e| Error::Kafka(format!("kafka query did not complete: {e}")))
 }
 
 /// Reconcile one StreamPipeline.
@@ -323,7 +323,7 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
     let kcfg = kafka_config(&ctx.client, &ns, &sp.spec.source).await?;
     let topic = sp.spec.source.topic.clone();
     let (k, c2, t2) = (ctx.kafka.clone(), kcfg.clone(), topic.clone());
-    let partitions = match blocking(move || k.partitions(&c2, &t2)).await {
+    let partitions = match blocking(move || k.partitions(&c2, &t2)).await? {
         Ok(p) => p,
         Err(e) => {
             let (reason, retry) = match e {
@@ -379,7 +379,7 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
             topic.clone(),
             sp.spec.source.group_id.clone(),
         );
-        let lag = match blocking(move || k.lag(&c2, &g2, &t2)).await {
+        let lag = match blocking(move || k.lag(&c2, &g2, &t2)).await? {
             Ok(l) => {
                 status.lag = Some(l as i64);
                 ctx.metrics.lag.with_label_values(&labels).set(l as i64);
@@ -500,29 +500,34 @@ pub fn backoff(n: u32) -> Duration {
     Duration::from_secs(1u64 << n.saturating_sub(1).min(9)).min(Duration::from_secs(300))
 }
 
-/// Run the controller until the stream ends (shutdown signal).
+/// Run the controller over every namespace until the stream ends (shutdown signal).
 pub async fn run(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
+    run_in(ctx, None).await
+}
+
+fn scoped<K>(c: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(c.clone(), ns),
+        None => Api::all(c.clone()),
+    }
+}
+
+/// Run the controller over one namespace (`Some`) or all of them (`None`).
+pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
+    let c = ctx.client.clone();
+    let cfg = watcher::Config::default;
     Controller::new(
-        Api::<StreamPipeline>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
+        scoped::<StreamPipeline>(&c, namespace),
+        cfg().any_semantic(),
     )
-    .owns(
-        Api::<Deployment>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(
-        Api::<ConfigMap>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(
-        Api::<PodDisruptionBudget>::all(client),
-        watcher::Config::default(),
-    )
+    .owns(scoped::<Deployment>(&c, namespace), cfg())
+    .owns(scoped::<ConfigMap>(&c, namespace), cfg())
+    .owns(scoped::<Service>(&c, namespace), cfg())
+    .owns(scoped::<PodDisruptionBudget>(&c, namespace), cfg())
     .shutdown_on_signal()
     .run(reconcile, error_policy, ctx)
     .for_each(|res| async move {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::routing::get;
 use clap::Parser;
-use sluice_controller::controller::{run, Context, RdKafka};
+use sluice_controller::controller::{run_in, Context, RdKafka};
 use sluice_controller::lease::{acquire, LeaseConfig};
 
 #[derive(Parser)]
@@ -32,6 +32,9 @@ struct Cli {
     /// Namespace of the Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "sluice-system")]
     lease_namespace: String,
+    /// Watch only this namespace (default: every namespace).
+    #[arg(long, env = "SLUICE_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME", default_value = "sluice-controller-local")]
     identity: String,
@@ -92,11 +95,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .await;
         tokio::select! {
-            _ = run(ctx) => {}
+            _ = run_in(ctx, cli.watch_namespace.as_deref()) => {}
             _ = guard.lost() => anyhow::bail!("lost leadership; exiting so another replica takes over"),
         }
     } else {
-        run(ctx).await;
+        run_in(ctx, cli.watch_namespace.as_deref()).await;
     }
     Ok(())
 }

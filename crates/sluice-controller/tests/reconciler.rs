@@ -15,7 +15,7 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, Config, CustomResourceExt};
 use serde_json::json;
 use sluice_api::crd::StreamPipeline;
-use sluice_controller::controller::{run, Context, RdKafka};
+use sluice_controller::controller::{run_in, Context, RdKafka};
 use sluice_controller::reconcile::build::CONFIG_HASH_ANNOTATION;
 use sluice_testkit::{bootstrap, create_topic, kubeconfig, unique};
 
@@ -91,7 +91,8 @@ async fn a_pipeline_becomes_a_deployment_configmap_service_and_pdb_and_follows_i
         .unwrap();
 
     let ctx = Context::new(c.clone(), Arc::new(RdKafka), "sluice/worker:test".into());
-    let controller = tokio::spawn(run(ctx));
+    let scoped = ns.clone();
+    let controller = tokio::spawn(async move { run_in(ctx, Some(&scoped)).await });
 
     let pipelines: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
     let sp: StreamPipeline = serde_json::from_value(json!({

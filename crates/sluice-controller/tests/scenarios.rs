@@ -1,0 +1,328 @@
+//! Reconciler scenarios with a scripted Kafka (partition count and lag set by the test)
+//! against the real kube-apiserver, so every step runs the real controller, the real
+//! server-side apply and the real watch: create, partitions grow, scale up on lag, scale
+//! down only after the window, lag unknown holds replicas, paused, invalid spec.
+
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, Config, CustomResourceExt};
+use rdkafka::ClientConfig;
+use serde_json::json;
+use sluice_api::crd::StreamPipeline;
+use sluice_controller::autoscale::lag::LagError;
+use sluice_controller::controller::{run_in, Context, KafkaInspector};
+use sluice_testkit::{kubeconfig, unique};
+
+/// Kafka as the test says it is. Lag < 0 means "the lag query fails".
+#[derive(Default)]
+struct Scripted {
+    partitions: AtomicU32,
+    lag: AtomicI64,
+}
+
+impl KafkaInspector for Scripted {
+    fn partitions(&self, _: &ClientConfig, topic: &str) -> Result<u32, LagError> {
+        match self.partitions.load(Ordering::SeqCst) {
+            0 => Err(LagError::TopicNotFound(topic.into())),
+            n => Ok(n),
+        }
+    }
+    fn lag(&self, _: &ClientConfig, _: &str, _: &str) -> Result<u64, LagError> {
+        let l = self.lag.load(Ordering::SeqCst);
+        if l < 0 {
+            Err(LagError::Kafka(rdkafka::error::KafkaError::MetadataFetch(
+                rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
+            )))
+        } else {
+            Ok(l as u64)
+        }
+    }
+}
+
+struct World {
+    kafka: Arc<Scripted>,
+    pipelines: Api<StreamPipeline>,
+    deployments: Api<Deployment>,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.controller.abort();
+    }
+}
+
+async fn world(partitions: u32, lag: i64, scaling: serde_json::Value) -> World {
+    let kc = Kubeconfig::read_from(kubeconfig()).unwrap();
+    let c = Client::try_from(
+        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
+    crds.patch(
+        "streampipelines.sluice.dev",
+        &PatchParams::apply("sluice-tests").force(),
+        &Patch::Apply(StreamPipeline::crd()),
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(
+            crds,
+            "streampipelines.sluice.dev",
+            conditions::is_crd_established(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let ns = unique("scn");
+    Api::<Namespace>::all(c.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let kafka = Arc::new(Scripted::default());
+    kafka.partitions.store(partitions, Ordering::SeqCst);
+    kafka.lag.store(lag, Ordering::SeqCst);
+    // Scoped to this test's namespace: tests run in parallel, each with its own scripted Kafka.
+    let ctx = Context::new(c.clone(), kafka.clone(), "sluice/worker:test".into());
+    let scoped = ns.clone();
+    let controller = tokio::spawn(async move { run_in(ctx, Some(&scoped)).await });
+    let pipelines: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
+    let mut scaling = scaling;
+    scaling["pollInterval"] = json!("1s");
+    let sp: StreamPipeline = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+        "metadata": {"name": "p"},
+        "spec": {
+            "source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g"},
+            "sinks": [{"kafka": {"topic": "out"}}],
+            "scaling": scaling
+        }
+    }))
+    .unwrap();
+    pipelines.create(&PostParams::default(), &sp).await.unwrap();
+    World {
+        kafka,
+        pipelines,
+        deployments: Api::namespaced(c, &ns),
+        controller,
+    }
+}
+
+impl World {
+    async fn replicas(&self) -> Option<i32> {
+        self.deployments.get_opt("p").await.unwrap()?.spec?.replicas
+    }
+
+    async fn wait_replicas(&self, want: i32, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.replicas().await;
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas {got:?}, want {want} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Replicas stay `want` for all of `period` (a hold, sampled).
+    async fn holds(&self, want: i32, period: Duration) {
+        let until = Instant::now() + period;
+        while Instant::now() < until {
+            assert_eq!(
+                self.replicas().await,
+                Some(want),
+                "replicas must hold at {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn condition(&self, t: &str) -> Option<(String, String)> {
+        let sp = self.pipelines.get("p").await.unwrap();
+        sp.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == t)
+            .map(|c| (c.status, c.reason))
+    }
+
+    async fn wait_condition(&self, t: &str, status: &str, reason: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = self.condition(t).await;
+            if got
+                .as_ref()
+                .is_some_and(|(s, r)| s == status && r == reason)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{t}: {got:?}, want {status}/{reason}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_starts_at_min_replicas_with_no_lag() {
+    let w = world(
+        8,
+        0,
+        json!({"minReplicas": 2, "maxReplicas": 6, "lagPerReplica": 1000}),
+    )
+    .await;
+    w.wait_replicas(2, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_up_on_lag_is_immediate_and_capped_by_partitions_then_grows_with_them() {
+    let w = world(
+        3,
+        0,
+        json!({"minReplicas": 1, "maxReplicas": 10, "lagPerReplica": 1000}),
+    )
+    .await;
+    w.wait_replicas(1, Duration::from_secs(30)).await;
+    w.kafka.lag.store(9_500, Ordering::SeqCst);
+    w.wait_replicas(3, Duration::from_secs(10)).await;
+    w.wait_condition("ScalingLimited", "True", "AtPartitionCount")
+        .await;
+    // The topic grows to 12 partitions: the cap lifts, up to maxReplicas.
+    w.kafka.partitions.store(12, Ordering::SeqCst);
+    w.kafka.lag.store(15_000, Ordering::SeqCst);
+    w.wait_replicas(10, Duration::from_secs(10)).await;
+    w.wait_condition("ScalingLimited", "True", "AtMaxReplicas")
+        .await;
+    assert_eq!(
+        w.pipelines
+            .get("p")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .partitions,
+        Some(12)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_down_waits_for_the_stabilization_window() {
+    let w = world(8, 6_000, json!({"minReplicas": 1, "maxReplicas": 8, "lagPerReplica": 1000, "scaleDownStabilization": "6s"})).await;
+    w.wait_replicas(6, Duration::from_secs(30)).await;
+    w.kafka.lag.store(0, Ordering::SeqCst);
+    let drained = Instant::now();
+    w.holds(6, Duration::from_secs(4)).await;
+    w.wait_replicas(1, Duration::from_secs(15)).await;
+    assert!(
+        drained.elapsed() >= Duration::from_secs(6),
+        "scaled down before the window: {:?}",
+        drained.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_lag_holds_replicas_and_reports_degraded() {
+    let w = world(8, 4_000, json!({"minReplicas": 1, "maxReplicas": 8, "lagPerReplica": 1000, "scaleDownStabilization": "1s"})).await;
+    w.wait_replicas(4, Duration::from_secs(30)).await;
+    w.kafka.lag.store(-1, Ordering::SeqCst);
+    w.wait_condition("Degraded", "True", "LagUnknown").await;
+    w.holds(4, Duration::from_secs(4)).await;
+    // Lag is readable again: the autoscaler resumes (and may scale down after the window).
+    w.kafka.lag.store(0, Ordering::SeqCst);
+    w.wait_condition("Degraded", "False", "AsExpected").await;
+    w.wait_replicas(1, Duration::from_secs(15)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_scales_to_zero_and_resumes() {
+    let w = world(
+        8,
+        3_000,
+        json!({"minReplicas": 1, "maxReplicas": 8, "lagPerReplica": 1000}),
+    )
+    .await;
+    w.wait_replicas(3, Duration::from_secs(30)).await;
+    w.pipelines
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .unwrap();
+    w.wait_replicas(0, Duration::from_secs(15)).await;
+    w.wait_condition("Paused", "True", "PausedBySpec").await;
+    w.pipelines
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": false}})),
+        )
+        .await
+        .unwrap();
+    w.wait_replicas(3, Duration::from_secs(15)).await;
+    w.wait_condition("Paused", "False", "Running").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_gets_a_condition_and_no_workers() {
+    let w = world(8, 0, json!({})).await;
+    w.wait_replicas(1, Duration::from_secs(30)).await;
+    // Valid for the schema, refused by the worker: drainTimeout must be < sessionTimeout.
+    w.pipelines
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"commit": {"drainTimeout": "60s"}}})),
+        )
+        .await
+        .unwrap();
+    w.wait_condition("Ready", "False", "InvalidSpec").await;
+    let msg = w
+        .pipelines
+        .get("p")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .message;
+    assert!(
+        msg.contains("commit.drainTimeout") && msg.contains("sessionTimeout"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_is_a_condition() {
+    let w = world(0, 0, json!({})).await;
+    w.wait_condition("Ready", "False", "TopicNotFound").await;
+    assert_eq!(w.replicas().await, None);
+    w.kafka.partitions.store(4, Ordering::SeqCst);
+    w.wait_replicas(1, Duration::from_secs(40)).await;
+}
