@@ -14,6 +14,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Patch, PatchParams};
@@ -30,7 +31,8 @@ use sluice_api::crd::{PipelineSource, ScalingMode, StreamPipeline, StreamPipelin
 use crate::autoscale::lag::{group_lag, partition_count, LagError};
 use crate::autoscale::policy::{Autoscaler, Lag, Limit, Policy};
 use crate::reconcile::build::{
-    build_configmap, build_deployment, build_pdb, build_service, selector_string, Validated,
+    build_configmap, build_deployment, build_pdb, build_service, build_service_monitor,
+    selector_string, Validated,
 };
 use crate::reconcile::status::{conditions, Observed};
 
@@ -175,6 +177,7 @@ pub struct Context {
     /// Metrics.
     pub metrics: ControllerMetrics,
     recorder: Recorder,
+    service_monitor_crd: Mutex<Option<(Instant, bool)>>,
     autoscalers: Mutex<HashMap<String, Autoscaler>>,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -195,6 +198,7 @@ impl Context {
             default_image,
             metrics: ControllerMetrics::default(),
             recorder,
+            service_monitor_crd: Mutex::new(None),
             autoscalers: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
         })
@@ -218,6 +222,22 @@ where
         &Patch::Apply(obj),
     )
     .await
+}
+
+/// Whether the Prometheus Operator's ServiceMonitor CRD exists (checked at most once a minute).
+async fn has_service_monitors(ctx: &Context) -> Result<bool, kube::Error> {
+    if let Some((at, known)) = *ctx.service_monitor_crd.lock().expect("crd cache lock") {
+        if at.elapsed() < Duration::from_secs(60) {
+            return Ok(known);
+        }
+    }
+    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    let known = crds
+        .get_opt("servicemonitors.monitoring.coreos.com")
+        .await?
+        .is_some();
+    *ctx.service_monitor_crd.lock().expect("crd cache lock") = Some((Instant::now(), known));
+    Ok(known)
 }
 
 async fn kafka_config(
@@ -437,6 +457,22 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
     apply(&ctx.client, &ns, &build_service(&v)).await?;
     apply(&ctx.client, &ns, &build_pdb(&v)).await?;
     apply(&ctx.client, &ns, &build_deployment(&v, replicas)).await?;
+    if has_service_monitors(&ctx).await? {
+        let ar = kube::api::ApiResource {
+            group: "monitoring.coreos.com".into(),
+            version: "v1".into(),
+            api_version: "monitoring.coreos.com/v1".into(),
+            kind: "ServiceMonitor".into(),
+            plural: "servicemonitors".into(),
+        };
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
+        api.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(build_service_monitor(&v)),
+        )
+        .await?;
+    }
     if existing.is_some() && replicas != current {
         status.last_scale_time = Some(Time(k8s_openapi::jiff::Timestamp::now()));
         let _ = ctx

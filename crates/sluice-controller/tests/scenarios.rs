@@ -326,3 +326,76 @@ async fn a_missing_topic_is_a_condition() {
     w.kafka.partitions.store(4, Ordering::SeqCst);
     w.wait_replicas(1, Duration::from_secs(40)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_monitor_is_created_when_the_prometheus_operator_crd_exists() {
+    let kc = Kubeconfig::read_from(kubeconfig()).unwrap();
+    let c = Client::try_from(
+        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    // A minimal stand-in for the Prometheus Operator's CRD (same group, kind and scope).
+    let sm_crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com", "scope": "Namespaced",
+            "names": {"kind": "ServiceMonitor", "plural": "servicemonitors", "singular": "servicemonitor"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    }))
+    .unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
+    crds.patch(
+        "servicemonitors.monitoring.coreos.com",
+        &PatchParams::apply("sluice-tests").force(),
+        &Patch::Apply(&sm_crd),
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(
+            crds,
+            "servicemonitors.monitoring.coreos.com",
+            conditions::is_crd_established(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let w = world(4, 0, json!({})).await;
+    w.wait_replicas(1, Duration::from_secs(30)).await;
+    let ar = kube::api::ApiResource {
+        group: "monitoring.coreos.com".into(),
+        version: "v1".into(),
+        api_version: "monitoring.coreos.com/v1".into(),
+        kind: "ServiceMonitor".into(),
+        plural: "servicemonitors".into(),
+    };
+    let ns = w
+        .pipelines
+        .get("p")
+        .await
+        .unwrap()
+        .metadata
+        .namespace
+        .unwrap();
+    let sms: Api<kube::api::DynamicObject> = Api::namespaced_with(c, &ns, &ar);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let sm = loop {
+        if let Some(sm) = sms.get_opt("p").await.unwrap() {
+            break sm;
+        }
+        assert!(Instant::now() < deadline, "no ServiceMonitor");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(sm.data["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(
+        sm.metadata.owner_references.unwrap()[0].kind,
+        "StreamPipeline"
+    );
+}

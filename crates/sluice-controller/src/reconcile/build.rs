@@ -285,6 +285,26 @@ pub fn build_pdb(v: &Validated) -> PodDisruptionBudget {
     }
 }
 
+/// A Prometheus Operator ServiceMonitor for the workers' metrics Service (applied only when
+/// the `servicemonitors.monitoring.coreos.com` CRD exists).
+pub fn build_service_monitor(v: &Validated) -> serde_json::Value {
+    let name = v.name();
+    serde_json::json!({
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {
+            "name": name,
+            "namespace": v.namespace(),
+            "labels": labels(&name),
+            "ownerReferences": v.owner(),
+        },
+        "spec": {
+            "selector": {"matchLabels": labels(&name)},
+            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,6 +490,20 @@ spec:
         assert!(
             pod.termination_grace_period_seconds.unwrap() > 10,
             "longer than the drain timeout"
+        );
+    }
+
+    #[test]
+    fn the_service_monitor_scrapes_the_metrics_port_of_the_workers() {
+        let sm = build_service_monitor(&validated(pipeline(""), 8));
+        assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+        assert_eq!(
+            sm["spec"]["selector"]["matchLabels"]["sluice.dev/pipeline"],
+            "iot-enrich"
+        );
+        assert_eq!(
+            sm["metadata"]["ownerReferences"][0]["kind"],
+            "StreamPipeline"
         );
     }
 
