@@ -36,6 +36,10 @@ up() { curl -sk --max-time 2 -H "Authorization: Bearer sluice-admin" "https://12
 start() {
   install
   if up; then log "already running on 127.0.0.1:$PORT"; return 0; fi
+  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+    log "port $PORT is taken by something that is not a ready API server; set SLUICE_K8S_PORT or stop it"
+    exit 1
+  fi
   mkdir -p "$DIR/etcd" "$DIR/certs"
   if [[ ! -f "$DIR/sa.key" ]]; then
     openssl genrsa -out "$DIR/sa.key" 2048 2>/dev/null
@@ -73,10 +77,17 @@ KC
 }
 
 stop() {
+  # The API server first (it would hang on a vanished etcd), then etcd; force after 15 s.
   for f in apiserver etcd; do
-    if [[ -f "$DIR/$f.pid" ]]; then kill "$(cat "$DIR/$f.pid")" 2>/dev/null || true; fi
+    [[ -f "$DIR/$f.pid" ]] || continue
+    local p deadline=$((SECONDS + 15))
+    p="$(cat "$DIR/$f.pid")"
+    kill "$p" 2>/dev/null || true
+    while kill -0 "$p" 2>/dev/null; do
+      if (( SECONDS > deadline )); then kill -9 "$p" 2>/dev/null || true; fi
+      sleep 0.2
+    done
   done
-  sleep 1
   rm -rf "$DIR"
 }
 

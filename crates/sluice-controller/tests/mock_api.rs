@@ -1,0 +1,323 @@
+//! Reconciler scenarios against a mocked API server (tower-test), in the controller-rs
+//! fixtures style: each scenario lists the calls the reconciler must make, and every step
+//! checks the method, the path and the request body. Kafka is scripted.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::Client;
+use rdkafka::ClientConfig;
+use serde_json::{json, Value};
+use sluice_api::crd::StreamPipeline;
+use sluice_controller::autoscale::lag::LagError;
+use sluice_controller::controller::{reconcile, Context, KafkaInspector};
+
+#[derive(Default)]
+struct Scripted {
+    partitions: AtomicU32,
+    lag: AtomicI64,
+}
+
+impl KafkaInspector for Scripted {
+    fn partitions(&self, _: &ClientConfig, topic: &str) -> Result<u32, LagError> {
+        match self.partitions.load(Ordering::SeqCst) {
+            0 => Err(LagError::TopicNotFound(topic.into())),
+            n => Ok(n),
+        }
+    }
+    fn lag(&self, _: &ClientConfig, _: &str, _: &str) -> Result<u64, LagError> {
+        match self.lag.load(Ordering::SeqCst) {
+            l if l < 0 => Err(LagError::TopicNotFound("lag query failed".into())),
+            l => Ok(l as u64),
+        }
+    }
+}
+
+/// What the mock answers.
+enum Reply {
+    /// The request body back (server-side apply returns the applied object).
+    Echo,
+    /// 404 Not Found.
+    NotFound,
+    /// This object.
+    Json(Value),
+}
+
+/// One expected call.
+struct Step {
+    method: Method,
+    path: &'static str,
+    body: Vec<&'static str>,
+    reply: Reply,
+}
+
+fn step(method: Method, path: &'static str, body: &[&'static str], reply: Reply) -> Step {
+    Step {
+        method,
+        path,
+        body: body.to_vec(),
+        reply,
+    }
+}
+
+/// The calls for applying the four children; `replicas` is checked in the Deployment.
+fn apply_children(deploy_body: &'static str) -> Vec<Step> {
+    vec![
+        step(Method::PATCH, "/api/v1/namespaces/default/configmaps/p-config?", &["config.yaml", "\"ownerReferences\""], Reply::Echo),
+        step(Method::PATCH, "/api/v1/namespaces/default/services/p-metrics?", &["\"port\":9095"], Reply::Echo),
+        step(Method::PATCH, "/apis/policy/v1/namespaces/default/poddisruptionbudgets/p?", &["maxUnavailable"], Reply::Echo),
+        step(Method::PATCH, "/apis/apps/v1/namespaces/default/deployments/p?", &[deploy_body, "\"kind\":\"StreamPipeline\""], Reply::Echo),
+        step(Method::GET, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/servicemonitors.monitoring.coreos.com", &[], Reply::NotFound),
+    ]
+}
+
+fn get_deployment(existing: Option<i32>) -> Step {
+    match existing {
+        None => step(
+            Method::GET,
+            "/apis/apps/v1/namespaces/default/deployments/p",
+            &[],
+            Reply::NotFound,
+        ),
+        Some(r) => step(
+            Method::GET,
+            "/apis/apps/v1/namespaces/default/deployments/p",
+            &[],
+            Reply::Json(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "p", "namespace": "default"},
+                "spec": {"replicas": r, "selector": {"matchLabels": {"a": "b"}},
+                         "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": []}}},
+                "status": {"readyReplicas": r}
+            })),
+        ),
+    }
+}
+
+fn status(body: &[&'static str]) -> Step {
+    step(
+        Method::PATCH,
+        "/apis/sluice.dev/v1alpha1/namespaces/default/streampipelines/p/status?",
+        body,
+        Reply::Json(pipeline(json!({}))),
+    )
+}
+
+fn event(reason: &'static str) -> Step {
+    step(
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/default/events",
+        &[reason],
+        Reply::Echo,
+    )
+}
+
+fn pipeline(spec_extra: Value) -> Value {
+    let mut spec = json!({
+        "source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g"},
+        "sinks": [{"kafka": {"topic": "out"}}],
+        "scaling": {"minReplicas": 1, "maxReplicas": 10, "lagPerReplica": 1000}
+    });
+    for (k, v) in spec_extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+        "metadata": {"name": "p", "namespace": "default", "uid": "u-1", "generation": 1},
+        "spec": spec
+    })
+}
+
+/// Serve `steps` in order on the mock, checking each request.
+fn serve(
+    mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+    steps: Vec<Step>,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut steps: VecDeque<Step> = steps.into();
+        let mut served = 0;
+        while let Some((req, send)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            let body =
+                String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+            let uri = parts.uri.to_string();
+            let s = steps
+                .pop_front()
+                .unwrap_or_else(|| panic!("unexpected call {} {uri}", parts.method));
+            assert_eq!(parts.method, s.method, "call {served}: {uri}");
+            assert!(
+                uri.starts_with(s.path),
+                "call {served}: {} {uri}, expected {}",
+                parts.method,
+                s.path
+            );
+            if parts.method == Method::PATCH {
+                assert!(
+                    uri.contains("fieldManager=sluice-controller") && uri.contains("force=true"),
+                    "server-side apply: {uri}"
+                );
+            }
+            for want in &s.body {
+                assert!(
+                    body.contains(want),
+                    "call {served} {uri}: body lacks {want}: {body}"
+                );
+            }
+            let resp = match s.reply {
+                Reply::Echo => Response::builder().status(StatusCode::OK).body(Body::from(body.into_bytes())),
+                Reply::NotFound => Response::builder().status(StatusCode::NOT_FOUND).body(Body::from(
+                    serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})).unwrap(),
+                )),
+                Reply::Json(v) => Response::builder().status(StatusCode::OK).body(Body::from(serde_json::to_vec(&v).unwrap())),
+            };
+            send.send_response(resp.unwrap());
+            served += 1;
+            if steps.is_empty() {
+                break;
+            }
+        }
+        assert!(
+            steps.is_empty(),
+            "{} expected calls never came",
+            steps.len()
+        );
+        served
+    })
+}
+
+struct Fixture {
+    ctx: Arc<Context>,
+    handle: Option<tower_test::mock::Handle<Request<Body>, Response<Body>>>,
+}
+
+fn fixture(partitions: u32, lag: i64) -> Fixture {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let kafka = Arc::new(Scripted::default());
+    kafka.partitions.store(partitions, Ordering::SeqCst);
+    kafka.lag.store(lag, Ordering::SeqCst);
+    let ctx = Context::new(client, kafka, "sluice/worker:test".into());
+    Fixture {
+        ctx,
+        handle: Some(handle),
+    }
+}
+
+impl Fixture {
+    /// Run one reconcile of `sp` against `steps`; returns its Action.
+    async fn reconcile(&mut self, sp: Value, steps: Vec<Step>) -> Action {
+        let handle = self.handle.take().expect("one reconcile per fixture");
+        let server = serve(handle, steps);
+        let sp: StreamPipeline = serde_json::from_value(sp).unwrap();
+        let action = tokio::time::timeout(
+            Duration::from_secs(10),
+            reconcile(Arc::new(sp), self.ctx.clone()),
+        )
+        .await
+        .expect("reconcile finished")
+        .expect("reconcile succeeded");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("all calls made")
+            .expect("mock server");
+        action
+    }
+}
+
+#[tokio::test]
+async fn create_applies_every_child_at_min_replicas_and_writes_status() {
+    let mut f = fixture(8, 0);
+    let mut steps = vec![get_deployment(None)];
+    steps.extend(apply_children("\"replicas\":1"));
+    steps.push(status(&[
+        "\"partitions\":8",
+        "\"replicas\":1",
+        "\"lag\":0",
+        "WorkersNotReady",
+        "\"selector\"",
+    ]));
+    let a = f.reconcile(pipeline(json!({})), steps).await;
+    assert_eq!(a, Action::requeue(Duration::from_secs(30)));
+}
+
+#[tokio::test]
+async fn scale_up_on_lag_applies_more_replicas_at_once_and_records_an_event() {
+    let mut f = fixture(8, 5_000);
+    let mut steps = vec![get_deployment(Some(1))];
+    steps.extend(apply_children("\"replicas\":5"));
+    steps.push(event("Scaled"));
+    steps.push(status(&[
+        "\"desiredReplicas\":5",
+        "\"replicas\":5",
+        "\"lag\":5000",
+        "lastScaleTime",
+    ]));
+    f.reconcile(pipeline(json!({})), steps).await;
+}
+
+#[tokio::test]
+async fn the_partition_count_caps_replicas_and_reports_scaling_limited() {
+    let mut f = fixture(3, 9_000);
+    let mut steps = vec![get_deployment(Some(3))];
+    steps.extend(apply_children("\"replicas\":3"));
+    steps.push(status(&["\"partitions\":3", "AtPartitionCount"]));
+    f.reconcile(pipeline(json!({})), steps).await;
+}
+
+#[tokio::test]
+async fn scale_down_waits_for_the_window() {
+    let mut f = fixture(8, 0);
+    let mut steps = vec![get_deployment(Some(5))];
+    steps.extend(apply_children("\"replicas\":5"));
+    steps.push(status(&["\"desiredReplicas\":1", "\"replicas\":5"]));
+    f.reconcile(pipeline(json!({})), steps).await;
+}
+
+#[tokio::test]
+async fn lag_unknown_holds_replicas_and_reports_degraded() {
+    let mut f = fixture(8, -1);
+    let mut steps = vec![get_deployment(Some(4))];
+    steps.extend(apply_children("\"replicas\":4"));
+    steps.push(status(&["LagUnknown", "\"replicas\":4"]));
+    f.reconcile(pipeline(json!({})), steps).await;
+}
+
+#[tokio::test]
+async fn paused_scales_to_zero_and_reports_paused() {
+    let mut f = fixture(8, 5_000);
+    let mut steps = vec![get_deployment(Some(3))];
+    steps.extend(apply_children("\"replicas\":0"));
+    steps.push(event("Scaled"));
+    steps.push(status(&["PausedBySpec", "\"replicas\":0"]));
+    f.reconcile(pipeline(json!({"paused": true})), steps).await;
+}
+
+#[tokio::test]
+async fn an_invalid_spec_writes_a_condition_and_waits_for_a_change() {
+    let mut f = fixture(8, 0);
+    let steps = vec![
+        status(&["InvalidSpec", "feed itself"]),
+        event("InvalidSpec"),
+    ];
+    let a = f
+        .reconcile(
+            pipeline(json!({"sinks": [{"kafka": {"topic": "in"}}]})),
+            steps,
+        )
+        .await;
+    assert_eq!(a, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_missing_topic_writes_a_condition_and_retries_later() {
+    let mut f = fixture(0, 0);
+    let steps = vec![status(&["TopicNotFound"])];
+    let a = f.reconcile(pipeline(json!({})), steps).await;
+    assert_eq!(a, Action::requeue(Duration::from_secs(30)));
+}
