@@ -224,6 +224,17 @@ where
     .await
 }
 
+/// The Prometheus Operator's ServiceMonitor, as a dynamic resource.
+pub fn service_monitor_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "monitoring.coreos.com".into(),
+        version: "v1".into(),
+        api_version: "monitoring.coreos.com/v1".into(),
+        kind: "ServiceMonitor".into(),
+        plural: "servicemonitors".into(),
+    }
+}
+
 /// Whether the Prometheus Operator's ServiceMonitor CRD exists (checked at most once a minute).
 async fn has_service_monitors(ctx: &Context) -> Result<bool, kube::Error> {
     if let Some((at, known)) = *ctx.service_monitor_crd.lock().expect("crd cache lock") {
@@ -458,13 +469,7 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
     apply(&ctx.client, &ns, &build_pdb(&v)).await?;
     apply(&ctx.client, &ns, &build_deployment(&v, replicas)).await?;
     if has_service_monitors(&ctx).await? {
-        let ar = kube::api::ApiResource {
-            group: "monitoring.coreos.com".into(),
-            version: "v1".into(),
-            api_version: "monitoring.coreos.com/v1".into(),
-            kind: "ServiceMonitor".into(),
-            plural: "servicemonitors".into(),
-        };
+        let ar = service_monitor_resource();
         let api: Api<kube::api::DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
         api.patch(
             &name,

@@ -1,58 +1,13 @@
 //! The StreamPipeline CRD against a real kube-apiserver (+ etcd): schema, defaults, CEL
 //! rules, the status and scale subresources.
 
-use std::time::Duration;
+mod support;
 
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::{Api, Client, Config, CustomResourceExt};
+use kube::{Api, Client};
 use serde_json::json;
 use sluice_api::crd::StreamPipeline;
-use sluice_testkit::{kubeconfig, unique};
-
-async fn client() -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig()).expect("kubeconfig");
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("config");
-    Client::try_from(cfg).expect("client")
-}
-
-/// Install the CRD (server-side apply) and a fresh namespace.
-async fn setup() -> (Client, String) {
-    let c = client().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
-    crds.patch(
-        "streampipelines.sluice.dev",
-        &PatchParams::apply("sluice-tests").force(),
-        &Patch::Apply(StreamPipeline::crd()),
-    )
-    .await
-    .expect("apply CRD");
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(
-            crds,
-            "streampipelines.sluice.dev",
-            conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .expect("CRD established in time")
-    .expect("watch");
-    let ns = unique("sp").replace('_', "-");
-    let nss: Api<Namespace> = Api::all(c.clone());
-    nss.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-    )
-    .await
-    .expect("namespace");
-    (c, ns)
-}
+use support::setup;
 
 fn minimal(name: &str) -> serde_json::Value {
     json!({
@@ -84,7 +39,7 @@ fn dynamic(c: &Client, ns: &str) -> Api<kube::api::DynamicObject> {
 
 #[tokio::test]
 async fn the_api_server_accepts_a_minimal_pipeline_and_fills_in_defaults() {
-    let (c, ns) = setup().await;
+    let (c, ns) = setup("sp").await;
     let created = create(&dynamic(&c, &ns), minimal("iot"))
         .await
         .expect("valid pipeline");
@@ -106,7 +61,7 @@ async fn the_api_server_accepts_a_minimal_pipeline_and_fills_in_defaults() {
 
 #[tokio::test]
 async fn the_api_server_rejects_invalid_pipelines_with_actionable_messages() {
-    let (c, ns) = setup().await;
+    let (c, ns) = setup("sp").await;
     let api = dynamic(&c, &ns);
     let corpus: Vec<(&str, serde_json::Value, &str)> = vec![
         (
@@ -189,7 +144,7 @@ async fn the_api_server_rejects_invalid_pipelines_with_actionable_messages() {
 
 #[tokio::test]
 async fn status_and_scale_subresources_work() {
-    let (c, ns) = setup().await;
+    let (c, ns) = setup("sp").await;
     create(&dynamic(&c, &ns), minimal("scaled")).await.unwrap();
     let api: Api<StreamPipeline> = Api::namespaced(c, &ns);
     api.patch_status(

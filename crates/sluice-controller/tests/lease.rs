@@ -2,22 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::PostParams;
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
-use serde_json::json;
-use sluice_controller::lease::{acquire, try_acquire, LeaseConfig};
-use sluice_testkit::{kubeconfig, unique};
+mod support;
 
-async fn client() -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig()).expect("kubeconfig");
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("config");
-    Client::try_from(cfg).expect("client")
-}
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use sluice_controller::lease::{acquire, try_acquire, LeaseConfig};
+use support::{client, namespace};
 
 fn cfg(ns: &str, who: &str) -> LeaseConfig {
     LeaseConfig {
@@ -32,14 +22,7 @@ fn cfg(ns: &str, who: &str) -> LeaseConfig {
 #[tokio::test]
 async fn only_one_replica_leads_and_a_silent_leader_is_replaced() {
     let c = client().await;
-    let ns = unique("lease");
-    Api::<Namespace>::all(c.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    let ns = namespace(&c, "lease").await;
     let api: Api<Lease> = Api::namespaced(c.clone(), &ns);
     let a = acquire(c.clone(), cfg(&ns, "a")).await;
     assert!(

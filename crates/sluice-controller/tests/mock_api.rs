@@ -2,8 +2,9 @@
 //! fixtures style: each scenario lists the calls the reconciler must make, and every step
 //! checks the method, the path and the request body. Kafka is scripted.
 
+mod support;
+
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,32 +13,10 @@ use http_body_util::BodyExt;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::Client;
-use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sluice_api::crd::StreamPipeline;
-use sluice_controller::autoscale::lag::LagError;
-use sluice_controller::controller::{reconcile, Context, KafkaInspector};
-
-#[derive(Default)]
-struct Scripted {
-    partitions: AtomicU32,
-    lag: AtomicI64,
-}
-
-impl KafkaInspector for Scripted {
-    fn partitions(&self, _: &ClientConfig, topic: &str) -> Result<u32, LagError> {
-        match self.partitions.load(Ordering::SeqCst) {
-            0 => Err(LagError::TopicNotFound(topic.into())),
-            n => Ok(n),
-        }
-    }
-    fn lag(&self, _: &ClientConfig, _: &str, _: &str) -> Result<u64, LagError> {
-        match self.lag.load(Ordering::SeqCst) {
-            l if l < 0 => Err(LagError::TopicNotFound("lag query failed".into())),
-            l => Ok(l as u64),
-        }
-    }
-}
+use sluice_controller::controller::{reconcile, Context};
+use support::Scripted;
 
 /// What the mock answers.
 enum Reply {
@@ -199,9 +178,7 @@ struct Fixture {
 fn fixture(partitions: u32, lag: i64) -> Fixture {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
-    let kafka = Arc::new(Scripted::default());
-    kafka.partitions.store(partitions, Ordering::SeqCst);
-    kafka.lag.store(lag, Ordering::SeqCst);
+    let kafka = Scripted::new(partitions, lag);
     let ctx = Context::new(client, kafka, "sluice/worker:test".into());
     Fixture {
         ctx,

@@ -2,30 +2,22 @@
 //! never run here (no kubelet): what happens inside them is tested with the broker directly
 //! in sluice-worker's tests.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::{Api, Client, Config, CustomResourceExt};
+use kube::{Api, CustomResourceExt};
 use serde_json::json;
 use sluice_api::crd::StreamPipeline;
 use sluice_controller::controller::{run_in, Context, RdKafka};
 use sluice_controller::reconcile::build::CONFIG_HASH_ANNOTATION;
-use sluice_testkit::{bootstrap, create_topic, kubeconfig, unique};
-
-async fn client() -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig()).expect("kubeconfig");
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("config");
-    Client::try_from(cfg).expect("client")
-}
+use sluice_testkit::{bootstrap, create_topic, unique};
+use support::{client, install, namespace};
 
 /// Poll `f` until it returns Some, with a deadline (never a bare sleep).
 async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
@@ -62,33 +54,8 @@ async fn a_pipeline_becomes_a_deployment_configmap_service_and_pdb_and_follows_i
     let topic = unique("rec-in");
     create_topic(&b, &topic, 6).await.unwrap();
 
-    let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
-    crds.patch(
-        "streampipelines.sluice.dev",
-        &PatchParams::apply("sluice-tests").force(),
-        &Patch::Apply(StreamPipeline::crd()),
-    )
-    .await
-    .unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(
-            crds,
-            "streampipelines.sluice.dev",
-            conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let ns = unique("rec");
-    Api::<Namespace>::all(c.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    install(&c, &StreamPipeline::crd()).await;
+    let ns = namespace(&c, "rec").await;
 
     let ctx = Context::new(c.clone(), Arc::new(RdKafka), "sluice/worker:test".into());
     let scoped = ns.clone();

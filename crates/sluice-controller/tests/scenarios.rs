@@ -3,49 +3,20 @@
 //! server-side apply and the real watch: create, partitions grow, scale up on lag, scale
 //! down only after the window, lag unknown holds replicas, paused, invalid spec.
 
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+mod support;
+
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::{Api, Client, Config, CustomResourceExt};
-use rdkafka::ClientConfig;
+use kube::Api;
 use serde_json::json;
 use sluice_api::crd::StreamPipeline;
-use sluice_controller::autoscale::lag::LagError;
-use sluice_controller::controller::{run_in, Context, KafkaInspector};
-use sluice_testkit::{kubeconfig, unique};
-
-/// Kafka as the test says it is. Lag < 0 means "the lag query fails".
-#[derive(Default)]
-struct Scripted {
-    partitions: AtomicU32,
-    lag: AtomicI64,
-}
-
-impl KafkaInspector for Scripted {
-    fn partitions(&self, _: &ClientConfig, topic: &str) -> Result<u32, LagError> {
-        match self.partitions.load(Ordering::SeqCst) {
-            0 => Err(LagError::TopicNotFound(topic.into())),
-            n => Ok(n),
-        }
-    }
-    fn lag(&self, _: &ClientConfig, _: &str, _: &str) -> Result<u64, LagError> {
-        let l = self.lag.load(Ordering::SeqCst);
-        if l < 0 {
-            Err(LagError::Kafka(rdkafka::error::KafkaError::MetadataFetch(
-                rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
-            )))
-        } else {
-            Ok(l as u64)
-        }
-    }
-}
+use sluice_controller::controller::{run_in, service_monitor_resource, Context};
+use support::{client, install, setup, Scripted};
 
 struct World {
     kafka: Arc<Scripted>,
@@ -61,43 +32,8 @@ impl Drop for World {
 }
 
 async fn world(partitions: u32, lag: i64, scaling: serde_json::Value) -> World {
-    let kc = Kubeconfig::read_from(kubeconfig()).unwrap();
-    let c = Client::try_from(
-        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
-    crds.patch(
-        "streampipelines.sluice.dev",
-        &PatchParams::apply("sluice-tests").force(),
-        &Patch::Apply(StreamPipeline::crd()),
-    )
-    .await
-    .unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(
-            crds,
-            "streampipelines.sluice.dev",
-            conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let ns = unique("scn");
-    Api::<Namespace>::all(c.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    let kafka = Arc::new(Scripted::default());
-    kafka.partitions.store(partitions, Ordering::SeqCst);
-    kafka.lag.store(lag, Ordering::SeqCst);
+    let (c, ns) = setup("scn").await;
+    let kafka = Scripted::new(partitions, lag);
     // Scoped to this test's namespace: tests run in parallel, each with its own scripted Kafka.
     let ctx = Context::new(c.clone(), kafka.clone(), "sluice/worker:test".into());
     let scoped = ns.clone();
@@ -329,13 +265,7 @@ async fn a_missing_topic_is_a_condition() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_monitor_is_created_when_the_prometheus_operator_crd_exists() {
-    let kc = Kubeconfig::read_from(kubeconfig()).unwrap();
-    let c = Client::try_from(
-        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let c = client().await;
     // A minimal stand-in for the Prometheus Operator's CRD (same group, kind and scope).
     let sm_crd: CustomResourceDefinition = serde_json::from_value(json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
@@ -348,34 +278,10 @@ async fn a_service_monitor_is_created_when_the_prometheus_operator_crd_exists() 
         }
     }))
     .unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(c.clone());
-    crds.patch(
-        "servicemonitors.monitoring.coreos.com",
-        &PatchParams::apply("sluice-tests").force(),
-        &Patch::Apply(&sm_crd),
-    )
-    .await
-    .unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(
-            crds,
-            "servicemonitors.monitoring.coreos.com",
-            conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    install(&c, &sm_crd).await;
     let w = world(4, 0, json!({})).await;
     w.wait_replicas(1, Duration::from_secs(30)).await;
-    let ar = kube::api::ApiResource {
-        group: "monitoring.coreos.com".into(),
-        version: "v1".into(),
-        api_version: "monitoring.coreos.com/v1".into(),
-        kind: "ServiceMonitor".into(),
-        plural: "servicemonitors".into(),
-    };
+    let ar = service_monitor_resource();
     let ns = w
         .pipelines
         .get("p")
