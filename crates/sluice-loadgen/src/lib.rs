@@ -53,6 +53,20 @@ pub fn parse_seq(payload: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// The partition count of `topic` (an error when it does not exist).
+pub fn partition_count(c: &BaseConsumer, topic: &str) -> anyhow::Result<i32> {
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let parts = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    if parts == 0 {
+        bail!("topic {topic} does not exist");
+    }
+    Ok(parts as i32)
+}
+
 /// Create `topic` with `partitions` partitions; an existing topic is fine.
 pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -217,17 +231,9 @@ pub fn audit(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()?;
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let parts = md
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0);
-    if parts == 0 {
-        bail!("topic {topic} does not exist");
-    }
+    let parts = partition_count(&c, topic)?;
     let mut tpl = TopicPartitionList::new();
-    for p in 0..parts as i32 {
+    for p in 0..parts {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     c.assign(&tpl)?;

@@ -17,12 +17,7 @@ pub fn committed_and_end(
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()?;
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let parts = md
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0) as i32;
+    let parts = crate::partition_count(&c, topic)?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..parts {
         tpl.add_partition(topic, p);

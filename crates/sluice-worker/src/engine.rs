@@ -5,16 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_api::config::{BatchingConfig, Ordering, WorkersConfig};
+use sluice_api::config::{BatchingConfig, WorkersConfig};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::backpressure::ByteBudget;
 use crate::batcher::{run_batcher, Limits, Piece};
-use crate::dispatcher::{Lane, DISPATCH_BATCH};
+use crate::dispatcher::Lane;
 use crate::metrics::Metrics;
 use crate::partition::{NoControl, PartitionState};
-use crate::pool::spawn_workers;
+use crate::pool::{lane_geometry, spawn_workers};
 use crate::processor::Processor;
 use crate::sink::DynSink;
 
@@ -53,13 +53,7 @@ impl Engine {
         }
         let senders: Arc<[mpsc::Sender<Piece>]> = senders.into();
         let budget = ByteBudget::new(in_flight_bytes);
-        let lanes_per_partition = match workers.ordering {
-            Ordering::Partition => 1,
-            _ => workers.per_partition as usize,
-        };
-        let slots = (workers.queue_capacity as usize)
-            .div_ceil(DISPATCH_BATCH * lanes_per_partition)
-            .max(2);
+        let (lanes_per_partition, slots) = lane_geometry(workers);
         let lanes = (0..partitions)
             .map(|p| {
                 let state = PartitionState::new(
@@ -126,6 +120,7 @@ mod tests {
     use crate::sink::{Sink, SinkBatch, SinkMetrics};
     use bytes::Bytes;
     use futures::future::BoxFuture;
+    use sluice_api::config::Ordering;
     use std::sync::Mutex;
 
     /// Records every output (key, value) in arrival order.

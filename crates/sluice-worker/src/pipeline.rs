@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
 use rdkafka::ClientConfig;
-use sluice_api::config::{Ordering, SinkConfig, StartFrom, WorkerConfig};
+use sluice_api::config::{SinkConfig, StartFrom, WorkerConfig};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -21,10 +21,10 @@ use crate::committer::Committer;
 use crate::consumer::{
     spawn_main_queue_thread, ConsumerControl, RebalanceEvent, SluiceConsumer, SluiceContext,
 };
-use crate::dispatcher::{run_kafka_dispatcher, Lane, DISPATCH_BATCH};
+use crate::dispatcher::{run_kafka_dispatcher, Lane};
 use crate::metrics::Metrics;
 use crate::partition::{PartitionControl, PartitionState};
-use crate::pool::spawn_workers;
+use crate::pool::{lane_geometry, spawn_workers};
 use crate::processor::Processor;
 use crate::server::Health;
 use crate::sink::kafka::KafkaSink;
@@ -206,15 +206,7 @@ impl Coordinator {
                 pm,
                 self.metrics.processing_latency.clone(),
             );
-            let lanes = match w.ordering {
-                Ordering::Partition => 1,
-                _ => w.per_partition as usize,
-            };
-            // Channel slots are batches; size them so the channel can hold the queue
-            // capacity in records, split over the lanes.
-            let slots = (w.queue_capacity as usize)
-                .div_ceil(DISPATCH_BATCH * lanes)
-                .max(2);
+            let (lanes, slots) = lane_geometry(w);
             let (txs, _workers) = spawn_workers(
                 &state,
                 lanes,

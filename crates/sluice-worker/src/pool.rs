@@ -21,6 +21,20 @@ pub struct WorkItem {
     pub token: AckToken,
 }
 
+/// How many worker lanes a partition gets, and how many batch slots each lane's channel
+/// has: `partition` ordering runs one lane; the slots hold `queueCapacity` records split
+/// over the lanes (at least 2 batches each).
+pub fn lane_geometry(workers: &sluice_api::config::WorkersConfig) -> (usize, usize) {
+    let lanes = match workers.ordering {
+        sluice_api::config::Ordering::Partition => 1,
+        _ => workers.per_partition as usize,
+    };
+    let slots = (workers.queue_capacity as usize)
+        .div_ceil(crate::dispatcher::DISPATCH_BATCH * lanes)
+        .max(2);
+    (lanes, slots)
+}
+
 /// Which worker lane a key goes to in `ordering: key`: a stable hash of the key bytes
 /// modulo the lane count. Records without a key all take lane 0, so they keep their order.
 pub fn lane_for_key(key: Option<&[u8]>, lanes: usize) -> usize {

@@ -54,13 +54,12 @@ pub fn partition_lag(low: i64, high: i64, committed: Option<i64>) -> u64 {
     (high - from).max(0) as u64
 }
 
-/// The topic's partition count.
-pub fn partition_count(
-    config: &ClientConfig,
+/// Partition ids of `topic`; a topic that does not exist (or has none) is an error.
+fn topic_partitions(
+    c: &BaseConsumer,
     topic: &str,
     timeout: Duration,
-) -> Result<i32, LagError> {
-    let c: BaseConsumer = config.create()?;
+) -> Result<Vec<i32>, LagError> {
     let md = c.fetch_metadata(Some(topic), timeout)?;
     let t = md
         .topics()
@@ -69,7 +68,17 @@ pub fn partition_count(
     if t.error().is_some() || t.partitions().is_empty() {
         return Err(LagError::TopicNotFound(topic.into()));
     }
-    Ok(t.partitions().len() as i32)
+    Ok(t.partitions().iter().map(|p| p.id()).collect())
+}
+
+/// The topic's partition count.
+pub fn partition_count(
+    config: &ClientConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<i32, LagError> {
+    let c: BaseConsumer = config.create()?;
+    Ok(topic_partitions(&c, topic, timeout)?.len() as i32)
 }
 
 /// Lag per partition of `group` on `topic`. Blocking; call from a blocking thread.
@@ -83,30 +92,23 @@ pub fn group_lag(
     cfg.set("group.id", group)
         .set("enable.auto.commit", "false");
     let c: BaseConsumer = cfg.create()?;
-    let md = c.fetch_metadata(Some(topic), timeout)?;
-    let t = md
-        .topics()
-        .first()
-        .ok_or_else(|| LagError::TopicNotFound(topic.into()))?;
-    if t.error().is_some() || t.partitions().is_empty() {
-        return Err(LagError::TopicNotFound(topic.into()));
-    }
+    let ids = topic_partitions(&c, topic, timeout)?;
     let mut tpl = TopicPartitionList::new();
-    for p in t.partitions() {
-        tpl.add_partition(topic, p.id());
+    for &p in &ids {
+        tpl.add_partition(topic, p);
     }
     let committed = c.committed_offsets(tpl, timeout)?;
-    let mut out = Vec::with_capacity(t.partitions().len());
-    for p in t.partitions() {
-        let (low, high) = c.fetch_watermarks(topic, p.id(), timeout)?;
+    let mut out = Vec::with_capacity(ids.len());
+    for p in ids {
+        let (low, high) = c.fetch_watermarks(topic, p, timeout)?;
         let committed = committed
-            .find_partition(topic, p.id())
+            .find_partition(topic, p)
             .and_then(|e| match e.offset() {
                 Offset::Offset(o) => Some(o),
                 _ => None,
             });
         out.push(PartitionLag {
-            partition: p.id(),
+            partition: p,
             low,
             high,
             committed,
