@@ -4,7 +4,7 @@ CARGO ?= cargo
 DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 
-.PHONY: setup demo test test-unit lint fmt bench crds manifests chart-lint images kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
+.PHONY: setup demo test test-unit lint fmt bench crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -48,6 +48,16 @@ manifests:
 	@T=$$(scripts/tools.sh path); cp crds/streampipeline.yaml charts/sluice/crds/streampipeline.yaml; \
 	  cp crds/streampipeline.yaml manifests/install/crd.yaml; \
 	  $$T/helm template sluice charts/sluice --namespace sluice-system > manifests/install/sluice.yaml
+
+## Regenerate the Grafana dashboards (grafana/ and the chart's copy).
+dashboards:
+	python3 scripts/gen_dashboards.py grafana
+	python3 scripts/gen_dashboards.py charts/sluice/dashboards
+
+## Check and unit-test the alert rules with promtool.
+rules-test:
+	promtool check rules charts/sluice/rules/sluice.rules.yaml
+	promtool test rules tests/prometheus/sluice.rules.test.yaml
 
 ## Lint the Helm chart.
 chart-lint:

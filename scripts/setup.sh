@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 log() { echo "[setup] $*" >&2; }
 
-PKGS=(cmake pkg-config libssl-dev libsasl2-dev zlib1g-dev libzstd-dev build-essential curl openssl)
+PKGS=(cmake pkg-config libssl-dev libsasl2-dev zlib1g-dev libzstd-dev build-essential curl openssl prometheus)
 command -v java >/dev/null || PKGS+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || PKGS+=(maven)
 

@@ -77,6 +77,8 @@ pub struct ControllerMetrics {
     current: IntGaugeVec,
     lag: IntGaugeVec,
     partitions: IntGaugeVec,
+    ready: IntGaugeVec,
+    limited: IntGaugeVec,
 }
 
 impl Default for ControllerMetrics {
@@ -135,6 +137,14 @@ impl Default for ControllerMetrics {
             partitions: g(
                 "sluice_controller_partitions",
                 "Partitions of the input topic.",
+            ),
+            ready: g(
+                "sluice_controller_ready_replicas",
+                "Ready worker pods of the pipeline's Deployment.",
+            ),
+            limited: g(
+                "sluice_controller_scaling_limited",
+                "1 while maxReplicas or the partition count caps what lag asks for.",
             ),
             duration,
             registry,
@@ -505,6 +515,14 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
         .current
         .with_label_values(&labels)
         .set(current as i64);
+    ctx.metrics
+        .ready
+        .with_label_values(&labels)
+        .set(ready as i64);
+    ctx.metrics
+        .limited
+        .with_label_values(&labels)
+        .set(observed.limited.is_some() as i64);
 
     // 5. Status.
     status.replicas = Some(replicas as i32);
