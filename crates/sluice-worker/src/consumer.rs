@@ -223,9 +223,11 @@ pub fn spawn_main_queue_thread(
     stop: Arc<std::sync::atomic::AtomicBool>,
     stray: mpsc::UnboundedSender<(String, i32, i64)>,
 ) -> std::thread::JoinHandle<()> {
+    let span = tracing::Span::current();
     std::thread::Builder::new()
         .name("sluice-consumer".into())
         .spawn(move || {
+            let _span = span.enter();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()

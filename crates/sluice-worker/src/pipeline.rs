@@ -103,11 +103,8 @@ fn build_sinks(config: &WorkerConfig, metrics: &Metrics) -> Result<Sinks, Pipeli
         };
         let (tx, rx) = mpsc::channel(256);
         senders.push(tx);
-        batchers.push(tokio::spawn(run_batcher(
-            rx,
-            sink.clone(),
-            limits,
-            metrics.clone(),
+        batchers.push(tokio::spawn(tracing::Instrument::in_current_span(
+            run_batcher(rx, sink.clone(), limits, metrics.clone()),
         )));
         all.push(sink);
     }
@@ -219,7 +216,9 @@ impl Coordinator {
             self.control.resume(&topic, p);
             let lane = Lane::new(state.clone(), txs, w.ordering, self.budget.clone());
             let (stop, stop_rx) = watch::channel(false);
-            let dispatcher = tokio::spawn(run_kafka_dispatcher(queue, lane, stop_rx));
+            let dispatcher = tokio::spawn(tracing::Instrument::in_current_span(
+                run_kafka_dispatcher(queue, lane, stop_rx),
+            ));
             self.owned.insert(
                 key,
                 Owned {
@@ -297,8 +296,26 @@ impl Coordinator {
     }
 }
 
-/// Run the pipeline until `shutdown` resolves, then drain, flush and commit.
+/// Run the pipeline until `shutdown` resolves, then drain, flush and commit. Every log
+/// line of the pipeline (its tasks and its consumer thread) carries the `pipeline`,
+/// `topic` and `group` fields of this span.
 pub async fn run_pipeline(
+    config: WorkerConfig,
+    processor: Arc<dyn Processor>,
+    rt: Runtime,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), PipelineError> {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "pipeline",
+        pipeline = %config.pipeline,
+        topic = %config.source.topic,
+        group = %config.source.group_id
+    );
+    run(config, processor, rt, shutdown).instrument(span).await
+}
+
+async fn run(
     config: WorkerConfig,
     processor: Arc<dyn Processor>,
     rt: Runtime,

@@ -69,11 +69,8 @@ pub fn spawn_workers(
     for _ in 0..lanes {
         let (tx, rx) = mpsc::channel(channel_batches.max(1));
         txs.push(tx);
-        handles.push(tokio::spawn(run_worker(
-            rx,
-            state.clone(),
-            processor.clone(),
-            sinks.clone(),
+        handles.push(tokio::spawn(tracing::Instrument::in_current_span(
+            run_worker(rx, state.clone(), processor.clone(), sinks.clone()),
         )));
     }
     (txs, handles)

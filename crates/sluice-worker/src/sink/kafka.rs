@@ -200,7 +200,10 @@ impl KafkaSink {
             topic: topic.to_string(),
             shared,
         });
-        tokio::spawn(retry_loop(Arc::downgrade(&sink), retry_rx));
+        tokio::spawn(tracing::Instrument::in_current_span(retry_loop(
+            Arc::downgrade(&sink),
+            retry_rx,
+        )));
         Ok(sink)
     }
 
