@@ -416,11 +416,19 @@ async fn run(
     } = sinks;
     drop(senders);
     co.sinks = Arc::from(Vec::new());
+    // Bounded: a sink that cannot take data (its broker is down) must not hold the exit
+    // past the grace period; what it did not acknowledge is simply not committed.
+    let flush_deadline = tokio::time::Instant::now() + co.config.commit.drain_timeout.0;
     for b in batchers {
-        let _ = b.await;
+        if tokio::time::timeout_at(flush_deadline, b).await.is_err() {
+            tracing::warn!("a batcher did not finish before the drain deadline; its outputs will be redelivered");
+        }
     }
     for s in &all {
-        if !s.flush(Duration::from_secs(10)).await {
+        let left = flush_deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_secs(1));
+        if !s.flush(left).await {
             tracing::warn!(
                 sink = s.name(),
                 "sink still had unacknowledged outputs at exit; they will be redelivered"

@@ -153,8 +153,9 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
             ..Default::default()
         });
     }
-    // SIGTERM drains (bounded by drainTimeout), flushes and commits: give it that long and more.
-    let grace = v.config.commit.drain_timeout.0.as_secs() as i64 + 20;
+    // SIGTERM drains in-flight work (bounded by drainTimeout), then flushes the sinks (bounded
+    // by drainTimeout again) and commits: give it both and some room.
+    let grace = 2 * v.config.commit.drain_timeout.0.as_secs() as i64 + 15;
     let container = Container {
         name: CONTAINER.into(),
         image: Some(v.image.clone()),
