@@ -12,7 +12,9 @@
 #   SLUICE_KAFKA_VERSION  broker version            (default 4.1.1)
 #   SLUICE_CACHE          jar cache, kept across runs (default ~/.cache/sluice)
 #   SLUICE_KAFKA_DIR      data, config and log dir    (default /tmp/sluice-kafka)
-#   SLUICE_KAFKA_PORT     client port on 127.0.0.1    (default 9092; controller uses port+1)
+#   SLUICE_KAFKA_PORT     client port on 127.0.0.1    (default 9092; controller uses port+1;
+#                         a SASL_PLAINTEXT listener with PLAIN users runs on port+2:
+#                         user `sluice`, password `sluice-secret`, for the SASL tests)
 #   SLUICE_KAFKA_CPUS     optional taskset cpu list to pin the broker (benchmarks)
 set -euo pipefail
 
@@ -21,6 +23,7 @@ CACHE="${SLUICE_CACHE:-$HOME/.cache/sluice}/kafka-$VERSION"
 DIR="${SLUICE_KAFKA_DIR:-/tmp/sluice-kafka}"
 PORT="${SLUICE_KAFKA_PORT:-9092}"
 CPORT=$((PORT + 1))
+SPORT=$((PORT + 2))
 LOG4J_VERSION=2.24.3
 
 log() { echo "[kafka] $*" >&2; }
@@ -59,10 +62,12 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$CPORT
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL_PLAINTEXT://127.0.0.1:$SPORT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="admin" password="admin-secret" user_admin="admin-secret" user_sluice="sluice-secret";
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$DIR/data
 num.partitions=8

@@ -106,6 +106,24 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Bootstrap servers of the broker's SASL_PLAINTEXT listener (PLAIN user `sluice`,
+/// password `sluice-secret`): `SLUICE_TEST_SASL_BOOTSTRAP`, or the local broker's port + 2.
+/// `None` when an external broker is used without a SASL address.
+pub fn sasl_bootstrap() -> Option<String> {
+    if let Ok(b) = std::env::var("SLUICE_TEST_SASL_BOOTSTRAP") {
+        return Some(b);
+    }
+    if std::env::var("SLUICE_TEST_BOOTSTRAP").is_ok() {
+        return None;
+    }
+    bootstrap();
+    let port: u16 = std::env::var("SLUICE_KAFKA_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(9092);
+    Some(format!("127.0.0.1:{}", port + 2))
+}
+
 /// A name no other test run uses.
 pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -149,6 +167,17 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Start `bin` with `config_yaml` (which should listen on `metrics_addr`).
     pub fn start(bin: &str, name: &str, config_yaml: &str, metrics_addr: &str) -> Self {
+        Self::start_with_env(bin, name, config_yaml, metrics_addr, &[])
+    }
+
+    /// Like [`WorkerProcess::start`], with extra environment variables.
+    pub fn start_with_env(
+        bin: &str,
+        name: &str,
+        config_yaml: &str,
+        metrics_addr: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = std::env::temp_dir().join("sluice-tests");
         std::fs::create_dir_all(&dir).expect("temp dir");
         let config = dir.join(format!("{name}.yaml"));
@@ -162,6 +191,7 @@ impl WorkerProcess {
         let child = Command::new(bin)
             .arg("--config")
             .arg(&config)
+            .envs(env.iter().copied())
             .env("SLUICE_LOG_FORMAT", "text")
             .env("SLUICE_LOG", "info,librdkafka=warn")
             .stdin(Stdio::null())

@@ -1,0 +1,173 @@
+//! SASL against the real broker: the worker authenticates with SASL/PLAIN, the password
+//! comes only from the environment variable the config names, and it never appears in the
+//! worker's logs or metrics.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use sluice_testkit::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice-worker");
+const PASSWORD: &str = "sluice-secret";
+
+fn sasl_config(sasl: &str, input: &str, output: &str, group: &str, addr: &str) -> String {
+    format!(
+        r#"pipeline: sasl
+source:
+  bootstrapServers: "{sasl}"
+  topic: {input}
+  groupId: {group}
+  sessionTimeout: 10s
+  security: {{protocol: SASL_PLAINTEXT, saslMechanism: PLAIN, username: sluice, passwordEnv: SLUICE_TEST_KAFKA_PASSWORD}}
+sinks:
+  - kafka: {{topic: {output}}}
+commit: {{interval: 500ms, drainTimeout: 8s}}
+server: {{listen: "{addr}"}}
+"#
+    )
+}
+
+#[test]
+fn the_worker_authenticates_with_sasl_plain_and_never_logs_the_password() {
+    let Some(sasl) = sasl_bootstrap() else {
+        eprintln!("SKIPPED: external broker without SLUICE_TEST_SASL_BOOTSTRAP");
+        return;
+    };
+    let b = bootstrap();
+    let (input, output, group) = (unique("sasl-in"), unique("sasl-out"), unique("sasl-g"));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            create_topic(&b, &input, 2).await.unwrap();
+            create_topic(&b, &output, 2).await.unwrap();
+        });
+    let n = 20_000;
+    let spec = ProduceSpec {
+        bootstrap: b.clone(),
+        topic: input.clone(),
+        from: 0,
+        count: n,
+        rate: None,
+        size: 100,
+        linger_ms: 5,
+    };
+    produce(&spec, &AtomicU64::new(0)).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut w = WorkerProcess::start_with_env(
+        BIN,
+        &unique("sasl"),
+        &sasl_config(&sasl, &input, &output, &group, &addr),
+        &addr,
+        &[
+            ("SLUICE_TEST_KAFKA_PASSWORD", PASSWORD),
+            ("SLUICE_LOG", "debug,librdkafka=debug"),
+        ],
+    );
+    wait_for(
+        "everything committed through SASL",
+        Duration::from_secs(120),
+        || uncommitted(&b, &group, &input) == 0,
+    );
+    let metrics = w.metrics();
+    w.signal("TERM");
+    assert!(w.wait(Duration::from_secs(30)).expect("exits").success());
+    let r = audit(&b, &output, 0, n, Duration::from_secs(60)).unwrap();
+    assert_eq!(r.missing, 0, "{r}");
+    let log = std::fs::read_to_string(&w.log).unwrap();
+    assert!(
+        !log.contains(PASSWORD),
+        "the password appears in the worker log"
+    );
+    assert!(
+        !metrics.contains(PASSWORD),
+        "the password appears in the metrics"
+    );
+    assert!(
+        !std::fs::read_to_string(&w.config)
+            .unwrap()
+            .contains(PASSWORD),
+        "the password is in the config file"
+    );
+}
+
+#[test]
+fn a_missing_password_variable_fails_start_up_with_a_clear_message() {
+    let dir = std::env::temp_dir().join(unique("sasl-cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        sasl_config("127.0.0.1:1", "in", "out", "g", "127.0.0.1:0"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("SLUICE_TEST_KAFKA_PASSWORD")
+        .env("SLUICE_LOG_FORMAT", "text")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SLUICE_TEST_KAFKA_PASSWORD") && err.contains("not set"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_wrong_password_is_refused_by_the_broker_and_nothing_is_consumed() {
+    let Some(sasl) = sasl_bootstrap() else {
+        eprintln!("SKIPPED: external broker without SLUICE_TEST_SASL_BOOTSTRAP");
+        return;
+    };
+    let b = bootstrap();
+    let (input, output, group) = (
+        unique("sasl-bad-in"),
+        unique("sasl-bad-out"),
+        unique("sasl-bad-g"),
+    );
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            create_topic(&b, &input, 1).await.unwrap();
+            create_topic(&b, &output, 1).await.unwrap();
+        });
+    let spec = ProduceSpec {
+        bootstrap: b.clone(),
+        topic: input.clone(),
+        from: 0,
+        count: 100,
+        rate: None,
+        size: 100,
+        linger_ms: 5,
+    };
+    produce(&spec, &AtomicU64::new(0)).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let w = WorkerProcess::start_with_env(
+        BIN,
+        &unique("sasl-bad"),
+        &sasl_config(&sasl, &input, &output, &group, &addr),
+        &addr,
+        &[("SLUICE_TEST_KAFKA_PASSWORD", "not-the-password")],
+    );
+    wait_for(
+        "an authentication failure in the log",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&w.log)
+                .unwrap_or_default()
+                .contains("Authentication failed")
+        },
+    );
+    assert_eq!(w.metric("sluice_messages_consumed_total", ""), 0.0);
+    assert_eq!(
+        uncommitted(&b, &group, &input),
+        100,
+        "nothing committed without authentication"
+    );
+}
