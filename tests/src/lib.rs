@@ -124,6 +124,52 @@ pub fn sasl_bootstrap() -> Option<String> {
     Some(format!("127.0.0.1:{}", port + 2))
 }
 
+/// Where `bin` is on the PATH, if anywhere.
+pub fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.is_file())
+}
+
+/// Fresh input and output topics (`partitions` each) and a group name for one test.
+pub fn pipeline_topics(prefix: &str, partitions: i32) -> (String, String, String) {
+    let b = bootstrap();
+    let names = (
+        unique(&format!("{prefix}-in")),
+        unique(&format!("{prefix}-out")),
+        unique(&format!("{prefix}-g")),
+    );
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            create_topic(&b, &names.0, partitions)
+                .await
+                .expect("input topic");
+            create_topic(&b, &names.1, partitions)
+                .await
+                .expect("output topic");
+        });
+    names
+}
+
+/// Produce `count` sequence-numbered records (0..count, 100 bytes) into `topic`, now.
+pub fn produce_seq(topic: &str, count: u64) {
+    let spec = ProduceSpec {
+        bootstrap: bootstrap(),
+        topic: topic.into(),
+        from: 0,
+        count,
+        rate: None,
+        size: 100,
+        linger_ms: 5,
+    };
+    produce(&spec, &std::sync::atomic::AtomicU64::new(0)).expect("produce");
+}
+
 /// A name no other test run uses.
 pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()

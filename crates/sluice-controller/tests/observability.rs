@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::process::Command;
 
 use serde_json::Value;
-use sluice_testkit::{repo_root, run_ok, tool};
+use sluice_testkit::{repo_root, run_ok, tool, which};
 
 fn dashboards() -> Vec<(String, Value)> {
     let dir = repo_root().join("grafana");
@@ -104,14 +104,6 @@ fn promtool() -> Command {
     let p = which("promtool")
         .expect("promtool not found: scripts/setup.sh installs Debian's prometheus package");
     Command::new(p)
-}
-
-fn which(bin: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(bin))
-        .find(|p| p.is_file())
 }
 
 #[test]

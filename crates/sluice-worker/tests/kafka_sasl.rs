@@ -2,7 +2,6 @@
 //! comes only from the environment variable the config names, and it never appears in the
 //! worker's logs or metrics.
 
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use sluice_testkit::*;
@@ -34,26 +33,9 @@ fn the_worker_authenticates_with_sasl_plain_and_never_logs_the_password() {
         return;
     };
     let b = bootstrap();
-    let (input, output, group) = (unique("sasl-in"), unique("sasl-out"), unique("sasl-g"));
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            create_topic(&b, &input, 2).await.unwrap();
-            create_topic(&b, &output, 2).await.unwrap();
-        });
+    let (input, output, group) = pipeline_topics("sasl", 2);
     let n = 20_000;
-    let spec = ProduceSpec {
-        bootstrap: b.clone(),
-        topic: input.clone(),
-        from: 0,
-        count: n,
-        rate: None,
-        size: 100,
-        linger_ms: 5,
-    };
-    produce(&spec, &AtomicU64::new(0)).unwrap();
+    produce_seq(&input, n);
     let addr = format!("127.0.0.1:{}", free_port());
     let mut w = WorkerProcess::start_with_env(
         BIN,
@@ -124,29 +106,8 @@ fn a_wrong_password_is_refused_by_the_broker_and_nothing_is_consumed() {
         return;
     };
     let b = bootstrap();
-    let (input, output, group) = (
-        unique("sasl-bad-in"),
-        unique("sasl-bad-out"),
-        unique("sasl-bad-g"),
-    );
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            create_topic(&b, &input, 1).await.unwrap();
-            create_topic(&b, &output, 1).await.unwrap();
-        });
-    let spec = ProduceSpec {
-        bootstrap: b.clone(),
-        topic: input.clone(),
-        from: 0,
-        count: 100,
-        rate: None,
-        size: 100,
-        linger_ms: 5,
-    };
-    produce(&spec, &AtomicU64::new(0)).unwrap();
+    let (input, output, group) = pipeline_topics("sasl-bad", 1);
+    produce_seq(&input, 100);
     let addr = format!("127.0.0.1:{}", free_port());
     let w = WorkerProcess::start_with_env(
         BIN,

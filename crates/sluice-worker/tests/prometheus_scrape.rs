@@ -20,14 +20,6 @@ impl Drop for Prometheus {
     }
 }
 
-fn which(bin: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(bin))
-        .find(|p| p.is_file())
-}
-
 fn query(addr: &str, q: &str) -> Value {
     let enc: String = q
         .bytes()
@@ -58,15 +50,7 @@ fn prometheus_scrapes_the_worker_and_every_dashboard_and_alert_expression_evalua
     let prom = which("prometheus")
         .expect("prometheus not found: scripts/setup.sh installs Debian's prometheus package");
     let b = bootstrap();
-    let (input, output, group) = (unique("prom-in"), unique("prom-out"), unique("prom-g"));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        create_topic(&b, &input, 4).await.unwrap();
-        create_topic(&b, &output, 4).await.unwrap();
-    });
+    let (input, output, group) = pipeline_topics("prom", 4);
     let spec = ProduceSpec {
         bootstrap: b.clone(),
         topic: input.clone(),

@@ -1,7 +1,6 @@
 //! The custom worker binary runs a real pipeline: `processor: {custom: {name: enrich}}`
 //! selects the compiled-in processor, and every record comes out enriched.
 
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -14,30 +13,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_enrich-worker");
 #[test]
 fn the_custom_binary_enriches_every_record() {
     let b = bootstrap();
-    let (input, output, group) = (
-        unique("enrich-in"),
-        unique("enrich-out"),
-        unique("enrich-g"),
-    );
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            create_topic(&b, &input, 2).await.unwrap();
-            create_topic(&b, &output, 2).await.unwrap();
-        });
+    let (input, output, group) = pipeline_topics("enrich", 2);
     let n = 2_000;
-    let spec = ProduceSpec {
-        bootstrap: b.clone(),
-        topic: input.clone(),
-        from: 0,
-        count: n,
-        rate: None,
-        size: 100,
-        linger_ms: 5,
-    };
-    produce(&spec, &AtomicU64::new(0)).unwrap();
+    produce_seq(&input, n);
     let addr = format!("127.0.0.1:{}", free_port());
     let cfg = worker_config(
         &b,
