@@ -22,6 +22,17 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Run `scripts/<name> <arg>` from the repository (they install and start what tests use);
+/// panic if it fails, return its standard output.
+fn script(name: &str, arg: &str) -> String {
+    run_ok(
+        Command::new("bash")
+            .arg(repo_root().join("scripts").join(name))
+            .arg(arg)
+            .stderr(Stdio::inherit()),
+    )
+}
+
 /// Bootstrap servers of the broker under test. Prints, once, which broker it is.
 pub fn bootstrap() -> String {
     static B: OnceLock<String> = OnceLock::new();
@@ -34,12 +45,7 @@ pub fn bootstrap() -> String {
         let b = format!("127.0.0.1:{port}");
         if TcpStream::connect(&b).is_err() {
             eprintln!("[testkit] no broker on {b}; starting the local Apache Kafka (scripts/kafka.sh start)");
-            let st = Command::new("bash")
-                .arg(repo_root().join("scripts/kafka.sh"))
-                .arg("start")
-                .status()
-                .expect("run scripts/kafka.sh");
-            assert!(st.success(), "scripts/kafka.sh start failed");
+            script("kafka.sh", "start");
         }
         let version = std::env::var("SLUICE_KAFKA_VERSION").unwrap_or_else(|_| "4.1.1".into());
         eprintln!("[testkit] broker: local Apache Kafka {version} (KRaft) at {b}");
@@ -58,12 +64,7 @@ pub fn kubeconfig() -> PathBuf {
             eprintln!("[testkit] api server: external, SLUICE_TEST_KUBECONFIG={k}");
             return PathBuf::from(k);
         }
-        let st = Command::new("bash")
-            .arg(repo_root().join("scripts/k8s.sh"))
-            .arg("start")
-            .status()
-            .expect("run scripts/k8s.sh");
-        assert!(st.success(), "scripts/k8s.sh start failed");
+        script("k8s.sh", "start");
         let dir = std::env::var("SLUICE_K8S_DIR").unwrap_or_else(|_| "/tmp/sluice-k8s".into());
         eprintln!("[testkit] api server: local kube-apiserver + etcd ({dir})");
         PathBuf::from(dir).join("kubeconfig")
@@ -75,19 +76,8 @@ pub fn kubeconfig() -> PathBuf {
 pub fn tool(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let script = repo_root().join("scripts/tools.sh");
-        let st = Command::new("bash")
-            .arg(&script)
-            .arg("install")
-            .status()
-            .expect("run scripts/tools.sh");
-        assert!(st.success(), "scripts/tools.sh install failed");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg("path")
-            .output()
-            .expect("tools path");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        script("tools.sh", "install");
+        PathBuf::from(script("tools.sh", "path").trim())
     })
     .join(name)
 }

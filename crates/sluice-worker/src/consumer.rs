@@ -194,24 +194,25 @@ impl ConsumerContext for SluiceContext {
 #[derive(Clone)]
 pub struct ConsumerControl(pub Weak<SluiceConsumer>);
 
-impl PartitionControl for ConsumerControl {
-    fn pause(&self, topic: &str, partition: i32) {
-        if let Some(c) = self.0.upgrade() {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(topic, partition);
-            if let Err(e) = c.pause(&tpl) {
-                tracing::warn!(%topic, partition, error = %e, "pause failed");
-            }
+impl ConsumerControl {
+    /// Pause (`true`) or resume one partition, if the consumer is still alive.
+    fn set_paused(&self, topic: &str, partition: i32, pause: bool) {
+        let Some(c) = self.0.upgrade() else { return };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let res = if pause { c.pause(&tpl) } else { c.resume(&tpl) };
+        if let Err(e) = res {
+            tracing::warn!(%topic, partition, pause, error = %e, "pause/resume failed");
         }
     }
+}
+
+impl PartitionControl for ConsumerControl {
+    fn pause(&self, topic: &str, partition: i32) {
+        self.set_paused(topic, partition, true);
+    }
     fn resume(&self, topic: &str, partition: i32) {
-        if let Some(c) = self.0.upgrade() {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(topic, partition);
-            if let Err(e) = c.resume(&tpl) {
-                tracing::warn!(%topic, partition, error = %e, "resume failed");
-            }
-        }
+        self.set_paused(topic, partition, false);
     }
 }
 

@@ -93,20 +93,9 @@ impl OffsetTracker {
         self.watermark
     }
 
-    /// Ranges registered and not yet released (done ranges waiting behind an unfinished
-    /// one count too).
-    pub fn pending_ranges(&self) -> usize {
-        self.pending.len()
-    }
-
     /// True when nothing is in flight.
     pub fn is_idle(&self) -> bool {
         self.pending.is_empty()
-    }
-
-    /// The first offset that is still in flight, if any.
-    pub fn oldest_pending(&self) -> Option<i64> {
-        self.pending.iter().find(|r| !r.done).map(|r| r.first)
     }
 }
 

@@ -156,11 +156,6 @@ impl PartitionState {
         self.update_queue_full(d);
     }
 
-    /// Records in the channel now.
-    pub fn depth(&self) -> usize {
-        self.depth.load(Ordering::Acquire)
-    }
-
     fn update_queue_full(&self, depth: usize) {
         let mut flow = self.flow.lock().expect("flow lock");
         let holding = flow.holds(HoldReason::QueueFull);
@@ -187,11 +182,6 @@ impl PartitionState {
             None => {}
         }
         self.metrics.paused.set(flow.is_paused() as i64);
-    }
-
-    /// True while paused for any reason.
-    pub fn is_paused(&self) -> bool {
-        self.flow.lock().expect("flow lock").is_paused()
     }
 
     /// Wait until nothing is in flight (or the partition stalled, or `deadline` passed).
