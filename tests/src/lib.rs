@@ -12,7 +12,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub use sluice_loadgen::{audit, create_topic, offsets, produce, AuditReport, ProduceSpec};
+pub use sluice_loadgen::{
+    audit, create_topic, key, offsets, parse_seq, payload, produce, AuditReport, ProduceSpec,
+};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -374,4 +376,215 @@ server: {{listen: "{addr}"}}
 {extra}
 "#
     )
+}
+
+/// Connection string of the PostgreSQL under test: `SLUICE_TEST_POSTGRES` when set,
+/// otherwise the local server of `scripts/postgres.sh` (started here if it is not up).
+pub fn postgres_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let url = match std::env::var("SLUICE_TEST_POSTGRES") {
+            Ok(u) if !u.is_empty() => u,
+            _ => {
+                if Command::new("bash")
+                    .arg(repo_root().join("scripts/postgres.sh"))
+                    .arg("status")
+                    .status()
+                    .map(|s| !s.success())
+                    .unwrap_or(true)
+                {
+                    script("postgres.sh", "start");
+                }
+                script("postgres.sh", "url").trim().to_string()
+            }
+        };
+        eprintln!(
+            "PostgreSQL under test: {}",
+            url.split('@').next_back().unwrap_or("?")
+        );
+        url
+    })
+    .clone()
+}
+
+/// One record to produce: an explicit partition (or by key), a key and a value.
+#[derive(Clone, Debug, Default)]
+pub struct TestRecord {
+    /// Partition, or `None` to let the key decide.
+    pub partition: Option<i32>,
+    /// Key.
+    pub key: Option<String>,
+    /// Value.
+    pub value: Vec<u8>,
+}
+
+/// Produce `records` to `topic` (idempotent, acks=all) and wait for every delivery.
+pub fn produce_records(topic: &str, records: impl IntoIterator<Item = TestRecord>) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let p: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    for r in records {
+        let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).payload(&r.value[..]);
+        if let Some(k) = &r.key {
+            rec = rec.key(k.as_str());
+        }
+        if let Some(part) = r.partition {
+            rec = rec.partition(part);
+        }
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    rec = back;
+                    p.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        p.poll(Duration::ZERO);
+    }
+    p.flush(Duration::from_secs(60))
+        .expect("every record delivered");
+}
+
+/// A record read back from a topic.
+#[derive(Clone, Debug)]
+pub struct ReadRecord {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Value.
+    pub value: Option<Vec<u8>>,
+    /// Headers with a value.
+    pub headers: Vec<(String, String)>,
+}
+
+impl ReadRecord {
+    /// The value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Read every record of `topic` from the beginning, until `timeout` passes with nothing
+/// new for 3 s (or the end is reached and stays put).
+pub fn read_all(topic: &str, timeout: Duration) -> Vec<ReadRecord> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    c.subscribe(&[topic]).expect("subscribe");
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_secs(3) {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                quiet_since = Instant::now();
+                out.push(ReadRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .filter_map(|h| {
+                                    Some((
+                                        h.key.to_string(),
+                                        String::from_utf8_lossy(h.value?).into_owned(),
+                                    ))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// A TCP proxy on loopback the test controls: [`TcpProxy::cut`] drops every connection
+/// and refuses new ones (the far side looks unreachable), [`TcpProxy::restore`] lets them
+/// through again.
+pub struct TcpProxy {
+    /// The proxy's `host:port`.
+    pub addr: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl TcpProxy {
+    /// Forward a fresh loopback port to `target` (`host:port`).
+    pub fn start(target: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>> = Default::default();
+        let (up2, live2, target) = (up.clone(), live.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !up2.load(Ordering::Acquire) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                };
+                {
+                    let mut l = live2.lock().expect("live lock");
+                    l.push(client.try_clone().expect("clone"));
+                    l.push(server.try_clone().expect("clone"));
+                }
+                for (mut from, mut to) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        TcpProxy { addr, up, live }
+    }
+
+    /// Drop every connection and refuse new ones.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::Release);
+        for s in self.live.lock().expect("live lock").drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Let connections through again.
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::Release);
+    }
 }

@@ -79,6 +79,13 @@ pub struct WorkerConfig {
     pub processor: ProcessorConfig,
     /// Where outputs go. A record is done when every sink acknowledged every output.
     pub sinks: Vec<SinkConfig>,
+    /// How sinks retry transient errors before a record is dead-lettered.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Where records that failed for good go. Without it, such a record stops its
+    /// partition (nothing past it is committed) until an operator steps in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterConfig>,
     /// Worker pool per partition and its queue.
     #[serde(default)]
     pub workers: WorkersConfig,
@@ -226,6 +233,21 @@ pub enum ProcessorConfig {
         /// Time spent per record.
         per_record: HumanDuration,
     },
+    /// A jq program (run by jaq, a Rust implementation of jq). The record value is parsed
+    /// as JSON and is the program's input; every value the program emits is one output.
+    /// Variables: `$key` (string or null), `$topic`, `$partition`, `$offset`,
+    /// `$timestamp` (ms or null) and `$headers` (an object of strings). A value that is not
+    /// JSON, or a program error, sends the record to the dead-letter path.
+    Jq {
+        /// The jq program, e.g. `select(.temp > 30) | {device, celsius: .temp}`.
+        program: String,
+        /// `false` (default): each output is the new value; key and headers stay the
+        /// input's. `true`: each output must be an object `{"value": ..., "key": "...",
+        /// "headers": {"name": "value"}}` (key and headers optional, the key then stays
+        /// the input's), so the program chooses the output key and headers.
+        #[serde(default)]
+        envelope: bool,
+    },
     /// A processor compiled into a custom worker binary, looked up by name.
     Custom {
         /// Name the custom binary registered its processor under.
@@ -245,6 +267,9 @@ impl Default for ProcessorConfig {
 pub enum SinkConfig {
     /// A Kafka topic, written through an idempotent producer with acks=all.
     Kafka(KafkaSinkConfig),
+    /// A PostgreSQL table, written in batches (one multi-row `INSERT ... SELECT FROM
+    /// UNNEST` per batch). Each output value must be a JSON object.
+    Postgres(PostgresSinkConfig),
     /// Print each output on standard output (debugging).
     Stdout {},
     /// Acknowledge and discard (benchmarks).
@@ -256,6 +281,7 @@ impl SinkConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             SinkConfig::Kafka(_) => "kafka",
+            SinkConfig::Postgres(_) => "postgres",
             SinkConfig::Stdout {} => "stdout",
             SinkConfig::Null {} => "null",
         }
@@ -272,9 +298,132 @@ pub struct KafkaSinkConfig {
     /// Defaults to the source's bootstrap servers and security settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap_servers: Option<String>,
+    /// The output key: the processor's (`output`, default) or the input record's
+    /// (`input`).
+    #[serde(default)]
+    pub key: KeySource,
+    /// When set, every output carries a header of this name whose value is the source
+    /// record's `topic/partition/offset`, so it can be traced back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_header: Option<String>,
     /// Extra librdkafka producer properties, applied last.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub producer_properties: BTreeMap<String, String>,
+}
+
+/// Which key a Kafka sink writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum KeySource {
+    /// The key the processor emitted (passthrough and jq keep the input key unless told).
+    #[default]
+    Output,
+    /// The source record's key, whatever the processor emitted.
+    Input,
+}
+
+/// A PostgreSQL table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// The table, optionally schema-qualified (`public.readings`).
+    #[schemars(
+        length(min = 1, max = 127),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+    )]
+    pub table: String,
+    /// Name of the environment variable holding the connection string
+    /// (`postgres://user:password@host:5432/db` or `host=... user=...`). The string itself
+    /// never appears in the configuration.
+    #[serde(default = "defaults::postgres_env")]
+    pub connection_env: String,
+    /// Columns to write and the JSON field each comes from. Empty (default): every column
+    /// of the table, each from the top-level field of the same name; a missing field
+    /// writes NULL (or the column default, with `onConflict`'s update semantics aside).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<ColumnMapping>,
+    /// What a row whose key already exists does: `ignore` (default: the row is kept as
+    /// it is, so a redelivered record does not duplicate) or `update` (the new values win;
+    /// needs `conflictKey`).
+    #[serde(default)]
+    pub on_conflict: OnConflict,
+    /// The unique key `onConflict` refers to (column names). Required for `update`;
+    /// optional for `ignore` (then any unique constraint counts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflict_key: Vec<String>,
+    /// Connections in the pool (each batch takes one).
+    #[serde(default = "defaults::pool_size")]
+    #[schemars(range(min = 1, max = 64))]
+    pub pool_size: u32,
+}
+
+/// One table column and where its value comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ColumnMapping {
+    /// Column name.
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub name: String,
+    /// Top-level JSON field of the output value; defaults to the column name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// SQL type the value is cast to (`bigint`, `timestamptz`, `jsonb`, ...); defaults to
+    /// the column's type in the database.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
+    pub sql_type: Option<String>,
+}
+
+/// Conflict handling of the PostgreSQL sink.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OnConflict {
+    /// `ON CONFLICT DO NOTHING`: the stored row wins.
+    #[default]
+    Ignore,
+    /// `ON CONFLICT (key) DO UPDATE`: the new row wins.
+    Update,
+}
+
+/// Retries of transient sink errors: exponential backoff with full jitter, until either
+/// limit is reached. Then the record is dead-lettered (or its partition stalls).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryConfig {
+    /// The first backoff.
+    #[serde(default = "defaults::initial_backoff")]
+    pub initial_backoff: HumanDuration,
+    /// The longest backoff.
+    #[serde(default = "defaults::max_backoff")]
+    pub max_backoff: HumanDuration,
+    /// Give up after this long since the first failure.
+    #[serde(default = "defaults::max_elapsed")]
+    pub max_elapsed: HumanDuration,
+    /// Give up after this many attempts (0: no limit but `maxElapsed`).
+    #[serde(default)]
+    pub max_attempts: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_backoff: defaults::initial_backoff(),
+            max_backoff: defaults::max_backoff(),
+            max_elapsed: defaults::max_elapsed(),
+            max_attempts: 0,
+        }
+    }
+}
+
+/// The dead-letter topic: records that failed for good, with why, where and how often.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// The topic.
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub topic: String,
+    /// Defaults to the source's bootstrap servers and security settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_servers: Option<String>,
 }
 
 /// How records of one partition are spread over its workers.
@@ -441,6 +590,21 @@ mod defaults {
     pub fn fetch_buffer() -> ByteSize {
         ByteSize(8 << 20)
     }
+    pub fn postgres_env() -> String {
+        "SLUICE_POSTGRES_URL".into()
+    }
+    pub fn pool_size() -> u32 {
+        4
+    }
+    pub fn initial_backoff() -> HumanDuration {
+        HumanDuration::from_millis(100)
+    }
+    pub fn max_backoff() -> HumanDuration {
+        HumanDuration::from_millis(10_000)
+    }
+    pub fn max_elapsed() -> HumanDuration {
+        HumanDuration::from_millis(300_000)
+    }
     pub fn listen() -> String {
         "0.0.0.0:9095".into()
     }
@@ -505,11 +669,23 @@ impl WorkerConfig {
         if self.sinks.is_empty() {
             return Err(ConfigError::invalid(
                 "sinks",
-                "at least one sink is required (kafka, stdout or null)",
+                "at least one sink is required (kafka, postgres, stdout or null)",
             ));
         }
         for (i, sink) in self.sinks.iter().enumerate() {
+            if let SinkConfig::Postgres(pg) = sink {
+                validate_postgres(&format!("sinks[{i}].postgres"), pg)?;
+            }
             if let SinkConfig::Kafka(k) = sink {
+                if k.trace_header
+                    .as_deref()
+                    .is_some_and(|h| h.trim().is_empty())
+                {
+                    return Err(ConfigError::invalid(
+                        format!("sinks[{i}].kafka.traceHeader"),
+                        "must not be empty when set",
+                    ));
+                }
                 topic_name(&format!("sinks[{i}].kafka.topic"), &k.topic)?;
                 if k.topic == self.source.topic
                     && k.bootstrap_servers
@@ -522,6 +698,48 @@ impl WorkerConfig {
                     ));
                 }
             }
+        }
+        if let ProcessorConfig::Jq { program, .. } = &self.processor {
+            non_empty("processor.jq.program", program)?;
+        }
+        if let Some(dl) = &self.dead_letter {
+            topic_name("deadLetter.topic", &dl.topic)?;
+            if dl.topic == self.source.topic
+                && dl
+                    .bootstrap_servers
+                    .as_ref()
+                    .is_none_or(|b| b == &self.source.bootstrap_servers)
+            {
+                return Err(ConfigError::invalid(
+                    "deadLetter.topic",
+                    "the dead-letter topic is the input topic: failed records would be read again",
+                ));
+            }
+        }
+        let r = &self.retry;
+        if r.initial_backoff.0.as_millis() < 1 {
+            return Err(ConfigError::invalid(
+                "retry.initialBackoff",
+                format!("must be at least 1ms, got {}", r.initial_backoff),
+            ));
+        }
+        if r.max_backoff.0 < r.initial_backoff.0 {
+            return Err(ConfigError::invalid(
+                "retry.maxBackoff",
+                format!(
+                    "must be at least retry.initialBackoff ({}), got {}",
+                    r.initial_backoff, r.max_backoff
+                ),
+            ));
+        }
+        if r.max_elapsed.0 < r.initial_backoff.0 {
+            return Err(ConfigError::invalid(
+                "retry.maxElapsed",
+                format!(
+                    "must be at least retry.initialBackoff ({}), got {}",
+                    r.initial_backoff, r.max_elapsed
+                ),
+            ));
         }
         let w = &self.workers;
         if !(1..=256).contains(&w.per_partition) {
@@ -626,6 +844,79 @@ impl WorkerConfig {
         }
         Ok(())
     }
+}
+
+/// A plain SQL identifier: what the sink quotes and writes into its statements.
+fn identifier(field: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("`{v}` is not a plain SQL identifier (letters, digits and _, at most 63)"),
+        ))
+    }
+}
+
+fn validate_postgres(at: &str, pg: &PostgresSinkConfig) -> Result<(), ConfigError> {
+    let parts: Vec<&str> = pg.table.split('.').collect();
+    if parts.len() > 2 {
+        return Err(ConfigError::invalid(
+            format!("{at}.table"),
+            format!("`{}` is neither `table` nor `schema.table`", pg.table),
+        ));
+    }
+    for part in parts {
+        identifier(&format!("{at}.table"), part)?;
+    }
+    non_empty(&format!("{at}.connectionEnv"), &pg.connection_env)?;
+    if !(1..=64).contains(&pg.pool_size) {
+        return Err(ConfigError::invalid(
+            format!("{at}.poolSize"),
+            format!("must be between 1 and 64, got {}", pg.pool_size),
+        ));
+    }
+    for (j, c) in pg.columns.iter().enumerate() {
+        identifier(&format!("{at}.columns[{j}].name"), &c.name)?;
+        if let Some(t) = &c.sql_type {
+            let ok = !t.trim().is_empty()
+                && t.len() <= 64
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || " _(),[]".contains(c));
+            if !ok {
+                return Err(ConfigError::invalid(
+                    format!("{at}.columns[{j}].type"),
+                    format!("`{t}` is not a SQL type name (e.g. bigint, numeric(10,2), text[])"),
+                ));
+            }
+        }
+        if pg.columns[..j].iter().any(|o| o.name == c.name) {
+            return Err(ConfigError::invalid(
+                format!("{at}.columns[{j}].name"),
+                format!("column `{}` is mapped twice", c.name),
+            ));
+        }
+    }
+    for (j, k) in pg.conflict_key.iter().enumerate() {
+        identifier(&format!("{at}.conflictKey[{j}]"), k)?;
+        if !pg.columns.is_empty() && !pg.columns.iter().any(|c| &c.name == k) {
+            return Err(ConfigError::invalid(
+                format!("{at}.conflictKey[{j}]"),
+                format!("`{k}` is not one of the mapped columns"),
+            ));
+        }
+    }
+    if pg.on_conflict == OnConflict::Update && pg.conflict_key.is_empty() {
+        return Err(ConfigError::invalid(
+            format!("{at}.conflictKey"),
+            "required with onConflict: update (the unique columns that identify a row)",
+        ));
+    }
+    Ok(())
 }
 
 fn non_empty(field: &str, v: &str) -> Result<(), ConfigError> {

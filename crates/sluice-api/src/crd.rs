@@ -17,9 +17,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    BatchingConfig, CommitConfig, ConfigError, MemoryConfig, ProcessorConfig, SaslMechanism,
-    SecurityConfig, SecurityProtocol, ServerConfig, SinkConfig, SourceConfig, StartFrom,
-    WorkerConfig, WorkersConfig,
+    BatchingConfig, CommitConfig, ConfigError, DeadLetterConfig, MemoryConfig, ProcessorConfig,
+    RetryConfig, SaslMechanism, SecurityConfig, SecurityProtocol, ServerConfig, SinkConfig,
+    SourceConfig, StartFrom, WorkerConfig, WorkersConfig,
 };
 use crate::units::HumanDuration;
 
@@ -73,6 +73,19 @@ pub struct StreamPipelineSpec {
     /// Where outputs go; every sink gets every output.
     #[schemars(length(min = 1, max = 16))]
     pub sinks: Vec<SinkConfig>,
+    /// Retries of transient sink errors.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Where records that failed for good go; without it such a record stalls its
+    /// partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterConfig>,
+    /// Environment variables of the worker filled from Secrets, e.g. the PostgreSQL
+    /// connection string a `postgres` sink's `connectionEnv` names. Values never enter the
+    /// rendered configuration.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub secret_env: Vec<SecretEnv>,
     /// Worker pool per partition.
     #[serde(default)]
     pub workers: WorkersConfig,
@@ -164,6 +177,20 @@ pub struct PipelineSecurity {
     /// The Secret key holding the SASL password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
+}
+
+/// An environment variable of the worker filled from a Secret key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretEnv {
+    /// The variable's name.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
+    pub name: String,
+    /// Where its value comes from.
+    pub secret_key_ref: SecretKeyRef,
 }
 
 /// A key of a Secret in the pipeline's namespace.
@@ -306,6 +333,8 @@ impl StreamPipeline {
             },
             processor: s.processor.clone(),
             sinks: s.sinks.clone(),
+            retry: s.retry.clone(),
+            dead_letter: s.dead_letter.clone(),
             workers: s.workers.clone(),
             batching: s.batching.clone(),
             commit: s.commit.clone(),
@@ -315,6 +344,33 @@ impl StreamPipeline {
             },
         };
         config.validate()?;
+        for (i, sink) in s.sinks.iter().enumerate() {
+            if let SinkConfig::Postgres(pg) = sink {
+                if !s.secret_env.iter().any(|e| e.name == pg.connection_env) {
+                    return Err(ConfigError::Invalid {
+                        field: format!("sinks[{i}].postgres.connectionEnv"),
+                        message: format!(
+                            "`{}` must be filled from a Secret: add it to spec.secretEnv",
+                            pg.connection_env
+                        ),
+                    });
+                }
+            }
+        }
+        for (i, e) in s.secret_env.iter().enumerate() {
+            if e.name == SASL_PASSWORD_ENV
+                || e.name.starts_with(crate::config::ENV_OVERRIDE_PREFIX)
+                || s.secret_env[..i].iter().any(|o| o.name == e.name)
+            {
+                return Err(ConfigError::Invalid {
+                    field: format!("secretEnv[{i}].name"),
+                    message: format!(
+                        "`{}` is reserved or given twice (SLUICE_SASL_PASSWORD comes from source.security, SLUICE__* would override the configuration)",
+                        e.name
+                    ),
+                });
+            }
+        }
         Ok(config)
     }
 }

@@ -259,10 +259,15 @@ fn every_example_is_accepted_and_renders_a_valid_worker_config() {
             .filter(|d| d["kind"] == "StreamPipeline")
         {
             let sp: sluice_api::crd::StreamPipeline = serde_json::from_value(d).unwrap();
-            sp.worker_config()
+            let config = sp
+                .worker_config()
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // What the ConfigMap holds is what the worker reads back.
+            let parsed = sluice_api::WorkerConfig::from_yaml(&config.to_yaml())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(parsed, config, "{}", path.display());
             seen += 1;
         }
     }
-    assert!(seen >= 3, "examples found: {seen}");
+    assert!(seen >= 4, "examples found: {seen}");
 }

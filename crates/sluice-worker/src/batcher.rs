@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::ack::AckToken;
-use crate::record::Output;
+use crate::record::{Origin, Output};
 use crate::sink::{DynSink, SinkBatch};
 
 /// Why a batch was flushed.
@@ -108,8 +108,8 @@ impl<T> Batcher<T> {
 /// that completes when the sink has acknowledged them.
 #[derive(Debug)]
 pub struct Piece {
-    /// Outputs, each with the source record's timestamp (ms) for end-to-end latency.
-    pub outputs: Vec<(Output, Option<i64>)>,
+    /// Outputs, each with the source record it came from.
+    pub outputs: Vec<(Output, Origin)>,
     /// Owed back once every output here is acknowledged.
     pub token: AckToken,
 }
@@ -121,12 +121,12 @@ pub async fn run_batcher(
     limits: Limits,
     metrics: crate::metrics::Metrics,
 ) {
-    let mut batcher: Batcher<(Output, Option<i64>)> = Batcher::new(limits);
+    let mut batcher: Batcher<(Output, Origin)> = Batcher::new(limits);
     let mut tokens: Vec<AckToken> = Vec::new();
     let size_hist = metrics
         .batch_size
         .with_label_values(&[metrics.pipeline(), sink.name()]);
-    let flush = |batcher: &mut Batcher<(Output, Option<i64>)>, tokens: &mut Vec<AckToken>| {
+    let flush = |batcher: &mut Batcher<(Output, Origin)>, tokens: &mut Vec<AckToken>| {
         let (items, bytes) = batcher.take();
         size_hist.observe(items.len() as f64);
         SinkBatch {
@@ -275,7 +275,7 @@ mod tests {
         st.register(0, 0).unwrap();
         let token = BatchAck::open(st.clone(), 0, 1, None);
         tx.send(Piece {
-            outputs: vec![(Output::default(), None)],
+            outputs: vec![(Output::default(), Origin::default())],
             token,
         })
         .await
@@ -297,7 +297,7 @@ mod tests {
         st.register(1, 1).unwrap();
         let token = BatchAck::open(st.clone(), 1, 1, None);
         tx.send(Piece {
-            outputs: vec![(Output::default(), None); 7],
+            outputs: vec![(Output::default(), Origin::default()); 7],
             token,
         })
         .await

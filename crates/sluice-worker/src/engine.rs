@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::backpressure::ByteBudget;
 use crate::batcher::{run_batcher, Limits, Piece};
+use crate::deadletter::DeadLetters;
 use crate::dispatcher::Lane;
 use crate::metrics::Metrics;
 use crate::partition::{NoControl, PartitionState};
@@ -25,10 +26,15 @@ pub struct Engine {
     batchers: Vec<JoinHandle<()>>,
     /// The metrics the engine reports to.
     pub metrics: Metrics,
+    /// Where failed records go.
+    pub dead_letters: Arc<DeadLetters>,
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)]
     /// `partitions` partitions of topic `topic`, each with its pool, delivering to `sinks`.
+    /// Failed records go to `dead_letters` (e.g. [`DeadLetters::memory`], or
+    /// [`DeadLetters::stall`] to stall their partition).
     pub fn new(
         topic: &str,
         partitions: i32,
@@ -37,6 +43,7 @@ impl Engine {
         in_flight_bytes: u64,
         processor: Arc<dyn Processor>,
         sinks: Vec<DynSink>,
+        dead_letters: Arc<DeadLetters>,
     ) -> Self {
         let metrics = Metrics::new("engine");
         let limits = Limits {
@@ -70,6 +77,7 @@ impl Engine {
                     slots,
                     processor.clone(),
                     senders.clone(),
+                    dead_letters.clone(),
                 );
                 Lane::new(state, txs, workers.ordering, budget.clone())
             })
@@ -79,6 +87,7 @@ impl Engine {
             senders: Some(senders),
             batchers,
             metrics,
+            dead_letters,
         }
     }
 
@@ -128,6 +137,8 @@ mod tests {
         seen: Mutex<Vec<(Bytes, Bytes)>>,
         metrics: SinkMetrics,
         fail_when: Option<&'static [u8]>,
+        /// Reject (rather than fail) the matching outputs, through this dead-letter path.
+        reject_to: Option<Arc<DeadLetters>>,
     }
 
     impl Sink for Recording {
@@ -141,7 +152,36 @@ mod tests {
                     .iter()
                     .any(|(o, _)| o.value.as_deref() == Some(needle))
             });
-            if bad {
+            if bad && self.reject_to.is_some() {
+                let rejected = batch
+                    .items
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (o, _))| o.value.as_deref() == self.fail_when)
+                    .map(|(i, _)| {
+                        (
+                            i,
+                            crate::sink::SinkFailure {
+                                class: "constraint",
+                                message: "rejected".into(),
+                                attempts: 1,
+                            },
+                        )
+                    })
+                    .collect();
+                let mut seen = self.seen.lock().unwrap();
+                for (o, _) in &batch.items {
+                    if o.value.as_deref() != self.fail_when {
+                        seen.push((
+                            o.key.clone().unwrap_or_default(),
+                            o.value.clone().unwrap_or_default(),
+                        ));
+                    }
+                }
+                drop(seen);
+                let dl = self.reject_to.clone().unwrap();
+                batch.settle(rejected, "recording", &self.metrics, &dl);
+            } else if bad {
                 batch.fail();
             } else {
                 let mut seen = self.seen.lock().unwrap();
@@ -202,11 +242,16 @@ mod tests {
         }
     }
 
-    fn recording(metrics: &Metrics, fail_when: Option<&'static [u8]>) -> Arc<Recording> {
+    fn recording(
+        metrics: &Metrics,
+        fail_when: Option<&'static [u8]>,
+        reject_to: Option<Arc<DeadLetters>>,
+    ) -> Arc<Recording> {
         Arc::new(Recording {
             seen: Mutex::new(Vec::new()),
             metrics: SinkMetrics::new(metrics, "recording"),
             fail_when,
+            reject_to,
         })
     }
 
@@ -215,8 +260,26 @@ mod tests {
         processor: Arc<dyn Processor>,
         fail_when: Option<&'static [u8]>,
     ) -> (Engine, Vec<Arc<Recording>>) {
+        run_with(ordering, processor, fail_when, false).await
+    }
+
+    async fn run_with(
+        ordering: Ordering,
+        processor: Arc<dyn Processor>,
+        fail_when: Option<&'static [u8]>,
+        dead_letter: bool,
+    ) -> (Engine, Vec<Arc<Recording>>) {
         let m = Metrics::new("test");
-        let sinks = vec![recording(&m, fail_when), recording(&m, None)];
+        let dead_letters = if dead_letter {
+            DeadLetters::memory(&m)
+        } else {
+            DeadLetters::stall(&m)
+        };
+        let reject_to = dead_letter.then(|| dead_letters.clone());
+        let sinks = vec![
+            recording(&m, fail_when, reject_to),
+            recording(&m, None, None),
+        ];
         let mut e = Engine::new(
             "t",
             2,
@@ -225,6 +288,7 @@ mod tests {
             1 << 20,
             processor,
             sinks.iter().map(|s| s.clone() as DynSink).collect(),
+            dead_letters,
         );
         for p in 0..2 {
             for chunk in 0..20 {
@@ -311,6 +375,63 @@ mod tests {
             s0.watermark().unwrap_or(0) <= 601,
             "watermark {:?}",
             s0.watermark()
+        );
+        e.close().await;
+    }
+
+    #[tokio::test]
+    async fn with_a_dead_letter_path_a_processor_failure_is_parked_and_the_partition_moves_on() {
+        let (e, sinks) = run_with(Ordering::Key, Arc::new(FailOn(0, 420)), None, true).await;
+        assert!(e.wait_idle(Duration::from_secs(10)).await);
+        for p in 0..2 {
+            assert!(!e.partition(p).is_stalled());
+            assert_eq!(e.partition(p).watermark(), Some(1000));
+        }
+        let letters = e.dead_letters.parked();
+        assert_eq!(letters.len(), 1);
+        let l = &letters[0];
+        assert_eq!((l.origin.partition, l.origin.offset), (0, 420));
+        assert_eq!((l.stage.as_str(), l.class), ("fail-on", "test"));
+        assert_eq!(
+            l.value.as_deref(),
+            Some(&b"p0:k7:420"[..]),
+            "the input record is parked"
+        );
+        for s in &sinks {
+            assert_eq!(s.seen.lock().unwrap().len(), 1999);
+        }
+        e.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_sink_rejection_parks_only_the_rejected_output_and_the_watermark_reaches_the_end() {
+        let (e, sinks) = run_with(
+            Ordering::Unordered,
+            Arc::new(crate::processor::Passthrough),
+            Some(b"p0:k1:601"),
+            true,
+        )
+        .await;
+        assert!(e.wait_idle(Duration::from_secs(10)).await);
+        for p in 0..2 {
+            assert!(!e.partition(p).is_stalled());
+            assert_eq!(e.partition(p).watermark(), Some(1000));
+        }
+        let letters = e.dead_letters.parked();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(
+            (letters[0].origin.partition, letters[0].origin.offset),
+            (0, 601)
+        );
+        assert_eq!(
+            (letters[0].stage.as_str(), letters[0].class),
+            ("recording", "constraint")
+        );
+        assert_eq!(sinks[0].seen.lock().unwrap().len(), 1999);
+        assert_eq!(
+            sinks[1].seen.lock().unwrap().len(),
+            2000,
+            "the other sink got it"
         );
         e.close().await;
     }

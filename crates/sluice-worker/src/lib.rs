@@ -40,6 +40,7 @@ pub mod batcher;
 pub mod client;
 pub mod committer;
 pub mod consumer;
+pub mod deadletter;
 pub mod dispatcher;
 pub mod engine;
 pub mod metrics;
@@ -50,6 +51,7 @@ pub mod pool;
 pub mod processor;
 pub mod progress;
 pub mod record;
+pub mod retry;
 pub mod server;
 pub mod sink;
 
@@ -140,6 +142,9 @@ pub fn select_processor(
     match (config, custom) {
         (ProcessorConfig::Passthrough {}, _) => Ok(Arc::new(processor::Passthrough)),
         (ProcessorConfig::Delay { per_record }, _) => Ok(Arc::new(processor::Delay(per_record.0))),
+        (ProcessorConfig::Jq { program, envelope }, _) => {
+            Ok(Arc::new(processor::Jq::compile(program, *envelope)?))
+        }
         (ProcessorConfig::Custom { name }, Some(p)) if p.name() == name => Ok(p),
         (ProcessorConfig::Custom { name }, Some(p)) => anyhow::bail!(
             "processor.custom.name is `{name}` but this binary provides `{}`",

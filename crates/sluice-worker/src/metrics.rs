@@ -32,6 +32,8 @@ pub struct Metrics {
     pub sink_outputs: IntCounterVec,
     /// Sink delivery retries.
     pub sink_retries: IntCounterVec,
+    /// Records dead-lettered, by stage and class.
+    pub dead_letters: IntCounterVec,
     /// Duration of offset commits.
     pub commit_latency: Histogram,
     /// Failed commits.
@@ -121,6 +123,7 @@ impl Metrics {
             end_to_end_latency: hist("sluice_end_to_end_latency_seconds", "Time from the record timestamp to the sink acknowledgement, per output.", &["pipeline", "sink"], LATENCY_BUCKETS.to_vec()),
             batch_size: hist("sluice_batch_size_messages", "Outputs per flushed sink batch.", &["pipeline", "sink"], size_buckets),
             sink_outputs: counter("sluice_sink_outputs_total", "Outputs acknowledged by a sink.", &["pipeline", "sink"]),
+            dead_letters: counter("sluice_dead_letters_total", "Records written to the dead-letter topic, by failing stage and error class.", &["pipeline", "stage", "class"]),
             sink_retries: counter("sluice_sink_retries_total", "Outputs a sink sent again after a transient error.", &["pipeline", "sink"]),
             commit_latency: hist("sluice_commit_latency_seconds", "Duration of offset commits.", &["pipeline"], LATENCY_BUCKETS.to_vec()).with_label_values(&[pipeline]),
             commit_failures: counter("sluice_commit_failures_total", "Offset commits that failed.", &["pipeline"]).with_label_values(&[pipeline]),

@@ -21,14 +21,17 @@ use crate::committer::Committer;
 use crate::consumer::{
     spawn_main_queue_thread, ConsumerControl, RebalanceEvent, SluiceConsumer, SluiceContext,
 };
+use crate::deadletter::DeadLetters;
 use crate::dispatcher::{run_kafka_dispatcher, Lane};
 use crate::metrics::Metrics;
 use crate::partition::{PartitionControl, PartitionState};
 use crate::pool::{lane_geometry, spawn_workers};
 use crate::processor::Processor;
+use crate::retry::RetryPolicy;
 use crate::server::Health;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::null::NullSink;
+use crate::sink::postgres::{PostgresSetupError, PostgresSink};
 use crate::sink::stdout::StdoutSink;
 use crate::sink::{DynSink, SinkMetrics};
 
@@ -41,6 +44,9 @@ pub enum PipelineError {
     /// Client configuration (e.g. a missing secret).
     #[error(transparent)]
     Client(#[from] crate::client::ClientError),
+    /// The PostgreSQL sink could not start.
+    #[error(transparent)]
+    Postgres(#[from] PostgresSetupError),
     /// A fatal producer or consumer error; restart resumes from the last commit.
     #[error("fatal {0} error; restarting resumes from the last committed offsets")]
     Fatal(&'static str),
@@ -72,7 +78,30 @@ struct Sinks {
     batchers: Vec<JoinHandle<()>>,
 }
 
-fn build_sinks(config: &WorkerConfig, metrics: &Metrics) -> Result<Sinks, PipelineError> {
+/// The dead-letter path the configuration asks for.
+fn build_dead_letters(
+    config: &WorkerConfig,
+    metrics: &Metrics,
+) -> Result<Arc<DeadLetters>, PipelineError> {
+    let Some(dl) = &config.dead_letter else {
+        return Ok(DeadLetters::stall(metrics));
+    };
+    let cfg = base_config(
+        dl.bootstrap_servers
+            .as_deref()
+            .unwrap_or(&config.source.bootstrap_servers),
+        &config.source.security,
+        &format!("sluice-{}-dead-letter", config.pipeline),
+    )?;
+    Ok(DeadLetters::kafka(cfg, &dl.topic, metrics)?)
+}
+
+async fn build_sinks(
+    config: &WorkerConfig,
+    metrics: &Metrics,
+    dead_letters: &Arc<DeadLetters>,
+) -> Result<Sinks, PipelineError> {
+    let retry = RetryPolicy::from(&config.retry);
     let limits = Limits {
         max_messages: config.batching.max_messages as usize,
         max_bytes: config.batching.max_bytes.0 as usize,
@@ -94,9 +123,12 @@ fn build_sinks(config: &WorkerConfig, metrics: &Metrics) -> Result<Sinks, Pipeli
                     &config.source.security,
                     &format!("sluice-{}-sink{i}", config.pipeline),
                 )?;
-                let s = KafkaSink::new(cfg, &k.topic, &k.producer_properties, sm)?;
+                let s = KafkaSink::new(cfg, k, retry.clone(), sm, dead_letters.clone())?;
                 kafka.push(s.clone());
                 s
+            }
+            SinkConfig::Postgres(pg) => {
+                PostgresSink::connect(pg, retry.clone(), sm, dead_letters.clone()).await?
             }
             SinkConfig::Null {} => Arc::new(NullSink::new(sm)),
             SinkConfig::Stdout {} => Arc::new(StdoutSink::new(sm)),
@@ -168,6 +200,7 @@ struct Coordinator {
     control: Arc<dyn PartitionControl>,
     budget: ByteBudget,
     sinks: Arc<[mpsc::Sender<Piece>]>,
+    dead_letters: Arc<DeadLetters>,
     owned: HashMap<(String, i32), Owned>,
     committer: Committer,
 }
@@ -210,6 +243,7 @@ impl Coordinator {
                 slots,
                 self.processor.clone(),
                 self.sinks.clone(),
+                self.dead_letters.clone(),
             );
             // librdkafka keeps a partition's pause flag across assignments: a partition that
             // was paused when it was revoked would come back paused and never be fetched.
@@ -322,7 +356,8 @@ async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
     let metrics = rt.metrics.clone();
-    let sinks = build_sinks(&config, &metrics)?;
+    let dead_letters = build_dead_letters(&config, &metrics)?;
+    let sinks = build_sinks(&config, &metrics, &dead_letters).await?;
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
     // The revoke callback waits a little longer than the drain itself, so the drain's own
@@ -348,6 +383,7 @@ async fn run(
         control: Arc::new(ConsumerControl(Arc::downgrade(&consumer))),
         budget: ByteBudget::new(config.memory.in_flight_bytes.0),
         sinks: sinks.senders.clone(),
+        dead_letters: dead_letters.clone(),
         owned: HashMap::new(),
         committer: Committer::new(
             consumer.clone(),
@@ -434,6 +470,14 @@ async fn run(
                 "sink still had unacknowledged outputs at exit; they will be redelivered"
             );
         }
+    }
+    let left = flush_deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_secs(1));
+    if !dead_letters.flush(left).await {
+        tracing::warn!(
+            "dead letters still unacknowledged at exit; their records will be redelivered"
+        );
     }
     drop(kafka);
     // Anything acknowledged during the flush is committed too.

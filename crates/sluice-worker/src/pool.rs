@@ -8,9 +8,10 @@ use tokio::task::JoinHandle;
 
 use crate::ack::AckToken;
 use crate::batcher::Piece;
+use crate::deadletter::{DeadLetters, Letter};
 use crate::partition::PartitionState;
 use crate::processor::Processor;
-use crate::record::{Output, Record};
+use crate::record::{Origin, Output, Record};
 
 /// A batch of records for one worker, and its share of the batch's completion.
 #[derive(Debug)]
@@ -63,6 +64,7 @@ pub fn spawn_workers(
     channel_batches: usize,
     processor: Arc<dyn Processor>,
     sinks: Arc<[mpsc::Sender<Piece>]>,
+    dead_letters: Arc<DeadLetters>,
 ) -> (Vec<mpsc::Sender<WorkItem>>, Vec<JoinHandle<()>>) {
     let mut txs = Vec::with_capacity(lanes);
     let mut handles = Vec::with_capacity(lanes);
@@ -70,7 +72,13 @@ pub fn spawn_workers(
         let (tx, rx) = mpsc::channel(channel_batches.max(1));
         txs.push(tx);
         handles.push(tokio::spawn(tracing::Instrument::in_current_span(
-            run_worker(rx, state.clone(), processor.clone(), sinks.clone()),
+            run_worker(
+                rx,
+                state.clone(),
+                processor.clone(),
+                sinks.clone(),
+                dead_letters.clone(),
+            ),
         )));
     }
     (txs, handles)
@@ -81,29 +89,52 @@ async fn run_worker(
     state: Arc<PartitionState>,
     processor: Arc<dyn Processor>,
     sinks: Arc<[mpsc::Sender<Piece>]>,
+    dead_letters: Arc<DeadLetters>,
 ) {
     let mut scratch: Vec<Output> = Vec::new();
     while let Some(WorkItem { records, token }) = rx.recv().await {
         state.dequeued(records.len());
-        let mut outputs: Vec<(Output, Option<i64>)> = Vec::with_capacity(records.len());
-        let mut failed = false;
+        let mut outputs: Vec<(Output, Origin)> = Vec::with_capacity(records.len());
+        let mut letters: Vec<Letter> = Vec::new();
         for r in &records {
             scratch.clear();
             match processor.process(r, &mut scratch) {
-                Ok(()) => outputs.extend(scratch.drain(..).map(|o| (o, r.timestamp_ms))),
+                Ok(()) => {
+                    if !scratch.is_empty() {
+                        let origin = Origin::of(r);
+                        outputs.extend(scratch.drain(..).map(|o| (o, origin.clone())));
+                    }
+                }
                 Err(e) => {
                     state.metrics.failed_processor.inc();
-                    tracing::error!(topic = %r.topic, partition = r.partition, offset = r.offset,
-                        processor = processor.name(), class = e.class, error = %e.message,
-                        "processor failed; the partition stops advancing at this record");
-                    failed = true;
-                    break;
+                    letters.push(Letter {
+                        origin: Origin::of(r),
+                        key: r.key.clone(),
+                        value: r.value.clone(),
+                        headers: r.headers.clone(),
+                        stage: processor.name().to_string(),
+                        class: e.class,
+                        message: e.message,
+                        attempts: 1,
+                    });
+                    // Without a dead-letter topic the batch stalls anyway: stop here.
+                    if !dead_letters.enabled() {
+                        break;
+                    }
                 }
             }
         }
         state.metrics.processed.inc_by(records.len() as u64);
-        if failed {
-            token.fail();
+        if !letters.is_empty() {
+            let stalls = !dead_letters.enabled();
+            dead_letters.park(letters, vec![token.clone()]);
+            if stalls {
+                token.fail();
+                continue;
+            }
+        }
+        if outputs.is_empty() {
+            token.ack();
             continue;
         }
         // Fan out: every sink gets every output; the last sink takes the vector itself.

@@ -49,3 +49,32 @@ impl Output {
         self.key.as_ref().map_or(0, Bytes::len) + self.value.as_ref().map_or(0, Bytes::len)
     }
 }
+
+/// Where an output came from: its source record's coordinates, carried with the output
+/// to the sinks for latency, tracing headers and the dead-letter headers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Origin {
+    /// Source topic.
+    pub topic: std::sync::Arc<str>,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// Source record timestamp (ms since the epoch).
+    pub timestamp_ms: Option<i64>,
+    /// Source record key.
+    pub key: Option<Bytes>,
+}
+
+impl Origin {
+    /// The origin of `record`.
+    pub fn of(record: &Record) -> Self {
+        Origin {
+            topic: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+            timestamp_ms: record.timestamp_ms,
+            key: record.key.clone(),
+        }
+    }
+}

@@ -139,19 +139,23 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
             ..Default::default()
         },
     ];
-    if let Some(secret) = &spec.source.security.password_secret_ref {
-        env.push(EnvVar {
-            name: SASL_PASSWORD_ENV.into(),
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: secret.name.clone(),
-                    key: secret.key.clone(),
-                    optional: Some(false),
-                }),
-                ..Default::default()
+    let from_secret = |name: &str, secret: &sluice_api::crd::SecretKeyRef| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: Some(false),
             }),
             ..Default::default()
-        });
+        }),
+        ..Default::default()
+    };
+    if let Some(secret) = &spec.source.security.password_secret_ref {
+        env.push(from_secret(SASL_PASSWORD_ENV, secret));
+    }
+    for e in &spec.secret_env {
+        env.push(from_secret(&e.name, &e.secret_key_ref));
     }
     // SIGTERM drains in-flight work (bounded by drainTimeout), then flushes the sinks (bounded
     // by drainTimeout again) and commits: give it both and some room.
@@ -454,6 +458,45 @@ spec:
             !cm.contains("kafka-creds") && !cm.contains("password\""),
             "{cm}"
         );
+    }
+
+    #[test]
+    fn a_postgres_connection_string_comes_from_a_secret_env_and_must_be_declared() {
+        let mut p = pipeline("");
+        p.spec.sinks = vec![serde_json::from_value(serde_json::json!(
+            {"postgres": {"table": "readings", "connectionEnv": "PG_URL"}}
+        ))
+        .unwrap()];
+        let err = p.worker_config().unwrap_err().to_string();
+        assert!(
+            err.contains("sinks[0].postgres.connectionEnv") && err.contains("secretEnv"),
+            "{err}"
+        );
+        p.spec.secret_env = vec![sluice_api::crd::SecretEnv {
+            name: "PG_URL".into(),
+            secret_key_ref: SecretKeyRef {
+                name: "pg-creds".into(),
+                key: "url".into(),
+            },
+        }];
+        let v = validated(p, 8);
+        let d = build_deployment(&v, 1);
+        let env = d.spec.unwrap().template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let e = env.iter().find(|e| e.name == "PG_URL").unwrap();
+        assert!(e.value.is_none());
+        let sel = e
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!((sel.name.as_str(), sel.key.as_str()), ("pg-creds", "url"));
+        let cm = serde_json::to_string(&build_configmap(&v)).unwrap();
+        assert!(!cm.contains("pg-creds"), "{cm}");
     }
 
     #[test]

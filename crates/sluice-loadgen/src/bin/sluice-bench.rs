@@ -7,7 +7,11 @@
 //! - `sluice-null`   the sluice pipeline into the null sink, commits on
 //! - `relay`         bare relay: consume + produce, auto-commit, fire and forget
 //! - `sluice-relay`  the sluice pipeline, passthrough to a Kafka topic, contiguous commits
-//! - `engine`        the in-memory engine alone (no broker) on one core
+//! - `engine`        the in-memory engine alone (no broker) on one core, passthrough
+//! - `engine-jq`     the same with the jq processor running the IoT transform
+//! - `sluice-fanout` the sluice pipeline, passthrough to two Kafka topics
+//! - `pg-batched` / `pg-rows`: the postgres sink writing `count` rows in batches of 5000,
+//!   or one row per statement (`SLUICE_POSTGRES_URL` names the database)
 //! - `latency-relay` / `latency-sluice`: end-to-end latency at an offered `--rate`
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -298,8 +302,16 @@ async fn sluice(
     Ok((n, secs, cpu, delta(&base.e2e, &s.e2e)))
 }
 
+/// The jq program of the `engine-jq` mode (and the processing tests).
+const JQ_PROGRAM: &str = r#"{seq, device: .deviceId, tempF: ((.tempC | tonumber) * 9 / 5 + 32)}"#;
+
 /// (5) The in-memory engine on a current-thread runtime (one core), null sink.
 async fn engine(a: &Args) -> anyhow::Result<()> {
+    let processor: Arc<dyn sluice_worker::Processor> = if a.mode == "engine-jq" {
+        Arc::new(sluice_worker::processor::Jq::compile(JQ_PROGRAM, false)?)
+    } else {
+        Arc::new(sluice_worker::processor::Passthrough)
+    };
     use sluice_api::config::{BatchingConfig, Ordering as O, WorkersConfig};
     let m = sluice_worker::metrics::Metrics::new("engine-sink");
     let sink = Arc::new(sluice_worker::sink::null::NullSink::new(
@@ -316,8 +328,9 @@ async fn engine(a: &Args) -> anyhow::Result<()> {
         &workers,
         &BatchingConfig::default(),
         256 << 20,
-        Arc::new(sluice_worker::processor::Passthrough),
+        processor,
         vec![sink],
+        sluice_worker::deadletter::DeadLetters::stall(&m),
     );
     let payload = Bytes::from(sluice_loadgen::payload(1, 100));
     let keys: Vec<Bytes> = (0..1000).map(|i| Bytes::from(format!("dev-{i}"))).collect();
@@ -348,7 +361,7 @@ async fn engine(a: &Args) -> anyhow::Result<()> {
     );
     let n = offset as u64 * a.partitions as u64;
     report(
-        "engine",
+        &a.mode,
         n,
         t0.elapsed().as_secs_f64(),
         cpu_seconds() - cpu0,
@@ -443,6 +456,87 @@ async fn latency(a: &Args, which: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// (6) The postgres sink alone: `count` rows into a fresh table, in batches of `batch`.
+async fn postgres(a: &Args, batch: usize) -> anyhow::Result<()> {
+    use sluice_worker::record::{Origin, Output};
+    use sluice_worker::sink::{Sink, SinkBatch, SinkMetrics};
+    let url = std::env::var("SLUICE_POSTGRES_URL")
+        .context("SLUICE_POSTGRES_URL must hold the benchmark database's connection string")?;
+    let table = format!("bench_{}", run_id().replace('-', "_"));
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (seq bigint PRIMARY KEY, device text NOT NULL, temp_f double precision)"
+        ))
+        .await?;
+    let config: sluice_api::config::PostgresSinkConfig =
+        serde_json::from_value(serde_json::json!({
+            "table": table,
+            "columns": [{"name": "seq"}, {"name": "device"}, {"name": "temp_f", "field": "tempF"}],
+        }))?;
+    let m = sluice_worker::metrics::Metrics::new("bench-pg");
+    let sink = sluice_worker::sink::postgres::PostgresSink::connect(
+        &config,
+        sluice_worker::retry::RetryPolicy::from(&sluice_api::config::RetryConfig::default()),
+        SinkMetrics::new(&m, "postgres"),
+        sluice_worker::deadletter::DeadLetters::stall(&m),
+    )
+    .await?;
+    let rows: Vec<(Output, Origin)> = (0..a.count)
+        .map(|i| {
+            let v = format!(
+                r#"{{"seq":{i},"device":"dev-{}","tempF":{}}}"#,
+                i % 1000,
+                (i % 400) as f64 / 10.0 * 1.8 + 32.0
+            );
+            (
+                Output {
+                    key: None,
+                    value: Some(Bytes::from(v)),
+                    headers: Vec::new(),
+                },
+                Origin::default(),
+            )
+        })
+        .collect();
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let mut it = rows.into_iter().peekable();
+    while it.peek().is_some() {
+        let items: Vec<_> = it.by_ref().take(batch).collect();
+        sink.deliver(SinkBatch {
+            bytes: 0,
+            items,
+            tokens: Vec::new(),
+            created: std::time::Instant::now(),
+        })
+        .await;
+    }
+    anyhow::ensure!(
+        sink.flush(Duration::from_secs(600)).await,
+        "postgres sink did not finish"
+    );
+    let secs = t0.elapsed().as_secs_f64();
+    let stored: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        stored as u64 == a.count,
+        "stored {stored} of {} rows",
+        a.count
+    );
+    client.batch_execute(&format!("DROP TABLE {table}")).await?;
+    report(
+        &a.mode,
+        a.count,
+        secs,
+        cpu_seconds() - cpu0,
+        serde_json::json!({"batch": batch}),
+    );
+    Ok(())
+}
+
 fn clone_args(a: &Args) -> Args {
     Args {
         mode: a.mode.clone(),
@@ -459,7 +553,7 @@ fn clone_args(a: &Args) -> Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    if a.mode == "engine" {
+    if a.mode == "engine" || a.mode == "engine-jq" {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -516,6 +610,26 @@ fn main() -> anyhow::Result<()> {
                 report("sluice-relay", n, secs, cpu, serde_json::json!({}));
                 Ok(())
             }
+            "sluice-fanout" => {
+                let (o1, o2) = (
+                    format!("bench-out-{}", run_id()),
+                    format!("bench-out2-{}", run_id()),
+                );
+                create_topic(&a.bootstrap, &o1, a.partitions).await?;
+                create_topic(&a.bootstrap, &o2, a.partitions).await?;
+                let sinks = format!("{{kafka: {{topic: {o1}}}}}, {{kafka: {{topic: {o2}}}}}");
+                let (n, secs, cpu, _) = sluice(&a, &a.topic, &sinks, None, None).await?;
+                report(
+                    "sluice-fanout",
+                    n,
+                    secs,
+                    cpu,
+                    serde_json::json!({"sinks": 2}),
+                );
+                Ok(())
+            }
+            "pg-batched" => postgres(&a, 5000).await,
+            "pg-rows" => postgres(&a, 1).await,
             "latency-relay" => latency(&a, "relay").await,
             "latency-sluice" => latency(&a, "sluice").await,
             m => anyhow::bail!("unknown mode {m}"),

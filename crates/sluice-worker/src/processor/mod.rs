@@ -3,8 +3,10 @@
 //! Implement [`Processor`] for custom logic and hand it to [`crate::run`]; the built-in
 //! ones are selected by the `processor` field of the configuration.
 
+mod jq;
 mod passthrough;
 
+pub use jq::{CompileError, Jq};
 pub use passthrough::{Delay, Passthrough};
 
 use crate::record::{Output, Record};

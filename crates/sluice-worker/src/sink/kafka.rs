@@ -1,15 +1,17 @@
-//! The `kafka` sink: an idempotent producer with `acks=all`. A batch is acknowledged only
-//! when every record's delivery report is in and successful.
+//! The `kafka` sink: an idempotent producer with `acks=all`. A batch is settled only when
+//! every record's delivery report is in.
 //!
-//! Transient delivery errors (timeouts, broker unavailable) re-send the record with
-//! backoff; permanent ones (record too large, authorization) fail the batch, so its source
-//! records are never committed. A fatal producer error (e.g. an idempotence sequence
-//! violation) is reported through [`KafkaSink::fatal`] and stops the worker: a restart
-//! resumes from the last commit.
+//! Each output is classified on failure. Transient errors (timeouts, an unavailable
+//! broker) send it again after a backoff from the pipeline's retry policy; permanent ones
+//! (record too large, authorization, an invalid topic) and transient ones whose retries
+//! ran out send it to the dead-letter path, and the rest of the batch is acknowledged as
+//! usual. A fatal producer error (e.g. an idempotence sequence violation) is reported
+//! through [`KafkaSink::fatal`] and stops the worker: a restart resumes from the last
+//! commit.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -17,29 +19,41 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext};
+use sluice_api::config::{KafkaSinkConfig, KeySource};
 use tokio::sync::{mpsc, Notify};
 
-use super::{Sink, SinkBatch, SinkMetrics};
-use crate::record::Output;
-
-/// Most re-sends of one batch before it is failed for good.
-const MAX_RETRIES_PER_BATCH: u32 = 20;
+use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
+use crate::deadletter::DeadLetters;
+use crate::retry::{ErrorClass, RetryPolicy};
 
 /// A batch handed to the producer, waiting for its delivery reports.
-pub struct InFlight {
+struct InFlight {
     remaining: AtomicUsize,
-    failed: AtomicBool,
-    retries: AtomicU32,
+    rejected: Mutex<Vec<(usize, SinkFailure)>>,
+    first_failure: Mutex<Option<Instant>>,
     batch: Mutex<Option<SinkBatch>>,
 }
 
-struct Retry {
-    output: Output,
+/// One output on its way: the delivery opaque.
+pub struct Slot {
     flight: Arc<InFlight>,
+    index: usize,
+    attempts: u32,
+}
+
+/// A record to send again after `delay`.
+struct Retry {
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Vec<(String, Option<Bytes>)>,
+    slot: Box<Slot>,
+    delay: Duration,
 }
 
 struct Shared {
     metrics: SinkMetrics,
+    dead_letters: Arc<DeadLetters>,
+    retry: RetryPolicy,
     outstanding: AtomicUsize,
     idle: Notify,
     fatal: AtomicBool,
@@ -47,15 +61,24 @@ struct Shared {
 }
 
 impl Shared {
+    fn reject(&self, slot: &Slot, class: &'static str, message: String) {
+        slot.flight.rejected.lock().expect("rejected lock").push((
+            slot.index,
+            SinkFailure {
+                class,
+                message,
+                attempts: slot.attempts,
+            },
+        ));
+        self.finish_one(&slot.flight);
+    }
+
     fn finish_one(&self, flight: &Arc<InFlight>) {
         if flight.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             let batch = flight.batch.lock().expect("batch lock").take();
             if let Some(batch) = batch {
-                if flight.failed.load(Ordering::Acquire) {
-                    batch.fail();
-                } else {
-                    batch.acknowledge(&self.metrics);
-                }
+                let rejected = std::mem::take(&mut *flight.rejected.lock().expect("lock"));
+                batch.settle(rejected, "kafka", &self.metrics, &self.dead_letters);
             }
             if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.idle.notify_waiters();
@@ -81,65 +104,76 @@ impl ClientContext for SinkContext {
     }
 }
 
-/// Errors that no retry can fix.
-fn is_permanent(e: &KafkaError) -> bool {
+/// Classify a produce error, with a short class for metrics and dead-letter headers.
+pub fn classify(e: &KafkaError) -> (ErrorClass, &'static str) {
     use RDKafkaErrorCode::*;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            MessageSizeTooLarge
-                | InvalidMessageSize
-                | InvalidMessage
-                | InvalidRecord
-                | TopicAuthorizationFailed
-                | InvalidTopic
-                | UnsupportedForMessageFormat
-                | Fatal
-        )
-    )
+    match e.rdkafka_error_code() {
+        Some(MessageSizeTooLarge | InvalidMessageSize) => {
+            (ErrorClass::Permanent, "record_too_large")
+        }
+        Some(InvalidMessage | InvalidRecord | UnsupportedForMessageFormat) => {
+            (ErrorClass::Permanent, "invalid_record")
+        }
+        Some(TopicAuthorizationFailed | ClusterAuthorizationFailed) => {
+            (ErrorClass::Permanent, "not_authorized")
+        }
+        Some(InvalidTopic) => (ErrorClass::Permanent, "invalid_topic"),
+        Some(Fatal) => (ErrorClass::Permanent, "fatal"),
+        _ => (ErrorClass::Transient, "transient"),
+    }
 }
 
 impl ProducerContext for SinkContext {
-    type DeliveryOpaque = Arc<InFlight>;
+    type DeliveryOpaque = Box<Slot>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, flight: Arc<InFlight>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, mut slot: Box<Slot>) {
         match result {
-            Ok(_) => self.shared.finish_one(&flight),
+            Ok(_) => self.shared.finish_one(&slot.flight),
             Err((e, msg)) => {
-                let retries = flight.retries.fetch_add(1, Ordering::AcqRel);
-                if is_permanent(e) || retries >= MAX_RETRIES_PER_BATCH {
-                    tracing::error!(sink = "kafka", topic = %self.topic, error = %e, retries,
-                        "output rejected for good; its source records will not be committed");
-                    flight.failed.store(true, Ordering::Release);
-                    self.shared.finish_one(&flight);
-                } else {
-                    tracing::warn!(sink = "kafka", topic = %self.topic, error = %e, "transient delivery error; sending again");
-                    self.shared.metrics.retries.inc();
-                    let output = Output {
-                        key: msg.key().map(Bytes::copy_from_slice),
-                        value: msg.payload().map(Bytes::copy_from_slice),
-                        headers: msg
-                            .headers()
-                            .map(|h| {
-                                h.iter()
-                                    .map(|h| {
-                                        (h.key.to_string(), h.value.map(Bytes::copy_from_slice))
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
-                    };
-                    if self
+                let (class, name) = classify(e);
+                if class == ErrorClass::Permanent {
+                    return self.shared.reject(&slot, name, e.to_string());
+                }
+                let started = *slot
+                    .flight
+                    .first_failure
+                    .lock()
+                    .expect("lock")
+                    .get_or_insert_with(Instant::now);
+                let Some(delay) = self
+                    .shared
+                    .retry
+                    .next_delay(slot.attempts, started.elapsed())
+                else {
+                    tracing::error!(sink = "kafka", topic = %self.topic, error = %e, attempts = slot.attempts,
+                        "retries exhausted");
+                    return self
                         .shared
-                        .retry_tx
-                        .send(Retry {
-                            output,
-                            flight: flight.clone(),
+                        .reject(&slot, "retries_exhausted", e.to_string());
+                };
+                tracing::warn!(sink = "kafka", topic = %self.topic, error = %e, attempts = slot.attempts, ?delay,
+                    "transient delivery error; sending again");
+                self.shared.metrics.retries.inc();
+                slot.attempts += 1;
+                let retry = Retry {
+                    key: msg.key().map(Bytes::copy_from_slice),
+                    value: msg.payload().map(Bytes::copy_from_slice),
+                    headers: msg
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice)))
+                                .collect()
                         })
-                        .is_err()
-                    {
-                        flight.failed.store(true, Ordering::Release);
-                        self.shared.finish_one(&flight);
+                        .unwrap_or_default(),
+                    slot,
+                    delay,
+                };
+                if let Err(mpsc::error::SendError(r)) = self.shared.retry_tx.send(retry) {
+                    // Shutting down: leave it unacknowledged (redelivered after restart).
+                    let taken = r.slot.flight.batch.lock().expect("lock").take();
+                    if let Some(b) = taken {
+                        b.fail();
                     }
                 }
             }
@@ -151,6 +185,8 @@ impl ProducerContext for SinkContext {
 pub struct KafkaSink {
     producer: ThreadedProducer<SinkContext>,
     topic: String,
+    key: KeySource,
+    trace_header: Option<String>,
     shared: Arc<Shared>,
 }
 
@@ -162,16 +198,23 @@ impl std::fmt::Debug for KafkaSink {
     }
 }
 
+fn kafka_headers<'a>(headers: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>) -> OwnedHeaders {
+    headers.fold(OwnedHeaders::new(), |h, (key, value)| {
+        h.insert(Header { key, value })
+    })
+}
+
 impl KafkaSink {
-    /// Create the producer. `config` carries bootstrap servers and security; the
-    /// delivery guarantees are set here and `overrides` are applied last.
+    /// Create the producer. `client` carries bootstrap servers and security; the delivery
+    /// guarantees are set here and the sink's `producerProperties` are applied last.
     pub fn new(
-        mut config: ClientConfig,
-        topic: &str,
-        overrides: &std::collections::BTreeMap<String, String>,
+        mut client: ClientConfig,
+        config: &KafkaSinkConfig,
+        retry: RetryPolicy,
         metrics: SinkMetrics,
+        dead_letters: Arc<DeadLetters>,
     ) -> Result<Arc<Self>, KafkaError> {
-        config
+        client
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
@@ -179,25 +222,31 @@ impl KafkaSink {
             .set("batch.size", "1048576")
             .set("queue.buffering.max.messages", "500000")
             .set("queue.buffering.max.kbytes", "262144")
-            .set("message.timeout.ms", "120000");
-        for (k, v) in overrides {
-            config.set(k, v);
+            // librdkafka retries within this; past it the report comes back to the retry
+            // policy above.
+            .set("message.timeout.ms", "30000");
+        for (k, v) in &config.producer_properties {
+            client.set(k, v);
         }
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             metrics,
+            dead_letters,
+            retry,
             outstanding: AtomicUsize::new(0),
             idle: Notify::new(),
             fatal: AtomicBool::new(false),
             retry_tx,
         });
-        let producer = config.create_with_context(SinkContext {
+        let producer = client.create_with_context(SinkContext {
             shared: shared.clone(),
-            topic: topic.to_string(),
+            topic: config.topic.clone(),
         })?;
         let sink = Arc::new(KafkaSink {
             producer,
-            topic: topic.to_string(),
+            topic: config.topic.clone(),
+            key: config.key,
+            trace_header: config.trace_header.clone(),
             shared,
         });
         tokio::spawn(tracing::Instrument::in_current_span(retry_loop(
@@ -213,25 +262,20 @@ impl KafkaSink {
     }
 
     /// Send one record, waiting while the producer's queue is full.
-    async fn send_one(&self, out: &Output, flight: &Arc<InFlight>) {
-        let headers = (!out.headers.is_empty()).then(|| {
-            out.headers.iter().fold(
-                OwnedHeaders::new_with_capacity(out.headers.len()),
-                |h, (k, v)| {
-                    h.insert(Header {
-                        key: k,
-                        value: v.as_deref(),
-                    })
-                },
-            )
-        });
-        let mut rec: BaseRecord<'_, [u8], [u8], Arc<InFlight>> =
-            BaseRecord::with_opaque_to(&self.topic, flight.clone());
-        if let Some(k) = &out.key {
-            rec = rec.key(&k[..]);
+    async fn send_one(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+        slot: Box<Slot>,
+    ) {
+        let mut rec: BaseRecord<'_, [u8], [u8], Box<Slot>> =
+            BaseRecord::with_opaque_to(&self.topic, slot);
+        if let Some(k) = key {
+            rec = rec.key(k);
         }
-        if let Some(v) = &out.value {
-            rec = rec.payload(&v[..]);
+        if let Some(v) = value {
+            rec = rec.payload(v);
         }
         if let Some(h) = headers {
             rec = rec.headers(h);
@@ -245,10 +289,11 @@ impl KafkaSink {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(50));
                 }
-                Err((e, _)) => {
-                    tracing::error!(sink = "kafka", topic = %self.topic, error = %e, "the producer refused a record; its source records will not be committed");
-                    flight.failed.store(true, Ordering::Release);
-                    self.shared.finish_one(flight);
+                Err((e, back)) => {
+                    let (_, class) = classify(&e);
+                    tracing::error!(sink = "kafka", topic = %self.topic, error = %e, "the producer refused a record");
+                    self.shared
+                        .reject(&back.delivery_opaque, class, e.to_string());
                     return;
                 }
             }
@@ -258,11 +303,15 @@ impl KafkaSink {
 
 async fn retry_loop(sink: std::sync::Weak<KafkaSink>, mut rx: mpsc::UnboundedReceiver<Retry>) {
     while let Some(r) = rx.recv().await {
-        let attempt = r.flight.retries.load(Ordering::Acquire).min(8);
-        tokio::time::sleep(Duration::from_millis(50u64 << attempt).min(Duration::from_secs(5)))
-            .await;
-        let Some(sink) = sink.upgrade() else { return };
-        sink.send_one(&r.output, &r.flight).await;
+        let sink = sink.clone();
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
+            tokio::time::sleep(r.delay).await;
+            let Some(sink) = sink.upgrade() else { return };
+            let headers = (!r.headers.is_empty())
+                .then(|| kafka_headers(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref()))));
+            sink.send_one(r.key.as_deref(), r.value.as_deref(), headers, r.slot)
+                .await;
+        }));
     }
 }
 
@@ -280,16 +329,46 @@ impl Sink for KafkaSink {
             }
             // Bytes are reference counted: the sends borrow these clones while the batch
             // (with its tokens) waits in the in-flight record for the delivery reports.
-            let outputs: Vec<Output> = batch.items.iter().map(|(o, _)| o.clone()).collect();
+            let records: Vec<_> = batch
+                .items
+                .iter()
+                .map(|(o, origin)| {
+                    let key = match self.key {
+                        KeySource::Output => o.key.clone(),
+                        KeySource::Input => origin.key.clone(),
+                    };
+                    let trace = self.trace_header.as_ref().map(|name| {
+                        (
+                            name.as_str(),
+                            format!("{}/{}/{}", origin.topic, origin.partition, origin.offset),
+                        )
+                    });
+                    (key, o.value.clone(), o.headers.clone(), trace)
+                })
+                .collect();
             let flight = Arc::new(InFlight {
                 remaining: AtomicUsize::new(n),
-                failed: AtomicBool::new(false),
-                retries: AtomicU32::new(0),
+                rejected: Mutex::new(Vec::new()),
+                first_failure: Mutex::new(None),
                 batch: Mutex::new(Some(batch)),
             });
             self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
-            for out in &outputs {
-                self.send_one(out, &flight).await;
+            for (index, (key, value, headers, trace)) in records.iter().enumerate() {
+                let headers = (!headers.is_empty() || trace.is_some()).then(|| {
+                    kafka_headers(
+                        headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_deref()))
+                            .chain(trace.iter().map(|(k, v)| (*k, Some(v.as_bytes())))),
+                    )
+                });
+                let slot = Box::new(Slot {
+                    flight: flight.clone(),
+                    index,
+                    attempts: 1,
+                });
+                self.send_one(key.as_deref(), value.as_deref(), headers, slot)
+                    .await;
             }
         })
     }

@@ -3,6 +3,7 @@
 
 pub mod kafka;
 pub mod null;
+pub mod postgres;
 pub mod stdout;
 
 use std::sync::Arc;
@@ -11,14 +12,15 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 
 use crate::ack::AckToken;
+use crate::deadletter::{DeadLetters, Letter};
 use crate::metrics::Metrics;
-use crate::record::Output;
+use crate::record::{Origin, Output};
 
 /// A flushed batch on its way to a sink.
 #[derive(Debug)]
 pub struct SinkBatch {
-    /// Outputs with the source record timestamp (ms since the epoch).
-    pub items: Vec<(Output, Option<i64>)>,
+    /// Outputs, each with the source record it came from.
+    pub items: Vec<(Output, Origin)>,
     /// Payload bytes of the outputs.
     pub bytes: usize,
     /// Owed back when every output is acknowledged.
@@ -31,12 +33,8 @@ impl SinkBatch {
     /// Every output is acknowledged: record latency and release the tokens.
     pub fn acknowledge(self, metrics: &SinkMetrics) {
         let now_ms = now_ms();
-        for (_, ts) in &self.items {
-            if let Some(ts) = ts {
-                metrics
-                    .end_to_end
-                    .observe(((now_ms - ts).max(0) as f64) / 1000.0);
-            }
+        for (_, origin) in &self.items {
+            observe_latency(metrics, now_ms, origin);
         }
         metrics.outputs.inc_by(self.items.len() as u64);
         for t in self.tokens {
@@ -44,11 +42,79 @@ impl SinkBatch {
         }
     }
 
-    /// Some output cannot be delivered: its records must not be committed.
+    /// Some output cannot be delivered and cannot be dead-lettered: its records must not
+    /// be committed.
     pub fn fail(self) {
         for t in self.tokens {
             t.fail();
         }
+    }
+
+    /// Settle the batch: the outputs at the indexes of `rejected` failed for good and go
+    /// to the dead-letter path; every other output is stored. The tokens are released
+    /// when the letters are stored (or failed, which stalls their partitions).
+    pub fn settle(
+        self,
+        rejected: Vec<(usize, SinkFailure)>,
+        sink: &str,
+        metrics: &SinkMetrics,
+        dead_letters: &Arc<DeadLetters>,
+    ) {
+        if rejected.is_empty() {
+            return self.acknowledge(metrics);
+        }
+        let now_ms = now_ms();
+        let mut failed = vec![false; self.items.len()];
+        for (i, _) in &rejected {
+            if let Some(f) = failed.get_mut(*i) {
+                *f = true;
+            }
+        }
+        let mut stored = 0;
+        for (i, (_, origin)) in self.items.iter().enumerate() {
+            if !failed[i] {
+                observe_latency(metrics, now_ms, origin);
+                stored += 1;
+            }
+        }
+        metrics.outputs.inc_by(stored);
+        let SinkBatch { items, tokens, .. } = self;
+        let letters = rejected
+            .into_iter()
+            .filter_map(|(i, f)| {
+                let (o, origin) = items.get(i)?;
+                Some(Letter {
+                    origin: origin.clone(),
+                    key: o.key.clone(),
+                    value: o.value.clone(),
+                    headers: o.headers.clone(),
+                    stage: sink.to_string(),
+                    class: f.class,
+                    message: f.message,
+                    attempts: f.attempts,
+                })
+            })
+            .collect();
+        dead_letters.park(letters, tokens);
+    }
+}
+
+/// Why a sink gave up on an output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkFailure {
+    /// A short, bounded class (`constraint`, `record_too_large`, `retries_exhausted`, ...).
+    pub class: &'static str,
+    /// The sink's error message.
+    pub message: String,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+fn observe_latency(metrics: &SinkMetrics, now_ms: i64, origin: &Origin) {
+    if let Some(ts) = origin.timestamp_ms {
+        metrics
+            .end_to_end
+            .observe(((now_ms - ts).max(0) as f64) / 1000.0);
     }
 }
 

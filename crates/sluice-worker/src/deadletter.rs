@@ -1,0 +1,287 @@
+//! The dead-letter path: where a record goes when it failed for good (a processor error,
+//! a permanent sink error, or a transient one whose retries ran out).
+//!
+//! A letter is written to the dead-letter topic through an idempotent producer with
+//! `acks=all`, carrying the failed payload and headers that say what failed, where and
+//! how often. The record counts as done only once its letter is acknowledged. Without a
+//! dead-letter topic, or when the letter itself cannot be written, the record's batch is
+//! failed: its partition stops advancing (nothing is skipped) and reports itself stalled.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use tokio::sync::Notify;
+
+use crate::ack::AckToken;
+use crate::record::{Header, Origin};
+
+/// Header names written on every letter.
+pub mod headers {
+    /// Short error class (`not_json`, `jq_error`, `constraint`, `retries_exhausted`, ...).
+    pub const CLASS: &str = "sluice.error.class";
+    /// The error message.
+    pub const MESSAGE: &str = "sluice.error.message";
+    /// The stage that failed: the processor's or the sink's name.
+    pub const STAGE: &str = "sluice.error.stage";
+    /// How many attempts were made.
+    pub const ATTEMPTS: &str = "sluice.error.attempts";
+    /// Source topic.
+    pub const TOPIC: &str = "sluice.source.topic";
+    /// Source partition.
+    pub const PARTITION: &str = "sluice.source.partition";
+    /// Source offset.
+    pub const OFFSET: &str = "sluice.source.offset";
+    /// Source record timestamp in ms since the epoch (absent when the record had none).
+    pub const TIMESTAMP: &str = "sluice.source.timestamp";
+}
+
+/// A record that failed for good, on its way to the dead-letter topic.
+#[derive(Clone, Debug)]
+pub struct Letter {
+    /// The source record's coordinates.
+    pub origin: Origin,
+    /// The payload that failed: the input record's key and value for a processor
+    /// failure, the rejected output's for a sink failure.
+    pub key: Option<Bytes>,
+    /// See `key`.
+    pub value: Option<Bytes>,
+    /// The failed record's own headers; the error headers are added after them.
+    pub headers: Vec<Header>,
+    /// The processor's or sink's name.
+    pub stage: String,
+    /// A short, bounded class.
+    pub class: &'static str,
+    /// The error message.
+    pub message: String,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+impl Letter {
+    /// Every header of the letter: the record's own, then the error headers.
+    pub fn all_headers(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out: Vec<(String, Vec<u8>)> = self
+            .headers
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.to_vec())))
+            .collect();
+        let o = &self.origin;
+        out.push((headers::CLASS.into(), self.class.as_bytes().to_vec()));
+        out.push((headers::MESSAGE.into(), self.message.as_bytes().to_vec()));
+        out.push((headers::STAGE.into(), self.stage.as_bytes().to_vec()));
+        out.push((
+            headers::ATTEMPTS.into(),
+            self.attempts.to_string().into_bytes(),
+        ));
+        out.push((headers::TOPIC.into(), o.topic.as_bytes().to_vec()));
+        out.push((
+            headers::PARTITION.into(),
+            o.partition.to_string().into_bytes(),
+        ));
+        out.push((headers::OFFSET.into(), o.offset.to_string().into_bytes()));
+        if let Some(ts) = o.timestamp_ms {
+            out.push((headers::TIMESTAMP.into(), ts.to_string().into_bytes()));
+        }
+        out
+    }
+}
+
+enum Target {
+    /// No dead-letter topic: fail the batch, stall the partition.
+    Stall,
+    /// A Kafka topic.
+    Kafka {
+        producer: FutureProducer,
+        topic: String,
+    },
+    /// Kept in memory (tests of the data path).
+    Memory(std::sync::Mutex<Vec<Letter>>),
+}
+
+/// The dead-letter path of one pipeline.
+pub struct DeadLetters {
+    target: Target,
+    counter: prometheus::IntCounterVec,
+    pipeline: String,
+    outstanding: AtomicUsize,
+    idle: Notify,
+}
+
+impl std::fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = match &self.target {
+            Target::Stall => "stall",
+            Target::Kafka { .. } => "kafka",
+            Target::Memory(_) => "memory",
+        };
+        f.debug_struct("DeadLetters").field("target", &t).finish()
+    }
+}
+
+impl DeadLetters {
+    fn with(target: Target, metrics: &crate::metrics::Metrics) -> Arc<Self> {
+        Arc::new(DeadLetters {
+            target,
+            counter: metrics.dead_letters.clone(),
+            pipeline: metrics.pipeline().to_string(),
+            outstanding: AtomicUsize::new(0),
+            idle: Notify::new(),
+        })
+    }
+
+    /// No dead-letter topic: a failed record stalls its partition.
+    pub fn stall(metrics: &crate::metrics::Metrics) -> Arc<Self> {
+        Self::with(Target::Stall, metrics)
+    }
+
+    /// Letters kept in memory, for tests; see [`DeadLetters::parked`].
+    pub fn memory(metrics: &crate::metrics::Metrics) -> Arc<Self> {
+        Self::with(Target::Memory(Default::default()), metrics)
+    }
+
+    /// Letters written to `topic` through a producer made from `config` (bootstrap
+    /// servers and security).
+    pub fn kafka(
+        mut config: ClientConfig,
+        topic: &str,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Arc<Self>, rdkafka::error::KafkaError> {
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "300000");
+        let producer: FutureProducer = config.create()?;
+        Ok(Self::with(
+            Target::Kafka {
+                producer,
+                topic: topic.to_string(),
+            },
+            metrics,
+        ))
+    }
+
+    /// Whether failed records are written somewhere (rather than stalling).
+    pub fn enabled(&self) -> bool {
+        !matches!(self.target, Target::Stall)
+    }
+
+    /// Letters parked in a memory target.
+    pub fn parked(&self) -> Vec<Letter> {
+        match &self.target {
+            Target::Memory(m) => m.lock().expect("letters lock").clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Park `letters`. `tokens` (the shares of the batches the letters' records belong
+    /// to) are acknowledged once every letter is stored, and failed otherwise.
+    pub fn park(self: &Arc<Self>, letters: Vec<Letter>, tokens: Vec<AckToken>) {
+        for l in &letters {
+            tracing::warn!(topic = %l.origin.topic, partition = l.origin.partition, offset = l.origin.offset,
+                stage = %l.stage, class = l.class, attempts = l.attempts, error = %l.message,
+                dead_letter = self.enabled(), "record failed for good");
+        }
+        match &self.target {
+            Target::Stall => {
+                tracing::error!(
+                    "no dead-letter topic is configured: the partition stops advancing at the failed record (set deadLetter.topic to let it pass)"
+                );
+                for t in tokens {
+                    t.fail();
+                }
+            }
+            Target::Memory(m) => {
+                self.count(&letters);
+                m.lock().expect("letters lock").extend(letters);
+                for t in tokens {
+                    t.ack();
+                }
+            }
+            Target::Kafka { .. } => {
+                self.outstanding.fetch_add(1, Ordering::AcqRel);
+                let this = self.clone();
+                tokio::spawn(tracing::Instrument::in_current_span(async move {
+                    let ok = this.write(&letters).await;
+                    if ok {
+                        this.count(&letters);
+                        for t in tokens {
+                            t.ack();
+                        }
+                    } else {
+                        for t in tokens {
+                            t.fail();
+                        }
+                    }
+                    if this.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        this.idle.notify_waiters();
+                    }
+                }));
+            }
+        }
+    }
+
+    fn count(&self, letters: &[Letter]) {
+        for l in letters {
+            self.counter
+                .with_label_values(&[&self.pipeline, &l.stage, l.class])
+                .inc();
+        }
+    }
+
+    async fn write(&self, letters: &[Letter]) -> bool {
+        let Target::Kafka { producer, topic } = &self.target else {
+            return false;
+        };
+        let sends = letters.iter().map(|l| {
+            let headers = l.all_headers().iter().fold(
+                OwnedHeaders::new_with_capacity(l.headers.len() + 8),
+                |h, (k, v)| {
+                    h.insert(KafkaHeader {
+                        key: k,
+                        value: Some(v),
+                    })
+                },
+            );
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+            if let Some(k) = &l.key {
+                rec = rec.key(&k[..]);
+            }
+            if let Some(v) = &l.value {
+                rec = rec.payload(&v[..]);
+            }
+            // Waits while the producer queue is full; delivery itself is retried by
+            // librdkafka up to message.timeout.ms.
+            producer.send(rec, Duration::from_secs(60))
+        });
+        let mut ok = true;
+        for res in futures::future::join_all(sends).await {
+            if let Err((e, _)) = res {
+                tracing::error!(%topic, error = %e, "a dead letter could not be written; its partition stops advancing");
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// Wait until every parked letter is stored or failed, up to `timeout`.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.outstanding.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.outstanding.load(Ordering::Acquire) == 0;
+            }
+        }
+    }
+}

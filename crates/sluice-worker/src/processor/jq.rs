@@ -1,0 +1,397 @@
+//! The `jq` processor: a jq program run by jaq (a Rust implementation of jq).
+//!
+//! The program is compiled once when the worker starts; a compile error stops start-up
+//! with jq's message and the position in the program. Each record's value is parsed as
+//! JSON and is the program's input; each value the program emits is one output (so one
+//! record yields zero, one or many outputs). A value that is not JSON (class `not_json`)
+//! or a runtime error (class `jq_error`) fails the record, which then goes to the
+//! dead-letter path.
+//!
+//! The program sees these variables: `$key` (the record key as a string, or null),
+//! `$topic`, `$partition`, `$offset`, `$timestamp` (ms since the epoch, or null) and
+//! `$headers` (an object of header name to string value).
+//!
+//! Output shape: by default each emitted value is the output value (written as compact
+//! JSON) and the key and headers are the input's. With `envelope: true` each emitted value
+//! must be an object `{"value": ..., "key": "...", "headers": {"name": "value"}}`: `key`
+//! (a string; null for none) and `headers` are optional and default to the input's.
+
+use bytes::Bytes;
+use jaq_core::load::{Arena, File, Loader};
+use jaq_core::{data, unwrap_valr, Compiler, Ctx, Vars};
+use jaq_json::{read, write, Val};
+
+use crate::processor::{ProcessError, Processor};
+use crate::record::{Header, Output, Record};
+
+type Filter = jaq_core::compile::Filter<jaq_core::Native<data::JustLut<Val>>>;
+
+/// The variables every program may use, in the order their values are passed.
+const VARS: [&str; 6] = [
+    "$key",
+    "$topic",
+    "$partition",
+    "$offset",
+    "$timestamp",
+    "$headers",
+];
+
+/// A compiled jq program.
+pub struct Jq {
+    filter: Filter,
+    envelope: bool,
+}
+
+impl std::fmt::Debug for Jq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jq")
+            .field("envelope", &self.envelope)
+            .finish()
+    }
+}
+
+/// Why a jq program did not compile: each message names the position (a byte offset and
+/// the line and column) in the program.
+#[derive(Debug, thiserror::Error)]
+#[error("the jq program does not compile: {}", .0.join("; "))]
+pub struct CompileError(pub Vec<String>);
+
+fn position(code: &str, at: &str) -> String {
+    // `at` is a slice of `code` (or an empty slice at its end).
+    let off = (at.as_ptr() as usize)
+        .saturating_sub(code.as_ptr() as usize)
+        .min(code.len());
+    let before = &code[..off];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let near: String = code[off..].chars().take(12).collect();
+    if near.is_empty() {
+        format!("at line {line}, column {col} (end of program)")
+    } else {
+        format!("at line {line}, column {col} (near `{near}`)")
+    }
+}
+
+impl Jq {
+    /// Compile `program`.
+    pub fn compile(program: &str, envelope: bool) -> Result<Self, CompileError> {
+        let defs = jaq_core::defs()
+            .chain(jaq_std::defs())
+            .chain(jaq_json::defs());
+        let funs = jaq_core::funs()
+            .chain(jaq_std::funs())
+            .chain(jaq_json::funs());
+        let loader = Loader::new(defs);
+        let arena = Arena::default();
+        let file = File {
+            code: program,
+            path: (),
+        };
+        let modules = loader.load(&arena, file).map_err(|errs| {
+            let mut out = Vec::new();
+            for (file, e) in errs {
+                match e {
+                    jaq_core::load::Error::Lex(v) => {
+                        for (expect, at) in v {
+                            out.push(format!(
+                                "expected {} {}",
+                                expect.as_str(),
+                                position(file.code, at)
+                            ));
+                        }
+                    }
+                    jaq_core::load::Error::Parse(v) => {
+                        for (expect, at) in v {
+                            out.push(format!(
+                                "expected {} {}",
+                                expect.as_str(),
+                                position(file.code, at)
+                            ));
+                        }
+                    }
+                    jaq_core::load::Error::Io(v) => {
+                        for (path, msg) in v {
+                            out.push(format!("cannot load module {path}: {msg}"));
+                        }
+                    }
+                }
+            }
+            CompileError(out)
+        })?;
+        let filter = Compiler::default()
+            .with_funs(funs)
+            .with_global_vars(VARS)
+            .compile(modules)
+            .map_err(|errs| {
+                CompileError(
+                    errs.into_iter()
+                        .flat_map(|(file, es)| {
+                            es.into_iter().map(move |(name, undefined)| {
+                                format!(
+                                    "undefined {} `{name}` {}",
+                                    undefined.as_str(),
+                                    position(file.code, name)
+                                )
+                            })
+                        })
+                        .collect(),
+                )
+            })?;
+        Ok(Jq { filter, envelope })
+    }
+
+    fn vars(record: &Record) -> Vars<Val> {
+        let key = record.key.clone().map_or(Val::Null, Val::utf8_str);
+        let headers: jaq_json::Map = record
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    Val::utf8_str(Bytes::from(k.clone())),
+                    v.clone().map_or(Val::Null, Val::utf8_str),
+                )
+            })
+            .collect();
+        Vars::new([
+            key,
+            Val::utf8_str(Bytes::from(record.topic.to_string())),
+            Val::from(record.partition as isize),
+            Val::from(record.offset as isize),
+            record
+                .timestamp_ms
+                .map_or(Val::Null, |t| Val::from(t as isize)),
+            Val::obj(headers),
+        ])
+    }
+
+    fn output(&self, record: &Record, v: Val) -> Result<Output, ProcessError> {
+        if !self.envelope {
+            return Ok(Output {
+                key: record.key.clone(),
+                value: Some(json_bytes(&v)),
+                headers: record.headers.clone(),
+            });
+        }
+        let Val::Obj(obj) = &v else {
+            return Err(ProcessError::new(
+                "jq_envelope",
+                format!(
+                    "with envelope: true the program must emit objects {{\"value\": ...}}, got {}",
+                    short(&v)
+                ),
+            ));
+        };
+        let field = |name: &str| obj.get(&Val::utf8_str(Bytes::copy_from_slice(name.as_bytes())));
+        let Some(value) = field("value") else {
+            return Err(ProcessError::new(
+                "jq_envelope",
+                format!("the emitted object has no \"value\": {}", short(&v)),
+            ));
+        };
+        let key = match field("key") {
+            None => record.key.clone(),
+            Some(Val::Null) => None,
+            Some(Val::TStr(b) | Val::BStr(b)) => Some((**b).clone()),
+            Some(other) => Some(json_bytes(other)),
+        };
+        let headers = match field("headers") {
+            None => record.headers.clone(),
+            Some(Val::Obj(h)) => h
+                .iter()
+                .map(|(k, v)| {
+                    let name = match k {
+                        Val::TStr(b) | Val::BStr(b) => String::from_utf8_lossy(b).into_owned(),
+                        other => other.to_string(),
+                    };
+                    let value = match v {
+                        Val::Null => None,
+                        Val::TStr(b) | Val::BStr(b) => Some((**b).clone()),
+                        other => Some(json_bytes(other)),
+                    };
+                    (name, value)
+                })
+                .collect::<Vec<Header>>(),
+            Some(other) => {
+                return Err(ProcessError::new(
+                    "jq_envelope",
+                    format!("\"headers\" must be an object, got {}", short(other)),
+                ))
+            }
+        };
+        Ok(Output {
+            key,
+            value: Some(json_bytes(value)),
+            headers,
+        })
+    }
+}
+
+fn json_bytes(v: &Val) -> Bytes {
+    let mut buf = Vec::with_capacity(64);
+    // Writing to a Vec cannot fail.
+    let _ = write::write(&mut buf, &write::Pp::default(), 0, v);
+    buf.into()
+}
+
+fn short(v: &Val) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 80 {
+        format!("{}…", s.chars().take(80).collect::<String>())
+    } else {
+        s
+    }
+}
+
+impl Processor for Jq {
+    fn name(&self) -> &'static str {
+        "jq"
+    }
+
+    fn process(&self, record: &Record, out: &mut Vec<Output>) -> Result<(), ProcessError> {
+        let input = match &record.value {
+            None => Val::Null,
+            Some(v) => read::parse_single(v).map_err(|e| {
+                ProcessError::new("not_json", format!("the record value is not JSON: {e}"))
+            })?,
+        };
+        let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Self::vars(record));
+        let start = out.len();
+        for v in self.filter.id.run((ctx, input)).map(unwrap_valr) {
+            match v {
+                Ok(v) => {
+                    let o = self.output(record, v);
+                    match o {
+                        Ok(o) => out.push(o),
+                        Err(e) => {
+                            out.truncate(start);
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    // A jq error ends the program: none of this record's outputs count.
+                    out.truncate(start);
+                    return Err(ProcessError::new("jq_error", e.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(value: &[u8]) -> Record {
+        Record {
+            topic: "in".into(),
+            partition: 3,
+            offset: 42,
+            timestamp_ms: Some(1_700_000_000_000),
+            key: Some(Bytes::from_static(b"dev-1")),
+            value: Some(Bytes::copy_from_slice(value)),
+            headers: vec![("trace".into(), Some(Bytes::from_static(b"t1")))],
+        }
+    }
+
+    fn run(program: &str, envelope: bool, value: &[u8]) -> Result<Vec<Output>, ProcessError> {
+        let jq = Jq::compile(program, envelope).unwrap();
+        let mut out = Vec::new();
+        jq.process(&record(value), &mut out)?;
+        Ok(out)
+    }
+
+    fn values(outs: &[Output]) -> Vec<String> {
+        outs.iter()
+            .map(|o| String::from_utf8(o.value.clone().unwrap().to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_record_yields_zero_one_or_many_outputs() {
+        let v = br#"{"temp": 31, "readings": [1, 2, 3]}"#;
+        assert!(run("select(.temp > 40)", false, v).unwrap().is_empty());
+        assert_eq!(
+            values(&run("{t: .temp}", false, v).unwrap()),
+            [r#"{"t":31}"#]
+        );
+        assert_eq!(
+            values(&run(".readings[] * 10", false, v).unwrap()),
+            ["10", "20", "30"]
+        );
+    }
+
+    #[test]
+    fn by_default_key_and_headers_are_the_inputs() {
+        let out = run(".", false, br#"{"a":1}"#).unwrap();
+        assert_eq!(out[0].key.as_deref(), Some(&b"dev-1"[..]));
+        assert_eq!(out[0].headers, record(b"").headers);
+    }
+
+    #[test]
+    fn the_program_sees_the_record_coordinates() {
+        let out = run(
+            "{k: $key, t: $topic, p: $partition, o: $offset, ts: $timestamp, h: $headers.trace}",
+            false,
+            b"null",
+        )
+        .unwrap();
+        assert_eq!(
+            values(&out),
+            [r#"{"k":"dev-1","t":"in","p":3,"o":42,"ts":1700000000000,"h":"t1"}"#]
+        );
+    }
+
+    #[test]
+    fn an_envelope_sets_key_and_headers() {
+        let out = run(
+            r#"{key: .id, value: {c: .temp}, headers: {src: $topic}}"#,
+            true,
+            br#"{"id":"x9","temp":3}"#,
+        )
+        .unwrap();
+        assert_eq!(out[0].key.as_deref(), Some(&b"x9"[..]));
+        assert_eq!(values(&out), [r#"{"c":3}"#]);
+        assert_eq!(
+            out[0].headers,
+            vec![("src".to_string(), Some(Bytes::from_static(b"in")))]
+        );
+        // key and headers default to the input's; a null key removes it
+        let out = run("{value: 1}", true, b"{}").unwrap();
+        assert_eq!(out[0].key.as_deref(), Some(&b"dev-1"[..]));
+        let out = run("{value: 1, key: null}", true, b"{}").unwrap();
+        assert_eq!(out[0].key, None);
+        let e = run("1", true, b"{}").unwrap_err();
+        assert_eq!(e.class, "jq_envelope");
+    }
+
+    #[test]
+    fn bad_input_and_runtime_errors_fail_the_record_with_a_class() {
+        let e = run(".", false, b"not json{").unwrap_err();
+        assert_eq!(e.class, "not_json");
+        let e = run(".x | tonumber", false, br#"{"x":"abc"}"#).unwrap_err();
+        assert_eq!(e.class, "jq_error");
+        assert!(e.message.contains("abc"), "{}", e.message);
+        // outputs emitted before the error do not survive it
+        let jq = Jq::compile(".[] | if . == 2 then error(\"two\") else . end", false).unwrap();
+        let mut out = Vec::new();
+        assert!(jq.process(&record(b"[1,2,3]"), &mut out).is_err());
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn compile_errors_name_the_position() {
+        let e = Jq::compile(".a |", false).unwrap_err().to_string();
+        assert!(e.contains("line 1, column 5"), "{e}");
+        let e = Jq::compile("{a: 1}\n| foo(1)", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("undefined filter `foo`") && e.contains("line 2, column 3"),
+            "{e}"
+        );
+        let e = Jq::compile("$nope", false).unwrap_err().to_string();
+        assert!(e.contains("undefined variable `$nope`"), "{e}");
+    }
+}
