@@ -301,7 +301,7 @@ pub struct StreamPipelineStatus {
     /// Label selector of the worker pods (for the scale subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// Ready, Progressing, Degraded, ScalingLimited, Paused.
+    /// Ready, Progressing, Degraded, PartitionStalled, ScalingLimited, Paused.
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

@@ -28,8 +28,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sluice_api::crd::{PipelineSource, ScalingMode, StreamPipeline, StreamPipelineStatus};
 
-use crate::autoscale::lag::{group_lag, partition_count, LagError};
+use crate::autoscale::lag::{group_lag, partition_count, LagError, PartitionLag};
 use crate::autoscale::policy::{Autoscaler, Lag, Limit, Policy};
+use crate::autoscale::stall::{stall_window, StallDetector};
 use crate::reconcile::build::{
     build_configmap, build_deployment, build_pdb, build_service, build_service_monitor,
     selector_string, Validated,
@@ -156,8 +157,13 @@ impl Default for ControllerMetrics {
 pub trait KafkaInspector: Send + Sync + 'static {
     /// Partition count of the source topic.
     fn partitions(&self, config: &ClientConfig, topic: &str) -> Result<u32, LagError>;
-    /// Total lag of `group` on `topic`.
-    fn lag(&self, config: &ClientConfig, group: &str, topic: &str) -> Result<u64, LagError>;
+    /// Lag of `group` on each partition of `topic`.
+    fn lag(
+        &self,
+        config: &ClientConfig,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<PartitionLag>, LagError>;
 }
 
 /// The real inspector (rdkafka).
@@ -168,11 +174,13 @@ impl KafkaInspector for RdKafka {
     fn partitions(&self, config: &ClientConfig, topic: &str) -> Result<u32, LagError> {
         partition_count(config, topic, Duration::from_secs(10)).map(|p| p as u32)
     }
-    fn lag(&self, config: &ClientConfig, group: &str, topic: &str) -> Result<u64, LagError> {
-        Ok(group_lag(config, group, topic, Duration::from_secs(10))?
-            .iter()
-            .map(|p| p.lag)
-            .sum())
+    fn lag(
+        &self,
+        config: &ClientConfig,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<PartitionLag>, LagError> {
+        group_lag(config, group, topic, Duration::from_secs(10))
     }
 }
 
@@ -189,6 +197,7 @@ pub struct Context {
     recorder: Recorder,
     service_monitor_crd: Mutex<Option<(Instant, bool)>>,
     autoscalers: Mutex<HashMap<String, Autoscaler>>,
+    stalls: Mutex<HashMap<String, StallDetector>>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -210,6 +219,7 @@ impl Context {
             recorder,
             service_monitor_crd: Mutex::new(None),
             autoscalers: Mutex::new(HashMap::new()),
+            stalls: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
         })
     }
@@ -421,7 +431,23 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
             sp.spec.source.group_id.clone(),
         );
         let lag = match blocking(move || k.lag(&c2, &g2, &t2)).await? {
-            Ok(l) => {
+            Ok(parts) => {
+                let l: u64 = parts.iter().map(|p| p.lag).sum();
+                // Only running workers can be stalled; with none ready, WorkersNotReady
+                // already says why nothing moves.
+                if ready > 0 {
+                    observed.stalled = ctx
+                        .stalls
+                        .lock()
+                        .expect("stalls lock")
+                        .entry(key.clone())
+                        .or_default()
+                        .observe(
+                            Instant::now(),
+                            &parts,
+                            stall_window(scaling.poll_interval.0),
+                        );
+                }
                 status.lag = Some(l as i64);
                 ctx.metrics.lag.with_label_values(&labels).set(l as i64);
                 Lag::Known(l)

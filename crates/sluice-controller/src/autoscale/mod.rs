@@ -2,3 +2,4 @@
 
 pub mod lag;
 pub mod policy;
+pub mod stall;

@@ -19,6 +19,8 @@ pub struct Observed {
     pub lag_unknown: Option<String>,
     /// A cap bound the autoscaler: (reason, message).
     pub limited: Option<(String, String)>,
+    /// Partitions with lag whose committed offset stood still for the stall window.
+    pub stalled: Vec<i32>,
 }
 
 fn cond(
@@ -38,7 +40,8 @@ fn cond(
     }
 }
 
-/// The conditions Ready, Progressing, Degraded, ScalingLimited and Paused. A condition
+/// The conditions Ready, Progressing, Degraded, PartitionStalled, ScalingLimited and
+/// Paused. A condition
 /// whose status did not change keeps its previous `lastTransitionTime`.
 pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition]) -> Vec<Condition> {
     let mut out = Vec::new();
@@ -80,16 +83,38 @@ pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition])
         },
         generation,
     ));
-    let degraded = o.source_error.is_some() || o.lag_unknown.is_some();
-    let (dr, dm) = match (&o.source_error, &o.lag_unknown) {
-        (Some((r, m)), _) => (r.clone(), m.clone()),
-        (None, Some(m)) => (
+    let stall_message = (!o.stalled.is_empty()).then(|| {
+        format!(
+            "partition(s) {} have lag but their committed offset has not moved: a record may be failing with no dead-letter topic, or a sink may be down (see sluice_partition_stalled and the worker logs)",
+            o.stalled
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    });
+    let degraded = o.source_error.is_some() || o.lag_unknown.is_some() || stall_message.is_some();
+    let (dr, dm) = match (&o.source_error, &o.lag_unknown, &stall_message) {
+        (Some((r, m)), _, _) => (r.clone(), m.clone()),
+        (None, Some(m), _) => (
             "LagUnknown".into(),
             format!("consumer lag could not be read ({m}); holding the current replicas"),
         ),
+        (None, None, Some(m)) => ("PartitionStalled".into(), m.clone()),
         _ => ("AsExpected".into(), String::new()),
     };
     out.push(cond("Degraded", degraded, &dr, dm, generation));
+    out.push(cond(
+        "PartitionStalled",
+        stall_message.is_some(),
+        if stall_message.is_some() {
+            "CommitNotMoving"
+        } else {
+            "Flowing"
+        },
+        stall_message.clone().unwrap_or_default(),
+        generation,
+    ));
     let (lr, lm) = o
         .limited
         .clone()
@@ -213,5 +238,43 @@ mod tests {
             get(&changed, "Ready").last_transition_time,
             get(&old, "Ready").last_transition_time
         );
+    }
+
+    #[test]
+    fn stalled_partitions_degrade_the_pipeline_and_name_the_partitions() {
+        let o = Observed {
+            desired: 2,
+            ready: 2,
+            stalled: vec![0, 3],
+            ..Default::default()
+        };
+        let cs = conditions(&o, Some(1), &[]);
+        let s = get(&cs, "PartitionStalled");
+        assert_eq!(
+            (s.status.as_str(), s.reason.as_str()),
+            ("True", "CommitNotMoving")
+        );
+        assert!(s.message.contains("0, 3"), "{}", s.message);
+        let d = get(&cs, "Degraded");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "PartitionStalled")
+        );
+        assert_eq!(
+            get(&cs, "Ready").status,
+            "True",
+            "the workers are up; the data is not moving"
+        );
+        let ok = conditions(
+            &Observed {
+                desired: 2,
+                ready: 2,
+                ..Default::default()
+            },
+            Some(1),
+            &cs,
+        );
+        assert_eq!(get(&ok, "PartitionStalled").status, "False");
+        assert_eq!(get(&ok, "Degraded").status, "False");
     }
 }

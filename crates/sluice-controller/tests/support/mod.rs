@@ -14,7 +14,7 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, Config, CustomResourceExt};
 use rdkafka::ClientConfig;
 use sluice_api::crd::StreamPipeline;
-use sluice_controller::autoscale::lag::LagError;
+use sluice_controller::autoscale::lag::{LagError, PartitionLag};
 use sluice_controller::controller::KafkaInspector;
 use sluice_testkit::{kubeconfig, unique};
 
@@ -91,12 +91,18 @@ impl KafkaInspector for Scripted {
             n => Ok(n),
         }
     }
-    fn lag(&self, _: &ClientConfig, _: &str, _: &str) -> Result<u64, LagError> {
+    fn lag(&self, _: &ClientConfig, _: &str, _: &str) -> Result<Vec<PartitionLag>, LagError> {
         match self.lag.load(Ordering::SeqCst) {
             l if l < 0 => Err(LagError::Kafka(rdkafka::error::KafkaError::MetadataFetch(
                 rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
             ))),
-            l => Ok(l as u64),
+            l => Ok(vec![PartitionLag {
+                partition: 0,
+                low: 0,
+                high: l,
+                committed: Some(0),
+                lag: l as u64,
+            }]),
         }
     }
 }
