@@ -87,7 +87,8 @@ pub struct Cli {
     /// Print a live progress line to stderr every second.
     #[arg(long, env = "SLUICE_PROGRESS")]
     pub progress: bool,
-    /// Check the configuration, print it with defaults filled in, and exit.
+    /// Check the configuration (compiling a jq program too), print it with defaults
+    /// filled in, and exit.
     #[arg(long)]
     pub check: bool,
 }
@@ -171,10 +172,6 @@ pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
             return ExitCode::from(2);
         }
     };
-    if cli.check {
-        print!("{}", config.to_yaml());
-        return ExitCode::SUCCESS;
-    }
     let processor = match select_processor(&config.processor, custom) {
         Ok(p) => p,
         Err(e) => {
@@ -182,6 +179,11 @@ pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
             return ExitCode::from(2);
         }
     };
+    // After the processor, so `--check` also compiles a jq program.
+    if cli.check {
+        print!("{}", config.to_yaml());
+        return ExitCode::SUCCESS;
+    }
     let tokio_rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -466,3 +466,29 @@ fn without_a_dead_letter_topic_a_poison_record_stalls_only_its_partition() {
     );
     p.stop();
 }
+
+#[test]
+fn a_jq_program_that_does_not_compile_stops_start_up_with_its_position() {
+    let dir = std::env::temp_dir().join("sluice-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}.yaml", unique("bad-jq")));
+    std::fs::write(
+        &path,
+        "pipeline: bad\nsource: {bootstrapServers: \"127.0.0.1:1\", topic: in, groupId: g}\nprocessor:\n  jq:\n    program: |\n      {seq,\n       device: .deviceId | }\nsinks: [{null: {}}]\n",
+    )
+    .unwrap();
+    for check in [true, false] {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.arg("--config").arg(&path);
+        if check {
+            cmd.arg("--check");
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "check={check}: {err}");
+        assert!(
+            err.contains("the jq program does not compile") && err.contains("line 2, column 22"),
+            "check={check}: {err}"
+        );
+    }
+}
