@@ -4,7 +4,7 @@ CARGO ?= cargo
 DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 
-.PHONY: setup demo test test-unit lint fmt bench crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
+.PHONY: setup demo test test-unit lint fmt bench chaos crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -39,6 +39,14 @@ fmt:
 ## Benchmarks (see BENCHMARKS.md). Pins the broker and the clients to different cores.
 bench: setup
 	scripts/bench.sh
+
+## The fault harness at full length (RELIABILITY.md's figures): every scenario under load,
+## against the real broker and PostgreSQL. `make test` runs the short version.
+chaos: setup kafka-start
+	scripts/postgres.sh start
+	$(CARGO) build --release -p sluice-worker -p sluice-testkit
+	mkdir -p target/chaos
+	set -o pipefail; ./target/release/sluice-chaos --full --worker ./target/release/sluice-worker $(SCENARIOS) | tee target/chaos/results.md
 
 ## Regenerate the checked-in CRD, and its copies in the chart and the plain install.
 crds:

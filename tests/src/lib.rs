@@ -12,6 +12,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod chaos;
+
 pub use sluice_loadgen::{
     audit, create_topic, key, offsets, parse_seq, payload, produce, AuditReport, ProduceSpec,
 };
@@ -416,6 +418,8 @@ pub struct TestRecord {
     pub key: Option<String>,
     /// Value.
     pub value: Vec<u8>,
+    /// Produce no value at all (a tombstone) instead of `value`.
+    pub tombstone: bool,
 }
 
 /// Produce `records` to `topic` (idempotent, acks=all) and wait for every delivery.
@@ -425,10 +429,15 @@ pub fn produce_records(topic: &str, records: impl IntoIterator<Item = TestRecord
         .set("bootstrap.servers", bootstrap())
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        // up to the broker's own limit, so tests can offer records too large for a sink
+        .set("message.max.bytes", "1048000")
         .create()
         .expect("producer");
     for r in records {
-        let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).payload(&r.value[..]);
+        let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic);
+        if !r.tombstone {
+            rec = rec.payload(&r.value[..]);
+        }
         if let Some(k) = &r.key {
             rec = rec.key(k.as_str());
         }

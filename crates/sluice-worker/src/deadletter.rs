@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -38,6 +39,8 @@ pub mod headers {
     pub const OFFSET: &str = "sluice.source.offset";
     /// Source record timestamp in ms since the epoch (absent when the record had none).
     pub const TIMESTAMP: &str = "sluice.source.timestamp";
+    /// Present when the payload was too large for the dead-letter topic and was left out.
+    pub const PAYLOAD_DROPPED: &str = "sluice.payload.dropped";
 }
 
 /// A record that failed for good, on its way to the dead-letter topic.
@@ -63,8 +66,9 @@ pub struct Letter {
 }
 
 impl Letter {
-    /// Every header of the letter: the record's own, then the error headers.
-    pub fn all_headers(&self) -> Vec<(String, Vec<u8>)> {
+    /// Every header of the letter: the record's own, then the error headers; `topic` is
+    /// the source topic.
+    pub fn all_headers(&self, topic: &str) -> Vec<(String, Vec<u8>)> {
         let mut out: Vec<(String, Vec<u8>)> = self
             .headers
             .iter()
@@ -78,7 +82,7 @@ impl Letter {
             headers::ATTEMPTS.into(),
             self.attempts.to_string().into_bytes(),
         ));
-        out.push((headers::TOPIC.into(), o.topic.as_bytes().to_vec()));
+        out.push((headers::TOPIC.into(), topic.as_bytes().to_vec()));
         out.push((
             headers::PARTITION.into(),
             o.partition.to_string().into_bytes(),
@@ -110,6 +114,9 @@ pub struct DeadLetters {
     pipeline: String,
     outstanding: AtomicUsize,
     idle: Notify,
+    /// Where letter writes run: `park` is also called from librdkafka's delivery-report
+    /// thread, which has no runtime of its own.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for DeadLetters {
@@ -131,6 +138,7 @@ impl DeadLetters {
             pipeline: metrics.pipeline().to_string(),
             outstanding: AtomicUsize::new(0),
             idle: Notify::new(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -145,7 +153,7 @@ impl DeadLetters {
     }
 
     /// Letters written to `topic` through a producer made from `config` (bootstrap
-    /// servers and security).
+    /// servers and security). Call it inside the Tokio runtime the writes should run on.
     pub fn kafka(
         mut config: ClientConfig,
         topic: &str,
@@ -155,6 +163,9 @@ impl DeadLetters {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
+            // A letter carries a record plus its story: allow up to the broker's default
+            // limit; what is larger is written without its payload.
+            .set("message.max.bytes", "1048000")
             .set("message.timeout.ms", "300000");
         let producer: FutureProducer = config.create()?;
         Ok(Self::with(
@@ -182,8 +193,12 @@ impl DeadLetters {
     /// Park `letters`. `tokens` (the shares of the batches the letters' records belong
     /// to) are acknowledged once every letter is stored, and failed otherwise.
     pub fn park(self: &Arc<Self>, letters: Vec<Letter>, tokens: Vec<AckToken>) {
+        // Every letter of a pipeline comes from its one source topic; the tokens know it.
+        let topic: Arc<str> = tokens
+            .first()
+            .map_or_else(|| Arc::from(""), |t| t.partition().topic.clone());
         for l in &letters {
-            tracing::warn!(topic = %l.origin.topic, partition = l.origin.partition, offset = l.origin.offset,
+            tracing::warn!(topic = %topic, partition = l.origin.partition, offset = l.origin.offset,
                 stage = %l.stage, class = l.class, attempts = l.attempts, error = %l.message,
                 dead_letter = self.enabled(), "record failed for good");
         }
@@ -206,8 +221,12 @@ impl DeadLetters {
             Target::Kafka { .. } => {
                 self.outstanding.fetch_add(1, Ordering::AcqRel);
                 let this = self.clone();
-                tokio::spawn(tracing::Instrument::in_current_span(async move {
-                    let ok = this.write(&letters).await;
+                let handle = match &self.runtime {
+                    Some(h) => h.clone(),
+                    None => tokio::runtime::Handle::current(),
+                };
+                handle.spawn(tracing::Instrument::in_current_span(async move {
+                    let ok = this.write(&letters, &topic).await;
                     if ok {
                         this.count(&letters);
                         for t in tokens {
@@ -234,37 +253,34 @@ impl DeadLetters {
         }
     }
 
-    async fn write(&self, letters: &[Letter]) -> bool {
+    async fn write(&self, letters: &[Letter], source_topic: &str) -> bool {
         let Target::Kafka { producer, topic } = &self.target else {
             return false;
         };
-        let sends = letters.iter().map(|l| {
-            let headers = l.all_headers().iter().fold(
-                OwnedHeaders::new_with_capacity(l.headers.len() + 8),
-                |h, (k, v)| {
-                    h.insert(KafkaHeader {
-                        key: k,
-                        value: Some(v),
-                    })
-                },
-            );
-            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-            if let Some(k) = &l.key {
-                rec = rec.key(&k[..]);
-            }
-            if let Some(v) = &l.value {
-                rec = rec.payload(&v[..]);
-            }
-            // Waits while the producer queue is full; delivery itself is retried by
-            // librdkafka up to message.timeout.ms.
-            producer.send(rec, Duration::from_secs(60))
-        });
+        let results = futures::future::join_all(
+            letters
+                .iter()
+                .map(|l| send_letter(producer, topic, source_topic, l, true)),
+        )
+        .await;
         let mut ok = true;
-        for res in futures::future::join_all(sends).await {
-            if let Err((e, _)) = res {
-                tracing::error!(%topic, error = %e, "a dead letter could not be written; its partition stops advancing");
-                ok = false;
+        for (l, res) in letters.iter().zip(results) {
+            let Err(e) = res else { continue };
+            let too_large = matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+            );
+            // A record too large for its sink is often too large for the dead-letter topic
+            // too: keep the story (headers, source coordinates) and drop the payload.
+            if too_large
+                && send_letter(producer, topic, source_topic, l, false)
+                    .await
+                    .is_ok()
+            {
+                continue;
             }
+            tracing::error!(%topic, error = %e, "a dead letter could not be written; its partition stops advancing");
+            ok = false;
         }
         ok
     }
@@ -284,4 +300,46 @@ impl DeadLetters {
             }
         }
     }
+}
+
+/// Write one letter (without its payload when `with_payload` is false).
+async fn send_letter(
+    producer: &FutureProducer,
+    topic: &str,
+    source_topic: &str,
+    l: &Letter,
+    with_payload: bool,
+) -> Result<(), KafkaError> {
+    let mut all = l.all_headers(source_topic);
+    if !with_payload {
+        let size = l.value.as_ref().map_or(0, Bytes::len) + l.key.as_ref().map_or(0, Bytes::len);
+        all.push((
+                    headers::PAYLOAD_DROPPED.into(),
+                    format!("{size} bytes of key and value did not fit the dead-letter topic; read them at the source coordinates").into_bytes(),
+                ));
+    }
+    let headers = all
+        .iter()
+        .fold(OwnedHeaders::new_with_capacity(all.len()), |h, (k, v)| {
+            h.insert(KafkaHeader {
+                key: k,
+                value: Some(v),
+            })
+        });
+    let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+    if with_payload {
+        if let Some(k) = &l.key {
+            rec = rec.key(&k[..]);
+        }
+        if let Some(v) = &l.value {
+            rec = rec.payload(&v[..]);
+        }
+    }
+    // Waits while the producer queue is full; delivery itself is retried by
+    // librdkafka up to message.timeout.ms.
+    producer
+        .send(rec, Duration::from_secs(60))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e)
 }

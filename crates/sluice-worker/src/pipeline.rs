@@ -123,7 +123,14 @@ async fn build_sinks(
                     &config.source.security,
                     &format!("sluice-{}-sink{i}", config.pipeline),
                 )?;
-                let s = KafkaSink::new(cfg, k, retry.clone(), sm, dead_letters.clone())?;
+                let s = KafkaSink::new(
+                    cfg,
+                    k,
+                    &config.source.topic,
+                    retry.clone(),
+                    sm,
+                    dead_letters.clone(),
+                )?;
                 kafka.push(s.clone());
                 s
             }

@@ -51,11 +51,10 @@ impl Output {
 }
 
 /// Where an output came from: its source record's coordinates, carried with the output
-/// to the sinks for latency, tracing headers and the dead-letter headers.
+/// to the sinks for latency, tracing headers and the dead-letter headers. (The topic is
+/// the pipeline's one source topic, so it is not carried per output.)
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Origin {
-    /// Source topic.
-    pub topic: std::sync::Arc<str>,
     /// Source partition.
     pub partition: i32,
     /// Source offset.
@@ -70,7 +69,6 @@ impl Origin {
     /// The origin of `record`.
     pub fn of(record: &Record) -> Self {
         Origin {
-            topic: record.topic.clone(),
             partition: record.partition,
             offset: record.offset,
             timestamp_ms: record.timestamp_ms,

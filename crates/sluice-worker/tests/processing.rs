@@ -137,6 +137,7 @@ impl Pipeline {
 
 fn seq_records(n: u64) -> impl Iterator<Item = TestRecord> {
     (0..n).map(|i| TestRecord {
+        tombstone: false,
         partition: None,
         key: Some(key(i)),
         value: payload(i, 100),
@@ -283,6 +284,7 @@ fn poison_records_go_to_the_dead_letter_topic_with_their_story_and_good_ones_are
     create_topics(&[&input, &output, &dlq], 4);
     let n: u64 = 20_000;
     let records = (0..n).map(|i| TestRecord {
+        tombstone: false,
         partition: None,
         key: Some(key(i)),
         value: match i % 100 {
@@ -360,6 +362,7 @@ fn a_permanent_rejection_is_dead_lettered_at_once_and_the_rest_of_its_batch_is_w
     let n: u64 = 10_000;
     // 1% of the records have no device: the NOT NULL column refuses them.
     let records = (0..n).map(|i| TestRecord {
+        tombstone: false,
         partition: None,
         key: Some(key(i)),
         value: if i % 100 == 7 {
@@ -413,6 +416,7 @@ fn without_a_dead_letter_topic_a_poison_record_stalls_only_its_partition() {
         let partition = (i % 3) as i32;
         let nth = i / 3;
         TestRecord {
+            tombstone: false,
             partition: Some(partition),
             key: None,
             value: if partition == 0 && nth == poison_at {
@@ -491,4 +495,93 @@ fn a_jq_program_that_does_not_compile_stops_start_up_with_its_position() {
             "check={check}: {err}"
         );
     }
+}
+
+#[test]
+fn odd_records_are_each_handled_deliberately() {
+    let input = unique("odd-in");
+    let output = unique("odd-out");
+    let dlq = unique("odd-dlq");
+    create_topics(&[&input, &output, &dlq], 2);
+    let big_key = "k".repeat(200_000);
+    let odd = vec![
+        // a tombstone: delivered as a tombstone
+        TestRecord {
+            key: Some("tombstone".into()),
+            tombstone: true,
+            ..Default::default()
+        },
+        // an empty value: delivered empty
+        TestRecord {
+            key: Some("empty".into()),
+            ..Default::default()
+        },
+        // bytes that are not UTF-8: delivered byte for byte
+        TestRecord {
+            key: Some("binary".into()),
+            value: vec![0xff, 0xfe, 0x00, 0xc3, 0x28],
+            ..Default::default()
+        },
+        // a 200 KB key: delivered
+        TestRecord {
+            key: Some(big_key.clone()),
+            value: b"{}".to_vec(),
+            ..Default::default()
+        },
+        // a value over the sink producer's 1 MB limit: dead-lettered as record_too_large
+        TestRecord {
+            key: Some("huge".into()),
+            value: vec![b'x'; 1_020_000],
+            ..Default::default()
+        },
+    ];
+    produce_records(&input, odd.into_iter().chain(seq_records(1000)));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let group = unique("odd-g");
+    let cfg = worker_config(
+        &bootstrap(),
+        &input,
+        &output,
+        &group,
+        &addr,
+        &format!("deadLetter: {{topic: {dlq}}}"),
+    );
+    let w = WorkerProcess::start(BIN, &unique("odd"), &cfg, &addr);
+    let p = Pipeline {
+        input: input.clone(),
+        group,
+        worker: w,
+    };
+    p.wait_committed(Duration::from_secs(60));
+    p.stop();
+    let out = read_all(&output, Duration::from_secs(30));
+    let by_key = |k: &str| {
+        out.iter()
+            .find(|r| r.key.as_deref() == Some(k.as_bytes()))
+            .unwrap_or_else(|| panic!("no output with key {:.20}", k))
+    };
+    assert_eq!(by_key("tombstone").value, None);
+    assert_eq!(by_key("empty").value.as_deref(), Some(&b""[..]));
+    assert_eq!(
+        by_key("binary").value.as_deref(),
+        Some(&[0xff, 0xfe, 0x00, 0xc3, 0x28][..])
+    );
+    assert_eq!(by_key(&big_key).value.as_deref(), Some(&b"{}"[..]));
+    assert!(out.iter().all(|r| r.key.as_deref() != Some(&b"huge"[..])));
+    assert_eq!(
+        out.len(),
+        1004,
+        "four odd records and the 1000 ordinary ones"
+    );
+    let letters = read_all(&dlq, Duration::from_secs(30));
+    assert_eq!(letters.len(), 1);
+    let l = &letters[0];
+    assert_eq!(l.header("sluice.error.class"), Some("record_too_large"));
+    assert_eq!(l.header("sluice.error.stage"), Some("kafka"));
+    assert_eq!(l.key.as_deref(), Some(&b"huge"[..]));
+    assert_eq!(
+        l.value.as_ref().map(Vec::len),
+        Some(1_020_000),
+        "the letter keeps the payload"
+    );
 }

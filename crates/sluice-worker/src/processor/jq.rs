@@ -394,4 +394,56 @@ mod tests {
         let e = Jq::compile("$nope", false).unwrap_err().to_string();
         assert!(e.contains("undefined variable `$nope`"), "{e}");
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// JSON-looking text: valid documents, truncated ones and byte noise.
+        fn jsonish() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..200),
+                "[ \\[\\]{}:,\"a-z0-9.eE+-]{0,120}".prop_map(String::into_bytes),
+                (any::<i64>(), any::<f64>(), "[a-z]{0,8}").prop_map(|(i, f, s)| {
+                    format!(r#"{{"seq":{i},"deviceId":"{s}","tempC":{f},"n":[1,{{"x":null}}]}}"#)
+                        .into_bytes()
+                }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #[test]
+            fn the_input_path_never_panics_and_fails_only_with_a_known_class(
+                value in jsonish(),
+                key in prop::option::of(prop::collection::vec(any::<u8>(), 0..64)),
+                header in prop::option::of(prop::collection::vec(any::<u8>(), 0..32)),
+                envelope in any::<bool>(),
+                program in prop::sample::select(vec![
+                    ".",
+                    "{seq, device: .deviceId, tempF: ((.tempC | tonumber) * 9 / 5 + 32)}",
+                    ".[]?",
+                    "{value: ., key: $key, headers: $headers}",
+                    "select(type == \"object\") | .n[]? | tostring",
+                    "$key | ascii_downcase",
+                ]),
+            ) {
+                let jq = Jq::compile(program, envelope).unwrap();
+                let record = Record {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: 1,
+                    timestamp_ms: None,
+                    key: key.map(Bytes::from),
+                    value: Some(Bytes::from(value)),
+                    headers: header.map(|h| vec![("h".to_string(), Some(Bytes::from(h)))]).unwrap_or_default(),
+                };
+                let mut out = Vec::new();
+                if let Err(e) = jq.process(&record, &mut out) {
+                    prop_assert!(["not_json", "jq_error", "jq_envelope"].contains(&e.class), "{e}");
+                    prop_assert!(out.is_empty());
+                }
+            }
+        }
+    }
 }

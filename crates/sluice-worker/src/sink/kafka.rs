@@ -187,6 +187,7 @@ pub struct KafkaSink {
     topic: String,
     key: KeySource,
     trace_header: Option<String>,
+    source_topic: String,
     shared: Arc<Shared>,
 }
 
@@ -207,9 +208,11 @@ fn kafka_headers<'a>(headers: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>)
 impl KafkaSink {
     /// Create the producer. `client` carries bootstrap servers and security; the delivery
     /// guarantees are set here and the sink's `producerProperties` are applied last.
+    /// `source_topic` is the pipeline's input topic (for the trace header).
     pub fn new(
         mut client: ClientConfig,
         config: &KafkaSinkConfig,
+        source_topic: &str,
         retry: RetryPolicy,
         metrics: SinkMetrics,
         dead_letters: Arc<DeadLetters>,
@@ -247,6 +250,7 @@ impl KafkaSink {
             topic: config.topic.clone(),
             key: config.key,
             trace_header: config.trace_header.clone(),
+            source_topic: source_topic.to_string(),
             shared,
         });
         tokio::spawn(tracing::Instrument::in_current_span(retry_loop(
@@ -340,7 +344,10 @@ impl Sink for KafkaSink {
                     let trace = self.trace_header.as_ref().map(|name| {
                         (
                             name.as_str(),
-                            format!("{}/{}/{}", origin.topic, origin.partition, origin.offset),
+                            format!(
+                                "{}/{}/{}",
+                                self.source_topic, origin.partition, origin.offset
+                            ),
                         )
                     });
                     (key, o.value.clone(), o.headers.clone(), trace)

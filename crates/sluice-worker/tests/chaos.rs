@@ -1,0 +1,52 @@
+//! The fault harness, shortened for CI (`make chaos` runs the full one): every scenario
+//! under load against real worker processes, the real broker and PostgreSQL, checked by
+//! the independent auditor in `sluice_testkit::chaos`.
+
+use sluice_testkit::chaos::{self, Length, Outcome};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice-worker");
+
+fn check(o: &Outcome, duplicates_allowed: bool) {
+    eprintln!("[chaos] {}", o.row());
+    assert_eq!(o.lost, 0, "{}: records lost", o.name);
+    if !duplicates_allowed {
+        assert_eq!(o.duplicates, 0, "{}: duplicates", o.name);
+    }
+}
+
+#[test]
+fn chaos_sigkill_loses_nothing() {
+    check(&chaos::sigkill(BIN, Length::Short), true);
+}
+
+#[test]
+fn chaos_broker_restart_loses_nothing() {
+    check(&chaos::broker_restart(BIN, Length::Short), true);
+}
+
+#[test]
+fn chaos_database_outage_loses_nothing_and_duplicates_nothing() {
+    check(&chaos::database_outage(BIN, Length::Short), false);
+}
+
+#[test]
+fn chaos_poison_input_loses_nothing() {
+    check(&chaos::poison(BIN, Length::Short), false);
+}
+
+#[test]
+fn chaos_rebalance_storm_loses_nothing() {
+    check(&chaos::rebalance_storm(BIN, Length::Short), true);
+}
+
+#[test]
+fn chaos_slow_processing_holds_memory_and_loses_nothing() {
+    let o = chaos::slow_sink(BIN, Length::Short);
+    check(&o, false);
+    assert!(o.peak_rss_mib < 128.0, "{}", o.row());
+}
+
+#[test]
+fn chaos_clean_sigterm_duplicates_nothing() {
+    check(&chaos::clean_sigterm(BIN, Length::Short), false);
+}

@@ -1,0 +1,62 @@
+//! `sluice-chaos`: run the fault scenarios against real worker processes and print the
+//! reliability table. `make chaos` runs it with `--full` (the figures in RELIABILITY.md).
+//!
+//! ```text
+//! sluice-chaos [--full] [--worker PATH] [SCENARIO...]
+//! ```
+//! Scenarios: sigkill, broker, postgres, poison, storm, slow, sigterm (default: all).
+
+use sluice_testkit::chaos::{self, Length, Outcome, TABLE_HEADER};
+
+fn main() -> std::process::ExitCode {
+    let mut len = Length::Short;
+    let mut worker = sluice_testkit::repo_root().join("target/release/sluice-worker");
+    let mut only: Vec<String> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--full" => len = Length::Full,
+            "--worker" => worker = args.next().expect("--worker PATH").into(),
+            "-h" | "--help" => {
+                println!("sluice-chaos [--full] [--worker PATH] [sigkill|broker|postgres|poison|storm|slow|sigterm ...]");
+                return std::process::ExitCode::SUCCESS;
+            }
+            s => only.push(s.to_string()),
+        }
+    }
+    let bin = worker.to_string_lossy().to_string();
+    assert!(
+        worker.is_file(),
+        "no worker binary at {bin} (cargo build --release -p sluice-worker)"
+    );
+    type Scenario = fn(&str, Length) -> Outcome;
+    let all: [(&str, Scenario); 7] = [
+        ("sigkill", chaos::sigkill),
+        ("broker", chaos::broker_restart),
+        ("postgres", chaos::database_outage),
+        ("poison", chaos::poison),
+        ("storm", chaos::rebalance_storm),
+        ("slow", chaos::slow_sink),
+        ("sigterm", chaos::clean_sigterm),
+    ];
+    let mut rows = Vec::new();
+    for (name, run) in all {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            continue;
+        }
+        eprintln!("[chaos] running {name} ({len:?})");
+        let o = run(&bin, len);
+        eprintln!("[chaos] {}", o.row());
+        rows.push(o);
+    }
+    println!("{TABLE_HEADER}");
+    for r in &rows {
+        println!("{}", r.row());
+    }
+    let lost: u64 = rows.iter().map(|r| r.lost).sum();
+    if lost > 0 {
+        eprintln!("[chaos] {lost} records LOST");
+        return std::process::ExitCode::FAILURE;
+    }
+    std::process::ExitCode::SUCCESS
+}

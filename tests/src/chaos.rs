@@ -1,0 +1,776 @@
+//! The fault harness: each scenario runs real worker processes under a steady load from
+//! the generator, injects a fault, and lets an independent auditor (this module's
+//! [`Watcher`], which reads the output topics with its own consumer and knows nothing of
+//! the worker) count what arrived: records lost (must be 0), duplicates (with the most
+//! for one fault), the time to get back to 90% of the offered rate, and peak RSS.
+//!
+//! `make chaos` runs every scenario at full length (`sluice-chaos --full`) and prints the
+//! table RELIABILITY.md holds; the worker's test suite runs the short version.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::{
+    bootstrap, create_topic, free_port, key, parse_seq, payload, postgres_url, produce,
+    produce_records, unique, wait_for, ProduceSpec, TcpProxy, TestRecord, WorkerProcess,
+};
+
+/// How long and how hard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Length {
+    /// CI: each scenario in well under a minute.
+    Short,
+    /// `make chaos`: the figures RELIABILITY.md reports.
+    Full,
+}
+
+/// What one scenario measured.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// Scenario name.
+    pub name: String,
+    /// Faults injected.
+    pub faults: u32,
+    /// Records produced.
+    pub records: u64,
+    /// Records that never arrived anywhere (output, dead-letter topic or table).
+    pub lost: u64,
+    /// Extra copies delivered.
+    pub duplicates: u64,
+    /// The most extra copies attributable to one fault.
+    pub max_duplicates_per_fault: u64,
+    /// Slowest recovery to 90% of the offered rate after a fault, in seconds.
+    pub recovery_s: Option<f64>,
+    /// Peak RSS of any worker, MiB.
+    pub peak_rss_mib: f64,
+    /// Anything worth a line in the report.
+    pub note: String,
+}
+
+impl Outcome {
+    /// One Markdown table row.
+    pub fn row(&self) -> String {
+        format!(
+            "| {} | {} | {} | {} | {} (max {} per fault) | {} | {:.0} | {} |",
+            self.name,
+            self.faults,
+            self.records,
+            self.lost,
+            self.duplicates,
+            self.max_duplicates_per_fault,
+            self.recovery_s
+                .map_or("n/a".to_string(), |r| format!("{r:.1} s")),
+            self.peak_rss_mib,
+            self.note
+        )
+    }
+}
+
+/// The table header matching [`Outcome::row`].
+pub const TABLE_HEADER: &str = "| scenario | faults | records | lost | duplicates | recovery to 90% | peak RSS MiB | notes |\n|---|---|---|---|---|---|---|---|";
+
+/// Wall-clock milliseconds since the epoch: fault moments, comparable with the output
+/// records' timestamps (the sink's producer stamps each record when it sends it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct Seen {
+    copies: HashMap<u64, u32>,
+    /// Deliveries per 250 ms of output timestamp.
+    buckets: std::collections::BTreeMap<i64, u64>,
+    /// Output timestamps of the extra copies.
+    dup_times: Vec<i64>,
+}
+
+/// The independent auditor: reads topics from the beginning with its own consumer, counts
+/// copies of every sequence number, and places every delivery in time by the output
+/// record's own timestamp (so the auditor's reading pace does not matter).
+pub struct Watcher {
+    seen: Arc<Mutex<Seen>>,
+    other: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watcher {
+    /// Start reading `topics`.
+    pub fn start(topics: &[&str]) -> Self {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Message;
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("group.id", unique("chaos-auditor"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("auditor consumer");
+        c.subscribe(topics).expect("subscribe");
+        let seen: Arc<Mutex<Seen>> = Default::default();
+        let other = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, o2, st2) = (seen.clone(), other.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            while !st2.load(Ordering::Acquire) {
+                let Some(Ok(m)) = c.poll(Duration::from_millis(50)) else {
+                    continue;
+                };
+                let ts = m.timestamp().to_millis().unwrap_or_else(now_ms);
+                let mut s = s2.lock().expect("seen");
+                *s.buckets.entry(ts.div_euclid(250)).or_insert(0) += 1;
+                match m.payload().and_then(parse_seq) {
+                    Some(seq) => {
+                        let n = s.copies.entry(seq).or_insert(0);
+                        *n += 1;
+                        if *n > 1 {
+                            s.dup_times.push(ts);
+                        }
+                    }
+                    None => {
+                        o2.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        Watcher {
+            seen,
+            other,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Copies seen so far.
+    pub fn total(&self) -> u64 {
+        let s = self.seen.lock().expect("seen");
+        s.copies.values().map(|&n| n as u64).sum()
+    }
+
+    /// Wait until every one of `expected` arrived (or `timeout`), then stop reading.
+    /// Returns (lost, duplicates).
+    pub fn finish(&mut self, expected: impl Iterator<Item = u64>, timeout: Duration) -> (u64, u64) {
+        let expected: Vec<u64> = expected.collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let missing = {
+                let s = self.seen.lock().expect("seen");
+                expected
+                    .iter()
+                    .filter(|q| !s.copies.contains_key(q))
+                    .count() as u64
+            };
+            if missing == 0 || Instant::now() > deadline {
+                // A little longer for late duplicates.
+                std::thread::sleep(Duration::from_secs(2));
+                self.stop.store(true, Ordering::Release);
+                if let Some(h) = self.handle.take() {
+                    let _ = h.join();
+                }
+                let s = self.seen.lock().expect("seen");
+                let total: u64 = s.copies.values().map(|&n| n as u64).sum();
+                return (missing, total - s.copies.len() as u64);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Seconds from `fault_ms` until deliveries are back to 90% of `rate` over a second.
+    pub fn recovery(&self, fault_ms: i64, rate: f64) -> Option<f64> {
+        let s = self.seen.lock().expect("seen");
+        let first = fault_ms.div_euclid(250);
+        let last = *s.buckets.keys().next_back()?;
+        (first..=last - 3).find_map(|b| {
+            let n: u64 = (b..b + 4)
+                .map(|k| s.buckets.get(&k).copied().unwrap_or(0))
+                .sum();
+            (n as f64 >= 0.9 * rate).then(|| ((b * 250 - fault_ms).max(0)) as f64 / 1000.0)
+        })
+    }
+
+    /// Extra copies delivered between `from_ms` and `to_ms`.
+    pub fn duplicates_between(&self, from_ms: i64, to_ms: i64) -> u64 {
+        let s = self.seen.lock().expect("seen");
+        s.dup_times
+            .iter()
+            .filter(|&&t| t >= from_ms && t < to_ms)
+            .count() as u64
+    }
+
+    /// Records read that carried no sequence number.
+    pub fn unparsable(&self) -> u64 {
+        self.other.load(Ordering::Relaxed)
+    }
+}
+
+/// The most duplicates and the slowest recovery over `faults` (epoch ms, in order).
+fn per_fault(w: &Watcher, faults: &[i64], rate: f64) -> (u64, f64) {
+    let mut max_dup = 0;
+    let mut recovery: f64 = 0.0;
+    for (i, &at) in faults.iter().enumerate() {
+        let next = faults.get(i + 1).copied().unwrap_or(i64::MAX);
+        max_dup = max_dup.max(w.duplicates_between(at, next));
+        if let Some(r) = w.recovery(at, rate) {
+            recovery = recovery.max(r);
+        }
+    }
+    (max_dup, recovery)
+}
+
+/// A steady generator in the background: `count` records at `rate`/s.
+fn generate(topic: &str, count: u64, rate: f64) -> std::thread::JoinHandle<()> {
+    generate_sized(topic, count, rate, 100)
+}
+
+fn generate_sized(topic: &str, count: u64, rate: f64, size: usize) -> std::thread::JoinHandle<()> {
+    let spec = ProduceSpec {
+        bootstrap: bootstrap(),
+        topic: topic.into(),
+        from: 0,
+        count,
+        rate: Some(rate),
+        size,
+        linger_ms: 5,
+    };
+    std::thread::spawn(move || produce(&spec, &AtomicU64::new(0)).expect("generator"))
+}
+
+fn topics(name: &str, n: usize, partitions: i32) -> Vec<String> {
+    let names: Vec<String> = (0..n)
+        .map(|i| unique(&format!("chaos-{name}-{i}")))
+        .collect();
+    let b = bootstrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            for t in &names {
+                create_topic(&b, t, partitions).await.expect("topic");
+            }
+        });
+    names
+}
+
+/// One worker process of a scenario.
+struct Workers {
+    bin: String,
+    config: String,
+    env: Vec<(String, String)>,
+    running: Vec<WorkerProcess>,
+    peak_rss: u64,
+}
+
+impl Workers {
+    fn new(bin: &str, input: &str, group: &str, body: &str, env: &[(&str, &str)]) -> Self {
+        Workers {
+            bin: bin.into(),
+            config: format!(
+                "pipeline: chaos\nsource:\n  bootstrapServers: \"{}\"\n  topic: {input}\n  groupId: {group}\n  sessionTimeout: 10s\ncommit: {{interval: 500ms, drainTimeout: 8s}}\n{body}\n",
+                bootstrap()
+            ),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            running: Vec::new(),
+            peak_rss: 0,
+        }
+    }
+
+    fn start(&mut self) {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let cfg = format!("{}server: {{listen: \"{addr}\"}}\n", self.config);
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let w =
+            WorkerProcess::start_with_env(&self.bin, &unique("chaos-worker"), &cfg, &addr, &env);
+        wait_for(
+            "a worker's metrics endpoint",
+            Duration::from_secs(30),
+            || !w.metrics().is_empty(),
+        );
+        self.running.push(w);
+    }
+
+    fn sample_rss(&mut self) {
+        for w in &self.running {
+            self.peak_rss = self.peak_rss.max(w.rss_bytes());
+        }
+    }
+
+    fn kill_one(&mut self) {
+        if let Some(mut w) = self.running.pop() {
+            self.peak_rss = self.peak_rss.max(w.rss_bytes());
+            w.signal("KILL");
+            let _ = w.wait(Duration::from_secs(10));
+        }
+    }
+
+    fn term_one(&mut self) {
+        if let Some(mut w) = self.running.pop() {
+            self.peak_rss = self.peak_rss.max(w.rss_bytes());
+            w.signal("TERM");
+            let st = w.wait(Duration::from_secs(40));
+            assert!(
+                st.is_some_and(|s| s.success()),
+                "a worker did not drain and exit 0 on SIGTERM: {st:?}\n{}",
+                w.log_tail(30)
+            );
+        }
+    }
+
+    fn stop_all(&mut self) {
+        while !self.running.is_empty() {
+            self.term_one();
+        }
+    }
+
+    fn peak_mib(&self) -> f64 {
+        self.peak_rss as f64 / (1 << 20) as f64
+    }
+}
+
+/// Sleep `d`, sampling RSS every 250 ms.
+fn pace(w: &mut Workers, d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        w.sample_rss();
+        std::thread::sleep(
+            Duration::from_millis(250).min(end.saturating_duration_since(Instant::now())),
+        );
+    }
+}
+
+struct Plan {
+    rate: f64,
+    seconds: u64,
+}
+
+impl Plan {
+    fn of(len: Length) -> Self {
+        match len {
+            Length::Short => Plan {
+                rate: 5_000.0,
+                seconds: 20,
+            },
+            Length::Full => Plan {
+                rate: 20_000.0,
+                seconds: 90,
+            },
+        }
+    }
+    fn count(&self) -> u64 {
+        (self.rate * self.seconds as f64) as u64
+    }
+}
+
+fn kafka_sink(out: &str) -> String {
+    format!("sinks: [{{kafka: {{topic: {out}}}}}]")
+}
+
+/// 1. SIGKILL at random moments, restarted at once.
+pub fn sigkill(bin: &str, len: Length) -> Outcome {
+    let plan = Plan::of(len);
+    let kills = if len == Length::Full { 20 } else { 3 };
+    let t = topics("kill", 2, 4);
+    let mut watcher = Watcher::start(&[&t[1]]);
+    let gen = generate(&t[0], plan.count(), plan.rate);
+    let mut w = Workers::new(bin, &t[0], &unique("chaos-kill-g"), &kafka_sink(&t[1]), &[]);
+    w.start();
+    let every = Duration::from_secs(plan.seconds) / (kills + 1);
+    let mut faults = Vec::new();
+    for _ in 0..kills {
+        let jitter = rand_ms(every.as_millis() as u64 / 2);
+        pace(&mut w, every / 2 + Duration::from_millis(jitter));
+        faults.push(now_ms());
+        w.kill_one();
+        w.start();
+    }
+    gen.join().expect("generator");
+    let n = plan.count();
+    let peak = w.peak_mib();
+    let (lost, dups) = watcher.finish(0..n, Duration::from_secs(120));
+    let (max_dup, recovery) = per_fault(&watcher, &faults, plan.rate);
+    w.stop_all();
+    Outcome {
+        name: "1. SIGKILL, restarted at once".into(),
+        faults: kills,
+        records: n,
+        lost,
+        duplicates: dups,
+        max_duplicates_per_fault: max_dup,
+        recovery_s: Some(recovery),
+        peak_rss_mib: peak,
+        note: format!("{} records/s offered, commits every 500 ms", plan.rate),
+    }
+}
+
+fn rand_ms(max: u64) -> u64 {
+    use rand::Rng;
+    rand::rng().random_range(0..=max.max(1))
+}
+
+/// 2. The broker stops and starts mid-stream (its data is on disk).
+pub fn broker_restart(bin: &str, len: Length) -> Outcome {
+    let plan = Plan::of(len);
+    let t = topics("broker", 2, 4);
+    let mut watcher = Watcher::start(&[&t[1]]);
+    let gen = generate(&t[0], plan.count(), plan.rate);
+    let mut w = Workers::new(
+        bin,
+        &t[0],
+        &unique("chaos-broker-g"),
+        &kafka_sink(&t[1]),
+        &[],
+    );
+    w.start();
+    pace(&mut w, Duration::from_secs(plan.seconds / 3));
+    let at = Instant::now();
+    let fault = now_ms();
+    crate::run_ok(
+        std::process::Command::new("bash")
+            .arg(crate::repo_root().join("scripts/kafka.sh"))
+            .arg("restart"),
+    );
+    let down_for = at.elapsed();
+    gen.join().expect("generator");
+    let peak = w.peak_mib();
+    let (lost, dups) = watcher.finish(0..plan.count(), Duration::from_secs(180));
+    let recovery = watcher.recovery(fault, plan.rate);
+    w.stop_all();
+    Outcome {
+        name: "2. broker restart".into(),
+        faults: 1,
+        records: plan.count(),
+        lost,
+        duplicates: dups,
+        max_duplicates_per_fault: dups,
+        recovery_s: recovery,
+        peak_rss_mib: peak,
+        note: format!("broker away {:.1} s (stop + start)", down_for.as_secs_f64()),
+    }
+}
+
+fn pg_exec(url: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .expect("connect to PostgreSQL");
+            tokio::spawn(conn);
+            client
+                .simple_query(sql)
+                .await
+                .expect(sql)
+                .into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => {
+                        Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+}
+
+/// 3. PostgreSQL unreachable for 30 s (10 s short) behind a proxy that drops everything.
+pub fn database_outage(bin: &str, len: Length) -> Outcome {
+    let plan = Plan::of(len);
+    let outage = if len == Length::Full { 30 } else { 10 };
+    let t = topics("pg", 1, 4);
+    let url = postgres_url();
+    let table = unique("chaos_pg").replace('-', "_");
+    pg_exec(
+        &url,
+        &format!(
+            "CREATE TABLE {table} (seq bigint PRIMARY KEY, device text, temp_c double precision)"
+        ),
+    );
+    let host_port = url
+        .rsplit('@')
+        .next()
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let proxy = TcpProxy::start(&host_port);
+    let proxied = url.replace(&host_port, &proxy.addr);
+    let gen = generate(&t[0], plan.count(), plan.rate);
+    let body = format!(
+        "sinks: [{{postgres: {{table: {table}, columns: [{{name: seq}}, {{name: device, field: deviceId}}, {{name: temp_c, field: tempC}}]}}}}]\nretry: {{maxBackoff: 2s, maxElapsed: 10m}}"
+    );
+    let mut w = Workers::new(
+        bin,
+        &t[0],
+        &unique("chaos-pg-g"),
+        &body,
+        &[("SLUICE_POSTGRES_URL", &proxied)],
+    );
+    w.start();
+    pace(&mut w, Duration::from_secs(plan.seconds / 3));
+    proxy.cut();
+    pace(&mut w, Duration::from_secs(outage));
+    proxy.restore();
+    let back = Instant::now();
+    gen.join().expect("generator");
+    let n = plan.count() as i64;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut recovery = None;
+    let count = |sql: &str| -> i64 {
+        pg_exec(&url, sql)[0][0]
+            .as_deref()
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0)
+    };
+    loop {
+        w.sample_rss();
+        let rows = count(&format!("SELECT count(*) FROM {table}"));
+        if recovery.is_none() && rows > 0 {
+            // caught up with the offered load: the table holds what was produced by now
+            let produced_by_now = ((back.elapsed().as_secs_f64()
+                + (plan.seconds / 3 + outage) as f64)
+                * plan.rate) as i64;
+            if rows >= produced_by_now.min(n) * 9 / 10 {
+                recovery = Some(back.elapsed().as_secs_f64());
+            }
+        }
+        if rows >= n || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let total = count(&format!("SELECT count(*) FROM {table}"));
+    let distinct = count(&format!("SELECT count(DISTINCT seq) FROM {table}"));
+    let peak = w.peak_mib();
+    w.stop_all();
+    Outcome {
+        name: format!("3. PostgreSQL unreachable {outage} s"),
+        faults: 1,
+        records: n as u64,
+        lost: (n - distinct).max(0) as u64,
+        duplicates: (total - distinct).max(0) as u64,
+        max_duplicates_per_fault: (total - distinct).max(0) as u64,
+        recovery_s: recovery,
+        peak_rss_mib: peak,
+        note: "redelivered rows absorbed by ON CONFLICT DO NOTHING".into(),
+    }
+}
+
+/// 4. 1% malformed records and 1% on which the jq program fails.
+pub fn poison(bin: &str, len: Length) -> Outcome {
+    let plan = Plan::of(len);
+    let t = topics("poison", 3, 4);
+    let n = plan.count();
+    let mut watcher = Watcher::start(&[&t[1], &t[2]]);
+    let input = t[0].clone();
+    let gen = std::thread::spawn(move || {
+        let chunk = 1000;
+        let start = Instant::now();
+        for c in 0..n.div_ceil(chunk) {
+            let recs: Vec<TestRecord> = (c * chunk..((c + 1) * chunk).min(n))
+                .map(|i| TestRecord {
+                    tombstone: false,
+                    partition: None,
+                    key: Some(key(i)),
+                    value: match i % 100 {
+                        13 => format!("garbage \"seq\":{i} {{").into_bytes(),
+                        57 => format!(r#"{{"seq":{i},"deviceId":"dev-x","tempC":"hot"}}"#)
+                            .into_bytes(),
+                        _ => payload(i, 100),
+                    },
+                })
+                .collect();
+            produce_records(&input, recs);
+            let due = start + Duration::from_secs_f64((c + 1) as f64 * chunk as f64 / plan.rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+    });
+    let body = format!(
+        "processor: {{jq: {{program: '{{seq, device: .deviceId, tempF: ((.tempC | tonumber) * 9 / 5 + 32)}}'}}}}\n{}\ndeadLetter: {{topic: {}}}",
+        kafka_sink(&t[1]),
+        t[2]
+    );
+    let mut w = Workers::new(bin, &t[0], &unique("chaos-poison-g"), &body, &[]);
+    w.start();
+    gen.join().expect("generator");
+    pace(&mut w, Duration::from_secs(2));
+    let peak = w.peak_mib();
+    let (lost, dups) = watcher.finish(0..n, Duration::from_secs(120));
+    w.stop_all();
+    Outcome {
+        name: "4. poison input (1% not JSON, 1% jq errors)".into(),
+        faults: (n / 50) as u32,
+        records: n,
+        lost,
+        duplicates: dups,
+        max_duplicates_per_fault: 0,
+        recovery_s: None,
+        peak_rss_mib: peak,
+        note: format!(
+            "{} dead-lettered with their headers, the rest delivered",
+            n / 50
+        ),
+    }
+}
+
+/// 5. Workers 1 -> 4 -> 1 under load; each scale-down is a SIGTERM drain.
+pub fn rebalance_storm(bin: &str, len: Length) -> Outcome {
+    let plan = Plan::of(len);
+    let cycles = if len == Length::Full { 3 } else { 1 };
+    let t = topics("storm", 2, 8);
+    let mut watcher = Watcher::start(&[&t[1]]);
+    let gen = generate(&t[0], plan.count(), plan.rate);
+    let mut w = Workers::new(
+        bin,
+        &t[0],
+        &unique("chaos-storm-g"),
+        &kafka_sink(&t[1]),
+        &[],
+    );
+    w.start();
+    let step = Duration::from_secs(plan.seconds) / (cycles * 6 + 1);
+    let mut faults = Vec::new();
+    for _ in 0..cycles {
+        for _ in 0..3 {
+            pace(&mut w, step);
+            faults.push(now_ms());
+            w.start();
+        }
+        for _ in 0..3 {
+            pace(&mut w, step);
+            faults.push(now_ms());
+            w.term_one();
+        }
+    }
+    gen.join().expect("generator");
+    let peak = w.peak_mib();
+    let (lost, dups) = watcher.finish(0..plan.count(), Duration::from_secs(120));
+    let (max_dup, recovery) = per_fault(&watcher, &faults, plan.rate);
+    w.stop_all();
+    Outcome {
+        name: "5. rebalance storm 1->4->1".into(),
+        faults: cycles * 6,
+        records: plan.count(),
+        lost,
+        duplicates: dups,
+        max_duplicates_per_fault: max_dup,
+        recovery_s: Some(recovery),
+        peak_rss_mib: peak,
+        note: format!("{cycles} cycle(s); scale-downs drain on SIGTERM"),
+    }
+}
+
+/// 6. A slow processor: lag grows while memory stays flat, then it drains.
+pub fn slow_sink(bin: &str, len: Length) -> Outcome {
+    let t = topics("slow", 2, 4);
+    // Offered at 5000/s, processed at about 2000/s (a 1 ms sleep per record on the
+    // runtime's two threads): the lag grows while the generator runs, then drains.
+    let n: u64 = if len == Length::Full { 60_000 } else { 15_000 };
+    let mut watcher = Watcher::start(&[&t[1]]);
+    let gen = generate_sized(&t[0], n, 5_000.0, 1000);
+    // ~4 workers x 4 partitions x 1 record/ms = about 16k records/s at most
+    let body = format!(
+        "processor: {{delay: {{perRecord: 1ms}}}}\n{}\nworkers: {{perPartition: 4, queueCapacity: 512}}\nmemory: {{inFlightBytes: 4MiB, fetchBuffer: 1MiB}}",
+        kafka_sink(&t[1])
+    );
+    let mut w = Workers::new(bin, &t[0], &unique("chaos-slow-g"), &body, &[]);
+    w.start();
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while watcher.total() < n && Instant::now() < deadline {
+        w.sample_rss();
+        samples.push(w.running[0].rss_bytes());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    gen.join().expect("generator");
+    let peak = w.peak_mib();
+    let (lost, dups) = watcher.finish(0..n, Duration::from_secs(60));
+    w.stop_all();
+    let mid = &samples[samples.len() / 4..];
+    let (lo, hi) = (
+        mid.iter().min().copied().unwrap_or(0) as f64 / (1 << 20) as f64,
+        mid.iter().max().copied().unwrap_or(0) as f64 / (1 << 20) as f64,
+    );
+    Outcome {
+        name: "6. slow processing, 1 KB records".into(),
+        faults: 1,
+        records: n,
+        lost,
+        duplicates: dups,
+        max_duplicates_per_fault: 0,
+        recovery_s: None,
+        peak_rss_mib: peak,
+        note: format!(
+            "{:.0} MB offered 2.5x faster than processed; RSS {lo:.0}-{hi:.0} MiB over the run ({} samples)",
+            n as f64 * 1000.0 / 1e6,
+            samples.len()
+        ),
+    }
+}
+
+/// 7. SIGTERM mid-stream, restart: not one duplicate.
+pub fn clean_sigterm(bin: &str, len: Length) -> Outcome {
+    let plan = Plan::of(len);
+    let stops = if len == Length::Full { 5 } else { 2 };
+    let t = topics("term", 2, 4);
+    let mut watcher = Watcher::start(&[&t[1]]);
+    let gen = generate(&t[0], plan.count(), plan.rate);
+    let mut w = Workers::new(bin, &t[0], &unique("chaos-term-g"), &kafka_sink(&t[1]), &[]);
+    w.start();
+    let every = Duration::from_secs(plan.seconds) / (stops + 1);
+    let mut faults = Vec::new();
+    for _ in 0..stops {
+        pace(&mut w, every);
+        faults.push(now_ms());
+        w.term_one();
+        w.start();
+    }
+    gen.join().expect("generator");
+    let peak = w.peak_mib();
+    let (lost, dups) = watcher.finish(0..plan.count(), Duration::from_secs(120));
+    let (max_dup, recovery) = per_fault(&watcher, &faults, plan.rate);
+    w.stop_all();
+    Outcome {
+        name: "7. clean SIGTERM, restarted".into(),
+        faults: stops,
+        records: plan.count(),
+        lost,
+        duplicates: dups,
+        max_duplicates_per_fault: max_dup,
+        recovery_s: Some(recovery),
+        peak_rss_mib: peak,
+        note: "drain, flush, commit, leave the group".into(),
+    }
+}
+
+/// Every scenario in order.
+pub fn run_all(bin: &str, len: Length) -> Vec<Outcome> {
+    type Scenario = fn(&str, Length) -> Outcome;
+    let scenarios: [Scenario; 7] = [
+        sigkill,
+        broker_restart,
+        database_outage,
+        poison,
+        rebalance_storm,
+        slow_sink,
+        clean_sigterm,
+    ];
+    let mut out = Vec::new();
+    for s in scenarios {
+        let o = s(bin, len);
+        eprintln!("[chaos] {}", o.row());
+        out.push(o);
+    }
+    out
+}
