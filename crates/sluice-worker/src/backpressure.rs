@@ -19,6 +19,9 @@ pub enum HoldReason {
     Draining = 4,
     /// A record of the partition failed for good; nothing more is fetched.
     Stalled = 8,
+    /// Offset commits have been failing (e.g. the group coordinator is away): work done
+    /// now could not be committed and would only be redelivered.
+    CommitFailing = 16,
 }
 
 /// What the consumer must do after a flow-control change.

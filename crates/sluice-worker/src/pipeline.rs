@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::ClientConfig;
@@ -210,6 +210,8 @@ struct Coordinator {
     dead_letters: Arc<DeadLetters>,
     owned: HashMap<(String, i32), Owned>,
     committer: Committer,
+    /// Since when periodic commits have failed, and whether fetching is held for it.
+    commit_failing: Option<(Instant, bool)>,
 }
 
 impl Coordinator {
@@ -327,8 +329,45 @@ impl Coordinator {
 
     async fn commit_all(&mut self) {
         let states: Vec<_> = self.owned.values().map(|o| o.state.clone()).collect();
-        if let Err(e) = self.committer.commit(&states).await {
-            tracing::warn!(error = %e, "periodic commit failed; retrying at the next interval");
+        let interval = self.config.commit.interval.0;
+        let hold_after = (interval * 2).max(Duration::from_secs(2));
+        // A synchronous commit blocks while the group coordinator is away: stop waiting
+        // after `hold_after` and count it as a failure (the offsets are simply committed
+        // again at the next tick).
+        let res = match tokio::time::timeout(hold_after, self.committer.commit(&states)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {hold_after:?}")),
+        };
+        match res {
+            Ok(_) => {
+                if let Some((since, held)) = self.commit_failing.take() {
+                    if held {
+                        tracing::info!(failing_for = ?since.elapsed(), "commits succeed again; fetching resumes");
+                    }
+                    for s in &states {
+                        s.hold(HoldReason::CommitFailing, false);
+                    }
+                }
+            }
+            Err(e) => {
+                let (since, held) = self.commit_failing.get_or_insert((Instant::now(), false));
+                tracing::warn!(error = %e, failing_for = ?since.elapsed(), "periodic commit failed; retrying at the next interval");
+                if !*held && since.elapsed() >= hold_after {
+                    // Work done now could not be committed: it would only be delivered
+                    // again after the group settles. Hold fetching until a commit goes
+                    // through, so what is redelivered stays bounded.
+                    tracing::warn!(
+                        ?hold_after,
+                        "commits keep failing; fetching is held until one succeeds"
+                    );
+                    *held = true;
+                }
+                if *held {
+                    for s in &states {
+                        s.hold(HoldReason::CommitFailing, true);
+                    }
+                }
+            }
         }
     }
 
@@ -397,6 +436,7 @@ async fn run(
             metrics.commit_latency.clone(),
             metrics.commit_failures.clone(),
         ),
+        commit_failing: None,
         consumer: consumer.clone(),
         config,
     };
