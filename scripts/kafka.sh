@@ -13,8 +13,10 @@
 #   SLUICE_CACHE          jar cache, kept across runs (default ~/.cache/sluice)
 #   SLUICE_KAFKA_DIR      data, config and log dir    (default /tmp/sluice-kafka)
 #   SLUICE_KAFKA_PORT     client port on 127.0.0.1    (default 9092; controller uses port+1;
-#                         a SASL_PLAINTEXT listener with PLAIN users runs on port+2:
-#                         user `sluice`, password `sluice-secret`, for the SASL tests)
+#                         a SASL_PLAINTEXT listener runs on port+2 with user `sluice`,
+#                         password `sluice-secret` for PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512;
+#                         a TLS listener on port+3 with a certificate for 127.0.0.1 signed
+#                         by the test CA in $SLUICE_KAFKA_DIR/tls/ca.pem)
 #   SLUICE_KAFKA_CPUS     optional taskset cpu list to pin the broker (benchmarks)
 set -euo pipefail
 
@@ -24,6 +26,9 @@ DIR="${SLUICE_KAFKA_DIR:-/tmp/sluice-kafka}"
 PORT="${SLUICE_KAFKA_PORT:-9092}"
 CPORT=$((PORT + 1))
 SPORT=$((PORT + 2))
+TPORT=$((PORT + 3))
+# Bumped when the storage format changes (v2: SCRAM users); older data is reformatted.
+LAYOUT=2
 LOG4J_VERSION=2.24.3
 
 log() { echo "[kafka] $*" >&2; }
@@ -56,18 +61,39 @@ is_up() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 
 pid() { [[ -f "$DIR/broker.pid" ]] && kill -0 "$(cat "$DIR/broker.pid")" 2>/dev/null && cat "$DIR/broker.pid"; }
 
+# A CA and a broker certificate for 127.0.0.1, made once per data directory.
+write_tls() {
+  local t="$DIR/tls"
+  [[ -f "$t/broker-keystore.pem" ]] && return 0
+  mkdir -p "$t"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=sluice test CA" \
+    -keyout "$t/ca.key" -out "$t/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$t/broker.key" -out "$t/broker.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > "$t/san.ext"
+  openssl x509 -req -in "$t/broker.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$t/san.ext" -out "$t/broker.pem" 2>/dev/null
+  openssl pkcs8 -topk8 -nocrypt -in "$t/broker.key" -out "$t/broker.pk8"
+  cat "$t/broker.pk8" "$t/broker.pem" > "$t/broker-keystore.pem"
+}
+
 write_config() {
   mkdir -p "$DIR/data"
+  write_tls
   cat > "$DIR/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$CPORT
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL_PLAINTEXT://127.0.0.1:$SPORT
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
-sasl.enabled.mechanisms=PLAIN
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
 listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="admin" password="admin-secret" user_admin="admin-secret" user_sluice="sluice-secret";
+listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PEM
+ssl.keystore.location=$DIR/tls/broker-keystore.pem
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$DIR/data
 num.partitions=8
@@ -114,13 +140,20 @@ start() {
   fi
   if is_up; then log "port $PORT is taken by another process; set SLUICE_KAFKA_PORT"; exit 1; fi
   write_config
+  if [[ -f "$DIR/data/meta.properties" && "$(cat "$DIR/layout" 2>/dev/null)" != "$LAYOUT" ]]; then
+    log "the data in $DIR predates this script's storage layout (SCRAM users); reformatting"
+    rm -rf "$DIR/data"; mkdir -p "$DIR/data"
+  fi
   if [[ ! -f "$DIR/data/meta.properties" ]]; then
     local id
     java_argv
     id="$("${JAVA[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)"
     log "formatting storage in $DIR/data (cluster id $id)"
-    "${JAVA[@]}" kafka.tools.StorageTool format --standalone -t "$id" -c "$DIR/server.properties" >"$DIR/format.log" 2>&1 \
+    "${JAVA[@]}" kafka.tools.StorageTool format --standalone -t "$id" -c "$DIR/server.properties" \
+      --add-scram 'SCRAM-SHA-256=[name=sluice,password=sluice-secret]' \
+      --add-scram 'SCRAM-SHA-512=[name=sluice,password=sluice-secret]' >"$DIR/format.log" 2>&1 \
       || { cat "$DIR/format.log" >&2; exit 1; }
+    echo "$LAYOUT" > "$DIR/layout"
   fi
   log "starting Apache Kafka $VERSION on 127.0.0.1:$PORT (logs: $DIR/broker.log)"
   java_argv

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{
-    bootstrap, create_topic, free_port, key, parse_seq, payload, postgres_url, produce,
-    produce_records, unique, wait_for, ProduceSpec, TcpProxy, TestRecord, WorkerProcess,
+    bootstrap, create_topic, free_port, key, parse_seq, payload, postgres_url, produce, unique,
+    wait_for, ProduceSpec, TcpProxy, TestRecord, WorkerProcess,
 };
 
 /// How long and how hard.
@@ -180,11 +180,12 @@ impl Watcher {
         }
     }
 
-    /// Seconds from `fault_ms` until deliveries are back to 90% of `rate` over a second.
-    pub fn recovery(&self, fault_ms: i64, rate: f64) -> Option<f64> {
+    /// Seconds from `fault_ms` until deliveries are back to 90% of `rate` over a second,
+    /// if that happens before `until_ms`.
+    pub fn recovery(&self, fault_ms: i64, rate: f64, until_ms: i64) -> Option<f64> {
         let s = self.seen.lock().expect("seen");
         let first = fault_ms.div_euclid(250);
-        let last = *s.buckets.keys().next_back()?;
+        let last = (*s.buckets.keys().next_back()?).min(until_ms.div_euclid(250));
         (first..=last - 3).find_map(|b| {
             let n: u64 = (b..b + 4)
                 .map(|k| s.buckets.get(&k).copied().unwrap_or(0))
@@ -208,18 +209,30 @@ impl Watcher {
     }
 }
 
-/// The most duplicates and the slowest recovery over `faults` (epoch ms, in order).
-fn per_fault(w: &Watcher, faults: &[i64], rate: f64) -> (u64, f64) {
+/// Per-fault figures over `faults` (epoch ms, in order): the most duplicates after one
+/// fault, the slowest recovery among the faults that recovered before the next one, and
+/// how many did not (the next fault came first).
+fn per_fault(w: &Watcher, faults: &[i64], rate: f64) -> (u64, Option<f64>, usize) {
     let mut max_dup = 0;
-    let mut recovery: f64 = 0.0;
+    let mut recovery: Option<f64> = None;
+    let mut unrecovered = 0;
     for (i, &at) in faults.iter().enumerate() {
         let next = faults.get(i + 1).copied().unwrap_or(i64::MAX);
         max_dup = max_dup.max(w.duplicates_between(at, next));
-        if let Some(r) = w.recovery(at, rate) {
-            recovery = recovery.max(r);
+        match w.recovery(at, rate, next) {
+            Some(r) => recovery = Some(recovery.map_or(r, |m: f64| m.max(r))),
+            None => unrecovered += 1,
         }
     }
-    (max_dup, recovery)
+    (max_dup, recovery, unrecovered)
+}
+
+fn unrecovered_note(unrecovered: usize, faults: usize) -> String {
+    if unrecovered == 0 {
+        String::new()
+    } else {
+        format!("; {unrecovered} of {faults} faults struck before the previous had recovered")
+    }
 }
 
 /// A steady generator in the background: `count` records at `rate`/s.
@@ -376,7 +389,14 @@ fn kafka_sink(out: &str) -> String {
 
 /// 1. SIGKILL at random moments, restarted at once.
 pub fn sigkill(bin: &str, len: Length) -> Outcome {
-    let plan = Plan::of(len);
+    // Full: 20 kills 15 s apart, so the group (10 s session timeout) can settle between.
+    let plan = match len {
+        Length::Full => Plan {
+            rate: 10_000.0,
+            seconds: 315,
+        },
+        Length::Short => Plan::of(len),
+    };
     let kills = if len == Length::Full { 20 } else { 3 };
     let t = topics("kill", 2, 4);
     let mut watcher = Watcher::start(&[&t[1]]);
@@ -396,7 +416,7 @@ pub fn sigkill(bin: &str, len: Length) -> Outcome {
     let n = plan.count();
     let peak = w.peak_mib();
     let (lost, dups) = watcher.finish(0..n, Duration::from_secs(120));
-    let (max_dup, recovery) = per_fault(&watcher, &faults, plan.rate);
+    let (max_dup, recovery, unrecovered) = per_fault(&watcher, &faults, plan.rate);
     w.stop_all();
     Outcome {
         name: "1. SIGKILL, restarted at once".into(),
@@ -405,9 +425,13 @@ pub fn sigkill(bin: &str, len: Length) -> Outcome {
         lost,
         duplicates: dups,
         max_duplicates_per_fault: max_dup,
-        recovery_s: Some(recovery),
+        recovery_s: recovery,
         peak_rss_mib: peak,
-        note: format!("{} records/s offered, commits every 500 ms", plan.rate),
+        note: format!(
+            "{} records/s offered, commits every 500 ms, session timeout 10 s{}",
+            plan.rate,
+            unrecovered_note(unrecovered, faults.len())
+        ),
     }
 }
 
@@ -442,7 +466,7 @@ pub fn broker_restart(bin: &str, len: Length) -> Outcome {
     gen.join().expect("generator");
     let peak = w.peak_mib();
     let (lost, dups) = watcher.finish(0..plan.count(), Duration::from_secs(180));
-    let recovery = watcher.recovery(fault, plan.rate);
+    let recovery = watcher.recovery(fault, plan.rate, i64::MAX);
     w.stop_all();
     // Duplicates the generator itself wrote (its producer retrying across the restart).
     let input = crate::audit(
@@ -588,26 +612,17 @@ pub fn poison(bin: &str, len: Length) -> Outcome {
     let mut watcher = Watcher::start(&[&t[1], &t[2]]);
     let input = t[0].clone();
     let gen = std::thread::spawn(move || {
-        let chunk = 1000;
-        let start = Instant::now();
-        for c in 0..n.div_ceil(chunk) {
-            let recs: Vec<TestRecord> = (c * chunk..((c + 1) * chunk).min(n))
-                .map(|i| TestRecord {
-                    tombstone: false,
-                    partition: None,
-                    key: Some(key(i)),
-                    value: match i % 100 {
-                        13 => format!("garbage \"seq\":{i} {{").into_bytes(),
-                        57 => format!(r#"{{"seq":{i},"deviceId":"dev-x","tempC":"hot"}}"#)
-                            .into_bytes(),
-                        _ => payload(i, 100),
-                    },
-                })
-                .collect();
-            produce_records(&input, recs);
-            let due = start + Duration::from_secs_f64((c + 1) as f64 * chunk as f64 / plan.rate);
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        }
+        let records = (0..n).map(|i| TestRecord {
+            tombstone: false,
+            partition: None,
+            key: Some(key(i)),
+            value: match i % 100 {
+                13 => format!("garbage \"seq\":{i} {{").into_bytes(),
+                57 => format!(r#"{{"seq":{i},"deviceId":"dev-x","tempC":"hot"}}"#).into_bytes(),
+                _ => payload(i, 100),
+            },
+        });
+        crate::produce_records_at(&input, records, Some(plan.rate));
     });
     let body = format!(
         "processor: {{jq: {{program: '{{seq, device: .deviceId, tempF: ((.tempC | tonumber) * 9 / 5 + 32)}}'}}}}\n{}\ndeadLetter: {{topic: {}}}",
@@ -669,7 +684,7 @@ pub fn rebalance_storm(bin: &str, len: Length) -> Outcome {
     gen.join().expect("generator");
     let peak = w.peak_mib();
     let (lost, dups) = watcher.finish(0..plan.count(), Duration::from_secs(120));
-    let (max_dup, recovery) = per_fault(&watcher, &faults, plan.rate);
+    let (max_dup, recovery, unrecovered) = per_fault(&watcher, &faults, plan.rate);
     w.stop_all();
     Outcome {
         name: "5. rebalance storm 1->4->1".into(),
@@ -678,9 +693,12 @@ pub fn rebalance_storm(bin: &str, len: Length) -> Outcome {
         lost,
         duplicates: dups,
         max_duplicates_per_fault: max_dup,
-        recovery_s: Some(recovery),
+        recovery_s: recovery,
         peak_rss_mib: peak,
-        note: format!("{cycles} cycle(s); scale-downs drain on SIGTERM"),
+        note: format!(
+            "{cycles} cycle(s); scale-downs drain on SIGTERM{}",
+            unrecovered_note(unrecovered, faults.len())
+        ),
     }
 }
 
@@ -752,7 +770,7 @@ pub fn clean_sigterm(bin: &str, len: Length) -> Outcome {
     gen.join().expect("generator");
     let peak = w.peak_mib();
     let (lost, dups) = watcher.finish(0..plan.count(), Duration::from_secs(120));
-    let (max_dup, recovery) = per_fault(&watcher, &faults, plan.rate);
+    let (max_dup, recovery, unrecovered) = per_fault(&watcher, &faults, plan.rate);
     w.stop_all();
     Outcome {
         name: "7. clean SIGTERM, restarted".into(),
@@ -761,9 +779,12 @@ pub fn clean_sigterm(bin: &str, len: Length) -> Outcome {
         lost,
         duplicates: dups,
         max_duplicates_per_fault: max_dup,
-        recovery_s: Some(recovery),
+        recovery_s: recovery,
         peak_rss_mib: peak,
-        note: "drain, flush, commit, leave the group".into(),
+        note: format!(
+            "drain, flush, commit, leave the group{}",
+            unrecovered_note(unrecovered, faults.len())
+        ),
     }
 }
 

@@ -118,6 +118,31 @@ pub fn sasl_bootstrap() -> Option<String> {
     Some(format!("127.0.0.1:{}", port + 2))
 }
 
+/// The TLS listener of the local broker (`scripts/kafka.sh`: port + 3) and the CA file
+/// that signed its certificate; `None` against an external broker unless
+/// `SLUICE_TEST_TLS_BOOTSTRAP` and `SLUICE_TEST_TLS_CA` name them.
+pub fn tls_bootstrap() -> Option<(String, PathBuf)> {
+    if let (Ok(b), Ok(ca)) = (
+        std::env::var("SLUICE_TEST_TLS_BOOTSTRAP"),
+        std::env::var("SLUICE_TEST_TLS_CA"),
+    ) {
+        return Some((b, ca.into()));
+    }
+    if std::env::var("SLUICE_TEST_BOOTSTRAP").is_ok() {
+        return None;
+    }
+    bootstrap();
+    let port: u16 = std::env::var("SLUICE_KAFKA_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(9092);
+    let dir = std::env::var("SLUICE_KAFKA_DIR").unwrap_or_else(|_| "/tmp/sluice-kafka".into());
+    Some((
+        format!("127.0.0.1:{}", port + 3),
+        Path::new(&dir).join("tls/ca.pem"),
+    ))
+}
+
 /// Where `bin` is on the PATH, if anywhere.
 pub fn which(bin: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
@@ -424,6 +449,15 @@ pub struct TestRecord {
 
 /// Produce `records` to `topic` (idempotent, acks=all) and wait for every delivery.
 pub fn produce_records(topic: &str, records: impl IntoIterator<Item = TestRecord>) {
+    produce_records_at(topic, records, None)
+}
+
+/// Like [`produce_records`], paced at `rate` records per second when given.
+pub fn produce_records_at(
+    topic: &str,
+    records: impl IntoIterator<Item = TestRecord>,
+    rate: Option<f64>,
+) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let p: BaseProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
@@ -433,7 +467,14 @@ pub fn produce_records(topic: &str, records: impl IntoIterator<Item = TestRecord
         .set("message.max.bytes", "1048000")
         .create()
         .expect("producer");
-    for r in records {
+    let started = Instant::now();
+    for (i, r) in records.into_iter().enumerate() {
+        if let Some(rate) = rate {
+            if i % 100 == 0 {
+                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+        }
         let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic);
         if !r.tombstone {
             rec = rec.payload(&r.value[..]);

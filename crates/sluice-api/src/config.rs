@@ -701,6 +701,9 @@ impl WorkerConfig {
         }
         if let ProcessorConfig::Jq { program, .. } = &self.processor {
             non_empty("processor.jq.program", program)?;
+            if let Err(e) = crate::jq::compile(program) {
+                return Err(ConfigError::invalid("processor.jq.program", e.to_string()));
+            }
         }
         if let Some(dl) = &self.dead_letter {
             topic_name("deadLetter.topic", &dl.topic)?;
@@ -1192,5 +1195,22 @@ sinks: [{kafka: {topic: out}}]
         fn parser_never_panics_on_arbitrary_text(s in "\\PC{0,200}") {
             let _ = WorkerConfig::from_yaml(&s);
         }
+    }
+
+    #[test]
+    fn a_jq_program_that_does_not_compile_is_refused_with_its_position() {
+        let e = err(&format!(
+            "{MINIMAL}processor: {{jq: {{program: '.a | foo'}}}}\n"
+        ));
+        assert!(
+            e.contains("processor.jq.program")
+                && e.contains("undefined filter `foo`")
+                && e.contains("line 1, column 6"),
+            "{e}"
+        );
+        assert!(WorkerConfig::from_yaml(&format!(
+            "{MINIMAL}processor: {{jq: {{program: '.a | ascii_downcase'}}}}\n"
+        ))
+        .is_ok());
     }
 }

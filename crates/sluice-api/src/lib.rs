@@ -7,6 +7,7 @@
 pub mod config;
 #[cfg(feature = "crd")]
 pub mod crd;
+pub mod jq;
 pub mod units;
 
 pub use config::{ConfigError, WorkerConfig};

@@ -129,6 +129,51 @@ async fn the_api_server_rejects_invalid_pipelines_with_actionable_messages() {
             json!({"scaling": {"mode": "magic"}}),
             "spec.scaling.mode",
         ),
+        (
+            "postgres sink without a table",
+            json!({"sinks": [{"postgres": {"connectionEnv": "PG_URL"}}]}),
+            "table",
+        ),
+        (
+            "postgres table that is not an identifier",
+            json!({"sinks": [{"postgres": {"table": "readings; DROP TABLE x"}}]}),
+            "spec.sinks[0].postgres.table",
+        ),
+        (
+            "unknown onConflict",
+            json!({"sinks": [{"postgres": {"table": "t", "onConflict": "merge"}}]}),
+            "spec.sinks[0].postgres.onConflict",
+        ),
+        (
+            "pool of zero connections",
+            json!({"sinks": [{"postgres": {"table": "t", "poolSize": 0}}]}),
+            "spec.sinks[0].postgres.poolSize",
+        ),
+        (
+            "secret env without a key",
+            json!({"secretEnv": [{"name": "PG_URL", "secretKeyRef": {"name": "pg"}}]}),
+            "key",
+        ),
+        (
+            "secret env with a bad variable name",
+            json!({"secretEnv": [{"name": "PG URL", "secretKeyRef": {"name": "pg", "key": "url"}}]}),
+            "spec.secretEnv[0].name",
+        ),
+        (
+            "dead-letter topic that is not a topic name",
+            json!({"deadLetter": {"topic": "dead letters"}}),
+            "spec.deadLetter.topic",
+        ),
+        (
+            "jq without a program",
+            json!({"processor": {"jq": {"envelope": true}}}),
+            "program",
+        ),
+        (
+            "bad retry duration",
+            json!({"retry": {"maxElapsed": 5}}),
+            "spec.retry.maxElapsed",
+        ),
     ];
     for (i, (what, patch, want)) in corpus.into_iter().enumerate() {
         let mut obj = minimal(&format!("bad-{i}"));

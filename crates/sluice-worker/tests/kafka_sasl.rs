@@ -1,6 +1,7 @@
-//! SASL against the real broker: the worker authenticates with SASL/PLAIN, the password
-//! comes only from the environment variable the config names, and it never appears in the
-//! worker's logs or metrics.
+//! SASL and TLS against the real broker: the worker authenticates with SASL/PLAIN and
+//! SCRAM-SHA-256/512, the password comes only from the environment variable the config
+//! names and never appears in the worker's logs or metrics; TLS verifies the broker against
+//! the configured CA.
 
 use std::time::Duration;
 
@@ -10,14 +11,32 @@ const BIN: &str = env!("CARGO_BIN_EXE_sluice-worker");
 const PASSWORD: &str = "sluice-secret";
 
 fn sasl_config(sasl: &str, input: &str, output: &str, group: &str, addr: &str) -> String {
+    security_config(
+        sasl,
+        "{protocol: SASL_PLAINTEXT, saslMechanism: PLAIN, username: sluice, passwordEnv: SLUICE_TEST_KAFKA_PASSWORD}",
+        input,
+        output,
+        group,
+        addr,
+    )
+}
+
+fn security_config(
+    bootstrap: &str,
+    security: &str,
+    input: &str,
+    output: &str,
+    group: &str,
+    addr: &str,
+) -> String {
     format!(
         r#"pipeline: sasl
 source:
-  bootstrapServers: "{sasl}"
+  bootstrapServers: "{bootstrap}"
   topic: {input}
   groupId: {group}
   sessionTimeout: 10s
-  security: {{protocol: SASL_PLAINTEXT, saslMechanism: PLAIN, username: sluice, passwordEnv: SLUICE_TEST_KAFKA_PASSWORD}}
+  security: {security}
 sinks:
   - kafka: {{topic: {output}}}
 commit: {{interval: 500ms, drainTimeout: 8s}}
@@ -131,4 +150,128 @@ fn a_wrong_password_is_refused_by_the_broker_and_nothing_is_consumed() {
         100,
         "nothing committed without authentication"
     );
+}
+
+/// Run 5,000 records through a worker with `security` on `bootstrap`; all must arrive.
+fn run_secured(
+    name: &str,
+    bootstrap_servers: &str,
+    security: &str,
+    env: &[(&str, &str)],
+) -> String {
+    let b = bootstrap();
+    let (input, output, group) = pipeline_topics(name, 2);
+    let n = 5_000;
+    produce_seq(&input, n);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut w = WorkerProcess::start_with_env(
+        BIN,
+        &unique(name),
+        &security_config(bootstrap_servers, security, &input, &output, &group, &addr),
+        &addr,
+        env,
+    );
+    wait_for(
+        &format!("everything committed through {name}"),
+        Duration::from_secs(120),
+        || uncommitted(&b, &group, &input) == 0,
+    );
+    w.signal("TERM");
+    assert!(w.wait(Duration::from_secs(30)).expect("exits").success());
+    let r = audit(&b, &output, 0, n, Duration::from_secs(60)).unwrap();
+    assert_eq!(r.missing, 0, "{name}: {r}");
+    std::fs::read_to_string(&w.log).unwrap()
+}
+
+#[test]
+fn the_worker_authenticates_with_scram_sha_256_and_512() {
+    let Some(sasl) = sasl_bootstrap() else {
+        eprintln!("SKIPPED: external broker without SLUICE_TEST_SASL_BOOTSTRAP");
+        return;
+    };
+    for mech in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
+        let log = run_secured(
+            &mech.to_lowercase(),
+            &sasl,
+            &format!("{{protocol: SASL_PLAINTEXT, saslMechanism: {mech}, username: sluice, passwordEnv: SLUICE_TEST_KAFKA_PASSWORD}}"),
+            &[("SLUICE_TEST_KAFKA_PASSWORD", PASSWORD)],
+        );
+        assert!(
+            !log.contains(PASSWORD),
+            "{mech}: the password reached the log"
+        );
+    }
+}
+
+#[test]
+fn a_wrong_scram_password_is_refused() {
+    let Some(sasl) = sasl_bootstrap() else {
+        eprintln!("SKIPPED: external broker without SLUICE_TEST_SASL_BOOTSTRAP");
+        return;
+    };
+    let (input, output, group) = pipeline_topics("scram-bad", 1);
+    produce_seq(&input, 100);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let w = WorkerProcess::start_with_env(
+        BIN,
+        &unique("scram-bad"),
+        &security_config(
+            &sasl,
+            "{protocol: SASL_PLAINTEXT, saslMechanism: SCRAM-SHA-512, username: sluice, passwordEnv: SLUICE_TEST_KAFKA_PASSWORD}",
+            &input,
+            &output,
+            &group,
+            &addr,
+        ),
+        &addr,
+        &[("SLUICE_TEST_KAFKA_PASSWORD", "not-the-password")],
+    );
+    wait_for(
+        "the authentication failure in the log",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&w.log)
+                .unwrap_or_default()
+                .contains("Authentication failed")
+        },
+    );
+    assert_eq!(w.metric("sluice_messages_consumed_total", ""), 0.0);
+    assert!(!std::fs::read_to_string(&w.log)
+        .unwrap()
+        .contains("not-the-password"));
+}
+
+#[test]
+fn the_worker_speaks_tls_and_verifies_the_broker_against_the_configured_ca() {
+    let Some((tls, ca)) = tls_bootstrap() else {
+        eprintln!("SKIPPED: external broker without SLUICE_TEST_TLS_BOOTSTRAP/SLUICE_TEST_TLS_CA");
+        return;
+    };
+    run_secured(
+        "tls",
+        &tls,
+        &format!("{{protocol: SSL, caFile: \"{}\"}}", ca.display()),
+        &[],
+    );
+    // Without the CA the broker's certificate is not trusted: nothing is consumed.
+    let (input, output, group) = pipeline_topics("tls-untrusted", 1);
+    produce_seq(&input, 100);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let w = WorkerProcess::start(
+        BIN,
+        &unique("tls-untrusted"),
+        &security_config(&tls, "{protocol: SSL}", &input, &output, &group, &addr),
+        &addr,
+    );
+    wait_for(
+        "the certificate failure in the log",
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string(&w.log)
+                .unwrap_or_default()
+                .to_lowercase();
+            log.contains("certificate") || log.contains("ssl handshake")
+        },
+    );
+    assert_eq!(w.metric("sluice_messages_delivered_total", ""), 0.0);
 }

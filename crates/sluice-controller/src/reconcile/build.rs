@@ -461,6 +461,18 @@ spec:
     }
 
     #[test]
+    fn a_jq_program_that_does_not_compile_is_an_invalid_spec_naming_the_position() {
+        let p = pipeline("  processor: {jq: {program: '{a: .b | nope}'}}");
+        let err = p.worker_config().unwrap_err().to_string();
+        assert!(
+            err.contains("processor.jq.program")
+                && err.contains("undefined filter `nope`")
+                && err.contains("line 1, column 10"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_postgres_connection_string_comes_from_a_secret_env_and_must_be_declared() {
         let mut p = pipeline("");
         p.spec.sinks = vec![serde_json::from_value(serde_json::json!(
