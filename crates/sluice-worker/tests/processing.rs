@@ -585,3 +585,92 @@ fn odd_records_are_each_handled_deliberately() {
         "the letter keeps the payload"
     );
 }
+
+#[test]
+fn kafka_key_and_trace_header_options_and_postgres_upserts() {
+    let input = unique("opts-in");
+    let output = unique("opts-out");
+    create_topics(&[&input, &output], 2);
+    let table = unique("opts").replace('-', "_");
+    pg(&format!(
+        "CREATE TABLE {table} (seq bigint PRIMARY KEY, device text NOT NULL, temp_f double precision)"
+    ));
+    // Every seq twice, first from device a then from device b; the same key keeps them
+    // in order on one partition, so the upsert must end on b.
+    let records = (0..2u64).flat_map(|round| {
+        (0..200u64).map(move |i| TestRecord {
+            tombstone: false,
+            partition: None,
+            key: Some(format!("k{i}")),
+            value: format!(
+                r#"{{"seq":{i},"deviceId":"{}","tempC":{round}}}"#,
+                if round == 0 { "a" } else { "b" }
+            )
+            .into_bytes(),
+        })
+    });
+    produce_records(&input, records);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let group = unique("opts-g");
+    let cfg = format!(
+        r#"pipeline: opts
+source: {{bootstrapServers: "{b}", topic: {input}, groupId: {group}, sessionTimeout: 10s}}
+processor:
+  jq:
+    envelope: true
+    program: '{{key: "chosen-by-jq", value: {{seq, device: .deviceId, temp_f: .tempC}}}}'
+sinks:
+  - kafka: {{topic: {output}, key: input, traceHeader: src}}
+  - postgres: {{table: {table}, onConflict: update, conflictKey: [seq]}}
+commit: {{interval: 500ms, drainTimeout: 8s}}
+server: {{listen: "{addr}"}}
+"#,
+        b = bootstrap()
+    );
+    let worker = WorkerProcess::start_with_env(
+        BIN,
+        &unique("opts"),
+        &cfg,
+        &addr,
+        &[("SLUICE_POSTGRES_URL", &postgres_url())],
+    );
+    let p = Pipeline {
+        input: input.clone(),
+        group,
+        worker,
+    };
+    p.wait_committed(Duration::from_secs(60));
+    let log = std::fs::read_to_string(&p.worker.log).unwrap();
+    p.stop();
+    assert!(
+        !log.contains("sluice-secret"),
+        "the connection string's password reached the log"
+    );
+    let out = read_all(&output, Duration::from_secs(30));
+    assert_eq!(out.len(), 400);
+    for r in &out {
+        let v: serde_json::Value = serde_json::from_slice(r.value.as_ref().unwrap()).unwrap();
+        let key = String::from_utf8(r.key.clone().unwrap()).unwrap();
+        assert_eq!(
+            key,
+            format!("k{}", v["seq"]),
+            "key: input keeps the source key"
+        );
+        let trace = r.header("src").unwrap();
+        let (topic, rest) = trace.split_once('/').unwrap();
+        assert_eq!(topic, input);
+        let (partition, offset) = rest.split_once('/').unwrap();
+        assert!(
+            partition.parse::<i32>().is_ok() && offset.parse::<i64>().is_ok(),
+            "{trace}"
+        );
+    }
+    assert_eq!(pg_count(&format!("SELECT count(*) FROM {table}")), 200);
+    assert_eq!(
+        pg_count(&format!(
+            "SELECT count(*) FROM {table} WHERE device = 'b' AND temp_f = 1"
+        )),
+        200,
+        "the later row of each key wins"
+    );
+}
