@@ -100,9 +100,12 @@ async fn run_worker(
             scratch.clear();
             match processor.process(r, &mut scratch) {
                 Ok(()) => {
-                    if !scratch.is_empty() {
+                    // One origin per record, moved into its last output (most records
+                    // have exactly one), cloned only for the others.
+                    if let Some(last) = scratch.pop() {
                         let origin = Origin::of(r);
                         outputs.extend(scratch.drain(..).map(|o| (o, origin.clone())));
+                        outputs.push((last, origin));
                     }
                 }
                 Err(e) => {
