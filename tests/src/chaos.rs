@@ -102,16 +102,8 @@ pub struct Watcher {
 impl Watcher {
     /// Start reading `topics`.
     pub fn start(topics: &[&str]) -> Self {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::message::Message;
-        let c: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", bootstrap())
-            .set("group.id", unique("chaos-auditor"))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("auditor consumer");
-        c.subscribe(topics).expect("subscribe");
+        let c = crate::reader(topics, "chaos-auditor");
         let seen: Arc<Mutex<Seen>> = Default::default();
         let other = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));

@@ -107,6 +107,12 @@ pub fn sasl_bootstrap() -> Option<String> {
     if let Ok(b) = std::env::var("SLUICE_TEST_SASL_BOOTSTRAP") {
         return Some(b);
     }
+    local_listener(2)
+}
+
+/// `127.0.0.1:<port + offset>` of the local broker's extra listeners (scripts/kafka.sh);
+/// `None` when the tests run against an external broker.
+fn local_listener(offset: u16) -> Option<String> {
     if std::env::var("SLUICE_TEST_BOOTSTRAP").is_ok() {
         return None;
     }
@@ -115,7 +121,7 @@ pub fn sasl_bootstrap() -> Option<String> {
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(9092);
-    Some(format!("127.0.0.1:{}", port + 2))
+    Some(format!("127.0.0.1:{}", port + offset))
 }
 
 /// The TLS listener of the local broker (`scripts/kafka.sh`: port + 3) and the CA file
@@ -128,19 +134,9 @@ pub fn tls_bootstrap() -> Option<(String, PathBuf)> {
     ) {
         return Some((b, ca.into()));
     }
-    if std::env::var("SLUICE_TEST_BOOTSTRAP").is_ok() {
-        return None;
-    }
-    bootstrap();
-    let port: u16 = std::env::var("SLUICE_KAFKA_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(9092);
+    let listener = local_listener(3)?;
     let dir = std::env::var("SLUICE_KAFKA_DIR").unwrap_or_else(|_| "/tmp/sluice-kafka".into());
-    Some((
-        format!("127.0.0.1:{}", port + 3),
-        Path::new(&dir).join("tls/ca.pem"),
-    ))
+    Some((listener, Path::new(&dir).join("tls/ca.pem")))
 }
 
 /// Where `bin` is on the PATH, if anywhere.
@@ -525,19 +521,26 @@ impl ReadRecord {
     }
 }
 
-/// Read every record of `topic` from the beginning, until `timeout` passes with nothing
-/// new for 3 s (or the end is reached and stays put).
-pub fn read_all(topic: &str, timeout: Duration) -> Vec<ReadRecord> {
+/// A consumer of its own (a fresh group, nothing committed) reading `topics` from the
+/// beginning: what the auditors use, never the worker's group.
+pub fn reader(topics: &[&str], prefix: &str) -> rdkafka::consumer::BaseConsumer {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::{Headers, Message};
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
-        .set("group.id", unique("reader"))
+        .set("group.id", unique(prefix))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
-    c.subscribe(&[topic]).expect("subscribe");
+    c.subscribe(topics).expect("subscribe");
+    c
+}
+
+/// Read every record of `topic` from the beginning, until `timeout` passes with nothing
+/// new for 3 s (or the end is reached and stays put).
+pub fn read_all(topic: &str, timeout: Duration) -> Vec<ReadRecord> {
+    use rdkafka::message::{Headers, Message};
+    let c = reader(&[topic], "reader");
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
     let mut quiet_since = Instant::now();
