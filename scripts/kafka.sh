@@ -15,8 +15,9 @@
 #   SLUICE_KAFKA_PORT     client port on 127.0.0.1    (default 9092; controller uses port+1;
 #                         a SASL_PLAINTEXT listener runs on port+2 with user `sluice`,
 #                         password `sluice-secret` for PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512;
-#                         a TLS listener on port+3 with a certificate for 127.0.0.1 signed
-#                         by the test CA in $SLUICE_KAFKA_DIR/tls/ca.pem)
+#                         a TLS listener on port+4 with a certificate for 127.0.0.1 signed
+#                         by the test CA in $SLUICE_KAFKA_DIR/tls/ca.pem; port+3 is left
+#                         free: it is the worker's default metrics port, 9095)
 #   SLUICE_KAFKA_CPUS     optional taskset cpu list to pin the broker (benchmarks)
 set -euo pipefail
 
@@ -26,7 +27,7 @@ DIR="${SLUICE_KAFKA_DIR:-/tmp/sluice-kafka}"
 PORT="${SLUICE_KAFKA_PORT:-9092}"
 CPORT=$((PORT + 1))
 SPORT=$((PORT + 2))
-TPORT=$((PORT + 3))
+TPORT=$((PORT + 4))
 # Bumped when the storage format changes (v2: SCRAM users); older data is reformatted.
 LAYOUT=2
 LOG4J_VERSION=2.24.3

@@ -124,7 +124,7 @@ fn local_listener(offset: u16) -> Option<String> {
     Some(format!("127.0.0.1:{}", port + offset))
 }
 
-/// The TLS listener of the local broker (`scripts/kafka.sh`: port + 3) and the CA file
+/// The TLS listener of the local broker (`scripts/kafka.sh`: port + 4) and the CA file
 /// that signed its certificate; `None` against an external broker unless
 /// `SLUICE_TEST_TLS_BOOTSTRAP` and `SLUICE_TEST_TLS_CA` name them.
 pub fn tls_bootstrap() -> Option<(String, PathBuf)> {
@@ -134,7 +134,7 @@ pub fn tls_bootstrap() -> Option<(String, PathBuf)> {
     ) {
         return Some((b, ca.into()));
     }
-    let listener = local_listener(3)?;
+    let listener = local_listener(4)?;
     let dir = std::env::var("SLUICE_KAFKA_DIR").unwrap_or_else(|_| "/tmp/sluice-kafka".into());
     Some((listener, Path::new(&dir).join("tls/ca.pem")))
 }
