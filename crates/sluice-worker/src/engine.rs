@@ -427,6 +427,12 @@ mod tests {
             (letters[0].stage.as_str(), letters[0].class),
             ("recording", "constraint")
         );
+        assert_eq!(
+            e.partition(0).metrics.failed_sink.get(),
+            1,
+            "counted against its partition"
+        );
+        assert_eq!(e.partition(1).metrics.failed_sink.get(), 0);
         assert_eq!(sinks[0].seen.lock().unwrap().len(), 1999);
         assert_eq!(
             sinks[1].seen.lock().unwrap().len(),

@@ -79,6 +79,17 @@ impl SinkBatch {
         }
         metrics.outputs.inc_by(stored);
         let SinkBatch { items, tokens, .. } = self;
+        // Count each rejection against its source partition (`stage="sink"`).
+        for (i, _) in &rejected {
+            if let Some((_, origin)) = items.get(*i) {
+                if let Some(t) = tokens
+                    .iter()
+                    .find(|t| t.partition().partition == origin.partition)
+                {
+                    t.partition().metrics.failed_sink.inc();
+                }
+            }
+        }
         let letters = rejected
             .into_iter()
             .filter_map(|(i, f)| {
