@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::ConsumerContext;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use sluice_api::config::Ordering;
 use tokio::sync::{mpsc, watch};
 
@@ -138,14 +138,7 @@ pub fn to_record(topic: &Arc<str>, m: &BorrowedMessage<'_>) -> Record {
         timestamp_ms: m.timestamp().to_millis(),
         key: m.key().map(Bytes::copy_from_slice),
         value: m.payload().map(Bytes::copy_from_slice),
-        headers: m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice)))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        headers: crate::record::owned_headers(m),
     }
 }
 

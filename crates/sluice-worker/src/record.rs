@@ -5,6 +5,18 @@ use bytes::Bytes;
 /// A record header: a name and an optional value.
 pub type Header = (String, Option<Bytes>);
 
+/// Owned copies of a librdkafka message's headers, in their order.
+pub fn owned_headers<M: rdkafka::message::Message>(m: &M) -> Vec<Header> {
+    use rdkafka::message::Headers;
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// One input record, owned, as read from the source partition.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext};
 use sluice_api::config::{KafkaSinkConfig, KeySource};
@@ -158,14 +158,7 @@ impl ProducerContext for SinkContext {
                 let retry = Retry {
                     key: msg.key().map(Bytes::copy_from_slice),
                     value: msg.payload().map(Bytes::copy_from_slice),
-                    headers: msg
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice)))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    headers: crate::record::owned_headers(msg),
                     slot,
                     delay,
                 };
