@@ -16,8 +16,12 @@
 #                         a SASL_PLAINTEXT listener runs on port+2 with user `sluice`,
 #                         password `sluice-secret` for PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512;
 #                         a TLS listener on port+4 with a certificate for 127.0.0.1 signed
-#                         by the test CA in $SLUICE_KAFKA_DIR/tls/ca.pem; port+3 is left
-#                         free: it is the worker's default metrics port, 9095)
+#                         by the test CA in $SLUICE_KAFKA_DIR/tls/ca.pem; SASL over TLS
+#                         (SASL_SSL, same users and certificate) on port+5; a plaintext
+#                         listener on port+6 that advertises itself as port+7, where a
+#                         test puts a proxy it can cut (an output broker "unreachable"
+#                         while the input is not); port+3 is left free: it is the
+#                         worker's default metrics port, 9095)
 #   SLUICE_KAFKA_CPUS     optional taskset cpu list to pin the broker (benchmarks)
 set -euo pipefail
 
@@ -28,6 +32,9 @@ PORT="${SLUICE_KAFKA_PORT:-9092}"
 CPORT=$((PORT + 1))
 SPORT=$((PORT + 2))
 TPORT=$((PORT + 4))
+SSPORT=$((PORT + 5))
+XPORT=$((PORT + 6))
+XADV=$((PORT + 7))
 # Bumped when the storage format changes (v2: SCRAM users); older data is reformatted.
 LAYOUT=2
 LOG4J_VERSION=2.24.3
@@ -85,14 +92,17 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$CPORT
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XPORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XADV
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,PROXIED:PLAINTEXT
 sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
-listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="admin" password="admin-secret" user_admin="admin-secret" user_sluice="sluice-secret";
-listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
-listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+$(for l in sasl_plaintext sasl_ssl; do cat <<JAAS
+listener.name.$l.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="admin" password="admin-secret" user_admin="admin-secret" user_sluice="sluice-secret";
+listener.name.$l.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.$l.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+JAAS
+done)
 ssl.keystore.type=PEM
 ssl.keystore.location=$DIR/tls/broker-keystore.pem
 inter.broker.listener.name=PLAINTEXT

@@ -336,6 +336,11 @@ impl Workers {
         }
     }
 
+    /// Sum of metric `name` over every running worker.
+    fn metric_sum(&self, name: &str) -> f64 {
+        self.running.iter().map(|p| p.metric(name, "")).sum()
+    }
+
     fn peak_mib(&self) -> f64 {
         self.peak_rss as f64 / (1 << 20) as f64
     }
@@ -596,6 +601,65 @@ pub fn database_outage(bin: &str, len: Length) -> Outcome {
     }
 }
 
+/// Scenario 3, first half: the Kafka output unreachable for 30 s (10 s short) while the
+/// input is not. The sink talks to the broker through its proxied listener
+/// (`scripts/kafka.sh`: port + 6, advertised as port + 7) and the proxy on the advertised
+/// port is cut.
+pub fn kafka_output_outage(bin: &str, len: Length) -> Outcome {
+    let plan = Plan::of(len);
+    let outage = if len == Length::Full { 30 } else { 10 };
+    let Some((listener, advertised)) = crate::proxied_listener() else {
+        return Outcome {
+            name: "3. Kafka output unreachable".into(),
+            note: "skipped: needs the local broker's proxied listener".into(),
+            ..Default::default()
+        };
+    };
+    let proxy = TcpProxy::start_on(&advertised, &listener);
+    let t = topics("kout", 2, 4);
+    let mut watcher = Watcher::start(&[&t[1]]);
+    let gen = generate(&t[0], plan.count(), plan.rate);
+    let body = format!(
+        "sinks: [{{kafka: {{topic: {}, bootstrapServers: \"{advertised}\"}}}}]",
+        t[1]
+    );
+    let mut w = Workers::new(bin, &t[0], &unique("chaos-kout-g"), &body, &[]);
+    w.start();
+    pace(&mut w, Duration::from_secs(plan.seconds / 3));
+    let fault = now_ms();
+    proxy.cut();
+    let consumed = |w: &Workers| w.metric_sum("sluice_messages_consumed_total");
+    let at_cut = consumed(&w);
+    pace(&mut w, Duration::from_secs(outage));
+    let at_restore = consumed(&w);
+    let held = w.metric_sum("sluice_in_flight_bytes");
+    proxy.restore();
+    let back = now_ms();
+    gen.join().expect("generator");
+    let peak = w.peak_mib();
+    let (lost, dups) = watcher.finish(0..plan.count(), Duration::from_secs(180));
+    let recovery = watcher.recovery(back, plan.rate, i64::MAX);
+    let retried = w.metric_sum("sluice_sink_retries_total");
+    w.stop_all();
+    drop(proxy);
+    Outcome {
+        name: format!("3. Kafka output unreachable {outage} s"),
+        faults: 1,
+        records: plan.count(),
+        lost,
+        duplicates: dups,
+        max_duplicates_per_fault: watcher.duplicates_between(fault, i64::MAX),
+        recovery_s: recovery,
+        peak_rss_mib: peak,
+        note: format!(
+            "input readable throughout; {:.0} records consumed during the outage ({:.0} s of input), {:.0} MiB of the 256 MiB in-flight budget held at the restore; {retried:.0} sends retried; recovery counted from the restore",
+            at_restore - at_cut,
+            (at_restore - at_cut) / plan.rate,
+            held / f64::from(1 << 20),
+        ),
+    }
+}
+
 /// 4. 1% malformed records and 1% on which the jq program fails.
 pub fn poison(bin: &str, len: Length) -> Outcome {
     let plan = Plan::of(len);
@@ -780,23 +844,17 @@ pub fn clean_sigterm(bin: &str, len: Length) -> Outcome {
     }
 }
 
-/// Every scenario in order.
-pub fn run_all(bin: &str, len: Length) -> Vec<Outcome> {
-    type Scenario = fn(&str, Length) -> Outcome;
-    let scenarios: [Scenario; 7] = [
-        sigkill,
-        broker_restart,
-        database_outage,
-        poison,
-        rebalance_storm,
-        slow_sink,
-        clean_sigterm,
-    ];
-    let mut out = Vec::new();
-    for s in scenarios {
-        let o = s(bin, len);
-        eprintln!("[chaos] {}", o.row());
-        out.push(o);
-    }
-    out
-}
+/// One scenario: the worker binary and the length, to what it measured.
+pub type Scenario = fn(&str, Length) -> Outcome;
+
+/// Every scenario in order, with the short name `sluice-chaos` selects it by.
+pub const SCENARIOS: [(&str, Scenario); 8] = [
+    ("sigkill", sigkill),
+    ("broker", broker_restart),
+    ("kafka-output", kafka_output_outage),
+    ("postgres", database_outage),
+    ("poison", poison),
+    ("storm", rebalance_storm),
+    ("slow", slow_sink),
+    ("sigterm", clean_sigterm),
+];

@@ -128,15 +128,32 @@ fn local_listener(offset: u16) -> Option<String> {
 /// that signed its certificate; `None` against an external broker unless
 /// `SLUICE_TEST_TLS_BOOTSTRAP` and `SLUICE_TEST_TLS_CA` name them.
 pub fn tls_bootstrap() -> Option<(String, PathBuf)> {
-    if let (Ok(b), Ok(ca)) = (
-        std::env::var("SLUICE_TEST_TLS_BOOTSTRAP"),
-        std::env::var("SLUICE_TEST_TLS_CA"),
-    ) {
+    secured_listener("SLUICE_TEST_TLS_BOOTSTRAP", 4)
+}
+
+/// The SASL_SSL listener of the local broker (port + 5: SASL over TLS, the users of
+/// [`sasl_bootstrap`], the certificate of [`tls_bootstrap`]) and its CA file; against an
+/// external broker `SLUICE_TEST_SASL_SSL_BOOTSTRAP` and `SLUICE_TEST_TLS_CA` name them.
+pub fn sasl_ssl_bootstrap() -> Option<(String, PathBuf)> {
+    secured_listener("SLUICE_TEST_SASL_SSL_BOOTSTRAP", 5)
+}
+
+fn secured_listener(var: &str, offset: u16) -> Option<(String, PathBuf)> {
+    if let (Ok(b), Ok(ca)) = (std::env::var(var), std::env::var("SLUICE_TEST_TLS_CA")) {
         return Some((b, ca.into()));
     }
-    let listener = local_listener(4)?;
+    let listener = local_listener(offset)?;
     let dir = std::env::var("SLUICE_KAFKA_DIR").unwrap_or_else(|_| "/tmp/sluice-kafka".into());
     Some((listener, Path::new(&dir).join("tls/ca.pem")))
+}
+
+/// The local broker's plaintext listener that advertises itself on port + 7 instead of
+/// its own port + 6 (`scripts/kafka.sh`): a [`TcpProxy`] listening on the advertised port
+/// carries every connection a client makes through it, so cutting the proxy makes the
+/// broker unreachable on that address alone. Returns (the listener, the advertised
+/// address); `None` against an external broker.
+pub fn proxied_listener() -> Option<(String, String)> {
+    Some((local_listener(6)?, local_listener(7)?))
 }
 
 /// Where `bin` is on the PATH, if anywhere.
@@ -577,25 +594,37 @@ pub fn read_all(topic: &str, timeout: Duration) -> Vec<ReadRecord> {
 
 /// A TCP proxy on loopback the test controls: [`TcpProxy::cut`] drops every connection
 /// and refuses new ones (the far side looks unreachable), [`TcpProxy::restore`] lets them
-/// through again.
+/// through again. Dropping it closes its port.
 pub struct TcpProxy {
     /// The proxy's `host:port`.
     pub addr: String,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
 }
 
 impl TcpProxy {
     /// Forward a fresh loopback port to `target` (`host:port`).
     pub fn start(target: &str) -> Self {
+        Self::start_on("127.0.0.1:0", target)
+    }
+
+    /// Forward `listen` (`host:port`; port 0 picks one) to `target`.
+    pub fn start_on(listen: &str, target: &str) -> Self {
         use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let listener = std::net::TcpListener::bind(listen)
+            .unwrap_or_else(|e| panic!("bind a proxy on {listen}: {e}"));
         let addr = listener.local_addr().expect("addr").to_string();
         let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>> = Default::default();
-        let (up2, live2, target) = (up.clone(), live.clone(), target.to_string());
+        let (up2, closed2, live2, target) =
+            (up.clone(), closed.clone(), live.clone(), target.to_string());
         std::thread::spawn(move || {
             for client in listener.incoming() {
+                if closed2.load(Ordering::Acquire) {
+                    return;
+                }
                 let Ok(client) = client else { continue };
                 if !up2.load(Ordering::Acquire) {
                     let _ = client.shutdown(std::net::Shutdown::Both);
@@ -625,7 +654,12 @@ impl TcpProxy {
                 }
             }
         });
-        TcpProxy { addr, up, live }
+        TcpProxy {
+            addr,
+            up,
+            closed,
+            live,
+        }
     }
 
     /// Drop every connection and refuse new ones.
@@ -639,5 +673,15 @@ impl TcpProxy {
     /// Let connections through again.
     pub fn restore(&self) {
         self.up.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        // wake the accept loop so it sees `closed` and drops the listener
+        let _ = TcpStream::connect(&self.addr);
     }
 }

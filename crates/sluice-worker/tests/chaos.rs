@@ -30,6 +30,11 @@ fn chaos_broker_restart_loses_nothing_and_bounds_redelivery() {
 }
 
 #[test]
+fn chaos_kafka_output_outage_loses_nothing() {
+    check(&chaos::kafka_output_outage(BIN, Length::Short), true);
+}
+
+#[test]
 fn chaos_database_outage_loses_nothing_and_duplicates_nothing() {
     check(&chaos::database_outage(BIN, Length::Short), false);
 }

@@ -1,7 +1,7 @@
 //! SASL and TLS against the real broker: the worker authenticates with SASL/PLAIN and
 //! SCRAM-SHA-256/512, the password comes only from the environment variable the config
 //! names and never appears in the worker's logs or metrics; TLS verifies the broker against
-//! the configured CA.
+//! the configured CA, alone and under SASL (SASL_SSL).
 
 use std::time::Duration;
 
@@ -274,4 +274,24 @@ fn the_worker_speaks_tls_and_verifies_the_broker_against_the_configured_ca() {
         },
     );
     assert_eq!(w.metric("sluice_messages_delivered_total", ""), 0.0);
+}
+
+#[test]
+fn the_worker_speaks_sasl_over_tls_with_scram() {
+    let Some((sasl_ssl, ca)) = sasl_ssl_bootstrap() else {
+        eprintln!(
+            "SKIPPED: external broker without SLUICE_TEST_SASL_SSL_BOOTSTRAP/SLUICE_TEST_TLS_CA"
+        );
+        return;
+    };
+    let log = run_secured(
+        "sasl-ssl",
+        &sasl_ssl,
+        &format!(
+            "{{protocol: SASL_SSL, saslMechanism: SCRAM-SHA-512, username: sluice, passwordEnv: SLUICE_TEST_KAFKA_PASSWORD, caFile: \"{}\"}}",
+            ca.display()
+        ),
+        &[("SLUICE_TEST_KAFKA_PASSWORD", PASSWORD)],
+    );
+    assert!(!log.contains(PASSWORD), "the password reached the log");
 }

@@ -4,9 +4,10 @@
 //! ```text
 //! sluice-chaos [--full] [--worker PATH] [SCENARIO...]
 //! ```
-//! Scenarios: sigkill, broker, postgres, poison, storm, slow, sigterm (default: all).
+//! Scenarios: sigkill, broker, kafka-output, postgres, poison, storm, slow, sigterm
+//! (default: all).
 
-use sluice_testkit::chaos::{self, Length, Outcome, TABLE_HEADER};
+use sluice_testkit::chaos::{self, Length, TABLE_HEADER};
 
 fn main() -> std::process::ExitCode {
     let mut len = Length::Short;
@@ -18,29 +19,30 @@ fn main() -> std::process::ExitCode {
             "--full" => len = Length::Full,
             "--worker" => worker = args.next().expect("--worker PATH").into(),
             "-h" | "--help" => {
-                println!("sluice-chaos [--full] [--worker PATH] [sigkill|broker|postgres|poison|storm|slow|sigterm ...]");
+                let names: Vec<&str> = chaos::SCENARIOS.iter().map(|(n, _)| *n).collect();
+                println!(
+                    "sluice-chaos [--full] [--worker PATH] [{} ...]",
+                    names.join("|")
+                );
                 return std::process::ExitCode::SUCCESS;
             }
             s => only.push(s.to_string()),
         }
+    }
+    if let Some(bad) = only
+        .iter()
+        .find(|o| !chaos::SCENARIOS.iter().any(|(n, _)| n == o))
+    {
+        eprintln!("sluice-chaos: no scenario named {bad:?} (see --help)");
+        return std::process::ExitCode::from(2);
     }
     let bin = worker.to_string_lossy().to_string();
     assert!(
         worker.is_file(),
         "no worker binary at {bin} (cargo build --release -p sluice-worker)"
     );
-    type Scenario = fn(&str, Length) -> Outcome;
-    let all: [(&str, Scenario); 7] = [
-        ("sigkill", chaos::sigkill),
-        ("broker", chaos::broker_restart),
-        ("postgres", chaos::database_outage),
-        ("poison", chaos::poison),
-        ("storm", chaos::rebalance_storm),
-        ("slow", chaos::slow_sink),
-        ("sigterm", chaos::clean_sigterm),
-    ];
     let mut rows = Vec::new();
-    for (name, run) in all {
+    for (name, run) in chaos::SCENARIOS {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
