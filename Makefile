@@ -4,7 +4,7 @@ CARGO ?= cargo
 DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 
-.PHONY: setup demo test test-unit lint fmt bench chaos crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
+.PHONY: setup demo test test-unit lint fmt bench chaos fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -47,6 +47,13 @@ chaos: setup kafka-start
 	$(CARGO) build --release -p sluice-worker -p sluice-testkit
 	mkdir -p target/chaos
 	set -o pipefail; ./target/release/sluice-chaos --full --worker ./target/release/sluice-worker $(SCENARIOS) | tee target/chaos/results.md
+
+## A longer fuzzing run than the tests' (1,000-2,000 cases per target): the configuration
+## parser, the record decoding, the jq input path, the postgres row decoding and the
+## dead-letter headers. FUZZ_CASES=N sets the cases per target (default 200000).
+FUZZ_CASES ?= 200000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p sluice-api -p sluice-worker --lib fuzz_ -- --test-threads=2
 
 ## Regenerate the checked-in CRD, and its copies in the chart and the plain install.
 crds:

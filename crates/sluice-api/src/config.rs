@@ -1190,10 +1190,119 @@ sinks: [{kafka: {topic: out}}]
         );
     }
 
+    /// Cases per fuzzing property: `default`, or `PROPTEST_CASES` for a longer run.
+    fn fuzz_cases(default: u32) -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// YAML-ish values built from the configuration's own keys and from scalars that
+    /// look like what its fields take (numbers, durations, sizes, booleans) or do not.
+    fn yamlish() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let keys = prop::sample::select(vec![
+            "pipeline",
+            "source",
+            "bootstrapServers",
+            "topic",
+            "groupId",
+            "sinks",
+            "kafka",
+            "postgres",
+            "stdout",
+            "null",
+            "table",
+            "columns",
+            "name",
+            "field",
+            "type",
+            "onConflict",
+            "conflictKey",
+            "processor",
+            "jq",
+            "program",
+            "envelope",
+            "delay",
+            "perRecord",
+            "workers",
+            "perPartition",
+            "queueCapacity",
+            "ordering",
+            "batching",
+            "maxMessages",
+            "maxBytes",
+            "linger",
+            "commit",
+            "interval",
+            "drainTimeout",
+            "memory",
+            "inFlightBytes",
+            "fetchBuffer",
+            "retry",
+            "initialBackoff",
+            "maxBackoff",
+            "maxElapsed",
+            "maxAttempts",
+            "deadLetter",
+            "security",
+            "protocol",
+            "saslMechanism",
+            "passwordEnv",
+            "caFile",
+            "server",
+            "listen",
+            "x",
+        ]);
+        let scalar = prop_oneof![
+            "-?[0-9]{1,20}",
+            "-?[0-9]{1,5}(\\.[0-9]{1,3})?(us|ms|s|m|h|d|B|KiB|MiB|GiB|KB|MB|GB)?",
+            "true|false|null|~|key|partition|unordered|ignore|update|SASL_SSL|PLAIN",
+            "'[^']{0,12}'",
+            "\\PC{0,10}",
+        ];
+        scalar.prop_recursive(3, 24, 4, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(", "))),
+                prop::collection::vec((keys.clone(), inner), 0..4).prop_map(|kv| {
+                    let body: Vec<String> =
+                        kv.into_iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    format!("{{{}}}", body.join(", "))
+                }),
+            ]
+        })
+    }
+
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(fuzz_cases(1000)))]
         #[test]
-        fn parser_never_panics_on_arbitrary_text(s in "\\PC{0,200}") {
+        fn fuzz_config_parser_never_panics_on_arbitrary_text(s in "\\PC{0,200}") {
             let _ = WorkerConfig::from_yaml(&s);
+        }
+
+        /// Structured fuzzing: a valid configuration with one top-level section replaced
+        /// or added by a random tree of real keys and plausible or wrong scalars. Either
+        /// it parses and validates, or the error names where it went wrong.
+        #[test]
+        fn fuzz_config_sections_parse_or_name_the_field(
+            section in proptest::sample::select(vec![
+                "source", "sinks", "processor", "workers", "batching", "commit", "memory",
+                "retry", "deadLetter", "server", "unknownSection",
+            ]),
+            value in yamlish(),
+        ) {
+            let base: Vec<&str> = MINIMAL
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{section}:")))
+                .collect();
+            let text = format!("{}\n{section}: {value}\n", base.join("\n"));
+            if let Err(e) = WorkerConfig::from_yaml(&text) {
+                // `.` for YAML syntax (with line and column), else the field's path
+                let e = e.to_string();
+                proptest::prop_assert!(e.starts_with("invalid configuration at `"), "{e}\n{text}");
+            }
         }
     }
 

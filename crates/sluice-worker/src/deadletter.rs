@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 
 use crate::ack::AckToken;
 use crate::record::{Header, Origin};
+use crate::throttle::LogThrottle;
 
 /// Header names written on every letter.
 pub mod headers {
@@ -66,30 +67,25 @@ pub struct Letter {
 }
 
 impl Letter {
-    /// Every header of the letter: the record's own, then the error headers; `topic` is
-    /// the source topic.
-    pub fn all_headers(&self, topic: &str) -> Vec<(String, Vec<u8>)> {
-        let mut out: Vec<(String, Vec<u8>)> = self
+    /// Every header of the letter: the record's own (in order, null values kept), then
+    /// the error headers; `topic` is the source topic.
+    pub fn all_headers(&self, topic: &str) -> Vec<(String, Option<Vec<u8>>)> {
+        let mut out: Vec<(String, Option<Vec<u8>>)> = self
             .headers
             .iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.to_vec())))
+            .map(|(k, v)| (k.clone(), v.as_ref().map(|v| v.to_vec())))
             .collect();
         let o = &self.origin;
-        out.push((headers::CLASS.into(), self.class.as_bytes().to_vec()));
-        out.push((headers::MESSAGE.into(), self.message.as_bytes().to_vec()));
-        out.push((headers::STAGE.into(), self.stage.as_bytes().to_vec()));
-        out.push((
-            headers::ATTEMPTS.into(),
-            self.attempts.to_string().into_bytes(),
-        ));
-        out.push((headers::TOPIC.into(), topic.as_bytes().to_vec()));
-        out.push((
-            headers::PARTITION.into(),
-            o.partition.to_string().into_bytes(),
-        ));
-        out.push((headers::OFFSET.into(), o.offset.to_string().into_bytes()));
+        let mut add = |name: &str, value: Vec<u8>| out.push((name.into(), Some(value)));
+        add(headers::CLASS, self.class.as_bytes().to_vec());
+        add(headers::MESSAGE, self.message.as_bytes().to_vec());
+        add(headers::STAGE, self.stage.as_bytes().to_vec());
+        add(headers::ATTEMPTS, self.attempts.to_string().into_bytes());
+        add(headers::TOPIC, topic.as_bytes().to_vec());
+        add(headers::PARTITION, o.partition.to_string().into_bytes());
+        add(headers::OFFSET, o.offset.to_string().into_bytes());
         if let Some(ts) = o.timestamp_ms {
-            out.push((headers::TIMESTAMP.into(), ts.to_string().into_bytes()));
+            add(headers::TIMESTAMP, ts.to_string().into_bytes());
         }
         out
     }
@@ -117,6 +113,7 @@ pub struct DeadLetters {
     /// Where letter writes run: `park` is also called from librdkafka's delivery-report
     /// thread, which has no runtime of its own.
     runtime: Option<tokio::runtime::Handle>,
+    log: LogThrottle,
 }
 
 impl std::fmt::Debug for DeadLetters {
@@ -139,6 +136,7 @@ impl DeadLetters {
             outstanding: AtomicUsize::new(0),
             idle: Notify::new(),
             runtime: tokio::runtime::Handle::try_current().ok(),
+            log: LogThrottle::default(),
         })
     }
 
@@ -198,9 +196,13 @@ impl DeadLetters {
             .first()
             .map_or_else(|| Arc::from(""), |t| t.partition().topic.clone());
         for l in &letters {
-            tracing::warn!(topic = %topic, partition = l.origin.partition, offset = l.origin.offset,
-                stage = %l.stage, class = l.class, attempts = l.attempts, error = %l.message,
-                dead_letter = self.enabled(), "record failed for good");
+            // One line per interval, for the record that opened it and how many failed
+            // since the last line; every letter carries its own details in its headers.
+            if let Some(n) = self.log.tick() {
+                tracing::warn!(topic = %topic, partition = l.origin.partition, offset = l.origin.offset,
+                    stage = %l.stage, class = l.class, attempts = l.attempts, error = %l.message,
+                    dead_letter = self.enabled(), records = n, "record failed for good");
+            }
         }
         match &self.target {
             Target::Stall => {
@@ -315,7 +317,7 @@ async fn send_letter(
         let size = l.value.as_ref().map_or(0, Bytes::len) + l.key.as_ref().map_or(0, Bytes::len);
         all.push((
                     headers::PAYLOAD_DROPPED.into(),
-                    format!("{size} bytes of key and value did not fit the dead-letter topic; read them at the source coordinates").into_bytes(),
+                    Some(format!("{size} bytes of key and value did not fit the dead-letter topic; read them at the source coordinates").into_bytes()),
                 ));
     }
     let headers = all
@@ -323,7 +325,7 @@ async fn send_letter(
         .fold(OwnedHeaders::new_with_capacity(all.len()), |h, (k, v)| {
             h.insert(KafkaHeader {
                 key: k,
-                value: Some(v),
+                value: v.as_ref(),
             })
         });
     let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
@@ -342,4 +344,56 @@ async fn send_letter(
         .await
         .map(|_| ())
         .map_err(|(e, _)| e)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(1000)))]
+        /// Fuzz the letter's headers: any record headers (null, empty-named, duplicated,
+        /// named like ours) and any message survive in order, and the error headers after
+        /// them always read back to the letter's coordinates.
+        #[test]
+        fn fuzz_letter_headers_keep_the_record_s_and_name_the_source(
+            own in prop::collection::vec(
+                ("\\PC{0,16}|sluice\\.error\\.class", prop::option::of(prop::collection::vec(any::<u8>(), 0..32))),
+                0..6,
+            ),
+            message in "\\PC{0,200}",
+            partition in any::<i32>(),
+            offset in any::<i64>(),
+            timestamp_ms in prop::option::of(any::<i64>()),
+            attempts in any::<u32>(),
+        ) {
+            let letter = Letter {
+                origin: Origin { partition, offset, timestamp_ms, key: None },
+                key: None,
+                value: None,
+                headers: own.iter().map(|(k, v)| (k.clone(), v.clone().map(Bytes::from))).collect(),
+                stage: "jq".into(),
+                class: "jq_error",
+                message: message.clone(),
+                attempts,
+            };
+            let all = letter.all_headers("in");
+            prop_assert_eq!(&all[..own.len()], &own[..]);
+            let ours: std::collections::HashMap<&str, &[u8]> = all[own.len()..]
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_deref().unwrap_or_default()))
+                .collect();
+            let text = |h: &str| String::from_utf8(ours[h].to_vec()).unwrap();
+            prop_assert_eq!(text(headers::MESSAGE), message);
+            prop_assert_eq!(text(headers::PARTITION).parse::<i32>().unwrap(), partition);
+            prop_assert_eq!(text(headers::OFFSET).parse::<i64>().unwrap(), offset);
+            prop_assert_eq!(text(headers::ATTEMPTS).parse::<u32>().unwrap(), attempts);
+            prop_assert_eq!(
+                ours.get(headers::TIMESTAMP).map(|t| String::from_utf8(t.to_vec()).unwrap().parse::<i64>().unwrap()),
+                timestamp_ms
+            );
+        }
+    }
 }

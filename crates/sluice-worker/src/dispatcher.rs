@@ -7,11 +7,9 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::ConsumerContext;
-use rdkafka::message::{BorrowedMessage, Message};
 use sluice_api::config::Ordering;
 use tokio::sync::{mpsc, watch};
 
@@ -64,7 +62,7 @@ impl Lane {
             return;
         };
         let (first, last, n) = (first.offset, last.offset, records.len());
-        let bytes: usize = records.iter().map(Record::payload_len).sum();
+        let bytes: usize = records.iter().map(Record::budget_cost).sum();
         let permit = match self.budget.try_acquire(bytes) {
             Some(p) => p,
             None => {
@@ -129,19 +127,6 @@ impl Lane {
     }
 }
 
-/// Copy a librdkafka message into an owned [`Record`].
-pub fn to_record(topic: &Arc<str>, m: &BorrowedMessage<'_>) -> Record {
-    Record {
-        topic: topic.clone(),
-        partition: m.partition(),
-        offset: m.offset(),
-        timestamp_ms: m.timestamp().to_millis(),
-        key: m.key().map(Bytes::copy_from_slice),
-        value: m.payload().map(Bytes::copy_from_slice),
-        headers: crate::record::owned_headers(m),
-    }
-}
-
 /// Read `queue` into `lane` until `stop` turns true. Whatever was read is dispatched
 /// before returning, so every record taken from librdkafka is tracked.
 pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
@@ -164,7 +149,7 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
         };
         let mut batch = Vec::with_capacity(DISPATCH_BATCH);
         match first {
-            Some(Ok(m)) => batch.push(to_record(&topic, &m)),
+            Some(Ok(m)) => batch.push(Record::from_message(&topic, &m)),
             Some(Err(e)) => {
                 tracing::warn!(topic = %topic, partition = lane.state().partition, error = %e, "consumer error on partition queue");
                 continue;
@@ -173,7 +158,7 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
         }
         while batch.len() < DISPATCH_BATCH {
             match stream.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(to_record(&topic, &m)),
+                Some(Some(Ok(m))) => batch.push(Record::from_message(&topic, &m)),
                 Some(Some(Err(e))) => {
                     tracing::warn!(topic = %topic, partition = lane.state().partition, error = %e, "consumer error on partition queue");
                     break;

@@ -54,6 +54,17 @@ pub mod record;
 pub mod retry;
 pub mod server;
 pub mod sink;
+pub mod throttle;
+
+/// Cases per fuzzing property: `default` in `cargo test` (CI), more with
+/// `PROPTEST_CASES=N` for a longer run (`make fuzz`).
+#[cfg(test)]
+pub(crate) fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -127,7 +127,7 @@ impl Metrics {
             sink_retries: counter("sluice_sink_retries_total", "Outputs a sink sent again after a transient error.", &["pipeline", "sink"]),
             commit_latency: hist("sluice_commit_latency_seconds", "Duration of offset commits.", &["pipeline"], LATENCY_BUCKETS.to_vec()).with_label_values(&[pipeline]),
             commit_failures: counter("sluice_commit_failures_total", "Offset commits that failed.", &["pipeline"]).with_label_values(&[pipeline]),
-            in_flight_bytes: gauge("sluice_in_flight_bytes", "Payload bytes dispatched and not yet acknowledged.", &["pipeline"]).with_label_values(&[pipeline]),
+            in_flight_bytes: gauge("sluice_in_flight_bytes", "Bytes charged to the in-flight budget: records dispatched and not yet acknowledged, key and value plus 512 bytes each.", &["pipeline"]).with_label_values(&[pipeline]),
             rebalances: counter("sluice_rebalances_total", "Consumer group rebalance events, by kind.", &["pipeline", "kind"]),
             assigned_partitions: gauge("sluice_assigned_partitions", "Partitions assigned to this worker.", &["pipeline"]).with_label_values(&[pipeline]),
             registry,

@@ -37,10 +37,38 @@ pub struct Record {
     pub headers: Vec<Header>,
 }
 
+/// What a record costs in the in-flight budget beyond its key and value: the record
+/// itself, its output, its origin and the producer's copy. Measured: a Kafka-to-Kafka
+/// pipeline of 100-byte records held about 580 bytes of RSS per record in flight while
+/// its output was unreachable; without this charge the byte budget let small records
+/// use several times the memory it names.
+pub const RECORD_OVERHEAD: usize = 512;
+
 impl Record {
-    /// Key plus value bytes: what this record costs in the in-flight budget.
+    /// Decode a librdkafka message of `topic` into an owned record: key, value and
+    /// headers copied as they are (no UTF-8 or JSON assumed; an absent value stays a
+    /// tombstone, a null header value stays null), the timestamp of either kind.
+    pub fn from_message<M: rdkafka::message::Message>(topic: &std::sync::Arc<str>, m: &M) -> Self {
+        Record {
+            topic: topic.clone(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(Bytes::copy_from_slice),
+            value: m.payload().map(Bytes::copy_from_slice),
+            headers: owned_headers(m),
+        }
+    }
+
+    /// Key plus value bytes.
     pub fn payload_len(&self) -> usize {
         self.key.as_ref().map_or(0, Bytes::len) + self.value.as_ref().map_or(0, Bytes::len)
+    }
+
+    /// What this record costs in the in-flight budget (`memory.inFlightBytes`): its key
+    /// and value plus [`RECORD_OVERHEAD`].
+    pub fn budget_cost(&self) -> usize {
+        self.payload_len() + RECORD_OVERHEAD
     }
 }
 
@@ -85,6 +113,67 @@ impl Origin {
             offset: record.offset,
             timestamp_ms: record.timestamp_ms,
             key: record.key.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use rdkafka::message::{Header as KafkaHeader, OwnedHeaders, OwnedMessage, Timestamp};
+
+    use super::*;
+
+    fn bytes(max: usize) -> impl Strategy<Value = Option<Vec<u8>>> {
+        prop::option::of(prop::collection::vec(any::<u8>(), 0..max))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(2000)))]
+        /// Fuzz the record decoding: whatever librdkafka hands over (any bytes, absent or
+        /// empty key and value, duplicate, empty-named and null headers, any timestamp
+        /// kind and value) becomes a record holding exactly that, without a panic.
+        #[test]
+        fn fuzz_record_decoding_keeps_every_byte(
+            key in bytes(300),
+            value in bytes(3000),
+            headers in prop::collection::vec(("\\PC{0,12}", bytes(40)), 0..8),
+            ts in (0..3u8, any::<i64>()),
+            partition in any::<i32>(),
+            offset in any::<i64>(),
+        ) {
+            let timestamp = match ts.0 {
+                0 => Timestamp::NotAvailable,
+                1 => Timestamp::CreateTime(ts.1),
+                _ => Timestamp::LogAppendTime(ts.1),
+            };
+            let kafka_headers = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                h.insert(KafkaHeader { key: k.as_str(), value: v.as_deref() })
+            });
+            let m = OwnedMessage::new(
+                value.clone(),
+                key.clone(),
+                "in".into(),
+                timestamp,
+                partition,
+                offset,
+                (!headers.is_empty()).then_some(kafka_headers),
+            );
+            let r = Record::from_message(&"in".into(), &m);
+            prop_assert_eq!(r.key.as_deref(), key.as_deref());
+            prop_assert_eq!(r.value.as_deref(), value.as_deref());
+            prop_assert_eq!((r.partition, r.offset), (partition, offset));
+            prop_assert_eq!(r.timestamp_ms, timestamp.to_millis());
+            let got: Vec<(String, Option<Vec<u8>>)> = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_ref().map(|b| b.to_vec())))
+                .collect();
+            prop_assert_eq!(got, headers);
+            prop_assert_eq!(
+                r.budget_cost(),
+                key.map_or(0, |k| k.len()) + value.map_or(0, |v| v.len()) + RECORD_OVERHEAD
+            );
         }
     }
 }

@@ -320,9 +320,9 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(2000)))]
             #[test]
-            fn the_input_path_never_panics_and_fails_only_with_a_known_class(
+            fn fuzz_jq_input_path_never_panics_and_fails_only_with_a_known_class(
                 value in jsonish(),
                 key in prop::option::of(prop::collection::vec(any::<u8>(), 0..64)),
                 header in prop::option::of(prop::collection::vec(any::<u8>(), 0..32)),

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, Notify};
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
 use crate::retry::{ErrorClass, RetryPolicy};
+use crate::throttle::LogThrottle;
 
 /// A batch handed to the producer, waiting for its delivery reports.
 struct InFlight {
@@ -58,6 +59,9 @@ struct Shared {
     idle: Notify,
     fatal: AtomicBool,
     retry_tx: mpsc::UnboundedSender<Retry>,
+    /// One line per interval for retried and for rejected outputs.
+    retry_log: LogThrottle,
+    reject_log: LogThrottle,
 }
 
 impl Shared {
@@ -145,14 +149,18 @@ impl ProducerContext for SinkContext {
                     .retry
                     .next_delay(slot.attempts, started.elapsed())
                 else {
-                    tracing::error!(sink = "kafka", topic = %self.topic, error = %e, attempts = slot.attempts,
-                        "retries exhausted");
+                    if let Some(n) = self.shared.reject_log.tick() {
+                        tracing::error!(sink = "kafka", topic = %self.topic, error = %e, attempts = slot.attempts,
+                            outputs = n, "retries exhausted");
+                    }
                     return self
                         .shared
                         .reject(&slot, "retries_exhausted", e.to_string());
                 };
-                tracing::warn!(sink = "kafka", topic = %self.topic, error = %e, attempts = slot.attempts, ?delay,
-                    "transient delivery error; sending again");
+                if let Some(n) = self.shared.retry_log.tick() {
+                    tracing::warn!(sink = "kafka", topic = %self.topic, error = %e, attempts = slot.attempts, ?delay,
+                        outputs = n, "transient delivery error; sending again");
+                }
                 self.shared.metrics.retries.inc();
                 slot.attempts += 1;
                 let retry = Retry {
@@ -233,6 +241,8 @@ impl KafkaSink {
             idle: Notify::new(),
             fatal: AtomicBool::new(false),
             retry_tx,
+            retry_log: LogThrottle::default(),
+            reject_log: LogThrottle::default(),
         });
         let producer = client.create_with_context(SinkContext {
             shared: shared.clone(),
@@ -288,7 +298,9 @@ impl KafkaSink {
                 }
                 Err((e, back)) => {
                     let (_, class) = classify(&e);
-                    tracing::error!(sink = "kafka", topic = %self.topic, error = %e, "the producer refused a record");
+                    if let Some(n) = self.shared.reject_log.tick() {
+                        tracing::error!(sink = "kafka", topic = %self.topic, error = %e, outputs = n, "the producer refused a record");
+                    }
                     self.shared
                         .reject(&back.delivery_opaque, class, e.to_string());
                     return;

@@ -435,54 +435,64 @@ impl Inner {
     /// Rows of a batch: (batch index, column texts); outputs that are not JSON objects
     /// are rejected at once.
     fn rows(&self, batch: &SinkBatch) -> (Vec<Row>, Vec<(usize, SinkFailure)>) {
-        let mut rows: Vec<Row> = Vec::with_capacity(batch.items.len());
-        let mut rejected = Vec::new();
-        for (i, (o, _)) in batch.items.iter().enumerate() {
-            let parsed = o
-                .value
-                .as_deref()
-                .map(serde_json::from_slice::<serde_json::Map<String, Value>>);
-            match parsed {
-                Some(Ok(obj)) => rows.push((
+        to_rows(
+            &self.columns,
+            self.dedupe.then_some(self.conflict_key.as_slice()),
+            batch.items.iter().map(|(o, _)| o.value.as_deref()),
+        )
+    }
+}
+
+/// Decode output values into rows: (index, one text per column, from the JSON object's
+/// fields); a value that is missing or not a JSON object is rejected (`not_an_object`).
+/// With `dedupe_by` (the conflict key's column indexes, for `onConflict: update`), only
+/// the last row of each key is kept: one statement cannot update a row twice.
+fn to_rows<'a>(
+    columns: &[Column],
+    dedupe_by: Option<&[usize]>,
+    values: impl Iterator<Item = Option<&'a [u8]>>,
+) -> (Vec<Row>, Vec<(usize, SinkFailure)>) {
+    let mut rows: Vec<Row> = Vec::new();
+    let mut rejected = Vec::new();
+    for (i, value) in values.enumerate() {
+        let parsed = value.map(serde_json::from_slice::<serde_json::Map<String, Value>>);
+        let message = match parsed {
+            Some(Ok(obj)) => {
+                rows.push((
                     i,
-                    self.columns
+                    columns
                         .iter()
                         .map(|c| field_text(obj.get(&c.field)))
                         .collect(),
-                )),
-                other => rejected.push((
-                    i,
-                    SinkFailure {
-                        class: "not_an_object",
-                        message: match other {
-                            None => "the output has no value".into(),
-                            Some(Err(e)) => format!("the output value is not a JSON object: {e}"),
-                            Some(Ok(_)) => unreachable!(),
-                        },
-                        attempts: 1,
-                    },
-                )),
+                ));
+                continue;
             }
-        }
-        if self.dedupe {
-            // ON CONFLICT DO UPDATE cannot touch one row twice in a statement: keep the
-            // last row of each key (the earlier ones are superseded, as they would be
-            // row by row).
-            let mut seen = std::collections::HashSet::new();
-            let mut keep = vec![false; rows.len()];
-            for (j, (_, cols)) in rows.iter().enumerate().rev() {
-                let key: Vec<&Option<String>> =
-                    self.conflict_key.iter().map(|&k| &cols[k]).collect();
-                keep[j] = seen.insert(key);
-            }
-            let mut j = 0;
-            rows.retain(|_| {
-                j += 1;
-                keep[j - 1]
-            });
-        }
-        (rows, rejected)
+            None => "the output has no value".to_string(),
+            Some(Err(e)) => format!("the output value is not a JSON object: {e}"),
+        };
+        rejected.push((
+            i,
+            SinkFailure {
+                class: "not_an_object",
+                message,
+                attempts: 1,
+            },
+        ));
     }
+    if let Some(key_columns) = dedupe_by {
+        let mut seen = std::collections::HashSet::new();
+        let mut keep = vec![false; rows.len()];
+        for (j, (_, cols)) in rows.iter().enumerate().rev() {
+            let key: Vec<&Option<String>> = key_columns.iter().map(|&k| &cols[k]).collect();
+            keep[j] = seen.insert(key);
+        }
+        let mut j = 0;
+        rows.retain(|_| {
+            j += 1;
+            keep[j - 1]
+        });
+    }
+    (rows, rejected)
 }
 
 fn pg_attempt(e: tokio_postgres::Error) -> Attempt {
@@ -529,5 +539,84 @@ impl Sink for PostgresSink {
                 .await
                 .is_ok()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn column(name: &str) -> Column {
+        Column {
+            name: name.into(),
+            field: name.into(),
+            sql_type: "text".into(),
+        }
+    }
+
+    /// Output values: arbitrary bytes, JSON of every shape, and objects with the columns'
+    /// fields holding any JSON value.
+    fn values() -> impl Strategy<Value = Option<Vec<u8>>> {
+        let json = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "\\PC{0,20}".prop_map(Value::from),
+        ];
+        let any_json = json.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::hash_map("id|name|\\PC{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        prop::option::of(prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            any_json.prop_map(|v| serde_json::to_vec(&v).unwrap()),
+        ])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(2000)))]
+        /// Fuzz the row decoding of the postgres sink: every output becomes exactly one
+        /// row or one `not_an_object` rejection (with `update`, a row may be superseded
+        /// by a later one of the same key, never lost otherwise), and no input panics.
+        #[test]
+        fn fuzz_postgres_rows_account_for_every_output(
+            outputs in prop::collection::vec(values(), 0..24),
+            dedupe in any::<bool>(),
+        ) {
+            let columns = [column("id"), column("name")];
+            let key = [0usize];
+            let (rows, rejected) = to_rows(
+                &columns,
+                dedupe.then_some(&key[..]),
+                outputs.iter().map(|v| v.as_deref()),
+            );
+            let objects: Vec<usize> = outputs
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| {
+                    v.as_deref()
+                        .is_some_and(|b| serde_json::from_slice::<serde_json::Map<String, Value>>(b).is_ok())
+                })
+                .map(|(i, _)| i)
+                .collect();
+            prop_assert!(rejected.iter().all(|(_, f)| f.class == "not_an_object"));
+            prop_assert_eq!(rejected.len() + objects.len(), outputs.len());
+            prop_assert!(rows.iter().all(|(_, cols)| cols.len() == columns.len()));
+            if dedupe {
+                let keys: std::collections::HashSet<Option<String>> =
+                    rows.iter().map(|(_, c)| c[0].clone()).collect();
+                prop_assert_eq!(keys.len(), rows.len(), "one row per key");
+                prop_assert!(rows.len() <= objects.len());
+            } else {
+                let got: Vec<usize> = rows.iter().map(|(i, _)| *i).collect();
+                prop_assert_eq!(got, objects);
+            }
+        }
     }
 }
