@@ -370,23 +370,59 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
         }
     };
 
-    // 2. Ask Kafka for the partition count. A missing topic is a condition, not a crash.
-    let kcfg = kafka_config(&ctx.client, &ns, &sp.spec.source).await?;
+    // 2. Ask Kafka for the partition count. A missing topic or Secret is a condition (and
+    //    a Warning Event when it first appears), not a crash.
     let topic = sp.spec.source.topic.clone();
-    let (k, c2, t2) = (ctx.kafka.clone(), kcfg.clone(), topic.clone());
-    let partitions = match blocking(move || k.partitions(&c2, &t2)).await? {
-        Ok(p) => p,
-        Err(e) => {
-            let (reason, retry) = match e {
-                LagError::TopicNotFound(_) => ("TopicNotFound", Duration::from_secs(30)),
-                LagError::Kafka(_) => ("KafkaUnavailable", Duration::from_secs(15)),
-            };
+    let source = match kafka_config(&ctx.client, &ns, &sp.spec.source).await {
+        Ok(kcfg) => {
+            let (k, t2) = (ctx.kafka.clone(), topic.clone());
+            match blocking(move || k.partitions(&kcfg, &t2).map(|p| (p, kcfg))).await? {
+                Ok(found) => Ok(found),
+                Err(e @ LagError::TopicNotFound(_)) => {
+                    Err(("TopicNotFound", e.to_string(), Duration::from_secs(30)))
+                }
+                Err(e @ LagError::Kafka { .. }) => {
+                    Err(("KafkaUnavailable", e.to_string(), Duration::from_secs(15)))
+                }
+            }
+        }
+        Err(Error::Secret(secret, why)) => Err((
+            "SecretNotFound",
+            format!(
+                "Secret {secret:?} in namespace {ns:?} {why}; create it or fix spec.source.security.passwordSecretRef"
+            ),
+            Duration::from_secs(30),
+        )),
+        Err(e) => return Err(e),
+    };
+    let (partitions, kcfg) = match source {
+        Ok(found) => found,
+        Err((reason, message, retry)) => {
             let o = Observed {
-                source_error: Some((reason.into(), e.to_string())),
+                source_error: Some((reason.into(), message.clone())),
                 ..Default::default()
             };
+            let first = !previous
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.reason == reason);
             status.conditions = conditions(&o, generation, &previous.conditions);
             write_status(&ctx.client, &sp, status).await?;
+            if first {
+                let _ = ctx
+                    .recorder
+                    .publish(
+                        &Event {
+                            type_: EventType::Warning,
+                            reason: reason.into(),
+                            note: Some(message),
+                            action: "InspectSource".into(),
+                            secondary: None,
+                        },
+                        &obj_ref,
+                    )
+                    .await;
+            }
             ctx.metrics
                 .reconciles
                 .with_label_values(&["source_error"])

@@ -4,27 +4,86 @@
 //! Phantom lag is avoided: a partition without a commit, or whose commit fell below the log
 //! start (retention deleted those records), is measured from the log start, not from 0.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// Why lag could not be read. The autoscaler treats any of these as "unknown".
 #[derive(Debug, thiserror::Error)]
 pub enum LagError {
     /// Talking to Kafka failed.
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("kafka: {error}{}", cause.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Kafka {
+        /// What the request returned.
+        error: KafkaError,
+        /// What librdkafka reported out of band meanwhile (a refused SASL login, a TLS
+        /// handshake failure, an unresolvable name): the request itself only says
+        /// "transport failure".
+        cause: Option<String>,
+    },
     /// The topic does not exist (or has no partitions).
     #[error("topic {0} not found")]
     TopicNotFound(String),
+}
+
+impl From<KafkaError> for LagError {
+    fn from(error: KafkaError) -> Self {
+        LagError::Kafka { error, cause: None }
+    }
+}
+
+/// Keeps the last error librdkafka reported through its error callback, so a failed
+/// request can say why the broker could not be reached.
+#[derive(Debug, Default)]
+pub struct LastError(Mutex<Option<String>>);
+
+impl ClientContext for LastError {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel::*;
+        tracing::debug!(fac, message, "librdkafka");
+        if matches!(level, Emerg | Alert | Critical | Error) {
+            *self.0.lock().expect("last error lock") = Some(message.to_string());
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "kafka client error");
+        *self.0.lock().expect("last error lock") = Some(reason.to_string());
+    }
+}
+
+impl ConsumerContext for LastError {}
+
+type Inspector = BaseConsumer<LastError>;
+
+fn inspector(config: &ClientConfig) -> Result<Inspector, LagError> {
+    Ok(config.create_with_context(LastError::default())?)
+}
+
+/// `e` with the client's last out-of-band error attached.
+fn explained(c: &Inspector, e: KafkaError) -> LagError {
+    // librdkafka's log and error events reach the context only when the client is
+    // polled (rdkafka routes them through the client's queue).
+    for _ in 0..10 {
+        if c.poll(Duration::ZERO).is_none() {
+            break;
+        }
+    }
+    LagError::Kafka {
+        error: e,
+        cause: c.context().0.lock().expect("last error lock").take(),
+    }
 }
 
 impl LagError {
     /// A bounded label for metrics and Events.
     pub fn label(&self) -> &'static str {
         match self {
-            LagError::Kafka(_) => "kafka",
+            LagError::Kafka { .. } => "kafka",
             LagError::TopicNotFound(_) => "topic_not_found",
         }
     }
@@ -55,12 +114,10 @@ pub fn partition_lag(low: i64, high: i64, committed: Option<i64>) -> u64 {
 }
 
 /// Partition ids of `topic`; a topic that does not exist (or has none) is an error.
-fn topic_partitions(
-    c: &BaseConsumer,
-    topic: &str,
-    timeout: Duration,
-) -> Result<Vec<i32>, LagError> {
-    let md = c.fetch_metadata(Some(topic), timeout)?;
+fn topic_partitions(c: &Inspector, topic: &str, timeout: Duration) -> Result<Vec<i32>, LagError> {
+    let md = c
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| explained(c, e))?;
     let t = md
         .topics()
         .first()
@@ -77,7 +134,7 @@ pub fn partition_count(
     topic: &str,
     timeout: Duration,
 ) -> Result<i32, LagError> {
-    let c: BaseConsumer = config.create()?;
+    let c = inspector(config)?;
     Ok(topic_partitions(&c, topic, timeout)?.len() as i32)
 }
 
@@ -91,16 +148,20 @@ pub fn group_lag(
     let mut cfg = config.clone();
     cfg.set("group.id", group)
         .set("enable.auto.commit", "false");
-    let c: BaseConsumer = cfg.create()?;
+    let c = inspector(&cfg)?;
     let ids = topic_partitions(&c, topic, timeout)?;
     let mut tpl = TopicPartitionList::new();
     for &p in &ids {
         tpl.add_partition(topic, p);
     }
-    let committed = c.committed_offsets(tpl, timeout)?;
+    let committed = c
+        .committed_offsets(tpl, timeout)
+        .map_err(|e| explained(&c, e))?;
     let mut out = Vec::with_capacity(ids.len());
     for p in ids {
-        let (low, high) = c.fetch_watermarks(topic, p, timeout)?;
+        let (low, high) = c
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(|e| explained(&c, e))?;
         let committed = committed
             .find_partition(topic, p)
             .and_then(|e| match e.offset() {

@@ -93,9 +93,10 @@ impl KafkaInspector for Scripted {
     }
     fn lag(&self, _: &ClientConfig, _: &str, _: &str) -> Result<Vec<PartitionLag>, LagError> {
         match self.lag.load(Ordering::SeqCst) {
-            l if l < 0 => Err(LagError::Kafka(rdkafka::error::KafkaError::MetadataFetch(
+            l if l < 0 => Err(rdkafka::error::KafkaError::MetadataFetch(
                 rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
-            ))),
+            )
+            .into()),
             l => Ok(vec![PartitionLag {
                 partition: 0,
                 low: 0,

@@ -1,0 +1,245 @@
+//! No secret leaves its Secret: the controller (its real binary, against the real API
+//! server and the broker's SASL listener) reads a SASL password to inspect the topic and
+//! hands the workers a PostgreSQL URL through `secretEnv`, and neither value, nor a wrong
+//! password that the broker refuses, appears in a ConfigMap, a Deployment, a status, an
+//! Event or a line of the controller's log. A missing Secret is a condition and an Event
+//! that say what to fix.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client, CustomResourceExt};
+use serde_json::json;
+use sluice_api::crd::StreamPipeline;
+use sluice_testkit::{bootstrap, create_topic, free_port, kubeconfig, sasl_bootstrap, unique};
+use support::{client, install, namespace};
+
+/// The broker's real SCRAM password for user `sluice` (scripts/kafka.sh).
+const KAFKA_PASSWORD: &str = "sluice-secret";
+/// A password the broker refuses.
+const WRONG_PASSWORD: &str = "wrong-password-4f1c9e";
+/// The password inside the PostgreSQL connection string.
+const PG_PASSWORD: &str = "pg-password-7a2d10";
+
+struct Controller {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Controller {
+    fn start(ns: &str) -> Self {
+        let log = std::env::temp_dir().join(format!("{}.log", unique("controller-secrets")));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice-controller"))
+            .args(["--watch-namespace", ns, "--leader-election", "false"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .env("KUBECONFIG", kubeconfig())
+            .env("SLUICE_LOG", "debug")
+            .stdout(out.try_clone().expect("clone"))
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the controller");
+        Controller { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn secret(c: &Client, ns: &str, name: &str, key: &str, value: &str) {
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "stringData": {key: value}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(c.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .expect("create Secret");
+}
+
+fn pipeline(name: &str, sasl: &str, topic: &str, kafka_secret: &str) -> StreamPipeline {
+    serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+        "metadata": {"name": name},
+        "spec": {
+            "source": {
+                "bootstrapServers": sasl, "topic": topic, "groupId": name,
+                "security": {
+                    "protocol": "SASL_PLAINTEXT", "saslMechanism": "SCRAM-SHA-512",
+                    "username": "sluice",
+                    "passwordSecretRef": {"name": kafka_secret, "key": "password"}
+                }
+            },
+            "sinks": [{"postgres": {"table": "readings", "connectionEnv": "PG_URL"}}],
+            "secretEnv": [{"name": "PG_URL", "secretKeyRef": {"name": "pg", "key": "url"}}],
+            "scaling": {"pollInterval": "1s"}
+        }
+    }))
+    .unwrap()
+}
+
+/// The Ready condition's (reason, message) once it is `reason`.
+async fn ready_reason(api: &Api<StreamPipeline>, name: &str, reason: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let sp = api.get(name).await.expect("get pipeline");
+        let found = sp.status.as_ref().and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Ready" && c.reason == reason)
+                .map(|c| c.message.clone())
+        });
+        if let Some(m) = found {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: no Ready condition with reason {reason} in 90 s: {:?}",
+            sp.status
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_configmap_a_deployment_a_status_an_event_or_the_log() {
+    let Some(sasl) = sasl_bootstrap() else {
+        eprintln!("SKIPPED: external broker without SLUICE_TEST_SASL_BOOTSTRAP");
+        return;
+    };
+    let c = client().await;
+    install(&c, &StreamPipeline::crd()).await;
+    let ns = namespace(&c, "secrets").await;
+    let topic = unique("secrets-in");
+    create_topic(&bootstrap(), &topic, 3).await.unwrap();
+    secret(&c, &ns, "kafka", "password", KAFKA_PASSWORD).await;
+    secret(&c, &ns, "kafka-wrong", "password", WRONG_PASSWORD).await;
+    let url = format!("postgres://sluice:{PG_PASSWORD}@db.example:5432/sluice");
+    secret(&c, &ns, "pg", "url", &url).await;
+
+    let controller = Controller::start(&ns);
+    let api: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
+    for (name, kafka_secret) in [
+        ("good", "kafka"),
+        ("refused", "kafka-wrong"),
+        ("missing", "nope"),
+    ] {
+        api.create(
+            &PostParams::default(),
+            &pipeline(name, &sasl, &topic, kafka_secret),
+        )
+        .await
+        .expect("create pipeline");
+    }
+
+    // The good password reached Kafka: the partitions were counted, the workers planned.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while api
+        .get("good")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.partitions)
+        != Some(3)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never read the topic through SASL:\n{}",
+            controller.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The wrong one is refused by the broker, and the condition says so.
+    let refused = ready_reason(&api, "refused", "KafkaUnavailable").await;
+    assert!(
+        refused.to_lowercase().contains("authentication"),
+        "the condition should name the failed authentication: {refused}"
+    );
+    // A Secret that does not exist is named, with what to do.
+    eprintln!("refused: {refused}");
+    let missing = ready_reason(&api, "missing", "SecretNotFound").await;
+    eprintln!("missing: {missing}");
+    assert!(
+        missing.contains("\"nope\"") && missing.contains("passwordSecretRef"),
+        "{missing}"
+    );
+    let events = Api::<Event>::namespaced(c.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let events = loop {
+        let list = events.list(&ListParams::default()).await.unwrap().items;
+        if list
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("SecretNotFound"))
+        {
+            break list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no SecretNotFound Event: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    // Let a few more reconciles (and their log lines) happen.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let mut places: Vec<(String, String)> = Vec::new();
+    for e in &events {
+        places.push(("an Event".into(), serde_json::to_string(e).unwrap()));
+    }
+    for cm in Api::<ConfigMap>::namespaced(c.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+    {
+        places.push(("a ConfigMap".into(), serde_json::to_string(&cm).unwrap()));
+    }
+    let deployments = Api::<Deployment>::namespaced(c.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    assert!(
+        !deployments.is_empty(),
+        "the good pipeline should have a Deployment"
+    );
+    for d in &deployments {
+        places.push(("a Deployment".into(), serde_json::to_string(d).unwrap()));
+    }
+    for sp in api.list(&ListParams::default()).await.unwrap() {
+        places.push((
+            "a pipeline's status".into(),
+            serde_json::to_string(&sp.status).unwrap(),
+        ));
+    }
+    let log = controller.log();
+    assert!(
+        log.lines().count() > 5,
+        "the controller logged almost nothing:\n{log}"
+    );
+    places.push(("the controller's log".into(), log));
+    for (what, text) in &places {
+        for s in [KAFKA_PASSWORD, WRONG_PASSWORD, PG_PASSWORD] {
+            assert!(!text.contains(s), "{s:?} appears in {what}:\n{text}");
+        }
+    }
+    eprintln!(
+        "checked {} Events, ConfigMaps, Deployments, statuses and {} log lines: no secret",
+        places.len() - 1,
+        places.last().map_or(0, |(_, l)| l.lines().count())
+    );
+}
