@@ -71,3 +71,12 @@ for pct in 10 50 80; do
 done
 
 python3 scripts/bench_summary.py "$RESULTS" | tee "$OUT/summary.md"
+
+# Throughput and latency while faults happen (RELIABILITY.md scenarios 1 and 5), next to
+# the same run's steady state: worker processes, generator and auditor on the client cpu.
+if [[ -z "${SLUICE_BOOTSTRAP:-}" ]]; then
+  cargo build --release -p sluice-worker -p sluice-testkit
+  log "faults: SIGKILL x4 and a rebalance storm at ${FAULT_RATE:-20000} records/s"
+  taskset -c "$CLIENT_CPU" ./target/release/sluice-chaos --bench --rate "${FAULT_RATE:-20000}" \
+    --worker ./target/release/sluice-worker | tee "$OUT/faults.md"
+fi

@@ -83,6 +83,11 @@ pub fn now_ms() -> i64 {
 #[derive(Default)]
 struct Seen {
     copies: HashMap<u64, u32>,
+    /// Output timestamp of each record's first copy.
+    first_out: HashMap<u64, i64>,
+    /// Input timestamp (the generator's create time) of each record, when the watcher
+    /// also reads the input topic.
+    produced: HashMap<u64, i64>,
     /// Deliveries per 250 ms of output timestamp.
     buckets: std::collections::BTreeMap<i64, u64>,
     /// Output timestamps of the extra copies.
@@ -102,8 +107,17 @@ pub struct Watcher {
 impl Watcher {
     /// Start reading `topics`.
     pub fn start(topics: &[&str]) -> Self {
+        Self::start_with_input(topics, None)
+    }
+
+    /// Start reading `topics`, and `input` for when each record was produced (for
+    /// end-to-end latency: first output timestamp minus input timestamp).
+    pub fn start_with_input(topics: &[&str], input: Option<&str>) -> Self {
         use rdkafka::message::Message;
-        let c = crate::reader(topics, "chaos-auditor");
+        let mut all: Vec<&str> = topics.to_vec();
+        all.extend(input);
+        let input = input.map(str::to_string);
+        let c = crate::reader(&all, "chaos-auditor");
         let seen: Arc<Mutex<Seen>> = Default::default();
         let other = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -115,6 +129,12 @@ impl Watcher {
                 };
                 let ts = m.timestamp().to_millis().unwrap_or_else(now_ms);
                 let mut s = s2.lock().expect("seen");
+                if input.as_deref() == Some(m.topic()) {
+                    if let Some(seq) = m.payload().and_then(parse_seq) {
+                        s.produced.entry(seq).or_insert(ts);
+                    }
+                    continue;
+                }
                 *s.buckets.entry(ts.div_euclid(250)).or_insert(0) += 1;
                 match m.payload().and_then(parse_seq) {
                     Some(seq) => {
@@ -122,6 +142,8 @@ impl Watcher {
                         *n += 1;
                         if *n > 1 {
                             s.dup_times.push(ts);
+                        } else {
+                            s.first_out.insert(seq, ts);
                         }
                     }
                     None => {
@@ -193,6 +215,44 @@ impl Watcher {
             .iter()
             .filter(|&&t| t >= from_ms && t < to_ms)
             .count() as u64
+    }
+
+    /// Throughput and latency of the records produced in `[from_ms, to_ms)`: first
+    /// deliveries per second in that span (mean and the slowest whole second) and the
+    /// end-to-end latency percentiles of those records.
+    pub fn window(&self, from_ms: i64, to_ms: i64) -> Window {
+        let s = self.seen.lock().expect("seen");
+        let mut lat: Vec<i64> = s
+            .produced
+            .iter()
+            .filter(|(_, &p)| p >= from_ms && p < to_ms)
+            .filter_map(|(q, &p)| s.first_out.get(q).map(|&o| (o - p).max(0)))
+            .collect();
+        lat.sort_unstable();
+        let pct = |q: f64| -> f64 {
+            if lat.is_empty() {
+                return f64::NAN;
+            }
+            lat[((lat.len() - 1) as f64 * q).round() as usize] as f64
+        };
+        let seconds = (to_ms - from_ms).max(1) as f64 / 1000.0;
+        let mut per_second: HashMap<i64, u64> = HashMap::new();
+        for &o in s.first_out.values().filter(|&&o| o >= from_ms && o < to_ms) {
+            *per_second.entry((o - from_ms) / 1000).or_insert(0) += 1;
+        }
+        let whole = ((to_ms - from_ms) / 1000).max(1);
+        let delivered: u64 = per_second.values().sum();
+        let seconds_counts = || (0..whole).map(|k| per_second.get(&k).copied().unwrap_or(0));
+        Window {
+            seconds,
+            records: lat.len() as u64,
+            rate: delivered as f64 / seconds,
+            slowest_second: seconds_counts().min().unwrap_or(0),
+            fastest_second: seconds_counts().max().unwrap_or(0),
+            p50_ms: pct(0.5),
+            p99_ms: pct(0.99),
+            max_ms: pct(1.0),
+        }
     }
 
     /// Records read that carried no sequence number.
@@ -858,3 +918,153 @@ pub const SCENARIOS: [(&str, Scenario); 8] = [
     ("slow", slow_sink),
     ("sigterm", clean_sigterm),
 ];
+
+/// Throughput and latency over one span of a run (see [`Watcher::window`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Window {
+    /// Length of the span.
+    pub seconds: f64,
+    /// Records produced in the span that were delivered (the latency sample).
+    pub records: u64,
+    /// First deliveries per second in the span.
+    pub rate: f64,
+    /// First deliveries in the span's slowest whole second.
+    pub slowest_second: u64,
+    /// First deliveries in the span's fastest whole second (catch-up speed).
+    pub fastest_second: u64,
+    /// End-to-end latency percentiles (ms), produce to first delivery.
+    pub p50_ms: f64,
+    /// See `p50_ms`.
+    pub p99_ms: f64,
+    /// See `p50_ms`.
+    pub max_ms: f64,
+}
+
+/// One fault benchmark: the same run's steady span next to its span with faults.
+#[derive(Clone, Debug)]
+pub struct FaultBench {
+    /// What the faults were.
+    pub name: String,
+    /// Records per second offered throughout.
+    pub offered: f64,
+    /// Before the first fault: after a 5 s warm-up, up to 2 s before the fault (records
+    /// produced just before it wait for its recovery).
+    pub steady: Window,
+    /// From the first fault until the generator stops.
+    pub faults: Window,
+    /// Records lost (must be 0) and duplicated over the whole run.
+    pub lost: u64,
+    /// See `lost`.
+    pub duplicates: u64,
+}
+
+impl FaultBench {
+    /// Two Markdown table rows (steady, faults) matching [`FAULT_BENCH_HEADER`].
+    pub fn rows(&self) -> String {
+        let row = |span: &str, w: &Window| {
+            format!(
+                "| {} | {span} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {:.0} | {:.0} |",
+                self.name,
+                w.seconds,
+                self.offered,
+                w.rate,
+                w.slowest_second,
+                w.fastest_second,
+                w.p50_ms,
+                w.p99_ms,
+                w.max_ms
+            )
+        };
+        format!(
+            "{}\n{}",
+            row("steady", &self.steady),
+            row("faults", &self.faults)
+        )
+    }
+}
+
+/// The table header matching [`FaultBench::rows`].
+pub const FAULT_BENCH_HEADER: &str = "| faults | span | seconds | offered/s | delivered/s | slowest second | fastest second | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|---|---|---|---|";
+
+/// The common shape of a fault benchmark: 100-byte records at `rate` for `steady` seconds
+/// (the first 5 a warm-up), then `fault_phase` runs the faults, then 10 s more.
+fn fault_bench(
+    bin: &str,
+    name: &str,
+    rate: f64,
+    steady: u64,
+    fault_span: Duration,
+    fault_phase: impl FnOnce(&mut Workers),
+) -> FaultBench {
+    let seconds = steady + fault_span.as_secs() + 10;
+    let count = (rate * seconds as f64) as u64;
+    let t = topics("bench", 2, 8);
+    let mut watcher = Watcher::start_with_input(&[&t[1]], Some(&t[0]));
+    let mut w = Workers::new(
+        bin,
+        &t[0],
+        &unique("chaos-bench-g"),
+        &kafka_sink(&t[1]),
+        &[],
+    );
+    w.start();
+    let start = now_ms();
+    let gen = generate(&t[0], count, rate);
+    pace(&mut w, Duration::from_secs(steady));
+    let first_fault = now_ms();
+    fault_phase(&mut w);
+    gen.join().expect("generator");
+    let end = now_ms();
+    let (lost, duplicates) = watcher.finish(0..count, Duration::from_secs(180));
+    w.stop_all();
+    FaultBench {
+        name: name.into(),
+        offered: rate,
+        steady: watcher.window(start + 5_000, first_fault - 2_000),
+        faults: watcher.window(first_fault, end),
+        lost,
+        duplicates,
+    }
+}
+
+/// Benchmark under scenario 1: a SIGKILL every 15 s (restarted at once), 4 of them.
+pub fn bench_sigkill(bin: &str, rate: f64) -> FaultBench {
+    fault_bench(
+        bin,
+        "SIGKILL every 15 s (x4)",
+        rate,
+        20,
+        Duration::from_secs(60),
+        |w| {
+            for _ in 0..4 {
+                w.kill_one();
+                w.start();
+                pace(w, Duration::from_secs(15));
+            }
+        },
+    )
+}
+
+/// Benchmark under scenario 5: workers 1 -> 4 -> 1 twice, a step every 5 s, each
+/// scale-down a SIGTERM drain.
+pub fn bench_storm(bin: &str, rate: f64) -> FaultBench {
+    fault_bench(
+        bin,
+        "rebalance storm 1->4->1 (x2)",
+        rate,
+        20,
+        Duration::from_secs(60),
+        |w| {
+            for _ in 0..2 {
+                for _ in 0..3 {
+                    w.start();
+                    pace(w, Duration::from_secs(5));
+                }
+                for _ in 0..3 {
+                    w.term_one();
+                    pace(w, Duration::from_secs(5));
+                }
+            }
+        },
+    )
+}

@@ -3,7 +3,10 @@
 //!
 //! ```text
 //! sluice-chaos [--full] [--worker PATH] [SCENARIO...]
+//! sluice-chaos --bench [--rate N] [--worker PATH]
 //! ```
+//! `--bench` measures throughput and end-to-end latency while scenarios 1 and 5 happen,
+//! next to the same run's steady state (`make bench` puts the table in BENCHMARKS.md).
 //! Scenarios: sigkill, broker, kafka-output, postgres, poison, storm, slow, sigterm
 //! (default: all).
 
@@ -13,15 +16,24 @@ fn main() -> std::process::ExitCode {
     let mut len = Length::Short;
     let mut worker = sluice_testkit::repo_root().join("target/release/sluice-worker");
     let mut only: Vec<String> = Vec::new();
+    let mut bench = false;
+    let mut rate = 20_000.0;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--full" => len = Length::Full,
+            "--bench" => bench = true,
+            "--rate" => {
+                rate = args
+                    .next()
+                    .and_then(|r| r.parse().ok())
+                    .expect("--rate RECORDS_PER_SECOND")
+            }
             "--worker" => worker = args.next().expect("--worker PATH").into(),
             "-h" | "--help" => {
                 let names: Vec<&str> = chaos::SCENARIOS.iter().map(|(n, _)| *n).collect();
                 println!(
-                    "sluice-chaos [--full] [--worker PATH] [{} ...]",
+                    "sluice-chaos [--full] [--worker PATH] [{} ...]\nsluice-chaos --bench [--rate N] [--worker PATH]",
                     names.join("|")
                 );
                 return std::process::ExitCode::SUCCESS;
@@ -41,6 +53,35 @@ fn main() -> std::process::ExitCode {
         worker.is_file(),
         "no worker binary at {bin} (cargo build --release -p sluice-worker)"
     );
+    if bench {
+        let mut lost = 0;
+        let mut rows = Vec::new();
+        for run in [chaos::bench_sigkill, chaos::bench_storm] {
+            let b = run(&bin, rate);
+            eprintln!("[chaos] {}", b.rows());
+            lost += b.lost;
+            rows.push(b);
+        }
+        println!("{}", chaos::FAULT_BENCH_HEADER);
+        for b in &rows {
+            println!("{}", b.rows());
+        }
+        for b in &rows {
+            println!(
+                "\n{}: lost {}, duplicates {}; during faults {:.2}x the steady delivered/s, p99 {:.1}x the steady p99",
+                b.name,
+                b.lost,
+                b.duplicates,
+                b.faults.rate / b.steady.rate,
+                b.faults.p99_ms / b.steady.p99_ms
+            );
+        }
+        return if lost > 0 {
+            std::process::ExitCode::FAILURE
+        } else {
+            std::process::ExitCode::SUCCESS
+        };
+    }
     let mut rows = Vec::new();
     for (name, run) in chaos::SCENARIOS {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
