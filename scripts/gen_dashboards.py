@@ -89,6 +89,7 @@ def pipeline():
         ("Failed records and sink retries", "ops", [
             (f"sum by (pipeline, stage) (rate(sluice_messages_failed_total{{{SEL}}}[5m]))", "{{pipeline}} failed in {{stage}}"),
             (f"sum by (pipeline, sink) (rate(sluice_sink_retries_total{{{SEL}}}[5m]))", "{{pipeline}} retries {{sink}}"),
+            (f"sum by (pipeline, stage, class) (rate(sluice_dead_letters_total{{{SEL}}}[5m]))", "{{pipeline}} dead-lettered {{stage}}/{{class}}"),
         ]),
         ("In-flight bytes", "bytes", [(f"sum by (pipeline, pod) (sluice_in_flight_bytes{{{SEL}}})", "{{pod}}")]),
     ])
