@@ -16,7 +16,8 @@ demo: setup kafka-start
 
 ## Every test: unit, property and integration tests against the real broker, a real
 ## PostgreSQL and a real kube-apiserver. SLUICE_TEST_BOOTSTRAP=host:port runs them against
-## another Kafka or Redpanda; SLUICE_TEST_POSTGRES=url against another PostgreSQL;
+## another Kafka or Redpanda; SLUICE_TEST_POSTGRES=url against another PostgreSQL (with
+## SLUICE_TEST_POSTGRES_CA=ca.pem for its TLS test);
 ## SLUICE_TEST_KUBECONFIG=path against another API server.
 test: setup
 	@if [[ -z "$${SLUICE_TEST_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi

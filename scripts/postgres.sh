@@ -13,7 +13,8 @@
 #   SLUICE_PG_DIR   data and log dir       (default /tmp/sluice-pg)
 #   SLUICE_PG_PORT  port on 127.0.0.1      (default 5433, away from a system server on 5432)
 # The server accepts user `sluice`, password `sluice-secret`, database `sluice` (password
-# authentication over TCP only).
+# authentication over TCP only), with or without TLS: its certificate (for 127.0.0.1) is
+# signed by the test CA in $SLUICE_PG_DIR/tls/ca.pem (`sslmode=require` + that CA).
 set -euo pipefail
 
 DIR="${SLUICE_PG_DIR:-/tmp/sluice-pg}"
@@ -43,10 +44,34 @@ install() {
 
 status() { as_pg "$(bindir)/pg_isready" -q -h 127.0.0.1 -p "$PORT"; }
 
+# A CA and a server certificate for 127.0.0.1, made once per data directory.
+write_tls() {
+  local t="$DIR/tls"
+  [[ -f "$t/server.key" ]] && return 0
+  mkdir -p "$t"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=sluice test PostgreSQL CA" \
+    -keyout "$t/ca.key" -out "$t/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$t/server.key" -out "$t/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > "$t/san.ext"
+  openssl x509 -req -in "$t/server.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$t/san.ext" -out "$t/server.pem" 2>/dev/null
+  chmod 600 "$t/server.key"
+  if [[ $(id -u) -eq 0 ]]; then chown postgres:postgres "$t/server.key" "$t/server.pem"; fi
+}
+
+ssl_on() {
+  [[ "$(as_pg "$(bindir)/psql" -q -h "$DIR" -p "$PORT" -U sluice -d postgres -tAc 'SHOW ssl' 2>/dev/null)" == on ]]
+}
+
 start() {
   install
   local bin; bin=$(bindir)
-  if status 2>/dev/null; then return 0; fi
+  if status 2>/dev/null; then
+    if ssl_on; then return 0; fi
+    log "running without TLS (started by an older script); restarting it with TLS"
+    stop
+  fi
   if [[ ! -f "$DIR/data/PG_VERSION" ]]; then
     log "creating a cluster in $DIR/data"
     mkdir -p "$DIR"
@@ -63,11 +88,13 @@ fsync = on
 max_connections = 200
 CONF
   fi
-  as_pg "$bin/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w -t 60 start >/dev/null
+  write_tls
+  as_pg "$bin/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w -t 60 \
+    -o "-c ssl=on -c ssl_cert_file=$DIR/tls/server.pem -c ssl_key_file=$DIR/tls/server.key" start >/dev/null
   if ! as_pg "$bin/psql" -q -h "$DIR" -p "$PORT" -U sluice -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='sluice'" | grep -q 1; then
     as_pg "$bin/psql" -q -h "$DIR" -p "$PORT" -U sluice -d postgres -c "CREATE DATABASE sluice" >/dev/null
   fi
-  log "up on 127.0.0.1:$PORT ($URL)"
+  log "up on 127.0.0.1:$PORT ($URL; TLS with sslmode=require, CA $DIR/tls/ca.pem)"
 }
 
 stop() {

@@ -426,15 +426,8 @@ pub fn postgres_url() -> String {
         let url = match std::env::var("SLUICE_TEST_POSTGRES") {
             Ok(u) if !u.is_empty() => u,
             _ => {
-                if Command::new("bash")
-                    .arg(repo_root().join("scripts/postgres.sh"))
-                    .arg("status")
-                    .status()
-                    .map(|s| !s.success())
-                    .unwrap_or(true)
-                {
-                    script("postgres.sh", "start");
-                }
+                // idempotent: starts it, or restarts one running without TLS
+                script("postgres.sh", "start");
                 script("postgres.sh", "url").trim().to_string()
             }
         };
@@ -445,6 +438,20 @@ pub fn postgres_url() -> String {
         url
     })
     .clone()
+}
+
+/// The CA file that signed the test PostgreSQL's certificate: the local server's
+/// (`scripts/postgres.sh` serves TLS to `sslmode=require`), or `SLUICE_TEST_POSTGRES_CA`
+/// with an external `SLUICE_TEST_POSTGRES`; `None` when an external server has none.
+pub fn postgres_ca() -> Option<PathBuf> {
+    postgres_url();
+    if std::env::var("SLUICE_TEST_POSTGRES").is_ok_and(|u| !u.is_empty()) {
+        return std::env::var("SLUICE_TEST_POSTGRES_CA")
+            .ok()
+            .map(PathBuf::from);
+    }
+    let dir = std::env::var("SLUICE_PG_DIR").unwrap_or_else(|_| "/tmp/sluice-pg".into());
+    Some(Path::new(&dir).join("tls/ca.pem"))
 }
 
 /// One record to produce: an explicit partition (or by key), a key and a value.

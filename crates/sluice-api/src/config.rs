@@ -337,6 +337,12 @@ pub struct PostgresSinkConfig {
     /// never appears in the configuration.
     #[serde(default = "defaults::postgres_env")]
     pub connection_env: String,
+    /// PEM file of the CA that signed the server's certificate, for connection strings
+    /// with `sslmode=require` (TLS, the certificate verified against this CA and the
+    /// host name). Without it the system's roots are trusted. Other `sslmode`s connect
+    /// without TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
     /// Columns to write and the JSON field each comes from. Empty (default): every column
     /// of the table, each from the top-level field of the same name; a missing field
     /// writes NULL (or the column default, with `onConflict`'s update semantics aside).

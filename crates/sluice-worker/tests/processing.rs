@@ -674,3 +674,73 @@ server: {{listen: "{addr}"}}
         "the later row of each key wins"
     );
 }
+
+#[test]
+fn the_postgres_sink_speaks_tls_and_verifies_the_server_certificate() {
+    let Some(ca) = postgres_ca() else {
+        eprintln!("SKIPPED: external PostgreSQL without SLUICE_TEST_POSTGRES_CA");
+        return;
+    };
+    let tls_url = format!(
+        "{}{}sslmode=require",
+        postgres_url(),
+        if postgres_url().contains('?') {
+            "&"
+        } else {
+            "?"
+        }
+    );
+    let input = unique("pgtls-in");
+    create_topics(&[&input], 2);
+    let table = readings_table("pgtls");
+    let n: u64 = 5_000;
+    produce_records(&input, seq_records(n));
+    let p = start(
+        "pgtls",
+        &input,
+        &format!(
+            "  - postgres: {{table: {table}, caFile: \"{}\", columns: [{{name: seq}}, {{name: device}}, {{name: temp_f, field: tempF}}]}}",
+            ca.display()
+        ),
+        "",
+        &tls_url,
+    );
+    p.wait_committed(Duration::from_secs(120));
+    // The worker's connections are encrypted (the server says so).
+    let encrypted = pg_count(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'sluice' AND s.ssl",
+    );
+    p.stop();
+    assert!(encrypted >= 1, "no TLS connection from the worker");
+    assert_eq!(
+        pg_count(&format!("SELECT count(DISTINCT seq) FROM {table}")),
+        n as i64
+    );
+
+    // Without the CA, the server's certificate is not trusted: start-up fails and says why.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let cfg = format!(
+        "pipeline: pgtls-untrusted\nsource: {{bootstrapServers: \"{}\", topic: {input}, groupId: {}}}\nsinks: [{{postgres: {{table: {table}}}}}]\nserver: {{listen: \"{addr}\"}}\n",
+        bootstrap(),
+        unique("pgtls-untrusted-g")
+    );
+    let mut w = WorkerProcess::start_with_env(
+        BIN,
+        &unique("pgtls-untrusted"),
+        &cfg,
+        &addr,
+        &[("SLUICE_POSTGRES_URL", &tls_url)],
+    );
+    let st = w.wait(Duration::from_secs(60)).expect("the worker exits");
+    let log = std::fs::read_to_string(&w.log).unwrap();
+    assert!(!st.success(), "started without trusting the server:\n{log}");
+    assert!(
+        log.contains("certificate") || log.contains("UnknownIssuer"),
+        "the failure should name the certificate:\n{log}"
+    );
+    assert!(
+        !log.contains("sluice-secret"),
+        "the password reached the log"
+    );
+}

@@ -27,7 +27,9 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use sluice_api::config::{OnConflict, PostgresSinkConfig};
 use tokio::sync::Semaphore;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
@@ -56,6 +58,72 @@ pub enum PostgresSetupError {
     /// The table or a column does not exist.
     #[error("postgres sink: {0}")]
     Schema(String),
+    /// `caFile` could not be read, or holds no certificate.
+    #[error("postgres sink: caFile {path}: {message}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// An error and its sources, one after the other (a TLS failure is several layers down).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
+/// The TLS connector for `sslmode=require`: rustls (ring), trusting `ca_file`'s
+/// certificates, or the system's roots without one. The server's certificate and host
+/// name are always verified.
+fn tls_connector(ca_file: Option<&str>) -> Result<MakeRustlsConnect, PostgresSetupError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let bad = |message: String| PostgresSetupError::CaFile {
+                path: path.to_string(),
+                message,
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bad("no PEM certificate in it".into()));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(PostgresSetupError::Connect(
+                    "sslmode=require, no caFile and no system root certificates to verify the server with".into(),
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PostgresSetupError::Connect(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
 }
 
 /// A resolved column: name, JSON field, SQL type.
@@ -210,13 +278,16 @@ impl PostgresSink {
         })?;
         pg.connect_timeout(Duration::from_secs(5));
         pg.application_name("sluice");
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let tls = pg.get_ssl_mode() == SslMode::Require;
+        let manager = if tls {
+            let connector = tls_connector(config.ca_file.as_deref())?;
+            Manager::from_config(pg, connector, manager_config)
+        } else {
+            Manager::from_config(pg, NoTls, manager_config)
+        };
         let pool = Pool::builder(manager)
             .max_size(config.pool_size as usize)
             .build()
@@ -224,7 +295,8 @@ impl PostgresSink {
         let client = pool
             .get()
             .await
-            .map_err(|e| PostgresSetupError::Connect(e.to_string()))?;
+            .map_err(|e| PostgresSetupError::Connect(chain(&e)))?;
+        tracing::info!(sink = "postgres", tls, "connected to PostgreSQL");
         let rows = client
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
