@@ -86,6 +86,12 @@ pub struct StreamPipelineSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub secret_env: Vec<SecretEnv>,
+    /// Files of the worker filled from Secret keys (a CA certificate for Kafka's or
+    /// PostgreSQL's TLS, say), mounted read-only at `/etc/sluice/secrets/<name>`: point
+    /// `source.security.caFile` or a postgres sink's `caFile` there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub secret_files: Vec<SecretFile>,
     /// Worker pool per partition.
     #[serde(default)]
     pub workers: WorkersConfig,
@@ -177,6 +183,28 @@ pub struct PipelineSecurity {
     /// The Secret key holding the SASL password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
+    /// PEM file of the CAs to trust (`SSL`, `SASL_SSL`), typically
+    /// `/etc/sluice/secrets/<name>` from `spec.secretFiles`; without it the image's
+    /// system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+/// Where `spec.secretFiles` are mounted in the worker: `/etc/sluice/secrets/<name>`.
+pub const SECRET_FILES_DIR: &str = "/etc/sluice/secrets";
+
+/// A file of the worker filled from a Secret key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretFile {
+    /// The file's name under `/etc/sluice/secrets/`.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
+    pub name: String,
+    /// Where its content comes from.
+    pub secret_key_ref: SecretKeyRef,
 }
 
 /// An environment variable of the worker filled from a Secret key.
@@ -327,7 +355,7 @@ impl StreamPipeline {
                     sasl_mechanism: sec.sasl_mechanism,
                     username: sec.username.clone(),
                     password_env: SASL_PASSWORD_ENV.into(),
-                    ca_file: None,
+                    ca_file: sec.ca_file.clone(),
                 },
                 consumer_properties: s.source.consumer_properties.clone(),
             },
@@ -355,6 +383,39 @@ impl StreamPipeline {
                         ),
                     });
                 }
+            }
+        }
+        for (i, f) in s.secret_files.iter().enumerate() {
+            if s.secret_files[..i].iter().any(|o| o.name == f.name) {
+                return Err(ConfigError::Invalid {
+                    field: format!("secretFiles[{i}].name"),
+                    message: format!("`{}` is given twice", f.name),
+                });
+            }
+        }
+        // A CA file under the secret files' directory must be one of them.
+        let mut ca_files: Vec<(String, &str)> = Vec::new();
+        if let Some(f) = &sec.ca_file {
+            ca_files.push(("source.security.caFile".into(), f));
+        }
+        for (i, sink) in s.sinks.iter().enumerate() {
+            if let SinkConfig::Postgres(pg) = sink {
+                if let Some(f) = &pg.ca_file {
+                    ca_files.push((format!("sinks[{i}].postgres.caFile"), f));
+                }
+            }
+        }
+        for (field, path) in ca_files {
+            let Some(file) = path.strip_prefix(&format!("{SECRET_FILES_DIR}/")) else {
+                continue;
+            };
+            if !s.secret_files.iter().any(|f| f.name == file) {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!(
+                        "`{path}` is not mounted: add {{name: {file}, secretKeyRef: ...}} to spec.secretFiles"
+                    ),
+                });
             }
         }
         for (i, e) in s.secret_env.iter().enumerate() {
@@ -419,10 +480,40 @@ spec:
                 name: "kafka-creds".into(),
                 key: "password".into(),
             }),
+            ca_file: None,
         };
         let yaml = p.worker_config().unwrap().to_yaml();
         assert!(yaml.contains(SASL_PASSWORD_ENV), "{yaml}");
         assert!(!yaml.contains("kafka-creds"), "{yaml}");
+    }
+
+    #[test]
+    fn a_ca_file_under_the_secret_files_dir_must_be_a_declared_secret_file() {
+        let mut p = example();
+        p.spec.source.security.protocol = SecurityProtocol::Ssl;
+        p.spec.source.security.ca_file = Some(format!("{SECRET_FILES_DIR}/kafka-ca.pem"));
+        let err = p.worker_config().unwrap_err().to_string();
+        assert!(
+            err.contains("source.security.caFile") && err.contains("spec.secretFiles"),
+            "{err}"
+        );
+        p.spec.secret_files = vec![SecretFile {
+            name: "kafka-ca.pem".into(),
+            secret_key_ref: SecretKeyRef {
+                name: "kafka-tls".into(),
+                key: "ca.crt".into(),
+            },
+        }];
+        let yaml = p.worker_config().unwrap().to_yaml();
+        assert!(yaml.contains("/etc/sluice/secrets/kafka-ca.pem"), "{yaml}");
+        // Twice the same name is refused.
+        p.spec.secret_files.push(p.spec.secret_files[0].clone());
+        let err = p.worker_config().unwrap_err().to_string();
+        assert!(err.contains("secretFiles[1].name"), "{err}");
+        // A path elsewhere (baked into a custom image) is the user's business.
+        p.spec.secret_files.clear();
+        p.spec.source.security.ca_file = Some("/etc/ssl/custom/ca.pem".into());
+        assert!(p.worker_config().is_ok());
     }
 
     #[test]

@@ -160,6 +160,16 @@ async fn the_api_server_rejects_invalid_pipelines_with_actionable_messages() {
             "spec.secretEnv[0].name",
         ),
         (
+            "a secret file named like a path",
+            json!({"secretFiles": [{"name": "../etc/passwd", "secretKeyRef": {"name": "ca", "key": "ca.crt"}}]}),
+            "spec.secretFiles[0].name",
+        ),
+        (
+            "a secret file without its key",
+            json!({"secretFiles": [{"name": "ca.pem", "secretKeyRef": {"name": "ca"}}]}),
+            "spec.secretFiles[0].secretKeyRef.key",
+        ),
+        (
             "dead-letter topic that is not a topic name",
             json!({"deadLetter": {"topic": "dead letters"}}),
             "spec.deadLetter.topic",

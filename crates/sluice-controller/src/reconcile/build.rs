@@ -9,8 +9,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ProjectedVolumeSource, SeccompProfile, SecretKeySelector, SecretProjection, SecurityContext,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -18,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use sha2::{Digest, Sha256};
 use sluice_api::config::WorkerConfig;
-use sluice_api::crd::{StreamPipeline, SASL_PASSWORD_ENV, WORKER_PORT};
+use sluice_api::crd::{StreamPipeline, SASL_PASSWORD_ENV, SECRET_FILES_DIR, WORKER_PORT};
 
 /// Annotation on the pod template carrying the config hash: a new config rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "sluice.dev/config-hash";
@@ -157,6 +158,53 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
     for e in &spec.secret_env {
         env.push(from_secret(&e.name, &e.secret_key_ref));
     }
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: format!("{name}-config"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    let mut volume_mounts = vec![VolumeMount {
+        name: "config".into(),
+        mount_path: CONFIG_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    // spec.secretFiles: one projected volume, each Secret key a file under SECRET_FILES_DIR.
+    if !spec.secret_files.is_empty() {
+        let sources = spec
+            .secret_files
+            .iter()
+            .map(|f| VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: f.secret_key_ref.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: f.secret_key_ref.key.clone(),
+                        path: f.name.clone(),
+                        mode: None,
+                    }]),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        volumes.push(Volume {
+            name: "secret-files".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(sources),
+                default_mode: Some(0o444),
+            }),
+            ..Default::default()
+        });
+        volume_mounts.push(VolumeMount {
+            name: "secret-files".into(),
+            mount_path: SECRET_FILES_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     // SIGTERM drains in-flight work (bounded by drainTimeout), then flushes the sinks (bounded
     // by drainTimeout again) and commits: give it both and some room.
     let grace = 2 * v.config.commit.drain_timeout.0.as_secs() as i64 + 15;
@@ -176,12 +224,7 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         resources: spec.resources.clone(),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "config".into(),
-            mount_path: CONFIG_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(volume_mounts),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             read_only_root_filesystem: Some(true),
@@ -237,14 +280,7 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
                         }),
                         ..Default::default()
                     }),
-                    volumes: Some(vec![Volume {
-                        name: "config".into(),
-                        config_map: Some(ConfigMapVolumeSource {
-                            name: format!("{name}-config"),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }]),
+                    volumes: Some(volumes),
                     ..Default::default()
                 }),
             },
@@ -422,6 +458,7 @@ spec:
                 name: "kafka-creds".into(),
                 key: "password".into(),
             }),
+            ca_file: None,
         };
         let v = validated(p, 8);
         let d = build_deployment(&v, 1);
@@ -458,6 +495,56 @@ spec:
             !cm.contains("kafka-creds") && !cm.contains("password\""),
             "{cm}"
         );
+    }
+
+    #[test]
+    fn secret_files_are_one_read_only_projected_volume_and_never_in_the_configmap() {
+        let p = pipeline(
+            "  secretFiles:\n    - {name: kafka-ca.pem, secretKeyRef: {name: kafka-tls, key: ca.crt}}\n    - {name: pg-ca.pem, secretKeyRef: {name: db-tls, key: ca.crt}}",
+        );
+        let v = validated(p, 8);
+        let d = build_deployment(&v, 1);
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let vol = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "secret-files")
+            .expect("the secret files volume");
+        let sources = vol.projected.as_ref().unwrap().sources.as_ref().unwrap();
+        let files: Vec<(&str, &str, &str)> = sources
+            .iter()
+            .map(|s| {
+                let s = s.secret.as_ref().unwrap();
+                let item = &s.items.as_ref().unwrap()[0];
+                (s.name.as_str(), item.key.as_str(), item.path.as_str())
+            })
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("kafka-tls", "ca.crt", "kafka-ca.pem"),
+                ("db-tls", "ca.crt", "pg-ca.pem")
+            ]
+        );
+        let mount = pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "secret-files")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (SECRET_FILES_DIR, Some(true))
+        );
+        let cm = serde_json::to_string(&build_configmap(&v)).unwrap();
+        assert!(!cm.contains("kafka-tls") && !cm.contains("db-tls"), "{cm}");
+        // Without secret files, no such volume.
+        let plain = build_deployment(&validated(pipeline(""), 8), 1);
+        let vols = plain.spec.unwrap().template.spec.unwrap().volumes.unwrap();
+        assert_eq!(vols.len(), 1);
     }
 
     #[test]
