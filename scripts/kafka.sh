@@ -69,18 +69,12 @@ is_up() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 
 pid() { [[ -f "$DIR/broker.pid" ]] && kill -0 "$(cat "$DIR/broker.pid")" 2>/dev/null && cat "$DIR/broker.pid"; }
 
-# A CA and a broker certificate for 127.0.0.1, made once per data directory.
+# A CA and a broker certificate for 127.0.0.1, made once per data directory; the broker
+# reads its key and certificate from one PEM keystore.
 write_tls() {
   local t="$DIR/tls"
   [[ -f "$t/broker-keystore.pem" ]] && return 0
-  mkdir -p "$t"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=sluice test CA" \
-    -keyout "$t/ca.key" -out "$t/ca.pem" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
-    -keyout "$t/broker.key" -out "$t/broker.csr" 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > "$t/san.ext"
-  openssl x509 -req -in "$t/broker.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
-    -days 3650 -extfile "$t/san.ext" -out "$t/broker.pem" 2>/dev/null
+  "$(dirname "$0")/test-ca.sh" "$t" broker "sluice test CA"
   openssl pkcs8 -topk8 -nocrypt -in "$t/broker.key" -out "$t/broker.pk8"
   cat "$t/broker.pk8" "$t/broker.pem" > "$t/broker-keystore.pem"
 }

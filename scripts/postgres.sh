@@ -47,16 +47,7 @@ status() { as_pg "$(bindir)/pg_isready" -q -h 127.0.0.1 -p "$PORT"; }
 # A CA and a server certificate for 127.0.0.1, made once per data directory.
 write_tls() {
   local t="$DIR/tls"
-  [[ -f "$t/server.key" ]] && return 0
-  mkdir -p "$t"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=sluice test PostgreSQL CA" \
-    -keyout "$t/ca.key" -out "$t/ca.pem" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
-    -keyout "$t/server.key" -out "$t/server.csr" 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > "$t/san.ext"
-  openssl x509 -req -in "$t/server.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
-    -days 3650 -extfile "$t/san.ext" -out "$t/server.pem" 2>/dev/null
-  chmod 600 "$t/server.key"
+  "$(dirname "$0")/test-ca.sh" "$t" server "sluice test PostgreSQL CA"
   if [[ $(id -u) -eq 0 ]]; then chown postgres:postgres "$t/server.key" "$t/server.pem"; fi
 }
 

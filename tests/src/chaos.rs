@@ -287,6 +287,36 @@ fn unrecovered_note(unrecovered: usize, faults: usize) -> String {
     }
 }
 
+/// The end of a scenario of repeated faults: wait for the load, audit every record, and
+/// make its row; the note gains how many faults struck before the previous had recovered.
+fn repeated_faults(
+    name: &str,
+    gen: std::thread::JoinHandle<()>,
+    mut w: Workers,
+    mut watcher: Watcher,
+    plan: &Plan,
+    faults: &[i64],
+    note: String,
+) -> Outcome {
+    gen.join().expect("generator");
+    let n = plan.count();
+    let peak = w.peak_mib();
+    let (lost, duplicates) = watcher.finish(0..n, Duration::from_secs(120));
+    let (max_dup, recovery, unrecovered) = per_fault(&watcher, faults, plan.rate);
+    w.stop_all();
+    Outcome {
+        name: name.into(),
+        faults: faults.len() as u32,
+        records: n,
+        lost,
+        duplicates,
+        max_duplicates_per_fault: max_dup,
+        recovery_s: recovery,
+        peak_rss_mib: peak,
+        note: format!("{note}{}", unrecovered_note(unrecovered, faults.len())),
+    }
+}
+
 /// A steady generator in the background: `count` records at `rate`/s.
 fn generate(topic: &str, count: u64, rate: f64) -> std::thread::JoinHandle<()> {
     generate_sized(topic, count, rate, 100)
@@ -456,7 +486,7 @@ pub fn sigkill(bin: &str, len: Length) -> Outcome {
     };
     let kills = if len == Length::Full { 20 } else { 3 };
     let t = topics("kill", 2, 4);
-    let mut watcher = Watcher::start(&[&t[1]]);
+    let watcher = Watcher::start(&[&t[1]]);
     let gen = generate(&t[0], plan.count(), plan.rate);
     let mut w = Workers::new(bin, &t[0], &unique("chaos-kill-g"), &kafka_sink(&t[1]), &[]);
     w.start();
@@ -469,27 +499,18 @@ pub fn sigkill(bin: &str, len: Length) -> Outcome {
         w.kill_one();
         w.start();
     }
-    gen.join().expect("generator");
-    let n = plan.count();
-    let peak = w.peak_mib();
-    let (lost, dups) = watcher.finish(0..n, Duration::from_secs(120));
-    let (max_dup, recovery, unrecovered) = per_fault(&watcher, &faults, plan.rate);
-    w.stop_all();
-    Outcome {
-        name: "1. SIGKILL, restarted at once".into(),
-        faults: kills,
-        records: n,
-        lost,
-        duplicates: dups,
-        max_duplicates_per_fault: max_dup,
-        recovery_s: recovery,
-        peak_rss_mib: peak,
-        note: format!(
-            "{} records/s offered, commits every 500 ms, session timeout 10 s{}",
-            plan.rate,
-            unrecovered_note(unrecovered, faults.len())
+    repeated_faults(
+        "1. SIGKILL, restarted at once",
+        gen,
+        w,
+        watcher,
+        &plan,
+        &faults,
+        format!(
+            "{} records/s offered, commits every 500 ms, session timeout 10 s",
+            plan.rate
         ),
-    }
+    )
 }
 
 fn rand_ms(max: u64) -> u64 {
@@ -773,7 +794,7 @@ pub fn rebalance_storm(bin: &str, len: Length) -> Outcome {
     let plan = Plan::of(len);
     let cycles = if len == Length::Full { 3 } else { 1 };
     let t = topics("storm", 2, 8);
-    let mut watcher = Watcher::start(&[&t[1]]);
+    let watcher = Watcher::start(&[&t[1]]);
     let gen = generate(&t[0], plan.count(), plan.rate);
     let mut w = Workers::new(
         bin,
@@ -797,25 +818,15 @@ pub fn rebalance_storm(bin: &str, len: Length) -> Outcome {
             w.term_one();
         }
     }
-    gen.join().expect("generator");
-    let peak = w.peak_mib();
-    let (lost, dups) = watcher.finish(0..plan.count(), Duration::from_secs(120));
-    let (max_dup, recovery, unrecovered) = per_fault(&watcher, &faults, plan.rate);
-    w.stop_all();
-    Outcome {
-        name: "5. rebalance storm 1->4->1".into(),
-        faults: cycles * 6,
-        records: plan.count(),
-        lost,
-        duplicates: dups,
-        max_duplicates_per_fault: max_dup,
-        recovery_s: recovery,
-        peak_rss_mib: peak,
-        note: format!(
-            "{cycles} cycle(s); scale-downs drain on SIGTERM{}",
-            unrecovered_note(unrecovered, faults.len())
-        ),
-    }
+    repeated_faults(
+        "5. rebalance storm 1->4->1",
+        gen,
+        w,
+        watcher,
+        &plan,
+        &faults,
+        format!("{cycles} cycle(s); scale-downs drain on SIGTERM"),
+    )
 }
 
 /// 6. A slow processor: lag grows while memory stays flat, then it drains.
@@ -871,7 +882,7 @@ pub fn clean_sigterm(bin: &str, len: Length) -> Outcome {
     let plan = Plan::of(len);
     let stops = if len == Length::Full { 5 } else { 2 };
     let t = topics("term", 2, 4);
-    let mut watcher = Watcher::start(&[&t[1]]);
+    let watcher = Watcher::start(&[&t[1]]);
     let gen = generate(&t[0], plan.count(), plan.rate);
     let mut w = Workers::new(bin, &t[0], &unique("chaos-term-g"), &kafka_sink(&t[1]), &[]);
     w.start();
@@ -883,25 +894,15 @@ pub fn clean_sigterm(bin: &str, len: Length) -> Outcome {
         w.term_one();
         w.start();
     }
-    gen.join().expect("generator");
-    let peak = w.peak_mib();
-    let (lost, dups) = watcher.finish(0..plan.count(), Duration::from_secs(120));
-    let (max_dup, recovery, unrecovered) = per_fault(&watcher, &faults, plan.rate);
-    w.stop_all();
-    Outcome {
-        name: "7. clean SIGTERM, restarted".into(),
-        faults: stops,
-        records: plan.count(),
-        lost,
-        duplicates: dups,
-        max_duplicates_per_fault: max_dup,
-        recovery_s: recovery,
-        peak_rss_mib: peak,
-        note: format!(
-            "drain, flush, commit, leave the group{}",
-            unrecovered_note(unrecovered, faults.len())
-        ),
-    }
+    repeated_faults(
+        "7. clean SIGTERM, restarted",
+        gen,
+        w,
+        watcher,
+        &plan,
+        &faults,
+        "drain, flush, commit, leave the group".into(),
+    )
 }
 
 /// One scenario: the worker binary and the length, to what it measured.
