@@ -10,15 +10,46 @@ use sluice_testkit::*;
 const BIN: &str = env!("CARGO_BIN_EXE_sluice-worker");
 const PASSWORD: &str = "sluice-secret";
 
+/// `source.security` for user `sluice` with `mechanism` over SASL_PLAINTEXT, the password
+/// from `SLUICE_TEST_KAFKA_PASSWORD`.
+fn sasl_security(mechanism: &str) -> String {
+    format!("{{protocol: SASL_PLAINTEXT, saslMechanism: {mechanism}, username: sluice, passwordEnv: SLUICE_TEST_KAFKA_PASSWORD}}")
+}
+
 fn sasl_config(sasl: &str, input: &str, output: &str, group: &str, addr: &str) -> String {
-    security_config(
-        sasl,
-        "{protocol: SASL_PLAINTEXT, saslMechanism: PLAIN, username: sluice, passwordEnv: SLUICE_TEST_KAFKA_PASSWORD}",
-        input,
-        output,
-        group,
-        addr,
-    )
+    security_config(sasl, &sasl_security("PLAIN"), input, output, group, addr)
+}
+
+/// A worker given a password the broker refuses with `mechanism`, over 100 input records;
+/// returns (the worker, input, group) once the refusal is in its log.
+fn start_refused(name: &str, sasl: &str, mechanism: &str) -> (WorkerProcess, String, String) {
+    let (input, output, group) = pipeline_topics(name, 1);
+    produce_seq(&input, 100);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let w = WorkerProcess::start_with_env(
+        BIN,
+        &unique(name),
+        &security_config(
+            sasl,
+            &sasl_security(mechanism),
+            &input,
+            &output,
+            &group,
+            &addr,
+        ),
+        &addr,
+        &[("SLUICE_TEST_KAFKA_PASSWORD", "not-the-password")],
+    );
+    wait_for(
+        "the authentication failure in the log",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&w.log)
+                .unwrap_or_default()
+                .contains("Authentication failed")
+        },
+    );
+    (w, input, group)
 }
 
 fn security_config(
@@ -125,25 +156,7 @@ fn a_wrong_password_is_refused_by_the_broker_and_nothing_is_consumed() {
         return;
     };
     let b = bootstrap();
-    let (input, output, group) = pipeline_topics("sasl-bad", 1);
-    produce_seq(&input, 100);
-    let addr = format!("127.0.0.1:{}", free_port());
-    let w = WorkerProcess::start_with_env(
-        BIN,
-        &unique("sasl-bad"),
-        &sasl_config(&sasl, &input, &output, &group, &addr),
-        &addr,
-        &[("SLUICE_TEST_KAFKA_PASSWORD", "not-the-password")],
-    );
-    wait_for(
-        "an authentication failure in the log",
-        Duration::from_secs(30),
-        || {
-            std::fs::read_to_string(&w.log)
-                .unwrap_or_default()
-                .contains("Authentication failed")
-        },
-    );
+    let (w, input, group) = start_refused("sasl-bad", &sasl, "PLAIN");
     assert_eq!(w.metric("sluice_messages_consumed_total", ""), 0.0);
     assert_eq!(
         uncommitted(&b, &group, &input),
@@ -193,7 +206,7 @@ fn the_worker_authenticates_with_scram_sha_256_and_512() {
         let log = run_secured(
             &mech.to_lowercase(),
             &sasl,
-            &format!("{{protocol: SASL_PLAINTEXT, saslMechanism: {mech}, username: sluice, passwordEnv: SLUICE_TEST_KAFKA_PASSWORD}}"),
+            &sasl_security(mech),
             &[("SLUICE_TEST_KAFKA_PASSWORD", PASSWORD)],
         );
         assert!(
@@ -209,32 +222,7 @@ fn a_wrong_scram_password_is_refused() {
         eprintln!("SKIPPED: external broker without SLUICE_TEST_SASL_BOOTSTRAP");
         return;
     };
-    let (input, output, group) = pipeline_topics("scram-bad", 1);
-    produce_seq(&input, 100);
-    let addr = format!("127.0.0.1:{}", free_port());
-    let w = WorkerProcess::start_with_env(
-        BIN,
-        &unique("scram-bad"),
-        &security_config(
-            &sasl,
-            "{protocol: SASL_PLAINTEXT, saslMechanism: SCRAM-SHA-512, username: sluice, passwordEnv: SLUICE_TEST_KAFKA_PASSWORD}",
-            &input,
-            &output,
-            &group,
-            &addr,
-        ),
-        &addr,
-        &[("SLUICE_TEST_KAFKA_PASSWORD", "not-the-password")],
-    );
-    wait_for(
-        "the authentication failure in the log",
-        Duration::from_secs(30),
-        || {
-            std::fs::read_to_string(&w.log)
-                .unwrap_or_default()
-                .contains("Authentication failed")
-        },
-    );
+    let (w, _, _) = start_refused("scram-bad", &sasl, "SCRAM-SHA-512");
     assert_eq!(w.metric("sluice_messages_consumed_total", ""), 0.0);
     assert!(!std::fs::read_to_string(&w.log)
         .unwrap()
