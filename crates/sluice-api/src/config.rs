@@ -1169,6 +1169,44 @@ sinks: [{kafka: {topic: out}}]
     }
 
     #[test]
+    fn the_worker_refuses_what_would_void_at_least_once() {
+        let cases = [
+            (
+                MINIMAL.replace(
+                    "groupId: g",
+                    "groupId: g, consumerProperties: {enable.auto.commit: 'true'}",
+                ),
+                r#"source.consumerProperties["enable.auto.commit"]"#,
+            ),
+            (
+                MINIMAL.replace("topic: out", "topic: out, producerProperties: {acks: '0'}"),
+                r#"sinks[0].kafka.producerProperties["acks"]"#,
+            ),
+            (
+                format!("{MINIMAL}deadLetter: {{topic: out}}\n"),
+                "also the output topic of sinks[0]",
+            ),
+            (
+                MINIMAL.replace(
+                    "[{kafka: {topic: out}}]",
+                    "[{kafka: {topic: out}}, {kafka: {topic: out}}]",
+                ),
+                "already the output of sinks[0]",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let e = err(&yaml);
+            assert!(e.contains(want), "{e}");
+        }
+        // The same topic name on another cluster is another topic.
+        assert!(WorkerConfig::from_yaml(&MINIMAL.replace(
+            "[{kafka: {topic: out}}]",
+            "[{kafka: {topic: out}}, {kafka: {topic: out, bootstrapServers: 'other:9092'}}]"
+        ))
+        .is_ok());
+    }
+
+    #[test]
     fn bad_topic_names_are_refused() {
         let e = err(&MINIMAL.replace("topic: in", "topic: \"in put\""));
         assert!(
