@@ -434,8 +434,8 @@ fn api_message(e: &kube::Error) -> String {
     }
 }
 
-/// Report a condition that stops the reconcile: `Ready=False` with `reason` and
-/// `message`, and a Warning Event when the reason or the message is new.
+/// Report a condition that stops the reconcile: `Ready=False` with its reason and
+/// message, and a Warning Event when the reason is new (or the spec is invalid).
 async fn refuse(
     ctx: &Context,
     sp: &StreamPipeline,
@@ -449,10 +449,12 @@ async fn refuse(
         _ => unreachable!("refuse() is called with invalid or source_error set"),
     };
     let previous = sp.status.clone().unwrap_or_default();
+    // One Event when the reason appears (a Kafka error's text varies from poll to poll);
+    // an invalid spec is reconciled only when it changes, so each version gets its Event.
     let new = !previous
         .conditions
         .iter()
-        .any(|c| c.type_ == "Ready" && c.reason == reason && c.message == message);
+        .any(|c| c.type_ == "Ready" && c.reason == reason);
     let generation = sp.metadata.generation;
     let status = StreamPipelineStatus {
         conditions: conditions(&o, generation, &previous.conditions),
