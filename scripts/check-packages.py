@@ -17,7 +17,7 @@ who used it, when a package is in neither list: that is a build that only works 
 where somebody installed the package by hand (librdkafka's build needing libcurl's headers
 was one).
 
-usage: scripts/check-packages.py [TARGET_DIR]   (default: target)
+usage: scripts/check-packages.py [TARGET_DIR]   (default: $CARGO_TARGET_DIR or target)
 """
 import glob
 import os
@@ -127,7 +127,7 @@ def programs():
 
 
 def main():
-    target = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target")
+    target = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
     base, declared = read_list("polyglot-packages.txt"), read_list("debian-packages.txt")
     used = {}
     inputs = build_inputs(target)

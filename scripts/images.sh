@@ -26,10 +26,11 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
 TAG="${SLUICE_IMAGE_TAG:-dev}"
-OUT="${SLUICE_IMAGES_DIR:-$ROOT/target/images}"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+OUT="${SLUICE_IMAGES_DIR:-$TARGET/images}"
 # release (default: what users run) or debug (quicker to build while iterating).
 PROFILE="${SLUICE_IMAGE_PROFILE:-release}"
-PROFILE_DIR="$ROOT/target/$PROFILE"
+PROFILE_DIR="$TARGET/$PROFILE"
 
 log() { echo "[images] $*" >&2; }
 
