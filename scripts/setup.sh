@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 log() { echo "[setup] $*" >&2; }
 
-PKGS=(cmake pkg-config libssl-dev libsasl2-dev zlib1g-dev libzstd-dev build-essential curl openssl prometheus postgresql)
+PKGS=(cmake pkg-config libssl-dev libsasl2-dev libcurl4-openssl-dev zlib1g-dev libzstd-dev build-essential curl openssl prometheus postgresql)
 command -v java >/dev/null || PKGS+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || PKGS+=(maven)
 
