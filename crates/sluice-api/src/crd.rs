@@ -369,6 +369,7 @@ impl StreamPipeline {
             memory: s.memory.clone(),
             server: ServerConfig {
                 listen: format!("0.0.0.0:{WORKER_PORT}"),
+                ..ServerConfig::default()
             },
         };
         config.validate()?;
