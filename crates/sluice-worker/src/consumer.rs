@@ -37,6 +37,13 @@ pub type SluiceConsumer = StreamConsumer<SluiceContext>;
 pub enum RebalanceEvent {
     /// New partitions, each with its own queue already split off.
     Assigned(Vec<(String, i32, StreamPartitionQueue<SluiceContext>)>),
+    /// librdkafka applied an assignment (after [`RebalanceEvent::Assigned`]): the
+    /// coordinator states each partition's pause flag again. A pause or resume issued
+    /// before the assignment took effect can be dropped by librdkafka as outdated (starting
+    /// the fetch bumps the partition's op version), and librdkafka keeps a pause flag
+    /// across assignments: without this a partition paused by its previous incarnation
+    /// could stay paused for good.
+    AssignApplied(Vec<(String, i32)>),
     /// Partitions to give up. Reply [`RevokeProgress::Released`] once their dispatchers
     /// are gone, then [`RevokeProgress::Done`] once drained and committed.
     Revoked {
@@ -273,6 +280,15 @@ impl ConsumerContext for SluiceContext {
                 }
             }
             Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts = partitions(tpl);
+            if !parts.is_empty() {
+                let _ = self.events.send(RebalanceEvent::AssignApplied(parts));
+            }
         }
     }
 

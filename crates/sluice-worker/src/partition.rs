@@ -165,6 +165,20 @@ impl PartitionState {
         now_ms.saturating_sub(self.last_progress_ms.load(Ordering::Relaxed))
     }
 
+    /// Tell the consumer again whether this partition is paused (after librdkafka applied
+    /// its assignment; see `RebalanceEvent::AssignApplied`). Nothing once retired.
+    pub fn restate_pause(&self) {
+        let flow = self.flow.lock().expect("flow lock");
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
+        if flow.is_paused() {
+            self.control.pause(&self.topic, self.partition);
+        } else {
+            self.control.resume(&self.topic, self.partition);
+        }
+    }
+
     /// True while any hold pauses the partition.
     pub fn is_paused(&self) -> bool {
         self.flow.lock().expect("flow lock").is_paused()
@@ -298,5 +312,55 @@ impl PartitionState {
                 return self.is_idle();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> Arc<PartitionState> {
+        let m = crate::metrics::Metrics::new("t");
+        PartitionState::new(
+            "t".into(),
+            0,
+            64,
+            Arc::new(NoControl),
+            m.partition("t", 0),
+            m.processing_latency.clone(),
+        )
+    }
+
+    /// The fetch-progress liveness rule counts only a partition that has records to fetch
+    /// and is not held on purpose; a hold restarts its clock.
+    #[test]
+    fn fetch_stall_counts_only_unheld_partitions_with_records_to_fetch() {
+        let st = state();
+        let later = crate::clock_ms() + 600_000;
+        assert_eq!(st.fetch_stalled_ms(later), 0, "unknown: not stalled");
+        st.set_fetch_behind(0);
+        assert_eq!(st.fetch_stalled_ms(later), 0, "nothing to fetch");
+        st.set_fetch_behind(100);
+        assert!(
+            st.fetch_stalled_ms(later) >= 599_000,
+            "records to fetch, none received"
+        );
+        st.hold(HoldReason::Budget, true);
+        assert_eq!(
+            st.fetch_stalled_ms(later),
+            0,
+            "held on purpose (backpressure)"
+        );
+        st.hold(HoldReason::Budget, false);
+        assert!(
+            st.fetch_stalled_ms(later) <= 600_000 && st.fetch_stalled_ms(crate::clock_ms()) < 1_000,
+            "a hold restarts the clock"
+        );
+        st.stall("poison without a dead-letter topic");
+        assert_eq!(
+            st.fetch_stalled_ms(later),
+            0,
+            "a stall by design is an alert, not a restart"
+        );
     }
 }

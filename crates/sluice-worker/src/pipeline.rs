@@ -747,6 +747,13 @@ async fn run(
             }
             Some(ev) = events.recv() => match ev {
                 RebalanceEvent::Assigned(parts) => co.assign(parts),
+                RebalanceEvent::AssignApplied(parts) => {
+                    for k in &parts {
+                        if let Some(o) = co.owned.get(k) {
+                            o.state.restate_pause();
+                        }
+                    }
+                }
                 RebalanceEvent::Revoked { partitions, lost, done } => {
                     co.revoke(partitions, lost, &done).await;
                     let _ = done.send(RevokeProgress::Done);

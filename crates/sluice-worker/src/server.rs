@@ -109,13 +109,16 @@ impl Health {
 
     /// `Ok` while alive and making progress; otherwise the rule that failed.
     pub fn verdict(&self) -> Result<(), String> {
+        self.verdict_at(crate::clock_ms())
+    }
+
+    fn verdict_at(&self, now: u64) -> Result<(), String> {
         if self.failed.load(Ordering::Acquire) {
             return Err("a fatal error stopped the pipeline".into());
         }
         let Some(l) = self.limits.get() else {
             return Ok(());
         };
-        let now = crate::clock_ms();
         let age =
             |a: &AtomicU64| Duration::from_millis(now.saturating_sub(a.load(Ordering::Acquire)));
         if age(&self.loop_ms) > l.coordinator {
@@ -224,4 +227,82 @@ pub async fn serve(
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            coordinator: Duration::from_secs(50),
+            statistics: Duration::from_secs(15),
+            callback: Duration::from_secs(12),
+            unjoined: Duration::from_secs(10),
+            fetch_stall: Duration::from_secs(180),
+        }
+    }
+
+    #[test]
+    fn only_a_fatal_error_counts_before_the_pipeline_runs() {
+        let h = Health::default();
+        assert!(h.verdict().is_ok());
+        h.failed.store(true, Ordering::Release);
+        assert!(h.verdict().unwrap_err().contains("fatal"));
+    }
+
+    #[test]
+    fn each_rule_fails_on_its_own() {
+        // Judged at `t`, a minute from now; every clock is stamped `t` (fresh) and one
+        // at a time is stamped older than its limit.
+        let t = crate::clock_ms() + 60_000;
+        let at =
+            |a: &AtomicU64, secs_before: u64| a.store(t - secs_before * 1000, Ordering::Release);
+        let fresh = || {
+            let h = Health::default();
+            h.start(limits());
+            for a in [&h.loop_ms, &h.stats_ms, &h.joined_ms] {
+                at(a, 0);
+            }
+            h
+        };
+        assert!(fresh().verdict_at(t).is_ok());
+
+        let h = fresh();
+        at(&h.loop_ms, 51);
+        assert!(h.verdict_at(t).unwrap_err().contains("coordinator loop"));
+
+        let h = fresh();
+        at(&h.stats_ms, 16);
+        assert!(h.verdict_at(t).unwrap_err().contains("statistics"));
+
+        // A rebalance callback that runs suspends the statistics rule, up to its own limit.
+        let h = fresh();
+        at(&h.stats_ms, 20);
+        at(&h.callback_since_ms, 5);
+        assert!(h.verdict_at(t).is_ok());
+        at(&h.callback_since_ms, 28);
+        assert!(h.verdict_at(t).unwrap_err().contains("rebalance callback"));
+
+        let h = fresh();
+        at(&h.joined_ms, 11);
+        assert!(h.verdict_at(t).unwrap_err().contains("not joined"));
+
+        let h = fresh();
+        h.set_stuck_partitions(2);
+        assert!(h.verdict_at(t).unwrap_err().contains("2 partition(s)"));
+        h.set_stuck_partitions(0);
+        assert!(h.verdict_at(t).is_ok());
+    }
+
+    #[test]
+    fn the_end_of_a_rebalance_callback_counts_as_activity() {
+        let h = Health::default();
+        h.start(limits());
+        let guard = h.in_callback();
+        assert_ne!(h.callback_since_ms.load(Ordering::Acquire), 0);
+        drop(guard);
+        assert_eq!(h.callback_since_ms.load(Ordering::Acquire), 0);
+        assert!(h.verdict().is_ok());
+    }
 }
