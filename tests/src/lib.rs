@@ -157,6 +157,41 @@ pub fn proxied_listener() -> Option<(String, String)> {
     Some((local_listener(6)?, local_listener(7)?))
 }
 
+/// Run `scripts/kafka.sh <action>` (stop, start, restart) on the broker under test, when
+/// that broker is the local one the script manages: `bootstrap()` must be
+/// `127.0.0.1:$SLUICE_KAFKA_PORT` (default 9092), and the script is run with the same
+/// `SLUICE_KAFKA_PORT`/`SLUICE_KAFKA_DIR`, so it never stops another broker. Returns false
+/// (and does nothing) against an external broker: the scenarios that stop the broker are
+/// skipped there.
+pub fn local_broker(action: &str) -> bool {
+    let port = std::env::var("SLUICE_KAFKA_PORT").unwrap_or_else(|_| "9092".into());
+    if bootstrap() != format!("127.0.0.1:{port}") {
+        eprintln!(
+            "[testkit] not running `kafka.sh {action}`: the broker under test ({}) is not the local one on port {port}",
+            bootstrap()
+        );
+        return false;
+    }
+    run_ok(
+        Command::new("bash")
+            .arg(repo_root().join("scripts/kafka.sh"))
+            .arg(action)
+            .env("SLUICE_KAFKA_PORT", &port)
+            .stderr(Stdio::inherit()),
+    );
+    true
+}
+
+/// The HTTP status of a GET on loopback (`None` when nothing answers).
+pub fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Where `bin` is on the PATH, if anywhere.
 pub fn which(bin: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
@@ -272,7 +307,11 @@ impl WorkerProcess {
             .arg(&config)
             .envs(env.iter().copied())
             .env("SLUICE_LOG_FORMAT", "text")
-            .env("SLUICE_LOG", "info,librdkafka=warn")
+            .env(
+                "SLUICE_LOG",
+                std::env::var("SLUICE_TEST_WORKER_LOG")
+                    .unwrap_or_else(|_| "info,librdkafka=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log"))
             .stderr(out)
@@ -561,6 +600,33 @@ pub fn reader(topics: &[&str], prefix: &str) -> rdkafka::consumer::BaseConsumer 
     c
 }
 
+/// A consumer reading every partition of `topics` from the beginning by explicit
+/// assignment: no group, so nothing about the broker's group coordination (a session that
+/// expires while the broker is away) can stop it. What the chaos auditor uses.
+pub fn reader_assigned(topics: &[&str]) -> rdkafka::consumer::BaseConsumer {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("auditor"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in topics {
+        let md = c
+            .fetch_metadata(Some(t), Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("metadata of {t}: {e}"));
+        for mt in md.topics() {
+            for p in mt.partitions() {
+                tpl.add_partition_offset(t, p.id(), rdkafka::Offset::Beginning)
+                    .expect("partition");
+            }
+        }
+    }
+    c.assign(&tpl).expect("assign");
+    c
+}
+
 /// Read every record of `topic` from the beginning, until `timeout` passes with nothing
 /// new for 3 s (or the end is reached and stays put).
 pub fn read_all(topic: &str, timeout: Duration) -> Vec<ReadRecord> {
@@ -609,6 +675,8 @@ pub struct TcpProxy {
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
     closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    /// Milliseconds every chunk from the server waits before it is passed on (0: none).
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TcpProxy {
@@ -620,14 +688,31 @@ impl TcpProxy {
     /// Forward `listen` (`host:port`; port 0 picks one) to `target`.
     pub fn start_on(listen: &str, target: &str) -> Self {
         use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind(listen)
-            .unwrap_or_else(|e| panic!("bind a proxy on {listen}: {e}"));
+        // A proxy just dropped on the same port may still be closing its listener.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match std::net::TcpListener::bind(listen) {
+                Ok(l) => break l,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("bind a proxy on {listen}: {e}"),
+            }
+        };
         let addr = listener.local_addr().expect("addr").to_string();
         let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let live: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>> = Default::default();
-        let (up2, closed2, live2, target) =
-            (up.clone(), closed.clone(), live.clone(), target.to_string());
+        let delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64> = Default::default();
+        let (up2, closed2, live2, delay2, target) = (
+            up.clone(),
+            closed.clone(),
+            live.clone(),
+            delay_ms.clone(),
+            target.to_string(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if closed2.load(Ordering::Acquire) {
@@ -647,15 +732,32 @@ impl TcpProxy {
                     l.push(client.try_clone().expect("clone"));
                     l.push(server.try_clone().expect("clone"));
                 }
-                for (mut from, mut to) in [
+                for (mut from, mut to, delay) in [
                     (
                         client.try_clone().expect("clone"),
                         server.try_clone().expect("clone"),
+                        None,
                     ),
-                    (server, client),
+                    (server, client, Some(delay2.clone())),
                 ] {
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            // Answers from the server wait while a delay is set.
+                            if let Some(d) = &delay {
+                                let ms = d.load(Ordering::Acquire);
+                                if ms > 0 {
+                                    std::thread::sleep(Duration::from_millis(ms));
+                                }
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                         let _ = from.shutdown(std::net::Shutdown::Both);
                     });
@@ -667,7 +769,16 @@ impl TcpProxy {
             up,
             closed,
             live,
+            delay_ms,
         }
+    }
+
+    /// Hold every chunk the server sends for `delay` before passing it on (zero: none).
+    pub fn delay_responses(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::Release,
+        );
     }
 
     /// Drop every connection and refuse new ones.

@@ -533,7 +533,8 @@ pub struct MemoryConfig {
     /// partitions. When it is spent, dispatch waits and partitions pause.
     #[serde(default = "defaults::in_flight_bytes")]
     pub in_flight_bytes: ByteSize,
-    /// librdkafka's prefetch buffer per partition (`queued.max.messages.kbytes`).
+    /// librdkafka's prefetch buffer, in total: split over the input topic's partitions
+    /// (`queued.max.messages.kbytes` per partition); also the largest fetch response.
     #[serde(default = "defaults::fetch_buffer")]
     pub fetch_buffer: ByteSize,
 }
@@ -554,12 +555,18 @@ pub struct ServerConfig {
     /// Listen address.
     #[serde(default = "defaults::listen")]
     pub listen: String,
+    /// `/healthz` fails when an owned partition that has records to fetch and is not held
+    /// on purpose (backpressure, a stall, a drain, a commit-failure hold) has received
+    /// nothing for this long.
+    #[serde(default = "defaults::fetch_stall_timeout")]
+    pub fetch_stall_timeout: HumanDuration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: defaults::listen(),
+            fetch_stall_timeout: defaults::fetch_stall_timeout(),
         }
     }
 }
@@ -569,6 +576,9 @@ mod defaults {
 
     pub fn session_timeout() -> HumanDuration {
         HumanDuration::from_millis(30_000)
+    }
+    pub fn fetch_stall_timeout() -> HumanDuration {
+        HumanDuration::from_millis(180_000)
     }
     pub fn password_env() -> String {
         "SLUICE_SASL_PASSWORD".into()
@@ -851,6 +861,15 @@ impl WorkerConfig {
                 format!(
                     "must be shorter than source.sessionTimeout ({}), got {}: a drain that outlives the session gets the member fenced",
                     self.source.session_timeout, self.commit.drain_timeout
+                ),
+            ));
+        }
+        if self.server.fetch_stall_timeout.0.as_secs() < 10 {
+            return Err(ConfigError::invalid(
+                "server.fetchStallTimeout",
+                format!(
+                    "must be at least 10s, got {}",
+                    self.server.fetch_stall_timeout
                 ),
             ));
         }

@@ -400,6 +400,7 @@ impl StreamPipeline {
             memory: s.memory.clone(),
             server: ServerConfig {
                 listen: format!("0.0.0.0:{WORKER_PORT}"),
+                ..ServerConfig::default()
             },
         };
         name_rule(&config.pipeline)?;

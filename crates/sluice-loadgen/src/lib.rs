@@ -170,7 +170,8 @@ pub fn produce(spec: &ProduceSpec, sent: &AtomicU64) -> anyhow::Result<()> {
         }
         sent.fetch_add(1, Ordering::Relaxed);
     }
-    producer.flush(Duration::from_secs(60)).context("flush")?;
+    // Long enough to ride out a broker restart that the fault harness causes.
+    producer.flush(Duration::from_secs(300)).context("flush")?;
     Ok(())
 }
 

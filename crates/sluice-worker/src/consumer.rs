@@ -3,9 +3,14 @@
 //! Its context turns rebalance callbacks into events for the pipeline's coordinator:
 //! - **assign**: each new partition's queue is split off *inside* the callback, before the
 //!   assignment takes effect, so no record of it ever lands on the main queue;
-//! - **revoke**: the callback blocks until the coordinator has stopped the partitions'
-//!   dispatchers, drained their in-flight work (bounded by `commit.drainTimeout`) and
-//!   committed synchronously. Only then does librdkafka let the partitions go.
+//! - **revoke**: a barrier. The callback blocks until the coordinator has stopped, aborted
+//!   and awaited the partitions' dispatchers (so their queue handles are gone: a handle
+//!   dropped later would clear the wake-up of the next incarnation's queue, which is the
+//!   same librdkafka queue) and retired their state; then, for an orderly revoke, until
+//!   in-flight work drained (bounded by `commit.drainTimeout`) and was committed. A
+//!   *lost* assignment (the session expired; another member may own the partitions
+//!   already) is not drained or committed: the callback returns as soon as the
+//!   dispatchers are gone, so librdkafka can rejoin at once.
 //!
 //! The main queue is served by a dedicated thread (it runs the callbacks, which block).
 
@@ -21,8 +26,9 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::metrics::{Metrics, PartitionMetrics};
-use crate::partition::PartitionControl;
+use crate::metrics::Metrics;
+use crate::partition::{PartitionControl, PartitionState};
+use crate::server::Health;
 
 /// The consumer type used by the worker.
 pub type SluiceConsumer = StreamConsumer<SluiceContext>;
@@ -31,13 +37,33 @@ pub type SluiceConsumer = StreamConsumer<SluiceContext>;
 pub enum RebalanceEvent {
     /// New partitions, each with its own queue already split off.
     Assigned(Vec<(String, i32, StreamPartitionQueue<SluiceContext>)>),
-    /// Partitions to give up. Reply on `done` once drained and committed.
+    /// librdkafka applied an assignment (after [`RebalanceEvent::Assigned`]): the
+    /// coordinator states each partition's pause flag again. A pause or resume issued
+    /// before the assignment took effect can be dropped by librdkafka as outdated (starting
+    /// the fetch bumps the partition's op version), and librdkafka keeps a pause flag
+    /// across assignments: without this a partition paused by its previous incarnation
+    /// could stay paused for good.
+    AssignApplied(Vec<(String, i32)>),
+    /// Partitions to give up. Reply [`RevokeProgress::Released`] once their dispatchers
+    /// are gone, then [`RevokeProgress::Done`] once drained and committed.
     Revoked {
         /// The partitions.
         partitions: Vec<(String, i32)>,
+        /// True when the assignment was lost (session expired): skip drain and commit.
+        lost: bool,
         /// Reply channel; the rebalance callback waits on it.
-        done: std::sync::mpsc::SyncSender<()>,
+        done: std::sync::mpsc::SyncSender<RevokeProgress>,
     },
+}
+
+/// How far the coordinator got with a revoke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevokeProgress {
+    /// The dispatchers are stopped and awaited, their queue handles dropped, the states
+    /// retired: librdkafka may hand the partitions to anyone, this process included.
+    Released,
+    /// Drained and committed (or given up at the deadline).
+    Done,
 }
 
 /// The consumer's context: rebalance hooks, statistics (lag) and errors.
@@ -46,9 +72,10 @@ pub struct SluiceContext {
     events: mpsc::UnboundedSender<RebalanceEvent>,
     revoke_timeout: Duration,
     metrics: Metrics,
-    /// Gauges of the partitions this process owns, for lag from statistics.
-    pub(crate) owned: Mutex<HashMap<(String, i32), PartitionMetrics>>,
+    /// The partitions this process owns (current incarnations), for lag from statistics.
+    pub(crate) owned: Mutex<HashMap<(String, i32), Arc<PartitionState>>>,
     fatal: std::sync::atomic::AtomicBool,
+    health: Arc<Health>,
 }
 
 impl SluiceContext {
@@ -58,6 +85,7 @@ impl SluiceContext {
         events: mpsc::UnboundedSender<RebalanceEvent>,
         revoke_timeout: Duration,
         metrics: Metrics,
+        health: Arc<Health>,
     ) -> Self {
         SluiceContext {
             consumer: OnceLock::new(),
@@ -66,6 +94,7 @@ impl SluiceContext {
             metrics,
             owned: Mutex::new(HashMap::new()),
             fatal: Default::default(),
+            health,
         }
     }
 
@@ -83,10 +112,21 @@ impl SluiceContext {
 
 impl ClientContext for SluiceContext {
     fn stats(&self, stats: Statistics) {
+        self.health.stats_seen();
+        if let Some(cg) = &stats.cgrp {
+            // Joined: the coordinator is known and the group is not rebalancing.
+            if cg.state == "up" && cg.join_state == "steady" {
+                self.health.joined();
+            }
+        }
         let owned = self.owned.lock().expect("owned lock");
         for (topic, t) in &stats.topics {
             for (p, s) in &t.partitions {
-                if let Some(m) = owned.get(&(topic.clone(), *p)) {
+                if let Some(st) = owned.get(&(topic.clone(), *p)) {
+                    tracing::debug!(%topic, partition = p, fetch_state = %s.fetch_state, fetchq_cnt = s.fetchq_cnt,
+                        app_offset = s.app_offset, next_offset = s.next_offset, hi_offset = s.hi_offset,
+                        committed = s.committed_offset, epoch = st.epoch(), paused = st.is_paused(), "partition statistics");
+                    let m = &st.metrics;
                     if s.hi_offset >= 0 {
                         m.high_watermark.set(s.hi_offset);
                         // Nothing committed yet: measure from the log start, not from 0.
@@ -96,9 +136,37 @@ impl ClientContext for SluiceContext {
                             s.lo_offset.max(0)
                         };
                         m.lag.set((s.hi_offset - base).max(0));
+                        // What the broker has beyond what the application received.
+                        let pos = if s.app_offset >= 0 {
+                            s.app_offset
+                        } else {
+                            base
+                        };
+                        st.set_fetch_behind((s.hi_offset - pos).max(0));
                     }
                 }
             }
+        }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        // An offset reset caused by an error (the committed offset is out of range:
+        // retention or deletion passed it) is worth a line and a metric of our own.
+        if fac == "OFFSET" && message.contains("offset reset") {
+            self.metrics.offset_resets.inc();
+            tracing::warn!(detail = %message, "the consumer's position was out of range on the broker and was reset (auto.offset.reset); records the broker deleted in between were never processed");
+            return;
+        }
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
         }
     }
 
@@ -123,7 +191,7 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 impl ConsumerContext for SluiceContext {
-    fn pre_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let parts = partitions(tpl);
@@ -150,6 +218,7 @@ impl ConsumerContext for SluiceContext {
                     }
                 }
                 tracing::info!(partitions = ?queues.iter().map(|q| q.1).collect::<Vec<_>>(), "partitions assigned");
+                let _busy = self.health.in_callback();
                 let _ = self.events.send(RebalanceEvent::Assigned(queues));
             }
             Rebalance::Revoke(tpl) => {
@@ -157,25 +226,69 @@ impl ConsumerContext for SluiceContext {
                 if parts.is_empty() {
                     return;
                 }
+                let lost = base.assignment_lost();
                 self.metrics
                     .rebalances
-                    .with_label_values(&[self.metrics.pipeline(), "revoke"])
+                    .with_label_values(&[
+                        self.metrics.pipeline(),
+                        if lost { "lost" } else { "revoke" },
+                    ])
                     .inc();
-                tracing::info!(partitions = ?parts.iter().map(|q| q.1).collect::<Vec<_>>(), "partitions revoked; draining");
-                let (done, wait) = std::sync::mpsc::sync_channel(1);
+                if lost {
+                    tracing::warn!(partitions = ?parts.iter().map(|q| q.1).collect::<Vec<_>>(), "assignment lost (the group session expired); releasing the partitions without a commit, their uncommitted work will be redelivered");
+                } else {
+                    tracing::info!(partitions = ?parts.iter().map(|q| q.1).collect::<Vec<_>>(), "partitions revoked; draining");
+                }
+                let (done, wait) = std::sync::mpsc::sync_channel(2);
+                let _busy = self.health.in_callback();
                 if self
                     .events
                     .send(RebalanceEvent::Revoked {
                         partitions: parts,
+                        lost,
                         done,
                     })
-                    .is_ok()
-                    && wait.recv_timeout(self.revoke_timeout).is_err()
+                    .is_err()
                 {
-                    tracing::warn!("revoke drain did not finish in time; letting the partitions go (uncommitted work will be redelivered)");
+                    return;
+                }
+                // The drain is bounded by its deadline; past `revoke_timeout` stop waiting
+                // for it, but never return before the dispatchers are gone (a barrier:
+                // the same partition may be assigned again right after this returns).
+                let deadline = std::time::Instant::now() + self.revoke_timeout;
+                let mut released = false;
+                loop {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    let got = if released {
+                        wait.recv_timeout(left)
+                    } else {
+                        wait.recv_timeout(left.max(Duration::from_secs(1)))
+                    };
+                    match got {
+                        Ok(RevokeProgress::Released) => released = true,
+                        Ok(RevokeProgress::Done) => break,
+                        // The coordinator is gone (shutting down): nothing runs any more.
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) if released => {
+                            tracing::warn!("revoke drain did not finish in time; letting the partitions go (uncommitted work will be redelivered)");
+                            break;
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            tracing::warn!("revoke: the partitions' dispatchers are not released yet; waiting (the barrier holds)");
+                        }
+                    }
                 }
             }
             Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts = partitions(tpl);
+            if !parts.is_empty() {
+                let _ = self.events.send(RebalanceEvent::AssignApplied(parts));
+            }
         }
     }
 

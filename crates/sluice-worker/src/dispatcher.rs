@@ -11,7 +11,7 @@ use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::ConsumerContext;
 use sluice_api::config::Ordering;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 use crate::ack::BatchAck;
 use crate::backpressure::{ByteBudget, HoldReason};
@@ -30,6 +30,8 @@ pub struct Lane {
     ordering: Ordering,
     budget: ByteBudget,
     next_unordered: usize,
+    redelivered: u64,
+    rewind_log: crate::throttle::LogThrottle,
 }
 
 impl Lane {
@@ -47,7 +49,14 @@ impl Lane {
             ordering,
             budget,
             next_unordered: 0,
+            redelivered: 0,
+            rewind_log: Default::default(),
         }
+    }
+
+    /// Records dropped because they were received already (see [`Lane::dispatch`]).
+    pub fn redelivered(&self) -> u64 {
+        self.redelivered
     }
 
     /// The partition this lane feeds.
@@ -55,15 +64,10 @@ impl Lane {
         &self.state
     }
 
-    /// Hand a batch of records (in offset order) to the workers. Waits while the byte
-    /// budget is spent (with the partition paused) or a worker's channel is full.
-    pub async fn dispatch(&mut self, records: Vec<Record>) {
-        let (Some(first), Some(last)) = (records.first(), records.last()) else {
-            return;
-        };
-        let (first, last, n) = (first.offset, last.offset, records.len());
-        let bytes: usize = records.iter().map(Record::budget_cost).sum();
-        let permit = match self.budget.try_acquire(bytes) {
+    /// Take `bytes` from the in-flight budget, waiting (with the partition held for
+    /// `Budget`) while it is spent.
+    pub async fn charge(&self, bytes: usize) -> OwnedSemaphorePermit {
+        match self.budget.try_acquire(bytes) {
             Some(p) => p,
             None => {
                 self.state.hold(HoldReason::Budget, true);
@@ -71,7 +75,47 @@ impl Lane {
                 self.state.hold(HoldReason::Budget, false);
                 p
             }
+        }
+    }
+
+    /// Take `bytes` from the budget if they are free now.
+    pub fn try_charge(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        self.budget.try_acquire(bytes)
+    }
+
+    /// Hand a batch of records (in offset order) to the workers. Waits while the byte
+    /// budget is spent (with the partition paused) or a worker's channel is full.
+    pub async fn dispatch(&mut self, records: Vec<Record>) {
+        let bytes: usize = records.iter().map(Record::budget_cost).sum();
+        let permit = self.charge(bytes).await;
+        self.dispatch_charged(records, permit).await;
+    }
+
+    /// [`Lane::dispatch`] for records already charged to the budget with `permit`.
+    pub async fn dispatch_charged(
+        &mut self,
+        mut records: Vec<Record>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        // A rewind (librdkafka fetching again from an earlier offset, e.g. after an offset
+        // reset) redelivers records this incarnation already registered: they are in
+        // flight or done, so they are dropped here instead of stalling the tracker.
+        if let Some(seen) = self.state.last_registered() {
+            if records.first().is_some_and(|r| r.offset <= seen) {
+                let before = records.len();
+                records.retain(|r| r.offset > seen);
+                self.redelivered += (before - records.len()) as u64;
+                if let Some(n) = self.rewind_log.tick() {
+                    tracing::warn!(topic = %self.state.topic, partition = self.state.partition,
+                        last_registered = seen, dropped = before - records.len(), events = n,
+                        "records redelivered below what this partition already received; dropped (they are in flight or done)");
+                }
+            }
+        }
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return;
         };
+        let (first, last, n) = (first.offset, last.offset, records.len());
         if let Err(e) = self.state.register(first, last) {
             // Never dispatch what the tracker cannot account for.
             self.state.stall(&e.to_string());
@@ -127,8 +171,9 @@ impl Lane {
     }
 }
 
-/// Read `queue` into `lane` until `stop` turns true. Whatever was read is dispatched
-/// before returning, so every record taken from librdkafka is tracked.
+/// Read `queue` into `lane` until `stop` turns true. A record read but not dispatched
+/// when it stops (it was waiting for budget) is never registered, so never committed
+/// past: the partition's next owner reads it again.
 pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
     queue: StreamPartitionQueue<C>,
     mut lane: Lane,
@@ -138,27 +183,60 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
     let consumed = lane.state().metrics.consumed.clone();
     let stream = queue.stream();
     tokio::pin!(stream);
+    // Each record is charged to the in-flight budget as it is taken from librdkafka, so
+    // what a dispatcher holds uncharged is at most one record (`carry`: read, and waiting
+    // for budget), not a whole batch per partition.
+    let mut carry: Option<Record> = None;
     loop {
         if *stop.borrow() {
             break;
         }
-        let first = tokio::select! {
+        let first = match carry.take() {
+            Some(r) => r,
+            None => {
+                let m = tokio::select! {
+                    biased;
+                    _ = stop.changed() => break,
+                    m = stream.next() => m,
+                };
+                match m {
+                    Some(Ok(m)) => {
+                        consumed.inc();
+                        lane.state().fetched();
+                        Record::from_message(&topic, &m)
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(topic = %topic, partition = lane.state().partition, error = %e, "consumer error on partition queue");
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+        };
+        let mut permit = tokio::select! {
             biased;
+            // Not registered, so not committed: redelivered to whoever owns it next.
             _ = stop.changed() => break,
-            m = stream.next() => m,
+            p = lane.charge(first.budget_cost()) => p,
         };
         let mut batch = Vec::with_capacity(DISPATCH_BATCH);
-        match first {
-            Some(Ok(m)) => batch.push(Record::from_message(&topic, &m)),
-            Some(Err(e)) => {
-                tracing::warn!(topic = %topic, partition = lane.state().partition, error = %e, "consumer error on partition queue");
-                continue;
-            }
-            None => break,
-        }
+        batch.push(first);
         while batch.len() < DISPATCH_BATCH {
             match stream.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(Record::from_message(&topic, &m)),
+                Some(Some(Ok(m))) => {
+                    consumed.inc();
+                    let r = Record::from_message(&topic, &m);
+                    match lane.try_charge(r.budget_cost()) {
+                        Some(p) => {
+                            permit.merge(p);
+                            batch.push(r);
+                        }
+                        None => {
+                            carry = Some(r);
+                            break;
+                        }
+                    }
+                }
                 Some(Some(Err(e))) => {
                     tracing::warn!(topic = %topic, partition = lane.state().partition, error = %e, "consumer error on partition queue");
                     break;
@@ -166,7 +244,102 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
                 _ => break,
             }
         }
-        consumed.inc_by(batch.len() as u64);
-        lane.dispatch(batch).await;
+        lane.state().fetched();
+        lane.dispatch_charged(batch, permit).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::partition::{NoControl, PartitionControl};
+    use std::sync::Mutex;
+
+    fn record(offset: i64) -> Record {
+        Record {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: None,
+            key: None,
+            value: Some(bytes::Bytes::from_static(b"v")),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Records every pause and resume it is asked for.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<bool>>);
+
+    impl PartitionControl for Recorder {
+        fn pause(&self, _: &str, _: i32) {
+            self.0.lock().unwrap().push(true);
+        }
+        fn resume(&self, _: &str, _: i32) {
+            self.0.lock().unwrap().push(false);
+        }
+    }
+
+    fn state(control: Arc<dyn PartitionControl>) -> Arc<PartitionState> {
+        let m = crate::metrics::Metrics::new("t");
+        PartitionState::new(
+            "t".into(),
+            0,
+            64,
+            control,
+            m.partition("t", 0),
+            m.processing_latency.clone(),
+        )
+    }
+
+    /// W4: a rewind redelivers offsets the tracker has registered already (in flight or
+    /// done); they are dropped, the rest goes on, and the partition does not stall.
+    #[tokio::test]
+    async fn a_rewind_below_what_was_received_is_dropped_not_stalled() {
+        let st = state(Arc::new(NoControl));
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut lane = Lane::new(
+            st.clone(),
+            vec![tx],
+            Ordering::Partition,
+            ByteBudget::new(1 << 20),
+        );
+        lane.dispatch((0..10).map(record).collect()).await;
+        let first = rx.recv().await.unwrap();
+        first.token.ack();
+        assert_eq!(st.watermark(), Some(10));
+        // librdkafka fetches again from offset 5 (e.g. after an offset reset)
+        lane.dispatch((5..15).map(record).collect()).await;
+        let second = rx.recv().await.unwrap();
+        let offsets: Vec<i64> = second.records.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, (10..15).collect::<Vec<_>>());
+        second.token.ack();
+        assert!(!st.is_stalled());
+        assert_eq!(st.watermark(), Some(15));
+        assert_eq!(lane.redelivered(), 5);
+        // a batch entirely below: nothing dispatched at all
+        lane.dispatch((0..3).map(record).collect()).await;
+        assert!(rx.try_recv().is_err());
+        assert!(!st.is_stalled());
+    }
+
+    /// W1: once an incarnation is retired, nothing it does pauses or resumes the
+    /// partition (the next incarnation owns the consumer's pause flag).
+    #[test]
+    fn a_retired_incarnation_never_pauses_the_partition() {
+        let rec = Arc::new(Recorder::default());
+        let st = state(rec.clone());
+        st.hold(HoldReason::QueueFull, true);
+        st.hold(HoldReason::QueueFull, false);
+        assert_eq!(*rec.0.lock().unwrap(), vec![true, false]);
+        st.retire();
+        st.hold(HoldReason::Budget, true);
+        st.stall("late failure of the old incarnation");
+        st.hold(HoldReason::Budget, false);
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![true, false],
+            "no pause after retire"
+        );
     }
 }

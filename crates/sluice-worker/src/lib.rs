@@ -66,6 +66,17 @@ pub(crate) fn fuzz_cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// Milliseconds on a monotonic process clock (for "how long since" checks shared between
+/// threads as plain integers).
+pub fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
+}
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

@@ -44,6 +44,12 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     /// Partitions currently assigned.
     pub assigned_partitions: IntGauge,
+    /// Offset resets on an out-of-range position (records deleted before processing).
+    pub offset_resets: IntCounter,
+    /// 1 while /healthz passes (updated when it is probed).
+    pub healthy: IntGauge,
+    /// Partitions stuck in fetch past `server.fetchStallTimeout`.
+    pub fetch_stalled_partitions: IntGauge,
 }
 
 /// Handles for one partition, resolved once so the hot path does no label lookups.
@@ -130,6 +136,9 @@ impl Metrics {
             in_flight_bytes: gauge("sluice_in_flight_bytes", "Bytes charged to the in-flight budget: records dispatched and not yet acknowledged, key and value plus 512 bytes each.", &["pipeline"]).with_label_values(&[pipeline]),
             rebalances: counter("sluice_rebalances_total", "Consumer group rebalance events, by kind.", &["pipeline", "kind"]),
             assigned_partitions: gauge("sluice_assigned_partitions", "Partitions assigned to this worker.", &["pipeline"]).with_label_values(&[pipeline]),
+            offset_resets: counter("sluice_offset_resets_total", "Times the consumer's position was out of range on the broker (retention or deletion passed it) and was reset to the earliest retained record.", &["pipeline"]).with_label_values(&[pipeline]),
+            healthy: gauge("sluice_healthy", "1 while /healthz passes, 0 while it fails (updated on each probe).", &["pipeline"]).with_label_values(&[pipeline]),
+            fetch_stalled_partitions: gauge("sluice_fetch_stalled_partitions", "Owned partitions with records to fetch, not held on purpose, that received nothing for longer than server.fetchStallTimeout (/healthz fails while above 0).", &["pipeline"]).with_label_values(&[pipeline]),
             registry,
         };
         #[cfg(target_os = "linux")]

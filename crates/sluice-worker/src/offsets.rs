@@ -87,6 +87,11 @@ impl OffsetTracker {
         Ok(moved)
     }
 
+    /// The last offset registered, if any.
+    pub fn last_registered(&self) -> Option<i64> {
+        self.last_registered
+    }
+
     /// The next offset to consume after everything done so far, i.e. what to commit.
     /// `None` until the first range completes.
     pub fn watermark(&self) -> Option<i64> {

@@ -1,7 +1,12 @@
 //! Shared state of one assigned partition: its offset tracker, its channel depth and
 //! flow control, its stall flag and its metric handles.
+//!
+//! Each assignment of a partition is one *incarnation* with its own state and epoch. When
+//! the partition is revoked, its state is retired: from then on nothing it does (a late
+//! pause or resume from a worker or the budget, a completion) reaches the consumer, so
+//! a later incarnation of the same partition is never paused by an older one.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -44,6 +49,15 @@ pub struct PartitionState {
     control: Arc<dyn PartitionControl>,
     stalled: AtomicBool,
     processing_latency: prometheus::Histogram,
+    epoch: u64,
+    /// Set (under the flow lock) when the incarnation ends: no pause/resume after it.
+    retired: AtomicBool,
+    /// When the dispatcher last received a record, or the partition was last released
+    /// from a hold (ms on the process clock, see [`crate::clock_ms`]).
+    last_progress_ms: AtomicU64,
+    /// Records the broker has beyond what this incarnation received (from statistics);
+    /// -1 while unknown.
+    fetch_behind: AtomicI64,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -65,6 +79,27 @@ impl PartitionState {
         metrics: PartitionMetrics,
         processing_latency: prometheus::Histogram,
     ) -> Arc<Self> {
+        Self::with_epoch(
+            topic,
+            partition,
+            queue_capacity,
+            control,
+            metrics,
+            processing_latency,
+            0,
+        )
+    }
+
+    /// State for incarnation `epoch` of a partition (a number no earlier incarnation had).
+    pub fn with_epoch(
+        topic: Arc<str>,
+        partition: i32,
+        queue_capacity: usize,
+        control: Arc<dyn PartitionControl>,
+        metrics: PartitionMetrics,
+        processing_latency: prometheus::Histogram,
+        epoch: u64,
+    ) -> Arc<Self> {
         metrics.stalled.set(0);
         metrics.paused.set(0);
         metrics.depth.set(0);
@@ -80,7 +115,73 @@ impl PartitionState {
             control,
             stalled: AtomicBool::new(false),
             processing_latency,
+            epoch,
+            retired: AtomicBool::new(false),
+            last_progress_ms: AtomicU64::new(crate::clock_ms()),
+            fetch_behind: AtomicI64::new(-1),
         })
+    }
+
+    /// This incarnation's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// End this incarnation: from now on its flow control no longer pauses or resumes
+    /// the partition in the consumer (a newer incarnation owns that).
+    pub fn retire(&self) {
+        let _flow = self.flow.lock().expect("flow lock");
+        self.retired.store(true, Ordering::Release);
+    }
+
+    /// True once the incarnation ended.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// The last offset registered with the tracker, if any: records at or below it were
+    /// received already, so a redelivery of them (a rewind) is dropped, not registered.
+    pub fn last_registered(&self) -> Option<i64> {
+        self.tracker.lock().expect("tracker lock").last_registered()
+    }
+
+    /// The dispatcher received records.
+    pub fn fetched(&self) {
+        self.last_progress_ms
+            .store(crate::clock_ms(), Ordering::Relaxed);
+    }
+
+    /// Statistics say the broker has `n` records beyond what this incarnation received.
+    pub fn set_fetch_behind(&self, n: i64) {
+        self.fetch_behind.store(n, Ordering::Relaxed);
+    }
+
+    /// How long (ms) this partition has had records to fetch while not held and received
+    /// none; 0 when it is held on purpose, has nothing to fetch, or is unknown.
+    pub fn fetch_stalled_ms(&self, now_ms: u64) -> u64 {
+        if self.fetch_behind.load(Ordering::Relaxed) <= 0 || self.is_paused() {
+            return 0;
+        }
+        now_ms.saturating_sub(self.last_progress_ms.load(Ordering::Relaxed))
+    }
+
+    /// Tell the consumer again whether this partition is paused (after librdkafka applied
+    /// its assignment; see `RebalanceEvent::AssignApplied`). Nothing once retired.
+    pub fn restate_pause(&self) {
+        let flow = self.flow.lock().expect("flow lock");
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
+        if flow.is_paused() {
+            self.control.pause(&self.topic, self.partition);
+        } else {
+            self.control.resume(&self.topic, self.partition);
+        }
+    }
+
+    /// True while any hold pauses the partition.
+    pub fn is_paused(&self) -> bool {
+        self.flow.lock().expect("flow lock").is_paused()
     }
 
     /// Register a dispatched range with the tracker.
@@ -104,7 +205,9 @@ impl PartitionState {
     }
 
     pub(crate) fn batch_failed(&self, first: i64) {
-        if !self.stalled.load(Ordering::Relaxed) {
+        // A retired incarnation's dispatch cut short by the revoke: redelivered to the
+        // next owner, nothing to report.
+        if !self.stalled.load(Ordering::Relaxed) && !self.is_retired() {
             tracing::error!(topic = %self.topic, partition = self.partition, offset = first,
                 "a batch could not be completed; the partition stops advancing at or before this offset (no record is skipped)");
         }
@@ -176,6 +279,14 @@ impl PartitionState {
     // Called with the flow lock held, so pause and resume reach the consumer in the order
     // the decisions were made.
     fn apply(&self, action: Option<FlowAction>, flow: &FlowControl) {
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
+        if flow.is_paused() || action == Some(FlowAction::Resume) {
+            // A hold is not a stall: the no-progress clock starts when it ends.
+            self.last_progress_ms
+                .store(crate::clock_ms(), Ordering::Relaxed);
+        }
         match action {
             Some(FlowAction::Pause) => self.control.pause(&self.topic, self.partition),
             Some(FlowAction::Resume) => self.control.resume(&self.topic, self.partition),
@@ -201,5 +312,55 @@ impl PartitionState {
                 return self.is_idle();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> Arc<PartitionState> {
+        let m = crate::metrics::Metrics::new("t");
+        PartitionState::new(
+            "t".into(),
+            0,
+            64,
+            Arc::new(NoControl),
+            m.partition("t", 0),
+            m.processing_latency.clone(),
+        )
+    }
+
+    /// The fetch-progress liveness rule counts only a partition that has records to fetch
+    /// and is not held on purpose; a hold restarts its clock.
+    #[test]
+    fn fetch_stall_counts_only_unheld_partitions_with_records_to_fetch() {
+        let st = state();
+        let later = crate::clock_ms() + 600_000;
+        assert_eq!(st.fetch_stalled_ms(later), 0, "unknown: not stalled");
+        st.set_fetch_behind(0);
+        assert_eq!(st.fetch_stalled_ms(later), 0, "nothing to fetch");
+        st.set_fetch_behind(100);
+        assert!(
+            st.fetch_stalled_ms(later) >= 599_000,
+            "records to fetch, none received"
+        );
+        st.hold(HoldReason::Budget, true);
+        assert_eq!(
+            st.fetch_stalled_ms(later),
+            0,
+            "held on purpose (backpressure)"
+        );
+        st.hold(HoldReason::Budget, false);
+        assert!(
+            st.fetch_stalled_ms(later) <= 600_000 && st.fetch_stalled_ms(crate::clock_ms()) < 1_000,
+            "a hold restarts the clock"
+        );
+        st.stall("poison without a dead-letter topic");
+        assert_eq!(
+            st.fetch_stalled_ms(later),
+            0,
+            "a stall by design is an alert, not a restart"
+        );
     }
 }

@@ -17,9 +17,11 @@ use tokio::task::JoinHandle;
 use crate::backpressure::{ByteBudget, HoldReason};
 use crate::batcher::{run_batcher, Limits, Piece};
 use crate::client::base_config;
+use crate::committer::CommitResult;
 use crate::committer::Committer;
 use crate::consumer::{
-    spawn_main_queue_thread, ConsumerControl, RebalanceEvent, SluiceConsumer, SluiceContext,
+    spawn_main_queue_thread, ConsumerControl, RebalanceEvent, RevokeProgress, SluiceConsumer,
+    SluiceContext,
 };
 use crate::deadletter::DeadLetters;
 use crate::dispatcher::{run_kafka_dispatcher, Lane};
@@ -28,7 +30,7 @@ use crate::partition::{PartitionControl, PartitionState};
 use crate::pool::{lane_geometry, spawn_workers};
 use crate::processor::Processor;
 use crate::retry::RetryPolicy;
-use crate::server::Health;
+use crate::server::{Health, Limits as HealthLimits};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::null::NullSink;
 use crate::sink::postgres::{PostgresSetupError, PostgresSink};
@@ -93,7 +95,19 @@ fn build_dead_letters(
         &config.source.security,
         &format!("sluice-{}-dead-letter", config.pipeline),
     )?;
+    let mut cfg = cfg;
+    cfg.set(
+        "queue.buffering.max.kbytes",
+        output_copy_kb(config).to_string(),
+    );
     Ok(DeadLetters::kafka(cfg, &dl.topic, metrics)?)
+}
+
+/// The bound of each Kafka producer's own copies of what it sends (its queue,
+/// `queue.buffering.max.kbytes`): a quarter of `memory.inFlightBytes`, between 1 MiB and
+/// 256 MiB. A full queue makes the sink wait, which backs up to the consumer.
+fn output_copy_kb(config: &WorkerConfig) -> u64 {
+    (config.memory.in_flight_bytes.0 / 4).clamp(1 << 20, 256 << 20) / 1024
 }
 
 async fn build_sinks(
@@ -123,6 +137,11 @@ async fn build_sinks(
                     &config.source.security,
                     &format!("sluice-{}-sink{i}", config.pipeline),
                 )?;
+                let mut cfg = cfg;
+                cfg.set(
+                    "queue.buffering.max.kbytes",
+                    output_copy_kb(config).to_string(),
+                );
                 let s = KafkaSink::new(
                     cfg,
                     k,
@@ -155,33 +174,102 @@ async fn build_sinks(
     })
 }
 
-fn consumer_config(config: &WorkerConfig) -> Result<ClientConfig, PipelineError> {
+/// How often librdkafka reports statistics (lag; a liveness rule).
+const STATISTICS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How many partitions the input topic has (a worker may own all of them), asked with a
+/// short-lived client before the consumer is made; `None` when the broker does not say.
+async fn input_partitions(config: &WorkerConfig) -> Option<usize> {
+    let s = &config.source;
+    let cfg = base_config(
+        &s.bootstrap_servers,
+        &s.security,
+        &format!("sluice-{}-metadata", config.pipeline),
+    )
+    .ok()?;
+    let topic = s.topic.clone();
+    tokio::task::spawn_blocking(move || {
+        let c: rdkafka::consumer::BaseConsumer = cfg.create().ok()?;
+        for _ in 0..3 {
+            if let Ok(md) = c.fetch_metadata(Some(&topic), Duration::from_secs(10)) {
+                if let Some(t) = md.topics().first().filter(|t| t.error().is_none()) {
+                    if !t.partitions().is_empty() {
+                        return Some(t.partitions().len());
+                    }
+                }
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Partitions assumed when the broker does not tell how many the input topic has.
+const ASSUMED_PARTITIONS: usize = 64;
+
+/// librdkafka's prefetch, bounded in total by `memory.fetchBuffer` however many
+/// partitions this worker owns: with split partition queues librdkafka applies
+/// `queued.max.messages.kbytes` and `queued.min.messages` to *each* partition, so each
+/// gets `fetchBuffer / partitions of the topic`; one fetch response is at most
+/// `fetchBuffer` too (`fetch.max.bytes`).
+fn prefetch_limits(fetch_buffer: u64, partitions: usize) -> (u64, u64, u64, u64) {
+    let parts = partitions.max(1) as u64;
+    let per_partition_kb = (fetch_buffer / 1024 / parts).max(16);
+    let min_messages = (100_000 / parts).clamp(100, 10_000);
+    let fetch_max = fetch_buffer.clamp(1 << 20, 50 << 20);
+    let per_partition_fetch = (per_partition_kb * 1024).clamp(64 << 10, 1 << 20);
+    (
+        per_partition_kb,
+        min_messages,
+        fetch_max,
+        per_partition_fetch,
+    )
+}
+
+fn consumer_config(
+    config: &WorkerConfig,
+    partitions: usize,
+) -> Result<ClientConfig, PipelineError> {
     let s = &config.source;
     let mut c = base_config(
         &s.bootstrap_servers,
         &s.security,
         &format!("sluice-{}", config.pipeline),
     )?;
-    let fetch_kb = (config.memory.fetch_buffer.0 / 1024).max(1);
+    let (fetch_kb, min_messages, fetch_max, partition_fetch) =
+        prefetch_limits(config.memory.fetch_buffer.0, partitions);
+    c.set("queued.min.messages", min_messages.to_string())
+        .set("fetch.max.bytes", fetch_max.to_string())
+        .set("max.partition.fetch.bytes", partition_fetch.to_string());
     c.set("group.id", &s.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
-        .set(
-            "auto.offset.reset",
-            match s.start_from {
-                StartFrom::Earliest => "earliest",
-                StartFrom::Latest => "latest",
-            },
-        )
+        // Always `earliest`: librdkafka applies it to a group without a commit *and* to a
+        // committed offset that is out of range (retention or a deletion passed it while
+        // the group was stopped or paused), and in the second case jumping to the end
+        // would skip every retained record. `startFrom: latest` is applied per partition
+        // at assignment, only where the group has no commit (`start_at_end_if_uncommitted`).
+        .set("auto.offset.reset", "earliest")
         .set(
             "session.timeout.ms",
             s.session_timeout.0.as_millis().to_string(),
         )
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("statistics.interval.ms", "5000")
+        // An offset commit cannot be cancelled, and while one is outstanding librdkafka
+        // does not rejoin after a lost assignment: bound every request (a commit waiting
+        // for an absent coordinator included) by the session timeout, not 60 s.
+        .set(
+            "socket.timeout.ms",
+            s.session_timeout.0.as_millis().max(10_000).to_string(),
+        )
+        .set(
+            "statistics.interval.ms",
+            STATISTICS_INTERVAL.as_millis().to_string(),
+        )
         .set("queued.max.messages.kbytes", fetch_kb.to_string())
-        .set("queued.min.messages", "10000")
         // With capped queues, librdkafka backs off fetching for a second by default.
         .set("fetch.queue.backoff.ms", "10");
     if let Some(id) = &s.group_instance_id {
@@ -191,6 +279,63 @@ fn consumer_config(config: &WorkerConfig) -> Result<ClientConfig, PipelineError>
         c.set(k, v);
     }
     Ok(c)
+}
+
+/// `startFrom: latest` for one partition: when the group has no committed offset for it,
+/// move its position to the end of the log before anything is read. (A committed offset,
+/// even one out of range, is resumed from; see `auto.offset.reset` above.) If the
+/// committed offset cannot be read, the partition starts at the earliest record, so
+/// nothing is skipped.
+async fn start_at_end_if_uncommitted(
+    consumer: std::sync::Weak<SluiceConsumer>,
+    topic: String,
+    partition: i32,
+) {
+    use rdkafka::{Offset, TopicPartitionList};
+    let t = topic.clone();
+    let res = tokio::task::spawn_blocking(move || -> Result<bool, String> {
+        let mut last = String::new();
+        for attempt in 0..10 {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let Some(c) = consumer.upgrade() else {
+                return Ok(false);
+            };
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&t, partition);
+            let committed = match c.committed_offsets(tpl, Duration::from_secs(10)) {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let has_commit = committed
+                .elements()
+                .first()
+                .is_some_and(|e| matches!(e.offset(), Offset::Offset(o) if o >= 0));
+            if has_commit {
+                return Ok(false);
+            }
+            match c.seek(&t, partition, Offset::End, Duration::from_secs(10)) {
+                Ok(()) => return Ok(true),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    match res {
+        Ok(true) => {
+            tracing::info!(%topic, partition, "startFrom: latest: the group has no commit for this partition; starting at the end of the log")
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(%topic, partition, error = %e, "startFrom: latest: could not read the committed offset or seek to the end; starting at the earliest record instead (nothing is skipped)")
+        }
+    }
 }
 
 struct Owned {
@@ -210,8 +355,20 @@ struct Coordinator {
     dead_letters: Arc<DeadLetters>,
     owned: HashMap<(String, i32), Owned>,
     committer: Committer,
-    /// Since when periodic commits have failed, and whether fetching is held for it.
+    /// Since when periodic commits of the current assignment have failed, and whether
+    /// fetching is held for it. Reset by every rebalance: a hold belongs to the
+    /// assignment it was taken in.
     commit_failing: Option<(Instant, bool)>,
+    /// Commits were failing when the previous assignment ended (see `new_generation`).
+    commits_suspect: bool,
+    /// Bumped by every assignment change; a commit answer from an older generation does
+    /// not count for the commit-failure hold.
+    generation: u64,
+    /// The epoch of the next partition incarnation.
+    next_epoch: u64,
+    health: Arc<Health>,
+    stuck_log: crate::throttle::LogThrottle,
+    commit_log: crate::throttle::LogThrottle,
 }
 
 impl Coordinator {
@@ -223,6 +380,7 @@ impl Coordinator {
             rdkafka::consumer::stream_consumer::StreamPartitionQueue<SluiceContext>,
         )>,
     ) {
+        self.new_generation();
         for (topic, p, queue) in parts {
             let key = (topic.clone(), p);
             if self.owned.contains_key(&key) {
@@ -230,21 +388,23 @@ impl Coordinator {
                 continue;
             }
             let pm = self.metrics.partition(&topic, p);
-            self.consumer
-                .context()
-                .owned
-                .lock()
-                .expect("owned lock")
-                .insert(key.clone(), pm.clone());
             let w = &self.config.workers;
-            let state = PartitionState::new(
+            self.next_epoch += 1;
+            let state = PartitionState::with_epoch(
                 topic.as_str().into(),
                 p,
                 w.queue_capacity as usize,
                 self.control.clone(),
                 pm,
                 self.metrics.processing_latency.clone(),
+                self.next_epoch,
             );
+            self.consumer
+                .context()
+                .owned
+                .lock()
+                .expect("owned lock")
+                .insert(key.clone(), state.clone());
             let (lanes, slots) = lane_geometry(w);
             let (txs, _workers) = spawn_workers(
                 &state,
@@ -257,11 +417,17 @@ impl Coordinator {
             // librdkafka keeps a partition's pause flag across assignments: a partition that
             // was paused when it was revoked would come back paused and never be fetched.
             self.control.resume(&topic, p);
+            let topic = topic.clone();
             let lane = Lane::new(state.clone(), txs, w.ordering, self.budget.clone());
             let (stop, stop_rx) = watch::channel(false);
-            let dispatcher = tokio::spawn(tracing::Instrument::in_current_span(
-                run_kafka_dispatcher(queue, lane, stop_rx),
-            ));
+            let latest = (self.config.source.start_from == StartFrom::Latest)
+                .then(|| Arc::downgrade(&self.consumer));
+            let dispatcher = tokio::spawn(tracing::Instrument::in_current_span(async move {
+                if let Some(consumer) = latest {
+                    start_at_end_if_uncommitted(consumer, topic, p).await;
+                }
+                run_kafka_dispatcher(queue, lane, stop_rx).await
+            }));
             self.owned.insert(
                 key,
                 Owned {
@@ -271,104 +437,206 @@ impl Coordinator {
                 },
             );
         }
+        self.health.joined();
         self.metrics
             .assigned_partitions
             .set(self.owned.len() as i64);
     }
 
-    /// Stop dispatching `keys`, wait (bounded) for their in-flight work, commit. With
-    /// `pause`, fetching stops too (shutdown); a revoked partition is not paused, since
-    /// librdkafka would carry the pause into its next assignment.
-    async fn drain(&mut self, keys: &[(String, i32)], pause: bool) {
-        let deadline = tokio::time::Instant::now() + self.config.commit.drain_timeout.0;
-        let mut states = Vec::new();
-        for k in keys {
-            if let Some(o) = self.owned.get_mut(k) {
-                if pause {
-                    o.state.hold(HoldReason::Draining, true);
-                }
-                let _ = o.stop.send(true);
-                if tokio::time::timeout_at(deadline, &mut o.dispatcher)
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(topic = %k.0, partition = k.1, "dispatcher did not stop before the drain deadline");
-                }
-                states.push(o.state.clone());
-            }
+    /// A rebalance starts a new assignment: a commit-failure hold of the old one ends.
+    /// If commits were failing when it ended, the new assignment is held at its first
+    /// failed commit rather than after `hold_after` (the coordinator is probably still
+    /// away; a fast catch-up would otherwise be redelivered), but only a failure of its
+    /// own starts that hold, and its first success or the next rebalance ends it.
+    fn new_generation(&mut self) {
+        self.generation += 1;
+        let failing = self.commit_failing.take();
+        self.commits_suspect |= failing.is_some();
+        if failing.is_some_and(|(_, held)| held) {
+            tracing::info!("assignment changed: the commit-failure hold ends with it");
         }
-        for s in &states {
-            if !s.wait_idle(deadline).await && !s.is_stalled() {
-                tracing::warn!(topic = %s.topic, partition = s.partition, "in-flight work did not finish before the drain deadline; it will be redelivered");
-            }
-        }
-        if let Err(e) = self.committer.commit(&states).await {
-            tracing::error!(error = %e, "commit after drain failed; uncommitted work will be redelivered");
+        for o in self.owned.values() {
+            o.state.hold(HoldReason::CommitFailing, false);
         }
     }
 
-    async fn revoke(&mut self, keys: Vec<(String, i32)>) {
-        self.drain(&keys, false).await;
-        for k in &keys {
-            if let Some(o) = self.owned.remove(k) {
-                o.dispatcher.abort();
+    /// Stop the dispatchers of `keys`, bounded by `deadline`; then abort and await
+    /// whatever is left, so every queue handle is dropped. The states are retired first
+    /// (no pause/resume from them reaches the consumer any more) and returned.
+    async fn release(
+        &mut self,
+        keys: &[(String, i32)],
+        deadline: tokio::time::Instant,
+        pause: bool,
+    ) -> Vec<Arc<PartitionState>> {
+        let mut states = Vec::new();
+        for k in keys {
+            if let Some(o) = self.owned.get(k) {
+                if pause {
+                    o.state.hold(HoldReason::Draining, true);
+                } else {
+                    o.state.retire();
+                }
+                let _ = o.stop.send(true);
             }
+        }
+        for k in keys {
+            let Some(mut o) = self.owned.remove(k) else {
+                continue;
+            };
+            if tokio::time::timeout_at(deadline, &mut o.dispatcher)
+                .await
+                .is_err()
+            {
+                tracing::warn!(topic = %k.0, partition = k.1, "dispatcher did not stop before the deadline; aborted");
+                o.dispatcher.abort();
+                let _ = (&mut o.dispatcher).await;
+            }
+            o.state.retire();
             self.consumer
                 .context()
                 .owned
                 .lock()
                 .expect("owned lock")
                 .remove(k);
-            self.committer.forget(&k.0, k.1);
-            self.metrics.forget_partition(&k.0, k.1);
+            states.push(o.state);
         }
         self.metrics
             .assigned_partitions
             .set(self.owned.len() as i64);
+        states
     }
 
-    async fn commit_all(&mut self) {
+    /// Wait (until `deadline`) for the in-flight work of `states`, then commit it.
+    async fn drain(&mut self, states: &[Arc<PartitionState>], deadline: tokio::time::Instant) {
+        for s in states {
+            if !s.wait_idle(deadline).await && !s.is_stalled() {
+                tracing::warn!(topic = %s.topic, partition = s.partition, "in-flight work did not finish before the drain deadline; it will be redelivered");
+            }
+        }
+        if let Err(e) = self
+            .committer
+            .commit_by(states, self.generation, deadline)
+            .await
+        {
+            tracing::error!(error = %e, "commit after drain failed; uncommitted work will be redelivered");
+        }
+    }
+
+    /// Give up `keys`: a barrier for the rebalance callback (see `consumer.rs`), then
+    /// (unless the assignment was lost) drain and commit.
+    async fn revoke(
+        &mut self,
+        keys: Vec<(String, i32)>,
+        lost: bool,
+        done: &std::sync::mpsc::SyncSender<RevokeProgress>,
+    ) {
+        self.new_generation();
+        let deadline = tokio::time::Instant::now()
+            + if lost {
+                Duration::from_millis(100)
+            } else {
+                self.config.commit.drain_timeout.0
+            };
+        let states = self.release(&keys, deadline, false).await;
+        let _ = done.send(RevokeProgress::Released);
+        if !lost {
+            self.drain(&states, deadline).await;
+        }
+        for k in &keys {
+            self.committer.forget(&k.0, k.1);
+            self.metrics.forget_partition(&k.0, k.1);
+        }
+    }
+
+    fn hold_after(&self) -> Duration {
+        (self.config.commit.interval.0 * 2).max(Duration::from_secs(2))
+    }
+
+    /// The commit interval ticked: start a commit, unless one is still unanswered (at
+    /// most one in flight; one unanswered past `hold_after` counts as failing).
+    fn commit_tick(&mut self) {
+        let hold_after = self.hold_after();
+        if let Some(pending) = self.committer.pending_for() {
+            if pending >= hold_after {
+                // Failing since it was sent: no new commit is started meanwhile.
+                let since = Instant::now() - pending;
+                self.commit_failed(format!("no answer for {pending:?}"), since);
+            }
+            return;
+        }
         let states: Vec<_> = self.owned.values().map(|o| o.state.clone()).collect();
-        let interval = self.config.commit.interval.0;
-        let hold_after = (interval * 2).max(Duration::from_secs(2));
-        // A synchronous commit blocks while the group coordinator is away: stop waiting
-        // after `hold_after` and count it as a failure (the offsets are simply committed
-        // again at the next tick).
-        let res = match tokio::time::timeout(hold_after, self.committer.commit(&states)).await {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {hold_after:?}")),
-        };
-        match res {
+        // While commits fail, commit again even what did not move: the answer tells
+        // whether the coordinator is back (held partitions move nothing).
+        let force = self.commit_failing.is_some();
+        self.committer.start(&states, self.generation, force);
+    }
+
+    fn commit_answered(&mut self, r: CommitResult) {
+        if r.generation != self.generation {
+            return;
+        }
+        match r.result {
             Ok(_) => {
+                self.commits_suspect = false;
                 if let Some((since, held)) = self.commit_failing.take() {
                     if held {
                         tracing::info!(failing_for = ?since.elapsed(), "commits succeed again; fetching resumes");
                     }
-                    for s in &states {
-                        s.hold(HoldReason::CommitFailing, false);
+                    for o in self.owned.values() {
+                        o.state.hold(HoldReason::CommitFailing, false);
                     }
                 }
             }
-            Err(e) => {
-                let (since, held) = self.commit_failing.get_or_insert((Instant::now(), false));
-                tracing::warn!(error = %e, failing_for = ?since.elapsed(), "periodic commit failed; retrying at the next interval");
-                if !*held && since.elapsed() >= hold_after {
-                    // Work done now could not be committed: it would only be delivered
-                    // again after the group settles. Hold fetching until a commit goes
-                    // through, so what is redelivered stays bounded.
-                    tracing::warn!(
-                        ?hold_after,
-                        "commits keep failing; fetching is held until one succeeds"
-                    );
-                    *held = true;
-                }
-                if *held {
-                    for s in &states {
-                        s.hold(HoldReason::CommitFailing, true);
-                    }
-                }
+            Err(e) => self.commit_failed(e, Instant::now()),
+        }
+    }
+
+    /// A periodic commit failed (or has had no answer), as of `at`.
+    fn commit_failed(&mut self, e: String, at: Instant) {
+        let hold_after = self.hold_after();
+        let (since, held) = self.commit_failing.get_or_insert((at, false));
+        if let Some(n) = self.commit_log.tick() {
+            tracing::warn!(error = %e, failing_for = ?since.elapsed(), checks = n, "periodic commit failed; retrying (one commit in flight at a time)");
+        }
+        if !*held && (since.elapsed() >= hold_after || self.commits_suspect) {
+            // Work done now could not be committed: it would only be delivered again
+            // after the group settles. Hold fetching until a commit goes through (or the
+            // assignment changes), so what is redelivered stays bounded.
+            tracing::warn!(
+                ?hold_after,
+                "commits keep failing; fetching is held until one succeeds or the assignment changes"
+            );
+            *held = true;
+        }
+        if *held {
+            for o in self.owned.values() {
+                o.state.hold(HoldReason::CommitFailing, true);
             }
         }
+    }
+
+    /// Liveness: count the partitions stuck in fetch past the limit.
+    fn check_progress(&mut self) {
+        self.health.beat();
+        let limit = self.config.server.fetch_stall_timeout.0.as_millis() as u64;
+        let now = crate::clock_ms();
+        let stuck: Vec<_> = self
+            .owned
+            .values()
+            .filter(|o| o.state.fetch_stalled_ms(now) > limit)
+            .map(|o| o.state.partition)
+            .collect();
+        if !stuck.is_empty() {
+            if let Some(n) = self.stuck_log.tick() {
+                tracing::error!(partitions = ?stuck, limit = ?self.config.server.fetch_stall_timeout.0, checks = n,
+                    "partitions with records to fetch and no hold received nothing for too long; /healthz fails");
+            }
+        }
+        self.health.set_stuck_partitions(stuck.len() as u64);
+        self.metrics
+            .fetch_stalled_partitions
+            .set(stuck.len() as i64);
     }
 
     fn in_flight_bytes(&self) -> u64 {
@@ -405,21 +673,40 @@ async fn run(
     let dead_letters = build_dead_letters(&config, &metrics)?;
     let sinks = build_sinks(&config, &metrics, &dead_letters).await?;
 
+    let partitions = match input_partitions(&config).await {
+        Some(n) => n,
+        None => {
+            tracing::warn!(
+                assumed = ASSUMED_PARTITIONS,
+                "could not read the input topic's partition count; sizing librdkafka's prefetch for {ASSUMED_PARTITIONS} partitions"
+            );
+            ASSUMED_PARTITIONS
+        }
+    };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     // The revoke callback waits a little longer than the drain itself, so the drain's own
     // deadline is what normally ends it.
+    let revoke_timeout = config.commit.drain_timeout.0 + Duration::from_secs(2);
     let ctx = SluiceContext::new(
         events_tx,
-        config.commit.drain_timeout.0 + Duration::from_secs(2),
+        revoke_timeout,
         metrics.clone(),
+        rt.health.clone(),
     );
     let consumer: Arc<SluiceConsumer> =
-        Arc::new(consumer_config(&config)?.create_with_context(ctx)?);
+        Arc::new(consumer_config(&config, partitions)?.create_with_context(ctx)?);
     SluiceContext::attach(&consumer);
     consumer.subscribe(&[&config.source.topic])?;
     let stop_poller = Arc::new(AtomicBool::new(false));
     let (stray_tx, mut stray) = mpsc::unbounded_channel();
     let poller = spawn_main_queue_thread(consumer.clone(), stop_poller.clone(), stray_tx);
+    rt.health.start(HealthLimits {
+        coordinator: config.commit.drain_timeout.0 * 2 + Duration::from_secs(30),
+        statistics: STATISTICS_INTERVAL * 3,
+        callback: revoke_timeout,
+        unjoined: config.source.session_timeout.0,
+        fetch_stall: config.server.fetch_stall_timeout.0,
+    });
     rt.health.ready.store(true, AtomicOrdering::Release);
     tracing::info!(pipeline = %config.pipeline, topic = %config.source.topic, group = %config.source.group_id, "pipeline started");
 
@@ -437,6 +724,12 @@ async fn run(
             metrics.commit_failures.clone(),
         ),
         commit_failing: None,
+        commits_suspect: false,
+        generation: 0,
+        next_epoch: 0,
+        health: rt.health.clone(),
+        stuck_log: crate::throttle::LogThrottle::new(Duration::from_secs(30)),
+        commit_log: crate::throttle::LogThrottle::new(Duration::from_secs(5)),
         consumer: consumer.clone(),
         config,
     };
@@ -454,18 +747,27 @@ async fn run(
             }
             Some(ev) = events.recv() => match ev {
                 RebalanceEvent::Assigned(parts) => co.assign(parts),
-                RebalanceEvent::Revoked { partitions, done } => {
-                    co.revoke(partitions).await;
-                    let _ = done.send(());
+                RebalanceEvent::AssignApplied(parts) => {
+                    for k in &parts {
+                        if let Some(o) = co.owned.get(k) {
+                            o.state.restate_pause();
+                        }
+                    }
+                }
+                RebalanceEvent::Revoked { partitions, lost, done } => {
+                    co.revoke(partitions, lost, &done).await;
+                    let _ = done.send(RevokeProgress::Done);
                 }
             },
+            r = co.committer.answered() => co.commit_answered(r),
             Some((t, p, _offset)) = stray.recv() => {
                 if let Some(o) = co.owned.get(&(t, p)) {
                     o.state.stall("a record arrived on the consumer's main queue");
                 }
             }
-            _ = commit_tick.tick() => co.commit_all().await,
+            _ = commit_tick.tick() => co.commit_tick(),
             _ = check_tick.tick() => {
+                co.check_progress();
                 metrics.in_flight_bytes.set(co.in_flight_bytes() as i64);
                 if sinks.kafka.iter().any(|k| k.fatal()) {
                     result = Err(PipelineError::Fatal("producer"));
@@ -485,11 +787,9 @@ async fn run(
 
     // Stop fetching, drain every partition, commit what is done.
     let keys: Vec<_> = co.owned.keys().cloned().collect();
-    co.drain(&keys, true).await;
-    let states: Vec<_> = co.owned.values().map(|o| o.state.clone()).collect();
-    for (_, o) in std::mem::take(&mut co.owned) {
-        o.dispatcher.abort();
-    }
+    let deadline = tokio::time::Instant::now() + co.config.commit.drain_timeout.0;
+    let states = co.release(&keys, deadline, true).await;
+    co.drain(&states, deadline).await;
     // Closing the batchers' inputs flushes what they hold.
     let Sinks {
         senders,
@@ -528,7 +828,12 @@ async fn run(
     }
     drop(kafka);
     // Anything acknowledged during the flush is committed too.
-    if let Err(e) = co.committer.commit(&states).await {
+    let deadline = tokio::time::Instant::now() + co.config.commit.drain_timeout.0;
+    if let Err(e) = co
+        .committer
+        .commit_by(&states, co.generation, deadline)
+        .await
+    {
         tracing::error!(error = %e, "final commit failed; uncommitted work will be redelivered");
     }
     drop(states);

@@ -60,3 +60,36 @@ fn chaos_slow_processing_holds_memory_and_loses_nothing() {
 fn chaos_clean_sigterm_duplicates_nothing() {
     check(&chaos::clean_sigterm(BIN, Length::Short), false);
 }
+
+#[test]
+fn chaos_worker_frozen_past_its_session_rejoins_and_loses_nothing() {
+    let o = chaos::sigstop(BIN, Length::Short);
+    check(&o, true);
+}
+
+#[test]
+fn chaos_broker_away_past_the_session_rejoins_and_loses_nothing() {
+    let o = chaos::broker_away(BIN, Length::Short);
+    check(&o, true);
+}
+
+#[test]
+fn chaos_every_incarnation_of_a_reassigned_partition_consumes() {
+    check(&chaos::reassign(BIN, Length::Short), true);
+}
+
+#[test]
+fn chaos_memory_stays_within_the_stated_bound_with_64_partitions_and_a_stalled_sink() {
+    let o = chaos::memory_bound(BIN, Length::Short);
+    check(&o, true);
+    if !o.note.starts_with("skipped") {
+        let bound = 16.0 * 1.25 + 2.0 * 8.0 + chaos::FIXED_OVERHEAD_MIB;
+        assert!(o.peak_rss_mib <= bound, "{}", o.row());
+    }
+}
+
+#[test]
+fn chaos_delayed_produce_answers_duplicate_nothing_in_the_output() {
+    let o = chaos::slow_acks(BIN, Length::Short);
+    check(&o, false);
+}

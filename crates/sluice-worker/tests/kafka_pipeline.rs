@@ -248,3 +248,79 @@ fn sigterm_exits_zero_in_the_grace_period_having_committed() {
     assert_eq!(r.missing, 0, "{r}");
     assert_eq!(r.duplicates, 0, "SIGTERM drains before committing: {r}");
 }
+
+fn start_worker_latest(s: &Setup, name: &str) -> WorkerProcess {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let cfg = worker_config(&s.bootstrap, &s.input, &s.output, &s.group, &addr, "").replace(
+        "  sessionTimeout: 10s\n",
+        "  sessionTimeout: 10s\n  startFrom: latest\n",
+    );
+    let w = WorkerProcess::start(BIN, &unique(name), &cfg, &addr);
+    wait_for("the worker's assignment", Duration::from_secs(30), || {
+        w.metric("sluice_assigned_partitions", "") >= 1.0
+    });
+    w
+}
+
+/// L2: `startFrom: latest` decides only where a group with no commit starts. When
+/// retention (here `kafka-delete-records`) passes a stopped group's committed offset, the
+/// worker resumes at the earliest retained record, and says so (a metric and a log line),
+/// instead of jumping to the end and committing past every retained record.
+#[test]
+fn an_out_of_range_commit_resumes_at_the_earliest_retained_record() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let s = setup("l2", 1);
+    // Before the group exists: `latest` skips these.
+    produce_now(&s, 0, 1_000, None, 100);
+    let mut w = start_worker_latest(&s, "l2-a");
+    std::thread::sleep(Duration::from_secs(2));
+    produce_now(&s, 1_000, 1_000, None, 100);
+    wait_fully_committed(&s, Duration::from_secs(60), &[&w]);
+    w.signal("TERM");
+    assert!(w
+        .wait(Duration::from_secs(30))
+        .is_some_and(|st| st.success()));
+    // While the group is stopped: 1,000 more, then everything below offset 2,500 deleted
+    // (one partition: offset = sequence number).
+    produce_now(&s, 2_000, 1_000, None, 100);
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &s.bootstrap)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&s.input, 0, rdkafka::Offset::Offset(2_500))
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(admin.delete_records(&tpl, &AdminOptions::new()))
+        .expect("delete records");
+    let w2 = start_worker_latest(&s, "l2-b");
+    wait_fully_committed(&s, Duration::from_secs(60), &[&w2]);
+    let seqs: std::collections::BTreeSet<u64> = read_all(&s.output, Duration::from_secs(30))
+        .iter()
+        .filter_map(|r| r.value.as_deref().and_then(parse_seq))
+        .collect();
+    let expected: std::collections::BTreeSet<u64> = (1_000..2_000).chain(2_500..3_000).collect();
+    assert_eq!(
+        seqs.iter().filter(|q| **q < 1_000).count(),
+        0,
+        "a new group with startFrom: latest starts at the end"
+    );
+    assert_eq!(
+        seqs, expected,
+        "after the deletion the worker resumes at the earliest retained record (2,500)"
+    );
+    assert!(
+        w2.metric("sluice_offset_resets_total", "") >= 1.0,
+        "the reset is counted"
+    );
+    let log = std::fs::read_to_string(&w2.log).unwrap_or_default();
+    assert!(
+        log.contains("out of range"),
+        "the reset is logged:\n{}",
+        w2.log_tail(30)
+    );
+}

@@ -744,3 +744,93 @@ fn the_postgres_sink_speaks_tls_and_verifies_the_server_certificate() {
         "the password reached the log"
     );
 }
+
+/// L1: with `onConflict: update`, outputs whose conflict key is missing or null are never
+/// dropped by the per-batch de-duplication: each is a row (a nullable unique key takes
+/// them) or a dead letter of class `constraint` (a primary key refuses them).
+#[test]
+fn keyless_and_null_key_outputs_are_rows_or_dead_letters_never_dropped() {
+    let input = unique("nullkey-in");
+    let dead = unique("nullkey-dl");
+    create_topics(&[&input, &dead], 1);
+    let strict = unique("nullkey_pk").replace('-', "_");
+    let loose = unique("nullkey_uq").replace('-', "_");
+    pg(&format!(
+        "CREATE TABLE {strict} (id bigint PRIMARY KEY, note text)"
+    ));
+    pg(&format!(
+        "CREATE TABLE {loose} (id bigint UNIQUE, note text)"
+    ));
+    // 100 keyed, 30 without the key field, 20 with a null key, interleaved on one
+    // partition so they share batches.
+    let records = (0..150u64).map(|i| TestRecord {
+        tombstone: false,
+        partition: Some(0),
+        key: None,
+        value: match i % 5 {
+            1 if i < 100 => format!(r#"{{"note":"keyless-{i}"}}"#),
+            3 if i < 100 => format!(r#"{{"id":null,"note":"null-{i}"}}"#),
+            _ => format!(r#"{{"id":{i},"note":"keyed-{i}"}}"#),
+        }
+        .into_bytes(),
+    });
+    let records: Vec<TestRecord> = records.collect();
+    let keyless = records
+        .iter()
+        .filter(|r| {
+            !String::from_utf8_lossy(&r.value).contains("\"id\":")
+                || String::from_utf8_lossy(&r.value).contains("null")
+        })
+        .count() as i64;
+    produce_records(&input, records);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let group = unique("nullkey-g");
+    let cfg = format!(
+        r#"pipeline: nullkey
+source: {{bootstrapServers: "{b}", topic: {input}, groupId: {group}, sessionTimeout: 10s}}
+sinks:
+  - postgres: {{table: {strict}, onConflict: update, conflictKey: [id]}}
+  - postgres: {{table: {loose}, onConflict: update, conflictKey: [id]}}
+deadLetter: {{topic: {dead}}}
+batching: {{maxMessages: 2000, linger: 50ms}}
+commit: {{interval: 500ms, drainTimeout: 8s}}
+server: {{listen: "{addr}"}}
+"#,
+        b = bootstrap()
+    );
+    let worker = WorkerProcess::start_with_env(
+        BIN,
+        &unique("nullkey"),
+        &cfg,
+        &addr,
+        &[("SLUICE_POSTGRES_URL", &postgres_url())],
+    );
+    let p = Pipeline {
+        input: input.clone(),
+        group,
+        worker,
+    };
+    p.wait_committed(Duration::from_secs(60));
+    p.stop();
+    let keyed = 150 - keyless;
+    assert_eq!(keyless, 40, "the test's own arithmetic");
+    assert_eq!(
+        pg_count(&format!("SELECT count(*) FROM {strict}")),
+        keyed,
+        "every keyed output is a row of the primary-key table"
+    );
+    assert_eq!(
+        pg_count(&format!("SELECT count(*) FROM {loose}")),
+        150,
+        "a nullable unique key takes every keyless output as a row of its own"
+    );
+    let letters = read_all(&dead, Duration::from_secs(30));
+    assert_eq!(
+        letters.len() as i64,
+        keyless,
+        "every keyless output the primary key refuses is a dead letter"
+    );
+    assert!(letters
+        .iter()
+        .all(|l| l.header("sluice.error.class") == Some("constraint")));
+}

@@ -1,26 +1,30 @@
 //! The `kafka` sink: an idempotent producer with `acks=all`. A batch is settled only when
 //! every record's delivery report is in.
 //!
-//! Each output is classified on failure. Transient errors (timeouts, an unavailable
-//! broker) send it again after a backoff from the pipeline's retry policy; permanent ones
-//! (record too large, authorization, an invalid topic) and transient ones whose retries
-//! ran out send it to the dead-letter path, and the rest of the batch is acknowledged as
-//! usual. A fatal producer error (e.g. an idempotence sequence violation) is reported
+//! Retries are librdkafka's own: the idempotent producer retries every retriable error
+//! with the same producer id and sequence number (so a retry can never write a second
+//! copy) for up to `message.timeout.ms`, which is the pipeline's `retry.maxElapsed`. The
+//! sink never sends an output again itself: a re-send after the timeout would be a new
+//! message, a duplicate if the first attempt was written after all (and, on a compacted
+//! topic, possibly a stale value after a newer one). A delivery report that still fails
+//! is final: permanent errors (record too large, authorization, an invalid topic) and
+//! timeouts (`retries_exhausted`) send the output to the dead-letter path, and the rest
+//! of the batch is acknowledged as usual. What remains: an output that timed out may
+//! have been written anyway, so it can be both in the output topic and a dead letter. A fatal producer error (e.g. an idempotence sequence violation) is reported
 //! through [`KafkaSink::fatal`] and stops the worker: a restart resumes from the last
 //! commit.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext};
 use sluice_api::config::{KafkaSinkConfig, KeySource};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
@@ -31,7 +35,6 @@ use crate::throttle::LogThrottle;
 struct InFlight {
     remaining: AtomicUsize,
     rejected: Mutex<Vec<(usize, SinkFailure)>>,
-    first_failure: Mutex<Option<Instant>>,
     batch: Mutex<Option<SinkBatch>>,
 }
 
@@ -42,25 +45,13 @@ pub struct Slot {
     attempts: u32,
 }
 
-/// A record to send again after `delay`.
-struct Retry {
-    key: Option<Bytes>,
-    value: Option<Bytes>,
-    headers: Vec<(String, Option<Bytes>)>,
-    slot: Box<Slot>,
-    delay: Duration,
-}
-
 struct Shared {
     metrics: SinkMetrics,
     dead_letters: Arc<DeadLetters>,
-    retry: RetryPolicy,
     outstanding: AtomicUsize,
     idle: Notify,
     fatal: AtomicBool,
-    retry_tx: mpsc::UnboundedSender<Retry>,
-    /// One line per interval for retried and for rejected outputs.
-    retry_log: LogThrottle,
+    /// One line per interval for rejected outputs.
     reject_log: LogThrottle,
 }
 
@@ -133,50 +124,20 @@ impl ProducerContext for SinkContext {
     fn delivery(&self, result: &DeliveryResult<'_>, mut slot: Box<Slot>) {
         match result {
             Ok(_) => self.shared.finish_one(&slot.flight),
-            Err((e, msg)) => {
+            Err((e, _)) => {
                 let (class, name) = classify(e);
                 if class == ErrorClass::Permanent {
                     return self.shared.reject(&slot, name, e.to_string());
                 }
-                let started = *slot
-                    .flight
-                    .first_failure
-                    .lock()
-                    .expect("lock")
-                    .get_or_insert_with(Instant::now);
-                let Some(delay) = self
-                    .shared
-                    .retry
-                    .next_delay(slot.attempts, started.elapsed())
-                else {
-                    if let Some(n) = self.shared.reject_log.tick() {
-                        tracing::error!(sink = "kafka", topic = %self.topic, error = %e, attempts = slot.attempts,
-                            outputs = n, "retries exhausted");
-                    }
-                    return self
-                        .shared
-                        .reject(&slot, "retries_exhausted", e.to_string());
-                };
-                if let Some(n) = self.shared.retry_log.tick() {
-                    tracing::warn!(sink = "kafka", topic = %self.topic, error = %e, attempts = slot.attempts, ?delay,
-                        outputs = n, "transient delivery error; sending again");
+                // librdkafka's idempotent retries ran out (message.timeout.ms): no
+                // re-send from here, which could duplicate a write that landed late.
+                if let Some(n) = self.shared.reject_log.tick() {
+                    tracing::error!(sink = "kafka", topic = %self.topic, error = %e,
+                        outputs = n, "not delivered within retry.maxElapsed (librdkafka's idempotent retries ran out)");
                 }
-                self.shared.metrics.retries.inc();
                 slot.attempts += 1;
-                let retry = Retry {
-                    key: msg.key().map(Bytes::copy_from_slice),
-                    value: msg.payload().map(Bytes::copy_from_slice),
-                    headers: crate::record::owned_headers(msg),
-                    slot,
-                    delay,
-                };
-                if let Err(mpsc::error::SendError(r)) = self.shared.retry_tx.send(retry) {
-                    // Shutting down: leave it unacknowledged (redelivered after restart).
-                    let taken = r.slot.flight.batch.lock().expect("lock").take();
-                    if let Some(b) = taken {
-                        b.fail();
-                    }
-                }
+                self.shared
+                    .reject(&slot, "retries_exhausted", e.to_string())
             }
         }
     }
@@ -207,7 +168,8 @@ fn kafka_headers<'a>(headers: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>)
 }
 
 impl KafkaSink {
-    /// Create the producer. `client` carries bootstrap servers and security; the delivery
+    /// Create the producer. `client` carries bootstrap servers, security and the bound of
+    /// the producer's queue (`queue.buffering.max.kbytes`, see the pipeline); the delivery
     /// guarantees are set here and the sink's `producerProperties` are applied last.
     /// `source_topic` is the pipeline's input topic (for the trace header).
     pub fn new(
@@ -225,23 +187,25 @@ impl KafkaSink {
             .set("batch.num.messages", "10000")
             .set("batch.size", "1048576")
             .set("queue.buffering.max.messages", "500000")
-            .set("queue.buffering.max.kbytes", "262144")
-            // librdkafka retries within this; past it the report comes back to the retry
-            // policy above.
-            .set("message.timeout.ms", "30000");
+            // librdkafka's idempotent retries for as long as the retry policy allows; a
+            // report that fails after that is final (no application re-send).
+            .set(
+                "message.timeout.ms",
+                retry
+                    .max_elapsed
+                    .as_millis()
+                    .clamp(1000, i32::MAX as u128)
+                    .to_string(),
+            );
         for (k, v) in &config.producer_properties {
             client.set(k, v);
         }
-        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             metrics,
             dead_letters,
-            retry,
             outstanding: AtomicUsize::new(0),
             idle: Notify::new(),
             fatal: AtomicBool::new(false),
-            retry_tx,
-            retry_log: LogThrottle::default(),
             reject_log: LogThrottle::default(),
         });
         let producer = client.create_with_context(SinkContext {
@@ -256,10 +220,6 @@ impl KafkaSink {
             source_topic: source_topic.to_string(),
             shared,
         });
-        tokio::spawn(tracing::Instrument::in_current_span(retry_loop(
-            Arc::downgrade(&sink),
-            retry_rx,
-        )));
         Ok(sink)
     }
 
@@ -310,20 +270,6 @@ impl KafkaSink {
     }
 }
 
-async fn retry_loop(sink: std::sync::Weak<KafkaSink>, mut rx: mpsc::UnboundedReceiver<Retry>) {
-    while let Some(r) = rx.recv().await {
-        let sink = sink.clone();
-        tokio::spawn(tracing::Instrument::in_current_span(async move {
-            tokio::time::sleep(r.delay).await;
-            let Some(sink) = sink.upgrade() else { return };
-            let headers = (!r.headers.is_empty())
-                .then(|| kafka_headers(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref()))));
-            sink.send_one(r.key.as_deref(), r.value.as_deref(), headers, r.slot)
-                .await;
-        }));
-    }
-}
-
 impl Sink for KafkaSink {
     fn name(&self) -> &str {
         "kafka"
@@ -361,7 +307,6 @@ impl Sink for KafkaSink {
             let flight = Arc::new(InFlight {
                 remaining: AtomicUsize::new(n),
                 rejected: Mutex::new(Vec::new()),
-                first_failure: Mutex::new(None),
                 batch: Mutex::new(Some(batch)),
             });
             self.shared.outstanding.fetch_add(1, Ordering::AcqRel);

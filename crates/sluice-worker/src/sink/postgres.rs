@@ -518,7 +518,8 @@ impl Inner {
 /// Decode output values into rows: (index, one text per column, from the JSON object's
 /// fields); a value that is missing or not a JSON object is rejected (`not_an_object`).
 /// With `dedupe_by` (the conflict key's column indexes, for `onConflict: update`), only
-/// the last row of each key is kept: one statement cannot update a row twice.
+/// the last row of each key is kept: one statement cannot update a row twice. Rows whose
+/// key is missing or null are all kept.
 fn to_rows<'a>(
     columns: &[Column],
     dedupe_by: Option<&[usize]>,
@@ -556,7 +557,11 @@ fn to_rows<'a>(
         let mut keep = vec![false; rows.len()];
         for (j, (_, cols)) in rows.iter().enumerate().rev() {
             let key: Vec<&Option<String>> = key_columns.iter().map(|&k| &cols[k]).collect();
-            keep[j] = seen.insert(key);
+            // A missing or null key is no key: such rows never conflict with each other,
+            // so each is kept and PostgreSQL decides (a NOT NULL key column refuses it
+            // as a `constraint` error and it is dead-lettered; a nullable unique column
+            // takes it as a row). Never dropped here.
+            keep[j] = key.iter().any(|k| k.is_none()) || seen.insert(key);
         }
         let mut j = 0;
         rows.retain(|_| {
@@ -681,10 +686,20 @@ mod tests {
             prop_assert_eq!(rejected.len() + objects.len(), outputs.len());
             prop_assert!(rows.iter().all(|(_, cols)| cols.len() == columns.len()));
             if dedupe {
-                let keys: std::collections::HashSet<Option<String>> =
-                    rows.iter().map(|(_, c)| c[0].clone()).collect();
-                prop_assert_eq!(keys.len(), rows.len(), "one row per key");
+                let keyed: Vec<&String> = rows.iter().filter_map(|(_, c)| c[0].as_ref()).collect();
+                let keys: std::collections::HashSet<&String> = keyed.iter().copied().collect();
+                prop_assert_eq!(keys.len(), keyed.len(), "one row per key");
                 prop_assert!(rows.len() <= objects.len());
+                // Every object without a key is a row of its own: none is dropped.
+                let keyless = objects
+                    .iter()
+                    .filter(|&&i| {
+                        let v: serde_json::Map<String, Value> =
+                            serde_json::from_slice(outputs[i].as_deref().unwrap()).unwrap();
+                        field_text(v.get("id")).is_none()
+                    })
+                    .count();
+                prop_assert_eq!(rows.len() - keyed.len(), keyless);
             } else {
                 let got: Vec<usize> = rows.iter().map(|(i, _)| *i).collect();
                 prop_assert_eq!(got, objects);
