@@ -227,6 +227,9 @@ up() {
   need_root
   install
   if status >/dev/null 2>&1; then log "already up (kubeconfig: $DIR/kubeconfig)"; return 0; fi
+  # Whatever a killed session left (dead processes, mounts, the bridge, rules, old state):
+  # start from nothing rather than from half of a cluster.
+  if [[ -d "$DIR" ]]; then log "cleaning up a cluster that is not (fully) running"; down; fi
   mkdir -p "$DIR/logs"
   net
   pki
