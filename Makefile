@@ -88,6 +88,7 @@ chart-lint:
 cluster-up: setup kafka-start
 	@scripts/cluster.sh up
 	@scripts/images.sh load
+	$(CARGO) build --release -p sluice-loadgen
 
 cluster-down:
 	@scripts/cluster.sh down

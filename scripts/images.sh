@@ -6,6 +6,7 @@
 #   scripts/images.sh build [NAME...]   build the tarballs into $OUT (default: all)
 #   scripts/images.sh load [NAME...]    build, then import them into the local cluster
 #   scripts/images.sh list              print NAME REF TARBALL for each image
+#   scripts/images.sh prepare           only build (once, cached) what comes from Go modules
 #   SLUICE_IMAGE_PROFILE=debug          images of the debug build (quicker while iterating)
 #
 # Images (tag $TAG, registry name sluice.local, so nothing tries to pull them):
@@ -177,6 +178,7 @@ case "${1:-}" in
     ;;
   list) for n in "${ALL[@]}"; do echo "$n $(ref "$n") $OUT/$n.tar"; done ;;
   prometheus-operator-dir) prometheus_operator_dir ;;
+  prepare) prometheus_operator; prometheus_server ;;
   prometheus-version) echo "v$PROM_VERSION" ;;
-  *) echo "usage: $0 build|load|list|prometheus-operator-dir [NAME...]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|load|list|prepare|prometheus-operator-dir|prometheus-version [NAME...]" >&2; exit 2 ;;
 esac
