@@ -4,7 +4,7 @@ CARGO ?= cargo
 DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 
-.PHONY: setup demo test test-unit lint fmt bench chaos fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
+.PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench chaos fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -15,14 +15,17 @@ demo: setup kafka-start
 	./target/release/sluice-loadgen demo --count $(DEMO_COUNT) --rate $(DEMO_RATE)
 
 ## Every test: unit, property and integration tests against the real broker, a real
-## PostgreSQL and a real kube-apiserver. SLUICE_TEST_BOOTSTRAP=host:port runs them against
-## another Kafka or Redpanda; SLUICE_TEST_POSTGRES=url against another PostgreSQL (with
-## SLUICE_TEST_POSTGRES_CA=ca.pem for its TLS test);
-## SLUICE_TEST_KUBECONFIG=path against another API server.
+## PostgreSQL, a real kube-apiserver, and the end-to-end suite on a real single-node
+## Kubernetes (scripts/cluster.sh, images from scripts/images.sh).
+## SLUICE_TEST_BOOTSTRAP=host:port runs them against another Kafka or Redpanda;
+## SLUICE_TEST_POSTGRES=url against another PostgreSQL (with SLUICE_TEST_POSTGRES_CA=ca.pem
+## for its TLS test); SLUICE_TEST_KUBECONFIG=path against another API server;
+## SLUICE_E2E_KUBECONFIG=path (and SLUICE_E2E_*, see tests/src/cluster.rs) on another cluster.
 test: setup
 	@if [[ -z "$${SLUICE_TEST_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi
 	@if [[ -z "$${SLUICE_TEST_POSTGRES:-}" ]]; then scripts/postgres.sh start; fi
 	@if [[ -z "$${SLUICE_TEST_KUBECONFIG:-}" ]]; then scripts/k8s.sh start; fi
+	@if [[ -z "$${SLUICE_E2E_KUBECONFIG:-}" ]]; then scripts/cluster.sh up && scripts/images.sh load; fi
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --all-targets -- --test-threads=1
 
@@ -80,6 +83,18 @@ rules-test:
 ## Lint the Helm chart.
 chart-lint:
 	@T=$$(scripts/tools.sh path); $$T/helm lint charts/sluice && $$T/helm lint charts/sluice --set monitoring.serviceMonitor.enabled=true
+
+## The local single-node Kubernetes (scripts/cluster.sh) with sluice's images imported.
+cluster-up: setup kafka-start
+	@scripts/cluster.sh up
+	@scripts/images.sh load
+
+cluster-down:
+	@scripts/cluster.sh down
+
+## The images built without Docker (scripts/images.sh), as tarballs in target/images.
+images-local:
+	@scripts/images.sh build
 
 ## Container images (needs a Docker engine; none runs on the CI machines).
 images:

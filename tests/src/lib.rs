@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod chaos;
+pub mod cluster;
 
 pub use sluice_loadgen::{
     audit, create_topic, key, offsets, parse_seq, payload, produce, AuditReport, ProduceSpec,

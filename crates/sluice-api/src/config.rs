@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::{ByteSize, HumanDuration};
 
+mod properties;
+pub use properties::{RESERVED_CONSUMER_PROPERTIES, RESERVED_PRODUCER_PROPERTIES};
+
 /// Environment variables with this prefix override fields of the file:
 /// `SLUICE__SOURCE__BOOTSTRAP_SERVERS=host:9092` sets `source.bootstrapServers`,
 /// `SLUICE__SINKS__0__KAFKA__TOPIC=out` sets `sinks[0].kafka.topic`.
@@ -406,6 +409,7 @@ pub struct RetryConfig {
     pub max_elapsed: HumanDuration,
     /// Give up after this many attempts (0: no limit but `maxElapsed`).
     #[serde(default)]
+    #[schemars(range(min = 0, max = 1_000_000))]
     pub max_attempts: u32,
 }
 
@@ -688,11 +692,51 @@ impl WorkerConfig {
                 "at least one sink is required (kafka, postgres, stdout or null)",
             ));
         }
+        properties::check(
+            "source.consumerProperties",
+            &self.source.consumer_properties,
+            RESERVED_CONSUMER_PROPERTIES,
+        )?;
+        // A Kafka output is a topic on a cluster (the source's unless the sink names one).
+        let cluster = |b: &Option<String>| {
+            b.clone()
+                .unwrap_or_else(|| self.source.bootstrap_servers.clone())
+        };
         for (i, sink) in self.sinks.iter().enumerate() {
             if let SinkConfig::Postgres(pg) = sink {
                 validate_postgres(&format!("sinks[{i}].postgres"), pg)?;
             }
             if let SinkConfig::Kafka(k) = sink {
+                properties::check(
+                    &format!("sinks[{i}].kafka.producerProperties"),
+                    &k.producer_properties,
+                    RESERVED_PRODUCER_PROPERTIES,
+                )?;
+                let twice = self.sinks[..i].iter().position(|o| {
+                    matches!(o, SinkConfig::Kafka(o) if o.topic == k.topic && cluster(&o.bootstrap_servers) == cluster(&k.bootstrap_servers))
+                });
+                if let Some(j) = twice {
+                    return Err(ConfigError::invalid(
+                        format!("sinks[{i}].kafka.topic"),
+                        format!(
+                            "`{}` is already the output of sinks[{j}]: every output would be written twice",
+                            k.topic
+                        ),
+                    ));
+                }
+                if let Some(dl) = &self.dead_letter {
+                    if dl.topic == k.topic
+                        && cluster(&dl.bootstrap_servers) == cluster(&k.bootstrap_servers)
+                    {
+                        return Err(ConfigError::invalid(
+                            "deadLetter.topic",
+                            format!(
+                                "`{}` is also the output topic of sinks[{i}]: failed records would be mixed with good outputs",
+                                dl.topic
+                            ),
+                        ));
+                    }
+                }
                 if k.trace_header
                     .as_deref()
                     .is_some_and(|h| h.trim().is_empty())
@@ -1141,6 +1185,44 @@ sinks: [{kafka: {topic: out}}]
     fn sink_that_feeds_its_own_input_is_refused() {
         let e = err(&MINIMAL.replace("topic: out", "topic: in"));
         assert!(e.contains("feed itself"), "{e}");
+    }
+
+    #[test]
+    fn the_worker_refuses_what_would_void_at_least_once() {
+        let cases = [
+            (
+                MINIMAL.replace(
+                    "groupId: g",
+                    "groupId: g, consumerProperties: {enable.auto.commit: 'true'}",
+                ),
+                r#"source.consumerProperties["enable.auto.commit"]"#,
+            ),
+            (
+                MINIMAL.replace("topic: out", "topic: out, producerProperties: {acks: '0'}"),
+                r#"sinks[0].kafka.producerProperties["acks"]"#,
+            ),
+            (
+                format!("{MINIMAL}deadLetter: {{topic: out}}\n"),
+                "also the output topic of sinks[0]",
+            ),
+            (
+                MINIMAL.replace(
+                    "[{kafka: {topic: out}}]",
+                    "[{kafka: {topic: out}}, {kafka: {topic: out}}]",
+                ),
+                "already the output of sinks[0]",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let e = err(&yaml);
+            assert!(e.contains(want), "{e}");
+        }
+        // The same topic name on another cluster is another topic.
+        assert!(WorkerConfig::from_yaml(&MINIMAL.replace(
+            "[{kafka: {topic: out}}]",
+            "[{kafka: {topic: out}}, {kafka: {topic: out, bootstrapServers: 'other:9092'}}]"
+        ))
+        .is_ok());
     }
 
     #[test]

@@ -23,6 +23,20 @@ use crate::config::{
 };
 use crate::units::HumanDuration;
 
+/// The rule a pipeline's name follows (CEL on `metadata.name`, and [`StreamPipeline::worker_config`]
+/// for objects stored before the rule): a DNS-1035 label (lower-case letters, digits and
+/// `-`, starting with a letter, ending with a letter or digit) of at most
+/// [`MAX_NAME_LEN`] characters, so that `<name>-metrics` (a Service) and `<name>-config`
+/// are valid names and `<name>` is a valid label value.
+pub const NAME_RULE: &str =
+    "self.metadata.name.size() <= 55 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')";
+/// What the API server says when [`NAME_RULE`] refuses a name.
+pub const NAME_RULE_MESSAGE: &str = "metadata.name must be a DNS-1035 label of at most 55 characters (lower-case letters, digits and '-', starting with a letter): the worker Service is <name>-metrics";
+/// The longest pipeline name: 63 (a DNS label) less the 8 of `-metrics`.
+pub const MAX_NAME_LEN: usize = 55;
+/// Environment variables of the worker that sluice sets itself (`spec.secretEnv` may not).
+pub const RESERVED_ENV: &[&str] = &["SLUICE_CONFIG", "SLUICE_LOG", SASL_PASSWORD_ENV];
+
 /// Where the worker's metrics and health server listens inside the pod.
 pub const WORKER_PORT: u16 = 9095;
 /// The environment variable the rendered config names for the SASL password.
@@ -38,6 +52,7 @@ pub const SASL_PASSWORD_ENV: &str = "SLUICE_SASL_PASSWORD";
     status = "StreamPipelineStatus",
     derive = "PartialEq",
     shortname = "sp",
+    validation = kube::core::Rule::new(NAME_RULE).message(NAME_RULE_MESSAGE),
     category = "sluice",
     doc = "A Kafka stream pipeline run by sluice worker pods",
     scale(
@@ -64,6 +79,10 @@ pub const SASL_PASSWORD_ENV: &str = "SLUICE_SASL_PASSWORD";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.processor) || !has(self.processor.custom) || has(self.image)",
+     "message": "processor.custom needs spec.image: a worker image built with sluice_worker::run that registers the processor (the stock image has none)"}
+]))]
 pub struct StreamPipelineSpec {
     /// The input topic and its consumer group.
     pub source: PipelineSource,
@@ -123,8 +142,16 @@ pub struct StreamPipelineSpec {
     /// Worker container resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Worker log level (`SLUICE_LOG`), e.g. `info` or `debug,librdkafka=warn`.
+    /// Worker log level (`SLUICE_LOG`): comma-separated `level` or `target=level`
+    /// directives, level one of trace, debug, info, warn, error, off; e.g. `info` or
+    /// `debug,librdkafka=warn`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(
+            pattern = r"^(([A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*=)?(trace|debug|info|warn|error|off))(,([A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*=)?(trace|debug|info|warn|error|off))*$"
+        )
+    )]
     pub log_level: Option<String>,
 }
 
@@ -210,6 +237,10 @@ pub struct SecretFile {
 /// An environment variable of the worker filled from a Secret key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD']) && !self.name.startsWith('SLUICE__')",
+     "message": "SLUICE_CONFIG, SLUICE_LOG and SLUICE_SASL_PASSWORD are set by sluice, and SLUICE__* would override the rendered configuration"}
+]))]
 pub struct SecretEnv {
     /// The variable's name.
     #[schemars(
@@ -372,7 +403,21 @@ impl StreamPipeline {
                 ..ServerConfig::default()
             },
         };
+        name_rule(&config.pipeline)?;
         config.validate()?;
+        if let ProcessorConfig::Custom { name } = &s.processor {
+            if s.image.is_none() {
+                return Err(ConfigError::Invalid {
+                    field: "processor.custom".into(),
+                    message: format!(
+                        "processor `{name}` needs spec.image: a worker image built with sluice_worker::run that registers it (the stock image has no custom processors)"
+                    ),
+                });
+            }
+        }
+        if let Some(level) = &s.log_level {
+            log_level(level)?;
+        }
         for (i, sink) in s.sinks.iter().enumerate() {
             if let SinkConfig::Postgres(pg) = sink {
                 if !s.secret_env.iter().any(|e| e.name == pg.connection_env) {
@@ -420,20 +465,67 @@ impl StreamPipeline {
             }
         }
         for (i, e) in s.secret_env.iter().enumerate() {
-            if e.name == SASL_PASSWORD_ENV
+            if RESERVED_ENV.contains(&e.name.as_str())
                 || e.name.starts_with(crate::config::ENV_OVERRIDE_PREFIX)
                 || s.secret_env[..i].iter().any(|o| o.name == e.name)
             {
                 return Err(ConfigError::Invalid {
                     field: format!("secretEnv[{i}].name"),
                     message: format!(
-                        "`{}` is reserved or given twice (SLUICE_SASL_PASSWORD comes from source.security, SLUICE__* would override the configuration)",
+                        "`{}` is reserved or given twice (SLUICE_CONFIG and SLUICE_LOG are set by sluice, SLUICE_SASL_PASSWORD comes from source.security, SLUICE__* would override the configuration)",
                         e.name
                     ),
                 });
             }
         }
         Ok(config)
+    }
+}
+
+/// [`NAME_RULE`], for objects the API server stored before the rule existed.
+fn name_rule(name: &str) -> Result<(), ConfigError> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= MAX_NAME_LEN
+        && b[0].is_ascii_lowercase()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            field: "metadata.name".into(),
+            message: format!(
+                "`{name}` cannot name the worker's objects: it must be a DNS-1035 label of at most {MAX_NAME_LEN} characters (lower-case letters, digits and '-', starting with a letter, ending with a letter or digit), because the Service is <name>-metrics and <name> is a label value"
+            ),
+        })
+    }
+}
+
+/// `spec.logLevel`: comma-separated `level` or `target=level`, the schema's pattern.
+fn log_level(v: &str) -> Result<(), ConfigError> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let ident = |t: &str| {
+        t.split("::").all(|p| {
+            p.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+    };
+    let ok = v.len() <= 256
+        && v.split(',').all(|d| match d.split_once('=') {
+            Some((target, level)) => ident(target) && LEVELS.contains(&level),
+            None => LEVELS.contains(&d),
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            field: "logLevel".into(),
+            message: format!(
+                "`{v}` is not a log filter: write comma-separated `level` or `target=level` with a level of trace, debug, info, warn, error or off (e.g. `info` or `debug,librdkafka=warn`)"
+            ),
+        })
     }
 }
 

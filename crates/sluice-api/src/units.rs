@@ -7,6 +7,14 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// What a byte size written as a string may look like (the CRD's pattern): up to 18 digits
+/// alone, or up to 9 digits and a unit, so that no accepted value overflows a u64.
+pub const BYTE_SIZE_PATTERN: &str = r"^([0-9]{1,18}|[0-9]{1,9} ?(B|KB|kB|KiB|MB|MiB|GB|GiB))$";
+
+/// What a duration may look like (the CRD's pattern): components of up to 9 digits (a
+/// fraction of up to 3 digits for ms, s, m and h), so that every accepted value parses.
+pub const DURATION_PATTERN: &str = r"^([0-9]{1,9}(\.[0-9]{1,3})?(ms|s|m|h)|[0-9]{1,9}(ns|us))( ?([0-9]{1,9}(\.[0-9]{1,3})?(ms|s|m|h)|[0-9]{1,9}(ns|us)))*$";
+
 /// A size in bytes, written as an integer or with a unit: `512`, `64KiB`, `1MiB`, `2GB`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
@@ -91,8 +99,13 @@ impl JsonSchema for ByteSize {
         "ByteSize".into()
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // `pattern` constrains only strings and `minimum` only integers, so together they
+        // say exactly what `FromStr` and `Deserialize` accept: the API server refuses what
+        // the controller could not parse (a poison object would otherwise stop its watch).
         schemars::json_schema!({
             "x-kubernetes-int-or-string": true,
+            "minimum": 0,
+            "pattern": BYTE_SIZE_PATTERN,
             "description": "A size in bytes: an integer, or a string with a unit (B, KB, KiB, MB, MiB, GB, GiB)."
         })
     }
@@ -146,7 +159,8 @@ impl JsonSchema for HumanDuration {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
-            "pattern": "^([0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h) ?)+$",
+            "maxLength": 64,
+            "pattern": DURATION_PATTERN,
             "description": "A duration such as 5ms, 1s, 2m 30s."
         })
     }

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
@@ -26,6 +26,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, 
 use rdkafka::ClientConfig;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use sluice_api::config::StartFrom;
 use sluice_api::crd::{PipelineSource, ScalingMode, StreamPipeline, StreamPipelineStatus};
 
 use crate::autoscale::lag::{group_lag, partition_count, LagError, PartitionLag};
@@ -36,6 +37,7 @@ use crate::reconcile::build::{
     selector_string, Validated,
 };
 use crate::reconcile::status::{conditions, Observed};
+use crate::reconcile::validate;
 
 /// The field manager of every server-side apply.
 pub const MANAGER: &str = "sluice-controller";
@@ -157,12 +159,14 @@ impl Default for ControllerMetrics {
 pub trait KafkaInspector: Send + Sync + 'static {
     /// Partition count of the source topic.
     fn partitions(&self, config: &ClientConfig, topic: &str) -> Result<u32, LagError>;
-    /// Lag of `group` on each partition of `topic`.
+    /// Lag of `group` on each partition of `topic`; `start` is where the group starts
+    /// without a commit.
     fn lag(
         &self,
         config: &ClientConfig,
         group: &str,
         topic: &str,
+        start: StartFrom,
     ) -> Result<Vec<PartitionLag>, LagError>;
 }
 
@@ -179,8 +183,9 @@ impl KafkaInspector for RdKafka {
         config: &ClientConfig,
         group: &str,
         topic: &str,
+        start: StartFrom,
     ) -> Result<Vec<PartitionLag>, LagError> {
-        group_lag(config, group, topic, Duration::from_secs(10))
+        group_lag(config, group, topic, start, Duration::from_secs(10))
     }
 }
 
@@ -199,6 +204,7 @@ pub struct Context {
     autoscalers: Mutex<HashMap<String, Autoscaler>>,
     stalls: Mutex<HashMap<String, StallDetector>>,
     failures: Mutex<HashMap<String, u32>>,
+    paced: Mutex<HashMap<String, Paced>>,
 }
 
 impl Context {
@@ -221,6 +227,7 @@ impl Context {
             autoscalers: Mutex::new(HashMap::new()),
             stalls: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            paced: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -305,14 +312,15 @@ async fn kafka_config(
 
 async fn write_status(
     client: &Client,
-    sp: &StreamPipeline,
+    ns: &str,
+    name: &str,
     status: StreamPipelineStatus,
 ) -> Result<(), kube::Error> {
-    let api: Api<StreamPipeline> =
-        Api::namespaced(client.clone(), &sp.namespace().unwrap_or_default());
+    // Untyped: the answer is the whole object, which need not parse (a poison spec).
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &pipeline_resource());
     let patch = serde_json::json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline", "status": status});
     api.patch_status(
-        &sp.name_any(),
+        name,
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(&patch),
     )
@@ -326,11 +334,239 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Error::Kafka(format!("kafka query did not complete: {e}")))
 }
 
+/// The StreamPipeline resource, for the untyped watch.
+pub fn pipeline_resource() -> ApiResource {
+    ApiResource::erase::<StreamPipeline>(&())
+}
+
+/// Reconcile one StreamPipeline as the API server stored it. It is parsed here, per object:
+/// one that does not parse (stored through an older or looser schema) gets `Ready=False,
+/// InvalidSpec` naming the field, and every other pipeline goes on reconciling.
+pub async fn reconcile_object(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let e = match validate::parse(&obj) {
+        Ok(sp) => return reconcile(Arc::new(sp), ctx).await,
+        Err(e) => e,
+    };
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let generation = obj.metadata.generation;
+    let previous: StreamPipelineStatus = obj
+        .data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .unwrap_or_default();
+    let status = StreamPipelineStatus {
+        observed_generation: generation,
+        conditions: conditions(
+            &Observed {
+                invalid: Some(e.to_string()),
+                ..Default::default()
+            },
+            generation,
+            &previous.conditions,
+        ),
+        ..previous.clone()
+    };
+    write_status(&ctx.client, &ns, &name, status).await?;
+    publish(
+        &ctx,
+        &obj.object_ref(&pipeline_resource()),
+        "InvalidSpec",
+        e.to_string(),
+        "Validate",
+    )
+    .await;
+    ctx.metrics.reconciles.with_label_values(&["invalid"]).inc();
+    Ok(Action::await_change())
+}
+
+async fn publish(
+    ctx: &Context,
+    obj_ref: &ObjectReference,
+    reason: &str,
+    note: String,
+    action: &str,
+) {
+    let published = ctx
+        .recorder
+        .publish(
+            &Event {
+                type_: EventType::Warning,
+                reason: reason.into(),
+                note: Some(note),
+                action: action.into(),
+                secondary: None,
+            },
+            obj_ref,
+        )
+        .await;
+    if let Err(e) = published {
+        tracing::warn!(error = %e, reason, "could not publish an Event");
+    }
+}
+
+/// An API error about one child, in a bounded category: the Ready reason and Event reason.
+fn child_error_reason(e: &kube::Error) -> &'static str {
+    match e {
+        kube::Error::Api(ae) => match ae.code {
+            400 | 422 => "ChildRejected",
+            401 | 403 => "ChildForbidden",
+            404 => "ChildNotFound",
+            409 => "ChildConflict",
+            429 => "ChildThrottled",
+            _ => "ChildApiError",
+        },
+        _ => "ChildApiError",
+    }
+}
+
+/// A permanent refusal (the request itself is wrong) waits for a change or a slow retry;
+/// anything else backs off as a transient error.
+fn child_error_is_permanent(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(ae) if matches!(ae.code, 400 | 401 | 403 | 404 | 422))
+}
+
+/// What the API server said, without the client's wrapping.
+fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(ae) => ae.message.clone(),
+        e => e.to_string(),
+    }
+}
+
+/// Report a condition that stops the reconcile: `Ready=False` with its reason and
+/// message, and a Warning Event when the reason is new (or the spec is invalid).
+async fn refuse(
+    ctx: &Context,
+    sp: &StreamPipeline,
+    status: StreamPipelineStatus,
+    o: Observed,
+    action: &str,
+) -> Result<(), kube::Error> {
+    let (reason, message) = match (&o.invalid, &o.source_error) {
+        (Some(m), _) => ("InvalidSpec".to_string(), m.clone()),
+        (None, Some((r, m))) => (r.clone(), m.clone()),
+        _ => unreachable!("refuse() is called with invalid or source_error set"),
+    };
+    let previous = sp.status.clone().unwrap_or_default();
+    // One Event when the reason appears (a Kafka error's text varies from poll to poll);
+    // an invalid spec is reconciled only when it changes, so each version gets its Event.
+    let new = !previous
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.reason == reason);
+    let generation = sp.metadata.generation;
+    let status = StreamPipelineStatus {
+        conditions: conditions(&o, generation, &previous.conditions),
+        ..status
+    };
+    let written = write_status(
+        &ctx.client,
+        &sp.namespace().unwrap_or_default(),
+        &sp.name_any(),
+        status,
+    )
+    .await;
+    if new || reason == "InvalidSpec" {
+        publish(ctx, &sp.object_ref(&()), &reason, message, action).await;
+    }
+    written
+}
+
+/// Whether `meta` (an existing object) belongs to the pipeline with `uid`.
+fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid && o.controller == Some(true))
+}
+
+/// Existing objects the pipeline's children would overwrite that are not its own: (kind,
+/// name) of each. Also returns the current Deployment.
+async fn foreign_children(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    uid: &str,
+) -> Result<(Option<Deployment>, Vec<(&'static str, String)>), (&'static str, String, kube::Error)>
+{
+    let c = &ctx.client;
+    let mut foreign = Vec::new();
+    let mut check = |kind: &'static str, child: String, meta: Option<ObjectMeta>| {
+        if meta.is_some_and(|m| !owned_by(&m, uid)) {
+            foreign.push((kind, child));
+        }
+    };
+    let deployment = Api::<Deployment>::namespaced(c.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|e| ("Deployment", name.to_string(), e))?;
+    check(
+        "Deployment",
+        name.to_string(),
+        deployment.as_ref().map(|d| d.metadata.clone()),
+    );
+    let cm = format!("{name}-config");
+    let got = Api::<ConfigMap>::namespaced(c.clone(), ns)
+        .get_metadata_opt(&cm)
+        .await
+        .map_err(|e| ("ConfigMap", cm.clone(), e))?;
+    check("ConfigMap", cm, got.map(|m| m.metadata));
+    let svc = format!("{name}-metrics");
+    let got = Api::<Service>::namespaced(c.clone(), ns)
+        .get_metadata_opt(&svc)
+        .await
+        .map_err(|e| ("Service", svc.clone(), e))?;
+    check("Service", svc, got.map(|m| m.metadata));
+    let got = Api::<PodDisruptionBudget>::namespaced(c.clone(), ns)
+        .get_metadata_opt(name)
+        .await
+        .map_err(|e| ("PodDisruptionBudget", name.to_string(), e))?;
+    check(
+        "PodDisruptionBudget",
+        name.to_string(),
+        got.map(|m| m.metadata),
+    );
+    let monitors = has_service_monitors(ctx).await.map_err(|e| {
+        (
+            "CustomResourceDefinition",
+            "servicemonitors.monitoring.coreos.com".into(),
+            e,
+        )
+    })?;
+    if monitors {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(c.clone(), ns, &service_monitor_resource());
+        let got = api
+            .get_metadata_opt(name)
+            .await
+            .map_err(|e| ("ServiceMonitor", name.to_string(), e))?;
+        check("ServiceMonitor", name.to_string(), got.map(|m| m.metadata));
+    }
+    Ok((deployment, foreign))
+}
+
+/// The scaling decision reused until the next poll (reconciles caused by status updates
+/// and child events do not decide again).
+#[derive(Clone, Debug)]
+struct Paced {
+    at: Instant,
+    generation: Option<i64>,
+    partitions: u32,
+    replicas: u32,
+    desired: Option<i32>,
+    lag: Option<i64>,
+    lag_unknown: Option<String>,
+    limited: Option<(String, String)>,
+    stalled: Vec<i32>,
+}
+
 /// Reconcile one StreamPipeline.
 pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = sp.namespace().unwrap_or_default();
     let name = sp.name_any();
+    let uid = sp.metadata.uid.clone().unwrap_or_default();
     let key = format!("{ns}/{name}");
     let generation = sp.metadata.generation;
     let previous = sp.status.clone().unwrap_or_default();
@@ -343,34 +579,48 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
     let labels = [ns.as_str(), name.as_str()];
 
     // 1. Validate (pure). An invalid spec waits for a change.
-    let config = match sp.worker_config() {
+    let config = match validate::validate(&sp) {
         Ok(c) => c,
         Err(e) => {
             let o = Observed {
                 invalid: Some(e.to_string()),
                 ..Default::default()
             };
-            status.conditions = conditions(&o, generation, &previous.conditions);
-            write_status(&ctx.client, &sp, status).await?;
-            let _ = ctx
-                .recorder
-                .publish(
-                    &Event {
-                        type_: EventType::Warning,
-                        reason: "InvalidSpec".into(),
-                        note: Some(e.to_string()),
-                        action: "Validate".into(),
-                        secondary: None,
-                    },
-                    &obj_ref,
-                )
-                .await;
+            refuse(&ctx, &sp, status, o, "Validate").await?;
             ctx.metrics.reconciles.with_label_values(&["invalid"]).inc();
             return Ok(Action::await_change());
         }
     };
 
-    // 2. Ask Kafka for the partition count. A missing topic or Secret is a condition (and
+    // 2. Never take over: every child that exists must already be this pipeline's.
+    let existing = match foreign_children(&ctx, &ns, &name, &uid).await {
+        Ok((existing, foreign)) if foreign.is_empty() => existing,
+        Ok((_, foreign)) => {
+            let list = foreign
+                .iter()
+                .map(|(k, n)| format!("{k} {n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let o = Observed {
+                source_error: Some((
+                    "ResourceConflict".into(),
+                    format!(
+                        "{list} already exist(s) in namespace {ns:?} and do(es) not belong to this pipeline: sluice will not modify or adopt it; delete or rename it, or rename the pipeline"
+                    ),
+                )),
+                ..Default::default()
+            };
+            refuse(&ctx, &sp, status, o, "Apply").await?;
+            ctx.metrics
+                .reconciles
+                .with_label_values(&["conflict"])
+                .inc();
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        Err((kind, child, e)) => return child_failed(&ctx, &sp, status, kind, &child, e).await,
+    };
+
+    // 3. Ask Kafka for the partition count. A missing topic or Secret is a condition (and
     //    a Warning Event when it first appears), not a crash.
     let topic = sp.spec.source.topic.clone();
     let source = match kafka_config(&ctx.client, &ns, &sp.spec.source).await {
@@ -399,30 +649,10 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
         Ok(found) => found,
         Err((reason, message, retry)) => {
             let o = Observed {
-                source_error: Some((reason.into(), message.clone())),
+                source_error: Some((reason.into(), message)),
                 ..Default::default()
             };
-            let first = !previous
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.reason == reason);
-            status.conditions = conditions(&o, generation, &previous.conditions);
-            write_status(&ctx.client, &sp, status).await?;
-            if first {
-                let _ = ctx
-                    .recorder
-                    .publish(
-                        &Event {
-                            type_: EventType::Warning,
-                            reason: reason.into(),
-                            note: Some(message),
-                            action: "InspectSource".into(),
-                            secondary: None,
-                        },
-                        &obj_ref,
-                    )
-                    .await;
-            }
+            refuse(&ctx, &sp, status, o, "InspectSource").await?;
             ctx.metrics
                 .reconciles
                 .with_label_values(&["source_error"])
@@ -436,9 +666,7 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
         .with_label_values(&labels)
         .set(partitions as i64);
 
-    // 3. Decide replicas.
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing = deployments.get_opt(&name).await?;
+    // 4. Decide replicas, at most once per poll interval.
     let current = existing
         .as_ref()
         .and_then(|d| d.spec.as_ref()?.replicas)
@@ -450,82 +678,70 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
         .unwrap_or(0)
         .max(0) as u32;
     let scaling = &sp.spec.scaling;
+    let poll = scaling.poll_interval.0.max(Duration::from_secs(1));
     let mut observed = Observed {
         paused: sp.spec.paused,
         ready,
         ..Default::default()
     };
+    let too_few = |asked: i32| {
+        (asked > partitions as i32).then(|| {
+            (
+                "AtPartitionCount".to_string(),
+                format!(
+                    "{asked} replicas asked for, the topic has {partitions} partitions: running {partitions} (a replica without a partition would idle)"
+                ),
+            )
+        })
+    };
     let replicas = if sp.spec.paused {
+        ctx.paced.lock().expect("paced lock").remove(&key);
         0
     } else if scaling.mode == ScalingMode::Manual {
+        ctx.paced.lock().expect("paced lock").remove(&key);
+        observed.limited = too_few(sp.spec.replicas);
         (sp.spec.replicas.max(0) as u32).min(partitions)
     } else {
-        let (k, c2, t2, g2) = (
-            ctx.kafka.clone(),
-            kcfg.clone(),
-            topic.clone(),
-            sp.spec.source.group_id.clone(),
-        );
-        let lag = match blocking(move || k.lag(&c2, &g2, &t2)).await? {
-            Ok(parts) => {
-                let l: u64 = parts.iter().map(|p| p.lag).sum();
-                // Only running workers can be stalled; with none ready, WorkersNotReady
-                // already says why nothing moves.
-                if ready > 0 {
-                    observed.stalled = ctx
-                        .stalls
-                        .lock()
-                        .expect("stalls lock")
-                        .entry(key.clone())
-                        .or_default()
-                        .observe(
-                            Instant::now(),
-                            &parts,
-                            stall_window(scaling.poll_interval.0),
-                        );
-                }
-                status.lag = Some(l as i64);
-                ctx.metrics.lag.with_label_values(&labels).set(l as i64);
-                Lag::Known(l)
-            }
-            Err(e) => {
-                observed.lag_unknown = Some(e.to_string());
-                Lag::Unknown
-            }
-        };
-        let policy = Policy {
-            min: scaling.min_replicas.max(0) as u32,
-            max: scaling.max_replicas.max(0) as u32,
-            lag_per_replica: scaling.lag_per_replica.max(1) as u64,
-            scale_down_window: scaling.scale_down_stabilization.0,
-        };
-        // A Deployment that does not exist yet starts from the minimum.
-        let base = if existing.is_some() {
-            current
-        } else {
-            policy.min.min(partitions)
-        };
-        let d = ctx
-            .autoscalers
+        let last = ctx
+            .paced
             .lock()
-            .expect("autoscalers lock")
-            .entry(key.clone())
-            .or_default()
-            .decide(Instant::now(), base, lag, partitions, &policy);
-        ctx.metrics
-            .decisions
-            .with_label_values(&[ns.as_str(), name.as_str(), d.reason.label()])
-            .inc();
-        status.desired_replicas = d.desired.map(|r| r as i32);
-        observed.limited = d.limited.map(|l| match l {
-            Limit::MaxReplicas => ("AtMaxReplicas".to_string(), format!("lag asks for more than maxReplicas ({})", policy.max)),
-            Limit::Partitions => ("AtPartitionCount".to_string(), format!("lag asks for more replicas than the topic's {partitions} partitions; extra replicas would idle")),
-        });
-        d.replicas
+            .expect("paced lock")
+            .get(&key)
+            .filter(|p| {
+                p.at.elapsed() < poll && p.generation == generation && p.partitions == partitions
+            })
+            .cloned();
+        let paced = match last {
+            Some(p) => p,
+            None => {
+                let p = decide(
+                    &ctx,
+                    &sp,
+                    &key,
+                    kcfg,
+                    current,
+                    ready,
+                    partitions,
+                    existing.is_some(),
+                )
+                .await?;
+                ctx.paced
+                    .lock()
+                    .expect("paced lock")
+                    .insert(key.clone(), p.clone());
+                p
+            }
+        };
+        status.lag = paced.lag.or(status.lag);
+        status.desired_replicas = paced.desired;
+        observed.lag_unknown = paced.lag_unknown.clone();
+        observed.limited = paced.limited.clone();
+        observed.stalled = paced.stalled.clone();
+        paced.replicas
     };
     observed.desired = replicas;
 
-    // 4. Build (pure) and apply the children.
+    // 5. Build (pure) and apply the children.
     let v = Validated {
         pipeline: (*sp).clone(),
         config,
@@ -536,19 +752,32 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
             .clone()
             .unwrap_or_else(|| ctx.default_image.clone()),
     };
-    apply(&ctx.client, &ns, &build_configmap(&v)).await?;
-    apply(&ctx.client, &ns, &build_service(&v)).await?;
-    apply(&ctx.client, &ns, &build_pdb(&v)).await?;
-    apply(&ctx.client, &ns, &build_deployment(&v, replicas)).await?;
-    if has_service_monitors(&ctx).await? {
+    let cm = build_configmap(&v);
+    if let Err(e) = apply(&ctx.client, &ns, &cm).await {
+        return child_failed(&ctx, &sp, status, "ConfigMap", &format!("{name}-config"), e).await;
+    }
+    if let Err(e) = apply(&ctx.client, &ns, &build_service(&v)).await {
+        return child_failed(&ctx, &sp, status, "Service", &format!("{name}-metrics"), e).await;
+    }
+    if let Err(e) = apply(&ctx.client, &ns, &build_pdb(&v)).await {
+        return child_failed(&ctx, &sp, status, "PodDisruptionBudget", &name, e).await;
+    }
+    if let Err(e) = apply(&ctx.client, &ns, &build_deployment(&v, replicas)).await {
+        return child_failed(&ctx, &sp, status, "Deployment", &name, e).await;
+    }
+    if has_service_monitors(&ctx).await.unwrap_or(false) {
         let ar = service_monitor_resource();
-        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
-        api.patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(build_service_monitor(&v)),
-        )
-        .await?;
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
+        if let Err(e) = api
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(build_service_monitor(&v)),
+            )
+            .await
+        {
+            return child_failed(&ctx, &sp, status, "ServiceMonitor", &name, e).await;
+        }
     }
     if existing.is_some() && replicas != current {
         status.last_scale_time = Some(Time(k8s_openapi::jiff::Timestamp::now()));
@@ -586,23 +815,154 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
         .with_label_values(&labels)
         .set(observed.limited.is_some() as i64);
 
-    // 5. Status.
+    // 6. Status.
     status.replicas = Some(replicas as i32);
     status.conditions = conditions(&observed, generation, &previous.conditions);
-    write_status(&ctx.client, &sp, status).await?;
+    write_status(&ctx.client, &ns, &name, status).await?;
     ctx.failures.lock().expect("failures lock").remove(&key);
     ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
     ctx.metrics
         .duration
         .with_label_values::<&str>(&[])
         .observe(started.elapsed().as_secs_f64());
-    Ok(Action::requeue(
-        scaling.poll_interval.0.max(Duration::from_secs(1)),
-    ))
+    Ok(Action::requeue(poll))
+}
+
+/// Read lag from Kafka and ask the policy: one paced decision.
+#[allow(clippy::too_many_arguments)]
+async fn decide(
+    ctx: &Context,
+    sp: &StreamPipeline,
+    key: &str,
+    kcfg: ClientConfig,
+    current: u32,
+    ready: u32,
+    partitions: u32,
+    exists: bool,
+) -> Result<Paced, Error> {
+    let ns = sp.namespace().unwrap_or_default();
+    let name = sp.name_any();
+    let labels = [ns.as_str(), name.as_str()];
+    let scaling = &sp.spec.scaling;
+    let (k, t2, g2, start) = (
+        ctx.kafka.clone(),
+        sp.spec.source.topic.clone(),
+        sp.spec.source.group_id.clone(),
+        sp.spec.source.start_from,
+    );
+    let mut paced = Paced {
+        at: Instant::now(),
+        generation: sp.metadata.generation,
+        partitions,
+        replicas: current,
+        desired: None,
+        lag: None,
+        lag_unknown: None,
+        limited: None,
+        stalled: Vec::new(),
+    };
+    let lag = match blocking(move || k.lag(&kcfg, &g2, &t2, start)).await? {
+        Ok(parts) => {
+            let total: u64 = parts.iter().map(|p| p.lag).sum();
+            // Only running workers can be stalled; with none ready, WorkersNotReady
+            // already says why nothing moves.
+            if ready > 0 {
+                paced.stalled = ctx
+                    .stalls
+                    .lock()
+                    .expect("stalls lock")
+                    .entry(key.to_string())
+                    .or_default()
+                    .observe(
+                        Instant::now(),
+                        &parts,
+                        stall_window(scaling.poll_interval.0),
+                    );
+            }
+            // Lag more replicas can reduce: not on stalled partitions.
+            let moving = parts
+                .iter()
+                .filter(|p| p.lag > 0 && !paced.stalled.contains(&p.partition));
+            let (records, busy) = moving.fold((0u64, 0u32), |(r, b), p| (r + p.lag, b + 1));
+            paced.lag = Some(total as i64);
+            ctx.metrics.lag.with_label_values(&labels).set(total as i64);
+            Lag::on(records, busy)
+        }
+        Err(e) => {
+            paced.lag_unknown = Some(e.to_string());
+            Lag::Unknown
+        }
+    };
+    let policy = Policy {
+        min: scaling.min_replicas.max(0) as u32,
+        max: scaling.max_replicas.max(0) as u32,
+        lag_per_replica: scaling.lag_per_replica.max(1) as u64,
+        scale_down_window: scaling.scale_down_stabilization.0,
+    };
+    // A Deployment that does not exist yet starts from the minimum, and nothing of it can
+    // be "not ready" yet.
+    let (base, ready) = if exists {
+        (current, ready)
+    } else {
+        let m = policy.min.min(partitions);
+        (m, m)
+    };
+    let d = ctx
+        .autoscalers
+        .lock()
+        .expect("autoscalers lock")
+        .entry(key.to_string())
+        .or_default()
+        .decide(Instant::now(), base, ready, lag, partitions, &policy);
+    ctx.metrics
+        .decisions
+        .with_label_values(&[ns.as_str(), name.as_str(), d.reason.label()])
+        .inc();
+    paced.desired = d.desired.map(|r| r as i32);
+    paced.replicas = d.replicas;
+    paced.limited = d.limited.map(|l| match l {
+        Limit::MaxReplicas => ("AtMaxReplicas".to_string(), format!("lag asks for more than maxReplicas ({})", policy.max)),
+        Limit::Partitions => ("AtPartitionCount".to_string(), format!("lag asks for more replicas than the topic's {partitions} partitions; extra replicas would idle")),
+        Limit::PartitionsWithLag => ("LagOnFewPartitions".to_string(), "the lag sits on fewer partitions than it would take replicas; a replica per partition with lag is the most that helps".to_string()),
+        Limit::MinAbovePartitions => ("MinReplicasAbovePartitions".to_string(), format!("minReplicas ({}) is above the topic's {partitions} partitions; running {partitions} (a replica without a partition would idle)", policy.min)),
+    });
+    Ok(paced)
+}
+
+/// An API error about a child: `Ready=False` with the category as the reason and the API
+/// server's message, a Warning Event, then a slow retry (the request was refused) or the
+/// usual backoff (anything else).
+async fn child_failed(
+    ctx: &Context,
+    sp: &StreamPipeline,
+    status: StreamPipelineStatus,
+    kind: &str,
+    child: &str,
+    e: kube::Error,
+) -> Result<Action, Error> {
+    let reason = child_error_reason(&e);
+    let o = Observed {
+        source_error: Some((
+            reason.into(),
+            format!("{kind} {child:?}: {}", api_message(&e)),
+        )),
+        ..Default::default()
+    };
+    // The API server may be what failed: the error is what matters, not this write.
+    let _ = refuse(ctx, sp, status, o, "Apply").await;
+    if child_error_is_permanent(&e) {
+        ctx.metrics
+            .reconciles
+            .with_label_values(&["child_rejected"])
+            .inc();
+        Ok(Action::requeue(Duration::from_secs(60)))
+    } else {
+        Err(Error::Kube(e))
+    }
 }
 
 /// Transient errors back off exponentially per object: 1 s, 2 s, 4 s ... up to 5 min.
-pub fn error_policy(sp: Arc<StreamPipeline>, err: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(sp: Arc<DynamicObject>, err: &Error, ctx: Arc<Context>) -> Action {
     let key = format!("{}/{}", sp.namespace().unwrap_or_default(), sp.name_any());
     let n = {
         let mut f = ctx.failures.lock().expect("failures lock");
@@ -641,22 +1001,26 @@ where
 pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
     let c = ctx.client.clone();
     let cfg = watcher::Config::default;
-    Controller::new(
-        scoped::<StreamPipeline>(&c, namespace),
-        cfg().any_semantic(),
-    )
-    .owns(scoped::<Deployment>(&c, namespace), cfg())
-    .owns(scoped::<ConfigMap>(&c, namespace), cfg())
-    .owns(scoped::<Service>(&c, namespace), cfg())
-    .owns(scoped::<PodDisruptionBudget>(&c, namespace), cfg())
-    .shutdown_on_signal()
-    .run(reconcile, error_policy, ctx)
-    .for_each(|res| async move {
-        if let Err(e) = res {
-            tracing::debug!(error = %e, "reconcile loop");
-        }
-    })
-    .await;
+    let ar = pipeline_resource();
+    // Untyped: a stored object the typed client could not parse would fail the whole list
+    // and stop every pipeline; each one is parsed in reconcile_object instead.
+    let pipelines: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(c.clone(), ns, &ar),
+        None => Api::all_with(c.clone(), &ar),
+    };
+    Controller::new_with(pipelines, cfg().any_semantic(), ar)
+        .owns(scoped::<Deployment>(&c, namespace), cfg())
+        .owns(scoped::<ConfigMap>(&c, namespace), cfg())
+        .owns(scoped::<Service>(&c, namespace), cfg())
+        .owns(scoped::<PodDisruptionBudget>(&c, namespace), cfg())
+        .shutdown_on_signal()
+        .run(reconcile_object, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile loop");
+            }
+        })
+        .await;
 }
 
 #[cfg(test)]

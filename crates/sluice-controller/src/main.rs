@@ -82,8 +82,26 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cli.metrics_addr))?;
     tokio::spawn(async move { axum::serve(listener, app).await });
     tracing::info!(addr = %cli.metrics_addr, image = %cli.worker_image, "sluice-controller starting");
+    // The controller stops on SIGTERM or SIGINT by itself; whatever its watches are doing
+    // (retrying an unreachable API server, say), it gets a few seconds, then the process
+    // exits anyway: one signal is enough.
+    let run = run_in(ctx, cli.watch_namespace.as_deref());
+    tokio::pin!(run);
+    let stop = async {
+        tokio::select! {
+            _ = &mut run => return,
+            _ = shutdown_signal() => {}
+        }
+        tracing::info!("shutting down");
+        if tokio::time::timeout(Duration::from_secs(3), &mut run)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the controller did not stop within 3s; exiting anyway");
+        }
+    };
     if cli.leader_election {
-        let mut guard = acquire(
+        let lease = acquire(
             client,
             LeaseConfig {
                 name: "sluice-controller".into(),
@@ -92,14 +110,29 @@ async fn main() -> anyhow::Result<()> {
                 duration: Duration::from_secs(15),
                 renew_every: Duration::from_secs(5),
             },
-        )
-        .await;
+        );
+        tokio::pin!(lease);
+        // Waiting for the lease is interruptible too.
+        let mut guard = tokio::select! {
+            g = &mut lease => g,
+            _ = shutdown_signal() => return Ok(()),
+        };
         tokio::select! {
-            _ = run_in(ctx, cli.watch_namespace.as_deref()) => {}
+            _ = stop => {}
             _ = guard.lost() => anyhow::bail!("lost leadership; exiting so another replica takes over"),
         }
     } else {
-        run_in(ctx, cli.watch_namespace.as_deref()).await;
+        stop.await;
     }
     Ok(())
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -184,6 +184,62 @@ async fn the_api_server_rejects_invalid_pipelines_with_actionable_messages() {
             json!({"retry": {"maxElapsed": 5}}),
             "spec.retry.maxElapsed",
         ),
+        // What the controller's types refuse, the schema refuses (issue 11).
+        (
+            "a byte size that is a word",
+            json!({"batching": {"maxBytes": "lots"}}),
+            "spec.batching.maxBytes",
+        ),
+        (
+            "a negative byte size",
+            json!({"batching": {"maxBytes": -5}}),
+            "spec.batching.maxBytes",
+        ),
+        (
+            "a byte size in terabytes (no such unit)",
+            json!({"memory": {"inFlightBytes": "1TB"}}),
+            "spec.memory.inFlightBytes",
+        ),
+        (
+            "a byte size beyond 64 bits",
+            json!({"memory": {"fetchBuffer": "99999999999999999999"}}),
+            "spec.memory.fetchBuffer",
+        ),
+        (
+            "a duration with two decimal points",
+            json!({"batching": {"linger": "1.5.5s"}}),
+            "spec.batching.linger",
+        ),
+        (
+            "a duration beyond 64 bits",
+            json!({"commit": {"drainTimeout": "99999999999999999999s"}}),
+            "spec.commit.drainTimeout",
+        ),
+        (
+            "attempts beyond 32 bits",
+            json!({"retry": {"maxAttempts": 5_000_000_000u64}}),
+            "spec.retry.maxAttempts",
+        ),
+        (
+            "a log level that is not a filter",
+            json!({"logLevel": "verbose-please"}),
+            "spec.logLevel",
+        ),
+        (
+            "a custom processor on the stock image",
+            json!({"processor": {"custom": {"name": "enrich"}}}),
+            "processor.custom needs spec.image",
+        ),
+        (
+            "a secret env var the worker sets itself",
+            json!({"secretEnv": [{"name": "SLUICE_CONFIG", "secretKeyRef": {"name": "s", "key": "k"}}]}),
+            "are set by sluice",
+        ),
+        (
+            "a secret env var that overrides the configuration",
+            json!({"secretEnv": [{"name": "SLUICE__SOURCE__TOPIC", "secretKeyRef": {"name": "s", "key": "k"}}]}),
+            "SLUICE__* would override",
+        ),
     ];
     for (i, (what, patch, want)) in corpus.into_iter().enumerate() {
         let mut obj = minimal(&format!("bad-{i}"));
@@ -226,4 +282,169 @@ async fn status_and_scale_subresources_work() {
     .await
     .expect("scale patch");
     assert_eq!(api.get("scaled").await.unwrap().spec.replicas, 3);
+}
+
+#[tokio::test]
+async fn names_that_cannot_name_the_children_are_refused_with_the_rule() {
+    let (c, ns) = setup("sp").await;
+    let api = dynamic(&c, &ns);
+    let long = format!("p{}", "x".repeat(69));
+    for name in ["iot.enrich.v2", long.as_str(), "9lives"] {
+        let e = create(&api, minimal(name)).await.unwrap_err();
+        assert!(
+            e.contains("must be a DNS-1035 label of at most 55"),
+            "{name}: {e}"
+        );
+    }
+    let ok = "a".repeat(55);
+    create(&api, minimal(&ok))
+        .await
+        .expect("55 characters are fine");
+}
+
+/// A tiny deterministic generator (no dependency): xorshift64*.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+        from[(self.next() % from.len() as u64) as usize]
+    }
+}
+
+/// Strings made of the pieces sizes and durations are written with, and some that are
+/// not: most are wrong, some are right, a few are right but huge.
+fn random_scalar(r: &mut Rng) -> serde_json::Value {
+    const PIECES: &[&str] = &[
+        "0",
+        "1",
+        "5",
+        "9",
+        "42",
+        "1024",
+        "99999",
+        "4294967296",
+        "18446744073709551616",
+        "999999999999999999999",
+        ".",
+        ".5",
+        "-",
+        "+",
+        " ",
+        "e3",
+        "B",
+        "KB",
+        "kB",
+        "KiB",
+        "MB",
+        "MiB",
+        "GB",
+        "GiB",
+        "TB",
+        "ns",
+        "us",
+        "ms",
+        "s",
+        "m",
+        "h",
+        "d",
+        "µs",
+        "x",
+        "lots",
+    ];
+    match r.next() % 4 {
+        0 => json!((r.next() as i64) >> (r.next() % 64)),
+        1 => json!(r.next() % 2_000_000),
+        _ => {
+            let n = 1 + r.next() % 4;
+            json!((0..n).map(|_| r.pick(PIECES)).collect::<String>())
+        }
+    }
+}
+
+/// Parity: every value the API server accepts in a typed field, the controller's types
+/// parse. Random values (seeded, so a failure can be replayed) and hand-picked edge cases,
+/// in every size, duration and count field of the spec; each accepted object goes through
+/// the controller's own parse.
+#[tokio::test]
+async fn every_value_the_api_server_accepts_the_controller_parses() {
+    let (c, ns) = setup("parity").await;
+    let api = dynamic(&c, &ns);
+    let fields: &[(&str, &str)] = &[
+        ("batching", "maxBytes"),
+        ("memory", "inFlightBytes"),
+        ("memory", "fetchBuffer"),
+        ("batching", "linger"),
+        ("batching", "maxMessages"),
+        ("commit", "interval"),
+        ("commit", "drainTimeout"),
+        ("retry", "initialBackoff"),
+        ("retry", "maxAttempts"),
+        ("workers", "queueCapacity"),
+        ("scaling", "lagPerReplica"),
+        ("scaling", "pollInterval"),
+    ];
+    let picked = [
+        json!("lots"),
+        json!(-5),
+        json!("1.5s"),
+        json!("1.5.5s"),
+        json!("2m 30s"),
+        json!("2m30s"),
+        json!("5ms "),
+        json!(" 5ms"),
+        json!("1 MiB"),
+        json!("1MiB"),
+        json!("0"),
+        json!(0),
+        json!("999999999GiB"),
+        json!("999999999999999999"),
+        json!("9999999999999999999"),
+        json!(9_223_372_036_854_775_807i64),
+        json!(4_294_967_296u64),
+        json!(1.5),
+        json!("999999999h"),
+        json!("1.999ms"),
+        json!("0.001ns"),
+        json!(true),
+        json!(""),
+        json!("1e3"),
+        json!("+5"),
+        json!("5µs"),
+    ];
+    let mut rng = Rng(0x5EED_1157);
+    let (mut accepted, mut refused) = (0, 0);
+    for (i, (section, field)) in fields.iter().enumerate() {
+        let mut values: Vec<serde_json::Value> = picked.to_vec();
+        values.extend((0..40).map(|_| random_scalar(&mut rng)));
+        for (j, v) in values.into_iter().enumerate() {
+            let mut obj = minimal(&format!("parity-{i}-{j}"));
+            obj["spec"][*section] = json!({ *field: v.clone() });
+            let obj: kube::api::DynamicObject = serde_json::from_value(obj).unwrap();
+            let pp = PostParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            match api.create(&pp, &obj).await {
+                Ok(stored) => {
+                    accepted += 1;
+                    if let Err(e) = sluice_controller::reconcile::validate::parse(&stored) {
+                        panic!("spec.{section}.{field} = {v}: the API server accepted it, the controller cannot parse it: {e}");
+                    }
+                }
+                Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => refused += 1,
+                Err(e) => panic!("spec.{section}.{field} = {v}: {e}"),
+            }
+        }
+    }
+    assert!(
+        accepted > 50 && refused > 200,
+        "accepted {accepted}, refused {refused}"
+    );
+    println!("parity: {accepted} accepted values all parse; {refused} refused");
 }

@@ -1,119 +1,916 @@
-//! End to end on a full cluster (kind, k3d, a real one): install the chart, apply a
-//! pipeline, wait for Ready and for lag to drain. Runs only when SLUICE_E2E_KUBECONFIG is
-//! set; needs images the cluster can pull and a Kafka reachable from the pods:
+//! The user's whole path on a real Kubernetes node: `helm install` the chart, `kubectl apply`
+//! a StreamPipeline from manifests/examples, records flow through worker pods, the
+//! controller scales on lag and back, pods are deleted and rolled mid-stream, the pipeline
+//! is paused and resumed, the leader controller is deleted, the pipeline is deleted and its
+//! children are garbage-collected, and Prometheus scrapes what the ServiceMonitors select.
 //!
-//! ```sh
-//! SLUICE_E2E_KUBECONFIG=~/.kube/config \
-//! SLUICE_E2E_BOOTSTRAP=kafka.kafka.svc:9092 \        # as seen from the pods
-//! SLUICE_E2E_LOCAL_BOOTSTRAP=127.0.0.1:9092 \        # as seen from the test (port-forward)
-//! SLUICE_E2E_CONTROLLER_IMAGE=ghcr.io/sluice-dev/sluice-controller:0.1.0 \
-//! SLUICE_E2E_WORKER_IMAGE=ghcr.io/sluice-dev/sluice-worker:0.1.0 \
-//! cargo test -p sluice-controller --test e2e_cluster -- --nocapture
-//! ```
+//! It runs on the local single-node cluster of scripts/cluster.sh (started by the testkit
+//! when it is not up, with images from scripts/images.sh), or on any cluster given by
+//! `SLUICE_E2E_KUBECONFIG` (see `sluice_testkit::cluster`). Each step prints how long it
+//! took; the autoscaling timeline is also written to target/e2e/autoscaling.md.
 
-use std::process::Command;
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_testkit::{create_topic, repo_root, run_ok, tool, uncommitted, unique};
+use serde_json::Value;
+use sluice_testkit::cluster::{cluster, split_image, Cluster};
+use sluice_testkit::{
+    audit, bootstrap, create_topic, repo_root, run_ok, uncommitted, unique, wait_for, AuditReport,
+    ProduceSpec,
+};
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
+const PARTITIONS: i32 = 4;
+const POLL: u64 = 5;
+const LAG_PER_REPLICA: u64 = 2_000;
+const STABILIZATION: u64 = 30;
+const RELEASE_NS: &str = "sluice-system";
+
+fn step<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    eprintln!("[e2e] {name} ...");
+    let t = Instant::now();
+    let r = f();
+    eprintln!("[e2e] {name}: done in {:.1}s", t.elapsed().as_secs_f64());
+    r
 }
 
-#[test]
-fn chart_install_then_pipeline_becomes_ready_and_drains_its_lag() {
-    let Some(kubeconfig) = env("SLUICE_E2E_KUBECONFIG") else {
-        eprintln!("SKIPPED: set SLUICE_E2E_KUBECONFIG (and SLUICE_E2E_BOOTSTRAP, SLUICE_E2E_LOCAL_BOOTSTRAP, SLUICE_E2E_*_IMAGE) to run the full-cluster e2e suite");
-        return;
-    };
-    let bootstrap =
-        env("SLUICE_E2E_BOOTSTRAP").expect("SLUICE_E2E_BOOTSTRAP: Kafka as seen from the pods");
-    let local = env("SLUICE_E2E_LOCAL_BOOTSTRAP")
-        .expect("SLUICE_E2E_LOCAL_BOOTSTRAP: Kafka as seen from this test");
-    let (ci, wi) = (
-        env("SLUICE_E2E_CONTROLLER_IMAGE").expect("SLUICE_E2E_CONTROLLER_IMAGE"),
-        env("SLUICE_E2E_WORKER_IMAGE").expect("SLUICE_E2E_WORKER_IMAGE"),
-    );
-    let split = |i: &str| {
-        i.rsplit_once(':')
-            .map(|(r, t)| (r.to_string(), t.to_string()))
-            .expect("image:tag")
-    };
-    let ((cr, ct), (wr, wt)) = (split(&ci), split(&wi));
-    let kubectl = || {
-        let mut c = Command::new(tool("kubectl"));
-        c.arg("--kubeconfig").arg(&kubeconfig);
-        c
-    };
-    run_ok(
-        Command::new(tool("helm"))
-            .args(["upgrade", "--install", "sluice"])
-            .arg(repo_root().join("charts/sluice"))
-            .args([
-                "--kubeconfig",
-                &kubeconfig,
-                "--namespace",
-                "sluice-system",
-                "--create-namespace",
-                "--wait",
-            ])
-            .args([
-                "--set",
-                &format!("controller.image.repository={cr}"),
-                "--set",
-                &format!("controller.image.tag={ct}"),
-            ])
-            .args([
-                "--set",
-                &format!("worker.image.repository={wr}"),
-                "--set",
-                &format!("worker.image.tag={wt}"),
-            ]),
-    );
-    let (input, output, ns) = (unique("e2e-in"), unique("e2e-out"), unique("e2e"));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        create_topic(&local, &input, 4).await.unwrap();
-        create_topic(&local, &output, 4).await.unwrap();
-    });
-    run_ok(kubectl().args(["create", "namespace", &ns]));
-    let pipeline = format!(
-        "apiVersion: sluice.dev/v1alpha1\nkind: StreamPipeline\nmetadata: {{name: e2e, namespace: {ns}}}\nspec:\n  source: {{bootstrapServers: \"{bootstrap}\", topic: {input}, groupId: e2e}}\n  sinks: [{{kafka: {{topic: {output}}}}}]\n  scaling: {{minReplicas: 1, maxReplicas: 4, lagPerReplica: 20000, pollInterval: 5s}}\n"
-    );
-    let file = std::env::temp_dir().join(format!("{ns}.yaml"));
-    std::fs::write(&file, pipeline).unwrap();
-    run_ok(kubectl().arg("apply").arg("-f").arg(&file));
-    run_ok(kubectl().args([
-        "wait",
-        "-n",
-        &ns,
-        "--for=condition=Ready",
-        "--timeout=300s",
-        "streampipeline/e2e",
-    ]));
-    let spec = sluice_testkit::ProduceSpec {
-        bootstrap: local.clone(),
-        topic: input.clone(),
-        from: 0,
-        count: 100_000,
-        rate: None,
+fn produce_range(topic: &str, from: u64, count: u64, rate: Option<f64>) {
+    let spec = ProduceSpec {
+        bootstrap: bootstrap(),
+        topic: topic.into(),
+        from,
+        count,
+        rate,
         size: 100,
         linger_ms: 5,
     };
-    sluice_testkit::produce(&spec, &std::sync::atomic::AtomicU64::new(0)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while uncommitted(&local, "e2e", &input) > 0 {
-        assert!(Instant::now() < deadline, "lag did not drain in 5 minutes");
-        std::thread::sleep(Duration::from_secs(2));
+    sluice_testkit::produce(&spec, &std::sync::atomic::AtomicU64::new(0)).expect("produce");
+}
+
+fn audit_range(topic: &str, from: u64, count: u64) -> AuditReport {
+    audit(&bootstrap(), topic, from, count, Duration::from_secs(60)).expect("audit")
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// One pipeline under test and what the test knows about it.
+struct Pipeline<'c> {
+    c: &'c Cluster,
+    ns: String,
+    name: String,
+    input: String,
+    outputs: [String; 2],
+    group: String,
+}
+
+impl Pipeline<'_> {
+    fn get(&self) -> Value {
+        json(
+            &self
+                .c
+                .k(&["get", "-n", &self.ns, "sp", &self.name, "-o", "json"]),
+        )
     }
-    let report =
-        sluice_testkit::audit(&local, &output, 0, 100_000, Duration::from_secs(60)).unwrap();
-    assert_eq!(report.missing, 0, "{report}");
-    println!(
-        "{}",
-        run_ok(kubectl().args(["get", "streampipelines", "-n", &ns]))
+
+    fn status(&self, field: &str) -> i64 {
+        self.get()["status"][field].as_i64().unwrap_or(-1)
+    }
+
+    fn deployment_replicas(&self) -> (i64, i64) {
+        let d = self
+            .c
+            .k_opt(&[
+                "get",
+                "-n",
+                &self.ns,
+                "deployment",
+                &self.name,
+                "-o",
+                "json",
+            ])
+            .map(|s| json(&s))
+            .unwrap_or(Value::Null);
+        (
+            d["spec"]["replicas"].as_i64().unwrap_or(-1),
+            d["status"]["readyReplicas"].as_i64().unwrap_or(0),
+        )
+    }
+
+    fn patch(&self, patch: &str) {
+        self.c.k(&[
+            "patch", "-n", &self.ns, "sp", &self.name, "--type", "merge", "-p", patch,
+        ]);
+    }
+
+    fn lag(&self) -> i64 {
+        uncommitted(&bootstrap(), &self.group, &self.input)
+    }
+
+    fn wait_drained(&self, what: &str, timeout: Duration) {
+        wait_for(what, timeout, || self.lag() == 0);
+    }
+
+    fn worker_pods(&self) -> Vec<String> {
+        self.c
+            .k(&[
+                "get", "pods", "-n", &self.ns, "-l", &format!("sluice.dev/pipeline={}", self.name),
+                "-o", "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+            ])
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let (name, phase, deleting) = (f.next()?, f.next()?, f.next());
+                (phase == "Running" && deleting.is_none()).then(|| name.to_string())
+            })
+            .collect()
+    }
+
+    /// Every output topic holds every sequence number of `from..from+count`.
+    fn assert_delivered(&self, from: u64, count: u64, what: &str) -> u64 {
+        let mut dups = 0;
+        for out in &self.outputs {
+            let r = audit_range(out, from, count);
+            assert_eq!(r.missing, 0, "{what}: {out}: {r}");
+            eprintln!("[e2e] {what}: {out}: {r}");
+            dups += r.duplicates;
+        }
+        dups
+    }
+}
+
+#[test]
+fn helm_install_apply_autoscale_faults_delete_and_observe_on_a_real_node() {
+    let c = cluster();
+    let t0 = Instant::now();
+    let (cr, ct) = split_image(&c.controller_image);
+    let (wr, wt) = split_image(&c.worker_image);
+
+    // 0. The monitoring stack a platform team already runs: the Prometheus Operator and a
+    //    Prometheus (installed first, as in a real cluster; sluice's monitoring is turned on
+    //    in step 6).
+    step("monitoring stack: Prometheus Operator + Prometheus", || {
+        observe::install_stack(&c)
+    });
+
+    // 1. Install: the README's helm command, with values only for the images.
+    step("install: helm install charts/sluice", || {
+        run_ok(
+            c.helm()
+                .args(["upgrade", "--install", "sluice"])
+                .arg(repo_root().join("charts/sluice"))
+                .args([
+                    "--namespace",
+                    RELEASE_NS,
+                    "--create-namespace",
+                    "--wait",
+                    "--timeout",
+                    "5m",
+                ])
+                .args(["--set", &format!("controller.image.repository={cr}")])
+                .args(["--set", &format!("controller.image.tag={ct}")])
+                .args(["--set", &format!("worker.image.repository={wr}")])
+                .args(["--set", &format!("worker.image.tag={wt}")]),
+        );
+        let ready = c.jsonpath(RELEASE_NS, "deployment/sluice", "{.status.readyReplicas}");
+        assert_eq!(
+            ready, "2",
+            "the controller Deployment runs 2 ready replicas"
+        );
+        wait_for(
+            "one controller to hold the Lease",
+            Duration::from_secs(60),
+            || leader(&c).is_some(),
+        );
+    });
+
+    let suffix = unique("e2e").replace("e2e-", "");
+    let short = &suffix[suffix.len() - 8..];
+    let p = Pipeline {
+        c: &c,
+        ns: format!("e2e-{short}"),
+        name: "iot-enrich".into(),
+        input: format!("e2e-iot-{suffix}"),
+        outputs: [
+            format!("e2e-enriched-{suffix}"),
+            format!("e2e-archive-{suffix}"),
+        ],
+        group: format!("e2e-iot-enrich-{suffix}"),
+    };
+    rt().block_on(async {
+        for t in [&p.input, &p.outputs[0], &p.outputs[1]] {
+            create_topic(&bootstrap(), t, PARTITIONS)
+                .await
+                .expect("topic");
+        }
+    });
+    c.k(&["create", "namespace", &p.ns]);
+    // Objects of the user's in the same namespace: nothing sluice does may touch them.
+    c.k(&[
+        "create",
+        "configmap",
+        "-n",
+        &p.ns,
+        "user-settings",
+        "--from-literal=owner=user",
+    ]);
+    let user_rv = c.jsonpath(
+        &p.ns,
+        "configmap/user-settings",
+        "{.metadata.resourceVersion}",
     );
+
+    // 2. Apply the example pipeline, pointed at the test broker.
+    step(
+        "apply: kubectl apply manifests/examples/iot-enrich.yaml",
+        || {
+            c.apply(&example_for_test(&p, &c.pod_bootstrap));
+            c.k(&[
+                "wait",
+                "-n",
+                &p.ns,
+                "--for=condition=Ready",
+                "--timeout=180s",
+                "sp/iot-enrich",
+            ]);
+            produce_range(&p.input, 0, 20_000, None);
+            p.wait_drained(
+                "the first 20k records to be committed",
+                Duration::from_secs(120),
+            );
+            p.assert_delivered(0, 20_000, "apply");
+            // What `kubectl get sp` shows, with real values (the first burst may have scaled
+            // the pipeline up already: replicas are anything from 1 to the partition count).
+            let mut table = String::new();
+            wait_for(
+                "kubectl get sp to show lag 0 and Ready=True",
+                Duration::from_secs(120),
+                || {
+                    table = c.k(&["get", "sp", "-n", &p.ns]);
+                    let row: Vec<&str> = table
+                        .lines()
+                        .nth(1)
+                        .unwrap_or("")
+                        .split_whitespace()
+                        .collect();
+                    row.len() >= 5 && row[3] == "0" && row[4] == "True"
+                },
+            );
+            eprintln!("{table}");
+            let row: Vec<&str> = table
+                .lines()
+                .nth(1)
+                .expect("a row")
+                .split_whitespace()
+                .collect();
+            let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+            assert_eq!(
+                &header[..5],
+                &["NAME", "PARTITIONS", "REPLICAS", "LAG", "READY"]
+            );
+            assert_eq!(&row[..2], &["iot-enrich", "4"], "{table}");
+            let replicas: i32 = row[2].parse().expect("replicas");
+            assert!((1..=PARTITIONS).contains(&replicas), "{table}");
+        },
+    );
+
+    // 3. A config change rolls the Deployment (config hash) while records flow.
+    step("config change rolls the Deployment with 0 missing", || {
+        let hash = |p: &Pipeline| {
+            p.c.jsonpath(
+                &p.ns,
+                "deployment/iot-enrich",
+                "{.spec.template.metadata.annotations.sluice\\.dev/config-hash}",
+            )
+        };
+        let before = hash(&p);
+        let producer = spawn_produce(&p.input, 20_000, 10_000, Some(5_000.0));
+        p.patch(r#"{"spec":{"workers":{"queueCapacity":256}}}"#);
+        wait_for(
+            "a new config hash on the pod template",
+            Duration::from_secs(60),
+            || {
+                let h = hash(&p);
+                !h.is_empty() && h != before
+            },
+        );
+        producer.join().expect("producer");
+        wait_for("the rollout to finish", Duration::from_secs(120), || {
+            let (want, ready) = p.deployment_replicas();
+            want >= 1 && ready == want && p.worker_pods().len() as i64 == want
+        });
+        p.wait_drained(
+            "records produced during the rollout",
+            Duration::from_secs(180),
+        );
+        p.assert_delivered(20_000, 10_000, "rollout");
+    });
+
+    // 4. Autoscale on lag: a backlog of 50 x lagPerReplica.
+    let timeline = step(
+        "autoscale: backlog -> scale up -> drain -> scale down",
+        || autoscale(&p),
+    );
+
+    // 5. Faults on the node.
+    step("delete a worker pod mid-stream", || {
+        let from = 30_000 + timeline.backlog;
+        let producer = spawn_produce(&p.input, from, 10_000, Some(2_000.0));
+        std::thread::sleep(Duration::from_secs(2));
+        let victim = p
+            .worker_pods()
+            .into_iter()
+            .next()
+            .expect("a running worker");
+        c.k(&["delete", "pod", "-n", &p.ns, &victim, "--wait=false"]);
+        producer.join().expect("producer");
+        p.wait_drained(
+            "records produced around the pod deletion",
+            Duration::from_secs(180),
+        );
+        p.assert_delivered(from, 10_000, "pod deleted");
+    });
+    step("pause and resume through the resource", || {
+        let from = 40_000 + timeline.backlog;
+        p.patch(r#"{"spec":{"paused":true}}"#);
+        wait_for(
+            "no worker pods while paused",
+            Duration::from_secs(90),
+            || p.deployment_replicas().0 == 0 && p.worker_pods().is_empty(),
+        );
+        produce_range(&p.input, from, 2_000, None);
+        std::thread::sleep(Duration::from_secs(POLL));
+        assert_eq!(p.lag(), 2_000, "nothing is consumed while paused");
+        p.patch(r#"{"spec":{"paused":false}}"#);
+        p.wait_drained("the paused backlog after resume", Duration::from_secs(120));
+        p.assert_delivered(from, 2_000, "pause/resume");
+    });
+    step(
+        "delete the leader controller: the other takes the Lease",
+        || {
+            let old = leader(&c).expect("a leader");
+            c.k(&["delete", "pod", "-n", RELEASE_NS, &old, "--wait=false"]);
+            wait_for(
+                "another controller to hold the Lease",
+                Duration::from_secs(90),
+                || leader(&c).is_some_and(|l| l != old),
+            );
+            // Reconciles continue: a spec change is observed by the new leader.
+            let generation = p.get()["metadata"]["generation"].as_i64().unwrap();
+            p.patch(r#"{"spec":{"batching":{"linger":"10ms"}}}"#);
+            wait_for(
+                "the new leader to observe the change",
+                Duration::from_secs(60),
+                || p.status("observedGeneration") > generation,
+            );
+        },
+    );
+
+    // 6. Observe: Prometheus scrapes the worker and controller metrics.
+    step(
+        "observe: Prometheus scrapes workers and the controller",
+        || observe::run(&c, &p, 45_000 + timeline.backlog),
+    );
+
+    // 7. The custom-processor example on its own image.
+    step("custom processor image (examples/enrich-worker)", || {
+        custom_processor(&c, &p.ns)
+    });
+
+    // 8. Delete the pipeline: workers drain and exit 0; children are collected by the
+    //    garbage collector; the user's objects stay as they were.
+    step("delete the pipeline", || {
+        let from = 50_000 + timeline.backlog;
+        produce_range(&p.input, from, 2_000, None);
+        p.wait_drained("the last records before deletion", Duration::from_secs(120));
+        let exits = watch_exit_codes(&c, &p.ns, &p.name);
+        c.k(&[
+            "delete",
+            "sp",
+            "-n",
+            &p.ns,
+            &p.name,
+            "--wait=true",
+            "--timeout=120s",
+        ]);
+        for kind in ["deployment", "configmap", "service", "poddisruptionbudget"] {
+            wait_for(
+                &format!("{kind} collected"),
+                Duration::from_secs(90),
+                || {
+                    c.k_opt(&[
+                        "get",
+                        "-n",
+                        &p.ns,
+                        kind,
+                        "-l",
+                        "sluice.dev/pipeline=iot-enrich",
+                        "-o",
+                        "name",
+                    ])
+                    .is_some_and(|s| s.trim().is_empty())
+                },
+            );
+        }
+        wait_for("worker pods gone", Duration::from_secs(120), || {
+            p.worker_pods().is_empty()
+                && c.k(&[
+                    "get",
+                    "pods",
+                    "-n",
+                    &p.ns,
+                    "-l",
+                    "sluice.dev/pipeline=iot-enrich",
+                    "-o",
+                    "name",
+                ])
+                .trim()
+                .is_empty()
+        });
+        let codes = exits.lock().unwrap().clone();
+        assert!(!codes.is_empty(), "saw the workers' exit codes");
+        assert!(
+            codes.iter().all(|(_, code)| *code == 0),
+            "every worker exits 0 on deletion: {codes:?}"
+        );
+        assert_eq!(
+            p.lag(),
+            0,
+            "everything consumed was committed before the workers left"
+        );
+        p.assert_delivered(from, 2_000, "deletion");
+        let rv = c.jsonpath(
+            &p.ns,
+            "configmap/user-settings",
+            "{.metadata.resourceVersion}",
+        );
+        assert_eq!(rv, user_rv, "the user's ConfigMap is untouched");
+    });
+
+    eprintln!(
+        "[e2e] the whole path took {:.0}s",
+        t0.elapsed().as_secs_f64()
+    );
+    c.k(&["delete", "namespace", &p.ns, "--wait=false"]);
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn spawn_produce(
+    topic: &str,
+    from: u64,
+    count: u64,
+    rate: Option<f64>,
+) -> std::thread::JoinHandle<()> {
+    let topic = topic.to_string();
+    std::thread::spawn(move || produce_range(&topic, from, count, rate))
+}
+
+/// The controller pod holding the Lease, if it is one of the running controller pods.
+fn leader(c: &Cluster) -> Option<String> {
+    let holder = c.jsonpath(
+        RELEASE_NS,
+        "lease/sluice-controller",
+        "{.spec.holderIdentity}",
+    );
+    let pods = c.k(&[
+        "get",
+        "pods",
+        "-n",
+        RELEASE_NS,
+        "-l",
+        "app.kubernetes.io/name=sluice-controller",
+        "--field-selector",
+        "status.phase=Running",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ]);
+    pods.split_whitespace()
+        .any(|p| p == holder)
+        .then_some(holder)
+}
+
+/// manifests/examples/iot-enrich.yaml, as a user would adapt it to this cluster: the
+/// namespace, the broker address the pods reach, this run's topics and group, small
+/// resource requests (the node has 2 cores) and a scaling policy sized to the test.
+fn example_for_test(p: &Pipeline, pod_bootstrap: &str) -> String {
+    let text =
+        std::fs::read_to_string(repo_root().join("manifests/examples/iot-enrich.yaml")).unwrap();
+    let mut sp: Value = serde_yaml::from_str(&text).expect("example YAML");
+    sp["metadata"]["namespace"] = p.ns.clone().into();
+    let spec = &mut sp["spec"];
+    spec["source"]["bootstrapServers"] = pod_bootstrap.into();
+    spec["source"]["topic"] = p.input.clone().into();
+    spec["source"]["groupId"] = p.group.clone().into();
+    spec["sinks"][0]["kafka"]["topic"] = p.outputs[0].clone().into();
+    spec["sinks"][1]["kafka"]["topic"] = p.outputs[1].clone().into();
+    spec["resources"] = serde_json::json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}});
+    spec["scaling"] = serde_json::json!({
+        "minReplicas": 1, "maxReplicas": 8, "lagPerReplica": LAG_PER_REPLICA,
+        "pollInterval": format!("{POLL}s"), "scaleDownStabilization": format!("{STABILIZATION}s"),
+    });
+    serde_json::to_string(&sp).unwrap()
+}
+
+/// What the autoscaling step saw.
+#[derive(Debug, Default)]
+struct Timeline {
+    backlog: u64,
+    to_first_scale_up: f64,
+    to_peak: f64,
+    peak: i64,
+    to_drained: f64,
+    to_scale_down: f64,
+    decisions: usize,
+    replicas_seen: Vec<(f64, i64)>,
+    duplicates: u64,
+}
+
+fn autoscale(p: &Pipeline) -> Timeline {
+    let backlog = 50 * LAG_PER_REPLICA;
+    let from = 30_000;
+    // Slower processing (1 ms a record), so the backlog lasts long enough for more replicas
+    // to drain it faster. The change rolls the pods; start once that settled at 1 replica.
+    p.patch(r#"{"spec":{"processor":{"passthrough":null,"delay":{"perRecord":"1ms"}}}}"#);
+    wait_for(
+        "the rollout to the slower processor at 1 replica",
+        Duration::from_secs(120),
+        || {
+            let (want, ready) = p.deployment_replicas();
+            want == 1 && ready == 1 && p.worker_pods().len() == 1
+        },
+    );
+    produce_range(&p.input, from, backlog, None);
+    let t = Instant::now();
+    let mut tl = Timeline {
+        backlog,
+        ..Default::default()
+    };
+    let mut last = 1;
+    tl.replicas_seen.push((0.0, 1));
+    let mut drained = false;
+    let deadline = Duration::from_secs(300 + STABILIZATION);
+    loop {
+        let el = t.elapsed().as_secs_f64();
+        assert!(t.elapsed() < deadline, "autoscaling did not finish: {tl:?}");
+        let (r, _) = p.deployment_replicas();
+        assert!(
+            r <= PARTITIONS as i64,
+            "never more replicas than partitions: {r}"
+        );
+        if r != last && r >= 0 {
+            tl.replicas_seen.push((el, r));
+            tl.decisions += 1;
+            if r > last && tl.to_first_scale_up == 0.0 {
+                tl.to_first_scale_up = el;
+            }
+            if r > tl.peak {
+                tl.peak = r;
+                tl.to_peak = el;
+            }
+            if drained && r < last && r == 1 {
+                tl.to_scale_down = el;
+            }
+            last = r;
+        }
+        if tl.to_first_scale_up == 0.0 {
+            assert!(
+                el < (2 * POLL) as f64 + 5.0,
+                "replicas did not rise within 2 poll intervals of a {backlog} backlog"
+            );
+        }
+        if !drained && p.lag() == 0 {
+            drained = true;
+            tl.to_drained = el;
+        }
+        if drained && tl.to_scale_down > 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(tl.peak > 1, "scaled up: {tl:?}");
+    assert!(
+        tl.to_scale_down - tl.to_drained >= STABILIZATION as f64 - POLL as f64,
+        "scale-down waited for the stabilization window: {tl:?}"
+    );
+    // The scale-up and the scale-down rebalances both drain before letting go.
+    tl.duplicates = p.assert_delivered(from, backlog, "autoscale");
+    assert_eq!(tl.duplicates, 0, "scaling redelivers nothing: {tl:?}");
+    write_timeline(&tl);
+    tl
+}
+
+fn write_timeline(tl: &Timeline) {
+    let steps: Vec<String> = tl
+        .replicas_seen
+        .iter()
+        .map(|(t, r)| format!("{t:.1}s: {r}"))
+        .collect();
+    let text = format!(
+        "| backlog | first scale-up | peak replicas (at) | lag drained | back to 1 replica | scale changes | duplicates |\n\
+         |---|---|---|---|---|---|---|\n\
+         | {} | {:.1} s | {} ({:.1} s) | {:.1} s | {:.1} s | {} | {} |\n\nreplicas over time: {}\n",
+        tl.backlog, tl.to_first_scale_up, tl.peak, tl.to_peak, tl.to_drained, tl.to_scale_down,
+        tl.decisions, tl.duplicates, steps.join(", ")
+    );
+    eprintln!("[e2e] autoscaling timeline (pollInterval {POLL}s, lagPerReplica {LAG_PER_REPLICA}, stabilization {STABILIZATION}s, {PARTITIONS} partitions):\n{text}");
+    let dir = repo_root().join("target/e2e");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("autoscaling.md"), text);
+}
+
+/// Exit codes of the pipeline's worker containers, as a watch sees them terminate.
+fn watch_exit_codes(c: &Cluster, ns: &str, pipeline: &str) -> Arc<Mutex<BTreeSet<(String, i64)>>> {
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut child = c
+        .kubectl()
+        .args([
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            &format!("sluice.dev/pipeline={pipeline}"),
+            "-w",
+            "-o",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl watch");
+    let out = child.stdout.take().unwrap();
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        // `-o json -w` prints one pretty-printed object after another.
+        let mut buf = String::new();
+        let mut depth = 0i32;
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            depth += line.matches('{').count() as i32 - line.matches('}').count() as i32;
+            buf.push_str(&line);
+            buf.push('\n');
+            if depth == 0 && !buf.trim().is_empty() {
+                if let Ok(pod) = serde_json::from_str::<Value>(&buf) {
+                    let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
+                    for cs in pod["status"]["containerStatuses"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let Some(code) = cs["state"]["terminated"]["exitCode"].as_i64() {
+                            s2.lock().unwrap().insert((name.clone(), code));
+                        }
+                    }
+                }
+                buf.clear();
+            }
+        }
+        let _ = child.wait();
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    seen
+}
+
+/// examples/enrich-worker on its own image: `spec.image` plus `processor.custom`.
+fn custom_processor(c: &Cluster, ns: &str) {
+    let suffix = unique("enrich");
+    let (input, output) = (
+        format!("e2e-enrich-in-{suffix}"),
+        format!("e2e-enrich-out-{suffix}"),
+    );
+    rt().block_on(async {
+        create_topic(&bootstrap(), &input, 2).await.expect("topic");
+        create_topic(&bootstrap(), &output, 2).await.expect("topic");
+    });
+    let group = format!("e2e-enrich-{suffix}");
+    c.apply(
+        &serde_json::json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+            "metadata": {"name": "enrich", "namespace": ns},
+            "spec": {
+                "image": c.enrich_image,
+                "source": {"bootstrapServers": c.pod_bootstrap, "topic": input, "groupId": group},
+                "processor": {"custom": {"name": "enrich"}},
+                "sinks": [{"kafka": {"topic": output}}],
+                "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+                "scaling": {"minReplicas": 1, "maxReplicas": 2, "pollInterval": "5s"},
+            }
+        })
+        .to_string(),
+    );
+    c.k(&[
+        "wait",
+        "-n",
+        ns,
+        "--for=condition=Ready",
+        "--timeout=180s",
+        "sp/enrich",
+    ]);
+    let image = c.jsonpath(
+        ns,
+        "deployment/enrich",
+        "{.spec.template.spec.containers[0].image}",
+    );
+    assert_eq!(image, c.enrich_image, "the pods run the custom image");
+    produce_range(&input, 0, 1_000, None);
+    let r = audit_range(&output, 0, 1_000);
+    assert_eq!(r.missing, 0, "{r}");
+    let records = sluice_testkit::read_all(&output, Duration::from_secs(10));
+    let first: Value =
+        serde_json::from_slice(records[0].value.as_deref().expect("a value")).expect("JSON");
+    assert!(
+        first["site"].is_string() && first["tempF"].is_number(),
+        "enriched by the custom processor: {first}"
+    );
+    c.k(&["delete", "sp", "-n", ns, "enrich", "--wait=true"]);
+}
+
+/// The Prometheus Operator (built from Go modules, scripts/images.sh) and a Prometheus in
+/// the cluster; the chart's ServiceMonitor and PrometheusRule and the per-pipeline
+/// ServiceMonitor are picked up; queries through Prometheus's HTTP API return the worker's
+/// and the controller's series and the loaded rules.
+mod observe {
+    use super::*;
+
+    const MON_NS: &str = "default";
+
+    fn po_dir() -> std::path::PathBuf {
+        let out = run_ok(
+            std::process::Command::new("bash")
+                .arg(repo_root().join("scripts/images.sh"))
+                .arg("prometheus-operator-dir")
+                .stderr(Stdio::inherit()),
+        );
+        std::path::PathBuf::from(out.trim())
+    }
+
+    fn docs(path: &std::path::Path) -> Vec<Value> {
+        let text =
+            std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|d| <Value as serde::Deserialize>::deserialize(d).expect("YAML"))
+            .filter(|v| !v.is_null())
+            .collect()
+    }
+
+    /// Install the operator's CRDs, the operator and a Prometheus selecting every
+    /// ServiceMonitor and PrometheusRule. Idempotent.
+    pub fn install_stack(c: &Cluster) {
+        let dir = po_dir();
+        c.k(&["apply", "--server-side", "--force-conflicts", "-f"]
+            .into_iter()
+            .chain([dir
+                .join("example/prometheus-operator-crd")
+                .to_str()
+                .unwrap()])
+            .collect::<Vec<_>>());
+        c.k(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/prometheuses.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+        ]);
+        let rbac = dir.join("example/rbac");
+        for f in [
+            "prometheus-operator/prometheus-operator-service-account.yaml",
+            "prometheus-operator/prometheus-operator-cluster-role.yaml",
+            "prometheus-operator/prometheus-operator-cluster-role-binding.yaml",
+            "prometheus/prometheus-service-account.yaml",
+            "prometheus/prometheus-cluster-role.yaml",
+            "prometheus/prometheus-cluster-role-binding.yaml",
+        ] {
+            c.k(&["apply", "-f", rbac.join(f).to_str().unwrap()]);
+        }
+        // The operator's own Deployment, with the images built here.
+        let mut dep =
+            docs(&rbac.join("prometheus-operator/prometheus-operator-deployment.yaml")).remove(0);
+        let ctr = &mut dep["spec"]["template"]["spec"]["containers"][0];
+        ctr["image"] = c.prometheus_operator_image.clone().into();
+        ctr["imagePullPolicy"] = "IfNotPresent".into();
+        ctr["args"] = serde_json::json!([format!(
+            "--prometheus-config-reloader={}",
+            c.config_reloader_image
+        )]);
+        c.apply(&dep.to_string());
+        c.apply(
+            &serde_json::json!({
+                "apiVersion": "monitoring.coreos.com/v1", "kind": "Prometheus",
+                "metadata": {"name": "sluice", "namespace": MON_NS},
+                "spec": {
+                    "image": c.prometheus_image, "version": c.prometheus_version,
+                    "serviceAccountName": "prometheus",
+                    "serviceMonitorSelector": {}, "serviceMonitorNamespaceSelector": {},
+                    "ruleSelector": {}, "ruleNamespaceSelector": {},
+                    "scrapeInterval": "5s", "evaluationInterval": "5s",
+                    "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
+                    "securityContext": {"runAsUser": 65532, "runAsNonRoot": true, "fsGroup": 65532},
+                }
+            })
+            .to_string(),
+        );
+    }
+
+    fn prometheus_addr(c: &Cluster) -> Option<String> {
+        let ip = c.jsonpath(MON_NS, "pod/prometheus-sluice-0", "{.status.podIP}");
+        let ready = c.jsonpath(
+            MON_NS,
+            "pod/prometheus-sluice-0",
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        );
+        (!ip.is_empty() && ready == "True").then(|| format!("{ip}:9090"))
+    }
+
+    fn query(addr: &str, q: &str) -> Vec<Value> {
+        let enc: String = q
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        sluice_testkit::http_get(addr, &format!("/api/v1/query?query={enc}"))
+            .and_then(|body| serde_json::from_str::<Value>(&body).ok())
+            .and_then(|v| v["data"]["result"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    pub fn run(c: &Cluster, p: &Pipeline, from: u64) {
+        let (ns, pipeline) = (p.ns.as_str(), p.name.as_str());
+        // A user turns on the chart's monitoring once the operator runs.
+        run_ok(
+            c.helm()
+                .args(["upgrade", "sluice"])
+                .arg(repo_root().join("charts/sluice"))
+                .args(["--namespace", RELEASE_NS, "--reuse-values", "--wait"])
+                .args([
+                    "--set",
+                    "monitoring.serviceMonitor.enabled=true",
+                    "--set",
+                    "monitoring.prometheusRule.enabled=true",
+                ]),
+        );
+        wait_for(
+            "the pipeline's ServiceMonitor",
+            Duration::from_secs(120),
+            || {
+                c.k_opt(&["get", "-n", ns, "servicemonitor", pipeline])
+                    .is_some()
+            },
+        );
+        let mut addr = String::new();
+        wait_for("Prometheus to run", Duration::from_secs(180), || {
+            prometheus_addr(c).map(|a| addr = a).is_some()
+        });
+        eprintln!("[e2e] Prometheus at http://{addr}");
+        let checks = [
+            format!("sluice_messages_consumed_total{{namespace=\"{ns}\",pipeline=\"{pipeline}\"}}"),
+            format!("sluice_consumer_lag{{namespace=\"{ns}\",pipeline=\"{pipeline}\"}}"),
+            "sluice_controller_reconciliations_total".to_string(),
+        ];
+        for q in &checks {
+            wait_for(
+                &format!("Prometheus to return {q}"),
+                Duration::from_secs(180),
+                || !query(&addr, q).is_empty(),
+            );
+            eprintln!("[e2e] {q}: {} series", query(&addr, q).len());
+        }
+        // Records consumed now show in the scraped counter (the workers' counters start at 0
+        // with each pod, and the pods of the steps before may all be new).
+        produce_range(&p.input, from, 1_000, None);
+        p.wait_drained("the observe step's records", Duration::from_secs(60));
+        let consumed_q = format!(
+            "sum(sluice_messages_consumed_total{{namespace=\"{ns}\",pipeline=\"{pipeline}\"}})"
+        );
+        wait_for(
+            "the scraped consumed counter to count them",
+            Duration::from_secs(120),
+            || {
+                query(&addr, &consumed_q)
+                    .first()
+                    .and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+                    .is_some_and(|v| v >= 1_000.0)
+            },
+        );
+        wait_for(
+            "the chart's PrometheusRule to load",
+            Duration::from_secs(120),
+            || {
+                sluice_testkit::http_get(&addr, "/api/v1/rules")
+                    .is_some_and(|b| b.contains("SluiceLagGrowing"))
+            },
+        );
+    }
 }

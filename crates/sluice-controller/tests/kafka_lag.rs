@@ -5,6 +5,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sluice_api::config::StartFrom;
 use sluice_controller::autoscale::lag::{group_lag, partition_count, LagError};
 use sluice_testkit::{bootstrap, create_topic, unique};
 
@@ -57,7 +58,14 @@ fn lag_per_partition_is_high_watermark_minus_committed_or_from_the_log_start() {
         partition_count(&cfg, &topic, Duration::from_secs(10)).unwrap(),
         6
     );
-    let lag = group_lag(&cfg, &group, &topic, Duration::from_secs(10)).unwrap();
+    let lag = group_lag(
+        &cfg,
+        &group,
+        &topic,
+        StartFrom::Earliest,
+        Duration::from_secs(10),
+    )
+    .unwrap();
     let got: Vec<(i32, Option<i64>, u64)> = lag
         .iter()
         .map(|l| (l.partition, l.committed, l.lag))
@@ -80,7 +88,14 @@ fn a_missing_topic_is_an_error_not_zero_lag() {
     let b = bootstrap();
     let cfg = ClientConfig::new().set("bootstrap.servers", &b).clone();
     let missing = unique("no-such-topic");
-    let e = group_lag(&cfg, "g", &missing, Duration::from_secs(10)).unwrap_err();
+    let e = group_lag(
+        &cfg,
+        "g",
+        &missing,
+        StartFrom::Earliest,
+        Duration::from_secs(10),
+    )
+    .unwrap_err();
     assert!(matches!(e, LagError::TopicNotFound(_)), "{e}");
     assert!(partition_count(&cfg, &missing, Duration::from_secs(10)).is_err());
 }

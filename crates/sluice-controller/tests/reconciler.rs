@@ -124,6 +124,19 @@ async fn a_pipeline_becomes_a_deployment_configmap_service_and_pdb_and_follows_i
     assert_eq!(condition(&st, "Progressing").unwrap().0, "True");
     assert_eq!(status.observed_generation, st.metadata.generation);
 
+    // The autoscaler adds replicas only once the current ones are ready (no kubelet here:
+    // report them ready as the Deployment controller would).
+    deployments
+        .patch_status(
+            "iot",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"replicas": 2, "readyReplicas": 2, "availableReplicas": 2}}),
+            ),
+        )
+        .await
+        .unwrap();
+
     // Lag scales up at once: 35,000 records and no commit, 10,000 per replica -> 4.
     let spec = sluice_testkit::ProduceSpec {
         bootstrap: b.clone(),

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,12 +23,44 @@ struct World {
     pipelines: Api<StreamPipeline>,
     deployments: Api<Deployment>,
     controller: tokio::task::JoinHandle<()>,
+    kubelet: tokio::task::JoinHandle<()>,
+    /// Deployment status writes the stand-in kubelet made.
+    status_writes: Arc<AtomicUsize>,
 }
 
 impl Drop for World {
     fn drop(&mut self) {
         self.controller.abort();
+        self.kubelet.abort();
     }
+}
+
+/// No kubelet runs here: this stands in for one, reporting every replica of the worker
+/// Deployment ready a moment after it is asked for (as the Deployment controller would).
+fn kubelet(deployments: Api<Deployment>, writes: Arc<AtomicUsize>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Ok(Some(d)) = deployments.get_opt("p").await {
+                let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+                let ready = d
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0);
+                if want != ready {
+                    let patch = json!({"status": {"replicas": want, "readyReplicas": want, "availableReplicas": want}});
+                    if deployments
+                        .patch_status("p", &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .is_ok()
+                    {
+                        writes.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
 }
 
 async fn world(partitions: u32, lag: i64, scaling: serde_json::Value) -> World {
@@ -40,7 +72,9 @@ async fn world(partitions: u32, lag: i64, scaling: serde_json::Value) -> World {
     let controller = tokio::spawn(async move { run_in(ctx, Some(&scoped)).await });
     let pipelines: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
     let mut scaling = scaling;
-    scaling["pollInterval"] = json!("1s");
+    if scaling.get("pollInterval").is_none() {
+        scaling["pollInterval"] = json!("1s");
+    }
     let sp: StreamPipeline = serde_json::from_value(json!({
         "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
         "metadata": {"name": "p"},
@@ -52,11 +86,15 @@ async fn world(partitions: u32, lag: i64, scaling: serde_json::Value) -> World {
     }))
     .unwrap();
     pipelines.create(&PostParams::default(), &sp).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(c, &ns);
+    let status_writes = Arc::new(AtomicUsize::new(0));
     World {
         kafka,
         pipelines,
-        deployments: Api::namespaced(c, &ns),
+        kubelet: kubelet(deployments.clone(), status_writes.clone()),
+        deployments,
         controller,
+        status_writes,
     }
 }
 
@@ -304,4 +342,49 @@ async fn a_service_monitor_is_created_when_the_prometheus_operator_crd_exists() 
         sm.metadata.owner_references.unwrap()[0].kind,
         "StreamPipeline"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_status_updates_does_not_change_replicas_before_the_next_poll() {
+    let w = world(
+        8,
+        0,
+        json!({"minReplicas": 1, "maxReplicas": 8, "lagPerReplica": 1000, "pollInterval": "10s"}),
+    )
+    .await;
+    w.wait_replicas(1, Duration::from_secs(30)).await;
+    let decided = Instant::now();
+    // Lag appears; then the Deployment's status changes again and again (each change is a
+    // reconcile) for five seconds. None of them may act on the new lag before the poll
+    // interval is up.
+    w.kafka.lag.store(5_000, Ordering::SeqCst);
+    let before = w.status_writes.load(Ordering::SeqCst);
+    let mut updates = 0;
+    while decided.elapsed() < Duration::from_secs(5) {
+        let patch =
+            json!({"status": {"observedGeneration": updates, "updatedReplicas": updates % 2}});
+        w.deployments
+            .patch_status("p", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        updates += 1;
+        assert_eq!(
+            w.replicas().await,
+            Some(1),
+            "status update {updates} changed replicas"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(updates >= 5, "only {updates} status updates in 5s");
+    w.holds(1, Duration::from_secs(8).saturating_sub(decided.elapsed()))
+        .await;
+    assert_eq!(
+        w.status_writes.load(Ordering::SeqCst),
+        before,
+        "the stand-in kubelet had nothing to do"
+    );
+    // The next poll acts on it.
+    w.wait_replicas(5, Duration::from_secs(20)).await;
+    assert!(decided.elapsed() >= Duration::from_secs(8));
+    println!("{updates} status updates in 5s left replicas alone; the next poll scaled to 5");
 }

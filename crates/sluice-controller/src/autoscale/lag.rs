@@ -1,8 +1,10 @@
 //! Consumer lag per partition, read from Kafka: the group's committed offsets against the
 //! partitions' watermarks.
 //!
-//! Phantom lag is avoided: a partition without a commit, or whose commit fell below the log
-//! start (retention deleted those records), is measured from the log start, not from 0.
+//! Phantom lag is avoided: a partition without a commit is measured from where the group
+//! will start (`source.startFrom`: the log start, or the end of the log for `latest`), and
+//! one whose commit fell below the log start (retention deleted those records) from the log
+//! start, never from 0.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sluice_api::config::StartFrom;
 
 /// Why lag could not be read. The autoscaler treats any of these as "unknown".
 #[derive(Debug, thiserror::Error)]
@@ -104,10 +107,12 @@ pub struct PartitionLag {
     pub lag: u64,
 }
 
-/// Lag of one partition from its watermarks and commit. Pure.
-pub fn partition_lag(low: i64, high: i64, committed: Option<i64>) -> u64 {
-    let from = match committed {
-        Some(c) if c >= low => c,
+/// Lag of one partition from its watermarks, its commit and where a group without a commit
+/// starts. Pure.
+pub fn partition_lag(low: i64, high: i64, committed: Option<i64>, start: StartFrom) -> u64 {
+    let from = match (committed, start) {
+        (Some(c), _) if c >= low => c,
+        (None, StartFrom::Latest) => high,
         _ => low,
     };
     (high - from).max(0) as u64
@@ -143,6 +148,7 @@ pub fn group_lag(
     config: &ClientConfig,
     group: &str,
     topic: &str,
+    start: StartFrom,
     timeout: Duration,
 ) -> Result<Vec<PartitionLag>, LagError> {
     let mut cfg = config.clone();
@@ -173,7 +179,7 @@ pub fn group_lag(
             low,
             high,
             committed,
-            lag: partition_lag(low, high, committed),
+            lag: partition_lag(low, high, committed, start),
         });
     }
     out.sort_by_key(|l| l.partition);
@@ -186,21 +192,27 @@ mod tests {
 
     #[test]
     fn lag_table() {
+        use StartFrom::{Earliest, Latest};
         let table = [
-            // low, high, committed, lag
-            (0, 100, Some(40), 60),
-            (0, 100, Some(100), 0),
-            (0, 100, None, 100),
-            (50, 100, None, 50), // nothing committed: from the log start, not from 0
-            (50, 100, Some(10), 50), // commit below the log start: retention deleted them
-            (0, 0, None, 0),
-            (10, 10, Some(10), 0),
+            // low, high, committed, start, lag
+            (0, 100, Some(40), Earliest, 60),
+            (0, 100, Some(100), Earliest, 0),
+            (0, 100, None, Earliest, 100),
+            (50, 100, None, Earliest, 50), // nothing committed: from the log start, not from 0
+            (50, 100, Some(10), Earliest, 50), // commit below the log start: retention deleted them
+            (0, 0, None, Earliest, 0),
+            (10, 10, Some(10), Earliest, 0),
+            // a group that starts at the end and never committed has nothing to catch up
+            (0, 100, None, Latest, 0),
+            (50, 100, None, Latest, 0),
+            // once it commits, the commit counts whatever the start
+            (0, 100, Some(40), Latest, 60),
         ];
-        for (low, high, committed, want) in table {
+        for (low, high, committed, start, want) in table {
             assert_eq!(
-                partition_lag(low, high, committed),
+                partition_lag(low, high, committed, start),
                 want,
-                "{low} {high} {committed:?}"
+                "{low} {high} {committed:?} {start:?}"
             );
         }
     }

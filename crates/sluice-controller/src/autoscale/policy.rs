@@ -1,13 +1,20 @@
 //! The scaling policy, pure: no clock of its own, no I/O.
 //!
-//! desired = clamp(ceil(lag / lagPerReplica), min, min(max, partitions))
+//! desired = clamp(min(ceil(lag / lagPerReplica), partitions with lag), min, min(max, partitions))
 //!
-//! - Scale up at once.
+//! - Scale up at once, but only for lag more replicas can reduce: lag on stalled partitions
+//!   is left out (a stuck record does not move faster with more workers), a replica per
+//!   partition with lag is the most that helps (one hot partition is one consumer's work),
+//!   and while replicas are not all ready (a rollout, a crash loop) nothing is added.
 //! - Scale down only to the highest recommendation seen during the stabilization window,
 //!   so a dip in lag does not remove replicas (and trigger a rebalance) that the next poll
 //!   would add back.
 //! - Unknown lag (a failed query) holds the current replicas. It is never read as zero.
 //! - Never more replicas than partitions: a replica without a partition does nothing.
+//!
+//! The controller asks for a decision at most once per poll interval per pipeline
+//! (reconciles caused by status updates reuse the last one), so neither the Deployment's
+//! own status changes nor a burst of events can ratchet replicas.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -28,10 +35,22 @@ pub struct Policy {
 /// What the lag query returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lag {
-    /// Total lag in records.
-    Known(u64),
+    /// Lag more replicas could reduce.
+    Known {
+        /// Records waiting on partitions that are not stalled.
+        records: u64,
+        /// How many of those partitions have lag.
+        busy: u32,
+    },
     /// The query failed.
     Unknown,
+}
+
+impl Lag {
+    /// `records` spread over `busy` partitions.
+    pub fn on(records: u64, busy: u32) -> Self {
+        Lag::Known { records, busy }
+    }
 }
 
 /// Why replicas are what they are.
@@ -47,6 +66,8 @@ pub enum Reason {
     Stabilizing,
     /// Lag is unknown; holding.
     LagUnknown,
+    /// Desired is higher, but not every current replica is ready yet; holding.
+    WaitingForReady,
 }
 
 impl Reason {
@@ -58,17 +79,22 @@ impl Reason {
             Reason::Steady => "steady",
             Reason::Stabilizing => "stabilizing",
             Reason::LagUnknown => "lag_unknown",
+            Reason::WaitingForReady => "waiting_for_ready",
         }
     }
 }
 
-/// A cap that kept replicas below what the lag asked for.
+/// A cap that kept replicas below what the lag (or `minReplicas`) asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
     /// `maxReplicas`.
     MaxReplicas,
     /// The topic's partition count.
     Partitions,
+    /// The lag sits on fewer partitions than it would take replicas.
+    PartitionsWithLag,
+    /// `minReplicas` is above the partition count.
+    MinAbovePartitions,
 }
 
 /// One decision.
@@ -80,23 +106,34 @@ pub struct Decision {
     pub desired: Option<u32>,
     /// Why.
     pub reason: Reason,
-    /// A cap that bound the lag's request, if any.
+    /// A cap that bound the request, if any.
     pub limited: Option<Limit>,
 }
 
-/// clamp(ceil(lag / lagPerReplica), min, min(max, partitions)), and which cap bound it.
-pub fn desired_replicas(lag: u64, partitions: u32, p: &Policy) -> (u32, Option<Limit>) {
+/// clamp(min(ceil(records / lagPerReplica), busy), min, min(max, partitions)), and which cap
+/// bound it.
+pub fn desired_replicas(
+    records: u64,
+    busy: u32,
+    partitions: u32,
+    p: &Policy,
+) -> (u32, Option<Limit>) {
     let per = p.lag_per_replica.max(1);
-    let want = lag.div_ceil(per).min(u32::MAX as u64) as u32;
+    let want = records.div_ceil(per).min(u32::MAX as u64) as u32;
+    let useful = want.min(busy.max(1));
     let cap = p.max.min(partitions).max(1);
     let floor = p.min.min(cap);
-    let replicas = want.clamp(floor, cap);
-    let limited = if want > cap {
+    let replicas = useful.clamp(floor, cap);
+    let limited = if replicas < want.min(cap) {
+        Some(Limit::PartitionsWithLag)
+    } else if want > cap {
         Some(if partitions < p.max {
             Limit::Partitions
         } else {
             Limit::MaxReplicas
         })
+    } else if p.min > partitions {
+        Some(Limit::MinAbovePartitions)
     } else {
         None
     };
@@ -115,24 +152,25 @@ impl Autoscaler {
         Self::default()
     }
 
-    /// Decide replicas at `now`, given the current replicas, the lag reading and the
-    /// partition count.
+    /// Decide replicas at `now`, given the current and ready replicas, the lag reading and
+    /// the partition count.
     pub fn decide(
         &mut self,
         now: Instant,
         current: u32,
+        ready: u32,
         lag: Lag,
         partitions: u32,
         p: &Policy,
     ) -> Decision {
         let cap = p.max.min(partitions).max(1);
-        let Lag::Known(lag) = lag else {
+        let Lag::Known { records, busy } = lag else {
             // Hold, but never above what the partitions allow.
             return Decision {
                 replicas: current.min(cap),
                 desired: None,
                 reason: Reason::LagUnknown,
-                limited: None,
+                limited: (p.min > partitions).then_some(Limit::MinAbovePartitions),
             };
         };
         if self.history.is_empty() {
@@ -140,7 +178,7 @@ impl Autoscaler {
             // down until a lower recommendation has held for a whole window.
             self.history.push_back((now, current.min(cap)));
         }
-        let (desired, limited) = desired_replicas(lag, partitions, p);
+        let (desired, limited) = desired_replicas(records, busy, partitions, p);
         self.history.push_back((now, desired));
         while let Some(&(t, _)) = self.history.front() {
             if now.saturating_duration_since(t) > p.scale_down_window && self.history.len() > 1 {
@@ -155,7 +193,11 @@ impl Autoscaler {
             .map(|&(_, r)| r)
             .max()
             .unwrap_or(desired);
-        let (replicas, reason) = if desired > current {
+        let (replicas, reason) = if desired > current && ready < current {
+            // Replicas that are not up yet are not consuming: adding more would only add
+            // rebalances. Decide again once they are ready.
+            (current.min(cap), Reason::WaitingForReady)
+        } else if desired > current {
             (desired, Reason::ScaleUp)
         } else if desired == current {
             (current, Reason::Steady)
@@ -210,7 +252,7 @@ mod tests {
         ];
         for (lag, parts, want, limited) in table {
             assert_eq!(
-                desired_replicas(lag, parts, &p),
+                desired_replicas(lag, parts, parts, &p),
                 (want, limited),
                 "lag {lag} partitions {parts}"
             );
@@ -220,14 +262,17 @@ mod tests {
     #[test]
     fn min_above_the_partition_count_still_gives_every_replica_a_partition() {
         let p = Policy { min: 5, ..policy() };
-        assert_eq!(desired_replicas(0, 3, &p).0, 3);
+        assert_eq!(
+            desired_replicas(0, 0, 3, &p),
+            (3, Some(Limit::MinAbovePartitions))
+        );
     }
 
     #[test]
     fn scale_up_is_immediate() {
         let mut a = Autoscaler::new();
         let t0 = Instant::now();
-        let d = a.decide(t0, 1, Lag::Known(5_500), 8, &policy());
+        let d = a.decide(t0, 1, 1, Lag::on(5_500, 8), 8, &policy());
         assert_eq!((d.replicas, d.reason), (6, Reason::ScaleUp));
     }
 
@@ -241,7 +286,8 @@ mod tests {
             let d = a.decide(
                 t0 + Duration::from_secs(30 * i),
                 current,
-                Lag::Known(3_200),
+                current,
+                Lag::on(3_200, 8),
                 8,
                 &policy(),
             );
@@ -258,13 +304,13 @@ mod tests {
         let p = policy();
         let mut a = Autoscaler::new();
         let t0 = Instant::now();
-        assert_eq!(a.decide(t0, 1, Lag::Known(6_000), 8, &p).replicas, 6);
+        assert_eq!(a.decide(t0, 1, 1, Lag::on(6_000, 8), 8, &p).replicas, 6);
         // Lag drains; for 5 minutes the decision holds at 6.
         for s in (30..=300).step_by(30) {
-            let d = a.decide(t0 + Duration::from_secs(s), 6, Lag::Known(0), 8, &p);
+            let d = a.decide(t0 + Duration::from_secs(s), 6, 6, Lag::on(0, 8), 8, &p);
             assert_eq!((d.replicas, d.reason), (6, Reason::Stabilizing), "at {s}s");
         }
-        let d = a.decide(t0 + Duration::from_secs(331), 6, Lag::Known(0), 8, &p);
+        let d = a.decide(t0 + Duration::from_secs(331), 6, 6, Lag::on(0, 8), 8, &p);
         assert_eq!((d.replicas, d.reason), (1, Reason::ScaleDown));
     }
 
@@ -273,9 +319,9 @@ mod tests {
         let p = policy();
         let mut a = Autoscaler::new();
         let t0 = Instant::now();
-        a.decide(t0, 4, Lag::Known(4_000), 8, &p);
-        a.decide(t0 + Duration::from_secs(30), 4, Lag::Known(0), 8, &p);
-        let d = a.decide(t0 + Duration::from_secs(60), 4, Lag::Known(3_900), 8, &p);
+        a.decide(t0, 4, 4, Lag::on(4_000, 8), 8, &p);
+        a.decide(t0 + Duration::from_secs(30), 4, 4, Lag::on(0, 8), 8, &p);
+        let d = a.decide(t0 + Duration::from_secs(60), 4, 4, Lag::on(3_900, 8), 8, &p);
         assert_eq!(d.replicas, 4);
     }
 
@@ -286,6 +332,7 @@ mod tests {
         for i in 0..20 {
             let d = a.decide(
                 t0 + Duration::from_secs(600 * i),
+                5,
                 5,
                 Lag::Unknown,
                 8,
@@ -301,16 +348,93 @@ mod tests {
     #[test]
     fn a_controller_restart_does_not_scale_down_at_once() {
         let mut a = Autoscaler::new();
-        let d = a.decide(Instant::now(), 6, Lag::Known(0), 8, &policy());
+        let d = a.decide(Instant::now(), 6, 6, Lag::on(0, 8), 8, &policy());
         assert_eq!((d.replicas, d.reason), (6, Reason::Stabilizing));
     }
 
     #[test]
     fn fewer_partitions_than_replicas_scales_down_to_the_partition_count() {
         let mut a = Autoscaler::new();
-        let d = a.decide(Instant::now(), 8, Lag::Known(100_000), 4, &policy());
+        let d = a.decide(Instant::now(), 8, 8, Lag::on(100_000, 8), 4, &policy());
         assert_eq!(d.replicas, 4);
-        let d = a.decide(Instant::now(), 8, Lag::Unknown, 4, &policy());
+        let d = a.decide(Instant::now(), 8, 8, Lag::Unknown, 4, &policy());
         assert_eq!(d.replicas, 4);
+    }
+
+    /// Each row: current, ready, lag records, partitions with lag, partitions -> replicas,
+    /// reason, limit. One decision from a fresh autoscaler.
+    #[test]
+    fn only_lag_more_replicas_can_reduce_scales_up() {
+        use Reason::*;
+        let p = policy();
+        let table = [
+            // spread over every partition: one replica per 1000
+            (1, 1, 6_000, 8, 8, 6, ScaleUp, None),
+            // one hot partition: a second consumer could not share it
+            (
+                1,
+                1,
+                60_000,
+                1,
+                8,
+                1,
+                Steady,
+                Some(Limit::PartitionsWithLag),
+            ),
+            // three partitions with lag: three replicas at most
+            (
+                1,
+                1,
+                60_000,
+                3,
+                8,
+                3,
+                ScaleUp,
+                Some(Limit::PartitionsWithLag),
+            ),
+            // only stalled partitions had lag (the controller passes none of it)
+            (2, 2, 0, 0, 8, 2, Stabilizing, None),
+            // replicas not ready yet: hold, decide again when they are
+            (2, 1, 6_000, 8, 8, 2, WaitingForReady, None),
+            (2, 0, 6_000, 8, 8, 2, WaitingForReady, None),
+            // all ready: go
+            (2, 2, 6_000, 8, 8, 6, ScaleUp, None),
+            // not ready does not stop a scale-down from being considered (it stabilizes)
+            (4, 0, 0, 0, 8, 4, Stabilizing, None),
+        ];
+        for (current, ready, records, busy, parts, want, reason, limited) in table {
+            let d = Autoscaler::new().decide(
+                Instant::now(),
+                current,
+                ready,
+                Lag::on(records, busy),
+                parts,
+                &p,
+            );
+            assert_eq!(
+                (d.replicas, d.reason, d.limited),
+                (want, reason, limited),
+                "current {current} ready {ready} lag {records} on {busy} of {parts}"
+            );
+        }
+    }
+
+    #[test]
+    fn min_replicas_above_the_partition_count_is_reported_as_a_limit() {
+        let p = Policy {
+            min: 500,
+            max: 1000,
+            ..policy()
+        };
+        let d = Autoscaler::new().decide(Instant::now(), 0, 0, Lag::on(0, 0), 4, &p);
+        assert_eq!(
+            (d.replicas, d.limited),
+            (4, Some(Limit::MinAbovePartitions))
+        );
+        let d = Autoscaler::new().decide(Instant::now(), 4, 4, Lag::Unknown, 4, &p);
+        assert_eq!(
+            (d.replicas, d.limited),
+            (4, Some(Limit::MinAbovePartitions))
+        );
     }
 }

@@ -68,7 +68,7 @@ pub async fn setup(prefix: &str) -> (Client, String) {
 }
 
 /// Kafka as the test says it is: 0 partitions is a missing topic, negative lag a failed
-/// lag query.
+/// lag query, and the lag is spread evenly over the partitions.
 #[derive(Default)]
 pub struct Scripted {
     pub partitions: AtomicU32,
@@ -91,19 +91,34 @@ impl KafkaInspector for Scripted {
             n => Ok(n),
         }
     }
-    fn lag(&self, _: &ClientConfig, _: &str, _: &str) -> Result<Vec<PartitionLag>, LagError> {
+    fn lag(
+        &self,
+        _: &ClientConfig,
+        _: &str,
+        _: &str,
+        _: sluice_api::config::StartFrom,
+    ) -> Result<Vec<PartitionLag>, LagError> {
         match self.lag.load(Ordering::SeqCst) {
             l if l < 0 => Err(rdkafka::error::KafkaError::MetadataFetch(
                 rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
             )
             .into()),
-            l => Ok(vec![PartitionLag {
-                partition: 0,
-                low: 0,
-                high: l,
-                committed: Some(0),
-                lag: l as u64,
-            }]),
+            // Spread evenly over the partitions (the remainder on the first ones).
+            l => {
+                let n = self.partitions.load(Ordering::SeqCst).max(1) as i64;
+                Ok((0..n)
+                    .map(|p| {
+                        let lag = l / n + i64::from(p < l % n);
+                        PartitionLag {
+                            partition: p as i32,
+                            low: 0,
+                            high: lag,
+                            committed: Some(0),
+                            lag: lag as u64,
+                        }
+                    })
+                    .collect())
+            }
         }
     }
 }

@@ -1,0 +1,69 @@
+//! Which librdkafka properties `consumerProperties` and `producerProperties` may not set,
+//! and why: each of them is what the at-least-once promise (or a field of its own) rests on.
+//!
+//! The lists are the documented contract (README, "Properties sluice keeps for itself"). A
+//! property that is merely unknown to librdkafka, or has a value it refuses, is caught
+//! elsewhere: the controller builds the librdkafka configuration while validating.
+
+use super::ConfigError;
+
+/// Consumer properties sluice sets itself, with the reason a pipeline may not change them.
+pub const RESERVED_CONSUMER_PROPERTIES: &[(&str, &str)] = &[
+    ("enable.auto.commit", "the worker commits an offset only after every output of the records below it was delivered; auto-commit would commit records not yet delivered (loss on a crash)"),
+    ("enable.auto.offset.store", "the worker stores an offset only after its records were delivered; automatic storing would commit records not yet delivered (loss on a crash)"),
+    ("auto.commit.interval.ms", "offset commits follow commit.interval"),
+    ("group.id", "the consumer group is source.groupId; another group would commit where the controller does not measure lag"),
+    ("group.instance.id", "static membership is set per pod by the worker"),
+    ("auto.offset.reset", "where a group without commits starts is source.startFrom"),
+    ("session.timeout.ms", "set source.sessionTimeout (commit.drainTimeout is checked against it)"),
+    ("partition.assignment.strategy", "the worker's rebalance handling (drain, then commit, per revoked partition) relies on cooperative-sticky"),
+    ("enable.partition.eof", "the worker does not handle end-of-partition events"),
+    ("bootstrap.servers", "set source.bootstrapServers"),
+    ("metadata.broker.list", "set source.bootstrapServers"),
+    ("security.protocol", "set source.security.protocol"),
+    ("sasl.mechanism", "set source.security.saslMechanism"),
+    ("sasl.mechanisms", "set source.security.saslMechanism"),
+    ("sasl.username", "set source.security.username"),
+    ("sasl.password", "a password never goes into the configuration: set source.security.passwordSecretRef"),
+    ("ssl.ca.location", "set source.security.caFile"),
+];
+
+/// Producer properties sluice sets itself (Kafka sinks and the dead-letter producer), with
+/// the reason a pipeline may not change them.
+pub const RESERVED_PRODUCER_PROPERTIES: &[(&str, &str)] = &[
+    ("acks", "an output counts as delivered only when every in-sync replica has it (acks=all); fewer acknowledgements lose records on a broker failure"),
+    ("request.required.acks", "an alias of acks: outputs count as delivered only with acks=all"),
+    ("enable.idempotence", "retries must not duplicate or reorder outputs: the producer is idempotent"),
+    ("delivery.report.only.error", "a batch is acknowledged from its delivery reports: without success reports no offset would ever be committed"),
+    ("transactional.id", "the sink is not transactional; a transactional producer needs a protocol the worker does not run"),
+    ("bootstrap.servers", "set the sink's bootstrapServers"),
+    ("metadata.broker.list", "set the sink's bootstrapServers"),
+    ("security.protocol", "the sink uses source.security"),
+    ("sasl.mechanism", "the sink uses source.security"),
+    ("sasl.mechanisms", "the sink uses source.security"),
+    ("sasl.username", "the sink uses source.security"),
+    ("sasl.password", "a password never goes into the configuration: set source.security.passwordSecretRef"),
+];
+
+/// Refuse a reserved key of `props` (found at `field`), naming the key and the reason.
+pub(super) fn check(
+    field: &str,
+    props: &std::collections::BTreeMap<String, String>,
+    reserved: &[(&str, &str)],
+) -> Result<(), ConfigError> {
+    for key in props.keys() {
+        if key.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                field,
+                "a property name must not be empty",
+            ));
+        }
+        if let Some((_, why)) = reserved.iter().find(|(k, _)| *k == key.trim()) {
+            return Err(ConfigError::invalid(
+                format!("{field}[{key:?}]"),
+                format!("`{key}` may not be set: {why}"),
+            ));
+        }
+    }
+    Ok(())
+}

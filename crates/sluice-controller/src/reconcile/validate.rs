@@ -1,0 +1,408 @@
+//! Validation, pure: from the object as the API server stored it to a worker configuration
+//! the controller is willing to roll out, or a [`ConfigError`] naming the field and the
+//! rule.
+//!
+//! - [`parse`]: the stored object into the typed [`StreamPipeline`], with the path of the
+//!   first field that does not fit (an object stored through a looser or older schema).
+//!   The controller watches untyped objects and parses each one here, so an object that
+//!   does not parse gets its own `InvalidSpec` condition and stops nothing else.
+//! - [`validate`]: [`StreamPipeline::worker_config`] (the worker's own checks, the name
+//!   rule, reserved properties and variables), then what needs the controller's libraries:
+//!   every librdkafka property is set on a real librdkafka configuration, so a misspelt
+//!   name or a refused value is caught before a pod crash-loops on it; resource quantities
+//!   are checked against Kubernetes' grammar.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::DynamicObject;
+use rdkafka::ClientConfig;
+use sluice_api::config::{ConfigError, SinkConfig, WorkerConfig};
+use sluice_api::crd::StreamPipeline;
+
+/// The stored object as a [`StreamPipeline`]; the error names the first field that does
+/// not fit and what it should be.
+pub fn parse(obj: &DynamicObject) -> Result<StreamPipeline, ConfigError> {
+    let mut value = serde_json::to_value(obj).map_err(|e| ConfigError::Parse {
+        path: ".".into(),
+        message: e.to_string(),
+    })?;
+    // A list's items may come without apiVersion and kind.
+    if let Some(map) = value.as_object_mut() {
+        map.insert("apiVersion".into(), "sluice.dev/v1alpha1".into());
+        map.insert("kind".into(), "StreamPipeline".into());
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Parse {
+        path: e.path().to_string(),
+        message: e.inner().to_string(),
+    })
+}
+
+/// Everything the controller checks before it writes a child: the worker configuration to
+/// render, or why not.
+pub fn validate(sp: &StreamPipeline) -> Result<WorkerConfig, ConfigError> {
+    let config = sp.worker_config()?;
+    librdkafka(
+        "source.consumerProperties",
+        &config.source.consumer_properties,
+    )?;
+    for (i, sink) in config.sinks.iter().enumerate() {
+        if let SinkConfig::Kafka(k) = sink {
+            librdkafka(
+                &format!("sinks[{i}].kafka.producerProperties"),
+                &k.producer_properties,
+            )?;
+        }
+    }
+    if let Some(r) = &sp.spec.resources {
+        for (what, map) in [("limits", &r.limits), ("requests", &r.requests)] {
+            for (name, q) in map.iter().flatten() {
+                quantity(&format!("resources.{what}.{name}"), q)?;
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// Set each property on its own librdkafka configuration, so the error names it.
+fn librdkafka(field: &str, props: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (k, v) in props {
+        let mut c = ClientConfig::new();
+        c.set(k, v);
+        if let Err(e) = c.create_native_config() {
+            return Err(ConfigError::Invalid {
+                field: format!("{field}[{k:?}]"),
+                message: format!("librdkafka refuses `{k}: {v}` ({e})"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Kubernetes' quantity grammar: `<signedNumber><suffix>`, suffix a binary SI (Ki ... Ei),
+/// a decimal SI (n, u, m, k, M, G, T, P, E) or an exponent (`e3`, `E-2`); never negative
+/// for a resource.
+fn quantity(field: &str, q: &Quantity) -> Result<(), ConfigError> {
+    let s = q.0.as_str();
+    let unsigned = s.strip_prefix('+').unwrap_or(s);
+    let end = unsigned
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(unsigned.len());
+    let (number, suffix) = unsigned.split_at(end);
+    let number_ok = match number.split_once('.') {
+        None => !number.is_empty(),
+        Some((a, b)) => !(b.contains('.') || (a.is_empty() && b.is_empty())),
+    };
+    let exponent = |e: &str| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && e.chars().all(|c| c.is_ascii_digit())
+    };
+    let suffix_ok = matches!(
+        suffix,
+        "" | "Ki"
+            | "Mi"
+            | "Gi"
+            | "Ti"
+            | "Pi"
+            | "Ei"
+            | "n"
+            | "u"
+            | "m"
+            | "k"
+            | "M"
+            | "G"
+            | "T"
+            | "P"
+            | "E"
+    ) || suffix.strip_prefix(['e', 'E']).is_some_and(exponent);
+    if number_ok && suffix_ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            field: field.into(),
+            message: format!(
+                "`{s}` is not a Kubernetes quantity (a non-negative number with an optional suffix: 500m, 2, 1.5, 512Mi, 2Gi)"
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_follow_the_kubernetes_grammar() {
+        // `<digits>.` is a number in the grammar, so `1.` is one.
+        for ok in [
+            "2", "500m", "1.5", ".5", "1.", "512Mi", "2Gi", "1e3", "1E-2", "+1", "10k",
+        ] {
+            assert!(quantity("q", &Quantity(ok.into())).is_ok(), "{ok}");
+        }
+        for bad in [
+            "two cores",
+            "",
+            "-1",
+            "1.2.3",
+            "5 Mi",
+            "1MiB",
+            "e3",
+            "1e",
+            ".",
+        ] {
+            let e = quantity("resources.limits.cpu", &Quantity(bad.into()))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("resources.limits.cpu") && e.contains("quantity"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn librdkafka_names_the_property_it_does_not_know_or_refuses() {
+        let props = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        let e = librdkafka("source.consumerProperties", &props("fetch.max.byts", "1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(r#"source.consumerProperties["fetch.max.byts"]"#),
+            "{e}"
+        );
+        let e = librdkafka("p", &props("fetch.max.bytes", "lots"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fetch.max.bytes"), "{e}");
+        assert!(librdkafka("p", &props("fetch.max.bytes", "1048576")).is_ok());
+        assert!(librdkafka("p", &props("compression.type", "zstd")).is_ok());
+    }
+
+    fn pipeline(name: &str, extra: serde_json::Value) -> StreamPipeline {
+        let mut spec = serde_json::json!({
+            "source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g"},
+            "sinks": [{"kafka": {"topic": "out"}}]
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    /// The invalid-spec corpus of what the schema cannot see: each case is refused before
+    /// any child is written, and the condition names the field and the reason.
+    #[test]
+    fn the_invalid_spec_corpus_names_the_field_and_the_reason() {
+        let consumer = |k: &str, v: &str| serde_json::json!({"source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g", "consumerProperties": {k: v}}});
+        let producer = |k: &str, v: &str| serde_json::json!({"sinks": [{"kafka": {"topic": "out", "producerProperties": {k: v}}}]});
+        let long = "n".repeat(70);
+        let corpus: Vec<(&str, &str, serde_json::Value, &[&str])> = vec![
+            (
+                "auto-commit",
+                "p",
+                consumer("enable.auto.commit", "true"),
+                &[
+                    r#"source.consumerProperties["enable.auto.commit"]"#,
+                    "loss on a crash",
+                ],
+            ),
+            (
+                "automatic offset store",
+                "p",
+                consumer("enable.auto.offset.store", "true"),
+                &[r#"["enable.auto.offset.store"]"#, "not yet delivered"],
+            ),
+            (
+                "another group",
+                "p",
+                consumer("group.id", "other"),
+                &[r#"["group.id"]"#, "source.groupId"],
+            ),
+            (
+                "auto.offset.reset",
+                "p",
+                consumer("auto.offset.reset", "latest"),
+                &[r#"["auto.offset.reset"]"#, "source.startFrom"],
+            ),
+            (
+                "session timeout behind the drain check",
+                "p",
+                consumer("session.timeout.ms", "7000"),
+                &[r#"["session.timeout.ms"]"#, "source.sessionTimeout"],
+            ),
+            (
+                "a password in the properties",
+                "p",
+                consumer("sasl.password", "hunter2"),
+                &[r#"["sasl.password"]"#, "passwordSecretRef"],
+            ),
+            (
+                "acks=0",
+                "p",
+                producer("acks", "0"),
+                &[r#"sinks[0].kafka.producerProperties["acks"]"#, "acks=all"],
+            ),
+            (
+                "acks by its alias",
+                "p",
+                producer("request.required.acks", "1"),
+                &[r#"["request.required.acks"]"#, "alias of acks"],
+            ),
+            (
+                "no idempotence",
+                "p",
+                producer("enable.idempotence", "false"),
+                &[r#"["enable.idempotence"]"#, "idempotent"],
+            ),
+            (
+                "error-only delivery reports",
+                "p",
+                producer("delivery.report.only.error", "true"),
+                &[r#"["delivery.report.only.error"]"#, "success reports"],
+            ),
+            (
+                "a transactional producer",
+                "p",
+                producer("transactional.id", "t"),
+                &[r#"["transactional.id"]"#, "not transactional"],
+            ),
+            (
+                "a misspelt consumer property",
+                "p",
+                consumer("fetch.max.byts", "1048576"),
+                &[
+                    r#"source.consumerProperties["fetch.max.byts"]"#,
+                    "librdkafka refuses",
+                ],
+            ),
+            (
+                "a misspelt producer property",
+                "p",
+                producer("linger.msec", "5"),
+                &[
+                    r#"sinks[0].kafka.producerProperties["linger.msec"]"#,
+                    "librdkafka refuses",
+                ],
+            ),
+            (
+                "a value librdkafka refuses",
+                "p",
+                consumer("fetch.wait.max.ms", "soon"),
+                &[r#"["fetch.wait.max.ms"]"#, "librdkafka refuses"],
+            ),
+            (
+                "dead letters into an output topic",
+                "p",
+                serde_json::json!({"deadLetter": {"topic": "out"}}),
+                &["deadLetter.topic", "also the output topic of sinks[0]"],
+            ),
+            (
+                "the same output twice",
+                "p",
+                serde_json::json!({"sinks": [{"kafka": {"topic": "out"}}, {"kafka": {"topic": "out"}}]}),
+                &["sinks[1].kafka.topic", "already the output of sinks[0]"],
+            ),
+            (
+                "a cpu limit in words",
+                "p",
+                serde_json::json!({"resources": {"limits": {"cpu": "two cores"}}}),
+                &["resources.limits.cpu", "not a Kubernetes quantity"],
+            ),
+            (
+                "a negative memory request",
+                "p",
+                serde_json::json!({"resources": {"requests": {"memory": "-1Gi"}}}),
+                &["resources.requests.memory", "non-negative"],
+            ),
+            (
+                "a dotted name",
+                "iot.enrich.v2",
+                serde_json::json!({}),
+                &["metadata.name", "DNS-1035", "<name>-metrics"],
+            ),
+            (
+                "a 70-character name",
+                &long,
+                serde_json::json!({}),
+                &["metadata.name", "at most 55"],
+            ),
+            (
+                "a log level that is not a filter",
+                "p",
+                serde_json::json!({"logLevel": "verbose-please"}),
+                &["logLevel", "trace, debug, info, warn, error or off"],
+            ),
+            (
+                "a custom processor on the stock image",
+                "p",
+                serde_json::json!({"processor": {"custom": {"name": "enrich"}}}),
+                &["processor.custom", "spec.image"],
+            ),
+            (
+                "SLUICE_CONFIG from a Secret",
+                "p",
+                serde_json::json!({"secretEnv": [{"name": "SLUICE_CONFIG", "secretKeyRef": {"name": "s", "key": "k"}}]}),
+                &["secretEnv[0].name", "set by sluice"],
+            ),
+            (
+                "SLUICE_LOG from a Secret",
+                "p",
+                serde_json::json!({"secretEnv": [{"name": "SLUICE_LOG", "secretKeyRef": {"name": "s", "key": "k"}}]}),
+                &["secretEnv[0].name", "reserved"],
+            ),
+        ];
+        for (what, name, extra, wants) in corpus {
+            let e = validate(&pipeline(name, extra))
+                .err()
+                .unwrap_or_else(|| panic!("{what}: accepted"))
+                .to_string();
+            for want in wants {
+                assert!(e.contains(want), "{what}: {e:?} lacks {want:?}");
+            }
+        }
+        // What is allowed stays allowed.
+        let fine = [
+            consumer("fetch.max.bytes", "1048576"),
+            producer("compression.type", "zstd"),
+            serde_json::json!({"logLevel": "debug,librdkafka=warn,sluice_worker::sink=trace"}),
+            serde_json::json!({"processor": {"custom": {"name": "enrich"}}, "image": "me/worker:1"}),
+            serde_json::json!({"resources": {"limits": {"cpu": "500m", "memory": "1Gi"}}}),
+            serde_json::json!({"deadLetter": {"topic": "out", "bootstrapServers": "other:9092"}}),
+        ];
+        for extra in fine {
+            validate(&pipeline("p", extra.clone())).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        }
+    }
+
+    #[test]
+    fn an_object_stored_through_a_looser_schema_names_its_field() {
+        let mut obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {
+                "source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g"},
+                "sinks": [{"kafka": {"topic": "out"}}],
+                "batching": {"maxBytes": "lots"}
+            }
+        }))
+        .unwrap();
+        let e = parse(&obj).unwrap_err().to_string();
+        assert!(
+            e.contains("spec.batching.maxBytes") && e.contains("lots"),
+            "{e}"
+        );
+        obj.data["spec"]["batching"]["maxBytes"] = serde_json::json!(-5);
+        let e = parse(&obj).unwrap_err().to_string();
+        assert!(e.contains("spec.batching.maxBytes"), "{e}");
+        obj.data["spec"]["batching"]["maxBytes"] = serde_json::json!("1MiB");
+        assert!(parse(&obj).is_ok());
+        // Without apiVersion and kind (as list items may come), it parses all the same.
+        obj.types = None;
+        assert!(parse(&obj).is_ok());
+    }
+}

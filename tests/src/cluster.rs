@@ -1,0 +1,187 @@
+//! The Kubernetes cluster the end-to-end suite runs on, reached like the broker: an external
+//! one when `SLUICE_E2E_KUBECONFIG` is set, otherwise the local single-node cluster of
+//! `scripts/cluster.sh` (brought up here if it is not running) with the images of
+//! `scripts/images.sh` imported into it.
+//!
+//! External cluster variables: `SLUICE_E2E_KUBECONFIG`, `SLUICE_E2E_BOOTSTRAP` (Kafka as the
+//! pods see it), `SLUICE_E2E_CONTROLLER_IMAGE`, `SLUICE_E2E_WORKER_IMAGE`,
+//! `SLUICE_E2E_ENRICH_IMAGE`, `SLUICE_E2E_PROMETHEUS_IMAGE` (repository:tag each),
+//! `SLUICE_E2E_PROMETHEUS_VERSION` and, for the operator's own images,
+//! `SLUICE_E2E_PROMETHEUS_OPERATOR_IMAGE`, `SLUICE_E2E_CONFIG_RELOADER_IMAGE`; the test
+//! itself reaches Kafka through `SLUICE_TEST_BOOTSTRAP` (e.g. a port-forward).
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use crate::{bootstrap, repo_root, run_ok, tool};
+
+/// A cluster to run the user's path on.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// Kafka's bootstrap address as the pods see it.
+    pub pod_bootstrap: String,
+    /// Controller image (repository:tag).
+    pub controller_image: String,
+    /// Stock worker image.
+    pub worker_image: String,
+    /// The custom-processor example's image (examples/enrich-worker).
+    pub enrich_image: String,
+    /// A Prometheus server image with Kubernetes service discovery.
+    pub prometheus_image: String,
+    /// Its version, as the Prometheus Operator wants it (`v3.5.0`).
+    pub prometheus_version: String,
+    /// The Prometheus Operator's image and its config reloader's.
+    pub prometheus_operator_image: String,
+    /// The config reloader sidecar's image.
+    pub config_reloader_image: String,
+    /// Whether this is the local cluster of scripts/cluster.sh.
+    pub local: bool,
+}
+
+impl Cluster {
+    /// `kubectl` against this cluster.
+    pub fn kubectl(&self) -> Command {
+        let mut c = Command::new(tool("kubectl"));
+        c.arg("--kubeconfig").arg(&self.kubeconfig);
+        c
+    }
+
+    /// `helm` against this cluster.
+    pub fn helm(&self) -> Command {
+        let mut c = Command::new(tool("helm"));
+        c.arg("--kubeconfig").arg(&self.kubeconfig);
+        c
+    }
+
+    /// Run `kubectl ARGS`, panic on failure, return stdout.
+    pub fn k(&self, args: &[&str]) -> String {
+        run_ok(self.kubectl().args(args))
+    }
+
+    /// Run `kubectl ARGS`; `None` when it fails (e.g. the object does not exist).
+    pub fn k_opt(&self, args: &[&str]) -> Option<String> {
+        let out = self.kubectl().args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl apply -f -` with `yaml` on stdin.
+    pub fn apply(&self, yaml: &str) -> String {
+        self.stdin(&["apply", "-f", "-"], yaml)
+    }
+
+    /// `kubectl ARGS` with `input` on stdin; panic on failure.
+    pub fn stdin(&self, args: &[&str], input: &str) -> String {
+        use std::io::Write;
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        let out = child.wait_with_output().expect("kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed:\n{}\n{input}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl get KIND NAME -n NS -o jsonpath=PATH`, or "" when it does not exist.
+    pub fn jsonpath(&self, ns: &str, what: &str, path: &str) -> String {
+        self.k_opt(&["get", "-n", ns, what, "-o", &format!("jsonpath={path}")])
+            .unwrap_or_default()
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The cluster under test (set up once per test process).
+pub fn cluster() -> Cluster {
+    static C: OnceLock<Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        if let Some(k) = env("SLUICE_E2E_KUBECONFIG") {
+            eprintln!("[testkit] cluster: external, SLUICE_E2E_KUBECONFIG={k}");
+            let need = |n: &str| env(n).unwrap_or_else(|| panic!("{n} must be set with SLUICE_E2E_KUBECONFIG"));
+            return Cluster {
+                kubeconfig: PathBuf::from(k),
+                pod_bootstrap: need("SLUICE_E2E_BOOTSTRAP"),
+                controller_image: need("SLUICE_E2E_CONTROLLER_IMAGE"),
+                worker_image: need("SLUICE_E2E_WORKER_IMAGE"),
+                enrich_image: need("SLUICE_E2E_ENRICH_IMAGE"),
+                prometheus_image: need("SLUICE_E2E_PROMETHEUS_IMAGE"),
+                prometheus_version: need("SLUICE_E2E_PROMETHEUS_VERSION"),
+                prometheus_operator_image: need("SLUICE_E2E_PROMETHEUS_OPERATOR_IMAGE"),
+                config_reloader_image: need("SLUICE_E2E_CONFIG_RELOADER_IMAGE"),
+                local: false,
+            };
+        }
+        if std::env::var("SLUICE_TEST_BOOTSTRAP").is_ok() {
+            panic!("the local cluster's pods reach only the local broker; with SLUICE_TEST_BOOTSTRAP set, also set SLUICE_E2E_KUBECONFIG and SLUICE_E2E_BOOTSTRAP");
+        }
+        let scripts = repo_root().join("scripts");
+        let sh = |script: &str, args: &[&str]| {
+            let mut cmd = Command::new("bash");
+            cmd.arg(scripts.join(script)).args(args).stderr(Stdio::inherit());
+            // The variables `cargo test` sets for this process would make the scripts' own
+            // `cargo build` see a changed environment and rebuild the release binaries.
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy().into_owned();
+                let keep = matches!(k.as_str(), "CARGO_HOME" | "CARGO_TARGET_DIR");
+                if !keep && (k.starts_with("CARGO") || k == "LD_LIBRARY_PATH") {
+                    cmd.env_remove(&k);
+                }
+            }
+            run_ok(&mut cmd)
+        };
+        // The broker first: it adds the listener pods use on the cluster's bridge.
+        let b = bootstrap();
+        sh("cluster.sh", &["up"]);
+        sh("images.sh", &["load"]);
+        let kubeconfig = PathBuf::from(sh("cluster.sh", &["kubeconfig"]).trim());
+        let port: u16 = b
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("broker port");
+        let tag = env("SLUICE_IMAGE_TAG").unwrap_or_else(|| "dev".into());
+        let image = |n: &str| format!("sluice.local/{n}:{tag}");
+        eprintln!("[testkit] cluster: local single node (scripts/cluster.sh), kubeconfig {}", kubeconfig.display());
+        Cluster {
+            kubeconfig,
+            pod_bootstrap: format!("10.244.0.1:{}", port + 8),
+            controller_image: image("sluice-controller"),
+            worker_image: image("sluice-worker"),
+            enrich_image: image("sluice-enrich-worker"),
+            prometheus_image: image("prometheus"),
+            prometheus_version: sh("images.sh", &["prometheus-version"]).trim().to_string(),
+            prometheus_operator_image: image("prometheus-operator"),
+            config_reloader_image: image("prometheus-config-reloader"),
+            local: true,
+        }
+    })
+    .clone()
+}
+
+/// Split `repository:tag`.
+pub fn split_image(image: &str) -> (String, String) {
+    image
+        .rsplit_once(':')
+        .map(|(r, t)| (r.to_string(), t.to_string()))
+        .unwrap_or_else(|| panic!("{image}: expected repository:tag"))
+}
