@@ -1137,7 +1137,7 @@ pub fn broker_away(bin: &str, len: Length) -> Outcome {
 /// new incarnation of a partition must consume (W1: an old incarnation's queue handle or
 /// a late pause must not silence the new one).
 pub fn reassign(bin: &str, len: Length) -> Outcome {
-    let cycles: u32 = if len == Length::Full { 50 } else { 5 };
+    let cycles: u32 = if len == Length::Full { 50 } else { 3 };
     let plan = Plan {
         rate: 2_000.0,
         seconds: u64::from(cycles) * 9 + 10,

@@ -136,13 +136,18 @@ impl ClientContext for SluiceContext {
                             s.lo_offset.max(0)
                         };
                         m.lag.set((s.hi_offset - base).max(0));
-                        // What the broker has beyond what the application received.
-                        let pos = if s.app_offset >= 0 {
-                            s.app_offset
+                        // Work waiting for this incarnation: records fetched and not yet
+                        // read (its queue), else records on the broker beyond the fetch
+                        // position. (Not hi - app_offset: a transaction marker at the end
+                        // of the log is never delivered, so that would never reach 0.)
+                        let waiting = if s.fetchq_cnt > 0 {
+                            s.fetchq_cnt
+                        } else if s.next_offset >= 0 {
+                            (s.hi_offset - s.next_offset).max(0)
                         } else {
-                            base
+                            (s.hi_offset - base).max(0)
                         };
-                        st.set_fetch_behind((s.hi_offset - pos).max(0));
+                        st.set_fetch_behind(waiting);
                     }
                 }
             }

@@ -55,8 +55,8 @@ pub struct PartitionState {
     /// When the dispatcher last received a record, or the partition was last released
     /// from a hold (ms on the process clock, see [`crate::clock_ms`]).
     last_progress_ms: AtomicU64,
-    /// Records the broker has beyond what this incarnation received (from statistics);
-    /// -1 while unknown.
+    /// Records waiting for this incarnation (from statistics: fetched and unread, or on
+    /// the broker beyond the fetch position); -1 while unknown.
     fetch_behind: AtomicI64,
 }
 
@@ -151,7 +151,7 @@ impl PartitionState {
             .store(crate::clock_ms(), Ordering::Relaxed);
     }
 
-    /// Statistics say the broker has `n` records beyond what this incarnation received.
+    /// Statistics say `n` records wait for this incarnation.
     pub fn set_fetch_behind(&self, n: i64) {
         self.fetch_behind.store(n, Ordering::Relaxed);
     }
