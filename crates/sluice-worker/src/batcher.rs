@@ -96,7 +96,9 @@ impl<T> Batcher<T> {
     /// Take the batch and its byte count, leaving the batcher empty.
     pub fn take(&mut self) -> (Vec<T>, usize) {
         self.opened = None;
-        let cap = self.items.len().min(self.limits.max_messages);
+        // The next batch is likely as large as this one; a floor keeps a few small
+        // (linger) batches from making the next large one grow element by element.
+        let cap = self.items.len().max(512).min(self.limits.max_messages);
         (
             std::mem::replace(&mut self.items, Vec::with_capacity(cap)),
             std::mem::take(&mut self.bytes),
@@ -155,9 +157,11 @@ pub async fn run_batcher(
         }
         let n = outputs.len();
         tokens.push(token.clone());
+        // One clock reading per piece, not per output.
+        let now = Instant::now();
         for (i, (out, ts)) in outputs.into_iter().enumerate() {
             let bytes = out.payload_len();
-            if batcher.push((out, ts), bytes, Instant::now()).is_some() {
+            if batcher.push((out, ts), bytes, now).is_some() {
                 let b = flush(&mut batcher, &mut tokens);
                 sink.deliver(b).await;
                 if i + 1 < n {
