@@ -88,7 +88,8 @@ impl Record {
 pub struct RecordBatchBuilder {
     buf: Vec<u8>,
     metas: Vec<Meta>,
-    /// Bytes of the last batch built: the next buffer starts this large.
+    /// A slowly decaying maximum of the batches' bytes: the next buffer starts this
+    /// large, so a batch rarely grows (and copies) its buffer.
     hint: usize,
 }
 
@@ -150,7 +151,7 @@ impl RecordBatchBuilder {
 
     /// The records of `topic`, in the order pushed; the builder is empty again.
     pub fn finish(&mut self, topic: &std::sync::Arc<str>) -> Vec<Record> {
-        self.hint = self.buf.len();
+        self.hint = self.buf.len().max(self.hint - self.hint / 8);
         let buf = Bytes::from(std::mem::take(&mut self.buf));
         self.metas
             .drain(..)
