@@ -26,6 +26,7 @@ STAGES = [
     ("build produce requests", 1, ["rdkafka_msgset_writer.c:rd_kafka_msgset_create_ProduceRequest"]),
     ("plain consumer's poll loop (baseline only)", 0, ["sluice-bench.rs:sluice_bench::consume"]),
     ("take a message from librdkafka (rust-rdkafka stream)", 0, ["stream_consumer.rs:<rdkafka::consumer::stream_consumer::MessageStream"]),
+    ("copy key, value, headers out, one allocation each (Record::from_message)", 0, ["record.rs:sluice_worker::record::Record::from_message"]),
     ("copy key, value, headers out (RecordBatchBuilder::push)", 0, ["record.rs:sluice_worker::record::RecordBatchBuilder::push"]),
     ("librdkafka's lazy header parse (records have none)", 1, ["rdkafka_msg.c:rd_kafka_message_headers"]),
     ("records from the batch buffer (RecordBatchBuilder::finish)", 0, ["record.rs:sluice_worker::record::RecordBatchBuilder::finish"]),
