@@ -561,6 +561,7 @@ struct Paced {
     stalled: Vec<i32>,
     idle: Option<String>,
     idle_blocked: Option<String>,
+    woke: bool,
 }
 
 /// Reconcile one StreamPipeline.
@@ -696,6 +697,7 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
             )
         })
     };
+    let mut woke = false;
     let replicas = if sp.spec.paused {
         ctx.paced.lock().expect("paced lock").remove(&key);
         0
@@ -741,6 +743,7 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
         observed.stalled = paced.stalled.clone();
         observed.idle = paced.idle.clone();
         observed.idle_blocked = paced.idle_blocked.clone();
+        woke = paced.woke;
         paced.replicas
     };
     observed.desired = replicas;
@@ -785,10 +788,12 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
     }
     if existing.is_some() && replicas != current {
         status.last_scale_time = Some(Time(k8s_openapi::jiff::Timestamp::now()));
-        let reason = match (current, replicas) {
-            (_, 0) if !sp.spec.paused && scaling.mode == ScalingMode::Lag => "ScaledToZero",
-            (0, _) if observed.idle.is_none() && scaling.mode == ScalingMode::Lag => "Woke",
-            _ => "Scaled",
+        let reason = if observed.idle.is_some() {
+            "ScaledToZero"
+        } else if woke {
+            "Woke"
+        } else {
+            "Scaled"
         };
         let _ = ctx
             .recorder
@@ -871,6 +876,7 @@ async fn decide(
         stalled: Vec::new(),
         idle: None,
         idle_blocked: None,
+        woke: false,
     };
     let lag = match blocking(move || k.lag(&kcfg, &g2, &t2, start)).await? {
         Ok(parts) => {
@@ -952,6 +958,7 @@ async fn decide(
         .inc();
     paced.desired = d.desired.map(|r| r as i32);
     paced.replicas = d.replicas;
+    paced.woke = d.reason == Reason::Wake;
     if matches!(d.reason, Reason::Idle | Reason::ScaleToZero) {
         paced.idle = Some(format!(
             "no lag and no new records for {}: scaled to zero; {} record(s) of lag wake it (checked every {})",
