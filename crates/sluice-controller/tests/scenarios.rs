@@ -439,3 +439,29 @@ async fn an_activation_threshold_holds_zero_until_the_lag_reaches_it() {
     // A backlog wakes straight to what it needs.
     w.wait_replicas(3, Duration::from_secs(15)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latest_group_without_a_commit_never_idles_until_it_commits() {
+    let w = world(
+        4,
+        0,
+        json!({"minReplicas": 0, "maxReplicas": 4, "lagPerReplica": 1000, "idleAfter": "2s"}),
+    )
+    .await;
+    w.kafka.uncommitted.store(true, Ordering::SeqCst);
+    w.pipelines
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"source": {"startFrom": "latest"}}})),
+        )
+        .await
+        .unwrap();
+    w.wait_condition("Idle", "False", "NoCommittedOffset").await;
+    // Woken, its workers would start after the records that woke them: it stays up.
+    w.holds(1, Duration::from_secs(5)).await;
+    // Once every partition has a commit, it idles like any other.
+    w.kafka.uncommitted.store(false, Ordering::SeqCst);
+    w.wait_replicas(0, Duration::from_secs(30)).await;
+    w.wait_condition("Idle", "True", "NoNewRecords").await;
+}
