@@ -268,16 +268,20 @@ pub struct SecretKeyRef {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "self.maxReplicas >= self.minReplicas", "message": "maxReplicas must be at least minReplicas"}
+    {"rule": "self.maxReplicas >= self.minReplicas", "message": "maxReplicas must be at least minReplicas"},
+    {"rule": "self.minReplicas == 0 || (!has(self.idleAfter) && !has(self.activationLag))",
+     "message": "idleAfter and activationLag apply only with minReplicas: 0 (scale to zero)"}
 ]))]
 pub struct ScalingSpec {
     /// `lag`: the controller sizes the workers from consumer lag. `manual`: it runs
     /// `spec.replicas`, for HPA, KEDA or `kubectl scale` to drive.
     #[serde(default)]
     pub mode: ScalingMode,
-    /// Fewest replicas while not paused.
+    /// Fewest replicas while not paused. 0 scales an idle pipeline to zero (see `idleAfter`)
+    /// and wakes it when records arrive (see `activationLag`); until it is idle, 0 scales
+    /// like 1.
     #[serde(default = "default_min")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 0, max = 1000))]
     pub min_replicas: i32,
     /// Most replicas (also capped at the partition count).
     #[serde(default = "default_max")]
@@ -293,6 +297,31 @@ pub struct ScalingSpec {
     /// How often lag is read from Kafka.
     #[serde(default = "default_poll")]
     pub poll_interval: HumanDuration,
+    /// With `minReplicas: 0`: how long with no lag and no new records before the workers
+    /// scale to zero (default 5m; at least `pollInterval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_after: Option<HumanDuration>,
+    /// With `minReplicas: 0`: the lag (records) that wakes a pipeline scaled to zero
+    /// (default 1: the first new record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub activation_lag: Option<i64>,
+}
+
+/// `idleAfter` when `minReplicas` is 0 and it is not set.
+pub const DEFAULT_IDLE_AFTER: HumanDuration = HumanDuration::from_millis(300_000);
+
+impl ScalingSpec {
+    /// How long a pipeline must be idle before it scales to zero; `None` when it never
+    /// does (`minReplicas` above 0).
+    pub fn scale_to_zero_after(&self) -> Option<std::time::Duration> {
+        (self.min_replicas == 0).then(|| self.idle_after.unwrap_or(DEFAULT_IDLE_AFTER).0)
+    }
+
+    /// The lag that wakes a pipeline scaled to zero.
+    pub fn activation(&self) -> u64 {
+        self.activation_lag.unwrap_or(1).max(1) as u64
+    }
 }
 
 /// Who decides the replica count.
@@ -331,6 +360,8 @@ impl Default for ScalingSpec {
             lag_per_replica: default_lag_per_replica(),
             scale_down_stabilization: default_stabilization(),
             poll_interval: default_poll(),
+            idle_after: None,
+            activation_lag: None,
         }
     }
 }

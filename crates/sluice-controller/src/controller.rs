@@ -30,7 +30,7 @@ use sluice_api::config::StartFrom;
 use sluice_api::crd::{PipelineSource, ScalingMode, StreamPipeline, StreamPipelineStatus};
 
 use crate::autoscale::lag::{group_lag, partition_count, LagError, PartitionLag};
-use crate::autoscale::policy::{Autoscaler, Lag, Limit, Policy};
+use crate::autoscale::policy::{Autoscaler, Lag, Limit, Policy, Reason};
 use crate::autoscale::stall::{stall_window, StallDetector};
 use crate::reconcile::build::{
     build_configmap, build_deployment, build_pdb, build_service, build_service_monitor,
@@ -559,6 +559,9 @@ struct Paced {
     lag_unknown: Option<String>,
     limited: Option<(String, String)>,
     stalled: Vec<i32>,
+    idle: Option<String>,
+    idle_blocked: Option<String>,
+    woke: bool,
 }
 
 /// Reconcile one StreamPipeline.
@@ -694,6 +697,7 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
             )
         })
     };
+    let mut woke = false;
     let replicas = if sp.spec.paused {
         ctx.paced.lock().expect("paced lock").remove(&key);
         0
@@ -737,6 +741,9 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
         observed.lag_unknown = paced.lag_unknown.clone();
         observed.limited = paced.limited.clone();
         observed.stalled = paced.stalled.clone();
+        observed.idle = paced.idle.clone();
+        observed.idle_blocked = paced.idle_blocked.clone();
+        woke = paced.woke;
         paced.replicas
     };
     observed.desired = replicas;
@@ -781,12 +788,19 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
     }
     if existing.is_some() && replicas != current {
         status.last_scale_time = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        let reason = if observed.idle.is_some() {
+            "ScaledToZero"
+        } else if woke {
+            "Woke"
+        } else {
+            "Scaled"
+        };
         let _ = ctx
             .recorder
             .publish(
                 &Event {
                     type_: EventType::Normal,
-                    reason: "Scaled".into(),
+                    reason: reason.into(),
                     note: Some(format!(
                         "workers {current} -> {replicas} (lag {:?}, {partitions} partitions)",
                         status.lag
@@ -860,6 +874,9 @@ async fn decide(
         lag_unknown: None,
         limited: None,
         stalled: Vec::new(),
+        idle: None,
+        idle_blocked: None,
+        woke: false,
     };
     let lag = match blocking(move || k.lag(&kcfg, &g2, &t2, start)).await? {
         Ok(parts) => {
@@ -886,7 +903,26 @@ async fn decide(
             let (records, busy) = moving.fold((0u64, 0u32), |(r, b), p| (r + p.lag, b + 1));
             paced.lag = Some(total as i64);
             ctx.metrics.lag.with_label_values(&labels).set(total as i64);
-            Lag::on(records, busy)
+            // Records ever written, to tell "no new records" from "consumed at once". A
+            // group that starts at the end of the log and has a partition with no commit
+            // must not idle: woken, its workers would start after the records that woke it.
+            let uncommitted: Vec<String> = parts
+                .iter()
+                .filter(|p| p.committed.is_none())
+                .map(|p| p.partition.to_string())
+                .collect();
+            let written = if start == StartFrom::Latest && !uncommitted.is_empty() {
+                if scaling.min_replicas == 0 {
+                    paced.idle_blocked = Some(format!(
+                        "source.startFrom is latest and partition(s) {} have no committed offset: scaled to zero, the workers would start after the records that woke them, so the pipeline stays up until every partition has a commit",
+                        uncommitted.join(", ")
+                    ));
+                }
+                None
+            } else {
+                Some(parts.iter().map(|p| p.high).sum::<i64>())
+            };
+            Lag::with_writes(records, busy, total, written)
         }
         Err(e) => {
             paced.lag_unknown = Some(e.to_string());
@@ -898,13 +934,15 @@ async fn decide(
         max: scaling.max_replicas.max(0) as u32,
         lag_per_replica: scaling.lag_per_replica.max(1) as u64,
         scale_down_window: scaling.scale_down_stabilization.0,
+        idle_after: scaling.scale_to_zero_after(),
+        activation: scaling.activation(),
     };
-    // A Deployment that does not exist yet starts from the minimum, and nothing of it can
-    // be "not ready" yet.
+    // A Deployment that does not exist yet starts from the minimum (1 for a pipeline that
+    // may scale to zero: it idles once quiet), and nothing of it can be "not ready" yet.
     let (base, ready) = if exists {
         (current, ready)
     } else {
-        let m = policy.min.min(partitions);
+        let m = policy.min.max(1).min(partitions);
         (m, m)
     };
     let d = ctx
@@ -920,6 +958,15 @@ async fn decide(
         .inc();
     paced.desired = d.desired.map(|r| r as i32);
     paced.replicas = d.replicas;
+    paced.woke = d.reason == Reason::Wake;
+    if matches!(d.reason, Reason::Idle | Reason::ScaleToZero) {
+        paced.idle = Some(format!(
+            "no lag and no new records for {}: scaled to zero; {} record(s) of lag wake it (checked every {})",
+            sluice_api::units::HumanDuration(policy.idle_after.unwrap_or_default()),
+            policy.activation,
+            scaling.poll_interval,
+        ));
+    }
     paced.limited = d.limited.map(|l| match l {
         Limit::MaxReplicas => ("AtMaxReplicas".to_string(), format!("lag asks for more than maxReplicas ({})", policy.max)),
         Limit::Partitions => ("AtPartitionCount".to_string(), format!("lag asks for more replicas than the topic's {partitions} partitions; extra replicas would idle")),

@@ -254,6 +254,45 @@ async fn the_api_server_rejects_invalid_pipelines_with_actionable_messages() {
 }
 
 #[tokio::test]
+async fn scale_to_zero_is_accepted_with_min_replicas_zero_and_refused_otherwise() {
+    let (c, ns) = setup("sp").await;
+    let api = dynamic(&c, &ns);
+    let mut ok = minimal("idle");
+    ok["spec"]["scaling"] = json!({"minReplicas": 0, "idleAfter": "2m", "activationLag": 50});
+    let created = create(&api, ok).await.expect("minReplicas 0 is valid");
+    assert_eq!(created["spec"]["scaling"]["minReplicas"], 0);
+    assert_eq!(created["spec"]["scaling"]["idleAfter"], "2m");
+    // Without the scale-to-zero fields, nothing is added to the stored object.
+    let plain = create(&api, minimal("plain")).await.unwrap();
+    assert!(plain["spec"]["scaling"].get("idleAfter").is_none());
+    assert!(plain["spec"]["scaling"].get("activationLag").is_none());
+    let refused = [
+        (
+            json!({"minReplicas": 1, "idleAfter": "5m"}),
+            "idleAfter and activationLag apply only with minReplicas: 0",
+        ),
+        (
+            json!({"minReplicas": 3, "activationLag": 5}),
+            "idleAfter and activationLag apply only with minReplicas: 0",
+        ),
+        (
+            json!({"minReplicas": 0, "activationLag": 0}),
+            "activationLag",
+        ),
+        (json!({"minReplicas": -1}), "minReplicas"),
+        (json!({"minReplicas": 0, "idleAfter": "soon"}), "idleAfter"),
+    ];
+    for (i, (scaling, want)) in refused.into_iter().enumerate() {
+        let mut obj = minimal(&format!("bad-{i}"));
+        obj["spec"]["scaling"] = scaling.clone();
+        match create(&api, obj).await {
+            Ok(_) => panic!("{scaling}: accepted, expected a rejection mentioning {want:?}"),
+            Err(e) => assert!(e.contains(want), "{scaling}: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn status_and_scale_subresources_work() {
     let (c, ns) = setup("sp").await;
     create(&dynamic(&c, &ns), minimal("scaled")).await.unwrap();

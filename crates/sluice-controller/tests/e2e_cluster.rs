@@ -1,13 +1,15 @@
 //! The user's whole path on a real Kubernetes node: `helm install` the chart, `kubectl apply`
 //! a StreamPipeline from manifests/examples, records flow through worker pods, the
 //! controller scales on lag and back, pods are deleted and rolled mid-stream, the pipeline
-//! is paused and resumed, the leader controller is deleted, the pipeline is deleted and its
+//! is paused and resumed, it idles to zero pods and wakes on new records, the leader
+//! controller is deleted, the pipeline is deleted and its
 //! children are garbage-collected, and Prometheus scrapes what the ServiceMonitors select.
 //!
 //! It runs on the local single-node cluster of scripts/cluster.sh (started by the testkit
 //! when it is not up, with images from scripts/images.sh), or on any cluster given by
 //! `SLUICE_E2E_KUBECONFIG` (see `sluice_testkit::cluster`). Each step prints how long it
-//! took; the autoscaling timeline is also written to target/e2e/autoscaling.md.
+//! took; the autoscaling timeline is also written to target/e2e/autoscaling.md and the
+//! scale-to-zero wake times to target/e2e/scale-to-zero.md.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -27,6 +29,12 @@ const POLL: u64 = 5;
 const LAG_PER_REPLICA: u64 = 2_000;
 const STABILIZATION: u64 = 30;
 const RELEASE_NS: &str = "sluice-system";
+/// `scaling.idleAfter` of the scale-to-zero step.
+const IDLE_AFTER: u64 = 10;
+/// Wake cycles (idle -> 0 pods -> produce -> pods -> drained) the scale-to-zero step runs.
+const WAKES: u64 = 5;
+/// Records produced to wake the pipeline in each cycle.
+const WAKE_RECORDS: u64 = 600;
 
 fn step<T>(name: &str, f: impl FnOnce() -> T) -> T {
     eprintln!("[e2e] {name} ...");
@@ -349,6 +357,10 @@ fn helm_install_apply_autoscale_faults_delete_and_observe_on_a_real_node() {
         p.assert_delivered(from, 2_000, "pause/resume");
     });
     step(
+        "scale to zero: idle -> 0 pods -> produce -> pods -> drained",
+        || scale_to_zero(&p, 42_000 + timeline.backlog),
+    );
+    step(
         "delete the leader controller: the other takes the Lease",
         || {
             let old = leader(&c).expect("a leader");
@@ -625,6 +637,154 @@ fn write_timeline(tl: &Timeline) {
     let dir = repo_root().join("target/e2e");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("autoscaling.md"), text);
+}
+
+/// One wake: from the first record produced to the Deployment asking for a pod, to a ready
+/// worker, to the lag drained (seconds).
+#[derive(Debug, Clone, Copy)]
+struct Wake {
+    to_scaled: f64,
+    to_ready: f64,
+    to_drained: f64,
+}
+
+/// `minReplicas: 0`: the pipeline idles to zero pods (`kubectl get sp` shows 0 replicas,
+/// `Idle=True`), then each batch of records wakes it; measured, not asserted on time.
+/// `from..from + WAKES * WAKE_RECORDS` are this step's sequence numbers.
+fn scale_to_zero(p: &Pipeline, from: u64) {
+    p.patch(&format!(
+        r#"{{"spec":{{"scaling":{{"minReplicas":0,"idleAfter":"{IDLE_AFTER}s"}}}}}}"#
+    ));
+    let idle_condition = || {
+        p.get()["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Idle")
+            .map(|c| {
+                (
+                    c["status"].as_str().unwrap_or("").to_string(),
+                    c["reason"].as_str().unwrap_or("").to_string(),
+                )
+            })
+    };
+    let mut wakes = Vec::new();
+    for i in 0..WAKES {
+        let t = Instant::now();
+        wait_for(
+            "the idle pipeline to scale to zero pods",
+            Duration::from_secs(IDLE_AFTER + 4 * POLL + 120),
+            || p.deployment_replicas().0 == 0 && p.worker_pods().is_empty(),
+        );
+        let to_zero = t.elapsed().as_secs_f64();
+        assert_eq!(
+            idle_condition(),
+            Some(("True".to_string(), "NoNewRecords".to_string())),
+            "Idle=True once at zero"
+        );
+        let table = p.c.k(&["get", "sp", "-n", &p.ns]);
+        let row: Vec<&str> = table
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            (row[2], row[4]),
+            ("0", "True"),
+            "kubectl get sp at zero:\n{table}"
+        );
+        if i == 0 {
+            eprintln!("{table}");
+        }
+        // No records, no pods: it stays at zero across polls. The hold differs from wake to
+        // wake, so the records land at different points of the poll cycle (the wait for the
+        // next poll is part of the time to wake).
+        std::thread::sleep(Duration::from_millis(
+            (POLL + 1) * 1000 + i * POLL * 1000 / WAKES,
+        ));
+        assert_eq!(
+            p.deployment_replicas().0,
+            0,
+            "an idle pipeline stays at zero"
+        );
+
+        let start = from + i * WAKE_RECORDS;
+        let t = Instant::now();
+        produce_range(&p.input, start, WAKE_RECORDS, None);
+        let mut w = Wake {
+            to_scaled: 0.0,
+            to_ready: 0.0,
+            to_drained: 0.0,
+        };
+        wait_for(
+            "new records to wake the pipeline and drain",
+            Duration::from_secs(4 * POLL + 180),
+            || {
+                let el = t.elapsed().as_secs_f64();
+                let (want, ready) = p.deployment_replicas();
+                if w.to_scaled == 0.0 && want > 0 {
+                    w.to_scaled = el;
+                }
+                if w.to_ready == 0.0 && ready > 0 {
+                    w.to_ready = el;
+                }
+                if w.to_ready > 0.0 && w.to_drained == 0.0 && p.lag() == 0 {
+                    w.to_drained = el;
+                }
+                w.to_drained > 0.0
+            },
+        );
+        assert_ne!(
+            idle_condition().map(|c| c.0),
+            Some("True".to_string()),
+            "Idle=False once woken"
+        );
+        let dups = p.assert_delivered(start, WAKE_RECORDS, "woken");
+        eprintln!(
+            "[e2e] wake {}: idle to 0 pods in {to_zero:.1}s; first record -> replicas>0 {:.1}s, -> worker ready {:.1}s, -> lag drained {:.1}s ({dups} duplicates)",
+            i + 1,
+            w.to_scaled,
+            w.to_ready,
+            w.to_drained
+        );
+        wakes.push(w);
+    }
+    p.patch(r#"{"spec":{"scaling":{"minReplicas":1,"idleAfter":null}}}"#);
+    wait_for("back to one worker", Duration::from_secs(120), || {
+        let (want, ready) = p.deployment_replicas();
+        want >= 1 && ready >= 1
+    });
+    write_wakes(&wakes);
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn write_wakes(wakes: &[Wake]) {
+    let col = |f: fn(&Wake) -> f64| {
+        let v: Vec<f64> = wakes.iter().map(f).collect();
+        let runs: Vec<String> = v.iter().map(|x| format!("{x:.1}")).collect();
+        format!("{:.1} s ({})", median(v), runs.join(", "))
+    };
+    let text = format!(
+        "| runs | first record -> replicas > 0 | -> a worker ready | -> lag drained | pod start (replicas > 0 -> ready) |\n\
+         |---|---|---|---|---|\n\
+         | {} | {} | {} | {} | {} |\n\n(median, then each run, in seconds; {WAKE_RECORDS} records a wake)\n",
+        wakes.len(),
+        col(|w| w.to_scaled),
+        col(|w| w.to_ready),
+        col(|w| w.to_drained),
+        col(|w| w.to_ready - w.to_scaled),
+    );
+    eprintln!(
+        "[e2e] scale-to-zero wake times (pollInterval {POLL}s, idleAfter {IDLE_AFTER}s):\n{text}"
+    );
+    let dir = repo_root().join("target/e2e");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("scale-to-zero.md"), text);
 }
 
 /// Exit codes of the pipeline's worker containers, as a watch sees them terminate.

@@ -388,3 +388,80 @@ async fn a_burst_of_status_updates_does_not_change_replicas_before_the_next_poll
     assert!(decided.elapsed() >= Duration::from_secs(8));
     println!("{updates} status updates in 5s left replicas alone; the next poll scaled to 5");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_replicas_zero_idles_to_zero_and_wakes_on_the_first_record_without_the_window() {
+    // The default stabilization window (5m) is far longer than the test: neither the scale
+    // to zero nor the wake may wait for it.
+    let w = world(
+        4,
+        0,
+        json!({"minReplicas": 0, "maxReplicas": 4, "lagPerReplica": 1000, "idleAfter": "3s"}),
+    )
+    .await;
+    // A new pipeline starts with a worker, then idles.
+    w.wait_replicas(1, Duration::from_secs(30)).await;
+    w.wait_replicas(0, Duration::from_secs(30)).await;
+    w.wait_condition("Idle", "True", "NoNewRecords").await;
+    w.wait_condition("Ready", "True", "Idle").await;
+    let st = w.pipelines.get("p").await.unwrap().status.unwrap();
+    assert_eq!((st.replicas, st.desired_replicas), (Some(0), Some(0)));
+    // Lag below nothing: it stays at zero.
+    w.holds(0, Duration::from_secs(3)).await;
+    // One record wakes it.
+    w.kafka.lag.store(1, Ordering::SeqCst);
+    let t = Instant::now();
+    w.wait_replicas(1, Duration::from_secs(15)).await;
+    eprintln!("woke in {:?} (pollInterval 1s)", t.elapsed());
+    w.wait_condition("Idle", "False", "Active").await;
+    // Then on lag as usual.
+    w.kafka.lag.store(3_000, Ordering::SeqCst);
+    w.wait_replicas(3, Duration::from_secs(15)).await;
+    // Drained and quiet: back to zero straight from 3.
+    w.kafka.lag.store(0, Ordering::SeqCst);
+    w.wait_replicas(0, Duration::from_secs(30)).await;
+    w.wait_condition("Idle", "True", "NoNewRecords").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_threshold_holds_zero_until_the_lag_reaches_it() {
+    let w = world(
+        4,
+        0,
+        json!({"minReplicas": 0, "maxReplicas": 4, "lagPerReplica": 1000, "idleAfter": "2s", "activationLag": 500}),
+    )
+    .await;
+    w.wait_replicas(0, Duration::from_secs(30)).await;
+    w.kafka.lag.store(499, Ordering::SeqCst);
+    w.holds(0, Duration::from_secs(4)).await;
+    w.wait_condition("Idle", "True", "NoNewRecords").await;
+    w.kafka.lag.store(2_500, Ordering::SeqCst);
+    // A backlog wakes straight to what it needs.
+    w.wait_replicas(3, Duration::from_secs(15)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latest_group_without_a_commit_never_idles_until_it_commits() {
+    let w = world(
+        4,
+        0,
+        json!({"minReplicas": 0, "maxReplicas": 4, "lagPerReplica": 1000, "idleAfter": "2s"}),
+    )
+    .await;
+    w.kafka.uncommitted.store(true, Ordering::SeqCst);
+    w.pipelines
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"source": {"startFrom": "latest"}}})),
+        )
+        .await
+        .unwrap();
+    w.wait_condition("Idle", "False", "NoCommittedOffset").await;
+    // Woken, its workers would start after the records that woke them: it stays up.
+    w.holds(1, Duration::from_secs(5)).await;
+    // Once every partition has a commit, it idles like any other.
+    w.kafka.uncommitted.store(false, Ordering::SeqCst);
+    w.wait_replicas(0, Duration::from_secs(30)).await;
+    w.wait_condition("Idle", "True", "NoNewRecords").await;
+}

@@ -12,6 +12,13 @@
 //! - Unknown lag (a failed query) holds the current replicas. It is never read as zero.
 //! - Never more replicas than partitions: a replica without a partition does nothing.
 //!
+//! - Scale to zero (`min` 0 and `idle_after` set): after no lag and no new records for
+//!   `idle_after`, replicas go to 0 at once (whatever they were: nothing is waiting); at 0
+//!   the pipeline is idle until the lag reaches `activation`, then it wakes at once to
+//!   what the lag asks for (at least 1), never waiting for the scale-down window. Without
+//!   a trustworthy "records written" reading (`written: None`) a pipeline never idles,
+//!   and one at 0 wakes. Otherwise a `min` of 0 scales like a `min` of 1.
+//!
 //! The controller asks for a decision at most once per poll interval per pipeline
 //! (reconciles caused by status updates reuse the last one), so neither the Deployment's
 //! own status changes nor a burst of events can ratchet replicas.
@@ -30,6 +37,11 @@ pub struct Policy {
     pub lag_per_replica: u64,
     /// How long a lower recommendation must hold before scaling down.
     pub scale_down_window: Duration,
+    /// With `min` 0: how long without lag and without new records before scaling to zero.
+    /// `None` (or a `min` above 0): never.
+    pub idle_after: Option<Duration>,
+    /// Lag (records) that wakes a pipeline scaled to zero.
+    pub activation: u64,
 }
 
 /// What the lag query returned.
@@ -41,6 +53,13 @@ pub enum Lag {
         records: u64,
         /// How many of those partitions have lag.
         busy: u32,
+        /// Records waiting on every partition, stalled ones included.
+        total: u64,
+        /// Records ever written to the topic (the sum of the high watermarks): when it
+        /// stands still, no new records arrived. `None` when idling must not be trusted
+        /// (a group that starts at the end of the log and has not committed everywhere:
+        /// its workers, woken, would start after the records that woke them).
+        written: Option<i64>,
     },
     /// The query failed.
     Unknown,
@@ -49,7 +68,23 @@ pub enum Lag {
 impl Lag {
     /// `records` spread over `busy` partitions.
     pub fn on(records: u64, busy: u32) -> Self {
-        Lag::Known { records, busy }
+        Lag::Known {
+            records,
+            busy,
+            total: records,
+            written: None,
+        }
+    }
+
+    /// `records` spread over `busy` partitions, `total` in all (stalled partitions too),
+    /// `written` records ever written to the topic.
+    pub fn with_writes(records: u64, busy: u32, total: u64, written: Option<i64>) -> Self {
+        Lag::Known {
+            records,
+            busy,
+            total,
+            written,
+        }
     }
 }
 
@@ -68,6 +103,12 @@ pub enum Reason {
     LagUnknown,
     /// Desired is higher, but not every current replica is ready yet; holding.
     WaitingForReady,
+    /// No lag and no new records for `idle_after`: scaled to zero.
+    ScaleToZero,
+    /// At zero, and the lag is below the activation threshold.
+    Idle,
+    /// At zero, and the lag reached the activation threshold: scaled up.
+    Wake,
 }
 
 impl Reason {
@@ -80,6 +121,9 @@ impl Reason {
             Reason::Stabilizing => "stabilizing",
             Reason::LagUnknown => "lag_unknown",
             Reason::WaitingForReady => "waiting_for_ready",
+            Reason::ScaleToZero => "scale_to_zero",
+            Reason::Idle => "idle",
+            Reason::Wake => "wake",
         }
     }
 }
@@ -144,6 +188,8 @@ pub fn desired_replicas(
 #[derive(Debug, Default)]
 pub struct Autoscaler {
     history: VecDeque<(Instant, u32)>,
+    /// When lag or new records were last seen, and the `written` reading then.
+    active: Option<(Instant, Option<i64>)>,
 }
 
 impl Autoscaler {
@@ -164,7 +210,13 @@ impl Autoscaler {
         p: &Policy,
     ) -> Decision {
         let cap = p.max.min(partitions).max(1);
-        let Lag::Known { records, busy } = lag else {
+        let Lag::Known {
+            records,
+            busy,
+            total,
+            written,
+        } = lag
+        else {
             // Hold, but never above what the partitions allow.
             return Decision {
                 replicas: current.min(cap),
@@ -173,6 +225,23 @@ impl Autoscaler {
                 limited: (p.min > partitions).then_some(Limit::MinAbovePartitions),
             };
         };
+        // Below the idle rules, a `min` of 0 is a `min` of 1.
+        let to_zero = p.min == 0 && p.idle_after.is_some();
+        let floored;
+        let p = if p.min == 0 {
+            floored = Policy {
+                min: 1,
+                ..p.clone()
+            };
+            &floored
+        } else {
+            p
+        };
+        if to_zero {
+            if let Some(d) = self.idle(now, current, records, busy, total, written, partitions, p) {
+                return d;
+            }
+        }
         if self.history.is_empty() {
             // After a (controller) restart the window starts full of "current": no scale
             // down until a lower recommendation has held for a whole window.
@@ -220,6 +289,63 @@ impl Autoscaler {
             limited,
         }
     }
+
+    /// The scale-to-zero rules (see the module docs), when `p` (already floored at 1)
+    /// came from a `min` of 0 with `idle_after` set: `Some` decides.
+    #[allow(clippy::too_many_arguments)]
+    fn idle(
+        &mut self,
+        now: Instant,
+        current: u32,
+        records: u64,
+        busy: u32,
+        total: u64,
+        written: Option<i64>,
+        partitions: u32,
+        p: &Policy,
+    ) -> Option<Decision> {
+        let after = p.idle_after?;
+        let moved = match self.active {
+            Some((_, w)) => w != written,
+            // First reading (a new pipeline, a controller restart): the quiet time starts now.
+            None => true,
+        };
+        if moved || total > 0 || written.is_none() {
+            self.active = Some((now, written));
+        }
+        if current == 0 {
+            if written.is_some() && total < p.activation.max(1) {
+                self.history.clear();
+                return Some(Decision {
+                    replicas: 0,
+                    desired: Some(0),
+                    reason: Reason::Idle,
+                    limited: None,
+                });
+            }
+            // Wake at once to what the lag asks for; the window starts from here.
+            let (replicas, limited) = desired_replicas(records, busy, partitions, p);
+            self.history.clear();
+            self.history.push_back((now, replicas));
+            return Some(Decision {
+                replicas,
+                desired: Some(replicas),
+                reason: Reason::Wake,
+                limited,
+            });
+        }
+        let (since, _) = self.active?;
+        if now.saturating_duration_since(since) >= after {
+            self.history.clear();
+            return Some(Decision {
+                replicas: 0,
+                desired: Some(0),
+                reason: Reason::ScaleToZero,
+                limited: None,
+            });
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -232,6 +358,8 @@ mod tests {
             max: 10,
             lag_per_replica: 1000,
             scale_down_window: Duration::from_secs(300),
+            idle_after: None,
+            activation: 1,
         }
     }
 
@@ -436,5 +564,183 @@ mod tests {
             (d.replicas, d.limited),
             (4, Some(Limit::MinAbovePartitions))
         );
+    }
+
+    fn to_zero(idle_after: u64, activation: u64) -> Policy {
+        Policy {
+            min: 0,
+            scale_down_window: Duration::from_secs(60),
+            idle_after: Some(Duration::from_secs(idle_after)),
+            activation,
+            ..policy()
+        }
+    }
+
+    /// A reading with `total` lag spread over 8 partitions and `written` records ever written.
+    fn reading(total: u64, written: i64) -> Lag {
+        Lag::with_writes(total, total.min(8) as u32, total, Some(written))
+    }
+
+    #[test]
+    fn no_lag_and_no_new_records_for_idle_after_scales_to_zero() {
+        let p = to_zero(120, 1);
+        let mut a = Autoscaler::new();
+        let t0 = Instant::now();
+        for s in (0..120).step_by(10) {
+            let d = a.decide(t0 + Duration::from_secs(s), 1, 1, reading(0, 500), 8, &p);
+            assert_eq!((d.replicas, d.reason), (1, Reason::Steady), "at {s}s");
+        }
+        let d = a.decide(t0 + Duration::from_secs(120), 1, 1, reading(0, 500), 8, &p);
+        assert_eq!(
+            (d.replicas, d.reason, d.desired),
+            (0, Reason::ScaleToZero, Some(0))
+        );
+    }
+
+    #[test]
+    fn new_records_restart_the_quiet_time_even_when_consumed_at_once() {
+        let p = to_zero(120, 1);
+        let mut a = Autoscaler::new();
+        let t0 = Instant::now();
+        a.decide(t0, 1, 1, reading(0, 500), 8, &p);
+        // Records arrive and are consumed between two polls: lag reads 0, writes moved.
+        a.decide(t0 + Duration::from_secs(100), 1, 1, reading(0, 510), 8, &p);
+        let d = a.decide(t0 + Duration::from_secs(200), 1, 1, reading(0, 510), 8, &p);
+        assert_eq!(d.replicas, 1, "quiet for 100s only");
+        let d = a.decide(t0 + Duration::from_secs(220), 1, 1, reading(0, 510), 8, &p);
+        assert_eq!((d.replicas, d.reason), (0, Reason::ScaleToZero));
+    }
+
+    #[test]
+    fn lag_keeps_a_pipeline_awake_even_when_nothing_new_arrives() {
+        // A stalled partition: lag that does not move is not idleness.
+        let p = to_zero(60, 1);
+        let mut a = Autoscaler::new();
+        let t0 = Instant::now();
+        for s in (0..600).step_by(30) {
+            let lag = Lag::with_writes(0, 0, 40, Some(500));
+            let d = a.decide(t0 + Duration::from_secs(s), 1, 1, lag, 8, &p);
+            assert_eq!(d.replicas, 1, "at {s}s");
+        }
+    }
+
+    #[test]
+    fn idle_goes_to_zero_from_any_count_without_waiting_for_the_window() {
+        let p = Policy {
+            scale_down_window: Duration::from_secs(600),
+            ..to_zero(60, 1)
+        };
+        let mut a = Autoscaler::new();
+        let t0 = Instant::now();
+        assert_eq!(a.decide(t0, 1, 1, reading(6_000, 6_000), 8, &p).replicas, 6);
+        let d = a.decide(t0 + Duration::from_secs(30), 6, 6, reading(0, 6_000), 8, &p);
+        assert_eq!((d.replicas, d.reason), (6, Reason::Stabilizing));
+        let d = a.decide(t0 + Duration::from_secs(90), 6, 6, reading(0, 6_000), 8, &p);
+        assert_eq!((d.replicas, d.reason), (0, Reason::ScaleToZero));
+    }
+
+    #[test]
+    fn at_zero_lag_below_the_activation_threshold_stays_idle_and_reaching_it_wakes() {
+        let p = to_zero(60, 100);
+        let mut a = Autoscaler::new();
+        let t0 = Instant::now();
+        let table = [
+            // current, lag, written -> replicas, reason
+            (0, 0, 500, 0, Reason::Idle),
+            (0, 99, 599, 0, Reason::Idle),
+            (0, 100, 600, 1, Reason::Wake),
+        ];
+        for (i, (current, lag, written, want, reason)) in table.into_iter().enumerate() {
+            let at = t0 + Duration::from_secs(10 * i as u64);
+            let d = a.decide(at, current, current, reading(lag, written), 8, &p);
+            assert_eq!((d.replicas, d.reason), (want, reason), "lag {lag}");
+        }
+    }
+
+    #[test]
+    fn the_first_new_record_wakes_by_default_and_a_backlog_wakes_to_what_it_needs() {
+        let p = to_zero(60, 1);
+        let t0 = Instant::now();
+        let d = Autoscaler::new().decide(t0, 0, 0, reading(1, 501), 8, &p);
+        assert_eq!((d.replicas, d.reason), (1, Reason::Wake));
+        let d = Autoscaler::new().decide(t0, 0, 0, reading(5_500, 6_000), 8, &p);
+        assert_eq!((d.replicas, d.reason), (6, Reason::Wake));
+        // Lag on one partition: one replica is what helps.
+        let lag = Lag::with_writes(5_500, 1, 5_500, Some(6_000));
+        let d = Autoscaler::new().decide(t0, 0, 0, lag, 8, &p);
+        assert_eq!(
+            (d.replicas, d.reason, d.limited),
+            (1, Reason::Wake, Some(Limit::PartitionsWithLag))
+        );
+    }
+
+    #[test]
+    fn a_wake_right_after_scaling_to_zero_is_not_held_by_the_window() {
+        let p = Policy {
+            scale_down_window: Duration::from_secs(600),
+            ..to_zero(60, 1)
+        };
+        let mut a = Autoscaler::new();
+        let t0 = Instant::now();
+        a.decide(t0, 3, 3, reading(0, 500), 8, &p);
+        let d = a.decide(t0 + Duration::from_secs(60), 3, 3, reading(0, 500), 8, &p);
+        assert_eq!(d.replicas, 0);
+        let d = a.decide(t0 + Duration::from_secs(61), 0, 0, reading(3, 503), 8, &p);
+        assert_eq!((d.replicas, d.reason), (1, Reason::Wake));
+        // Then on lag as usual: the window holds the next scale-down, not the wake.
+        let d = a.decide(
+            t0 + Duration::from_secs(62),
+            1,
+            1,
+            reading(4_000, 4_500),
+            8,
+            &p,
+        );
+        assert_eq!((d.replicas, d.reason), (4, Reason::ScaleUp));
+        let d = a.decide(t0 + Duration::from_secs(70), 4, 4, reading(0, 4_500), 8, &p);
+        assert_eq!((d.replicas, d.reason), (4, Reason::Stabilizing));
+    }
+
+    #[test]
+    fn without_a_trustworthy_write_count_a_pipeline_never_idles_and_one_at_zero_wakes() {
+        let p = to_zero(60, 1);
+        let mut a = Autoscaler::new();
+        let t0 = Instant::now();
+        for s in (0..600).step_by(30) {
+            let lag = Lag::with_writes(0, 0, 0, None);
+            let d = a.decide(t0 + Duration::from_secs(s), 1, 1, lag, 8, &p);
+            assert_eq!(d.replicas, 1, "at {s}s");
+        }
+        let d = Autoscaler::new().decide(t0, 0, 0, Lag::with_writes(0, 0, 0, None), 8, &p);
+        assert_eq!((d.replicas, d.reason), (1, Reason::Wake));
+    }
+
+    #[test]
+    fn unknown_lag_at_zero_stays_at_zero() {
+        let d = Autoscaler::new().decide(Instant::now(), 0, 0, Lag::Unknown, 8, &to_zero(60, 1));
+        assert_eq!((d.replicas, d.reason), (0, Reason::LagUnknown));
+    }
+
+    #[test]
+    fn min_zero_without_idleness_scales_down_no_lower_than_one() {
+        let p = to_zero(3_600, 1);
+        let mut a = Autoscaler::new();
+        let t0 = Instant::now();
+        a.decide(t0, 4, 4, reading(0, 500), 8, &p);
+        let d = a.decide(t0 + Duration::from_secs(61), 4, 4, reading(0, 500), 8, &p);
+        assert_eq!((d.replicas, d.reason), (1, Reason::ScaleDown));
+    }
+
+    #[test]
+    fn a_controller_restart_at_zero_stays_idle_and_a_restart_above_zero_waits_a_full_idle_after() {
+        let p = to_zero(60, 1);
+        let t0 = Instant::now();
+        let d = Autoscaler::new().decide(t0, 0, 0, reading(0, 500), 8, &p);
+        assert_eq!((d.replicas, d.reason), (0, Reason::Idle));
+        let mut a = Autoscaler::new();
+        let d = a.decide(t0, 1, 1, reading(0, 500), 8, &p);
+        assert_eq!(d.replicas, 1);
+        let d = a.decide(t0 + Duration::from_secs(60), 1, 1, reading(0, 500), 8, &p);
+        assert_eq!(d.replicas, 0);
     }
 }

@@ -21,6 +21,10 @@ pub struct Observed {
     pub limited: Option<(String, String)>,
     /// Partitions with lag whose committed offset stood still for the stall window.
     pub stalled: Vec<i32>,
+    /// Scaled to zero for want of records: why, and what wakes it.
+    pub idle: Option<String>,
+    /// `minReplicas` is 0 but the pipeline may not idle: why.
+    pub idle_blocked: Option<String>,
 }
 
 fn cond(
@@ -40,8 +44,8 @@ fn cond(
     }
 }
 
-/// The conditions Ready, Progressing, Degraded, PartitionStalled, ScalingLimited and
-/// Paused. A condition
+/// The conditions Ready, Progressing, Degraded, PartitionStalled, ScalingLimited, Paused
+/// and Idle. A condition
 /// whose status did not change keeps its previous `lastTransitionTime`.
 pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition]) -> Vec<Condition> {
     let mut out = Vec::new();
@@ -56,6 +60,8 @@ pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition])
             "spec.paused is true: workers are scaled to zero, committed offsets are kept"
                 .to_string(),
         )
+    } else if let Some(m) = o.idle.as_ref().filter(|_| o.desired == 0) {
+        (true, "Idle", m.clone())
     } else if o.ready >= o.desired && o.desired > 0 {
         (
             true,
@@ -133,6 +139,12 @@ pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition])
         "",
         generation,
     ));
+    let (idle, ir, im) = match (&o.idle, &o.idle_blocked) {
+        (Some(m), _) if !o.paused => (true, "NoNewRecords", m.clone()),
+        (_, Some(m)) => (false, "NoCommittedOffset", m.clone()),
+        _ => (false, "Active", String::new()),
+    };
+    out.push(cond("Idle", idle, ir, im, generation));
     for c in &mut out {
         if let Some(p) = previous.iter().find(|p| p.type_ == c.type_) {
             if p.status == c.status {
@@ -206,6 +218,65 @@ mod tests {
             ("True", "LagUnknown")
         );
         assert_eq!(get(&cs, "ScalingLimited").status, "True");
+    }
+
+    #[test]
+    fn an_idle_pipeline_is_ready_with_zero_workers_and_says_what_wakes_it() {
+        let o = Observed {
+            desired: 0,
+            ready: 0,
+            idle: Some("no lag and no new records for 5m: scaled to zero".into()),
+            ..Default::default()
+        };
+        let cs = conditions(&o, Some(2), &[]);
+        let i = get(&cs, "Idle");
+        assert_eq!(
+            (i.status.as_str(), i.reason.as_str()),
+            ("True", "NoNewRecords")
+        );
+        let r = get(&cs, "Ready");
+        assert_eq!((r.status.as_str(), r.reason.as_str()), ("True", "Idle"));
+        assert_eq!(get(&cs, "Progressing").status, "False");
+        // Paused wins over idle.
+        let cs = conditions(
+            &Observed {
+                paused: true,
+                ..o.clone()
+            },
+            None,
+            &[],
+        );
+        assert_eq!(get(&cs, "Ready").reason, "Paused");
+        assert_eq!(get(&cs, "Idle").status, "False");
+        // Woken: not idle any more, workers starting.
+        let cs = conditions(
+            &Observed {
+                desired: 1,
+                ready: 0,
+                ..Default::default()
+            },
+            None,
+            &[],
+        );
+        assert_eq!(
+            (
+                get(&cs, "Idle").status.as_str(),
+                get(&cs, "Idle").reason.as_str()
+            ),
+            ("False", "Active")
+        );
+        assert_eq!(get(&cs, "Ready").reason, "WorkersNotReady");
+        let cs = conditions(
+            &Observed {
+                desired: 1,
+                ready: 1,
+                idle_blocked: Some("partition 3 has no committed offset".into()),
+                ..Default::default()
+            },
+            None,
+            &[],
+        );
+        assert_eq!(get(&cs, "Idle").reason, "NoCommittedOffset");
     }
 
     #[test]

@@ -18,7 +18,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::DynamicObject;
 use rdkafka::ClientConfig;
 use sluice_api::config::{ConfigError, SinkConfig, WorkerConfig};
-use sluice_api::crd::StreamPipeline;
+use sluice_api::crd::{ScalingSpec, StreamPipeline};
+use sluice_api::units::HumanDuration;
 
 /// The stored object as a [`StreamPipeline`]; the error names the first field that does
 /// not fit and what it should be.
@@ -61,7 +62,34 @@ pub fn validate(sp: &StreamPipeline) -> Result<WorkerConfig, ConfigError> {
             }
         }
     }
+    scaling(&sp.spec.scaling)?;
     Ok(config)
+}
+
+/// Scale to zero: `idleAfter` and `activationLag` only with `minReplicas: 0` (the CEL rule,
+/// for objects stored before it), and an `idleAfter` the poll can see (at least one
+/// `pollInterval`: idleness is judged from one reading per poll).
+fn scaling(s: &ScalingSpec) -> Result<(), ConfigError> {
+    if s.min_replicas != 0 && (s.idle_after.is_some() || s.activation_lag.is_some()) {
+        return Err(ConfigError::Invalid {
+            field: "scaling.idleAfter".into(),
+            message: "idleAfter and activationLag apply only with minReplicas: 0 (scale to zero)"
+                .into(),
+        });
+    }
+    if let Some(after) = s.scale_to_zero_after() {
+        if after < s.poll_interval.0 {
+            return Err(ConfigError::Invalid {
+                field: "scaling.idleAfter".into(),
+                message: format!(
+                    "idleAfter ({}) is shorter than pollInterval ({}): idleness is judged once per poll; make idleAfter at least pollInterval",
+                    HumanDuration(after),
+                    s.poll_interval
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Set each property on its own librdkafka configuration, so the error names it.
@@ -376,6 +404,47 @@ mod tests {
         ];
         for extra in fine {
             validate(&pipeline("p", extra.clone())).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        }
+    }
+
+    #[test]
+    fn scale_to_zero_settings_need_min_replicas_zero_and_an_idle_after_the_poll_can_see() {
+        let refused = [
+            (
+                serde_json::json!({"minReplicas": 1, "idleAfter": "5m"}),
+                "only with minReplicas: 0",
+            ),
+            (
+                serde_json::json!({"minReplicas": 2, "activationLag": 10}),
+                "only with minReplicas: 0",
+            ),
+            (
+                serde_json::json!({"minReplicas": 0, "idleAfter": "10s", "pollInterval": "30s"}),
+                "shorter than pollInterval",
+            ),
+            // The default idleAfter (5m) against a longer poll.
+            (
+                serde_json::json!({"minReplicas": 0, "pollInterval": "10m"}),
+                "idleAfter (5m) is shorter than pollInterval (10m)",
+            ),
+        ];
+        for (s, want) in refused {
+            let e = validate(&pipeline("p", serde_json::json!({"scaling": s.clone()})))
+                .err()
+                .unwrap_or_else(|| panic!("{s}: accepted"))
+                .to_string();
+            assert!(
+                e.contains("scaling.idleAfter") && e.contains(want),
+                "{s}: {e}"
+            );
+        }
+        for s in [
+            serde_json::json!({"minReplicas": 0}),
+            serde_json::json!({"minReplicas": 0, "idleAfter": "30s", "pollInterval": "30s", "activationLag": 100}),
+            serde_json::json!({"minReplicas": 1}),
+        ] {
+            validate(&pipeline("p", serde_json::json!({"scaling": s.clone()})))
+                .unwrap_or_else(|e| panic!("{s}: {e}"));
         }
     }
 

@@ -73,6 +73,8 @@ pub async fn setup(prefix: &str) -> (Client, String) {
 pub struct Scripted {
     pub partitions: AtomicU32,
     pub lag: AtomicI64,
+    /// The group has no committed offset on any partition.
+    pub uncommitted: std::sync::atomic::AtomicBool,
 }
 
 impl Scripted {
@@ -113,7 +115,7 @@ impl KafkaInspector for Scripted {
                             partition: p as i32,
                             low: 0,
                             high: lag,
-                            committed: Some(0),
+                            committed: (!self.uncommitted.load(Ordering::SeqCst)).then_some(0),
                             lag: lag as u64,
                         }
                     })
