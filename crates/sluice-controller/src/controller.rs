@@ -339,6 +339,15 @@ pub fn pipeline_resource() -> ApiResource {
     ApiResource::erase::<StreamPipeline>(&())
 }
 
+/// Whether the pipeline `name` with `uid` still exists and is not being deleted, read
+/// from the API server (a live GET, not the watch cache).
+async fn still_exists(client: &Client, ns: &str, name: &str, uid: &str) -> Result<bool, Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &pipeline_resource());
+    Ok(api.get_opt(name).await?.is_some_and(|o| {
+        o.metadata.uid.as_deref() == Some(uid) && o.metadata.deletion_timestamp.is_none()
+    }))
+}
+
 /// Reconcile one StreamPipeline as the API server stored it. It is parsed here, per object:
 /// one that does not parse (stored through an older or looser schema) gets `Ready=False,
 /// InvalidSpec` naming the field, and every other pipeline goes on reconciling.
@@ -748,7 +757,15 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
     };
     observed.desired = replicas;
 
-    // 5. Build (pure) and apply the children.
+    // 5. Build (pure) and apply the children, if the pipeline is still there. This
+    //    reconcile may run from a watch cache that has not seen its deletion yet, and
+    //    applying then re-creates children the garbage collector is removing (seen on a
+    //    node: the Deployment scaled up again after its pipeline was deleted, and the new
+    //    pod failed for its ConfigMap, already gone). So ask the API server, not the cache.
+    if !still_exists(&ctx.client, &ns, &name, &uid).await? {
+        tracing::info!(pipeline = %key, "the pipeline was deleted meanwhile; not applying its children");
+        return Ok(Action::await_change());
+    }
     let v = Validated {
         pipeline: (*sp).clone(),
         config,

@@ -48,8 +48,15 @@ fn step(method: Method, path: &'static str, body: &[&'static str], reply: Reply)
 }
 
 /// The calls for applying the four children; `replicas` is checked in the Deployment.
+/// First the live read of the pipeline itself (not the watch cache): it must still exist.
 fn apply_children(deploy_body: &'static str) -> Vec<Step> {
     vec![
+        step(
+            Method::GET,
+            "/apis/sluice.dev/v1alpha1/namespaces/default/streampipelines/p",
+            &[],
+            Reply::Json(pipeline(json!({}))),
+        ),
         step(
             Method::PATCH,
             "/api/v1/namespaces/default/configmaps/p-config?",
@@ -396,7 +403,7 @@ async fn an_existing_object_the_pipeline_does_not_own_is_a_conflict_and_nothing_
 async fn a_child_the_api_server_refuses_is_a_condition_with_its_message_and_an_event() {
     let mut f = fixture(8, 0);
     let mut steps = own_children(None);
-    steps.extend(apply_children("\"replicas\":1").into_iter().take(3));
+    steps.extend(apply_children("\"replicas\":1").into_iter().take(4));
     steps.push(step(
         Method::PATCH,
         "/apis/apps/v1/namespaces/default/deployments/p?",
@@ -410,6 +417,23 @@ async fn a_child_the_api_server_refuses_is_a_condition_with_its_message_and_an_e
     steps.push(event("ChildRejected"));
     let a = f.reconcile(pipeline(json!({})), steps).await;
     assert_eq!(a, Action::requeue(Duration::from_secs(60)));
+}
+
+/// A reconcile from a watch cache that has not seen the deletion yet: the live read finds
+/// the pipeline gone, so nothing is applied (the children are the garbage collector's)
+/// and no status is written.
+#[tokio::test]
+async fn a_pipeline_deleted_during_its_reconcile_gets_no_children_applied() {
+    let mut f = fixture(8, 0);
+    let mut steps = own_children(Some(2));
+    steps.push(step(
+        Method::GET,
+        "/apis/sluice.dev/v1alpha1/namespaces/default/streampipelines/p",
+        &[],
+        Reply::NotFound,
+    ));
+    let a = f.reconcile(pipeline(json!({})), steps).await;
+    assert_eq!(a, Action::await_change());
 }
 
 #[tokio::test]
