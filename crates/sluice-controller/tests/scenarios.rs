@@ -118,6 +118,23 @@ impl World {
         }
     }
 
+    /// The stand-in kubelet has reported `want` replicas ready (its last write is done).
+    async fn wait_ready(&self, want: i32, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let d = self.deployments.get("p").await.unwrap();
+            let ready = d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+            if ready == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ready replicas {ready}, want {want} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Replicas stay `want` for all of `period` (a hold, sampled).
     async fn holds(&self, want: i32, period: Duration) {
         let until = Instant::now() + period;
@@ -353,6 +370,8 @@ async fn a_burst_of_status_updates_does_not_change_replicas_before_the_next_poll
     )
     .await;
     w.wait_replicas(1, Duration::from_secs(30)).await;
+    // The stand-in kubelet's own write for that replica must be in before counting.
+    w.wait_ready(1, Duration::from_secs(30)).await;
     let decided = Instant::now();
     // Lag appears; then the Deployment's status changes again and again (each change is a
     // reconcile) for five seconds. None of them may act on the new lag before the poll
