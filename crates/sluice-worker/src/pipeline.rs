@@ -575,8 +575,10 @@ impl Coordinator {
                 self.commit_window(&states, deadline).await
             };
             if let Err(e) = res {
-                if let Some(txn) = &self.txn {
-                    txn.abort().await;
+                if lost {
+                    if let Some(txn) = &self.txn {
+                        txn.abort().await;
+                    }
                 }
                 self.txn_failed.get_or_insert(e);
             }
@@ -604,7 +606,90 @@ impl Coordinator {
         let Some(txn) = self.txn.as_mut() else {
             return Ok(0);
         };
-        txn.commit_window(&states, &self.consumer, deadline).await
+        // Closed until the window committed, or was aborted and every owned partition
+        // rewound: no record of the next window is dispatched before that.
+        let gate = txn.gate();
+        let _closed = gate.close().await;
+        let err = match txn.commit_closed(&states, &self.consumer, deadline).await {
+            Ok(n) => return Ok(n),
+            Err(e) => e,
+        };
+        if !err.rewindable() {
+            txn.abort().await;
+            return Err(err);
+        }
+        tracing::warn!(error = %err, "exactly-once: the transaction was aborted; every owned partition is processed again from its committed offset");
+        txn.abort_and_begin().await?;
+        self.rewind().await?;
+        Ok(0)
+    }
+
+    /// exactly-once, after an abort with nothing in flight (the gate closed): replace
+    /// every owned partition's incarnation by a new one that reads again from the
+    /// committed offset. The old dispatchers (some wait at the gate with records they
+    /// read) are stopped or aborted, so what they held is never registered; the seek
+    /// makes librdkafka discard what it had fetched beyond.
+    async fn rewind(&mut self) -> Result<(), TxnError> {
+        use rdkafka::{Offset, TopicPartitionList};
+        let keys: Vec<_> = self.owned.keys().cloned().collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        drop(self.release(&keys, deadline, false).await);
+        if let Some(txn) = &mut self.txn {
+            for (t, p) in &keys {
+                txn.forget(t, *p);
+            }
+        }
+        let consumer = self.consumer.clone();
+        let earliest = self.config.source.start_from == StartFrom::Earliest;
+        let parts = tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in &keys {
+                tpl.add_partition(t, *p);
+            }
+            let committed = consumer
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .map_err(|e| format!("reading the committed offsets: {e}"))?;
+            let mut parts = Vec::new();
+            for e in committed.elements() {
+                let (t, p) = (e.topic().to_string(), e.partition());
+                let to = match e.offset() {
+                    Offset::Offset(o) if o >= 0 => Offset::Offset(o),
+                    _ if earliest => Offset::Beginning,
+                    _ => return Err(format!("{t}/{p} has no committed offset (startFrom: latest); a restart starts it anew")),
+                };
+                let mut last = String::new();
+                let mut sought = false;
+                for attempt in 0..10 {
+                    if attempt > 0 {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    match consumer.seek(&t, p, to, Duration::from_secs(10)) {
+                        Ok(()) => {
+                            sought = true;
+                            break;
+                        }
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                if !sought {
+                    return Err(format!("seeking {t}/{p} to {to:?}: {last}"));
+                }
+                let q = consumer
+                    .split_partition_queue(&t, p)
+                    .ok_or_else(|| format!("could not split the queue of {t}/{p}"))?;
+                tracing::info!(topic = %t, partition = p, offset = ?to, "exactly-once: rewound to the committed offset");
+                parts.push((t, p, q));
+            }
+            Ok(parts)
+        })
+        .await
+        .map_err(|e| TxnError::Rewind(e.to_string()))?
+        .map_err(TxnError::Rewind)?;
+        self.assign(parts);
+        Ok(())
     }
 
     fn hold_after(&self) -> Duration {

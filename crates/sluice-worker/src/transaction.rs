@@ -81,6 +81,9 @@ pub enum TxnError {
     /// An assignment was lost: its uncommitted outputs must not commit.
     #[error("the assignment was lost (session expired)")]
     Lost,
+    /// The owned partitions could not be rewound to their committed offsets.
+    #[error("rewind: {0}")]
+    Rewind(String),
 }
 
 impl TxnError {
@@ -92,6 +95,22 @@ impl TxnError {
             TxnError::NotDrained { .. } => "not_drained",
             TxnError::NoGroupMetadata => "no_group_metadata",
             TxnError::Lost => "lost",
+            TxnError::Rewind(_) => "rewind",
+        }
+    }
+
+    /// True when the window failed only at the transactional calls, after everything it
+    /// dispatched was acknowledged (nothing of it is still in flight), and the producer
+    /// can go on: then the worker aborts and rewinds in place instead of stopping. The
+    /// common case is a rebalance racing the commit (the group's generation moved, so
+    /// `send_offsets_to_transaction` is refused; KIP-447 fencing at work).
+    pub fn rewindable(&self) -> bool {
+        match self {
+            TxnError::Kafka { source, .. } => match source {
+                KafkaError::Transaction(e) => !e.is_fatal(),
+                _ => false,
+            },
+            _ => false,
         }
     }
 }
@@ -268,27 +287,12 @@ impl Transactions {
         self.gate.clone()
     }
 
-    /// End the window: stop dispatch, wait (until `deadline`) for everything dispatched
-    /// in `parts` to be acknowledged, then commit the transaction with the watermarks of
-    /// the partitions that moved, and begin the next one. Returns how many partitions'
-    /// offsets it committed. On an error the transaction is aborted; the caller stops.
-    pub async fn commit_window(
-        &mut self,
-        parts: &[Arc<PartitionState>],
-        consumer: &Arc<SluiceConsumer>,
-        deadline: tokio::time::Instant,
-    ) -> Result<usize, TxnError> {
-        let gate = self.gate.clone();
-        let _closed = gate.close().await;
-        let res = self.commit_closed(parts, consumer, deadline).await;
-        if res.is_err() {
-            self.failures.inc();
-            self.abort().await;
-        }
-        res
-    }
-
-    async fn commit_closed(
+    /// End the window (the caller holds the closed [`TxnGate`]): wait (until
+    /// `deadline`) for everything dispatched in `parts` to be acknowledged, then commit
+    /// the transaction with the watermarks of the partitions that moved, and begin the
+    /// next one. Returns how many partitions' offsets it committed. On an error the
+    /// transaction is left for the caller to abort.
+    pub async fn commit_closed(
         &mut self,
         parts: &[Arc<PartitionState>],
         consumer: &Arc<SluiceConsumer>,
@@ -345,8 +349,20 @@ impl Transactions {
         Ok(todo.len())
     }
 
+    /// Abort the open transaction and begin the next one (after a rewindable error).
+    pub async fn abort_and_begin(&self) -> Result<(), TxnError> {
+        self.failures.inc();
+        let (p, timeout) = (self.producer.clone(), self.timeout);
+        blocking("abort_transaction / begin_transaction", move || {
+            p.abort_transaction(timeout)?;
+            p.begin_transaction()
+        })
+        .await
+    }
+
     /// Abort the open transaction (best effort: a fenced or fatal producer cannot).
     pub async fn abort(&self) {
+        self.failures.inc();
         let (p, timeout) = (self.producer.clone(), self.timeout);
         if let Err(e) = blocking("abort_transaction", move || p.abort_transaction(timeout)).await
         {
