@@ -1528,7 +1528,10 @@ fn pace_supervised(w: &mut Workers, d: Duration, restarts: &mut usize) {
     let end = Instant::now() + d;
     while Instant::now() < end {
         *restarts += w.restart_exited();
-        pace(w, Duration::from_millis(250).min(end.saturating_duration_since(Instant::now())));
+        pace(
+            w,
+            Duration::from_millis(250).min(end.saturating_duration_since(Instant::now())),
+        );
     }
 }
 
@@ -1612,7 +1615,11 @@ pub fn eos_sigkill(bin: &str, len: Length) -> Outcome {
     let mut restarts = 0;
     for _ in 0..kills {
         let jitter = rand_ms(every.as_millis() as u64 / 2);
-        pace_supervised(&mut w, every / 2 + Duration::from_millis(jitter), &mut restarts);
+        pace_supervised(
+            &mut w,
+            every / 2 + Duration::from_millis(jitter),
+            &mut restarts,
+        );
         faults.push(now_ms());
         w.kill_one();
         w.start();

@@ -17,9 +17,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    BatchingConfig, CommitConfig, ConfigError, DeadLetterConfig, DeliveryConfig, MemoryConfig, ProcessorConfig,
-    RetryConfig, SaslMechanism, SecurityConfig, SecurityProtocol, ServerConfig, SinkConfig,
-    SourceConfig, StartFrom, WorkerConfig, WorkersConfig,
+    BatchingConfig, CommitConfig, ConfigError, DeadLetterConfig, DeliveryConfig, MemoryConfig,
+    ProcessorConfig, RetryConfig, SaslMechanism, SecurityConfig, SecurityProtocol, ServerConfig,
+    SinkConfig, SourceConfig, StartFrom, WorkerConfig, WorkersConfig,
 };
 use crate::units::HumanDuration;
 

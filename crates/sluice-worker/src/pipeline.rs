@@ -36,7 +36,7 @@ use crate::sink::null::NullSink;
 use crate::sink::postgres::{PostgresSetupError, PostgresSink};
 use crate::sink::stdout::StdoutSink;
 use crate::sink::{DynSink, SinkMetrics};
-use crate::transaction::{TxnError, TxnKafkaSink, Transactions};
+use crate::transaction::{Transactions, TxnError, TxnKafkaSink};
 
 /// Why the pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -821,7 +821,8 @@ async fn run(
         )?;
         let id = crate::transaction::transactional_id(&config.pipeline);
         crate::transaction::producer_config(&mut client, &config, &id, output_copy_kb(&config));
-        let t = Transactions::start(client, config.delivery.transaction_timeout(), &metrics).await?;
+        let t =
+            Transactions::start(client, config.delivery.transaction_timeout(), &metrics).await?;
         tracing::info!(transactional_id = %id, window = %config.delivery.transaction_window, "exactly-once: transactional producer ready");
         Some(t)
     } else {

@@ -161,21 +161,13 @@ pub fn transactional_id(pipeline: &str) -> String {
 /// Set the transactional producer's properties on `client` (bootstrap servers and
 /// security already there). The Kafka sinks' `producerProperties` are applied last, in
 /// sink order (validation refuses two sinks that set one property differently).
-pub fn producer_config(
-    client: &mut ClientConfig,
-    config: &WorkerConfig,
-    id: &str,
-    queue_kb: u64,
-) {
+pub fn producer_config(client: &mut ClientConfig, config: &WorkerConfig, id: &str, queue_kb: u64) {
     let timeout = config.delivery.transaction_timeout();
     client
         .set("transactional.id", id)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set(
-            "transaction.timeout.ms",
-            timeout.as_millis().to_string(),
-        )
+        .set("transaction.timeout.ms", timeout.as_millis().to_string())
         // A delivery still failing when the transaction would time out fails the window.
         .set("message.timeout.ms", timeout.as_millis().to_string())
         .set("linger.ms", "2")
@@ -229,7 +221,10 @@ async fn blocking<T: Send + 'static>(
 /// Call `f` again while it fails with an error librdkafka calls retriable (e.g. a
 /// coordinator that moved or timed out), for up to `timeout`; an error that requires an
 /// abort, or is fatal, is returned at once.
-fn retrying(timeout: Duration, mut f: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+fn retrying(
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<(), KafkaError>,
+) -> Result<(), KafkaError> {
     let end = Instant::now() + timeout;
     loop {
         match f() {
@@ -330,15 +325,18 @@ impl Transactions {
                     source,
                 })?;
         }
-        let cgm = consumer
-            .group_metadata()
-            .ok_or(TxnError::NoGroupMetadata)?;
+        let cgm = consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?;
         let (p, timeout) = (self.producer.clone(), self.timeout);
-        blocking("send_offsets_to_transaction / commit_transaction", move || {
-            retrying(timeout, || p.send_offsets_to_transaction(&tpl, &cgm, timeout))?;
-            retrying(timeout, || p.commit_transaction(timeout))?;
-            p.begin_transaction()
-        })
+        blocking(
+            "send_offsets_to_transaction / commit_transaction",
+            move || {
+                retrying(timeout, || {
+                    p.send_offsets_to_transaction(&tpl, &cgm, timeout)
+                })?;
+                retrying(timeout, || p.commit_transaction(timeout))?;
+                p.begin_transaction()
+            },
+        )
         .await?;
         self.latency.observe(started.elapsed().as_secs_f64());
         for (s, o) in &todo {
@@ -364,8 +362,7 @@ impl Transactions {
     pub async fn abort(&self) {
         self.failures.inc();
         let (p, timeout) = (self.producer.clone(), self.timeout);
-        if let Err(e) = blocking("abort_transaction", move || p.abort_transaction(timeout)).await
-        {
+        if let Err(e) = blocking("abort_transaction", move || p.abort_transaction(timeout)).await {
             tracing::warn!(error = %e, "could not abort the transaction; the broker aborts it after transaction.timeout.ms");
         }
     }
@@ -445,7 +442,10 @@ impl Sink for TxnKafkaSink {
                 let trace = self.trace_header.as_ref().map(|name| {
                     (
                         name.as_str(),
-                        format!("{}/{}/{}", self.source_topic, origin.partition, origin.offset),
+                        format!(
+                            "{}/{}/{}",
+                            self.source_topic, origin.partition, origin.offset
+                        ),
                     )
                 });
                 let headers = (!o.headers.is_empty() || trace.is_some()).then(|| {
@@ -575,7 +575,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         });
         tokio::task::yield_now().await;
-        assert!(!closer.is_finished(), "a dispatch in progress holds the barrier");
+        assert!(
+            !closer.is_finished(),
+            "a dispatch in progress holds the barrier"
+        );
         let (g3, o3) = (gate.clone(), order.clone());
         let late = tokio::spawn(async move {
             let _in = g3.enter().await;

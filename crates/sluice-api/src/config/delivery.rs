@@ -116,6 +116,26 @@ pub(super) fn check(c: &WorkerConfig) -> Result<(), ConfigError> {
             }
         }
     }
+    // One transactional producer carries every Kafka sink: their properties must agree.
+    let mut seen: std::collections::BTreeMap<&str, (usize, &str)> = Default::default();
+    for (i, sink) in c.sinks.iter().enumerate() {
+        let SinkConfig::Kafka(k) = sink else { continue };
+        for (key, v) in &k.producer_properties {
+            match seen.get(key.as_str()) {
+                Some(&(j, other)) if other != v => {
+                    return Err(ConfigError::invalid(
+                        format!("sinks[{i}].kafka.producerProperties.{key}"),
+                        format!(
+                            "delivery.guarantee exactly-once writes every Kafka sink through one transactional producer, and sinks[{j}] sets {key} to {other:?}, not {v:?}"
+                        ),
+                    ));
+                }
+                _ => {
+                    seen.insert(key, (i, v));
+                }
+            }
+        }
+    }
     match &c.dead_letter {
         None => {
             return Err(ConfigError::invalid(
@@ -189,7 +209,10 @@ mod tests {
             "sinks: [{kafka: {topic: out}}, {postgres: {table: t}}]\ndeadLetter: {topic: dlq}\ndelivery: {guarantee: exactly-once}",
         );
         assert_eq!(field, "sinks[1].postgres");
-        assert!(message.contains("cannot take part in the Kafka transaction"), "{message}");
+        assert!(
+            message.contains("cannot take part in the Kafka transaction"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -226,6 +249,15 @@ mod tests {
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn exactly_once_refuses_sinks_that_disagree_on_a_producer_property() {
+        let (field, message) = refusal(
+            "sinks: [{kafka: {topic: a, producerProperties: {compression.type: lz4}}}, {kafka: {topic: b, producerProperties: {compression.type: zstd}}}]\ndeadLetter: {topic: dlq}\ndelivery: {guarantee: exactly-once}",
+        );
+        assert_eq!(field, "sinks[1].kafka.producerProperties.compression.type");
+        assert!(message.contains("one transactional producer"), "{message}");
     }
 
     #[test]

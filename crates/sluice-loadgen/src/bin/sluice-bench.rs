@@ -461,7 +461,10 @@ fn visible_latency(
         .filter_map(|(q, &p)| visible.get(q).map(|&v| (v - p).max(0)))
         .collect();
     lat.sort_unstable();
-    let pct = |q: f64| lat.get(((lat.len().max(1) - 1) as f64 * q).round() as usize).copied();
+    let pct = |q: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+    };
     Ok(serde_json::json!({
         "visible_records": lat.len(),
         "visible_p50_ms": pct(0.5),
@@ -537,8 +540,14 @@ async fn latency(a: &Args, which: &str) -> anyhow::Result<()> {
             output.clone(),
             stop_reader.clone(),
         );
-        let from_ms = epoch_ms() + warmup_end.saturating_duration_since(Instant::now()).as_millis() as i64;
-        let to_ms = epoch_ms() + deadline.saturating_duration_since(Instant::now()).as_millis() as i64;
+        let from_ms = epoch_ms()
+            + warmup_end
+                .saturating_duration_since(Instant::now())
+                .as_millis() as i64;
+        let to_ms = epoch_ms()
+            + deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as i64;
         std::thread::spawn(move || visible_latency(&b, &i, &o, from_ms, to_ms, stop))
     });
     let (n, secs, cpu, buckets) = if which == "relay" {
@@ -557,7 +566,9 @@ async fn latency(a: &Args, which: &str) -> anyhow::Result<()> {
         // Time for the last window's outputs to become readable.
         tokio::time::sleep(Duration::from_secs(2)).await;
         stop_reader.store(true, Ordering::Release);
-        let v = r.join().map_err(|_| anyhow::anyhow!("the reader panicked"))??;
+        let v = r
+            .join()
+            .map_err(|_| anyhow::anyhow!("the reader panicked"))??;
         if let (Some(o), serde_json::Value::Object(e)) = (q.as_object_mut(), v) {
             o.extend(e);
         }
