@@ -106,10 +106,10 @@ impl TxnError {
     /// `send_offsets_to_transaction` is refused; KIP-447 fencing at work).
     pub fn rewindable(&self) -> bool {
         match self {
-            TxnError::Kafka { source, .. } => match source {
-                KafkaError::Transaction(e) => !e.is_fatal(),
-                _ => false,
-            },
+            TxnError::Kafka {
+                source: KafkaError::Transaction(e),
+                ..
+            } => !e.is_fatal(),
             _ => false,
         }
     }
