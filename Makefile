@@ -4,7 +4,7 @@ CARGO ?= cargo
 DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 
-.PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench chaos fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
+.PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench profile chaos fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -43,6 +43,11 @@ fmt:
 ## Benchmarks (see BENCHMARKS.md). Pins the broker and the clients to different cores.
 bench: setup
 	scripts/bench.sh
+
+## Instructions per record and per stage (valgrind callgrind) of a fixed small workload:
+## repeatable on a noisy machine (BENCHMARKS.md, "Where the CPU goes"). `make bench` runs it too.
+profile: setup
+	scripts/profile.sh
 
 ## The fault harness at full length (RELIABILITY.md's figures): every scenario under load,
 ## against the real broker and PostgreSQL. `make test` runs the short version.

@@ -33,10 +33,21 @@ TOPIC="bench-in-$(date +%s)"
 log "preloading $COUNT records into $TOPIC"
 "$BENCH" preload --topic "$TOPIC" --count "$COUNT"
 
+# The plain consumer baseline, tuned to what librdkafka can do here: larger fetches and a
+# deeper prefetch queue (sluice bounds its prefetch by memory.fetchBuffer instead).
+TUNED=(--consumer-property max.partition.fetch.bytes=4194304 --consumer-property fetch.max.bytes=67108864
+  --consumer-property queued.min.messages=1000000 --consumer-property queued.max.messages.kbytes=262144)
 for rep in $(seq "$REPS"); do
+  # (its line has no consumer_properties; bench_summary.py reports it as consume-defaults)
+  log "rep $rep: consume (librdkafka defaults)"
+  run consume --topic "$TOPIC" --count "$COUNT"
   for mode in consume sluice-null relay sluice-relay sluice-fanout engine engine-jq; do
     log "rep $rep: $mode"
-    run "$mode" --topic "$TOPIC" --count "$COUNT"
+    if [[ $mode == consume || $mode == relay ]]; then
+      run "$mode" --topic "$TOPIC" --count "$COUNT" "${TUNED[@]}"
+    else
+      run "$mode" --topic "$TOPIC" --count "$COUNT"
+    fi
   done
 done
 
@@ -70,7 +81,29 @@ for pct in 10 50 80; do
   run latency-sluice --rate "$rate" --seconds "$LAT_SECONDS" --linger 0ms --producer-linger-ms 0
 done
 
+# Kafka's own end-to-end latency tool (kafka-tools, in the broker's jars): one record at a
+# time, produce with acks=all, then consume it; the floor that sluice's latency is read against.
+E2E_TOOL_COUNT="${E2E_TOOL_COUNT:-10000}"
+log "Kafka's EndToEndLatency tool: $E2E_TOOL_COUNT records of 100 B, acks=all"
+KAFKA_LIBS="${SLUICE_CACHE:-$HOME/.cache/sluice}/kafka-${SLUICE_KAFKA_VERSION:-4.1.1}/libs"
+taskset -c "$CLIENT_CPU" java -cp "$KAFKA_LIBS/*" org.apache.kafka.tools.EndToEndLatency \
+  "${SLUICE_BOOTSTRAP:-127.0.0.1:9092}" "e2e-latency-$(date +%s)" "$E2E_TOOL_COUNT" all 100 \
+  2>"$OUT/last.log" | python3 -c '
+import json, re, sys
+text = sys.stdin.read()
+m = re.search(r"Percentiles: 50th = (\d+), 99th = (\d+), 99.9th = (\d+)", text)
+avg = re.search(r"Avg latency: ([\d.]+) ms", text)
+if not m:
+    sys.exit("EndToEndLatency printed no percentiles:\n" + text[-2000:])
+print(json.dumps({"mode": "kafka-end-to-end-latency-tool", "records": int(sys.argv[1]),
+    "p50_ms": float(m.group(1)), "p99_ms": float(m.group(2)), "p999_ms": float(m.group(3)),
+    "avg_ms": float(avg.group(1)) if avg else None}))
+' "$E2E_TOOL_COUNT" | tee -a "$RESULTS" >&2
+
 python3 scripts/bench_summary.py "$RESULTS" | tee "$OUT/summary.md"
+
+# Instructions per record and per stage (callgrind), for a fixed small workload.
+scripts/profile.sh
 
 # Throughput and latency while faults happen (RELIABILITY.md scenarios 1 and 5), next to
 # the same run's steady state: worker processes, generator and auditor on the client cpu.

@@ -34,7 +34,7 @@ PROGRAMS = [
     "cmake", "cc", "make", "pkg-config", "curl", "openssl", "java", "mvn", "python3",
     "promtool", "prometheus", "taskset", "ip", "iptables", "containerd", "ctr", "runc",
     "/usr/lib/cni/bridge", "/usr/lib/cni/host-local", "/usr/lib/cni/portmap",
-    "/usr/lib/cni/loopback", "gcc", "strip",
+    "/usr/lib/cni/loopback", "gcc", "strip", "valgrind", "callgrind_annotate",
 ]
 POSTGRES_PROGRAMS = ["initdb", "pg_ctl", "postgres", "psql"]
 

@@ -34,6 +34,15 @@
 //! }
 //! ```
 
+/// The process's allocator: mimalloc, for Rust and (feature `override`) for librdkafka's C
+/// allocations alike. With glibc's allocator, allocation and the frees on other threads
+/// (librdkafka allocates a record's op on its broker thread, the dispatcher frees it)
+/// were about a third of the worker's instructions per record; see BENCHMARKS.md,
+/// "Where the CPU goes". Every binary linking this crate (the worker, custom workers,
+/// the benchmarks and the tests) runs on it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod ack;
 pub mod backpressure;
 pub mod batcher;

@@ -59,6 +59,36 @@ struct Args {
     /// The transaction window of the `-eos` modes.
     #[arg(long, default_value = "100ms")]
     window: String,
+    /// A librdkafka consumer property (`name=value`, repeatable) for every consumer under
+    /// test: the plain baselines' and sluice's (`source.consumerProperties`).
+    #[arg(long = "consumer-property", value_parser = parse_property)]
+    consumer_properties: Vec<(String, String)>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected name=value, got {s:?}"))?;
+    Ok((k.trim().to_string(), v.trim().to_string()))
+}
+
+/// The consumer properties as a JSON object, for the measurement's line.
+fn properties_json(a: &Args) -> serde_json::Value {
+    a.consumer_properties
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// A consumer configuration with the bench's `--consumer-property` settings applied.
+fn consumer_client(a: &Args) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &a.bootstrap);
+    for (k, v) in &a.consumer_properties {
+        c.set(k, v);
+    }
+    c
 }
 
 /// Records, seconds, CPU seconds, and latency buckets (upper bound, cumulative count).
@@ -120,8 +150,7 @@ fn assign_all(c: &BaseConsumer, topic: &str, parts: i32) -> anyhow::Result<()> {
 
 /// (1) Plain consumer: poll until `count` records were read.
 fn consume(a: &Args) -> anyhow::Result<()> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &a.bootstrap)
+    let c: BaseConsumer = consumer_client(a)
         .set("group.id", format!("bench-consume-{}", run_id()))
         .set("enable.auto.commit", "false")
         .create()?;
@@ -144,7 +173,7 @@ fn consume(a: &Args) -> anyhow::Result<()> {
         n,
         t0.elapsed().as_secs_f64(),
         cpu_seconds() - cpu0,
-        serde_json::json!({"bytes": bytes}),
+        serde_json::json!({"bytes": bytes, "consumer_properties": properties_json(a)}),
     );
     Ok(())
 }
@@ -175,8 +204,7 @@ fn relay(
     deadline: Option<Instant>,
     warmup_end: Option<Instant>,
 ) -> anyhow::Result<Measurement> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &a.bootstrap)
+    let c: BaseConsumer = consumer_client(a)
         .set("group.id", format!("bench-relay-{}", run_id()))
         .set("enable.auto.commit", "true")
         .set("auto.offset.reset", "earliest")
@@ -256,7 +284,7 @@ fn sluice_config(a: &Args, input: &str, sink: &str) -> anyhow::Result<WorkerConf
     Ok(WorkerConfig::from_yaml(&format!(
         r#"
 pipeline: bench
-source: {{bootstrapServers: "{}", topic: {input}, groupId: bench-sluice-{}}}
+source: {{bootstrapServers: "{}", topic: {input}, groupId: bench-sluice-{}, consumerProperties: {}}}
 sinks: [{sink}]
 workers: {{perPartition: 2, queueCapacity: 8192, ordering: key}}
 batching: {{maxMessages: 5000, maxBytes: 1MiB, linger: {}}}
@@ -264,6 +292,8 @@ server: {{listen: "127.0.0.1:0"}}
 {eos}"#,
         a.bootstrap,
         run_id(),
+        // JSON is YAML: the properties as a flow mapping.
+        properties_json(a),
         a.linger
     ))?)
 }
@@ -671,6 +701,7 @@ fn clone_args(a: &Args) -> Args {
         linger: a.linger.clone(),
         producer_linger_ms: a.producer_linger_ms,
         window: a.window.clone(),
+        consumer_properties: a.consumer_properties.clone(),
     }
 }
 

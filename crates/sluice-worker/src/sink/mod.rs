@@ -33,9 +33,12 @@ impl SinkBatch {
     /// Every output is acknowledged: record latency and release the tokens.
     pub fn acknowledge(self, metrics: &SinkMetrics) {
         let now_ms = now_ms();
+        // A local histogram: one flush of atomics per batch, not per output.
+        let local = metrics.end_to_end.local();
         for (_, origin) in &self.items {
-            observe_latency(metrics, now_ms, origin);
+            observe_latency(&local, now_ms, origin);
         }
+        local.flush();
         metrics.outputs.inc_by(self.items.len() as u64);
         for t in self.tokens {
             t.ack();
@@ -71,12 +74,14 @@ impl SinkBatch {
             }
         }
         let mut stored = 0;
+        let local = metrics.end_to_end.local();
         for (i, (_, origin)) in self.items.iter().enumerate() {
             if !failed[i] {
-                observe_latency(metrics, now_ms, origin);
+                observe_latency(&local, now_ms, origin);
                 stored += 1;
             }
         }
+        local.flush();
         metrics.outputs.inc_by(stored);
         let SinkBatch { items, tokens, .. } = self;
         // Count each rejection against its source partition (`stage="sink"`).
@@ -121,11 +126,9 @@ pub struct SinkFailure {
     pub attempts: u32,
 }
 
-fn observe_latency(metrics: &SinkMetrics, now_ms: i64, origin: &Origin) {
+fn observe_latency(end_to_end: &prometheus::local::LocalHistogram, now_ms: i64, origin: &Origin) {
     if let Some(ts) = origin.timestamp_ms {
-        metrics
-            .end_to_end
-            .observe(((now_ms - ts).max(0) as f64) / 1000.0);
+        end_to_end.observe(((now_ms - ts).max(0) as f64) / 1000.0);
     }
 }
 
