@@ -137,9 +137,11 @@ impl TxnGate {
 /// The `transactional.id` of this worker: `SLUICE_TRANSACTIONAL_ID` if set, else
 /// `sluice-<pipeline>-<host name>-<pid>` (the host name is the pod name in Kubernetes).
 /// Unique per live process, which is all it needs to be: the consumer group's metadata
-/// fences zombies (KIP-447). A restarted pod gets a new id, so a transaction its
-/// predecessor left open holds `read_committed` readers back until the broker aborts it
-/// (`transaction.timeout.ms`, see [`sluice_api::config::DeliveryConfig::transaction_timeout`]).
+/// fences zombies (KIP-447). In the image the worker is PID 1, so a container restarted
+/// in its pod keeps the id, and `init_transactions` aborts what its predecessor left open
+/// at once; a new pod gets a new id, so a transaction its predecessor left open holds
+/// `read_committed` readers back until the broker aborts it (`transaction.timeout.ms`, see
+/// [`sluice_api::config::DeliveryConfig::transaction_timeout`]).
 pub fn transactional_id(pipeline: &str) -> String {
     if let Ok(id) = std::env::var("SLUICE_TRANSACTIONAL_ID") {
         if !id.trim().is_empty() {
