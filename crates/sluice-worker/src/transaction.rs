@@ -594,6 +594,30 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), ["commit", "late dispatch"]);
     }
 
+    /// Only a failed transactional call (nothing in flight any more) is rewound in place;
+    /// work still in flight, a stall, a lost assignment or any other client error stops
+    /// the worker, whose outputs of the aborted window could otherwise reach the next one.
+    #[test]
+    fn only_a_failed_transactional_call_is_rewound_in_place() {
+        let (topic, partition) = ("in".to_string(), 0);
+        for e in [
+            TxnError::NotDrained {
+                topic: topic.clone(),
+                partition,
+            },
+            TxnError::Stalled { topic, partition },
+            TxnError::Lost,
+            TxnError::NoGroupMetadata,
+            TxnError::Rewind("seek failed".into()),
+            TxnError::Kafka {
+                step: "init_transactions",
+                source: KafkaError::Canceled,
+            },
+        ] {
+            assert!(!e.rewindable(), "{e} ({})", e.label());
+        }
+    }
+
     #[test]
     fn transactional_ids_differ_between_processes_of_one_host() {
         std::env::remove_var("SLUICE_TRANSACTIONAL_ID");
