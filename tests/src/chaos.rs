@@ -428,6 +428,28 @@ impl Workers {
         }
     }
 
+    /// Restart every worker that exited by itself (what a Deployment does; an
+    /// exactly-once worker exits non-zero after an aborted transaction). Returns how many.
+    fn restart_exited(&mut self) -> usize {
+        let mut n = 0;
+        let mut i = 0;
+        while i < self.running.len() {
+            if let Some(st) = self.running[i].wait(Duration::ZERO) {
+                let dead = self.running.remove(i);
+                eprintln!(
+                    "[chaos] worker {} exited ({st}); restarting it\n{}",
+                    dead.pid(),
+                    dead.log_tail(10)
+                );
+                self.start();
+                n += 1;
+            } else {
+                i += 1;
+            }
+        }
+        n
+    }
+
     fn stop_all(&mut self) {
         while !self.running.is_empty() {
             self.term_one();
@@ -1332,7 +1354,7 @@ pub fn slow_acks(bin: &str, len: Length) -> Outcome {
 pub type Scenario = fn(&str, Length) -> Outcome;
 
 /// Every scenario in order, with the short name `sluice-chaos` selects it by.
-pub const SCENARIOS: [(&str, Scenario); 13] = [
+pub const SCENARIOS: [(&str, Scenario); 16] = [
     ("sigkill", sigkill),
     ("broker", broker_restart),
     ("kafka-output", kafka_output_outage),
@@ -1346,6 +1368,9 @@ pub const SCENARIOS: [(&str, Scenario); 13] = [
     ("reassign", reassign),
     ("memory", memory_bound),
     ("slow-acks", slow_acks),
+    ("eos-sigkill", eos_sigkill),
+    ("eos-broker", eos_broker_restart),
+    ("eos-storm", eos_rebalance_storm),
 ];
 
 /// Throughput and latency over one span of a run (see [`Watcher::window`]).
@@ -1495,5 +1520,184 @@ pub fn bench_storm(bin: &str, rate: f64) -> FaultBench {
                 }
             }
         },
+    )
+}
+
+/// Sleep `d` like [`pace`], restarting workers that exited by themselves.
+fn pace_supervised(w: &mut Workers, d: Duration, restarts: &mut usize) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        *restarts += w.restart_exited();
+        pace(
+            w,
+            Duration::from_millis(250).min(end.saturating_duration_since(Instant::now())),
+        );
+    }
+}
+
+/// The transaction window of the exactly-once scenarios.
+pub const EOS_WINDOW_MS: u64 = 100;
+
+/// An exactly-once relay: input, output and dead-letter topics (`chaos-<name>-0/1/2`),
+/// the auditor (`read_committed`, see [`crate::reader_assigned`]) on the output and the
+/// dead-letter topic, the generator's load, and one worker.
+fn eos_scenario(
+    bin: &str,
+    name: &str,
+    partitions: i32,
+    plan: &Plan,
+) -> (Watcher, std::thread::JoinHandle<()>, Workers) {
+    let t = topics(name, 3, partitions);
+    let watcher = Watcher::start(&[&t[1], &t[2]]);
+    let gen = generate(&t[0], plan.count(), plan.rate);
+    let body = format!(
+        "sinks: [{{kafka: {{topic: {}}}}}]\ndeadLetter: {{topic: {}}}\ndelivery: {{guarantee: exactly-once, transactionWindow: {EOS_WINDOW_MS}ms}}",
+        t[1], t[2]
+    );
+    let mut w = Workers::new(bin, &t[0], &unique(&format!("chaos-{name}-g")), &body, &[]);
+    w.start();
+    (watcher, gen, w)
+}
+
+/// The end of an exactly-once scenario: wait for the load, keep restarting workers that
+/// exit (as a Deployment would) until every record arrived, audit, make the row.
+#[allow(clippy::too_many_arguments)]
+fn eos_finish(
+    name: &str,
+    gen: std::thread::JoinHandle<()>,
+    mut w: Workers,
+    mut watcher: Watcher,
+    plan: &Plan,
+    faults: &[i64],
+    mut restarts: usize,
+    note: String,
+) -> Outcome {
+    gen.join().expect("generator");
+    let n = plan.count();
+    let end = Instant::now() + Duration::from_secs(180);
+    while watcher.missing(0..n) > 0 && Instant::now() < end {
+        pace_supervised(&mut w, Duration::from_millis(500), &mut restarts);
+    }
+    let peak = w.peak_mib();
+    let (lost, duplicates) = watcher.finish(0..n, Duration::from_secs(5));
+    let (max_dup, recovery, unrecovered) = per_fault(&watcher, faults, plan.rate);
+    w.stop_all();
+    Outcome {
+        name: name.into(),
+        faults: faults.len() as u32,
+        records: n,
+        lost,
+        duplicates,
+        max_duplicates_per_fault: max_dup,
+        recovery_s: recovery,
+        peak_rss_mib: peak,
+        note: format!(
+            "{note}; {restarts} worker exits after an aborted transaction{}",
+            unrecovered_note(unrecovered, faults.len())
+        ),
+    }
+}
+
+/// E1. exactly-once: SIGKILL at random moments, restarted at once; a `read_committed`
+/// auditor must see every record once.
+pub fn eos_sigkill(bin: &str, len: Length) -> Outcome {
+    let plan = match len {
+        Length::Full => Plan {
+            rate: 10_000.0,
+            seconds: 315,
+        },
+        Length::Short => Plan::of(len),
+    };
+    let kills = if len == Length::Full { 20 } else { 3 };
+    let (watcher, gen, mut w) = eos_scenario(bin, "eoskill", 4, &plan);
+    let every = Duration::from_secs(plan.seconds) / (kills + 1);
+    let mut faults = Vec::new();
+    let mut restarts = 0;
+    for _ in 0..kills {
+        let jitter = rand_ms(every.as_millis() as u64 / 2);
+        pace_supervised(
+            &mut w,
+            every / 2 + Duration::from_millis(jitter),
+            &mut restarts,
+        );
+        faults.push(now_ms());
+        w.kill_one();
+        w.start();
+    }
+    eos_finish(
+        "E1. exactly-once: SIGKILL, restarted at once",
+        gen,
+        w,
+        watcher,
+        &plan,
+        &faults,
+        restarts,
+        format!(
+            "{} records/s offered, transaction window {EOS_WINDOW_MS} ms, session timeout 10 s",
+            plan.rate
+        ),
+    )
+}
+
+/// E2. exactly-once: the broker stops and starts mid-stream (needs a broker of one's own:
+/// see `local_broker`).
+pub fn eos_broker_restart(bin: &str, len: Length) -> Outcome {
+    let plan = Plan::of(len);
+    let (watcher, gen, mut w) = eos_scenario(bin, "eosbroker", 4, &plan);
+    let mut restarts = 0;
+    pace_supervised(&mut w, Duration::from_secs(plan.seconds / 3), &mut restarts);
+    let at = Instant::now();
+    let fault = now_ms();
+    if !crate::local_broker("restart") {
+        return skipped(
+            "E2. exactly-once: broker restart",
+            "needs the local broker (scripts/kafka.sh)",
+        );
+    }
+    let down_for = at.elapsed();
+    eos_finish(
+        "E2. exactly-once: broker restart",
+        gen,
+        w,
+        watcher,
+        &plan,
+        &[fault],
+        restarts,
+        format!(
+            "broker away {:.1} s (stop + start), transaction window {EOS_WINDOW_MS} ms",
+            down_for.as_secs_f64()
+        ),
+    )
+}
+
+/// E3. exactly-once: workers 1 -> 4 -> 1 under load; each scale-down a SIGTERM drain.
+pub fn eos_rebalance_storm(bin: &str, len: Length) -> Outcome {
+    let plan = Plan::of(len);
+    let cycles = if len == Length::Full { 3 } else { 1 };
+    let (watcher, gen, mut w) = eos_scenario(bin, "eosstorm", 8, &plan);
+    let step = Duration::from_secs(plan.seconds) / (cycles * 6 + 1);
+    let mut faults = Vec::new();
+    let mut restarts = 0;
+    for _ in 0..cycles {
+        for _ in 0..3 {
+            pace_supervised(&mut w, step, &mut restarts);
+            faults.push(now_ms());
+            w.start();
+        }
+        for _ in 0..3 {
+            pace_supervised(&mut w, step, &mut restarts);
+            faults.push(now_ms());
+            w.term_one();
+        }
+    }
+    eos_finish(
+        "E3. exactly-once: rebalance storm 1->4->1",
+        gen,
+        w,
+        watcher,
+        &plan,
+        &faults,
+        restarts,
+        format!("{cycles} cycle(s); scale-downs drain and commit their transaction on SIGTERM"),
     )
 }

@@ -609,6 +609,9 @@ pub fn reader_assigned(topics: &[&str]) -> rdkafka::consumer::BaseConsumer {
         .set("bootstrap.servers", bootstrap())
         .set("group.id", unique("auditor"))
         .set("enable.auto.commit", "false")
+        // librdkafka's default, stated: an exactly-once pipeline's aborted transactions
+        // must not count as deliveries.
+        .set("isolation.level", "read_committed")
         .create()
         .expect("consumer");
     let mut tpl = rdkafka::TopicPartitionList::new();

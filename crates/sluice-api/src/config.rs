@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::{ByteSize, HumanDuration};
 
+mod delivery;
 mod properties;
+pub use delivery::{DeliveryConfig, Guarantee};
 pub use properties::{RESERVED_CONSUMER_PROPERTIES, RESERVED_PRODUCER_PROPERTIES};
 
 /// Environment variables with this prefix override fields of the file:
@@ -104,6 +106,10 @@ pub struct WorkerConfig {
     /// The metrics and health server.
     #[serde(default)]
     pub server: ServerConfig,
+    /// The delivery guarantee: at-least-once (default) or exactly-once (Kafka
+    /// transactions; see `config/delivery.rs`).
+    #[serde(default, skip_serializing_if = "DeliveryConfig::is_default")]
+    pub delivery: DeliveryConfig,
 }
 
 /// The Kafka topic read by the pipeline.
@@ -682,6 +688,11 @@ impl WorkerConfig {
 
     /// Semantic checks the schema cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_fields()?;
+        delivery::check(self)
+    }
+
+    fn validate_fields(&self) -> Result<(), ConfigError> {
         non_empty("pipeline", &self.pipeline)?;
         non_empty("source.bootstrapServers", &self.source.bootstrap_servers)?;
         topic_name("source.topic", &self.source.topic)?;

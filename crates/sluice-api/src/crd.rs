@@ -17,9 +17,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    BatchingConfig, CommitConfig, ConfigError, DeadLetterConfig, MemoryConfig, ProcessorConfig,
-    RetryConfig, SaslMechanism, SecurityConfig, SecurityProtocol, ServerConfig, SinkConfig,
-    SourceConfig, StartFrom, WorkerConfig, WorkersConfig,
+    BatchingConfig, CommitConfig, ConfigError, DeadLetterConfig, DeliveryConfig, MemoryConfig,
+    ProcessorConfig, RetryConfig, SaslMechanism, SecurityConfig, SecurityProtocol, ServerConfig,
+    SinkConfig, SourceConfig, StartFrom, WorkerConfig, WorkersConfig,
 };
 use crate::units::HumanDuration;
 
@@ -123,6 +123,11 @@ pub struct StreamPipelineSpec {
     /// Memory bounds per worker pod.
     #[serde(default)]
     pub memory: MemoryConfig,
+    /// The delivery guarantee: `at-least-once` (default) or `exactly-once` (Kafka
+    /// transactions, one per `transactionWindow`; every sink a Kafka topic on the source
+    /// cluster, and a dead-letter topic there too).
+    #[serde(default, skip_serializing_if = "DeliveryConfig::is_default")]
+    pub delivery: DeliveryConfig,
     /// Lag-based autoscaling.
     #[serde(default)]
     pub scaling: ScalingSpec,
@@ -429,6 +434,7 @@ impl StreamPipeline {
             batching: s.batching.clone(),
             commit: s.commit.clone(),
             memory: s.memory.clone(),
+            delivery: s.delivery.clone(),
             server: ServerConfig {
                 listen: format!("0.0.0.0:{WORKER_PORT}"),
                 ..ServerConfig::default()

@@ -175,6 +175,22 @@ impl DeadLetters {
         ))
     }
 
+    /// Letters written to `topic` through the worker's transactional producer
+    /// (exactly-once): each letter commits or aborts with its window's transaction.
+    pub fn kafka_transactional(
+        producer: FutureProducer,
+        topic: &str,
+        metrics: &crate::metrics::Metrics,
+    ) -> Arc<Self> {
+        Self::with(
+            Target::Kafka {
+                producer,
+                topic: topic.to_string(),
+            },
+            metrics,
+        )
+    }
+
     /// Whether failed records are written somewhere (rather than stalling).
     pub fn enabled(&self) -> bool {
         !matches!(self.target, Target::Stall)

@@ -32,6 +32,8 @@ pub struct Lane {
     next_unordered: usize,
     redelivered: u64,
     rewind_log: crate::throttle::LogThrottle,
+    /// exactly-once: the barrier between transaction windows (see `transaction.rs`).
+    gate: Option<Arc<crate::transaction::TxnGate>>,
 }
 
 impl Lane {
@@ -51,7 +53,15 @@ impl Lane {
             next_unordered: 0,
             redelivered: 0,
             rewind_log: Default::default(),
+            gate: None,
         }
+    }
+
+    /// exactly-once: register and hand over each batch inside `gate`, so a transaction
+    /// window ends with nothing half-dispatched.
+    pub fn with_gate(mut self, gate: Option<Arc<crate::transaction::TxnGate>>) -> Self {
+        self.gate = gate;
+        self
     }
 
     /// Records dropped because they were received already (see [`Lane::dispatch`]).
@@ -97,6 +107,11 @@ impl Lane {
         mut records: Vec<Record>,
         permit: OwnedSemaphorePermit,
     ) {
+        let gate = self.gate.clone();
+        let _window = match &gate {
+            Some(g) => Some(g.enter().await),
+            None => None,
+        };
         // A rewind (librdkafka fetching again from an earlier offset, e.g. after an offset
         // reset) redelivers records this incarnation already registered: they are in
         // flight or done, so they are dropped here instead of stalling the tracker.

@@ -64,6 +64,7 @@ pub mod retry;
 pub mod server;
 pub mod sink;
 pub mod throttle;
+pub mod transaction;
 
 /// Cases per fuzzing property: `default` in `cargo test` (CI), more with
 /// `PROPTEST_CASES=N` for a longer run (`make fuzz`).

@@ -36,6 +36,7 @@ use crate::sink::null::NullSink;
 use crate::sink::postgres::{PostgresSetupError, PostgresSink};
 use crate::sink::stdout::StdoutSink;
 use crate::sink::{DynSink, SinkMetrics};
+use crate::transaction::{Transactions, TxnError, TxnKafkaSink};
 
 /// Why the pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,9 @@ pub enum PipelineError {
     /// A fatal producer or consumer error; restart resumes from the last commit.
     #[error("fatal {0} error; restarting resumes from the last committed offsets")]
     Fatal(&'static str),
+    /// exactly-once: a transaction failed and was aborted (see `transaction.rs`).
+    #[error("transaction aborted ({0}); restarting resumes from the offsets of the last committed transaction")]
+    Transaction(#[from] TxnError),
 }
 
 /// Handles the worker's outside world needs: metrics and health.
@@ -84,10 +88,18 @@ struct Sinks {
 fn build_dead_letters(
     config: &WorkerConfig,
     metrics: &Metrics,
+    txn: Option<&Transactions>,
 ) -> Result<Arc<DeadLetters>, PipelineError> {
     let Some(dl) = &config.dead_letter else {
         return Ok(DeadLetters::stall(metrics));
     };
+    if let Some(txn) = txn {
+        return Ok(DeadLetters::kafka_transactional(
+            txn.producer().clone(),
+            &dl.topic,
+            metrics,
+        ));
+    }
     let cfg = base_config(
         dl.bootstrap_servers
             .as_deref()
@@ -114,6 +126,7 @@ async fn build_sinks(
     config: &WorkerConfig,
     metrics: &Metrics,
     dead_letters: &Arc<DeadLetters>,
+    txn: Option<&Transactions>,
 ) -> Result<Sinks, PipelineError> {
     let retry = RetryPolicy::from(&config.retry);
     let limits = Limits {
@@ -129,6 +142,13 @@ async fn build_sinks(
         let name = sc.kind();
         let sm = SinkMetrics::new(metrics, name);
         let sink: DynSink = match sc {
+            SinkConfig::Kafka(k) if txn.is_some() => TxnKafkaSink::new(
+                txn.expect("exactly-once").producer().clone(),
+                k,
+                &config.source.topic,
+                sm,
+                dead_letters.clone(),
+            ),
             SinkConfig::Kafka(k) => {
                 let cfg = base_config(
                     k.bootstrap_servers
@@ -369,6 +389,10 @@ struct Coordinator {
     health: Arc<Health>,
     stuck_log: crate::throttle::LogThrottle,
     commit_log: crate::throttle::LogThrottle,
+    /// exactly-once: the transactional producer; offsets are committed only through it.
+    txn: Option<Transactions>,
+    /// exactly-once: a transaction failed during a rebalance; the worker stops.
+    txn_failed: Option<TxnError>,
 }
 
 impl Coordinator {
@@ -418,7 +442,8 @@ impl Coordinator {
             // was paused when it was revoked would come back paused and never be fetched.
             self.control.resume(&topic, p);
             let topic = topic.clone();
-            let lane = Lane::new(state.clone(), txs, w.ordering, self.budget.clone());
+            let lane = Lane::new(state.clone(), txs, w.ordering, self.budget.clone())
+                .with_gate(self.txn.as_ref().map(Transactions::gate));
             let (stop, stop_rx) = watch::channel(false);
             let latest = (self.config.source.start_from == StartFrom::Latest)
                 .then(|| Arc::downgrade(&self.consumer));
@@ -540,13 +565,131 @@ impl Coordinator {
             };
         let states = self.release(&keys, deadline, false).await;
         let _ = done.send(RevokeProgress::Released);
-        if !lost {
+        if self.txn.is_some() {
+            // exactly-once: the revoked partitions' outputs share the open transaction
+            // with every other partition's, so the whole window commits now (or, for a
+            // lost assignment, is aborted and the worker restarts).
+            let res = if lost {
+                Err(TxnError::Lost)
+            } else {
+                self.commit_window(&states, deadline).await
+            };
+            if let Err(e) = res {
+                if lost {
+                    if let Some(txn) = &self.txn {
+                        txn.abort().await;
+                    }
+                }
+                self.txn_failed.get_or_insert(e);
+            }
+        } else if !lost {
             self.drain(&states, deadline).await;
         }
         for k in &keys {
+            if let Some(txn) = &mut self.txn {
+                txn.forget(&k.0, k.1);
+            }
             self.committer.forget(&k.0, k.1);
             self.metrics.forget_partition(&k.0, k.1);
         }
+    }
+
+    /// exactly-once: end the transaction window over every owned partition plus
+    /// `released` ones (a revoke's), bounded by `deadline`.
+    async fn commit_window(
+        &mut self,
+        released: &[Arc<PartitionState>],
+        deadline: tokio::time::Instant,
+    ) -> Result<usize, TxnError> {
+        let mut states: Vec<_> = self.owned.values().map(|o| o.state.clone()).collect();
+        states.extend(released.iter().cloned());
+        let Some(txn) = self.txn.as_mut() else {
+            return Ok(0);
+        };
+        // Closed until the window committed, or was aborted and every owned partition
+        // rewound: no record of the next window is dispatched before that.
+        let gate = txn.gate();
+        let _closed = gate.close().await;
+        let err = match txn.commit_closed(&states, &self.consumer, deadline).await {
+            Ok(n) => return Ok(n),
+            Err(e) => e,
+        };
+        if !err.rewindable() {
+            txn.abort().await;
+            return Err(err);
+        }
+        tracing::warn!(error = %err, "exactly-once: the transaction was aborted; every owned partition is processed again from its committed offset");
+        txn.abort_and_begin().await?;
+        self.rewind().await?;
+        Ok(0)
+    }
+
+    /// exactly-once, after an abort with nothing in flight (the gate closed): replace
+    /// every owned partition's incarnation by a new one that reads again from the
+    /// committed offset. The old dispatchers (some wait at the gate with records they
+    /// read) are stopped or aborted, so what they held is never registered; the seek
+    /// makes librdkafka discard what it had fetched beyond.
+    async fn rewind(&mut self) -> Result<(), TxnError> {
+        use rdkafka::{Offset, TopicPartitionList};
+        let keys: Vec<_> = self.owned.keys().cloned().collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        drop(self.release(&keys, deadline, false).await);
+        if let Some(txn) = &mut self.txn {
+            for (t, p) in &keys {
+                txn.forget(t, *p);
+            }
+        }
+        let consumer = self.consumer.clone();
+        let earliest = self.config.source.start_from == StartFrom::Earliest;
+        let parts = tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in &keys {
+                tpl.add_partition(t, *p);
+            }
+            let committed = consumer
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .map_err(|e| format!("reading the committed offsets: {e}"))?;
+            let mut parts = Vec::new();
+            for e in committed.elements() {
+                let (t, p) = (e.topic().to_string(), e.partition());
+                let to = match e.offset() {
+                    Offset::Offset(o) if o >= 0 => Offset::Offset(o),
+                    _ if earliest => Offset::Beginning,
+                    _ => return Err(format!("{t}/{p} has no committed offset (startFrom: latest); a restart starts it anew")),
+                };
+                let mut last = String::new();
+                let mut sought = false;
+                for attempt in 0..10 {
+                    if attempt > 0 {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    match consumer.seek(&t, p, to, Duration::from_secs(10)) {
+                        Ok(()) => {
+                            sought = true;
+                            break;
+                        }
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                if !sought {
+                    return Err(format!("seeking {t}/{p} to {to:?}: {last}"));
+                }
+                let q = consumer
+                    .split_partition_queue(&t, p)
+                    .ok_or_else(|| format!("could not split the queue of {t}/{p}"))?;
+                tracing::info!(topic = %t, partition = p, offset = ?to, "exactly-once: rewound to the committed offset");
+                parts.push((t, p, q));
+            }
+            Ok(parts)
+        })
+        .await
+        .map_err(|e| TxnError::Rewind(e.to_string()))?
+        .map_err(TxnError::Rewind)?;
+        self.assign(parts);
+        Ok(())
     }
 
     fn hold_after(&self) -> Duration {
@@ -670,8 +813,23 @@ async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
     let metrics = rt.metrics.clone();
-    let dead_letters = build_dead_letters(&config, &metrics)?;
-    let sinks = build_sinks(&config, &metrics, &dead_letters).await?;
+    let txn = if config.delivery.exactly_once() {
+        let mut client = base_config(
+            &config.source.bootstrap_servers,
+            &config.source.security,
+            &format!("sluice-{}-txn", config.pipeline),
+        )?;
+        let id = crate::transaction::transactional_id(&config.pipeline);
+        crate::transaction::producer_config(&mut client, &config, &id, output_copy_kb(&config));
+        let t =
+            Transactions::start(client, config.delivery.transaction_timeout(), &metrics).await?;
+        tracing::info!(transactional_id = %id, window = %config.delivery.transaction_window, "exactly-once: transactional producer ready");
+        Some(t)
+    } else {
+        None
+    };
+    let dead_letters = build_dead_letters(&config, &metrics, txn.as_ref())?;
+    let sinks = build_sinks(&config, &metrics, &dead_letters, txn.as_ref()).await?;
 
     let partitions = match input_partitions(&config).await {
         Some(n) => n,
@@ -693,8 +851,12 @@ async fn run(
         metrics.clone(),
         rt.health.clone(),
     );
-    let consumer: Arc<SluiceConsumer> =
-        Arc::new(consumer_config(&config, partitions)?.create_with_context(ctx)?);
+    let mut consumer_cfg = consumer_config(&config, partitions)?;
+    if txn.is_some() {
+        // Records of aborted upstream transactions are never processed.
+        consumer_cfg.set("isolation.level", "read_committed");
+    }
+    let consumer: Arc<SluiceConsumer> = Arc::new(consumer_cfg.create_with_context(ctx)?);
     SluiceContext::attach(&consumer);
     consumer.subscribe(&[&config.source.topic])?;
     let stop_poller = Arc::new(AtomicBool::new(false));
@@ -731,9 +893,16 @@ async fn run(
         stuck_log: crate::throttle::LogThrottle::new(Duration::from_secs(30)),
         commit_log: crate::throttle::LogThrottle::new(Duration::from_secs(5)),
         consumer: consumer.clone(),
+        txn,
+        txn_failed: None,
         config,
     };
-    let mut commit_tick = tokio::time::interval(co.config.commit.interval.0);
+    // exactly-once: the tick ends a transaction window instead of committing offsets.
+    let mut commit_tick = tokio::time::interval(if co.txn.is_some() {
+        co.config.delivery.transaction_window.0
+    } else {
+        co.config.commit.interval.0
+    });
     commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check_tick = tokio::time::interval(Duration::from_millis(500));
     tokio::pin!(shutdown);
@@ -757,6 +926,11 @@ async fn run(
                 RebalanceEvent::Revoked { partitions, lost, done } => {
                     co.revoke(partitions, lost, &done).await;
                     let _ = done.send(RevokeProgress::Done);
+                    if let Some(e) = co.txn_failed.take() {
+                        tracing::error!(error = %e, "exactly-once: the transaction was aborted during a rebalance; stopping (a restart resumes from the last committed transaction)");
+                        result = Err(PipelineError::Transaction(e));
+                        break;
+                    }
                 }
             },
             r = co.committer.answered() => co.commit_answered(r),
@@ -765,7 +939,18 @@ async fn run(
                     o.state.stall("a record arrived on the consumer's main queue");
                 }
             }
-            _ = commit_tick.tick() => co.commit_tick(),
+            _ = commit_tick.tick() => {
+                if co.txn.is_none() {
+                    co.commit_tick();
+                    continue;
+                }
+                let deadline = tokio::time::Instant::now() + co.config.commit.drain_timeout.0;
+                if let Err(e) = co.commit_window(&[], deadline).await {
+                    tracing::error!(error = %e, "exactly-once: the transaction was aborted; stopping (a restart resumes from the last committed transaction)");
+                    result = Err(PipelineError::Transaction(e));
+                    break;
+                }
+            }
             _ = check_tick.tick() => {
                 co.check_progress();
                 metrics.in_flight_bytes.set(co.in_flight_bytes() as i64);
@@ -789,7 +974,17 @@ async fn run(
     let keys: Vec<_> = co.owned.keys().cloned().collect();
     let deadline = tokio::time::Instant::now() + co.config.commit.drain_timeout.0;
     let states = co.release(&keys, deadline, true).await;
-    co.drain(&states, deadline).await;
+    if co.txn.is_none() {
+        co.drain(&states, deadline).await;
+    } else if result.is_ok() {
+        // exactly-once: the last window commits what is done; nothing else commits.
+        if let Err(e) = co.commit_window(&states, deadline).await {
+            tracing::error!(error = %e, "exactly-once: the last transaction was aborted; its records will be processed again");
+            result = Err(PipelineError::Transaction(e));
+        }
+    } else if let Some(txn) = &co.txn {
+        txn.abort().await;
+    }
     // Closing the batchers' inputs flushes what they hold.
     let Sinks {
         senders,
@@ -827,14 +1022,18 @@ async fn run(
         );
     }
     drop(kafka);
-    // Anything acknowledged during the flush is committed too.
+    // Anything acknowledged during the flush is committed too (at-least-once; with
+    // exactly-once nothing was in flight after the last window, and offsets are only
+    // ever committed inside a transaction).
     let deadline = tokio::time::Instant::now() + co.config.commit.drain_timeout.0;
-    if let Err(e) = co
-        .committer
-        .commit_by(&states, co.generation, deadline)
-        .await
-    {
-        tracing::error!(error = %e, "final commit failed; uncommitted work will be redelivered");
+    if co.txn.is_none() {
+        if let Err(e) = co
+            .committer
+            .commit_by(&states, co.generation, deadline)
+            .await
+        {
+            tracing::error!(error = %e, "final commit failed; uncommitted work will be redelivered");
+        }
     }
     drop(states);
     // No coordinator answers rebalance events from here on: the revoke that leaving the

@@ -93,3 +93,13 @@ fn chaos_delayed_produce_answers_duplicate_nothing_in_the_output() {
     let o = chaos::slow_acks(BIN, Length::Short);
     check(&o, false);
 }
+
+#[test]
+fn chaos_exactly_once_sigkill_loses_nothing_and_duplicates_nothing() {
+    check(&chaos::eos_sigkill(BIN, Length::Short), false);
+}
+
+#[test]
+fn chaos_exactly_once_rebalance_storm_loses_nothing_and_duplicates_nothing() {
+    check(&chaos::eos_rebalance_storm(BIN, Length::Short), false);
+}

@@ -7,7 +7,8 @@
 //! ```
 //! `--bench` measures throughput and end-to-end latency while scenarios 1 and 5 happen,
 //! next to the same run's steady state (`make bench` puts the table in BENCHMARKS.md).
-//! Scenarios: sigkill, broker, kafka-output, postgres, poison, storm, slow, sigterm
+//! Scenarios: sigkill, broker, kafka-output, postgres, poison, storm, slow, sigterm,
+//! sigstop, broker-away, reassign, memory, slow-acks, eos-sigkill, eos-broker, eos-storm
 //! (default: all).
 
 use sluice_testkit::chaos::{self, Length, TABLE_HEADER};

@@ -35,7 +35,7 @@ pub const RESERVED_PRODUCER_PROPERTIES: &[(&str, &str)] = &[
     ("request.required.acks", "an alias of acks: outputs count as delivered only with acks=all"),
     ("enable.idempotence", "retries must not duplicate or reorder outputs: the producer is idempotent"),
     ("delivery.report.only.error", "a batch is acknowledged from its delivery reports: without success reports no offset would ever be committed"),
-    ("transactional.id", "the sink is not transactional; a transactional producer needs a protocol the worker does not run"),
+    ("transactional.id", "set delivery.guarantee: exactly-once; the worker then sets a transactional id per process itself"),
     ("bootstrap.servers", "set the sink's bootstrapServers"),
     ("metadata.broker.list", "set the sink's bootstrapServers"),
     ("security.protocol", "the sink uses source.security"),

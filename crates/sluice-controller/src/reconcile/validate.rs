@@ -297,7 +297,10 @@ mod tests {
                 "a transactional producer",
                 "p",
                 producer("transactional.id", "t"),
-                &[r#"["transactional.id"]"#, "not transactional"],
+                &[
+                    r#"["transactional.id"]"#,
+                    "delivery.guarantee: exactly-once",
+                ],
             ),
             (
                 "a misspelt consumer property",
@@ -383,6 +386,30 @@ mod tests {
                 serde_json::json!({"secretEnv": [{"name": "SLUICE_LOG", "secretKeyRef": {"name": "s", "key": "k"}}]}),
                 &["secretEnv[0].name", "reserved"],
             ),
+            (
+                "exactly-once with a postgres sink",
+                "p",
+                serde_json::json!({"sinks": [{"kafka": {"topic": "out"}}, {"postgres": {"table": "t"}}], "deadLetter": {"topic": "dlq"}, "delivery": {"guarantee": "exactly-once"}}),
+                &[
+                    "sinks[1].postgres",
+                    "cannot take part in the Kafka transaction",
+                ],
+            ),
+            (
+                "exactly-once with a sink on another cluster",
+                "p",
+                serde_json::json!({"sinks": [{"kafka": {"topic": "out", "bootstrapServers": "other:9092"}}], "deadLetter": {"topic": "dlq"}, "delivery": {"guarantee": "exactly-once"}}),
+                &[
+                    "sinks[0].kafka.bootstrapServers",
+                    "cannot span two clusters",
+                ],
+            ),
+            (
+                "exactly-once without a dead-letter topic",
+                "p",
+                serde_json::json!({"delivery": {"guarantee": "exactly-once"}}),
+                &["deadLetter", "stalled partition"],
+            ),
         ];
         for (what, name, extra, wants) in corpus {
             let e = validate(&pipeline(name, extra))
@@ -401,6 +428,7 @@ mod tests {
             serde_json::json!({"processor": {"custom": {"name": "enrich"}}, "image": "me/worker:1"}),
             serde_json::json!({"resources": {"limits": {"cpu": "500m", "memory": "1Gi"}}}),
             serde_json::json!({"deadLetter": {"topic": "out", "bootstrapServers": "other:9092"}}),
+            serde_json::json!({"deadLetter": {"topic": "dlq"}, "delivery": {"guarantee": "exactly-once", "transactionWindow": "250ms"}}),
         ];
         for extra in fine {
             validate(&pipeline("p", extra.clone())).unwrap_or_else(|e| panic!("{extra}: {e}"));

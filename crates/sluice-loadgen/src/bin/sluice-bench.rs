@@ -13,6 +13,8 @@
 //! - `pg-batched` / `pg-rows`: the postgres sink writing `count` rows in batches of 5000,
 //!   or one row per statement (`SLUICE_POSTGRES_URL` names the database)
 //! - `latency-relay` / `latency-sluice`: end-to-end latency at an offered `--rate`
+//! - `sluice-relay-eos` / `latency-sluice-eos`: `sluice-relay` / `latency-sluice` with
+//!   `delivery: exactly-once` (one transaction per `--window`)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -54,6 +56,9 @@ struct Args {
     /// linger.ms of the sluice Kafka sink's producer.
     #[arg(long, default_value_t = 2)]
     producer_linger_ms: u32,
+    /// The transaction window of the `-eos` modes.
+    #[arg(long, default_value = "100ms")]
+    window: String,
     /// A librdkafka consumer property (`name=value`, repeatable) for every consumer under
     /// test: the plain baselines' and sluice's (`source.consumerProperties`).
     #[arg(long = "consumer-property", value_parser = parse_property)]
@@ -265,6 +270,17 @@ fn delta(before: &[(f64, u64)], after: &[(f64, u64)]) -> Vec<(f64, u64)> {
 }
 
 fn sluice_config(a: &Args, input: &str, sink: &str) -> anyhow::Result<WorkerConfig> {
+    // The `-eos` modes: exactly-once, which needs a dead-letter topic (nothing is written
+    // there in a benchmark).
+    let eos = if a.mode.ends_with("-eos") {
+        format!(
+            "deadLetter: {{topic: bench-dlq-{}}}\ndelivery: {{guarantee: exactly-once, transactionWindow: {}}}\n",
+            run_id(),
+            a.window
+        )
+    } else {
+        String::new()
+    };
     Ok(WorkerConfig::from_yaml(&format!(
         r#"
 pipeline: bench
@@ -273,7 +289,7 @@ sinks: [{sink}]
 workers: {{perPartition: 2, queueCapacity: 8192, ordering: key}}
 batching: {{maxMessages: 5000, maxBytes: 1MiB, linger: {}}}
 server: {{listen: "127.0.0.1:0"}}
-"#,
+{eos}"#,
         a.bootstrap,
         run_id(),
         // JSON is YAML: the properties as a flow mapping.
@@ -417,6 +433,76 @@ fn hist_buckets(h: &Histogram) -> Vec<(f64, u64)> {
         .collect()
 }
 
+/// Wall-clock ms since the epoch (record timestamps use this clock).
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Latency as a `read_committed` reader sees it (for the sluice modes: with exactly-once
+/// an output becomes visible only when its transaction commits, after the sink's
+/// acknowledgement the pipeline's own histogram measures). Reads `input` (each record's
+/// timestamp, set by the generator) and `output` (when each sequence number became
+/// readable) until `stop`; returns (p50, p99, p99.9) in ms over the records produced
+/// between `from_ms` and `to_ms`.
+fn visible_latency(
+    bootstrap: &str,
+    input: &str,
+    output: &str,
+    from_ms: i64,
+    to_ms: i64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<serde_json::Value> {
+    use std::collections::HashMap;
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("bench-visible-{}", run_id()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for t in [input, output] {
+        for p in 0..sluice_loadgen::partition_count(&c, t)? {
+            tpl.add_partition_offset(t, p, Offset::Beginning)?;
+        }
+    }
+    c.assign(&tpl)?;
+    let (mut produced, mut visible) = (HashMap::new(), HashMap::new());
+    while !stop.load(Ordering::Acquire) {
+        let Some(Ok(m)) = c.poll(Duration::from_millis(50)) else {
+            continue;
+        };
+        let Some(seq) = m.payload().and_then(sluice_loadgen::parse_seq) else {
+            continue;
+        };
+        if m.topic() == input {
+            if let Some(ts) = m.timestamp().to_millis() {
+                produced.insert(seq, ts);
+            }
+        } else {
+            visible.entry(seq).or_insert_with(epoch_ms);
+        }
+    }
+    let mut lat: Vec<i64> = produced
+        .iter()
+        .filter(|(_, &p)| p >= from_ms && p < to_ms)
+        .filter_map(|(q, &p)| visible.get(q).map(|&v| (v - p).max(0)))
+        .collect();
+    lat.sort_unstable();
+    let pct = |q: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+    };
+    Ok(serde_json::json!({
+        "visible_records": lat.len(),
+        "visible_p50_ms": pct(0.5),
+        "visible_p99_ms": pct(0.99),
+        "visible_p999_ms": pct(0.999),
+    }))
+}
+
 /// Offer `rate` records/s to a fresh topic for `seconds` while the relay under test runs.
 async fn latency(a: &Args, which: &str) -> anyhow::Result<()> {
     let id = run_id();
@@ -465,11 +551,35 @@ async fn latency(a: &Args, which: &str) -> anyhow::Result<()> {
         q["offered_rate"] = serde_json::json!(a.rate);
         q["linger"] = serde_json::json!(if which == "relay" {
             "producer 2ms".to_string()
+        } else if which == "sluice-eos" {
+            format!(
+                "batch {}, producer {}ms, transaction window {}",
+                a.linger, a.producer_linger_ms, a.window
+            )
         } else {
             format!("batch {}, producer {}ms", a.linger, a.producer_linger_ms)
         });
         q
     };
+    // The sluice modes are also measured as a read_committed reader sees them.
+    let stop_reader = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = (which != "relay").then(|| {
+        let (b, i, o, stop) = (
+            a.bootstrap.clone(),
+            input.clone(),
+            output.clone(),
+            stop_reader.clone(),
+        );
+        let from_ms = epoch_ms()
+            + warmup_end
+                .saturating_duration_since(Instant::now())
+                .as_millis() as i64;
+        let to_ms = epoch_ms()
+            + deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as i64;
+        std::thread::spawn(move || visible_latency(&b, &i, &o, from_ms, to_ms, stop))
+    });
     let (n, secs, cpu, buckets) = if which == "relay" {
         let (a2, i, o) = (clone_args(a), input.clone(), output.clone());
         tokio::task::spawn_blocking(move || relay(&a2, &i, &o, Some(deadline), Some(warmup_end)))
@@ -481,7 +591,19 @@ async fn latency(a: &Args, which: &str) -> anyhow::Result<()> {
         );
         sluice(a, &input, &sink, Some(deadline), Some(warmup_end)).await?
     };
-    report(&mode, n, secs, cpu, extra(quantiles(&buckets)));
+    let mut q = quantiles(&buckets);
+    if let Some(r) = reader {
+        // Time for the last window's outputs to become readable.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop_reader.store(true, Ordering::Release);
+        let v = r
+            .join()
+            .map_err(|_| anyhow::anyhow!("the reader panicked"))??;
+        if let (Some(o), serde_json::Value::Object(e)) = (q.as_object_mut(), v) {
+            o.extend(e);
+        }
+    }
+    report(&mode, n, secs, cpu, extra(q));
     let _ = gen.join();
     Ok(())
 }
@@ -578,6 +700,7 @@ fn clone_args(a: &Args) -> Args {
         seconds: a.seconds,
         linger: a.linger.clone(),
         producer_linger_ms: a.producer_linger_ms,
+        window: a.window.clone(),
         consumer_properties: a.consumer_properties.clone(),
     }
 }
@@ -627,7 +750,7 @@ fn main() -> anyhow::Result<()> {
                 report("sluice-null", n, secs, cpu, serde_json::json!({}));
                 Ok(())
             }
-            "sluice-relay" => {
+            "sluice-relay" | "sluice-relay-eos" => {
                 let out = format!("bench-out-{}", run_id());
                 create_topic(&a.bootstrap, &out, a.partitions).await?;
                 let (n, secs, cpu, _) = sluice(
@@ -638,7 +761,12 @@ fn main() -> anyhow::Result<()> {
                     None,
                 )
                 .await?;
-                report("sluice-relay", n, secs, cpu, serde_json::json!({}));
+                let extra = if a.mode.ends_with("-eos") {
+                    serde_json::json!({"window": a.window})
+                } else {
+                    serde_json::json!({})
+                };
+                report(&a.mode, n, secs, cpu, extra);
                 Ok(())
             }
             "sluice-fanout" => {
@@ -663,6 +791,7 @@ fn main() -> anyhow::Result<()> {
             "pg-rows" => postgres(&a, 1).await,
             "latency-relay" => latency(&a, "relay").await,
             "latency-sluice" => latency(&a, "sluice").await,
+            "latency-sluice-eos" => latency(&a, "sluice-eos").await,
             m => anyhow::bail!("unknown mode {m}"),
         }
     })
