@@ -41,7 +41,7 @@ for rep in $(seq "$REPS"); do
   # (its line has no consumer_properties; bench_summary.py reports it as consume-defaults)
   log "rep $rep: consume (librdkafka defaults)"
   run consume --topic "$TOPIC" --count "$COUNT"
-  for mode in consume sluice-null relay sluice-relay sluice-fanout engine engine-jq; do
+  for mode in consume sluice-null relay sluice-relay sluice-relay-eos sluice-fanout engine engine-jq; do
     log "rep $rep: $mode"
     if [[ $mode == consume || $mode == relay ]]; then
       run "$mode" --topic "$TOPIC" --count "$COUNT" "${TUNED[@]}"
@@ -79,6 +79,10 @@ for pct in 10 50 80; do
   done
   log "latency sluice, low-linger configuration, at $pct% ($rate/s)"
   run latency-sluice --rate "$rate" --seconds "$LAT_SECONDS" --linger 0ms --producer-linger-ms 0
+  if [[ $pct == 50 ]]; then
+    log "latency sluice, exactly-once (window 100 ms), at $pct% ($rate/s)"
+    run latency-sluice-eos --rate "$rate" --seconds "$LAT_SECONDS"
+  fi
 done
 
 # Kafka's own end-to-end latency tool (kafka-tools, in the broker's jars): one record at a
