@@ -59,6 +59,11 @@ struct Args {
     /// The transaction window of the `-eos` modes.
     #[arg(long, default_value = "100ms")]
     window: String,
+    /// Latency modes: also measure what a `read_committed` reader of the output sees (a
+    /// consumer in this process, so on the client's core: compare runs that both have it).
+    /// Always on for `latency-sluice-eos`.
+    #[arg(long)]
+    visible: bool,
     /// A librdkafka consumer property (`name=value`, repeatable) for every consumer under
     /// test: the plain baselines' and sluice's (`source.consumerProperties`).
     #[arg(long = "consumer-property", value_parser = parse_property)]
@@ -561,9 +566,9 @@ async fn latency(a: &Args, which: &str) -> anyhow::Result<()> {
         });
         q
     };
-    // The sluice modes are also measured as a read_committed reader sees them.
+    // With --visible (always for exactly-once), also as a read_committed reader sees them.
     let stop_reader = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = (which != "relay").then(|| {
+    let reader = (which == "sluice-eos" || (a.visible && which != "relay")).then(|| {
         let (b, i, o, stop) = (
             a.bootstrap.clone(),
             input.clone(),
@@ -702,6 +707,7 @@ fn clone_args(a: &Args) -> Args {
         producer_linger_ms: a.producer_linger_ms,
         window: a.window.clone(),
         consumer_properties: a.consumer_properties.clone(),
+        visible: a.visible,
     }
 }
 
