@@ -50,7 +50,8 @@ for r in lat:
     vis = f"{vis:.2f}" if vis is not None else ""
     print(f"| {r['offered_rate']:,.0f} | {label} | {r['rate']:,.0f} | {r['p50_ms'] or float('nan'):.2f} | {r['p99_ms'] or float('nan'):.2f} | {r['p999_ms'] or float('nan'):.2f} | {vis} |")
 if tool:
-    p99_tool = tool[-1]["p99_ms"]
+    # The tool reports whole milliseconds: a p99 under 1 ms reads 0.
+    p99_tool = max(tool[-1]["p99_ms"], 1.0)
     for r in lat:
         if r["mode"] == "latency-sluice" and r.get("p99_ms"):
             print(f"- {r['mode']} (linger {r.get('linger', '?')}) at {r['offered_rate']:,.0f}/s: p99 {r['p99_ms']:.2f} ms = {r['p99_ms'] / p99_tool:.2f} x the tool's p99 ({p99_tool:.0f} ms; target <= 2 x at 50% load)")

@@ -912,6 +912,11 @@ async fn decide(
                         &parts,
                         stall_window(scaling.poll_interval.0),
                     );
+            } else {
+                // No worker runs (scaled to zero, paused, starting): forget when the
+                // commits last moved, or the first poll after workers are back (a wake
+                // from zero) would count the time without any as a stall.
+                ctx.stalls.lock().expect("stalls lock").remove(key);
             }
             // Lag more replicas can reduce: not on stalled partitions.
             let moving = parts

@@ -208,7 +208,8 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
     tokio::pin!(stream);
     // Each record is charged to the in-flight budget as it is taken from librdkafka, so
     // what a dispatcher holds uncharged is at most one record (`next`: read, and waiting
-    // for budget), not a whole batch per partition.
+    // for budget) and its batch buffer's slack (at most 64 KiB, `record.rs`), not a
+    // whole batch per partition.
     let mut batch = RecordBatchBuilder::new();
     let mut next = RecordBatchBuilder::new();
     let mut next_cost = 0;

@@ -39,7 +39,9 @@
 /// (librdkafka allocates a record's op on its broker thread, the dispatcher frees it)
 /// were about a third of the worker's instructions per record; see BENCHMARKS.md,
 /// "Where the CPU goes". Every binary linking this crate (the worker, custom workers,
-/// the benchmarks and the tests) runs on it.
+/// the benchmarks and the tests) runs on it, unless built without the default `mimalloc`
+/// feature (a custom worker with an allocator of its own).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -821,8 +821,14 @@ async fn run(
         )?;
         let id = crate::transaction::transactional_id(&config.pipeline);
         crate::transaction::producer_config(&mut client, &config, &id, output_copy_kb(&config));
-        let t =
-            Transactions::start(client, config.delivery.transaction_timeout(), &metrics).await?;
+        let t = Transactions::start(
+            client,
+            config
+                .delivery
+                .transaction_timeout(config.commit.drain_timeout.0),
+            &metrics,
+        )
+        .await?;
         tracing::info!(transactional_id = %id, window = %config.delivery.transaction_window, "exactly-once: transactional producer ready");
         Some(t)
     } else {

@@ -84,6 +84,8 @@ impl Record {
 /// is when the batch's outputs are delivered: no later than the batch's budget permit.
 ///
 /// The records are exactly those of [`Record::from_message`] (a property test checks it).
+/// Keeping a record's key or value (a `Bytes`) alive keeps its batch's buffer alive: a
+/// custom processor that stores keys for long should copy them.
 #[derive(Debug, Default)]
 pub struct RecordBatchBuilder {
     buf: Vec<u8>,
@@ -92,6 +94,10 @@ pub struct RecordBatchBuilder {
     /// large, so a batch rarely grows (and copies) its buffer.
     hint: usize,
 }
+
+/// The most a batch buffer holds beyond the bytes of its records (reserved ahead, or left
+/// over from growing): memory outside the byte budget, at most this much per partition.
+const SLACK: usize = 64 << 10;
 
 #[derive(Debug)]
 struct Meta {
@@ -118,7 +124,11 @@ impl RecordBatchBuilder {
     /// Copy `m` in (key, value, headers, coordinates).
     pub fn push<M: rdkafka::message::Message>(&mut self, m: &M) {
         if self.buf.capacity() == 0 {
-            self.buf.reserve(self.hint.max(4096));
+            // Room for a typical batch, but never more than SLACK ahead of what the
+            // records charged to the budget hold: a reservation is memory the byte
+            // budget does not see (a batch after a larger one, a record carried over).
+            let need = m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len);
+            self.buf.reserve(self.hint.min(SLACK).max(need));
         }
         let mut copy = |b: Option<&[u8]>| {
             b.map(|b| {
@@ -152,6 +162,11 @@ impl RecordBatchBuilder {
     /// The records of `topic`, in the order pushed; the builder is empty again.
     pub fn finish(&mut self, topic: &std::sync::Arc<str>) -> Vec<Record> {
         self.hint = self.buf.len().max(self.hint - self.hint / 8);
+        // The buffer lives as long as the batch's outputs: give back growth slack beyond
+        // SLACK, which the budget (charged per record) does not count.
+        if self.buf.capacity() - self.buf.len() > SLACK {
+            self.buf.shrink_to_fit();
+        }
         let buf = Bytes::from(std::mem::take(&mut self.buf));
         self.metas
             .drain(..)

@@ -18,14 +18,15 @@
 //! The group metadata carries the consumer's generation (KIP-447): a zombie of an older
 //! generation cannot commit offsets, so its transaction fails.
 //!
-//! Any failure (a transactional error, a partition that stalled, a window that did not
-//! drain before `commit.drainTimeout`, a lost assignment) aborts the transaction and
-//! stops the worker with an error: the process exits non-zero, and the restarted worker
-//! resumes from the offsets the last committed transaction stored. The worker does not
-//! rewind in place (seeking every owned partition back while its lanes, batchers and
-//! split queues still hold records of the aborted window is not something it can yet do
-//! correctly), so an abort costs a restart; nothing aborted is ever visible to a
-//! `read_committed` reader, and nothing committed is written twice.
+//! A failure aborts the transaction. When only the commit failed, with nothing in
+//! flight (the gate closed and drained; typically a rebalance moved the group's
+//! generation under the commit), the worker rewinds in place: every owned partition gets
+//! a new incarnation that reads again from its committed offset (`pipeline.rs`,
+//! `rewind`). Any other failure (a partition that stalled, a window that did not drain
+//! before `commit.drainTimeout`, a lost assignment, a fatal producer error) stops the
+//! worker with an error: the process exits non-zero, and the restarted worker resumes
+//! from the offsets the last committed transaction stored. Either way nothing aborted is
+//! ever visible to a `read_committed` reader, and nothing committed is written twice.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -164,7 +165,9 @@ pub fn transactional_id(pipeline: &str) -> String {
 /// security already there). The Kafka sinks' `producerProperties` are applied last, in
 /// sink order (validation refuses two sinks that set one property differently).
 pub fn producer_config(client: &mut ClientConfig, config: &WorkerConfig, id: &str, queue_kb: u64) {
-    let timeout = config.delivery.transaction_timeout();
+    let timeout = config
+        .delivery
+        .transaction_timeout(config.commit.drain_timeout.0);
     client
         .set("transactional.id", id)
         .set("enable.idempotence", "true")

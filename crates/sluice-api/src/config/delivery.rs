@@ -73,9 +73,12 @@ impl DeliveryConfig {
 
     /// librdkafka's `transaction.timeout.ms` for this window: the broker aborts a
     /// transaction open for longer (a worker that died mid-window holds its partitions'
-    /// `read_committed` readers back for at most this long).
-    pub fn transaction_timeout(&self) -> std::time::Duration {
-        self.transaction_window.0 * 2 + std::time::Duration::from_secs(10)
+    /// `read_committed` readers back for at most this long). A transaction lasts its
+    /// window plus the barrier's drain (up to `drain`, `commit.drainTimeout`) plus the
+    /// commit, so all of that fits, with room: under backpressure a slow drain must not
+    /// make the broker abort a transaction the worker is about to commit.
+    pub fn transaction_timeout(&self, drain: std::time::Duration) -> std::time::Duration {
+        self.transaction_window.0 * 2 + drain + std::time::Duration::from_secs(10)
     }
 }
 
