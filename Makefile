@@ -10,7 +10,9 @@ setup:
 	@scripts/setup.sh
 
 ## Run a real pipeline against a local Kafka with a load generator and live progress.
-demo: setup kafka-start
+demo:
+	@scripts/setup.sh demo
+	@scripts/kafka.sh start
 	$(CARGO) build --release -p sluice-loadgen
 	./target/release/sluice-loadgen demo --count $(DEMO_COUNT) --rate $(DEMO_RATE)
 

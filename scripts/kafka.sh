@@ -65,7 +65,7 @@ install() {
 </project>
 POM
   rm -rf "$CACHE/libs"
-  (cd "$CACHE" && mvn -q -B dependency:copy-dependencies -DoutputDirectory=libs -DincludeScope=runtime)
+  (cd "$CACHE" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies -DoutputDirectory=libs -DincludeScope=runtime)
   touch "$CACHE/.complete"
   log "installed $(ls "$CACHE/libs" | wc -l) jars"
 }
