@@ -23,13 +23,14 @@ demo:
 ## SLUICE_TEST_POSTGRES=url against another PostgreSQL (with SLUICE_TEST_POSTGRES_CA=ca.pem
 ## for its TLS test); SLUICE_TEST_KUBECONFIG=path against another API server;
 ## SLUICE_E2E_KUBECONFIG=path (and SLUICE_E2E_*, see tests/src/cluster.rs) on another cluster.
+## Every test binary runs even when one fails; the end lists every failed test.
 test: setup
 	@if [[ -z "$${SLUICE_TEST_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi
 	@if [[ -z "$${SLUICE_TEST_POSTGRES:-}" ]]; then scripts/postgres.sh start; fi
 	@if [[ -z "$${SLUICE_TEST_KUBECONFIG:-}" ]]; then scripts/k8s.sh start; fi
 	@if [[ -z "$${SLUICE_E2E_KUBECONFIG:-}" ]]; then scripts/cluster.sh up && scripts/images.sh load; fi
 	$(CARGO) build --workspace --all-targets
-	$(CARGO) test --workspace --all-targets -- --test-threads=1
+	@CARGO=$(CARGO) scripts/run-tests.sh
 
 ## Unit and property tests only (no broker).
 test-unit:
