@@ -155,7 +155,6 @@ impl ClientContext for SluiceContext {
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        use rdkafka::config::RDKafkaLogLevel as L;
         // An offset reset caused by an error (the committed offset is out of range:
         // retention or deletion passed it) is worth a line and a metric of our own.
         if fac == "OFFSET" && message.contains("offset reset") {
@@ -163,16 +162,7 @@ impl ClientContext for SluiceContext {
             tracing::warn!(detail = %message, "the consumer's position was out of range on the broker and was reset (auto.offset.reset); records the broker deleted in between were never processed");
             return;
         }
-        match level {
-            L::Emerg | L::Alert | L::Critical | L::Error => {
-                tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
-            }
-            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
-            L::Notice | L::Info => {
-                tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
-            }
-            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
-        }
+        crate::kafka_log::KAFKA_LOG.log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -182,6 +172,8 @@ impl ClientContext for SluiceContext {
         ) {
             tracing::error!(%reason, "fatal consumer error");
             self.fatal.store(true, std::sync::atomic::Ordering::Release);
+        } else if crate::kafka_log::KAFKA_LOG.error_is_transient(&error, reason) {
+            tracing::info!(error = %error, %reason, "consumer error (a passing state)");
         } else {
             tracing::warn!(error = %error, %reason, "consumer error");
         }

@@ -14,7 +14,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+
+use crate::kafka_log::LoggingContext;
+
+/// The dead-letter producer (its librdkafka lines through [`crate::kafka_log`]).
+type FutureProducer = rdkafka::producer::FutureProducer<LoggingContext>;
 use rdkafka::ClientConfig;
 use tokio::sync::Notify;
 
@@ -165,7 +170,7 @@ impl DeadLetters {
             // limit; what is larger is written without its payload.
             .set("message.max.bytes", "1048000")
             .set("message.timeout.ms", "300000");
-        let producer: FutureProducer = config.create()?;
+        let producer: FutureProducer = config.create_with_context(LoggingContext)?;
         Ok(Self::with(
             Target::Kafka {
                 producer,

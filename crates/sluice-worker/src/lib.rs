@@ -54,6 +54,7 @@ pub mod consumer;
 pub mod deadletter;
 pub mod dispatcher;
 pub mod engine;
+pub mod kafka_log;
 pub mod metrics;
 pub mod offsets;
 pub mod partition;
@@ -134,8 +135,11 @@ pub fn init_logging() {
     let filter = std::env::var("SLUICE_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
+    // Colour only on a terminal: piped or collected logs get no escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let text = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f == "text");
     let _ = if text {

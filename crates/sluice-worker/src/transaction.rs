@@ -37,7 +37,12 @@ use futures::future::BoxFuture;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
+
+use crate::kafka_log::LoggingContext;
+
+/// The transactional producer (its librdkafka lines through [`crate::kafka_log`]).
+pub type FutureProducer = rdkafka::producer::FutureProducer<LoggingContext>;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice_api::config::{KafkaSinkConfig, KeySource, SinkConfig, WorkerConfig};
 use tokio::sync::{Notify, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -255,10 +260,13 @@ impl Transactions {
         timeout: Duration,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Self, TxnError> {
-        let producer: FutureProducer = client.create().map_err(|source| TxnError::Kafka {
-            step: "create the transactional producer",
-            source,
-        })?;
+        let producer: FutureProducer =
+            client
+                .create_with_context(LoggingContext)
+                .map_err(|source| TxnError::Kafka {
+                    step: "create the transactional producer",
+                    source,
+                })?;
         let p = producer.clone();
         blocking("init_transactions", move || p.init_transactions(timeout)).await?;
         producer
