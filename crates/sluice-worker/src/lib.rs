@@ -244,9 +244,13 @@ pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        let progress = cli
-            .progress
-            .then(|| tokio::spawn(progress::report(rt.metrics.clone(), Duration::from_secs(1))));
+        let progress = cli.progress.then(|| {
+            tokio::spawn(progress::report(
+                rt.metrics.clone(),
+                Duration::from_secs(1),
+                progress::Input::Metrics,
+            ))
+        });
         let res = run_pipeline(config, processor, rt, shutdown_signal()).await;
         if let Some(p) = progress {
             p.abort();
