@@ -157,7 +157,7 @@ impl ClientContext for SluiceContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
         // An offset reset caused by an error (the committed offset is out of range:
         // retention or deletion passed it) is worth a line and a metric of our own.
-        if fac == "OFFSET" && message.contains("offset reset") {
+        if fac == "OFFSET" && is_out_of_range_reset(message) {
             self.metrics.offset_resets.inc();
             tracing::warn!(detail = %message, "the consumer's position was out of range on the broker and was reset (auto.offset.reset); records the broker deleted in between were never processed");
             return;
@@ -178,6 +178,13 @@ impl ClientContext for SluiceContext {
             tracing::warn!(error = %error, %reason, "consumer error");
         }
     }
+}
+
+/// Whether librdkafka's OFFSET line reports a position reset because the offset was out of
+/// range on the broker. A group's first start also logs an "offset reset" (to
+/// `auto.offset.reset`: "no previously committed offset available"), which is not one.
+fn is_out_of_range_reset(message: &str) -> bool {
+    message.contains("offset reset") && !message.contains("no previously committed offset")
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -359,4 +366,13 @@ pub fn spawn_main_queue_thread(
             });
         })
         .expect("spawn consumer thread")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_group_without_a_commit_is_not_an_out_of_range_reset() {
+        assert!(!super::is_out_of_range_reset("[thrd:main]: in [3]: offset reset (at offset INVALID (leader epoch -1), broker -1) to offset BEGINNING (leader epoch -1): no previously committed offset available: Local: No offset stored"));
+        assert!(super::is_out_of_range_reset("[thrd:main]: in [3]: offset reset (at offset 120 (leader epoch 0), broker 1) to offset BEGINNING (leader epoch -1): fetch failed due to requested offset not available on the broker: Broker: Offset out of range"));
+    }
 }
