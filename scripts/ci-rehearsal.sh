@@ -4,9 +4,13 @@
 #
 #   - a fresh clone of the committed HEAD (uncommitted changes are not in it), so target/
 #     starts empty;
-#   - every state directory stopped and removed first: the broker (scripts/kafka.sh), the
-#     PostgreSQL server (scripts/postgres.sh), the API server (scripts/k8s.sh) and the local
-#     cluster (scripts/cluster.sh);
+#   - no state from earlier runs: the broker, PostgreSQL, the API server and the local
+#     cluster get new, empty state directories under $W/state, and the broker, PostgreSQL
+#     and the API server their own ports, so whatever else runs on this machine (another
+#     checkout's tests against the default ports) is neither reused nor disturbed;
+#   - the local cluster is one per machine: the rehearsal waits for /tmp/sluice-node.lock
+#     (the lock anything using the cluster holds), brings a running cluster down, and
+#     brings its own down at the end;
 #   - with --cold, every cache too, without touching this machine's own: the run gets a new
 #     empty HOME, so sluice's cache (~/.cache/sluice: the Kafka jars, the Kubernetes and
 #     Prometheus binaries, the images), Go's module and build caches, Cargo's registry,
@@ -17,11 +21,10 @@
 #
 #   scripts/ci-rehearsal.sh [--cold] [--keep]
 #
-# --keep leaves the clone (and the temporary HOME) in place; otherwise they are removed at
-# the end. The services the run started stay up (as after a CI run), except with --cold,
-# where they ran from the temporary caches and are stopped with them. The output of
-# `.ci/run` is in $SLUICE_REHEARSAL_DIR/ci.log (default /tmp/sluice-rehearsal).
-# Uses the local cluster: run it when no other test is using it.
+# The output of `.ci/run` is in $W/ci.log ($SLUICE_REHEARSAL_DIR, default
+# /tmp/sluice-rehearsal); the phase times and the summary line are printed at the end.
+# Every service the run started is stopped at the end; --keep leaves the clone, its state
+# and the temporary HOME on disk (otherwise removed).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 W="${SLUICE_REHEARSAL_DIR:-/tmp/sluice-rehearsal}"
@@ -36,21 +39,22 @@ done
 
 log() { echo "[rehearsal] $*" >&2; }
 
-stop_all() {  # the scripts of $1 (a checkout), against the caches of the current HOME
-  local s="$1/scripts"
-  "$s/cluster.sh" down || true
-  "$s/k8s.sh" stop || true
-  "$s/postgres.sh" reset || true
-  "$s/kafka.sh" reset || true
-  rm -rf "${SLUICE_CLUSTER_DIR:-/tmp/sluice-cluster}"
-}
+exec 8>/tmp/sluice-node.lock
+log "waiting for the local cluster's lock (/tmp/sluice-node.lock)"
+flock 8
+log "bringing down a running local cluster, if any"
+"$ROOT/scripts/cluster.sh" down >/dev/null 2>&1 || true
 
-log "stopping the broker, PostgreSQL, the API server and the local cluster; removing their state"
-stop_all "$ROOT"
-rm -rf "$W"
-mkdir -p "$W"
+if [[ -d "$W" ]]; then chmod -R u+w "$W" 2>/dev/null || true; rm -rf "$W"; fi
+mkdir -p "$W/state"
 git clone -q --no-local "$ROOT" "$W/sluice"
 log "clone of $(git -C "$W/sluice" rev-parse --short HEAD) in $W/sluice"
+
+# Own state directories and ports (see scripts/kafka.sh, postgres.sh, k8s.sh, cluster.sh).
+export SLUICE_KAFKA_DIR="$W/state/kafka" SLUICE_KAFKA_PORT="${SLUICE_REHEARSAL_KAFKA_PORT:-29092}"
+export SLUICE_PG_DIR="$W/state/pg" SLUICE_PG_PORT="${SLUICE_REHEARSAL_PG_PORT:-25433}"
+export SLUICE_K8S_DIR="$W/state/k8s" SLUICE_K8S_PORT="${SLUICE_REHEARSAL_K8S_PORT:-26443}"
+export SLUICE_CLUSTER_DIR="$W/state/cluster"
 
 if ((cold)); then
   home="$W/home"
@@ -65,22 +69,27 @@ if ((cold)); then
   log "cold: HOME=$HOME (empty caches)"
 fi
 
+stop_all() {
+  local s="$W/sluice/scripts"
+  "$s/cluster.sh" down >/dev/null 2>&1 || true
+  "$s/k8s.sh" stop >/dev/null 2>&1 || true
+  "$s/postgres.sh" stop >/dev/null 2>&1 || true
+  "$s/kafka.sh" stop >/dev/null 2>&1 || true
+}
+trap stop_all EXIT
+
 log "running .ci/run (CI=true, no stdin); output in $W/ci.log"
 start=$SECONDS
 set +e
 (cd "$W/sluice" && CI=true bash .ci/run </dev/null >"$W/ci.log" 2>&1)
 rc=$?
 set -e
-grep -E '^=== \[ci\] phases|^sluice: |^\[e2e\] .*(took)' "$W/ci.log" || true
+grep -E '^=== \[ci\] phases|^sluice: |^\[e2e\] .*took|^=== failed tests|^    .*\(tests/' "$W/ci.log" || true
 log "exit $rc after $((SECONDS - start)) s"
-
-if ((cold)); then
-  log "stopping the services started from the temporary caches"
-  stop_all "$W/sluice"
-fi
+stop_all
+trap - EXIT
 if ((!keep)); then
-  # Go's module cache is read-only by design.
-  chmod -R u+w "$W" 2>/dev/null || true
-  rm -rf "$W/sluice" "$W/home"
+  chmod -R u+w "$W" 2>/dev/null || true  # Go's module cache is read-only by design
+  rm -rf "$W/sluice" "$W/home" "$W/state"
 fi
 exit "$rc"
