@@ -30,6 +30,34 @@ pub const CONFIG_DIR: &str = "/etc/sluice";
 /// The worker container's name.
 pub const CONTAINER: &str = "worker";
 
+/// The names of a pipeline's children, in one place: build, dereference and apply use them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildNames {
+    /// The worker Deployment (the pipeline's own name).
+    pub deployment: String,
+    /// The ConfigMap with the rendered worker config.
+    pub config_map: String,
+    /// The metrics Service.
+    pub service: String,
+    /// The PodDisruptionBudget.
+    pub pdb: String,
+    /// The ServiceMonitor.
+    pub service_monitor: String,
+}
+
+impl ChildNames {
+    /// The children of the pipeline `name`.
+    pub fn of(name: &str) -> Self {
+        ChildNames {
+            deployment: name.to_string(),
+            config_map: format!("{name}-config"),
+            service: format!("{name}-metrics"),
+            pdb: name.to_string(),
+            service_monitor: name.to_string(),
+        }
+    }
+}
+
 /// A pipeline that passed validation, with what the controller learned about it.
 #[derive(Clone, Debug)]
 pub struct Validated {
@@ -70,6 +98,37 @@ impl Validated {
     }
 }
 
+/// Every child of a pipeline, built, in the order they are applied.
+#[derive(Clone, Debug)]
+pub struct Children {
+    /// Their names.
+    pub names: ChildNames,
+    /// The rendered worker config.
+    pub config_map: ConfigMap,
+    /// The metrics Service.
+    pub service: Service,
+    /// One worker down at a time.
+    pub pdb: PodDisruptionBudget,
+    /// The workers.
+    pub deployment: Deployment,
+    /// The ServiceMonitor, when the Prometheus Operator's CRD exists.
+    pub service_monitor: Option<serde_json::Value>,
+}
+
+impl Children {
+    /// The children of `v` with `replicas` workers; a ServiceMonitor when `monitors`.
+    pub fn build(v: &Validated, replicas: u32, monitors: bool) -> Self {
+        Children {
+            names: ChildNames::of(&v.name()),
+            config_map: build_configmap(v),
+            service: build_service(v),
+            pdb: build_pdb(v),
+            deployment: build_deployment(v, replicas),
+            service_monitor: monitors.then(|| build_service_monitor(v)),
+        }
+    }
+}
+
 /// Labels of every child, and the worker pods' selector.
 pub fn labels(pipeline: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -102,7 +161,7 @@ pub fn rendered_config(config: &WorkerConfig) -> (String, String) {
 pub fn build_configmap(v: &Validated) -> ConfigMap {
     let (yaml, _) = rendered_config(&v.config);
     ConfigMap {
-        metadata: v.meta(format!("{}-config", v.name())),
+        metadata: v.meta(ChildNames::of(&v.name()).config_map),
         data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), yaml)])),
         ..Default::default()
     }
@@ -161,7 +220,7 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
     let mut volumes = vec![Volume {
         name: "config".into(),
         config_map: Some(ConfigMapVolumeSource {
-            name: format!("{name}-config"),
+            name: ChildNames::of(&name).config_map,
             ..Default::default()
         }),
         ..Default::default()
@@ -294,7 +353,7 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
 pub fn build_service(v: &Validated) -> Service {
     let name = v.name();
     Service {
-        metadata: v.meta(format!("{name}-metrics")),
+        metadata: v.meta(ChildNames::of(&name).service),
         spec: Some(ServiceSpec {
             selector: Some(labels(&name)),
             ports: Some(vec![ServicePort {
