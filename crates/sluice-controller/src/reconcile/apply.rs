@@ -2,14 +2,15 @@
 //! Deployment, ServiceMonitor), with owner references and one field manager, and only
 //! while the pipeline still exists.
 
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sluice_api::crd::StreamPipeline;
 
-use super::build::Children;
+use super::build::{Children, HEADLESS};
 use super::dereference::service_monitor_resource;
 use super::Stop;
 use crate::context::{Context, MANAGER};
@@ -49,7 +50,7 @@ pub async fn apply(ctx: &Context, sp: &StreamPipeline, children: &Children) -> R
     ssa(c, &ns, config_map)
         .await
         .map_err(failed("ConfigMap", &names.config_map))?;
-    ssa(c, &ns, service)
+    service_headless(c, &ns, &uid, service)
         .await
         .map_err(failed("Service", &names.service))?;
     ssa(c, &ns, pdb)
@@ -90,6 +91,50 @@ where
         &Patch::Apply(obj),
     )
     .await
+}
+
+/// Apply the metrics Service. One made by an earlier sluice has a cluster IP, which the API
+/// server does not let an update take away (`spec.clusterIP` is immutable): that one is
+/// deleted (only that object: its uid is the precondition) and made again, headless.
+async fn service_headless(
+    client: &Client,
+    ns: &str,
+    owner: &str,
+    svc: &Service,
+) -> Result<Service, kube::Error> {
+    let e = match ssa(client, ns, svc).await {
+        Err(kube::Error::Api(ae)) if ae.code == 422 => kube::Error::Api(ae),
+        other => return other,
+    };
+    let api: Api<Service> = Api::namespaced(client.clone(), ns);
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let Some(old) = api.get_opt(&name).await? else {
+        return Err(e);
+    };
+    let has_ip = old
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.as_deref())
+        .is_some_and(|ip| !ip.is_empty() && ip != HEADLESS);
+    let ours = old
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == owner && o.controller == Some(true));
+    if !(has_ip && ours) {
+        return Err(e);
+    }
+    tracing::info!(service = %format!("{ns}/{name}"), "replacing a metrics Service that has a cluster IP by a headless one");
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: old.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    api.delete(&name, &dp).await?;
+    ssa(client, ns, svc).await
 }
 
 /// Whether the pipeline `name` with `uid` still exists and is not being deleted, read

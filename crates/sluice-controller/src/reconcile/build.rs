@@ -27,6 +27,8 @@ pub const CONFIG_HASH_ANNOTATION: &str = "sluice.dev/config-hash";
 pub const CONFIG_KEY: &str = "config.yaml";
 /// Where the worker config is mounted.
 pub const CONFIG_DIR: &str = "/etc/sluice";
+/// `spec.clusterIP` of a headless Service.
+pub const HEADLESS: &str = "None";
 /// The worker container's name.
 pub const CONTAINER: &str = "worker";
 
@@ -350,11 +352,15 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
 }
 
 /// The metrics Service `<name>-metrics` (port `metrics`), scraped by a ServiceMonitor.
+/// Headless: Prometheus scrapes each pod through the Service's endpoints, never through a
+/// virtual IP, so the Service takes no address from the cluster's service range (with
+/// thousands of pipelines a ClusterIP each would exhaust it).
 pub fn build_service(v: &Validated) -> Service {
     let name = v.name();
     Service {
         metadata: v.meta(ChildNames::of(&name).service),
         spec: Some(ServiceSpec {
+            cluster_ip: Some(HEADLESS.into()),
             selector: Some(labels(&name)),
             ports: Some(vec![ServicePort {
                 name: Some("metrics".into()),
@@ -435,6 +441,15 @@ spec:
             partitions,
             image: "sluice/worker:test".into(),
         }
+    }
+
+    #[test]
+    fn the_metrics_service_is_headless_and_selects_the_workers() {
+        let v = validated(pipeline(""), 8);
+        let spec = build_service(&v).spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.selector, Some(labels("iot-enrich")));
+        assert_eq!(spec.ports.unwrap()[0].name.as_deref(), Some("metrics"));
     }
 
     #[test]
