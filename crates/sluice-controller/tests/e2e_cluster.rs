@@ -1081,6 +1081,16 @@ mod observe {
                     .is_some()
             },
         );
+        // Prometheus scrapes the pods through a headless Service (no cluster IP taken).
+        assert_eq!(
+            c.jsonpath(
+                ns,
+                &format!("service/{pipeline}-metrics"),
+                "{.spec.clusterIP}"
+            ),
+            "None",
+            "the metrics Service is headless"
+        );
         let mut addr = String::new();
         wait_for("Prometheus to run", Duration::from_secs(180), || {
             prometheus_addr(c).map(|a| addr = a).is_some()
