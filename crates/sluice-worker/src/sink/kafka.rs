@@ -28,8 +28,8 @@ use tokio::sync::Notify;
 
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
+use crate::ops::throttle::LogThrottle;
 use crate::retry::{ErrorClass, RetryPolicy};
-use crate::throttle::LogThrottle;
 
 /// A batch handed to the producer, waiting for its delivery reports.
 struct InFlight {
