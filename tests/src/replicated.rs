@@ -97,6 +97,12 @@ impl Cluster {
         }
     }
 
+    /// `Ok` when every node serves and every partition of `topics` (and of the internal
+    /// topics) has all three replicas in sync; otherwise what is not yet.
+    pub fn ready(&self, topics: &[&str]) -> Result<(), String> {
+        self.health(&self.consumer(), topics)
+    }
+
     fn health(&self, c: &BaseConsumer, topics: &[&str]) -> Result<(), String> {
         let md = c
             .fetch_metadata(None, Duration::from_secs(5))

@@ -79,6 +79,9 @@ pub fn consumer(c: &WorkerConfig, partitions: usize) -> Vec<Property> {
         p("queued.max.messages.kbytes", fetch_kb),
         // With capped queues, librdkafka backs off fetching for a second by default.
         p("fetch.queue.backoff.ms", 10),
+        // Partitions added to the topic are assigned at the next metadata refresh:
+        // within 30 s rather than librdkafka's 5 minutes.
+        p("topic.metadata.refresh.interval.ms", 30_000),
     ];
     if let Some(id) = &s.group_instance_id {
         out.push(p("group.instance.id", id));
