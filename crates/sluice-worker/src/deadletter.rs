@@ -19,6 +19,7 @@ use rdkafka::ClientConfig;
 use tokio::sync::Notify;
 
 use crate::engine::ack::AckToken;
+use crate::kafka::producer::SharedProducer;
 use crate::ops::throttle::LogThrottle;
 use crate::record::{Header, Origin};
 
@@ -96,7 +97,7 @@ enum Target {
     Stall,
     /// A Kafka topic.
     Kafka {
-        producer: FutureProducer,
+        producer: SharedProducer,
         topic: String,
         /// exactly-once: the letters share the window's transaction. A letter that fails
         /// fails the window, which is aborted and processed again (see
@@ -176,7 +177,7 @@ impl DeadLetters {
         let producer: FutureProducer = config.create()?;
         Ok(Self::with(
             Target::Kafka {
-                producer,
+                producer: SharedProducer::new(producer),
                 topic: topic.to_string(),
                 transactional: None,
             },
@@ -187,7 +188,7 @@ impl DeadLetters {
     /// Letters written to `topic` through the worker's transactional producer
     /// (exactly-once): each letter commits or aborts with its window's transaction.
     pub fn kafka_transactional(
-        producer: FutureProducer,
+        producer: SharedProducer,
         topic: &str,
         metrics: &crate::ops::metrics::Metrics,
     ) -> Arc<Self> {
@@ -304,6 +305,7 @@ impl DeadLetters {
                     .contains(&(l.origin.partition, l.origin.offset))
             })
         };
+        let producer = &producer.get();
         let results = futures::future::join_all(
             letters
                 .iter()

@@ -31,8 +31,13 @@
 //! the rewound window reaches it again (`sink/kafka_txn.rs`); a record that cannot pass
 //! at all (no dead-letter topic) stops its partition there, as at-least-once does. A
 //! window that did not drain in time makes the next windows admit fewer records
-//! ([`WindowGate::set_budget`]), so a slow processor still commits. Only a fatal producer
-//! error (fenced by a newer instance of the same `transactional.id`) stops the worker.
+//! ([`WindowGate::set_budget`]), so a slow processor still commits. A transaction that
+//! cannot even be aborted (the broker aborted it itself and fenced the producer, e.g. when
+//! it outlived its timeout during a coordinator failover) is left to a new transactional
+//! producer with the same id ([`Transactions::renew`]: `init_transactions` fences the old
+//! one and finishes what it left open). Only a rewind that cannot read or seek the
+//! committed offsets, an aborted window whose work never settles, or producer renewals in
+//! a loop stop the worker.
 //! Either way nothing aborted is ever visible to a `read_committed` reader, and nothing
 //! committed is written twice.
 
@@ -52,6 +57,7 @@ use crate::engine::gate::WindowGate;
 use crate::engine::partition::{PartitionState, TopicPartition};
 use crate::kafka::assignment::Assignment;
 use crate::kafka::consumer::SluiceConsumer;
+use crate::kafka::producer::SharedProducer;
 use crate::sink::kafka_txn::Refusals;
 
 /// Why a transaction window could not commit.
@@ -110,22 +116,12 @@ impl TxnError {
         }
     }
 
-    /// True when the worker aborts the window and rewinds in place: everything but a
-    /// fatal producer error (a newer producer with the same `transactional.id` fenced this
-    /// one), a rewind that could not read or seek the committed offsets, or an aborted
-    /// window whose work would not settle.
+    /// True when the worker aborts the window and rewinds in place (a producer that cannot
+    /// abort any more is renewed first): everything but a rewind that could not read or
+    /// seek the committed offsets, an aborted window whose work would not settle, or a
+    /// loop of producer renewals.
     pub fn rewindable(&self) -> bool {
-        match self {
-            TxnError::Kafka {
-                source: KafkaError::Transaction(e),
-                ..
-            } => !e.is_fatal(),
-            TxnError::Kafka { .. } | TxnError::Rewind(_) | TxnError::NotSettled => false,
-            TxnError::Failed { .. }
-            | TxnError::NotDrained { .. }
-            | TxnError::NoGroupMetadata
-            | TxnError::Lost => true,
-        }
+        !matches!(self, TxnError::Rewind(_) | TxnError::NotSettled)
     }
 }
 
@@ -157,7 +153,11 @@ pub fn transactional_id(pipeline: &str) -> String {
 
 /// The worker's transactional producer and the state of its open transaction.
 pub struct Transactions {
-    producer: FutureProducer,
+    producer: SharedProducer,
+    /// What the producer is made from (for [`Transactions::renew`]).
+    client: ClientConfig,
+    /// When the producer was renewed lately (a loop of renewals stops the worker).
+    renewals: Vec<Instant>,
     gate: Arc<WindowGate>,
     timeout: Duration,
     /// When the open transaction began.
@@ -172,6 +172,22 @@ impl std::fmt::Debug for Transactions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Transactions").finish_non_exhaustive()
     }
+}
+
+/// A transactional producer from `client`, its id's earlier producer fenced and what that
+/// one left open completed (`init_transactions`, retried while the transaction
+/// coordinator is away, up to `timeout`).
+async fn init(client: &ClientConfig, timeout: Duration) -> Result<FutureProducer, TxnError> {
+    let producer: FutureProducer = client.create().map_err(|source| TxnError::Kafka {
+        step: "create the transactional producer",
+        source,
+    })?;
+    let p = producer.clone();
+    blocking("init_transactions", move || {
+        retrying(timeout, || p.init_transactions(timeout))
+    })
+    .await?;
+    Ok(producer)
 }
 
 /// Run a blocking transactional call off the runtime.
@@ -222,12 +238,7 @@ impl Transactions {
         timeout: Duration,
         metrics: &crate::ops::metrics::Metrics,
     ) -> Result<Self, TxnError> {
-        let producer: FutureProducer = client.create().map_err(|source| TxnError::Kafka {
-            step: "create the transactional producer",
-            source,
-        })?;
-        let p = producer.clone();
-        blocking("init_transactions", move || p.init_transactions(timeout)).await?;
+        let producer = init(&client, timeout).await?;
         producer
             .begin_transaction()
             .map_err(|source| TxnError::Kafka {
@@ -235,7 +246,9 @@ impl Transactions {
                 source,
             })?;
         Ok(Transactions {
-            producer,
+            producer: SharedProducer::new(producer),
+            client,
+            renewals: Vec::new(),
             gate: Arc::new(WindowGate::default()),
             timeout,
             began: Instant::now(),
@@ -246,8 +259,27 @@ impl Transactions {
     }
 
     /// The producer, for the sinks and the dead-letter path.
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &SharedProducer {
         &self.producer
+    }
+
+    /// Replace the producer by a new one with the same `transactional.id` (no transaction
+    /// open; the caller begins the next): `init_transactions` fences the old producer and
+    /// completes what it left open. More than three renewals in five minutes is a loop:
+    /// an error.
+    pub async fn renew(&mut self) -> Result<(), TxnError> {
+        let now = Instant::now();
+        self.renewals
+            .retain(|t| now.duration_since(*t) < Duration::from_secs(300));
+        if self.renewals.len() >= 3 {
+            return Err(TxnError::Rewind(
+                "the transactional producer was renewed three times in five minutes".into(),
+            ));
+        }
+        self.renewals.push(now);
+        let producer = init(&self.client, self.timeout).await?;
+        self.producer.set(producer);
+        Ok(())
     }
 
     /// The gate every dispatcher passes (see [`crate::engine::dispatch::PartitionDispatch::with_gate`]).
@@ -285,7 +317,7 @@ impl Transactions {
             Some(m) => m,
             None => consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?,
         };
-        let (p, timeout) = (self.producer.clone(), self.timeout);
+        let (p, timeout) = (self.producer.get(), self.timeout);
         blocking(
             "send_offsets_to_transaction / commit_transaction",
             move || {
@@ -309,13 +341,14 @@ impl Transactions {
     /// Abort the open transaction, without beginning the next (see [`Transactions::begin`]).
     pub async fn abort_only(&self) -> Result<(), TxnError> {
         self.failures.inc();
-        let (p, timeout) = (self.producer.clone(), self.timeout);
+        let (p, timeout) = (self.producer.get(), self.timeout);
         blocking("abort_transaction", move || p.abort_transaction(timeout)).await
     }
 
     /// Begin the next transaction.
     pub fn begin(&mut self) -> Result<(), TxnError> {
         self.producer
+            .get()
             .begin_transaction()
             .map_err(|source| TxnError::Kafka {
                 step: "begin_transaction",
@@ -496,11 +529,24 @@ impl ExactlyOnce {
             self.txn.abort().await;
             return Err(err);
         }
+        if let TxnError::Kafka {
+            source: KafkaError::Transaction(e),
+            ..
+        } = &err
+        {
+            if e.is_fatal() {
+                // No abort is possible any more: a new producer takes over below.
+                tracing::warn!(error = %err, "exactly-once: the transactional producer failed fatally");
+            }
+        }
         tracing::warn!(error = %err, "exactly-once: the window was aborted; every owned partition is processed again from its committed offset");
         // Nothing of the window can commit now. What is still queued is purged; wait until
         // everything it dispatched settled (delivered, failed or purged), so nothing of it
         // can reach the next transaction, then begin that one.
-        self.txn.abort_only().await?;
+        if let Err(e) = self.txn.abort_only().await {
+            tracing::warn!(error = %e, "exactly-once: the transaction could not be aborted; a new transactional producer with the same id takes over (it fences the old one and completes what that left open)");
+            self.txn.renew().await?;
+        }
         for s in &states {
             s.cancel();
         }
@@ -543,9 +589,10 @@ impl ExactlyOnce {
         deadline: tokio::time::Instant,
         patient: bool,
     ) -> Result<(), TxnError> {
-        let give_up = tokio::time::Instant::from_std(
-            self.txn.began + self.txn.timeout.saturating_sub(SETTLE_MARGIN),
-        );
+        // Half the transaction's timeout: the abort after a window given up must still
+        // reach the transaction coordinator before the broker aborts it on its own (a
+        // coordinator failover takes seconds).
+        let give_up = tokio::time::Instant::from_std(self.txn.began + self.txn.timeout / 2);
         let done = |states: &[Arc<PartitionState>]| -> u64 {
             states.iter().map(|s| s.metrics.delivered.get()).sum()
         };
@@ -649,11 +696,11 @@ enum Mode {
 mod tests {
     use super::*;
 
-    /// A window that cannot commit is rewound in place, whatever failed in it; only a
-    /// fatal producer error, a rewind that cannot seek, or an aborted window whose work
-    /// would not settle stops the worker.
+    /// A window that cannot commit is rewound in place, whatever failed in it (a producer
+    /// that can no longer abort is renewed first); only a rewind that cannot seek or an
+    /// aborted window whose work would not settle stops the worker.
     #[test]
-    fn a_failed_window_is_rewound_in_place_and_only_a_fatal_error_stops_the_worker() {
+    fn a_failed_window_is_rewound_in_place_and_only_a_failed_rewind_stops_the_worker() {
         let (topic, partition) = ("in".to_string(), 0);
         for e in [
             TxnError::NotDrained {
@@ -666,17 +713,14 @@ mod tests {
             },
             TxnError::Lost,
             TxnError::NoGroupMetadata,
-        ] {
-            assert!(e.rewindable(), "{e} ({})", e.label());
-        }
-        for e in [
-            TxnError::Rewind("seek failed".into()),
-            TxnError::NotSettled,
             TxnError::Kafka {
-                step: "init_transactions",
+                step: "commit_transaction",
                 source: KafkaError::Canceled,
             },
         ] {
+            assert!(e.rewindable(), "{e} ({})", e.label());
+        }
+        for e in [TxnError::Rewind("seek failed".into()), TxnError::NotSettled] {
             assert!(!e.rewindable(), "{e} ({})", e.label());
         }
     }

@@ -7,4 +7,5 @@ pub mod client;
 pub mod config;
 pub mod consumer;
 pub mod dispatcher;
+pub mod producer;
 pub mod start_from;

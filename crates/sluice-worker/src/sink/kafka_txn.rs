@@ -25,11 +25,12 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use sluice_api::config::{KafkaSinkConfig, KeySource};
 use tokio::sync::Notify;
 
 use crate::deadletter::DeadLetters;
+use crate::kafka::producer::SharedProducer;
 use crate::ops::throttle::LogThrottle;
 use crate::record::{Origin, Output};
 use crate::retry::ErrorClass;
@@ -109,7 +110,7 @@ impl Refusals {
 /// when every delivery report is in (acknowledged inside the open transaction, visible
 /// to `read_committed` readers when the window commits).
 pub struct TxnKafkaSink {
-    producer: FutureProducer,
+    producer: SharedProducer,
     topic: String,
     key: KeySource,
     trace_header: Option<String>,
@@ -133,7 +134,7 @@ impl std::fmt::Debug for TxnKafkaSink {
 impl TxnKafkaSink {
     /// A sink for `config` over the transactional `producer`.
     pub fn new(
-        producer: FutureProducer,
+        producer: SharedProducer,
         config: &KafkaSinkConfig,
         source_topic: &str,
         metrics: SinkMetrics,
@@ -167,6 +168,7 @@ impl Sink for TxnKafkaSink {
                 batch.acknowledge(&self.metrics);
                 return;
             }
+            let producer = self.producer.get();
             let mut pending = Vec::with_capacity(batch.items.len());
             let mut rejected = Vec::new();
             // The transaction cannot commit this window any more: abort it, rewind.
@@ -184,7 +186,7 @@ impl Sink for TxnKafkaSink {
                 };
                 if suspect {
                     // Alone in its produce batch: what went before is delivered first.
-                    let p = self.producer.clone();
+                    let p = producer.clone();
                     let _ =
                         tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(30))).await;
                 }
@@ -222,7 +224,7 @@ impl Sink for TxnKafkaSink {
                 }
                 let mut backoff = Duration::from_micros(200);
                 loop {
-                    match self.producer.send_result(rec) {
+                    match producer.send_result(rec) {
                         Ok(f) if suspect => {
                             let res = match f.await {
                                 Ok(Ok(_)) => Ok(()),
