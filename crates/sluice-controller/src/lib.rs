@@ -1,14 +1,20 @@
 //! The sluice operator.
 //!
+//! - [`controller`]: the kube-runtime Controller, its watches and error policy.
+//! - [`reconcile`]: one pipeline's reconcile as a sequence of steps (validate,
+//!   dereference, scale, build, apply, report), each in its own file.
+//! - [`context`]: what reconciles share, with one memory per pipeline.
 //! - [`autoscale::policy`]: the pure scaling decision (desired replicas from lag, with a
 //!   scale-down stabilization window, caps, and "unknown lag holds").
-//! - [`autoscale::lag`]: consumer lag per partition, read from Kafka.
-//! - [`reconcile::build`]: the child objects (ConfigMap, Deployment, Service,
-//!   PodDisruptionBudget) as pure functions of a validated pipeline.
+//! - [`autoscale::lag`]: consumer lag per partition, read from Kafka; [`kafka`]: the seam.
 
 pub mod autoscale;
+pub mod context;
 pub mod controller;
+pub mod error;
+pub mod kafka;
 pub mod lease;
+pub mod metrics;
 pub mod reconcile;
 
 use kube::CustomResourceExt;

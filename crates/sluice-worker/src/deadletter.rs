@@ -14,7 +14,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+
+use crate::kafka::log::LoggingContext;
+
+/// The dead-letter producer (its librdkafka lines through [`crate::kafka::log`]).
+use crate::kafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use tokio::sync::Notify;
 
@@ -174,7 +179,7 @@ impl DeadLetters {
         topic: &str,
         metrics: &crate::ops::metrics::Metrics,
     ) -> Result<Arc<Self>, rdkafka::error::KafkaError> {
-        let producer: FutureProducer = config.create()?;
+        let producer: FutureProducer = config.create_with_context(LoggingContext)?;
         Ok(Self::with(
             Target::Kafka {
                 producer: SharedProducer::new(producer),

@@ -122,8 +122,11 @@ pub fn init_logging() {
     let filter = std::env::var("SLUICE_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
+    // Colour only on a terminal: piped or collected logs get no escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let text = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f == "text");
     let _ = if text {
@@ -228,9 +231,13 @@ pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        let progress = cli
-            .progress
-            .then(|| tokio::spawn(progress::report(rt.metrics.clone(), Duration::from_secs(1))));
+        let progress = cli.progress.then(|| {
+            tokio::spawn(progress::report(
+                rt.metrics.clone(),
+                Duration::from_secs(1),
+                progress::Input::Metrics,
+            ))
+        });
         let res = run_pipeline(config, processor, rt, shutdown_signal()).await;
         if let Some(p) = progress {
             p.abort();

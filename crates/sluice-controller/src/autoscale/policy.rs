@@ -44,6 +44,19 @@ pub struct Policy {
     pub activation: u64,
 }
 
+impl From<&sluice_api::crd::ScalingSpec> for Policy {
+    fn from(s: &sluice_api::crd::ScalingSpec) -> Self {
+        Policy {
+            min: s.min_replicas.max(0) as u32,
+            max: s.max_replicas.max(0) as u32,
+            lag_per_replica: s.lag_per_replica.max(1) as u64,
+            scale_down_window: s.scale_down_stabilization.0,
+            idle_after: s.scale_to_zero_after(),
+            activation: s.activation(),
+        }
+    }
+}
+
 /// What the lag query returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lag {
@@ -112,6 +125,19 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason (to remove a pipeline's series, one per reason).
+    pub const ALL: [Reason; 9] = [
+        Reason::ScaleUp,
+        Reason::ScaleDown,
+        Reason::Steady,
+        Reason::Stabilizing,
+        Reason::LagUnknown,
+        Reason::WaitingForReady,
+        Reason::ScaleToZero,
+        Reason::Idle,
+        Reason::Wake,
+    ];
+
     /// A bounded label for metrics and Events.
     pub fn label(self) -> &'static str {
         match self {

@@ -27,8 +27,38 @@ pub const CONFIG_HASH_ANNOTATION: &str = "sluice.dev/config-hash";
 pub const CONFIG_KEY: &str = "config.yaml";
 /// Where the worker config is mounted.
 pub const CONFIG_DIR: &str = "/etc/sluice";
+/// `spec.clusterIP` of a headless Service.
+pub const HEADLESS: &str = "None";
 /// The worker container's name.
 pub const CONTAINER: &str = "worker";
+
+/// The names of a pipeline's children, in one place: build, dereference and apply use them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildNames {
+    /// The worker Deployment (the pipeline's own name).
+    pub deployment: String,
+    /// The ConfigMap with the rendered worker config.
+    pub config_map: String,
+    /// The metrics Service.
+    pub service: String,
+    /// The PodDisruptionBudget.
+    pub pdb: String,
+    /// The ServiceMonitor.
+    pub service_monitor: String,
+}
+
+impl ChildNames {
+    /// The children of the pipeline `name`.
+    pub fn of(name: &str) -> Self {
+        ChildNames {
+            deployment: name.to_string(),
+            config_map: format!("{name}-config"),
+            service: format!("{name}-metrics"),
+            pdb: name.to_string(),
+            service_monitor: name.to_string(),
+        }
+    }
+}
 
 /// A pipeline that passed validation, with what the controller learned about it.
 #[derive(Clone, Debug)]
@@ -70,6 +100,37 @@ impl Validated {
     }
 }
 
+/// Every child of a pipeline, built, in the order they are applied.
+#[derive(Clone, Debug)]
+pub struct Children {
+    /// Their names.
+    pub names: ChildNames,
+    /// The rendered worker config.
+    pub config_map: ConfigMap,
+    /// The metrics Service.
+    pub service: Service,
+    /// One worker down at a time.
+    pub pdb: PodDisruptionBudget,
+    /// The workers.
+    pub deployment: Deployment,
+    /// The ServiceMonitor, when the Prometheus Operator's CRD exists.
+    pub service_monitor: Option<serde_json::Value>,
+}
+
+impl Children {
+    /// The children of `v` with `replicas` workers; a ServiceMonitor when `monitors`.
+    pub fn build(v: &Validated, replicas: u32, monitors: bool) -> Self {
+        Children {
+            names: ChildNames::of(&v.name()),
+            config_map: build_configmap(v),
+            service: build_service(v),
+            pdb: build_pdb(v),
+            deployment: build_deployment(v, replicas),
+            service_monitor: monitors.then(|| build_service_monitor(v)),
+        }
+    }
+}
+
 /// Labels of every child, and the worker pods' selector.
 pub fn labels(pipeline: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -102,7 +163,7 @@ pub fn rendered_config(config: &WorkerConfig) -> (String, String) {
 pub fn build_configmap(v: &Validated) -> ConfigMap {
     let (yaml, _) = rendered_config(&v.config);
     ConfigMap {
-        metadata: v.meta(format!("{}-config", v.name())),
+        metadata: v.meta(ChildNames::of(&v.name()).config_map),
         data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), yaml)])),
         ..Default::default()
     }
@@ -161,7 +222,7 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
     let mut volumes = vec![Volume {
         name: "config".into(),
         config_map: Some(ConfigMapVolumeSource {
-            name: format!("{name}-config"),
+            name: ChildNames::of(&name).config_map,
             ..Default::default()
         }),
         ..Default::default()
@@ -291,11 +352,15 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
 }
 
 /// The metrics Service `<name>-metrics` (port `metrics`), scraped by a ServiceMonitor.
+/// Headless: Prometheus scrapes each pod through the Service's endpoints, never through a
+/// virtual IP, so the Service takes no address from the cluster's service range (with
+/// thousands of pipelines a ClusterIP each would exhaust it).
 pub fn build_service(v: &Validated) -> Service {
     let name = v.name();
     Service {
-        metadata: v.meta(format!("{name}-metrics")),
+        metadata: v.meta(ChildNames::of(&name).service),
         spec: Some(ServiceSpec {
+            cluster_ip: Some(HEADLESS.into()),
             selector: Some(labels(&name)),
             ports: Some(vec![ServicePort {
                 name: Some("metrics".into()),
@@ -376,6 +441,15 @@ spec:
             partitions,
             image: "sluice/worker:test".into(),
         }
+    }
+
+    #[test]
+    fn the_metrics_service_is_headless_and_selects_the_workers() {
+        let v = validated(pipeline(""), 8);
+        let spec = build_service(&v).spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.selector, Some(labels("iot-enrich")));
+        assert_eq!(spec.ports.unwrap()[0].name.as_deref(), Some("metrics"));
     }
 
     #[test]

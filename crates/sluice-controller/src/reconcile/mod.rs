@@ -1,5 +1,126 @@
-//! Reconciliation: validate, build the children, apply, report status.
+//! Reconciliation of one StreamPipeline, as a visible sequence of steps, each in its own
+//! file:
+//!
+//! 1. [`validate`] (pure): the spec into a worker configuration, or `InvalidSpec`.
+//! 2. [`dereference`] (reads): the children that exist (never another's), the Secret, the
+//!    topic's partition count.
+//! 3. [`scale`]: replicas from lag (read from Kafka at most once per poll interval) and the
+//!    pure policy.
+//! 4. [`build`] (pure): the children.
+//! 5. [`apply`]: server-side apply, if the pipeline still exists.
+//! 6. [`report`]: the status (written from there only, and only when it changed), Events
+//!    and metrics.
+//!
+//! A step that cannot go on returns a [`Stop`]; [`report`] turns it into a condition and
+//! the next attempt (await a change, retry later, or back off). [`status`] holds every
+//! reason a condition or an Event carries.
 
+pub mod apply;
 pub mod build;
+pub mod dereference;
+pub mod report;
+pub mod scale;
 pub mod status;
 pub mod validate;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::runtime::controller::Action;
+use sluice_api::crd::StreamPipeline;
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use build::Validated;
+use report::Report;
+use status::Blocker;
+
+/// Why a reconcile stops before its end.
+#[derive(Debug)]
+pub enum Stop {
+    /// Report `Ready=False` with the blocker (and a Warning Event), then retry after
+    /// `retry`, or wait for a change (`None`). `action` names the step for the Event;
+    /// `result` labels the reconcile metric.
+    Blocked {
+        /// Why.
+        blocker: Blocker,
+        /// The step, for the Event.
+        action: &'static str,
+        /// The label of the reconcile metric.
+        result: &'static str,
+        /// When to try again (`None`: when the object changes).
+        retry: Option<Duration>,
+    },
+    /// The API server failed or refused a request about a child.
+    Child {
+        /// The child's kind.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// What the API server said.
+        error: kube::Error,
+    },
+    /// The pipeline was deleted meanwhile: nothing to apply, nothing to report.
+    Gone,
+    /// A transient failure: back off.
+    Failed(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Stop::Failed(e)
+    }
+}
+
+impl From<kube::Error> for Stop {
+    fn from(e: kube::Error) -> Self {
+        Stop::Failed(Error::Kube(e))
+    }
+}
+
+/// Reconcile one StreamPipeline.
+pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let report = Report::of(&sp);
+    let done = steps(&sp, &ctx, &report).await;
+    if done.is_ok() {
+        ctx.metrics
+            .duration
+            .with_label_values::<&str>(&[])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    report.finish(&ctx, done).await
+}
+
+/// The steps, in order.
+async fn steps(sp: &StreamPipeline, ctx: &Context, report: &Report) -> Result<Action, Stop> {
+    // 1. Validate (pure). An invalid spec waits for a change.
+    let config = validate::validate(sp).map_err(|e| Stop::Blocked {
+        blocker: Blocker::InvalidSpec(e.to_string()),
+        action: "Validate",
+        result: "invalid",
+        retry: None,
+    })?;
+    // 2. What exists: children (all must be this pipeline's), the Secret, the topic.
+    let found = dereference::dereference(ctx, sp).await?;
+    // 3. Replicas, decided at most once per poll interval.
+    let scale = scale::scale(ctx, sp, &found).await?;
+    // 4. Build (pure) and 5. apply the children, if the pipeline is still there.
+    let v = Validated {
+        pipeline: sp.clone(),
+        config,
+        partitions: found.partitions,
+        image: sp
+            .spec
+            .image
+            .clone()
+            .unwrap_or_else(|| ctx.default_image.clone()),
+    };
+    let children = build::Children::build(&v, scale.replicas, found.monitors);
+    apply::apply(ctx, sp, &children).await?;
+    // 6. Status, Events, metrics.
+    report.done(ctx, sp, &found, &scale).await?;
+    Ok(Action::requeue(
+        sp.spec.scaling.poll_interval.0.max(Duration::from_secs(1)),
+    ))
+}

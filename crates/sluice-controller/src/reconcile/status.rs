@@ -1,14 +1,174 @@
-//! Conditions, computed purely from what the reconcile observed.
+//! Conditions, computed purely from what the reconcile observed, and every reason a
+//! condition or an Event of the controller can carry: the words a user reads in
+//! `kubectl describe` are all here.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::autoscale::policy::Limit;
+
+/// What stops a reconcile before its children are applied: `Ready=False` with this reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blocker {
+    /// The spec is invalid: the message says how to fix it.
+    InvalidSpec(String),
+    /// A child's name is taken by an object the pipeline does not own.
+    ResourceConflict(String),
+    /// The input topic does not exist.
+    TopicNotFound(String),
+    /// Kafka could not be reached.
+    KafkaUnavailable(String),
+    /// The SASL password's Secret (or its key) is missing.
+    SecretNotFound(String),
+    /// The API server refused or failed a child.
+    Child(ChildReason, String),
+}
+
+impl Blocker {
+    /// The condition's (and the Event's) reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Blocker::InvalidSpec(_) => "InvalidSpec",
+            Blocker::ResourceConflict(_) => "ResourceConflict",
+            Blocker::TopicNotFound(_) => "TopicNotFound",
+            Blocker::KafkaUnavailable(_) => "KafkaUnavailable",
+            Blocker::SecretNotFound(_) => "SecretNotFound",
+            Blocker::Child(r, _) => r.reason(),
+        }
+    }
+
+    /// What a person can act on.
+    pub fn message(&self) -> &str {
+        match self {
+            Blocker::InvalidSpec(m)
+            | Blocker::ResourceConflict(m)
+            | Blocker::TopicNotFound(m)
+            | Blocker::KafkaUnavailable(m)
+            | Blocker::SecretNotFound(m)
+            | Blocker::Child(_, m) => m,
+        }
+    }
+}
+
+/// An API error about one child, in a bounded category.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildReason {
+    /// 400, 422: the request itself is wrong.
+    Rejected,
+    /// 401, 403.
+    Forbidden,
+    /// 404.
+    NotFound,
+    /// 409.
+    Conflict,
+    /// 429.
+    Throttled,
+    /// Anything else.
+    ApiError,
+}
+
+impl ChildReason {
+    /// The category of an API answer's status `code` (`None`: no answer).
+    pub fn of(code: Option<u16>) -> Self {
+        match code {
+            Some(400 | 422) => ChildReason::Rejected,
+            Some(401 | 403) => ChildReason::Forbidden,
+            Some(404) => ChildReason::NotFound,
+            Some(409) => ChildReason::Conflict,
+            Some(429) => ChildReason::Throttled,
+            _ => ChildReason::ApiError,
+        }
+    }
+
+    /// The condition's (and the Event's) reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ChildReason::Rejected => "ChildRejected",
+            ChildReason::Forbidden => "ChildForbidden",
+            ChildReason::NotFound => "ChildNotFound",
+            ChildReason::Conflict => "ChildConflict",
+            ChildReason::Throttled => "ChildThrottled",
+            ChildReason::ApiError => "ChildApiError",
+        }
+    }
+
+    /// A refusal that will not change by retrying: wait for a change or a slow retry.
+    pub fn permanent(self) -> bool {
+        matches!(
+            self,
+            ChildReason::Rejected | ChildReason::Forbidden | ChildReason::NotFound
+        )
+    }
+}
+
+/// A cap that bound the replicas: `ScalingLimited=True` with this reason and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limited {
+    /// Which cap.
+    pub limit: Limit,
+    /// What it means here.
+    pub message: String,
+}
+
+impl Limited {
+    /// `limit` with its message, for a policy of `min`..`max` replicas and `partitions`.
+    pub fn new(limit: Limit, min: u32, max: u32, partitions: u32) -> Self {
+        let message = match limit {
+            Limit::MaxReplicas => format!("lag asks for more than maxReplicas ({max})"),
+            Limit::Partitions => format!("lag asks for more replicas than the topic's {partitions} partitions; extra replicas would idle"),
+            Limit::PartitionsWithLag => "the lag sits on fewer partitions than it would take replicas; a replica per partition with lag is the most that helps".to_string(),
+            Limit::MinAbovePartitions => format!("minReplicas ({min}) is above the topic's {partitions} partitions; running {partitions} (a replica without a partition would idle)"),
+        };
+        Limited { limit, message }
+    }
+
+    /// Manual scaling asked for `asked` replicas of a topic with fewer `partitions`.
+    pub fn manual(asked: i32, partitions: u32) -> Option<Self> {
+        (asked > partitions as i32).then(|| Limited {
+            limit: Limit::Partitions,
+            message: format!(
+                "{asked} replicas asked for, the topic has {partitions} partitions: running {partitions} (a replica without a partition would idle)"
+            ),
+        })
+    }
+
+    /// The condition's reason.
+    pub fn reason(&self) -> &'static str {
+        match self.limit {
+            Limit::MaxReplicas => "AtMaxReplicas",
+            Limit::Partitions => "AtPartitionCount",
+            Limit::PartitionsWithLag => "LagOnFewPartitions",
+            Limit::MinAbovePartitions => "MinReplicasAbovePartitions",
+        }
+    }
+}
+
+/// The Normal Event recorded when replicas change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleEvent {
+    /// Up or down on lag.
+    Scaled,
+    /// No lag and no new records: to zero.
+    ScaledToZero,
+    /// At zero, the lag reached the activation threshold.
+    Woke,
+}
+
+impl ScaleEvent {
+    /// The Event's reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ScaleEvent::Scaled => "Scaled",
+            ScaleEvent::ScaledToZero => "ScaledToZero",
+            ScaleEvent::Woke => "Woke",
+        }
+    }
+}
 
 /// What one reconcile saw and decided.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
-    /// The spec is invalid: the message says how to fix it.
-    pub invalid: Option<String>,
-    /// The input topic could not be found or Kafka could not be reached.
-    pub source_error: Option<(String, String)>,
+    /// What stopped the reconcile, if anything did.
+    pub blocker: Option<Blocker>,
     /// `spec.paused`.
     pub paused: bool,
     /// Replicas asked of the Deployment.
@@ -17,14 +177,24 @@ pub struct Observed {
     pub ready: u32,
     /// Lag could not be read (the autoscaler holds).
     pub lag_unknown: Option<String>,
-    /// A cap bound the autoscaler: (reason, message).
-    pub limited: Option<(String, String)>,
+    /// A cap bound the autoscaler.
+    pub limited: Option<Limited>,
     /// Partitions with lag whose committed offset stood still for the stall window.
     pub stalled: Vec<i32>,
     /// Scaled to zero for want of records: why, and what wakes it.
     pub idle: Option<String>,
     /// `minReplicas` is 0 but the pipeline may not idle: why.
     pub idle_blocked: Option<String>,
+}
+
+impl Observed {
+    /// Only `blocker`.
+    pub fn blocked(blocker: Blocker) -> Self {
+        Observed {
+            blocker: Some(blocker),
+            ..Default::default()
+        }
+    }
 }
 
 fn cond(
@@ -49,10 +219,8 @@ fn cond(
 /// whose status did not change keeps its previous `lastTransitionTime`.
 pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition]) -> Vec<Condition> {
     let mut out = Vec::new();
-    let (ready, reason, message) = if let Some(m) = &o.invalid {
-        (false, "InvalidSpec", m.clone())
-    } else if let Some((r, m)) = &o.source_error {
-        (false, r.as_str(), m.clone())
+    let (ready, reason, message) = if let Some(b) = &o.blocker {
+        (false, b.reason(), b.message().to_string())
     } else if o.paused {
         (
             false,
@@ -76,8 +244,7 @@ pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition])
         )
     };
     out.push(cond("Ready", ready, reason, message, generation));
-    let progressing =
-        o.invalid.is_none() && o.source_error.is_none() && !o.paused && o.ready < o.desired;
+    let progressing = o.blocker.is_none() && !o.paused && o.ready < o.desired;
     out.push(cond(
         "Progressing",
         progressing,
@@ -99,9 +266,14 @@ pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition])
                 .join(", ")
         )
     });
-    let degraded = o.source_error.is_some() || o.lag_unknown.is_some() || stall_message.is_some();
-    let (dr, dm) = match (&o.source_error, &o.lag_unknown, &stall_message) {
-        (Some((r, m)), _, _) => (r.clone(), m.clone()),
+    // An invalid spec is not Degraded (nothing runs to degrade); every other blocker is.
+    let source_error = o
+        .blocker
+        .as_ref()
+        .filter(|b| !matches!(b, Blocker::InvalidSpec(_)));
+    let degraded = source_error.is_some() || o.lag_unknown.is_some() || stall_message.is_some();
+    let (dr, dm) = match (source_error, &o.lag_unknown, &stall_message) {
+        (Some(b), _, _) => (b.reason().to_string(), b.message().to_string()),
         (None, Some(m), _) => (
             "LagUnknown".into(),
             format!("consumer lag could not be read ({m}); holding the current replicas"),
@@ -123,12 +295,13 @@ pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition])
     ));
     let (lr, lm) = o
         .limited
-        .clone()
-        .unwrap_or_else(|| ("WithinLimits".into(), String::new()));
+        .as_ref()
+        .map(|l| (l.reason(), l.message.clone()))
+        .unwrap_or(("WithinLimits", String::new()));
     out.push(cond(
         "ScalingLimited",
         o.limited.is_some(),
-        &lr,
+        lr,
         lm,
         generation,
     ));
@@ -166,10 +339,9 @@ mod tests {
     #[test]
     fn an_invalid_spec_is_not_ready_and_says_why() {
         let cs = conditions(
-            &Observed {
-                invalid: Some("workers.perPartition: must be between 1 and 256".into()),
-                ..Default::default()
-            },
+            &Observed::blocked(Blocker::InvalidSpec(
+                "workers.perPartition: must be between 1 and 256".into(),
+            )),
             Some(3),
             &[],
         );
@@ -202,10 +374,7 @@ mod tests {
             desired: 4,
             ready: 4,
             lag_unknown: Some("timeout".into()),
-            limited: Some((
-                "AtPartitionCount".into(),
-                "lag asks for 9 replicas; the topic has 4 partitions".into(),
-            )),
+            limited: Some(Limited::new(Limit::Partitions, 1, 10, 4)),
             ..Default::default()
         };
         let cs = conditions(&o, None, &[]);

@@ -46,11 +46,14 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice_api::config::WorkerConfig;
 
 use std::collections::HashMap;
+
+use crate::kafka::log::LoggingContext;
+pub use crate::kafka::producer::FutureProducer;
 
 use crate::delivery::Ledger;
 use crate::engine::gate::WindowGate;
@@ -178,10 +181,13 @@ impl std::fmt::Debug for Transactions {
 /// one left open completed (`init_transactions`, retried while the transaction
 /// coordinator is away, up to `timeout`).
 async fn init(client: &ClientConfig, timeout: Duration) -> Result<FutureProducer, TxnError> {
-    let producer: FutureProducer = client.create().map_err(|source| TxnError::Kafka {
-        step: "create the transactional producer",
-        source,
-    })?;
+    let producer: FutureProducer =
+        client
+            .create_with_context(LoggingContext)
+            .map_err(|source| TxnError::Kafka {
+                step: "create the transactional producer",
+                source,
+            })?;
     let p = producer.clone();
     blocking("init_transactions", move || {
         retrying(timeout, || p.init_transactions(timeout))

@@ -72,13 +72,17 @@ impl PartitionDispatch {
     }
 
     /// Take `bytes` from the in-flight budget, waiting (with the partition held for
-    /// `Budget`) while it is spent.
+    /// `Budget`) while it is spent; a held partition resumes once a chunk of the budget is
+    /// free ([`ByteBudget::acquire_at_least`]).
     pub async fn charge(&self, bytes: usize) -> OwnedSemaphorePermit {
         match self.budget.try_acquire(bytes) {
             Some(p) => p,
             None => {
                 self.state.hold(HoldReason::Budget, true);
-                let p = self.budget.acquire(bytes).await;
+                let p = self
+                    .budget
+                    .acquire_at_least(bytes, self.budget.resume_chunk())
+                    .await;
                 self.state.hold(HoldReason::Budget, false);
                 p
             }

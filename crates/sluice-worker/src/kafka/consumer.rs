@@ -145,24 +145,14 @@ impl ClientContext for SluiceContext {
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        use rdkafka::config::RDKafkaLogLevel as L;
         // An offset reset caused by an error (the committed offset is out of range:
         // retention or deletion passed it) is worth a line and a metric of our own.
-        if fac == "OFFSET" && message.contains("offset reset") {
+        if fac == "OFFSET" && is_out_of_range_reset(message) {
             self.metrics.offset_resets.inc();
             tracing::warn!(detail = %message, "the consumer's position was out of range on the broker and was reset (auto.offset.reset); records the broker deleted in between were never processed");
             return;
         }
-        match level {
-            L::Emerg | L::Alert | L::Critical | L::Error => {
-                tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
-            }
-            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
-            L::Notice | L::Info => {
-                tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
-            }
-            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
-        }
+        crate::kafka::log::KAFKA_LOG.log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -172,6 +162,8 @@ impl ClientContext for SluiceContext {
         ) {
             tracing::error!(%reason, "fatal consumer error");
             self.fatal.store(true, std::sync::atomic::Ordering::Release);
+        } else if crate::kafka::log::KAFKA_LOG.error_is_transient(&error, reason) {
+            tracing::info!(error = %error, %reason, "consumer error (a passing state)");
         } else {
             tracing::warn!(error = %error, %reason, "consumer error");
         }
@@ -225,6 +217,13 @@ pub fn fetch_view(s: &rdkafka::statistics::Partition, read_committed: bool) -> F
         lag
     };
     FetchView { lag, waiting }
+}
+
+/// Whether librdkafka's OFFSET line reports a position reset because the offset was out of
+/// range on the broker. A group's first start also logs an "offset reset" (to
+/// `auto.offset.reset`: "no previously committed offset available"), which is not one.
+fn is_out_of_range_reset(message: &str) -> bool {
+    message.contains("offset reset") && !message.contains("no previously committed offset")
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
@@ -472,5 +471,11 @@ mod tests {
         for state in ["init", "query-coord", "wait-coord", "wait-broker", "term"] {
             assert!(!group_joined(state), "{state}");
         }
+    }
+
+    #[test]
+    fn a_group_without_a_commit_is_not_an_out_of_range_reset() {
+        assert!(!super::is_out_of_range_reset("[thrd:main]: in [3]: offset reset (at offset INVALID (leader epoch -1), broker -1) to offset BEGINNING (leader epoch -1): no previously committed offset available: Local: No offset stored"));
+        assert!(super::is_out_of_range_reset("[thrd:main]: in [3]: offset reset (at offset 120 (leader epoch 0), broker 1) to offset BEGINNING (leader epoch -1): fetch failed due to requested offset not available on the broker: Broker: Offset out of range"));
     }
 }

@@ -2,7 +2,10 @@
 
 use std::sync::{Arc, RwLock};
 
-use rdkafka::producer::FutureProducer;
+use crate::kafka::log::LoggingContext;
+
+/// A producer whose librdkafka lines go through [`crate::kafka::log`].
+pub type FutureProducer = rdkafka::producer::FutureProducer<LoggingContext>;
 
 /// The exactly-once delivery renews its transactional producer after a fatal error (the
 /// broker aborted a transaction that outlived its timeout during a coordinator failover,

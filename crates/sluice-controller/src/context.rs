@@ -1,0 +1,166 @@
+//! What the reconciler shares between reconciles: the clients, the metrics, and one
+//! [`PipelineMemory`] per pipeline, forgotten (with the pipeline's metric series) when the
+//! pipeline is deleted.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kube::runtime::events::{Recorder, Reporter};
+use kube::Client;
+
+use crate::autoscale::policy::Autoscaler;
+use crate::autoscale::stall::StallDetector;
+use crate::kafka::KafkaInspector;
+use crate::metrics::ControllerMetrics;
+use crate::reconcile::scale::Scale;
+
+/// The field manager of every server-side apply.
+pub const MANAGER: &str = "sluice-controller";
+
+/// A pipeline's namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PipelineKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl PipelineKey {
+    /// The pipeline `name` in `namespace`.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        PipelineKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for PipelineKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The scaling decision reused until the next poll (reconciles caused by status updates
+/// and child events do not decide again).
+#[derive(Clone, Debug)]
+pub(crate) struct Paced {
+    /// When it was decided.
+    pub at: Instant,
+    /// For which generation of the spec.
+    pub generation: Option<i64>,
+    /// For which partition count.
+    pub partitions: u32,
+    /// The decision.
+    pub scale: Scale,
+}
+
+/// Everything the controller remembers about one pipeline between reconciles.
+#[derive(Debug, Default)]
+pub(crate) struct PipelineMemory {
+    /// The object this memory belongs to: a pipeline deleted and created again under the
+    /// same name starts afresh.
+    pub uid: String,
+    /// Recommendations inside the scale-down window, and the idle clock.
+    pub autoscaler: Autoscaler,
+    /// When each partition's commit last moved.
+    pub stalls: StallDetector,
+    /// The last decision, reused within the poll interval.
+    pub paced: Option<Paced>,
+    /// Consecutive failed reconciles (the backoff).
+    pub failures: u32,
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Kafka access.
+    pub kafka: Arc<dyn KafkaInspector>,
+    /// Image for pipelines that do not name one.
+    pub default_image: String,
+    /// Metrics.
+    pub metrics: ControllerMetrics,
+    pub(crate) recorder: Recorder,
+    pub(crate) service_monitor_crd: Mutex<Option<(Instant, bool)>>,
+    pipelines: Mutex<HashMap<PipelineKey, PipelineMemory>>,
+}
+
+impl Context {
+    /// A context for `client`.
+    pub fn new(client: Client, kafka: Arc<dyn KafkaInspector>, default_image: String) -> Arc<Self> {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Arc::new(Context {
+            client,
+            kafka,
+            default_image,
+            metrics: ControllerMetrics::default(),
+            recorder,
+            service_monitor_crd: Mutex::new(None),
+            pipelines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Run `f` on the memory of the pipeline `key` with `uid`: created on first use, and
+    /// started afresh when the uid differs (the name now belongs to another object).
+    pub(crate) fn memory<T>(
+        &self,
+        key: &PipelineKey,
+        uid: &str,
+        f: impl FnOnce(&mut PipelineMemory) -> T,
+    ) -> T {
+        let mut all = self.pipelines.lock().expect("pipelines lock");
+        let m = all.entry(key.clone()).or_default();
+        if m.uid != uid {
+            *m = PipelineMemory {
+                uid: uid.to_string(),
+                ..Default::default()
+            };
+        }
+        f(m)
+    }
+
+    /// Forget the pipeline `key`: its memory and its metric series.
+    pub fn forget(&self, key: &PipelineKey) {
+        self.pipelines.lock().expect("pipelines lock").remove(key);
+        self.metrics.forget(&key.namespace, &key.name);
+    }
+
+    /// Forget every pipeline for which `exists` says no (deleted ones).
+    pub fn forget_missing(&self, exists: impl Fn(&PipelineKey) -> bool) {
+        let gone: Vec<PipelineKey> = self
+            .pipelines
+            .lock()
+            .expect("pipelines lock")
+            .keys()
+            .filter(|k| !exists(k))
+            .cloned()
+            .collect();
+        for key in gone {
+            tracing::debug!(pipeline = %key, "forgetting a deleted pipeline");
+            self.forget(&key);
+        }
+    }
+
+    /// Whether the controller holds memory of the pipeline `namespace/name`.
+    pub fn remembers(&self, namespace: &str, name: &str) -> bool {
+        self.pipelines
+            .lock()
+            .expect("pipelines lock")
+            .contains_key(&PipelineKey::new(namespace, name))
+    }
+
+    /// How many pipelines the controller holds memory of.
+    pub fn remembered(&self) -> usize {
+        self.pipelines.lock().expect("pipelines lock").len()
+    }
+}
