@@ -153,7 +153,7 @@ await_up() {
   local n=$1 deadline=$((SECONDS + 120))
   until is_up "$n"; do
     if ! pid "$n" >/dev/null; then
-      log "node $n exited during start-up:"; tail -30 "$(ndir "$n")/stdout.log" "$(ndir "$n")/broker.log" >&2 || true; exit 1
+      log "node $n exited during start-up:"; tail -n 30 "$(ndir "$n")/stdout.log" "$(ndir "$n")/broker.log" >&2 || true; exit 1
     fi
     if (( SECONDS > deadline )); then log "node $n did not open port $(port "$n") within 120s"; exit 1; fi
     sleep 0.3

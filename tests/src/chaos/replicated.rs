@@ -97,7 +97,7 @@ fn plan(len: Length) -> Plan {
         },
         Length::Full => Plan {
             rate: 5_000.0,
-            seconds: 120,
+            seconds: 90,
         },
     }
 }
