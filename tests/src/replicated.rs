@@ -1,7 +1,8 @@
 //! A replicated Kafka cluster for the fault scenarios that kill brokers: three KRaft nodes
 //! on loopback (`scripts/kafka-cluster.sh`: each node broker and controller, replication
 //! factor 3, `min.insync.replicas=2`), started here on first use the way [`crate::bootstrap`]
-//! starts the single broker, and polled until all three nodes serve.
+//! starts the single broker, and polled until all three nodes serve. Unlike the shared
+//! single broker, a cluster a process started is stopped when that process exits.
 //!
 //! Its ports and directory come from `SLUICE_KAFKA_CLUSTER_PORT` (node N listens on
 //! port + 10 × (N − 1); default 9300) and `SLUICE_KAFKA_CLUSTER_DIR`; two engineers on one
@@ -32,11 +33,22 @@ pub struct Cluster {
     bootstrap: String,
 }
 
-/// The cluster, started (and waited for) on first use in this process.
+/// The cluster, started (and waited for) on first use in this process. A cluster this
+/// process started is stopped when the process exits (however it ends: a watcher process
+/// waits for it, see [`stop_when_this_process_exits`]); one that was already up is left as
+/// it was.
 pub fn cluster() -> &'static Cluster {
     static C: OnceLock<Cluster> = OnceLock::new();
     C.get_or_init(|| {
+        let was_up = Command::new("bash")
+            .arg(repo_root().join("scripts/kafka-cluster.sh"))
+            .arg("status")
+            .status()
+            .is_ok_and(|s| s.success());
         script(&["start"]);
+        if !was_up {
+            stop_when_this_process_exits();
+        }
         let c = Cluster {
             bootstrap: script(&["bootstrap"]).trim().to_string(),
         };
@@ -47,6 +59,37 @@ pub fn cluster() -> &'static Cluster {
         );
         c
     })
+}
+
+/// Start a watcher that runs `scripts/kafka-cluster.sh stop` (with this process's
+/// `SLUICE_KAFKA_CLUSTER_*`) once this process has exited, however it exits: a test binary
+/// has no hook after its last test, and a panic or a kill must not leave three JVMs behind.
+/// The watcher is in a process group of its own, so the Ctrl-C that stops the tests does
+/// not stop it first.
+// Never waited for, by design: it outlives this process (and is reaped by whoever adopts it).
+#[allow(clippy::zombie_processes)]
+fn stop_when_this_process_exits() {
+    use std::os::unix::process::CommandExt;
+    let watcher = Command::new("bash")
+        .arg("-c")
+        .arg(r#"tail --pid="$1" -f /dev/null; exec bash "$2" stop"#)
+        .arg("sluice-cluster-stopper")
+        .arg(std::process::id().to_string())
+        .arg(repo_root().join("scripts/kafka-cluster.sh"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn();
+    match watcher {
+        Ok(_) => eprintln!(
+            "[testkit] the replicated cluster stops when this process (pid {}) exits",
+            std::process::id()
+        ),
+        Err(e) => eprintln!(
+            "[testkit] cannot watch this process to stop the replicated cluster after it ({e}): stop it with scripts/kafka-cluster.sh stop"
+        ),
+    }
 }
 
 /// Run `scripts/kafka-cluster.sh <args>` (with this process's `SLUICE_KAFKA_CLUSTER_*`).

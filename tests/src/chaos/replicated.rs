@@ -174,6 +174,21 @@ impl Run {
         }
     }
 
+    /// Supervise until the first output record arrives (the worker joined its group and
+    /// delivers), or fail after 60 s: a fault must strike a pipeline under way, whatever
+    /// the worker's start-up took on a busy machine, never one still joining.
+    fn await_flowing(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.watcher.total() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no output within 60 s of the worker's start",
+                self.name
+            );
+            self.supervise(Duration::from_secs(1));
+        }
+    }
+
     /// A fault now.
     fn fault(&mut self) {
         self.faults.push(now_ms());
@@ -261,6 +276,7 @@ pub fn leader_kill(bin: &str, len: Length, g: Guarantee) -> Measured {
         "",
         true,
     );
+    r.await_flowing();
     let gap = Duration::from_secs(r.plan.seconds) / (kills + 1) as u32;
     let mut killed = Vec::new();
     for i in 0..kills {
@@ -307,6 +323,7 @@ pub fn coordinator_kill(bin: &str, len: Length, g: Guarantee) -> Measured {
         "",
         true,
     );
+    r.await_flowing();
     r.supervise(Duration::from_secs(r.plan.seconds / 3));
     let node = r
         .cluster
@@ -339,6 +356,7 @@ pub fn rolling_restart(bin: &str, len: Length, g: Guarantee) -> Measured {
         "",
         true,
     );
+    r.await_flowing();
     r.supervise(Duration::from_secs(10));
     for n in NODES {
         r.fault();
@@ -367,6 +385,7 @@ pub fn two_down(bin: &str, len: Length, g: Guarantee) -> Measured {
         "",
         true,
     );
+    r.await_flowing();
     r.supervise(Duration::from_secs(r.plan.seconds / 3));
     r.fault();
     let (a, b) = (NODES[1], NODES[2]);
@@ -405,6 +424,7 @@ pub fn added_partitions(bin: &str, len: Length, g: Guarantee) -> Measured {
     r.gen = Some(std::thread::spawn(move || {
         generate_keyed(&b, &input, count, rate).expect("generator")
     }));
+    r.await_flowing();
     r.supervise(Duration::from_secs(r.plan.seconds / 3));
     r.fault();
     r.cluster.add_partitions(&r.input, 8);
