@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub mod chaos;
 pub mod cluster;
+pub mod replicated;
 
 pub use sluice_loadgen::{
     audit, create_topic, key, offsets, parse_seq, payload, produce, AuditReport, ProduceSpec,

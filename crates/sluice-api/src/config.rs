@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::{ByteSize, HumanDuration};
 
+pub mod clients;
 mod delivery;
 mod properties;
 pub use delivery::{DeliveryConfig, Guarantee};

@@ -34,8 +34,17 @@ pub const NAME_RULE: &str =
 pub const NAME_RULE_MESSAGE: &str = "metadata.name must be a DNS-1035 label of at most 55 characters (lower-case letters, digits and '-', starting with a letter): the worker Service is <name>-metrics";
 /// The longest pipeline name: 63 (a DNS label) less the 8 of `-metrics`.
 pub const MAX_NAME_LEN: usize = 55;
-/// Environment variables of the worker that sluice sets itself (`spec.secretEnv` may not).
-pub const RESERVED_ENV: &[&str] = &["SLUICE_CONFIG", "SLUICE_LOG", SASL_PASSWORD_ENV];
+/// Environment variables of the worker that sluice sets itself, or that must differ
+/// between its pods (`spec.secretEnv` may not set them): `SLUICE_TRANSACTIONAL_ID` and
+/// `HOSTNAME` make the exactly-once `transactional.id`, and one value in every replica
+/// would have each fence the others.
+pub const RESERVED_ENV: &[&str] = &[
+    "SLUICE_CONFIG",
+    "SLUICE_LOG",
+    SASL_PASSWORD_ENV,
+    "SLUICE_TRANSACTIONAL_ID",
+    "HOSTNAME",
+];
 
 /// Where the worker's metrics and health server listens inside the pod.
 pub const WORKER_PORT: u16 = 9095;
@@ -243,8 +252,8 @@ pub struct SecretFile {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD']) && !self.name.startsWith('SLUICE__')",
-     "message": "SLUICE_CONFIG, SLUICE_LOG and SLUICE_SASL_PASSWORD are set by sluice, and SLUICE__* would override the rendered configuration"}
+    {"rule": "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD', 'SLUICE_TRANSACTIONAL_ID', 'HOSTNAME']) && !self.name.startsWith('SLUICE__')",
+     "message": "SLUICE_CONFIG, SLUICE_LOG and SLUICE_SASL_PASSWORD are set by sluice, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods (the exactly-once transactional id), and SLUICE__* would override the rendered configuration"}
 ]))]
 pub struct SecretEnv {
     /// The variable's name.
@@ -509,7 +518,7 @@ impl StreamPipeline {
                 return Err(ConfigError::Invalid {
                     field: format!("secretEnv[{i}].name"),
                     message: format!(
-                        "`{}` is reserved or given twice (SLUICE_CONFIG and SLUICE_LOG are set by sluice, SLUICE_SASL_PASSWORD comes from source.security, SLUICE__* would override the configuration)",
+                        "`{}` is reserved or given twice (SLUICE_CONFIG and SLUICE_LOG are set by sluice, SLUICE_SASL_PASSWORD comes from source.security, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods, SLUICE__* would override the configuration)",
                         e.name
                     ),
                 });
@@ -644,6 +653,32 @@ spec:
         p.spec.secret_files.clear();
         p.spec.source.security.ca_file = Some("/etc/ssl/custom/ca.pem".into());
         assert!(p.worker_config().is_ok());
+    }
+
+    /// N16: `secretEnv` may not set what makes the exactly-once transactional id (one
+    /// value in every replica: each would fence the others), in the schema's CEL rule and
+    /// for objects stored before it.
+    #[test]
+    fn secret_env_may_not_set_the_transactional_id_or_the_host_name() {
+        for name in ["SLUICE_TRANSACTIONAL_ID", "HOSTNAME"] {
+            let mut p = example();
+            p.spec.secret_env = vec![SecretEnv {
+                name: name.into(),
+                secret_key_ref: SecretKeyRef {
+                    name: "s".into(),
+                    key: "k".into(),
+                },
+            }];
+            let err = p.worker_config().unwrap_err().to_string();
+            assert!(err.contains("secretEnv[0].name"), "{name}: {err}");
+        }
+        let crd = serde_json::to_string(&StreamPipeline::crd()).unwrap();
+        for name in RESERVED_ENV {
+            assert!(
+                crd.contains(&format!("'{name}'")),
+                "the CEL rule names {name}"
+            );
+        }
     }
 
     #[test]

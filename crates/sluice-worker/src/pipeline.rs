@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
-use sluice_api::config::{SinkConfig, WorkerConfig};
+use sluice_api::config::{clients, SinkConfig, WorkerConfig};
 
 use crate::coordinator::Coordinator;
 use crate::deadletter::DeadLetters;
@@ -21,7 +21,7 @@ use crate::engine::SinkSet;
 use crate::kafka::assignment::Assignment;
 use crate::kafka::client::base_config;
 use crate::kafka::config::{
-    consumer_config, input_partitions, output_copy_kb, ASSUMED_PARTITIONS, STATISTICS_INTERVAL,
+    consumer_config, input_partitions, with, ASSUMED_PARTITIONS, STATISTICS_INTERVAL,
 };
 use crate::kafka::consumer::{
     spawn_main_queue_thread, ConsumerControl, SluiceConsumer, SluiceContext,
@@ -31,7 +31,7 @@ use crate::ops::metrics::Metrics;
 use crate::processor::Processor;
 use crate::retry::RetryPolicy;
 use crate::sink::kafka::KafkaSink;
-use crate::sink::kafka_txn::TxnKafkaSink;
+use crate::sink::kafka_txn::{Refusals, TxnKafkaSink};
 use crate::sink::null::NullSink;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::stdout::StdoutSink;
@@ -88,12 +88,11 @@ fn build_dead_letters(
         &config.source.security,
         &format!("sluice-{}-dead-letter", config.pipeline),
     )?;
-    let mut cfg = cfg;
-    cfg.set(
-        "queue.buffering.max.kbytes",
-        output_copy_kb(config).to_string(),
-    );
-    Ok(DeadLetters::kafka(cfg, &dl.topic, metrics)?)
+    Ok(DeadLetters::kafka(
+        with(cfg, clients::dead_letter_producer(config)),
+        &dl.topic,
+        metrics,
+    )?)
 }
 
 async fn build_sinks(
@@ -101,6 +100,7 @@ async fn build_sinks(
     metrics: &Metrics,
     dead_letters: &Arc<DeadLetters>,
     txn: Option<&Transactions>,
+    refusals: &Arc<Refusals>,
 ) -> Result<Sinks, PipelineError> {
     let retry = RetryPolicy::from(&config.retry);
     let mut all = Vec::new();
@@ -115,6 +115,7 @@ async fn build_sinks(
                 &config.source.topic,
                 sm,
                 dead_letters.clone(),
+                refusals.clone(),
             ),
             SinkConfig::Kafka(k) => {
                 let cfg = base_config(
@@ -124,16 +125,10 @@ async fn build_sinks(
                     &config.source.security,
                     &format!("sluice-{}-sink{i}", config.pipeline),
                 )?;
-                let mut cfg = cfg;
-                cfg.set(
-                    "queue.buffering.max.kbytes",
-                    output_copy_kb(config).to_string(),
-                );
                 let s = KafkaSink::new(
-                    cfg,
+                    with(cfg, clients::sink_producer(config, k)),
                     k,
                     &config.source.topic,
-                    retry.clone(),
                     sm,
                     dead_letters.clone(),
                 )?;
@@ -163,13 +158,13 @@ async fn transactions(
     if !config.delivery.exactly_once() {
         return Ok(None);
     }
-    let mut client = base_config(
+    let client = base_config(
         &config.source.bootstrap_servers,
         &config.source.security,
         &format!("sluice-{}-txn", config.pipeline),
     )?;
     let id = exactly_once::transactional_id(&config.pipeline);
-    exactly_once::producer_config(&mut client, config, &id, output_copy_kb(config));
+    let client = with(client, clients::transactional_producer(config, &id));
     let t = Transactions::start(
         client,
         config
@@ -210,7 +205,8 @@ async fn run(
     let metrics = rt.metrics.clone();
     let txn = transactions(&config, &metrics).await?;
     let dead_letters = build_dead_letters(&config, &metrics, txn.as_ref())?;
-    let sinks = build_sinks(&config, &metrics, &dead_letters, txn.as_ref()).await?;
+    let refusals = Arc::new(Refusals::default());
+    let sinks = build_sinks(&config, &metrics, &dead_letters, txn.as_ref(), &refusals).await?;
 
     let partitions = match input_partitions(&config).await {
         Some(n) => n,
@@ -226,6 +222,8 @@ async fn run(
     // The revoke callback waits a little longer than the drain itself, so the drain's own
     // deadline is what normally ends it.
     let revoke_timeout = config.commit.drain_timeout.0 + Duration::from_secs(2);
+    let consumer_cfg = consumer_config(&config, partitions)?;
+    let read_committed = consumer_cfg.get("isolation.level") != Some("read_uncommitted");
     let registry = Registry::default();
     let ctx = SluiceContext::new(
         events_tx,
@@ -233,12 +231,8 @@ async fn run(
         metrics.clone(),
         rt.health.clone(),
         registry.clone(),
+        read_committed,
     );
-    let mut consumer_cfg = consumer_config(&config, partitions)?;
-    if txn.is_some() {
-        // Records of aborted upstream transactions are never processed.
-        consumer_cfg.set("isolation.level", "read_committed");
-    }
     let consumer: Arc<SluiceConsumer> = Arc::new(consumer_cfg.create_with_context(ctx)?);
     SluiceContext::attach(&consumer);
     consumer.subscribe(&[&config.source.topic])?;
@@ -256,7 +250,9 @@ async fn run(
     tracing::info!(pipeline = %config.pipeline, topic = %config.source.topic, group = %config.source.group_id, "pipeline started");
 
     let delivery = match txn {
-        Some(txn) => Delivery::ExactlyOnce(ExactlyOnce::new(txn, consumer.clone(), &config)),
+        Some(txn) => {
+            Delivery::ExactlyOnce(ExactlyOnce::new(txn, consumer.clone(), refusals, &config))
+        }
         None => Delivery::AtLeastOnce(AtLeastOnce::new(
             Committer::new(
                 consumer.clone(),

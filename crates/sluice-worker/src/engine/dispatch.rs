@@ -110,7 +110,7 @@ impl PartitionDispatch {
     ) {
         let gate = self.gate.clone();
         let _window = match &gate {
-            Some(g) => Some(g.enter().await),
+            Some(g) => Some(g.enter(records.len()).await),
             None => None,
         };
         // A rewind (librdkafka fetching again from an earlier offset, e.g. after an offset
@@ -128,6 +128,18 @@ impl PartitionDispatch {
                 }
             }
         }
+        // Never past where an earlier incarnation stopped for good (exactly-once without
+        // a dead-letter path: the partition stops at the record, as at-least-once does).
+        if let Some(stop) = self.state.stop_offset() {
+            if records.last().is_some_and(|r| r.offset >= stop) {
+                records.retain(|r| r.offset < stop);
+                if !self.state.is_stalled() {
+                    self.state.stall(&format!(
+                        "a record at or after offset {stop} failed for good before and has no dead-letter path"
+                    ));
+                }
+            }
+        }
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return;
         };
@@ -141,7 +153,7 @@ impl PartitionDispatch {
         self.state.enqueued(n);
         match self.ordering {
             Ordering::Partition => {
-                let _ = self.workers[0].send(WorkItem { records, token }).await;
+                self.send(0, WorkItem { records, token }).await;
             }
             Ordering::Unordered => {
                 // The lane with the most free slots; ties go round-robin.
@@ -157,12 +169,12 @@ impl PartitionDispatch {
                         )
                     })
                     .unwrap_or(0);
-                let _ = self.workers[idx].send(WorkItem { records, token }).await;
+                self.send(idx, WorkItem { records, token }).await;
             }
             Ordering::Key => {
                 let w = self.workers.len();
                 if w == 1 {
-                    let _ = self.workers[0].send(WorkItem { records, token }).await;
+                    self.send(0, WorkItem { records, token }).await;
                     return;
                 }
                 // Room for a fair share and then some: growing these vectors record by
@@ -175,12 +187,11 @@ impl PartitionDispatch {
                 }
                 for (i, part) in split.into_iter().enumerate() {
                     if !part.is_empty() {
-                        let _ = self.workers[i]
-                            .send(WorkItem {
-                                records: part,
-                                token: token.clone(),
-                            })
-                            .await;
+                        let item = WorkItem {
+                            records: part,
+                            token: token.clone(),
+                        };
+                        self.send(i, item).await;
                     }
                 }
                 token.ack();
@@ -188,6 +199,20 @@ impl PartitionDispatch {
         }
         // A send that failed (the worker is gone) dropped its token unacked: the batch
         // can never complete, so its offsets are never committed.
+    }
+
+    /// Hand `item` to worker lane `lane`, waiting while its channel is full; meanwhile the
+    /// partition counts as held back by its sinks, not stuck in fetch (liveness).
+    async fn send(&self, lane: usize, item: WorkItem) {
+        let tx = &self.workers[lane];
+        let item = match tx.try_send(item) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(item)) => item,
+        };
+        self.state.blocked_downstream(true);
+        let _ = tx.send(item).await;
+        self.state.blocked_downstream(false);
     }
 }
 

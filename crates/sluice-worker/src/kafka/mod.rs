@@ -8,4 +8,5 @@ pub mod config;
 pub mod consumer;
 pub mod dispatcher;
 pub mod log;
+pub mod producer;
 pub mod start_from;

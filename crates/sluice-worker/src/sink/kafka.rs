@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
 use crate::ops::throttle::LogThrottle;
-use crate::retry::{ErrorClass, RetryPolicy};
+use crate::retry::ErrorClass;
 
 /// A batch handed to the producer, waiting for its delivery reports.
 struct InFlight {
@@ -174,38 +174,17 @@ fn kafka_headers<'a>(headers: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>)
 }
 
 impl KafkaSink {
-    /// Create the producer. `client` carries bootstrap servers, security and the bound of
-    /// the producer's queue (`queue.buffering.max.kbytes`, see the pipeline); the delivery
-    /// guarantees are set here and the sink's `producerProperties` are applied last.
+    /// Create the producer from `client`: bootstrap servers, security and the properties
+    /// of `sluice_api::config::clients::sink_producer` (the delivery guarantees, the
+    /// bound of the producer's queue, the sink's `producerProperties` last).
     /// `source_topic` is the pipeline's input topic (for the trace header).
     pub fn new(
-        mut client: ClientConfig,
+        client: ClientConfig,
         config: &KafkaSinkConfig,
         source_topic: &str,
-        retry: RetryPolicy,
         metrics: SinkMetrics,
         dead_letters: Arc<DeadLetters>,
     ) -> Result<Arc<Self>, KafkaError> {
-        client
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("batch.num.messages", "10000")
-            .set("batch.size", "1048576")
-            .set("queue.buffering.max.messages", "500000")
-            // librdkafka's idempotent retries for as long as the retry policy allows; a
-            // report that fails after that is final (no application re-send).
-            .set(
-                "message.timeout.ms",
-                retry
-                    .max_elapsed
-                    .as_millis()
-                    .clamp(1000, i32::MAX as u128)
-                    .to_string(),
-            );
-        for (k, v) in &config.producer_properties {
-            client.set(k, v);
-        }
         let shared = Arc::new(Shared {
             metrics,
             dead_letters,
