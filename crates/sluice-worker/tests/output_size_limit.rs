@@ -86,7 +86,7 @@ fn relay(guarantee: &str) -> (Vec<ReadRecord>, Vec<ReadRecord>, String) {
         "pipeline: sizes\nsource:\n  bootstrapServers: \"{}\"\n  topic: {input}\n  groupId: {group}\nsinks: [{{kafka: {{topic: {output}}}}}]\ndeadLetter: {{topic: {dlq}}}\ndelivery: {{guarantee: {guarantee}}}\ncommit: {{drainTimeout: 5s}}\nserver: {{listen: \"{addr}\"}}\n",
         bootstrap()
     );
-    let mut w = WorkerProcess::start(&bin(), &tag, &cfg, &addr);
+    let mut w = WorkerProcess::start(&bin(), &unique(&tag), &cfg, &addr);
     poll(
         "every input record committed (exactly-once: windows keep committing)",
         Duration::from_secs(120),
