@@ -12,7 +12,8 @@ use kube::Client;
 
 use crate::autoscale::policy::Autoscaler;
 use crate::autoscale::stall::StallDetector;
-use crate::kafka::KafkaInspector;
+use crate::kafka::reads::Reads;
+use crate::kafka::{ConnectionKey, KafkaInspector};
 use crate::metrics::ControllerMetrics;
 use crate::reconcile::scale::Scale;
 
@@ -72,6 +73,8 @@ pub(crate) struct PipelineMemory {
     pub paced: Option<Paced>,
     /// Consecutive failed reconciles (the backoff).
     pub failures: u32,
+    /// The Kafka connection the pipeline reads through.
+    pub connection: Option<ConnectionKey>,
 }
 
 /// Shared state of the reconciler.
@@ -86,6 +89,8 @@ pub struct Context {
     pub metrics: ControllerMetrics,
     pub(crate) recorder: Recorder,
     pub(crate) service_monitor_crd: Mutex<Option<(Instant, bool)>>,
+    /// Kafka reads, batched per connection.
+    pub(crate) reads: Reads,
     pipelines: Mutex<HashMap<PipelineKey, PipelineMemory>>,
 }
 
@@ -99,11 +104,13 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
         );
+        let metrics = ControllerMetrics::default();
         Arc::new(Context {
             client,
+            reads: Reads::new(kafka.clone(), metrics.kafka.clone()),
             kafka,
             default_image,
-            metrics: ControllerMetrics::default(),
+            metrics,
             recorder,
             service_monitor_crd: Mutex::new(None),
             pipelines: Mutex::new(HashMap::new()),
@@ -149,6 +156,20 @@ impl Context {
             tracing::debug!(pipeline = %key, "forgetting a deleted pipeline");
             self.forget(&key);
         }
+        // Kafka connections no pipeline reads through any more go too.
+        let in_use: std::collections::HashSet<ConnectionKey> = self
+            .pipelines
+            .lock()
+            .expect("pipelines lock")
+            .values()
+            .filter_map(|m| m.connection.clone())
+            .collect();
+        self.reads.retain(|k| in_use.contains(k));
+    }
+
+    /// Kafka connections open now (one client each).
+    pub fn kafka_connections(&self) -> usize {
+        self.reads.connections()
     }
 
     /// Whether the controller holds memory of the pipeline `namespace/name`.

@@ -15,11 +15,13 @@ use rdkafka::ClientConfig;
 use sluice_api::crd::{PipelineSource, StreamPipeline};
 
 use super::build::ChildNames;
+use super::scale;
 use super::status::Blocker;
 use super::Stop;
-use crate::autoscale::lag::LagError;
-use crate::context::Context;
+use crate::autoscale::lag::{LagError, PartitionLag};
+use crate::context::{Context, PipelineKey};
 use crate::error::Error;
+use crate::kafka::{ConnectionKey, LagOf, Query};
 
 /// What the reconcile found.
 #[derive(Clone, Debug)]
@@ -34,6 +36,10 @@ pub struct Found {
     pub partitions: u32,
     /// How to reach Kafka (with the SASL password, when there is one).
     pub kafka: ClientConfig,
+    /// Which connection that is.
+    pub connection: ConnectionKey,
+    /// The group's lag, read with the partition count when a decision is due.
+    pub lag: Option<Result<Vec<PartitionLag>, LagError>>,
     /// The Prometheus Operator's ServiceMonitor CRD exists.
     pub monitors: bool,
 }
@@ -94,12 +100,22 @@ pub async fn dereference(ctx: &Context, sp: &StreamPipeline) -> Result<Found, St
         }
         Err(e) => return Err(e.into()),
     };
-    let (k, topic, cfg) = (
-        ctx.kafka.clone(),
-        sp.spec.source.topic.clone(),
-        kafka.clone(),
-    );
-    let partitions = match blocking(move || k.partitions(&cfg, &topic)).await? {
+    // One query for the partition count, and the lag too when a decision is due: batched
+    // with the other pipelines' on the same Kafka.
+    let connection = ConnectionKey::of(&kafka);
+    let uid_key = (PipelineKey::new(&ns, &name), uid.clone());
+    ctx.memory(&uid_key.0, &uid_key.1, |m| {
+        m.connection = Some(connection.clone())
+    });
+    let query = Query {
+        topic: sp.spec.source.topic.clone(),
+        lag: scale::due(ctx, sp).then(|| LagOf {
+            group: sp.spec.source.group_id.clone(),
+            start: sp.spec.source.start_from,
+        }),
+    };
+    let answer = ctx.reads.ask(&connection, &kafka, query).await;
+    let partitions = match answer.partitions {
         Ok(p) => p,
         Err(e @ LagError::TopicNotFound(_)) => {
             return Err(source(
@@ -135,17 +151,10 @@ pub async fn dereference(ctx: &Context, sp: &StreamPipeline) -> Result<Found, St
         ready,
         partitions,
         kafka,
+        connection,
+        lag: answer.lag,
         monitors,
     })
-}
-
-/// Run a blocking Kafka query off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Kafka(format!("kafka query did not complete: {e}")))
 }
 
 /// Whether the Prometheus Operator's ServiceMonitor CRD exists (checked at most once a minute).
