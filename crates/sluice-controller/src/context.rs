@@ -4,14 +4,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
 
+use crate::api::{ApiBudget, ApiLimits};
 use crate::autoscale::policy::Autoscaler;
 use crate::autoscale::stall::StallDetector;
+use crate::cache::Cache;
 use crate::kafka::reads::Reads;
 use crate::kafka::{ConnectionKey, KafkaInspector};
 use crate::metrics::ControllerMetrics;
@@ -75,6 +77,27 @@ pub(crate) struct PipelineMemory {
     pub failures: u32,
     /// The Kafka connection the pipeline reads through.
     pub connection: Option<ConnectionKey>,
+    /// What this controller applied of the children (or found applied, after a start).
+    pub applied: Applied,
+}
+
+/// One child as sluice applied it: the digest of what was applied, and the stamp
+/// (generation or resourceVersion) the object had right after.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Version {
+    pub hash: String,
+    pub stamp: Option<String>,
+}
+
+/// The children as sluice last applied them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Applied {
+    pub config_map: Option<Version>,
+    pub service: Option<Version>,
+    pub pdb: Option<Version>,
+    pub deployment: Option<Version>,
+    /// The ServiceMonitor's digest (it is not watched: applied once per controller start).
+    pub service_monitor: Option<String>,
 }
 
 /// Shared state of the reconciler.
@@ -91,12 +114,27 @@ pub struct Context {
     pub(crate) service_monitor_crd: Mutex<Option<(Instant, bool)>>,
     /// Kafka reads, batched per connection.
     pub(crate) reads: Reads,
+    /// Requests to the API server, paced and counted.
+    pub(crate) api: ApiBudget,
+    /// The children as the watches show them (set by the controller's run; reconciles
+    /// called directly read the API server instead).
+    pub(crate) cache: OnceLock<Cache>,
     pipelines: Mutex<HashMap<PipelineKey, PipelineMemory>>,
 }
 
 impl Context {
-    /// A context for `client`.
+    /// A context for `client`, with the default limits on API requests.
     pub fn new(client: Client, kafka: Arc<dyn KafkaInspector>, default_image: String) -> Arc<Self> {
+        Self::with_limits(client, kafka, default_image, ApiLimits::default())
+    }
+
+    /// A context for `client` whose API requests keep within `limits`.
+    pub fn with_limits(
+        client: Client,
+        kafka: Arc<dyn KafkaInspector>,
+        default_image: String,
+        limits: ApiLimits,
+    ) -> Arc<Self> {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -106,6 +144,8 @@ impl Context {
         );
         let metrics = ControllerMetrics::default();
         Arc::new(Context {
+            api: ApiBudget::new(limits, &metrics.registry),
+            cache: OnceLock::new(),
             client,
             reads: Reads::new(kafka.clone(), metrics.kafka.clone()),
             kafka,
@@ -165,6 +205,11 @@ impl Context {
             .filter_map(|m| m.connection.clone())
             .collect();
         self.reads.retain(|k| in_use.contains(k));
+    }
+
+    /// Requests of `verb` made to the API server so far (watches aside).
+    pub fn api_requests(&self, verb: crate::api::Verb) -> u64 {
+        self.api.count(verb)
     }
 
     /// Kafka connections open now (one client each).

@@ -7,16 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::NamespaceResourceScope;
 use kube::api::DynamicObject;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 
+pub use crate::api::ApiLimits;
+use crate::cache::Cache;
 pub use crate::context::{Context, PipelineKey, MANAGER};
 pub use crate::error::Error;
 pub use crate::kafka::{KafkaInspector, RdKafka};
@@ -72,17 +70,6 @@ pub async fn run(ctx: Arc<Context>) {
     run_in(ctx, None).await
 }
 
-fn scoped<K>(c: &Client, ns: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = NamespaceResourceScope>,
-    K::DynamicType: Default,
-{
-    match ns {
-        Some(ns) => Api::namespaced(c.clone(), ns),
-        None => Api::all(c.clone()),
-    }
-}
-
 /// Run the controller over one namespace (`Some`) or all of them (`None`).
 pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
     let c = ctx.client.clone();
@@ -94,11 +81,18 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
         Some(ns) => Api::namespaced_with(c.clone(), ns, &ar),
         None => Api::all_with(c.clone(), &ar),
     };
+    // The children's watches fill the cache reconciles read, and trigger their owners.
+    let (cache, triggers) = Cache::watch(&c, namespace);
+    if ctx.cache.set(cache).is_err() {
+        tracing::warn!(
+            "this context already runs a controller; its reconciles read the first one's watches"
+        );
+    }
     let controller = Controller::new_with(pipelines, cfg().any_semantic(), ar.clone())
-        .owns(scoped::<Deployment>(&c, namespace), cfg())
-        .owns(scoped::<ConfigMap>(&c, namespace), cfg())
-        .owns(scoped::<Service>(&c, namespace), cfg())
-        .owns(scoped::<PodDisruptionBudget>(&c, namespace), cfg());
+        .owns_stream(triggers.deployments)
+        .owns_stream(triggers.config_maps)
+        .owns_stream(triggers.services)
+        .owns_stream(triggers.pdbs);
     // Deleted pipelines: their memory and metric series go (the watch cache is the truth
     // of what exists; it is read once it has its first full list).
     let store = controller.store();

@@ -8,7 +8,9 @@
 //!   scale-down stabilization window, caps, and "unknown lag holds").
 //! - [`autoscale::lag`]: consumer lag per partition, read from Kafka; [`kafka`]: the seam.
 
+pub mod api;
 pub mod autoscale;
+pub mod cache;
 pub mod context;
 pub mod controller;
 pub mod error;

@@ -117,7 +117,7 @@ async fn steps(sp: &StreamPipeline, ctx: &Context, report: &Report) -> Result<Ac
             .unwrap_or_else(|| ctx.default_image.clone()),
     };
     let children = build::Children::build(&v, scale.replicas, found.monitors);
-    apply::apply(ctx, sp, &children).await?;
+    apply::apply(ctx, sp, &found, &children).await?;
     // 6. Status, Events, metrics.
     report.done(ctx, sp, &found, &scale).await?;
     Ok(Action::requeue(

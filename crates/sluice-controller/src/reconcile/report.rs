@@ -18,6 +18,7 @@ use super::dereference::Found;
 use super::scale::Scale;
 use super::status::{conditions, Blocker, ChildReason, Observed, ScaleEvent};
 use super::Stop;
+use crate::api::Verb;
 use crate::context::{Context, PipelineKey, MANAGER};
 use crate::error::{Error, Result};
 
@@ -251,6 +252,7 @@ async fn publish(
     note: String,
     action: &str,
 ) {
+    ctx.api.take(Verb::Create).await;
     let published = ctx
         .recorder
         .publish(
