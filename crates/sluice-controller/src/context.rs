@@ -79,6 +79,8 @@ pub(crate) struct PipelineMemory {
     pub connection: Option<ConnectionKey>,
     /// What this controller applied of the children (or found applied, after a start).
     pub applied: Applied,
+    /// When this controller first looks at the pipeline (its slot, after a start).
+    pub start_at: Option<Instant>,
 }
 
 /// One child as sluice applied it: the digest of what was applied, and the stamp

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::DynamicObject;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
@@ -25,6 +25,10 @@ pub use crate::reconcile::reconcile;
 use crate::reconcile::report::Report;
 use crate::reconcile::status::Blocker;
 use crate::reconcile::{validate, Stop};
+
+/// Reconciles running at once (the others wait in the queue): enough to keep the API and
+/// Kafka budgets busy, few enough that a start with thousands of pipelines is a queue.
+const RECONCILES_AT_ONCE: u16 = 128;
 
 /// How often memory of deleted pipelines (and their metric series) is dropped.
 const FORGET_EVERY: Duration = Duration::from_secs(5);
@@ -121,6 +125,7 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
         })
     };
     controller
+        .with_config(controller::Config::default().concurrency(RECONCILES_AT_ONCE))
         .shutdown_on_signal()
         .run(reconcile_object, error_policy, ctx)
         .for_each(|res| async move {

@@ -17,6 +17,7 @@ pub mod error;
 pub mod kafka;
 pub mod lease;
 pub mod metrics;
+pub mod pace;
 pub mod reconcile;
 
 use kube::CustomResourceExt;

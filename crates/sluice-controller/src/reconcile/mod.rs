@@ -27,10 +27,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::runtime::controller::Action;
+use kube::ResourceExt;
 use sluice_api::crd::StreamPipeline;
 
-use crate::context::Context;
+use crate::context::{Context, PipelineKey};
 use crate::error::{Error, Result};
+use crate::pace;
 use build::Validated;
 use report::Report;
 use status::Blocker;
@@ -81,6 +83,10 @@ impl From<kube::Error> for Stop {
 /// Reconcile one StreamPipeline.
 pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
+    if let Some(wait) = deferred(&ctx, &sp, started) {
+        ctx.metrics.reconciled("deferred");
+        return Ok(Action::requeue(wait));
+    }
     let report = Report::of(&sp);
     let done = steps(&sp, &ctx, &report).await;
     if done.is_ok() {
@@ -90,6 +96,23 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
             .observe(started.elapsed().as_secs_f64());
     }
     report.finish(&ctx, done).await
+}
+
+/// How long to wait before the first look at a pipeline this controller has not seen yet
+/// and that was reconciled before (its status is of this generation): until its slot (see
+/// [`pace`]). A new pipeline, or a changed spec, is looked at at once.
+fn deferred(ctx: &Context, sp: &StreamPipeline, now: Instant) -> Option<Duration> {
+    let key = PipelineKey::new(sp.namespace().unwrap_or_default(), sp.name_any());
+    let uid = sp.metadata.uid.clone().unwrap_or_default();
+    let poll = sp.spec.scaling.poll_interval.0.max(Duration::from_secs(1));
+    let known = sp.status.as_ref().is_some_and(|s| {
+        s.observed_generation.is_some() && s.observed_generation == sp.metadata.generation
+    });
+    let start = ctx.memory(&key, &uid, |m| {
+        *m.start_at
+            .get_or_insert_with(|| now + pace::first_look(known, &uid, poll, pace::wall_clock()))
+    });
+    (start > now).then(|| start - now)
 }
 
 /// The steps, in order.
