@@ -4,7 +4,7 @@ CARGO ?= cargo
 DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 
-.PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench profile chaos fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
+.PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench bench-operator profile chaos fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -43,6 +43,11 @@ fmt:
 ## Benchmarks (see BENCHMARKS.md). Pins the broker and the clients to different cores.
 bench: setup
 	scripts/bench.sh
+
+## The operator at scale (BENCHMARKS.md): its own kube-apiserver and the broker, 100, 1,000 and
+## 10,000 pipelines over 100 shared topics. COUNTS=100,1000 for a shorter run.
+bench-operator: setup
+	scripts/bench-operator.sh
 
 ## Instructions per record and per stage (valgrind callgrind) of a fixed small workload:
 ## repeatable on a noisy machine (BENCHMARKS.md, "Where the CPU goes"). `make bench` runs it too.

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
+use sluice_api::config::WorkerConfig;
 
 use crate::api::{ApiBudget, ApiLimits};
 use crate::autoscale::policy::Autoscaler;
@@ -81,6 +82,8 @@ pub(crate) struct PipelineMemory {
     pub applied: Applied,
     /// When this controller first looks at the pipeline (its slot, after a start).
     pub start_at: Option<Instant>,
+    /// The worker configuration validated for a generation of the spec.
+    pub validated: Option<(i64, WorkerConfig)>,
 }
 
 /// One child as sluice applied it: the digest of what was applied, and the stamp

@@ -115,10 +115,37 @@ fn deferred(ctx: &Context, sp: &StreamPipeline, now: Instant) -> Option<Duration
     (start > now).then(|| start - now)
 }
 
+/// The worker configuration of `sp`: validated once per generation of its spec (the spec
+/// does not change within one; checking librdkafka's properties builds native configs).
+fn validated(
+    ctx: &Context,
+    sp: &StreamPipeline,
+) -> Result<sluice_api::config::WorkerConfig, sluice_api::config::ConfigError> {
+    let key = PipelineKey::new(sp.namespace().unwrap_or_default(), sp.name_any());
+    let uid = sp.metadata.uid.clone().unwrap_or_default();
+    let Some(generation) = sp.metadata.generation else {
+        return validate::validate(sp);
+    };
+    let known = ctx.memory(&key, &uid, |m| {
+        m.validated
+            .as_ref()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, c)| c.clone())
+    });
+    if let Some(config) = known {
+        return Ok(config);
+    }
+    let config = validate::validate(sp)?;
+    ctx.memory(&key, &uid, |m| {
+        m.validated = Some((generation, config.clone()))
+    });
+    Ok(config)
+}
+
 /// The steps, in order.
 async fn steps(sp: &StreamPipeline, ctx: &Context, report: &Report) -> Result<Action, Stop> {
-    // 1. Validate (pure). An invalid spec waits for a change.
-    let config = validate::validate(sp).map_err(|e| Stop::Blocked {
+    // 1. Validate (pure; once per generation). An invalid spec waits for a change.
+    let config = validated(ctx, sp).map_err(|e| Stop::Blocked {
         blocker: Blocker::InvalidSpec(e.to_string()),
         action: "Validate",
         result: "invalid",
