@@ -317,7 +317,11 @@ async fn main() {
         let mut cmd = Command::new(&a.controller);
         cmd.args(["--leader-election", "false", "--metrics-addr", &addr])
             .env("KUBECONFIG", &a.kubeconfig)
-            .env("SLUICE_LOG", "warn,kube=warn")
+            .env(
+                "SLUICE_LOG",
+                std::env::var("SLUICE_BENCH_CONTROLLER_LOG")
+                    .unwrap_or_else(|_| "warn,kube=warn".into()),
+            )
             .env("SLUICE_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -125,6 +126,8 @@ pub struct Context {
     /// called directly read the API server instead).
     pub(crate) cache: OnceLock<Cache>,
     pipelines: Mutex<HashMap<PipelineKey, PipelineMemory>>,
+    /// Pipelines forgotten since memory was last handed back.
+    forgotten: AtomicUsize,
 }
 
 impl Context {
@@ -159,6 +162,7 @@ impl Context {
             recorder,
             service_monitor_crd: Mutex::new(None),
             pipelines: Mutex::new(HashMap::new()),
+            forgotten: AtomicUsize::new(0),
         })
     }
 
@@ -183,7 +187,15 @@ impl Context {
 
     /// Forget the pipeline `key`: its memory and its metric series.
     pub fn forget(&self, key: &PipelineKey) {
-        self.pipelines.lock().expect("pipelines lock").remove(key);
+        if self
+            .pipelines
+            .lock()
+            .expect("pipelines lock")
+            .remove(key)
+            .is_some()
+        {
+            self.forgotten.fetch_add(1, Ordering::Relaxed);
+        }
         self.metrics.forget(&key.namespace, &key.name);
     }
 
@@ -210,6 +222,10 @@ impl Context {
             .filter_map(|m| m.connection.clone())
             .collect();
         self.reads.retain(|k| in_use.contains(k));
+        // What the forgotten pipelines held goes back to the system, once per sweep.
+        if self.forgotten.swap(0, Ordering::Relaxed) > 0 {
+            crate::trim::release_freed_memory();
+        }
     }
 
     /// Requests of `verb` made to the API server so far (watches aside).

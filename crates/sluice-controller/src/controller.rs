@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::api::DynamicObject;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
 
 pub use crate::api::ApiLimits;
@@ -74,6 +74,15 @@ pub async fn run(ctx: Arc<Context>) {
     run_in(ctx, None).await
 }
 
+/// Keep of a stored pipeline what reconciles read: not its managed fields, nor the copy of
+/// the spec `kubectl apply` leaves in an annotation (both as large as the spec itself).
+fn slim_pipeline(o: &mut DynamicObject) {
+    o.metadata.managed_fields = None;
+    if let Some(a) = o.metadata.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// Run the controller over one namespace (`Some`) or all of them (`None`).
 pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
     let c = ctx.client.clone();
@@ -92,21 +101,41 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
             "this context already runs a controller; its reconciles read the first one's watches"
         );
     }
-    let controller = Controller::new_with(pipelines, cfg().any_semantic(), ar.clone())
+    // The pipelines' own watch, kept slim in the store (no managed fields, no
+    // last-applied copy of the spec), and a deleted pipeline forgotten as its deletion
+    // arrives (the sweep below catches what a restarted watch missed).
+    let writer = reflector::store::Writer::new(ar.clone());
+    let store = writer.as_reader();
+    let forget_deleted = ctx.clone();
+    let stream = watcher(pipelines, cfg().any_semantic())
+        .default_backoff()
+        .modify(slim_pipeline)
+        .reflect(writer)
+        .inspect_ok(move |e| {
+            if let watcher::Event::Delete(o) = e {
+                let key = PipelineKey::new(o.namespace().unwrap_or_default(), o.name_any());
+                forget_deleted.forget(&key);
+            }
+        })
+        .applied_objects();
+    let controller = Controller::for_stream_with(stream, store.clone(), ar.clone())
         .owns_stream(triggers.deployments)
         .owns_stream(triggers.config_maps)
         .owns_stream(triggers.services)
         .owns_stream(triggers.pdbs);
     // Deleted pipelines: their memory and metric series go (the watch cache is the truth
     // of what exists; it is read once it has its first full list).
-    let store = controller.store();
     let forgetter = {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(FORGET_EVERY);
             let mut ready = false;
-            loop {
+            for tick in 1u64.. {
                 every.tick().await;
+                // Memory children and pipelines gave up goes back to the system now and then.
+                if tick % 12 == 0 {
+                    crate::trim::release_freed_memory();
+                }
                 // Asked afresh each time rather than awaited once: the store's readiness
                 // wakes only one of the tasks waiting for it (kube-runtime 5's DelayedInit
                 // keeps one waker), and the controller waits on it too.

@@ -19,6 +19,7 @@ pub mod lease;
 pub mod metrics;
 pub mod pace;
 pub mod reconcile;
+pub mod trim;
 
 use kube::CustomResourceExt;
 use sluice_api::crd::StreamPipeline;

@@ -83,6 +83,7 @@ pub async fn apply(
     if !todo.contains(&true) {
         return Ok(());
     }
+    tracing::debug!(pipeline = %key, config_map = todo[0], service = todo[1], pdb = todo[2], deployment = todo[3], service_monitor = todo[4], "applying");
     // This reconcile may run from a watch cache that has not seen the pipeline's deletion
     // yet, and applying then re-creates children the garbage collector is removing (seen on
     // a node: the Deployment scaled up again after its pipeline was deleted, and the new pod

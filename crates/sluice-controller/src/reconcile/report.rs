@@ -88,6 +88,7 @@ impl Report {
             &pipeline_resource(),
         );
         let patch = serde_json::json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline", "status": status});
+        ctx.api.take(Verb::Patch).await;
         api.patch_status(
             &self.key.name,
             &PatchParams::apply(MANAGER).force(),
