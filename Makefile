@@ -3,6 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
+DEMO_LISTEN ?= 127.0.0.1:9095
 
 .PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench bench-operator profile chaos fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
@@ -10,9 +11,14 @@ setup:
 	@scripts/setup.sh
 
 ## Run a real pipeline against a local Kafka with a load generator and live progress.
-demo: setup kafka-start
+## DEMO_LISTEN is the in-process worker's metrics address; the broker is the local one of
+## scripts/kafka.sh (SLUICE_KAFKA_PORT), or SLUICE_BOOTSTRAP.
+demo:
+	@scripts/setup.sh demo
+	@if [[ -z "$${SLUICE_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi
 	$(CARGO) build --release -p sluice-loadgen
-	./target/release/sluice-loadgen demo --count $(DEMO_COUNT) --rate $(DEMO_RATE)
+	SLUICE_BOOTSTRAP="$${SLUICE_BOOTSTRAP:-127.0.0.1:$${SLUICE_KAFKA_PORT:-9092}}" \
+	  ./target/release/sluice-loadgen demo --count $(DEMO_COUNT) --rate $(DEMO_RATE) --listen $(DEMO_LISTEN)
 
 ## Every test: unit, property and integration tests against the real broker, a real
 ## PostgreSQL, a real kube-apiserver, and the end-to-end suite on a real single-node
@@ -21,13 +27,14 @@ demo: setup kafka-start
 ## SLUICE_TEST_POSTGRES=url against another PostgreSQL (with SLUICE_TEST_POSTGRES_CA=ca.pem
 ## for its TLS test); SLUICE_TEST_KUBECONFIG=path against another API server;
 ## SLUICE_E2E_KUBECONFIG=path (and SLUICE_E2E_*, see tests/src/cluster.rs) on another cluster.
+## Every test binary runs even when one fails; the end lists every failed test.
 test: setup
 	@if [[ -z "$${SLUICE_TEST_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi
 	@if [[ -z "$${SLUICE_TEST_POSTGRES:-}" ]]; then scripts/postgres.sh start; fi
 	@if [[ -z "$${SLUICE_TEST_KUBECONFIG:-}" ]]; then scripts/k8s.sh start; fi
 	@if [[ -z "$${SLUICE_E2E_KUBECONFIG:-}" ]]; then scripts/cluster.sh up && scripts/images.sh load; fi
 	$(CARGO) build --workspace --all-targets
-	$(CARGO) test --workspace --all-targets -- --test-threads=1
+	@CARGO=$(CARGO) scripts/run-tests.sh
 
 ## Unit and property tests only (no broker).
 test-unit:

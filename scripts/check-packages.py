@@ -41,7 +41,7 @@ POSTGRES_PROGRAMS = ["initdb", "pg_ctl", "postgres", "psql"]
 
 def read_list(name):
     with open(os.path.join(ROOT, "scripts", name)) as f:
-        return {l.split("#")[0].strip() for l in f} - {""}
+        return {(l.split("#")[0].split() or [""])[0] for l in f} - {""}
 
 
 def dpkg_owners(paths):

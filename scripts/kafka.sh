@@ -65,7 +65,12 @@ install() {
 </project>
 POM
   rm -rf "$CACHE/libs"
-  (cd "$CACHE" && mvn -q -B dependency:copy-dependencies -DoutputDirectory=libs -DincludeScope=runtime)
+  # Maven 3.8 writes colour resets even in batch mode: strip them from what it prints.
+  if ! (cd "$CACHE" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies -DoutputDirectory=libs -DincludeScope=runtime) 2>&1 \
+    | sed 's/\x1b\[[0-9;]*m//g'; then
+    log "fetching the broker jars from Maven Central failed"
+    exit 1
+  fi
   touch "$CACHE/.complete"
   log "installed $(ls "$CACHE/libs" | wc -l) jars"
 }

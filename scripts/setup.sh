@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Install what building and testing sluice needs on a fresh Debian machine, skipping
-# whatever is already there. Safe to run again.
+# whatever is already there. Safe to run again, and from several shells at once (a lock).
+#
+#   scripts/setup.sh        everything `make test` needs (the list below)
+#   scripts/setup.sh demo   only what `make demo` needs: the Debian packages marked `demo` in
+#                           scripts/debian-packages.txt (the build, Java, Maven) and the
+#                           Kafka jars; no Kubernetes binaries, no kubectl or helm
+#
 #   - the Debian packages in scripts/debian-packages.txt: cmake and the headers librdkafka
 #     builds against, Java 17, Maven, PostgreSQL, Prometheus (promtool), and containerd, runc
 #     and the CNI plugins for the local cluster (scripts/check-packages.py keeps that list
@@ -15,7 +21,22 @@ cd "$(dirname "$0")/.."
 
 log() { echo "[setup] $*" >&2; }
 
-mapfile -t PKGS < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' scripts/debian-packages.txt)
+SCOPE="${1:-all}"
+case "$SCOPE" in
+  all | demo) ;;
+  *) log "usage: scripts/setup.sh [all|demo]"; exit 2 ;;
+esac
+
+# One setup at a time on a machine: two shells building the same cache would race.
+mkdir -p "${SLUICE_CACHE:-$HOME/.cache/sluice}"
+exec 9>"${SLUICE_CACHE:-$HOME/.cache/sluice}/.setup.lock"
+flock 9
+
+if [[ "$SCOPE" == demo ]]; then
+  mapfile -t PKGS < <(sed -e 's/#.*//' scripts/debian-packages.txt | awk '$2 == "demo" {print $1}')
+else
+  mapfile -t PKGS < <(sed -e 's/#.*//' scripts/debian-packages.txt | awk 'NF {print $1}')
+fi
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -45,6 +66,10 @@ if [[ "${java_major:-0}" -lt 17 ]]; then
 fi
 
 scripts/kafka.sh install
+if [[ "$SCOPE" == demo ]]; then
+  log "ready for the demo"
+  exit 0
+fi
 if ! command -v go >/dev/null; then
   log "go not found: the operator's integration tests build kube-apiserver and etcd from Go modules (Go 1.24+)"
   exit 1

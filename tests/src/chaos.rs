@@ -1233,10 +1233,32 @@ pub fn reassign(bin: &str, len: Length) -> Outcome {
     o
 }
 
-/// The worker's stated memory bound (README, "Memory"): `inFlightBytes`, plus each Kafka
-/// producer's queue (a quarter of it), plus twice `fetchBuffer` (librdkafka's prefetch
-/// queues and one fetch response), plus this fixed overhead for the process itself.
+/// The process's own share of the worker's stated memory bound (README, "Bounded memory").
 pub const FIXED_OVERHEAD_MIB: f64 = 64.0;
+
+/// The largest record batch a fetch can bring whole: the broker's default
+/// `message.max.bytes` (1 MiB), which the scenarios' topics keep. Kafka returns a partition's
+/// next record batch whole however small the fetch limits are, so librdkafka can hold one
+/// such batch per owned partition beyond that partition's share of `fetchBuffer` (a
+/// librdkafka producer, like the test's generator, writes batches of up to 1 MB).
+pub const MAX_BATCH_MIB: f64 = 1.0;
+
+/// The worker's stated memory bound (README, "Bounded memory"), in MiB: the in-flight budget,
+/// plus each Kafka producer's queue (a quarter of the budget each), plus librdkafka's prefetch
+/// (twice `fetchBuffer`: the partition queues and one fetch response; plus one record batch
+/// of at most [`MAX_BATCH_MIB`] per owned partition, and one in the response), plus
+/// [`FIXED_OVERHEAD_MIB`] for the process itself.
+pub fn stated_memory_bound_mib(
+    budget_mib: f64,
+    producers: u32,
+    fetch_mib: f64,
+    partitions: u32,
+) -> f64 {
+    budget_mib * (1.0 + 0.25 * f64::from(producers))
+        + 2.0 * fetch_mib
+        + f64::from(partitions + 1) * MAX_BATCH_MIB
+        + FIXED_OVERHEAD_MIB
+}
 
 /// Scenario 11: memory with 64 partitions and a stalled sink: the input holds far more than the
 /// budget, the Kafka output is unreachable from the start (every output waits in the
@@ -1281,7 +1303,7 @@ pub fn memory_bound(bin: &str, len: Length) -> Outcome {
     proxy.restore();
     let (lost, duplicates) = watcher.finish(0..n, Duration::from_secs(180));
     w.stop_all();
-    let bound = budget_mib as f64 * 1.25 + 2.0 * fetch_mib as f64 + FIXED_OVERHEAD_MIB;
+    let bound = stated_memory_bound_mib(budget_mib as f64, 1, fetch_mib as f64, partitions as u32);
     Outcome {
         name: NAME.into(),
         faults: 1,
@@ -1292,8 +1314,9 @@ pub fn memory_bound(bin: &str, len: Length) -> Outcome {
         recovery_s: None,
         peak_rss_mib: peak,
         note: format!(
-            "{} MiB of 1 KB records over {partitions} partitions, output unreachable for {watch_s} s; {consumed:.0} records consumed, {held:.0} of the {budget_mib} MiB in-flight budget held; stated bound {bound:.0} MiB (budget x 1.25 + 2 x {fetch_mib} MiB fetchBuffer + {FIXED_OVERHEAD_MIB:.0} MiB)",
+            "{} MiB of 1 KB records over {partitions} partitions, output unreachable for {watch_s} s; {consumed:.0} records consumed, {held:.0} of the {budget_mib} MiB in-flight budget held; stated bound {bound:.0} MiB (budget x 1.25 + 2 x {fetch_mib} MiB fetchBuffer + {} x {MAX_BATCH_MIB} MiB record batches + {FIXED_OVERHEAD_MIB:.0} MiB)",
             n / 1024,
+            partitions + 1,
         ),
     }
 }

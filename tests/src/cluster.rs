@@ -13,6 +13,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use crate::{bootstrap, repo_root, run_ok, tool};
 
@@ -104,6 +105,12 @@ impl Cluster {
     pub fn jsonpath(&self, ns: &str, what: &str, path: &str) -> String {
         self.k_opt(&["get", "-n", ns, what, "-o", &format!("jsonpath={path}")])
             .unwrap_or_default()
+    }
+
+    /// Poll until every object in `what` has the condition `ty` with status `True`
+    /// ([`crate::wait_condition`]).
+    pub fn wait_condition(&self, ns: Option<&str>, what: &[&str], ty: &str, timeout: Duration) {
+        crate::wait_condition(&|| self.kubectl(), ns, what, ty, timeout)
     }
 }
 

@@ -247,16 +247,99 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{nanos}", std::process::id())
 }
 
-/// Poll `cond` every 100 ms until it returns true or `timeout` passes.
-pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+/// The pause between two checks of a wait: 100 ms at first, doubling to at most 1 s, so a
+/// wait that polls `kubectl` for minutes does not start ten processes a second.
+fn next_pause(pause: Duration) -> Duration {
+    (pause * 2).min(Duration::from_secs(1))
+}
+
+/// Poll `check` until it returns `Ok`, or panic once `timeout` has passed, naming `what` and
+/// showing what the check last saw (its `Err`). A check that cannot read the state yet (an
+/// object with no status, a connection refused, an empty answer) returns `Err` and is asked
+/// again: a wait never fails because the object is not yet in the shape the check reads.
+pub fn poll<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(seen) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {seen}")
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(pause);
+        pause = next_pause(pause);
     }
+}
+
+/// [`poll`] for async checks (tests on a tokio runtime).
+pub async fn poll_async<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(seen) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {seen}")
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(pause).await;
+        pause = next_pause(pause);
+    }
+}
+
+/// Poll until every object in `what` (`kind/name`; in namespace `ns`, or cluster-scoped when
+/// `ns` is `None`) has the condition `ty` with status `True`, through `kubectl` (a command
+/// with its kubeconfig set); panic after `timeout` with the conditions last seen. Unlike
+/// `kubectl wait --for=condition=..`, an object that does not exist yet or has no status yet
+/// (a CRD just created) is waited for, not an error.
+pub fn wait_condition(
+    kubectl: &dyn Fn() -> Command,
+    ns: Option<&str>,
+    what: &[&str],
+    ty: &str,
+    timeout: Duration,
+) {
+    for w in what {
+        poll(&format!("{w} to be {ty}"), timeout, || {
+            let mut args = vec!["get", *w, "-o", "json"];
+            if let Some(ns) = ns {
+                args.extend(["-n", ns]);
+            }
+            let out = kubectl().args(&args).output().map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+            }
+            let obj: serde_json::Value =
+                serde_json::from_slice(&out.stdout).map_err(|e| format!("not JSON: {e}"))?;
+            let conditions = &obj["status"]["conditions"];
+            let found =
+                conditions.as_array().into_iter().flatten().any(|c| {
+                    c["type"].as_str() == Some(ty) && c["status"].as_str() == Some("True")
+                });
+            if found {
+                Ok(())
+            } else if conditions.is_null() {
+                Err("no status conditions yet".into())
+            } else {
+                Err(format!("conditions {conditions}"))
+            }
+        });
+    }
+}
+
+/// Poll `cond` until it returns true, or panic after `timeout` (see [`poll`], which also
+/// reports what it last saw: prefer it when there is something to show).
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    poll(what, timeout, || {
+        cond().then_some(()).ok_or_else(|| "not yet".to_string())
+    })
 }
 
 /// A free TCP port on loopback.

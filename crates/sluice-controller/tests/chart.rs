@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use sluice_testkit::{kubeconfig, repo_root, run_ok, tool, unique};
+use sluice_testkit::{kubeconfig, repo_root, run_ok, tool, unique, wait_condition};
 
 fn helm() -> Command {
     Command::new(tool("helm"))
@@ -71,12 +72,13 @@ fn install_crd() {
             .args(["apply", "--server-side", "--force-conflicts", "-f"])
             .arg(repo_root().join("crds/streampipeline.yaml")),
     );
-    run_ok(kubectl().args([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=30s",
-        "crd/streampipelines.sluice.dev",
-    ]));
+    wait_condition(
+        &kubectl,
+        None,
+        &["crd/streampipelines.sluice.dev"],
+        "Established",
+        Duration::from_secs(60),
+    );
 }
 
 fn namespace() -> String {

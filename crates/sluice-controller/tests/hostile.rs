@@ -14,26 +14,7 @@ use kube::{Api, Client, CustomResourceExt};
 use serde_json::json;
 use sluice_api::crd::StreamPipeline;
 use sluice_controller::controller::{pipeline_resource, run_in, Context};
-use support::{install, setup, Scripted};
-
-/// Poll `f` until it returns Some, with a deadline.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use support::{eventually, install, setup, Scripted};
 
 fn pipeline(name: &str, extra: serde_json::Value) -> serde_json::Value {
     let mut spec = json!({

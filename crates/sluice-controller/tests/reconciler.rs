@@ -5,7 +5,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
@@ -17,26 +17,7 @@ use sluice_api::crd::StreamPipeline;
 use sluice_controller::controller::{run_in, Context, RdKafka};
 use sluice_controller::reconcile::build::CONFIG_HASH_ANNOTATION;
 use sluice_testkit::{bootstrap, create_topic, unique};
-use support::{client, install, namespace};
-
-/// Poll `f` until it returns Some, with a deadline (never a bare sleep).
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use support::{client, eventually, install, namespace};
 
 fn condition(sp: &StreamPipeline, t: &str) -> Option<(String, String)> {
     sp.status

@@ -6,9 +6,21 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The controller process, killed when dropped (a failed test leaves no process behind).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Start the controller against an API server that refuses connections; returns it and
 /// its log lines.
-fn start(leader_election: bool) -> (Child, mpsc::Receiver<String>, tempdir::Dir) {
+fn start(leader_election: bool) -> (Running, mpsc::Receiver<String>, tempdir::Dir) {
     let dir = tempdir::Dir::new();
     let kubeconfig = dir.path.join("kubeconfig");
     std::fs::write(
@@ -40,7 +52,7 @@ current-context: gone
             let _ = tx.send(line);
         }
     });
-    (child, rx, dir)
+    (Running(child), rx, dir)
 }
 
 /// Wait for a log line containing `want`.
@@ -57,7 +69,7 @@ fn wait_for(rx: &mpsc::Receiver<String>, want: &str, timeout: Duration) {
 }
 
 /// Send SIGTERM once and return how long the process took to exit.
-fn terminate(child: &mut Child) -> Duration {
+fn terminate(Running(child): &mut Running) -> Duration {
     let sent = Instant::now();
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

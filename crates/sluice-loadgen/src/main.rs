@@ -216,12 +216,36 @@ server: {{listen: "{listen}"}}
             let _ = stop_rx.await;
         },
     ));
+    // Generate once the worker owns every partition, so the first seconds' latency is the
+    // pipeline's, not the time the group took to form.
+    let joined = Instant::now();
+    loop {
+        let assigned = metrics.assigned_partitions.get();
+        if assigned >= i64::from(partitions) {
+            break;
+        }
+        if pipeline.is_finished() {
+            pipeline.await?.context("pipeline")?;
+            anyhow::bail!("the pipeline stopped before it joined its group");
+        }
+        if joined.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!(
+                "the worker holds {assigned} of {partitions} partitions after 120 s; is the broker at {bootstrap} healthy?"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "[demo] worker joined its group in {:.1}s; generating {count} records of ~{size} bytes at {rate:.0}/s",
+        joined.elapsed().as_secs_f64()
+    );
+    eprintln!("[demo] lag: written to the input, not yet consumed; uncommitted: written, offset not yet committed");
+    let sent = Arc::new(AtomicU64::new(0));
     let progress = tokio::spawn(sluice_worker::progress::report(
         metrics.clone(),
         Duration::from_secs(1),
+        sluice_worker::progress::Input::Counted(sent.clone()),
     ));
-    eprintln!("[demo] generating {count} records of ~{size} bytes at {rate:.0}/s");
-    let sent = Arc::new(AtomicU64::new(0));
     let spec = ProduceSpec {
         bootstrap: bootstrap.into(),
         topic: input.clone(),

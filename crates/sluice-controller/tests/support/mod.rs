@@ -47,6 +47,20 @@ pub async fn install(c: &Client, crd: &CustomResourceDefinition) {
     .expect("watch");
 }
 
+/// Poll `f` until it returns `Some`, with a deadline (never a bare sleep; see
+/// [`sluice_testkit::poll_async`]).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    sluice_testkit::poll_async(what, timeout, || {
+        let fut = f();
+        async move { fut.await.ok_or_else(|| "not yet".to_string()) }
+    })
+    .await
+}
+
 /// A fresh namespace named after `prefix`.
 pub async fn namespace(c: &Client, prefix: &str) -> String {
     let ns = unique(prefix);

@@ -135,6 +135,28 @@ impl ByteBudget {
             .expect("the budget semaphore is never closed")
     }
 
+    /// The free budget a partition held for `Budget` waits for before it resumes: an
+    /// eighth of the whole. A resumed partition fetches its next record batch from the
+    /// broker again (the pause purged what librdkafka had prefetched for it), and a batch
+    /// can be a megabyte; resumed for each record's worth of budget, a stalled pipeline
+    /// fetched a megabyte for each record it took.
+    pub fn resume_chunk(&self) -> usize {
+        (self.total as usize / 8).max(1)
+    }
+
+    /// Wait until `max(bytes, at_least)` is free, then keep `bytes` and give the rest back
+    /// at once (to the next waiter): a waiter resumes only when a chunk of the budget has
+    /// come free, not for each record's worth.
+    pub async fn acquire_at_least(&self, bytes: usize, at_least: usize) -> OwnedSemaphorePermit {
+        let want = self.clamp(bytes);
+        let mut p = self.acquire(bytes.max(at_least)).await;
+        let extra = p.num_permits() - want as usize;
+        if extra > 0 {
+            drop(p.split(extra));
+        }
+        p
+    }
+
     /// Bytes currently taken.
     pub fn in_use(&self) -> u64 {
         self.total as u64 - self.sem.available_permits() as u64
@@ -174,6 +196,24 @@ mod tests {
                 "depth {depth} holding {holding}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_held_partition_resumes_only_once_a_chunk_of_the_budget_is_free() {
+        let b = ByteBudget::new(800);
+        assert_eq!(b.resume_chunk(), 100);
+        let mut taken = b.acquire(750).await;
+        let b2 = b.clone();
+        let waiter = tokio::spawn(async move { b2.acquire_at_least(10, 100).await });
+        tokio::task::yield_now().await;
+        // 10 bytes would fit now (50 free), but a chunk does not.
+        drop(taken.split(40));
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "resumed for less than a chunk");
+        drop(taken.split(20));
+        let p = waiter.await.unwrap();
+        assert_eq!(p.num_permits(), 10, "keeps what it asked for");
+        assert_eq!(b.in_use(), 690 + 10, "and gives the rest back");
     }
 
     #[tokio::test]
