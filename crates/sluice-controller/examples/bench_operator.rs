@@ -75,6 +75,14 @@ fn args() -> Args {
     a
 }
 
+/// The machine's 1-minute load average (the bench shares its cores with other work).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 fn log(s: impl AsRef<str>) {
     eprintln!("[bench-operator] {}", s.as_ref());
 }
@@ -435,6 +443,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(a.steady)).await;
         let window = w0.elapsed().as_secs_f64();
         let (cpu1, rss_steady, threads) = proc_stats(pid);
+        let load_steady = load_average();
         let m1 = scrape(&addr);
         let kafka_port: u16 = a.bootstrap.rsplit(':').next().unwrap().parse().unwrap();
         let kafka_tcp = tcp_connections(pid, kafka_port);
@@ -458,7 +467,7 @@ async fn main() {
         );
         let cpu_per_min = (cpu1 - cpu0) * 60.0 / window;
         log(format!(
-            "N={n}: steady {cpu_per_min:.1} CPU-s/min, RSS {} MiB, {threads} threads, {kafka_tcp} Kafka TCP connections, API/min {api_steady:?}, Kafka/min {kafka_steady:?}",
+            "N={n}: steady {cpu_per_min:.1} CPU-s/min (machine load {load_steady:.1}), RSS {} MiB, {threads} threads, {kafka_tcp} Kafka TCP connections, API/min {api_steady:?}, Kafka/min {kafka_steady:?}",
             rss_steady >> 20
         ));
 
@@ -559,6 +568,7 @@ async fn main() {
                 "fresh_n": fresh.len(), "fresh_p50_s": p50, "fresh_p99_s": p99, "fresh_max_s": max,
                 "api_during_fresh": api_fresh, "cpu_s_per_min_during_fresh": w,
                 "rss_after_delete_mib": rss_after >> 20, "series_left": series_left,
+                "load_avg_steady": load_steady,
             })
         );
         let _ = Api::<Namespace>::all(c.clone())
