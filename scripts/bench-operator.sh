@@ -9,7 +9,8 @@
 # SLUICE_BENCH_K8S_PORT / SLUICE_BENCH_K8S_DIR (default 7443, /tmp/sluice-k8s-bench) place the
 # API server (etcd takes SLUICE_K8S_ETCD_PORT and the next, default that port + 10000);
 # SLUICE_KAFKA_PORT / SLUICE_KAFKA_DIR the broker (started if none runs there, and then left
-# running: stop it with `scripts/kafka.sh stop` under the same variables). Results: target/bench/operator.jsonl, a table on stdout.
+# running: stop it with `scripts/kafka.sh stop` under the same variables). CONTROLLER runs
+# another controller binary (a copy under another name is safe from a `pkill` of others'). Results: target/bench/operator.jsonl, a table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +36,7 @@ scripts/k8s.sh start
 trap 'scripts/k8s.sh stop' EXIT
 
 ./target/release/examples/bench_operator \
-  --controller ./target/release/sluice-controller \
+  --controller "${CONTROLLER:-./target/release/sluice-controller}" \
   --kubeconfig "$SLUICE_K8S_DIR/kubeconfig" --bootstrap "$BOOTSTRAP" \
   --counts "$COUNTS" --topics "$TOPICS" --partitions "$PARTITIONS" \
   --poll "$POLL" --steady "$STEADY" | tee "$OUT/operator.jsonl"
