@@ -50,7 +50,7 @@ for r in rows:
     api = ", ".join(f"{k} {int(v)}" for k, v in sorted(r["api_per_min_steady"].items()) if v) or "0"
     fresh = ", ".join(f"{k} {int(v)}" for k, v in sorted(r["api_during_fresh"].items()) if v) or "0"
     kafka = ", ".join(f"{k} {int(v)}" for k, v in sorted(r.get("kafka_per_min_steady", {}).items()) if v) or "0"
-    print(f"| {r['n']:,} ({r['topics']} x {r['partitions']}) | {r['all_status_s']:.0f} s (creating took {r['create_s']:.0f} s) "
+    print(f"| {r['n']:,} ({r['topics']} x {r['partitions']}) | {r['all_status_s']:.0f} s (creating took {r['create_s']:.0f} s; worst own {r['worst_own_status_s']:.0f} s) "
           f"| {r['fresh_p50_s']:.1f} / {r['fresh_p99_s']:.1f} / {r['fresh_max_s']:.1f} s ({r['poll_s']} s; {r['fresh_n']:,} of {r['n']:,}) "
           f"| {r['steady_cpu_s_per_min']:.1f} CPU-s/min | {r['rss_start_mib']} -> {r['rss_steady_mib']} -> {r['rss_after_delete_mib']} MiB "
           f"| {r['threads']} | {r['kafka_tcp']} | {api} | {fresh} | {kafka} | {r['series_left']} | {r.get('load_avg_steady', float('nan')):.1f} |")
