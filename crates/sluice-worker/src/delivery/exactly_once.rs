@@ -372,11 +372,14 @@ impl Transactions {
             None => consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?,
         };
         let (p, timeout) = (self.producer.get(), self.timeout);
-        // The broker aborts a transaction older than its timeout anyway: waiting longer
-        // than that for the commit is waiting for nothing.
+        // The broker aborts a transaction older than its timeout anyway: waiting for the
+        // commit past that is waiting for nothing.
+        let limit = (self.began + timeout + CALL_MARGIN)
+            .saturating_duration_since(Instant::now())
+            .max(CALL_MARGIN);
         blocking(
             "send_offsets_to_transaction / commit_transaction",
-            timeout + CALL_MARGIN,
+            limit,
             move || {
                 retrying(timeout, || {
                     p.send_offsets_to_transaction(&tpl, &cgm, timeout)
