@@ -5,7 +5,7 @@ DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 DEMO_LISTEN ?= 127.0.0.1:9095
 
-.PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench profile chaos chaos-replicated fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
+.PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench bench-operator profile chaos chaos-replicated fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -50,6 +50,11 @@ fmt:
 ## Benchmarks (see BENCHMARKS.md). Pins the broker and the clients to different cores.
 bench: setup
 	scripts/bench.sh
+
+## The operator at scale (BENCHMARKS.md): its own kube-apiserver and the broker, 100, 1,000 and
+## 10,000 pipelines over 100 shared topics. COUNTS=100,1000 for a shorter run.
+bench-operator: setup
+	scripts/bench-operator.sh
 
 ## Instructions per record and per stage (valgrind callgrind) of a fixed small workload:
 ## repeatable on a noisy machine (BENCHMARKS.md, "Where the CPU goes"). `make bench` runs it too.

@@ -16,7 +16,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice_api::config::StartFrom;
 
 /// Why lag could not be read. The autoscaler treats any of these as "unknown".
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum LagError {
     /// Talking to Kafka failed.
     #[error("kafka: {error}{}", cause.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
@@ -60,6 +60,13 @@ impl ClientContext for LastError {
 }
 
 impl ConsumerContext for LastError {}
+
+impl LastError {
+    /// The last error reported (taken: the next call sees only a newer one).
+    pub fn take(&self) -> Option<String> {
+        self.0.lock().expect("last error lock").take()
+    }
+}
 
 type Inspector = BaseConsumer<LastError>;
 

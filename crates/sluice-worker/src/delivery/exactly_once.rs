@@ -90,10 +90,22 @@ pub enum TxnError {
         /// Source partition.
         partition: i32,
     },
+    /// Dispatch did not stop for the window's end before the deadline (the gate could not
+    /// be closed).
+    #[error("dispatch did not stop for the window's end before the deadline")]
+    NotClosed,
     /// After an abort, what the window dispatched did not settle in time: it could still
     /// reach the next transaction.
     #[error("the aborted window's work did not settle before the transaction timeout")]
     NotSettled,
+    /// A transactional call did not return within its time limit (see [`blocking`]).
+    #[error("{step}: no answer within {limit:?}")]
+    Hung {
+        /// The call.
+        step: &'static str,
+        /// How long it was waited for.
+        limit: Duration,
+    },
     /// The consumer has no group metadata (not a group member).
     #[error("the consumer has no group metadata")]
     NoGroupMetadata,
@@ -112,6 +124,8 @@ impl TxnError {
             TxnError::Kafka { .. } => "kafka",
             TxnError::Failed { .. } => "failed",
             TxnError::NotDrained { .. } => "not_drained",
+            TxnError::NotClosed => "not_closed",
+            TxnError::Hung { .. } => "hung",
             TxnError::NotSettled => "not_settled",
             TxnError::NoGroupMetadata => "no_group_metadata",
             TxnError::Lost => "lost",
@@ -177,6 +191,9 @@ impl std::fmt::Debug for Transactions {
     }
 }
 
+/// How much longer than its own timeout a transactional call is waited for.
+const CALL_MARGIN: Duration = Duration::from_secs(5);
+
 /// A transactional producer from `client`, its id's earlier producer fenced and what that
 /// one left open completed (`init_transactions`, retried while the transaction
 /// coordinator is away, up to `timeout`).
@@ -189,25 +206,56 @@ async fn init(client: &ClientConfig, timeout: Duration) -> Result<FutureProducer
                 source,
             })?;
     let p = producer.clone();
-    blocking("init_transactions", move || {
+    // Retried for up to `timeout`, each attempt up to `timeout`.
+    blocking("init_transactions", timeout * 2 + CALL_MARGIN, move || {
         retrying(timeout, || p.init_transactions(timeout))
     })
     .await?;
     Ok(producer)
 }
 
-/// Run a blocking transactional call off the runtime.
+/// Run a blocking transactional call off the runtime, for at most `limit`.
+///
+/// librdkafka's transactional calls take a timeout, but not all of them keep it:
+/// `send_offsets_to_transaction` waits for its operation's answer without a time limit
+/// (`RD_POLL_INFINITE` in librdkafka 2.12) and relies on the requests it sends to time
+/// out; after a partition leader (and transaction coordinator) was killed, one was seen
+/// to wait for more than 80 s, holding the coordinator's loop until the liveness probe
+/// restarted the worker. Past `limit` the call is left behind on its own thread (a
+/// thread of the runtime's blocking pool would hold the runtime's shutdown) and the
+/// caller gets [`TxnError::Hung`]: the window is given up and, as the producer is still
+/// inside that call and cannot abort, a new producer with the same id takes over.
 async fn blocking<T: Send + 'static>(
     step: &'static str,
+    limit: Duration,
     f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
 ) -> Result<T, TxnError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(|source| TxnError::Kafka { step, source }),
-        Err(e) => Err(TxnError::Kafka {
-            step,
-            source: KafkaError::Canceled,
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("sluice-txn".into())
+        .spawn(move || {
+            let _ = tx.send(f());
         })
-        .inspect_err(|_| tracing::error!(error = %e, step, "transactional call panicked")),
+        .map_err(|e| {
+            tracing::error!(error = %e, step, "could not start a thread for a transactional call");
+            TxnError::Kafka {
+                step,
+                source: KafkaError::Canceled,
+            }
+        })?;
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(r)) => r.map_err(|source| TxnError::Kafka { step, source }),
+        Ok(Err(_)) => {
+            tracing::error!(step, "transactional call panicked");
+            Err(TxnError::Kafka {
+                step,
+                source: KafkaError::Canceled,
+            })
+        }
+        Err(_) => {
+            tracing::error!(step, ?limit, "a transactional call did not return within its time limit; it is left behind and the window is given up");
+            Err(TxnError::Hung { step, limit })
+        }
     }
 }
 
@@ -324,8 +372,14 @@ impl Transactions {
             None => consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?,
         };
         let (p, timeout) = (self.producer.get(), self.timeout);
+        // The broker aborts a transaction older than its timeout anyway: waiting for the
+        // commit past that is waiting for nothing.
+        let limit = (self.began + timeout + CALL_MARGIN)
+            .saturating_duration_since(Instant::now())
+            .max(CALL_MARGIN);
         blocking(
             "send_offsets_to_transaction / commit_transaction",
+            limit,
             move || {
                 retrying(timeout, || {
                     p.send_offsets_to_transaction(&tpl, &cgm, timeout)
@@ -348,7 +402,10 @@ impl Transactions {
     pub async fn abort_only(&self) -> Result<(), TxnError> {
         self.failures.inc();
         let (p, timeout) = (self.producer.get(), self.timeout);
-        blocking("abort_transaction", move || p.abort_transaction(timeout)).await
+        blocking("abort_transaction", timeout + CALL_MARGIN, move || {
+            p.abort_transaction(timeout)
+        })
+        .await
     }
 
     /// Begin the next transaction.
@@ -498,12 +555,33 @@ impl ExactlyOnce {
         // Closed until the window committed, or was aborted and every owned partition
         // rewound: no record of the next window is dispatched before that.
         let gate = self.txn.gate();
-        let _closed = gate.close().await;
+        // Bounded like the rest of the window's end: the gate closes once every dispatch
+        // in progress has registered its batch (a dispatcher waiting for room in a full
+        // lane is outside it), but a wait of the coordinator on the data path must never
+        // be open-ended. If it does not close in time, the window is given up: every
+        // partition is cancelled, so whatever is inside gives its batch up, and the gate
+        // is closed again; what still holds it then stops the worker.
+        let (_closed, unclosed) = match tokio::time::timeout_at(deadline, gate.close()).await {
+            Ok(closed) => (closed, None),
+            Err(_) => {
+                for s in &states {
+                    s.cancel();
+                }
+                match tokio::time::timeout(SETTLE_MARGIN, gate.close()).await {
+                    Ok(closed) => (closed, Some(TxnError::NotClosed)),
+                    Err(_) => {
+                        self.txn.abort().await;
+                        return Err(TxnError::NotSettled);
+                    }
+                }
+            }
+        };
         let closed_at = Instant::now();
         let admitted = gate.admitted();
-        let err = match mode {
-            Mode::Lost => TxnError::Lost,
-            _ => match self.drain(&states, deadline, mode == Mode::Tick).await {
+        let err = match (unclosed, mode) {
+            (Some(e), _) => e,
+            (None, Mode::Lost) => TxnError::Lost,
+            (None, _) => match self.drain(&states, deadline, mode == Mode::Tick).await {
                 Err(e) => e,
                 Ok(()) => {
                     let fence = if mode == Mode::Revoke {
@@ -566,7 +644,7 @@ impl ExactlyOnce {
             }
         }
         self.txn.begin()?;
-        if matches!(err, TxnError::NotDrained { .. }) {
+        if matches!(err, TxnError::NotDrained { .. } | TxnError::NotClosed) {
             // Admit less per window until windows drain in time again.
             let budget = (admitted / 4).max(crate::engine::DISPATCH_BATCH);
             tracing::warn!(
@@ -718,6 +796,11 @@ mod tests {
                 partition,
             },
             TxnError::Lost,
+            TxnError::NotClosed,
+            TxnError::Hung {
+                step: "send_offsets_to_transaction",
+                limit: Duration::from_secs(25),
+            },
             TxnError::NoGroupMetadata,
             TxnError::Kafka {
                 step: "commit_transaction",
@@ -729,6 +812,33 @@ mod tests {
         for e in [TxnError::Rewind("seek failed".into()), TxnError::NotSettled] {
             assert!(!e.rewindable(), "{e} ({})", e.label());
         }
+    }
+
+    /// Issue 19: `send_offsets_to_transaction` waited for its answer with no time limit
+    /// after a partition leader was killed, and the coordinator's loop with it, until the
+    /// liveness probe restarted the worker. A call that does not return is given up at
+    /// its limit (the window is then rewound, the producer renewed).
+    #[tokio::test]
+    async fn a_transactional_call_that_never_returns_is_given_up_at_its_limit() {
+        let (release, hung) = std::sync::mpsc::channel::<()>();
+        let call = blocking(
+            "send_offsets_to_transaction",
+            Duration::from_millis(100),
+            move || {
+                let _ = hung.recv();
+                Ok(())
+            },
+        );
+        let res = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the coordinator's wait on a transactional call is bounded");
+        match res {
+            Err(e @ TxnError::Hung { .. }) => assert!(e.rewindable(), "{e}"),
+            other => panic!("expected Hung, got {other:?}"),
+        }
+        drop(release);
+        let ok = blocking("commit_transaction", Duration::from_secs(10), || Ok(7)).await;
+        assert_eq!(ok.unwrap(), 7, "a call that returns in time is answered");
     }
 
     #[test]

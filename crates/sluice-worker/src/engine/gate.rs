@@ -1,6 +1,7 @@
 //! The barrier between delivery windows (an exactly-once transaction's, see
-//! `delivery/exactly_once.rs`): dispatchers hold it shared while they register and hand
-//! over a batch; the window's end holds it exclusively while it drains and commits.
+//! `delivery/exactly_once.rs`): dispatchers hold it shared while they register a batch
+//! (never while they wait for room in a worker lane: see `engine/dispatch.rs`); the
+//! window's end holds it exclusively while it drains and commits.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -51,7 +52,7 @@ impl WindowGate {
         }
     }
 
-    /// Stop dispatch (exclusive), once every dispatch in progress has handed its batch over.
+    /// Stop dispatch (exclusive), once every dispatch in progress has registered its batch.
     pub async fn close(&self) -> RwLockWriteGuard<'_, ()> {
         self.lock.write().await
     }

@@ -128,6 +128,9 @@ pub struct PartitionState {
     /// Its work is abandoned (an aborted exactly-once window): the lanes settle what is
     /// queued for it without processing it.
     cancelled: AtomicBool,
+    /// Woken when the incarnation is cancelled (a dispatcher waiting for room in a full
+    /// lane gives its batch up).
+    on_cancel: Notify,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -172,6 +175,7 @@ impl PartitionState {
             failed_for_good_at: AtomicI64::new(i64::MAX),
             stop_at: AtomicI64::new(i64::MAX),
             cancelled: AtomicBool::new(false),
+            on_cancel: Notify::new(),
         })
     }
 
@@ -299,6 +303,20 @@ impl PartitionState {
     /// (an exactly-once window was aborted; a new incarnation does it again).
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::Release);
+        self.on_cancel.notify_waiters();
+    }
+
+    /// Resolves once the incarnation is [`PartitionState::cancel`]led.
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.on_cancel.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// True once [`PartitionState::cancel`]led.
