@@ -26,6 +26,7 @@ use crate::kafka::config::{
 use crate::kafka::consumer::{
     spawn_main_queue_thread, ConsumerControl, SluiceConsumer, SluiceContext,
 };
+use crate::kafka::limits;
 use crate::ops::health::{Health, LivenessLimits};
 use crate::ops::metrics::Metrics;
 use crate::processor::Processor;
@@ -101,6 +102,7 @@ async fn build_sinks(
     dead_letters: &Arc<DeadLetters>,
     txn: Option<&Transactions>,
     refusals: &Arc<Refusals>,
+    limits: &[Option<usize>],
 ) -> Result<Sinks, PipelineError> {
     let retry = RetryPolicy::from(&config.retry);
     let mut all = Vec::new();
@@ -113,6 +115,7 @@ async fn build_sinks(
                 txn.expect("exactly-once").producer().clone(),
                 k,
                 &config.source.topic,
+                limits[i],
                 sm,
                 dead_letters.clone(),
                 refusals.clone(),
@@ -129,6 +132,7 @@ async fn build_sinks(
                     with(cfg, clients::sink_producer(config, k)),
                     k,
                     &config.source.topic,
+                    limits[i],
                     sm,
                     dead_letters.clone(),
                 )?;
@@ -150,10 +154,34 @@ async fn build_sinks(
     })
 }
 
-/// The exactly-once transactional producer, when the configuration asks for it.
+/// Each sink's output topic's `max.message.bytes` (`None`: not a Kafka sink, or it could
+/// not be read), by sink index; see [`crate::kafka::limits`].
+async fn sink_limits(config: &WorkerConfig) -> Result<Vec<Option<usize>>, PipelineError> {
+    let mut out = Vec::with_capacity(config.sinks.len());
+    for (i, sc) in config.sinks.iter().enumerate() {
+        let SinkConfig::Kafka(k) = sc else {
+            out.push(None);
+            continue;
+        };
+        let cfg = base_config(
+            k.bootstrap_servers
+                .as_deref()
+                .unwrap_or(&config.source.bootstrap_servers),
+            &config.source.security,
+            &format!("sluice-{}-sink{i}-admin", config.pipeline),
+        )?;
+        out.push(limits::max_message_bytes(&cfg, &k.topic).await);
+    }
+    Ok(out)
+}
+
+/// The exactly-once transactional producer, when the configuration asks for it. Its
+/// `batch.size` is capped at the smallest output topic limit in `limits`, so no batch it
+/// builds is over a topic's `max.message.bytes`.
 async fn transactions(
     config: &WorkerConfig,
     metrics: &Metrics,
+    limits: &[Option<usize>],
 ) -> Result<Option<Transactions>, PipelineError> {
     if !config.delivery.exactly_once() {
         return Ok(None);
@@ -164,7 +192,10 @@ async fn transactions(
         &format!("sluice-{}-txn", config.pipeline),
     )?;
     let id = exactly_once::transactional_id(&config.pipeline);
-    let client = with(client, clients::transactional_producer(config, &id));
+    let mut client = with(client, clients::transactional_producer(config, &id));
+    if let Some(l) = limits.iter().flatten().min() {
+        limits::cap_batch_size(&mut client, *l);
+    }
     let t = Transactions::start(
         client,
         config
@@ -203,10 +234,19 @@ async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
     let metrics = rt.metrics.clone();
-    let txn = transactions(&config, &metrics).await?;
+    let limits = sink_limits(&config).await?;
+    let txn = transactions(&config, &metrics, &limits).await?;
     let dead_letters = build_dead_letters(&config, &metrics, txn.as_ref())?;
     let refusals = Arc::new(Refusals::default());
-    let sinks = build_sinks(&config, &metrics, &dead_letters, txn.as_ref(), &refusals).await?;
+    let sinks = build_sinks(
+        &config,
+        &metrics,
+        &dead_letters,
+        txn.as_ref(),
+        &refusals,
+        &limits,
+    )
+    .await?;
 
     let partitions = match input_partitions(&config).await {
         Some(n) => n,

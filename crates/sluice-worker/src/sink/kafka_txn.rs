@@ -14,8 +14,10 @@
 //!   (after the producer flushed, so nothing shares its batch); one refused alone is the
 //!   culprit and is dead-lettered by the next attempt, one accepted is cleared.
 //!
-//! An output refused before it joined the transaction (too large for the producer itself)
-//! leaves the transaction healthy and is dead-lettered in it at once.
+//! An output refused before it joined the transaction leaves the transaction healthy and
+//! is dead-lettered in it at once: one over the topic's `max.message.bytes` (checked here
+//! against the limit read at start, `crate::kafka::limits`, so the common refusal never
+//! reaches the broker and never aborts a window), or one too large for the producer itself.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +32,7 @@ use sluice_api::config::{KafkaSinkConfig, KeySource};
 use tokio::sync::Notify;
 
 use crate::deadletter::DeadLetters;
+use crate::kafka::limits;
 use crate::kafka::producer::SharedProducer;
 use crate::ops::throttle::LogThrottle;
 use crate::record::{Origin, Output};
@@ -115,6 +118,8 @@ pub struct TxnKafkaSink {
     key: KeySource,
     trace_header: Option<String>,
     source_topic: String,
+    /// The topic's `max.message.bytes`, when it could be read.
+    limit: Option<usize>,
     metrics: SinkMetrics,
     dead_letters: Arc<DeadLetters>,
     outstanding: Arc<AtomicUsize>,
@@ -132,11 +137,14 @@ impl std::fmt::Debug for TxnKafkaSink {
 }
 
 impl TxnKafkaSink {
-    /// A sink for `config` over the transactional `producer`.
+    /// A sink for `config` over the transactional `producer`; `limit`: the topic's
+    /// `max.message.bytes` (the producer's `batch.size` must be capped at it, see
+    /// `crate::kafka::limits`).
     pub fn new(
         producer: SharedProducer,
         config: &KafkaSinkConfig,
         source_topic: &str,
+        limit: Option<usize>,
         metrics: SinkMetrics,
         dead_letters: Arc<DeadLetters>,
         refusals: Arc<Refusals>,
@@ -147,6 +155,7 @@ impl TxnKafkaSink {
             key: config.key,
             trace_header: config.trace_header.clone(),
             source_topic: source_topic.to_string(),
+            limit,
             metrics,
             dead_letters,
             outstanding: Arc::new(AtomicUsize::new(0)),
@@ -184,12 +193,6 @@ impl Sink for TxnKafkaSink {
                     Some(Refusal::Suspect) => true,
                     None => false,
                 };
-                if suspect {
-                    // Alone in its produce batch: what went before is delivered first.
-                    let p = producer.clone();
-                    let _ =
-                        tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(30))).await;
-                }
                 let key = match self.key {
                     KeySource::Output => o.key.as_deref(),
                     KeySource::Input => origin.key.as_deref(),
@@ -203,6 +206,42 @@ impl Sink for TxnKafkaSink {
                         ),
                     )
                 });
+                if let Some(limit) = self.limit {
+                    let size = limits::batch_size_alone(
+                        key,
+                        o.value.as_deref(),
+                        o.headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_deref()))
+                            .chain(trace.iter().map(|(k, v)| (*k, Some(v.as_bytes())))),
+                    );
+                    if size > limit {
+                        // Never produced: the transaction stays healthy and the letter
+                        // joins it, with no abort and no batch-mate touched.
+                        if let Some(n) = self.reject_log.tick() {
+                            tracing::error!(sink = "kafka", topic = %self.topic, size, max_message_bytes = limit, outputs = n,
+                                "an output is over the topic's max.message.bytes; it goes to the dead-letter topic in this transaction");
+                        }
+                        if suspect {
+                            self.refusals.set(origin, output, None);
+                        }
+                        rejected.push((
+                            index,
+                            SinkFailure {
+                                class: "record_too_large",
+                                message: limits::too_large(size, limit),
+                                attempts: 1,
+                            },
+                        ));
+                        continue;
+                    }
+                }
+                if suspect {
+                    // Alone in its produce batch: what went before is delivered first.
+                    let p = producer.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(30))).await;
+                }
                 let headers = (!o.headers.is_empty() || trace.is_some()).then(|| {
                     o.headers
                         .iter()
