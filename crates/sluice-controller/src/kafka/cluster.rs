@@ -52,15 +52,7 @@ impl Cluster {
     /// Answer `queries` with as few requests as the protocol allows.
     pub fn read(&self, queries: &[Query], requests: &Requests, timeout: Duration) -> Vec<Answer> {
         let topics: BTreeSet<&str> = queries.iter().map(|q| q.topic.as_str()).collect();
-        let failed = |e: LagError| {
-            queries
-                .iter()
-                .map(|q| Answer {
-                    partitions: Err(e.clone()),
-                    lag: q.lag.as_ref().map(|_| Err(e.clone())),
-                })
-                .collect()
-        };
+        let failed = |e: LagError| Answer::all_failed(queries, &e);
         // 1. One metadata request: one topic by name, several as the whole list.
         requests.metadata.inc();
         let only = (topics.len() == 1).then(|| *topics.first().expect("one topic"));

@@ -61,6 +61,19 @@ pub struct Answer {
     pub lag: Option<Result<Vec<PartitionLag>, LagError>>,
 }
 
+impl Answer {
+    /// `error` as the answer to every query (and to its lag, where asked).
+    pub fn all_failed(queries: &[Query], error: &LagError) -> Vec<Answer> {
+        queries
+            .iter()
+            .map(|q| Answer {
+                partitions: Err(error.clone()),
+                lag: q.lag.as_ref().map(|_| Err(error.clone())),
+            })
+            .collect()
+    }
+}
+
 /// A distinct Kafka connection: a digest of the bootstrap servers and every security
 /// setting, the password included (so a changed password is another connection, with a
 /// new client, and the old one goes once unused). The digest never shows the password.
@@ -202,15 +215,7 @@ impl KafkaInspector for RdKafka {
             .with_client(Cluster::new, |c| {
                 c.read(queries, &connection.requests, READ_TIMEOUT)
             })
-            .unwrap_or_else(|e| {
-                queries
-                    .iter()
-                    .map(|q| Answer {
-                        partitions: Err(e.clone()),
-                        lag: q.lag.as_ref().map(|_| Err(e.clone())),
-                    })
-                    .collect()
-            })
+            .unwrap_or_else(|e| Answer::all_failed(queries, &e))
     }
 }
 
