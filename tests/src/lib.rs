@@ -17,7 +17,8 @@ pub mod cluster;
 pub mod replicated;
 
 pub use sluice_loadgen::{
-    audit, create_topic, key, offsets, parse_seq, payload, produce, AuditReport, ProduceSpec,
+    audit, create_topic, create_topic_with, key, offsets, parse_seq, payload, produce, AuditReport,
+    ProduceSpec,
 };
 
 /// The repository root.

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
@@ -29,19 +29,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 /// Create `topic` on the broker under test with topic `config`.
 fn topic_with(topic: &str, partitions: i32, config: &[(&str, &str)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
-    let mut t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    for (k, v) in config {
-        t = t.set(k, v);
-    }
-    let res = block_on(admin.create_topics([&t], &AdminOptions::new())).unwrap();
-    for r in res {
-        r.unwrap();
-    }
-    block_on(create_topic(&bootstrap(), topic, partitions)).unwrap();
+    block_on(create_topic_with(&bootstrap(), topic, partitions, config)).unwrap();
 }
 
 fn add_partitions(topic: &str, total: usize) {

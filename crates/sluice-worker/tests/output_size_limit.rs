@@ -8,9 +8,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::ClientConfig;
 use sluice_testkit::*;
 
 /// The topic limit of the output, as in R8.
@@ -34,19 +31,9 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// Create `topic` on the broker under test with topic `config`.
 fn topic_with(topic: &str, partitions: i32, config: &[(&str, &str)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
-    let mut t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    for (k, v) in config {
-        t = t.set(k, v);
-    }
-    for r in block_on(admin.create_topics([&t], &AdminOptions::new())).unwrap() {
-        r.unwrap();
-    }
-    block_on(create_topic(&bootstrap(), topic, partitions)).unwrap();
+    block_on(create_topic_with(&bootstrap(), topic, partitions, config)).unwrap();
 }
 
 /// The record offered at `i`: a small one, or (every `EVERY`th) one of 150 KB.
