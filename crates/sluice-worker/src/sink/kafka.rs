@@ -24,12 +24,12 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext};
-use sluice_api::config::{KafkaSinkConfig, KeySource};
+use sluice_api::config::KafkaSinkConfig;
 use tokio::sync::Notify;
 
+use super::produce::{while_queue_full, OutputRecord, OutputTarget, Outstanding};
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
 use crate::kafka::limits;
@@ -74,8 +74,7 @@ struct Shared {
     free: Mutex<Vec<usize>>,
     /// Signalled when an entry is freed.
     freed: Notify,
-    outstanding: AtomicUsize,
-    idle: Notify,
+    outstanding: Outstanding,
     fatal: AtomicBool,
     /// One line per interval for rejected outputs.
     reject_log: LogThrottle,
@@ -115,9 +114,7 @@ impl Shared {
             if let Some(batch) = batch {
                 batch.settle(rejected, "kafka", &self.metrics, &self.dead_letters);
             }
-            if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
-                self.idle.notify_waiters();
-            }
+            self.outstanding.end();
         }
     }
 
@@ -220,27 +217,16 @@ impl ProducerContext for SinkContext {
 /// Write outputs to a Kafka topic.
 pub struct KafkaSink {
     producer: ThreadedProducer<SinkContext>,
-    topic: String,
-    key: KeySource,
-    trace_header: Option<String>,
-    source_topic: String,
-    /// The topic's `max.message.bytes`, when it could be read.
-    limit: Option<usize>,
+    target: OutputTarget,
     shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSink")
-            .field("topic", &self.topic)
+            .field("topic", &self.target.topic)
             .finish()
     }
-}
-
-fn kafka_headers<'a>(headers: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>) -> OwnedHeaders {
-    headers.fold(OwnedHeaders::new(), |h, (key, value)| {
-        h.insert(Header { key, value })
-    })
 }
 
 impl KafkaSink {
@@ -267,8 +253,7 @@ impl KafkaSink {
             flights: (0..FLIGHT_SLOTS).map(|_| InFlight::default()).collect(),
             free: Mutex::new((0..FLIGHT_SLOTS).rev().collect()),
             freed: Notify::new(),
-            outstanding: AtomicUsize::new(0),
-            idle: Notify::new(),
+            outstanding: Outstanding::default(),
             fatal: AtomicBool::new(false),
             reject_log: LogThrottle::default(),
         });
@@ -278,11 +263,7 @@ impl KafkaSink {
         })?;
         let sink = Arc::new(KafkaSink {
             producer,
-            topic: config.topic.clone(),
-            key: config.key,
-            trace_header: config.trace_header.clone(),
-            source_topic: source_topic.to_string(),
-            limit,
+            target: OutputTarget::new(config, source_topic, limit),
             shared,
         });
         Ok(sink)
@@ -295,42 +276,26 @@ impl KafkaSink {
 
     /// Hand one output to the producer, waiting only while the producer's queue is full.
     /// A refusal other than a full queue rejects the output (the dead-letter path).
-    async fn send_one(
-        &self,
-        key: Option<&[u8]>,
-        value: Option<&[u8]>,
-        headers: Option<OwnedHeaders>,
-        opaque: usize,
-    ) {
+    // The producer hands a record it did not take back inside its error.
+    #[allow(clippy::result_large_err)]
+    async fn send_one(&self, record: &OutputRecord<'_>, opaque: usize) {
         let mut rec: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(&self.topic, opaque);
-        if let Some(k) = key {
+            BaseRecord::with_opaque_to(&self.target.topic, opaque);
+        if let Some(k) = record.key {
             rec = rec.key(k);
         }
-        if let Some(v) = value {
+        if let Some(v) = record.value {
             rec = rec.payload(v);
         }
-        if let Some(h) = headers {
+        if let Some(h) = record.kafka_headers() {
             rec = rec.headers(h);
         }
-        let mut backoff = Duration::from_micros(200);
-        loop {
-            match self.producer.send(rec) {
-                Ok(()) => return,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    rec = back;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(50));
-                }
-                Err((e, _)) => {
-                    let (_, class) = classify(&e);
-                    if let Some(n) = self.shared.reject_log.tick() {
-                        tracing::error!(sink = "kafka", topic = %self.topic, error = %e, outputs = n, "the producer refused a record");
-                    }
-                    self.shared.reject(opaque, class, e.to_string(), 1);
-                    return;
-                }
+        if let Err((e, _)) = while_queue_full(rec, |r| self.producer.send(r)).await {
+            let (_, class) = classify(&e);
+            if let Some(n) = self.shared.reject_log.tick() {
+                tracing::error!(sink = "kafka", topic = %self.target.topic, error = %e, outputs = n, "the producer refused a record");
             }
+            self.shared.reject(opaque, class, e.to_string(), 1);
         }
     }
 }
@@ -352,7 +317,7 @@ impl Sink for KafkaSink {
             // One report per output, plus the hold of this task: the batch cannot settle
             // before it is stored in its entry below, however fast the reports come.
             flight.remaining.store(n + 1, Ordering::Release);
-            self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+            self.shared.outstanding.begin();
             let mut hold = Hold {
                 shared: &self.shared,
                 slot,
@@ -361,46 +326,22 @@ impl Sink for KafkaSink {
             // The producer copies what it is given, so the sends borrow the batch itself.
             for (index, (o, origin)) in batch.items.iter().enumerate() {
                 let opaque = opaque(slot, index);
-                let key = match self.key {
-                    KeySource::Output => o.key.as_deref(),
-                    KeySource::Input => origin.key.as_deref(),
-                };
-                let trace = self.trace_header.as_ref().map(|name| {
-                    (
-                        name.as_str(),
-                        format!(
-                            "{}/{}/{}",
-                            self.source_topic, origin.partition, origin.offset
-                        ),
-                    )
-                });
-                let headers = || {
-                    o.headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_deref()))
-                        .chain(trace.iter().map(|(k, v)| (*k, Some(v.as_bytes()))))
-                };
-                if let Some(limit) = self.limit {
-                    let size = limits::batch_size_alone(key, o.value.as_deref(), headers());
-                    if size > limit {
-                        if let Some(n) = self.shared.reject_log.tick() {
-                            tracing::error!(sink = "kafka", topic = %self.topic, size, max_message_bytes = limit, outputs = n,
-                                "an output is over the topic's max.message.bytes; it goes to the dead-letter topic, its batch-mates are produced");
-                        }
-                        self.shared.reject(
-                            opaque,
-                            "record_too_large",
-                            limits::too_large(size, limit),
-                            1,
-                        );
-                        hold.unsent -= 1;
-                        continue;
+                let record = self.target.record(o, origin);
+                if let Some((size, limit)) = record.over(self.target.limit) {
+                    if let Some(n) = self.shared.reject_log.tick() {
+                        tracing::error!(sink = "kafka", topic = %self.target.topic, size, max_message_bytes = limit, outputs = n,
+                            "an output is over the topic's max.message.bytes; it goes to the dead-letter topic, its batch-mates are produced");
                     }
+                    self.shared.reject(
+                        opaque,
+                        "record_too_large",
+                        limits::too_large(size, limit),
+                        1,
+                    );
+                    hold.unsent -= 1;
+                    continue;
                 }
-                let headers =
-                    (!o.headers.is_empty() || trace.is_some()).then(|| kafka_headers(headers()));
-                self.send_one(key, o.value.as_deref(), headers, opaque)
-                    .await;
+                self.send_one(&record, opaque).await;
                 hold.unsent -= 1;
             }
             *flight.batch.lock().expect("batch lock") = Some(batch);
@@ -409,20 +350,7 @@ impl Sink for KafkaSink {
     }
 
     fn flush(&self, timeout: Duration) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + timeout;
-            loop {
-                let idle = self.shared.idle.notified();
-                tokio::pin!(idle);
-                idle.as_mut().enable();
-                if self.shared.outstanding.load(Ordering::Acquire) == 0 {
-                    return true;
-                }
-                if tokio::time::timeout_at(deadline, idle).await.is_err() {
-                    return self.shared.outstanding.load(Ordering::Acquire) == 0;
-                }
-            }
-        })
+        Box::pin(self.shared.outstanding.wait_idle(timeout))
     }
 }
 

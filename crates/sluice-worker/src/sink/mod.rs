@@ -5,6 +5,7 @@ pub mod kafka;
 pub mod kafka_txn;
 pub mod null;
 pub mod postgres;
+pub mod produce;
 pub mod stdout;
 
 use std::sync::Arc;
