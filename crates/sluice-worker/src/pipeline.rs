@@ -235,7 +235,9 @@ async fn run(
 ) -> Result<(), PipelineError> {
     let metrics = rt.metrics.clone();
     let limits = sink_limits(&config).await?;
-    let txn = transactions(&config, &metrics, &limits).await?;
+    let txn = transactions(&config, &metrics, &limits)
+        .await?
+        .map(|t| t.with_heartbeat(rt.health.clone()));
     let dead_letters = build_dead_letters(&config, &metrics, txn.as_ref())?;
     let refusals = Arc::new(Refusals::default());
     let sinks = build_sinks(
