@@ -16,6 +16,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::config::rules::{Bounds, TOPIC_NAME_LEN, TOPIC_NAME_PATTERN};
 use crate::config::{
     BatchingConfig, CommitConfig, ConfigError, DeadLetterConfig, DeliveryConfig, MemoryConfig,
     ProcessorConfig, RetryConfig, SaslMechanism, SecurityConfig, SecurityProtocol, ServerConfig,
@@ -36,6 +37,25 @@ pub const NAME_RULE_MESSAGE: &str = "metadata.name must be a DNS-1035 label of a
 pub const MAX_NAME_LEN: usize = 55;
 /// Environment variables of the worker that sluice sets itself (`spec.secretEnv` may not).
 pub const RESERVED_ENV: &[&str] = &["SLUICE_CONFIG", "SLUICE_LOG", SASL_PASSWORD_ENV];
+
+/// `spec.sinks`: how many.
+pub const SINKS: Bounds<usize> = Bounds { min: 1, max: 16 };
+/// `spec.secretEnv`: at most this many.
+pub const SECRET_ENV_MAX: usize = 32;
+/// `spec.secretFiles`: at most this many.
+pub const SECRET_FILES_MAX: usize = 16;
+/// `spec.replicas`.
+pub const REPLICAS: Bounds<i32> = Bounds {
+    min: 0,
+    max: 10_000,
+};
+/// `scaling.minReplicas`.
+pub const MIN_REPLICAS: Bounds<i32> = Bounds { min: 0, max: 1000 };
+/// `scaling.maxReplicas`.
+pub const MAX_REPLICAS: Bounds<i32> = Bounds { min: 1, max: 1000 };
+/// The CEL rule on `spec.secretEnv[*]`: the twin of [`RESERVED_ENV`] and
+/// [`crate::config::ENV_OVERRIDE_PREFIX`] (a test keeps them in step).
+pub const SECRET_ENV_RULE: &str = "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD']) && !self.name.startsWith('SLUICE__')";
 
 /// Where the worker's metrics and health server listens inside the pod.
 pub const WORKER_PORT: u16 = 9095;
@@ -90,7 +110,7 @@ pub struct StreamPipelineSpec {
     #[serde(default)]
     pub processor: ProcessorConfig,
     /// Where outputs go; every sink gets every output.
-    #[schemars(length(min = 1, max = 16))]
+    #[schemars(length(min = SINKS.min, max = SINKS.max))]
     pub sinks: Vec<SinkConfig>,
     /// Retries of transient sink errors.
     #[serde(default)]
@@ -103,13 +123,13 @@ pub struct StreamPipelineSpec {
     /// connection string a `postgres` sink's `connectionEnv` names. Values never enter the
     /// rendered configuration.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = SECRET_ENV_MAX))]
     pub secret_env: Vec<SecretEnv>,
     /// Files of the worker filled from Secret keys (a CA certificate for Kafka's or
     /// PostgreSQL's TLS, say), mounted read-only at `/etc/sluice/secrets/<name>`: point
     /// `source.security.caFile` or a postgres sink's `caFile` there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = SECRET_FILES_MAX))]
     pub secret_files: Vec<SecretFile>,
     /// Worker pool per partition.
     #[serde(default)]
@@ -138,7 +158,7 @@ pub struct StreamPipelineSpec {
     /// (HPA, KEDA, `kubectl scale`). Ignored in `scaling.mode: lag`. Always capped at the
     /// partition count.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 0, max = 10000))]
+    #[schemars(range(min = REPLICAS.min, max = REPLICAS.max))]
     pub replicas: i32,
     /// Worker image; defaults to the controller's configured worker image. A custom image
     /// built with `sluice_worker::run` runs custom processors.
@@ -168,7 +188,10 @@ pub struct PipelineSource {
     #[schemars(length(min = 1))]
     pub bootstrap_servers: String,
     /// The input topic.
-    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    #[schemars(
+        length(min = TOPIC_NAME_LEN.min, max = TOPIC_NAME_LEN.max),
+        regex(pattern = TOPIC_NAME_PATTERN)
+    )]
     pub topic: String,
     /// Consumer group id.
     #[schemars(length(min = 1))]
@@ -243,7 +266,7 @@ pub struct SecretFile {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD']) && !self.name.startsWith('SLUICE__')",
+    {"rule": SECRET_ENV_RULE,
      "message": "SLUICE_CONFIG, SLUICE_LOG and SLUICE_SASL_PASSWORD are set by sluice, and SLUICE__* would override the rendered configuration"}
 ]))]
 pub struct SecretEnv {
@@ -286,11 +309,11 @@ pub struct ScalingSpec {
     /// and wakes it when records arrive (see `activationLag`); until it is idle, 0 scales
     /// like 1.
     #[serde(default = "default_min")]
-    #[schemars(range(min = 0, max = 1000))]
+    #[schemars(range(min = MIN_REPLICAS.min, max = MIN_REPLICAS.max))]
     pub min_replicas: i32,
     /// Most replicas (also capped at the partition count).
     #[serde(default = "default_max")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = MAX_REPLICAS.min, max = MAX_REPLICAS.max))]
     pub max_replicas: i32,
     /// Records of lag one replica is expected to absorb.
     #[serde(default = "default_lag_per_replica")]
@@ -326,6 +349,63 @@ impl ScalingSpec {
     /// The lag that wakes a pipeline scaled to zero.
     pub fn activation(&self) -> u64 {
         self.activation_lag.unwrap_or(1).max(1) as u64
+    }
+
+    /// The schema's rules (for objects stored before them), and an `idleAfter` the poll can
+    /// see (at least one `pollInterval`: idleness is judged from one reading per poll).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let ScalingSpec {
+            mode: _,
+            min_replicas,
+            max_replicas,
+            lag_per_replica,
+            scale_down_stabilization: _,
+            poll_interval,
+            idle_after,
+            activation_lag,
+        } = self;
+        MIN_REPLICAS.check("scaling.minReplicas", *min_replicas)?;
+        MAX_REPLICAS.check("scaling.maxReplicas", *max_replicas)?;
+        if max_replicas < min_replicas {
+            return Err(ConfigError::Invalid {
+                field: "scaling.maxReplicas".into(),
+                message: format!(
+                    "maxReplicas must be at least minReplicas ({min_replicas}), got {max_replicas}"
+                ),
+            });
+        }
+        for (field, v) in [
+            ("scaling.lagPerReplica", Some(*lag_per_replica)),
+            ("scaling.activationLag", *activation_lag),
+        ] {
+            if v.is_some_and(|v| v < 1) {
+                return Err(ConfigError::Invalid {
+                    field: field.into(),
+                    message: format!("must be at least 1, got {}", v.unwrap_or_default()),
+                });
+            }
+        }
+        if *min_replicas != 0 && (idle_after.is_some() || activation_lag.is_some()) {
+            return Err(ConfigError::Invalid {
+                field: "scaling.idleAfter".into(),
+                message:
+                    "idleAfter and activationLag apply only with minReplicas: 0 (scale to zero)"
+                        .into(),
+            });
+        }
+        if let Some(after) = self.scale_to_zero_after() {
+            if after < poll_interval.0 {
+                return Err(ConfigError::Invalid {
+                    field: "scaling.idleAfter".into(),
+                    message: format!(
+                        "idleAfter ({}) is shorter than pollInterval ({}): idleness is judged once per poll; make idleAfter at least pollInterval",
+                        HumanDuration(after),
+                        poll_interval
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -405,36 +485,70 @@ impl StreamPipeline {
     /// The worker configuration this resource renders into its ConfigMap: the same types
     /// the worker parses, validated by the same code.
     pub fn worker_config(&self) -> Result<WorkerConfig, ConfigError> {
-        let name = self.metadata.name.clone().unwrap_or_default();
-        let s = &self.spec;
-        let sec = &s.source.security;
+        // Every field, named: a new one must be handed to the worker or said not to be.
+        let StreamPipelineSpec {
+            source,
+            processor,
+            sinks,
+            retry,
+            dead_letter,
+            secret_env,
+            secret_files,
+            workers,
+            batching,
+            commit,
+            memory,
+            delivery,
+            scaling: _,
+            paused: _,
+            replicas: _,
+            image,
+            resources: _,
+            log_level,
+        } = &self.spec;
+        let PipelineSource {
+            bootstrap_servers,
+            topic,
+            group_id,
+            start_from,
+            session_timeout,
+            security,
+            consumer_properties,
+        } = source;
+        let PipelineSecurity {
+            protocol,
+            sasl_mechanism,
+            username,
+            password_secret_ref: _,
+            ca_file,
+        } = security;
         let config = WorkerConfig {
-            pipeline: name,
+            pipeline: self.metadata.name.clone().unwrap_or_default(),
             source: SourceConfig {
-                bootstrap_servers: s.source.bootstrap_servers.clone(),
-                topic: s.source.topic.clone(),
-                group_id: s.source.group_id.clone(),
-                start_from: s.source.start_from,
-                session_timeout: s.source.session_timeout,
+                bootstrap_servers: bootstrap_servers.clone(),
+                topic: topic.clone(),
+                group_id: group_id.clone(),
+                start_from: *start_from,
+                session_timeout: *session_timeout,
                 group_instance_id: None,
                 security: SecurityConfig {
-                    protocol: sec.protocol,
-                    sasl_mechanism: sec.sasl_mechanism,
-                    username: sec.username.clone(),
+                    protocol: *protocol,
+                    sasl_mechanism: *sasl_mechanism,
+                    username: username.clone(),
                     password_env: SASL_PASSWORD_ENV.into(),
-                    ca_file: sec.ca_file.clone(),
+                    ca_file: ca_file.clone(),
                 },
-                consumer_properties: s.source.consumer_properties.clone(),
+                consumer_properties: consumer_properties.clone(),
             },
-            processor: s.processor.clone(),
-            sinks: s.sinks.clone(),
-            retry: s.retry.clone(),
-            dead_letter: s.dead_letter.clone(),
-            workers: s.workers.clone(),
-            batching: s.batching.clone(),
-            commit: s.commit.clone(),
-            memory: s.memory.clone(),
-            delivery: s.delivery.clone(),
+            processor: processor.clone(),
+            sinks: sinks.clone(),
+            retry: retry.clone(),
+            dead_letter: dead_letter.clone(),
+            workers: workers.clone(),
+            batching: batching.clone(),
+            commit: commit.clone(),
+            memory: memory.clone(),
+            delivery: delivery.clone(),
             server: ServerConfig {
                 listen: format!("0.0.0.0:{WORKER_PORT}"),
                 ..ServerConfig::default()
@@ -442,8 +556,20 @@ impl StreamPipeline {
         };
         name_rule(&config.pipeline)?;
         config.validate()?;
-        if let ProcessorConfig::Custom { name } = &s.processor {
-            if s.image.is_none() {
+        SINKS.check("sinks", sinks.len())?;
+        for (field, n, max) in [
+            ("secretEnv", secret_env.len(), SECRET_ENV_MAX),
+            ("secretFiles", secret_files.len(), SECRET_FILES_MAX),
+        ] {
+            if n > max {
+                return Err(ConfigError::Invalid {
+                    field: field.into(),
+                    message: format!("at most {max} entries, got {n}"),
+                });
+            }
+        }
+        if let ProcessorConfig::Custom { name } = processor {
+            if image.is_none() {
                 return Err(ConfigError::Invalid {
                     field: "processor.custom".into(),
                     message: format!(
@@ -452,12 +578,12 @@ impl StreamPipeline {
                 });
             }
         }
-        if let Some(level) = &s.log_level {
-            log_level(level)?;
+        if let Some(level) = log_level {
+            log_level_filter(level)?;
         }
-        for (i, sink) in s.sinks.iter().enumerate() {
+        for (i, sink) in sinks.iter().enumerate() {
             if let SinkConfig::Postgres(pg) = sink {
-                if !s.secret_env.iter().any(|e| e.name == pg.connection_env) {
+                if !secret_env.iter().any(|e| e.name == pg.connection_env) {
                     return Err(ConfigError::Invalid {
                         field: format!("sinks[{i}].postgres.connectionEnv"),
                         message: format!(
@@ -468,8 +594,8 @@ impl StreamPipeline {
                 }
             }
         }
-        for (i, f) in s.secret_files.iter().enumerate() {
-            if s.secret_files[..i].iter().any(|o| o.name == f.name) {
+        for (i, f) in secret_files.iter().enumerate() {
+            if secret_files[..i].iter().any(|o| o.name == f.name) {
                 return Err(ConfigError::Invalid {
                     field: format!("secretFiles[{i}].name"),
                     message: format!("`{}` is given twice", f.name),
@@ -478,10 +604,10 @@ impl StreamPipeline {
         }
         // A CA file under the secret files' directory must be one of them.
         let mut ca_files: Vec<(String, &str)> = Vec::new();
-        if let Some(f) = &sec.ca_file {
+        if let Some(f) = ca_file {
             ca_files.push(("source.security.caFile".into(), f));
         }
-        for (i, sink) in s.sinks.iter().enumerate() {
+        for (i, sink) in sinks.iter().enumerate() {
             if let SinkConfig::Postgres(pg) = sink {
                 if let Some(f) = &pg.ca_file {
                     ca_files.push((format!("sinks[{i}].postgres.caFile"), f));
@@ -492,7 +618,7 @@ impl StreamPipeline {
             let Some(file) = path.strip_prefix(&format!("{SECRET_FILES_DIR}/")) else {
                 continue;
             };
-            if !s.secret_files.iter().any(|f| f.name == file) {
+            if !secret_files.iter().any(|f| f.name == file) {
                 return Err(ConfigError::Invalid {
                     field,
                     message: format!(
@@ -501,10 +627,10 @@ impl StreamPipeline {
                 });
             }
         }
-        for (i, e) in s.secret_env.iter().enumerate() {
+        for (i, e) in secret_env.iter().enumerate() {
             if RESERVED_ENV.contains(&e.name.as_str())
                 || e.name.starts_with(crate::config::ENV_OVERRIDE_PREFIX)
-                || s.secret_env[..i].iter().any(|o| o.name == e.name)
+                || secret_env[..i].iter().any(|o| o.name == e.name)
             {
                 return Err(ConfigError::Invalid {
                     field: format!("secretEnv[{i}].name"),
@@ -516,6 +642,33 @@ impl StreamPipeline {
             }
         }
         Ok(config)
+    }
+}
+
+/// How a Secret key reaches the worker pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretUse<'a> {
+    /// As the environment variable of this name.
+    Env(&'a str),
+    /// As the file of this name under [`SECRET_FILES_DIR`].
+    File(&'a str),
+}
+
+impl StreamPipelineSpec {
+    /// Every Secret key the worker pod is filled from, and how, in one list: what the
+    /// Deployment mounts, and what the controller reads to reach Kafka as the workers do.
+    pub fn secret_inputs(&self) -> Vec<(SecretUse<'_>, &SecretKeyRef)> {
+        let mut out = Vec::new();
+        if let Some(r) = &self.source.security.password_secret_ref {
+            out.push((SecretUse::Env(SASL_PASSWORD_ENV), r));
+        }
+        for e in &self.secret_env {
+            out.push((SecretUse::Env(e.name.as_str()), &e.secret_key_ref));
+        }
+        for f in &self.secret_files {
+            out.push((SecretUse::File(f.name.as_str()), &f.secret_key_ref));
+        }
+        out
     }
 }
 
@@ -541,7 +694,7 @@ fn name_rule(name: &str) -> Result<(), ConfigError> {
 }
 
 /// `spec.logLevel`: comma-separated `level` or `target=level`, the schema's pattern.
-fn log_level(v: &str) -> Result<(), ConfigError> {
+fn log_level_filter(v: &str) -> Result<(), ConfigError> {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     let ident = |t: &str| {
         t.split("::").all(|p| {
@@ -569,6 +722,7 @@ fn log_level(v: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::rules::PER_PARTITION;
     use kube::CustomResourceExt;
 
     fn example() -> StreamPipeline {
@@ -644,6 +798,64 @@ spec:
         p.spec.secret_files.clear();
         p.spec.source.security.ca_file = Some("/etc/ssl/custom/ca.pem".into());
         assert!(p.worker_config().is_ok());
+    }
+
+    #[test]
+    fn cel_rules_mirror_the_constants_the_checks_read() {
+        for name in RESERVED_ENV {
+            assert!(SECRET_ENV_RULE.contains(&format!("'{name}'")), "{name}");
+        }
+        assert_eq!(
+            SECRET_ENV_RULE.matches("'SLUICE_").count(),
+            RESERVED_ENV.len() + 1
+        );
+        assert!(SECRET_ENV_RULE.contains(&format!(
+            "startsWith('{}')",
+            crate::config::ENV_OVERRIDE_PREFIX
+        )));
+        assert!(NAME_RULE.contains(&format!("size() <= {MAX_NAME_LEN}")));
+        assert!(NAME_RULE_MESSAGE.contains(&format!("at most {MAX_NAME_LEN}")));
+        let crd = serde_json::to_string(&StreamPipeline::crd()).unwrap();
+        let rule = serde_json::to_string(SECRET_ENV_RULE).unwrap();
+        assert!(crd.contains(&rule), "the CRD carries SECRET_ENV_RULE");
+    }
+
+    #[test]
+    fn the_schema_carries_the_bounds_the_checks_read() {
+        let crd = serde_json::to_value(StreamPipeline::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let workers = &spec["properties"]["workers"]["properties"]["perPartition"];
+        let n = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+        assert_eq!(n(&workers["minimum"]), PER_PARTITION.min as f64);
+        assert_eq!(n(&workers["maximum"]), PER_PARTITION.max as f64);
+        let topic = &spec["properties"]["source"]["properties"]["topic"];
+        assert_eq!(n(&topic["maxLength"]), TOPIC_NAME_LEN.max as f64);
+        assert_eq!(topic["pattern"], TOPIC_NAME_PATTERN);
+        assert_eq!(n(&spec["properties"]["sinks"]["maxItems"]), SINKS.max as f64);
+    }
+
+    #[test]
+    fn scaling_rules_hold_for_objects_stored_before_them() {
+        let s = |v: serde_json::Value| -> ScalingSpec { serde_json::from_value(v).unwrap() };
+        let e = s(serde_json::json!({"minReplicas": 5, "maxReplicas": 2}))
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("scaling.maxReplicas") && e.contains("at least minReplicas"),
+            "{e}"
+        );
+        let e = s(serde_json::json!({"maxReplicas": 5000}))
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("between 1 and 1000"), "{e}");
+        let e = s(serde_json::json!({"lagPerReplica": 0}))
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scaling.lagPerReplica"), "{e}");
+        assert!(ScalingSpec::default().check().is_ok());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use sha2::{Digest, Sha256};
 use sluice_api::config::WorkerConfig;
-use sluice_api::crd::{StreamPipeline, SASL_PASSWORD_ENV, SECRET_FILES_DIR, WORKER_PORT};
+use sluice_api::crd::{SecretUse, StreamPipeline, SECRET_FILES_DIR, WORKER_PORT};
 
 /// Annotation on the pod template carrying the config hash: a new config rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "sluice.dev/config-hash";
@@ -213,11 +213,11 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
         }),
         ..Default::default()
     };
-    if let Some(secret) = &spec.source.security.password_secret_ref {
-        env.push(from_secret(SASL_PASSWORD_ENV, secret));
-    }
-    for e in &spec.secret_env {
-        env.push(from_secret(&e.name, &e.secret_key_ref));
+    let inputs = spec.secret_inputs();
+    for (used, secret) in &inputs {
+        if let SecretUse::Env(name) = used {
+            env.push(from_secret(name, secret));
+        }
     }
     let mut volumes = vec![Volume {
         name: "config".into(),
@@ -234,23 +234,25 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
         ..Default::default()
     }];
     // spec.secretFiles: one projected volume, each Secret key a file under SECRET_FILES_DIR.
-    if !spec.secret_files.is_empty() {
-        let sources = spec
-            .secret_files
-            .iter()
-            .map(|f| VolumeProjection {
+    let sources: Vec<VolumeProjection> = inputs
+        .iter()
+        .filter_map(|(used, secret)| match used {
+            SecretUse::File(file) => Some(VolumeProjection {
                 secret: Some(SecretProjection {
-                    name: f.secret_key_ref.name.clone(),
+                    name: secret.name.clone(),
                     items: Some(vec![KeyToPath {
-                        key: f.secret_key_ref.key.clone(),
-                        path: f.name.clone(),
+                        key: secret.key.clone(),
+                        path: file.to_string(),
                         mode: None,
                     }]),
                     optional: Some(false),
                 }),
                 ..Default::default()
-            })
-            .collect();
+            }),
+            SecretUse::Env(_) => None,
+        })
+        .collect();
+    if !sources.is_empty() {
         volumes.push(Volume {
             name: "secret-files".into(),
             projected: Some(ProjectedVolumeSource {
@@ -415,7 +417,7 @@ pub fn build_service_monitor(v: &Validated) -> serde_json::Value {
 mod tests {
     use super::*;
     use sluice_api::config::{SaslMechanism, SecurityProtocol};
-    use sluice_api::crd::{PipelineSecurity, SecretKeyRef};
+    use sluice_api::crd::{PipelineSecurity, SecretKeyRef, SASL_PASSWORD_ENV};
 
     fn pipeline(extra: &str) -> StreamPipeline {
         let v: serde_json::Value = serde_yaml::from_str(&format!(

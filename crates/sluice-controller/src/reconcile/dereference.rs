@@ -5,16 +5,18 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DynamicObject};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use rdkafka::ClientConfig;
-use sluice_api::crd::{PipelineSource, StreamPipeline};
+use sluice_api::config::WorkerConfig;
+use sluice_api::crd::StreamPipeline;
 
 use super::build::ChildNames;
+use super::secrets::PodSecrets;
 use super::status::Blocker;
 use super::Stop;
 use crate::autoscale::lag::LagError;
@@ -51,7 +53,11 @@ pub fn service_monitor_resource() -> ApiResource {
 
 /// Read what exists. A child owned by someone else, a missing Secret or topic, or Kafka out
 /// of reach stops the reconcile with a condition.
-pub async fn dereference(ctx: &Context, sp: &StreamPipeline) -> Result<Found, Stop> {
+pub async fn dereference(
+    ctx: &Context,
+    sp: &StreamPipeline,
+    config: &WorkerConfig,
+) -> Result<Found, Stop> {
     let ns = sp.namespace().unwrap_or_default();
     let name = sp.name_any();
     let uid = sp.metadata.uid.clone().unwrap_or_default();
@@ -82,17 +88,30 @@ pub async fn dereference(ctx: &Context, sp: &StreamPipeline) -> Result<Found, St
         result: "source_error",
         retry: Some(retry),
     };
-    let kafka = match kafka_config(&ctx.client, &ns, &sp.spec.source).await {
-        Ok(kafka) => kafka,
+    let security = &config.source.security;
+    let secrets = match PodSecrets::load(&ctx.client, &ns, &sp.spec, security).await {
+        Ok(secrets) => secrets,
         Err(Error::Secret(secret, why)) => {
             return Err(source(
                 Blocker::SecretNotFound(format!(
-                    "Secret {secret:?} in namespace {ns:?} {why}; create it or fix spec.source.security.passwordSecretRef"
+                    "Secret {secret:?} in namespace {ns:?} {why}; create it or fix spec.source.security.passwordSecretRef or spec.secretFiles"
                 )),
                 Duration::from_secs(30),
             ))
         }
         Err(e) => return Err(e.into()),
+    };
+    let kafka = match secrets.client_config(&config.source.bootstrap_servers, security) {
+        Ok(kafka) => kafka,
+        Err(missing) => {
+            return Err(source(
+                Blocker::SecretNotFound(format!(
+                    "{} needs a Secret, and none is given for `{}`: set spec.source.security.passwordSecretRef",
+                    missing.what, missing.var
+                )),
+                Duration::from_secs(30),
+            ))
+        }
     };
     let (k, topic, cfg) = (
         ctx.kafka.clone(),
@@ -162,40 +181,6 @@ async fn has_service_monitors(ctx: &Context) -> Result<bool, kube::Error> {
         .is_some();
     *ctx.service_monitor_crd.lock().expect("crd cache lock") = Some((Instant::now(), known));
     Ok(known)
-}
-
-/// The client settings for the pipeline's Kafka, with the SASL password read from its
-/// Secret.
-async fn kafka_config(
-    client: &Client,
-    ns: &str,
-    source: &PipelineSource,
-) -> Result<ClientConfig, Error> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &source.bootstrap_servers).set(
-        "security.protocol",
-        source.security.protocol.as_librdkafka(),
-    );
-    if let Some(m) = source.security.sasl_mechanism {
-        c.set("sasl.mechanism", m.as_librdkafka());
-        c.set(
-            "sasl.username",
-            source.security.username.clone().unwrap_or_default(),
-        );
-    }
-    if let Some(r) = &source.security.password_secret_ref {
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-        let s = secrets
-            .get_opt(&r.name)
-            .await?
-            .ok_or_else(|| Error::Secret(r.name.clone(), "not found".into()))?;
-        let v = s
-            .data
-            .and_then(|d| d.get(&r.key).cloned())
-            .ok_or_else(|| Error::Secret(r.name.clone(), format!("has no key `{}`", r.key)))?;
-        c.set("sasl.password", String::from_utf8_lossy(&v.0).to_string());
-    }
-    Ok(c)
 }
 
 /// Whether `meta` (an existing object) belongs to the pipeline with `uid`.

@@ -10,7 +10,7 @@
 //!   rule, reserved properties and variables), then what needs the controller's libraries:
 //!   every librdkafka property is set on a real librdkafka configuration, so a misspelt
 //!   name or a refused value is caught before a pod crash-loops on it; resource quantities
-//!   are checked against Kubernetes' grammar.
+//!   are checked against Kubernetes' grammar; the scaling rules of the schema hold.
 
 use std::collections::BTreeMap;
 
@@ -18,8 +18,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::DynamicObject;
 use rdkafka::ClientConfig;
 use sluice_api::config::{ConfigError, SinkConfig, WorkerConfig};
-use sluice_api::crd::{ScalingSpec, StreamPipeline};
-use sluice_api::units::HumanDuration;
+use sluice_api::crd::{StreamPipeline, REPLICAS};
 
 /// The stored object as a [`StreamPipeline`]; the error names the first field that does
 /// not fit and what it should be.
@@ -62,34 +61,9 @@ pub fn validate(sp: &StreamPipeline) -> Result<WorkerConfig, ConfigError> {
             }
         }
     }
-    scaling(&sp.spec.scaling)?;
+    sp.spec.scaling.check()?;
+    REPLICAS.check("replicas", sp.spec.replicas)?;
     Ok(config)
-}
-
-/// Scale to zero: `idleAfter` and `activationLag` only with `minReplicas: 0` (the CEL rule,
-/// for objects stored before it), and an `idleAfter` the poll can see (at least one
-/// `pollInterval`: idleness is judged from one reading per poll).
-fn scaling(s: &ScalingSpec) -> Result<(), ConfigError> {
-    if s.min_replicas != 0 && (s.idle_after.is_some() || s.activation_lag.is_some()) {
-        return Err(ConfigError::Invalid {
-            field: "scaling.idleAfter".into(),
-            message: "idleAfter and activationLag apply only with minReplicas: 0 (scale to zero)"
-                .into(),
-        });
-    }
-    if let Some(after) = s.scale_to_zero_after() {
-        if after < s.poll_interval.0 {
-            return Err(ConfigError::Invalid {
-                field: "scaling.idleAfter".into(),
-                message: format!(
-                    "idleAfter ({}) is shorter than pollInterval ({}): idleness is judged once per poll; make idleAfter at least pollInterval",
-                    HumanDuration(after),
-                    s.poll_interval
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Set each property on its own librdkafka configuration, so the error names it.
