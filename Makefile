@@ -3,6 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
+DEMO_LISTEN ?= 127.0.0.1:9095
 
 .PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench profile chaos fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
@@ -10,11 +11,14 @@ setup:
 	@scripts/setup.sh
 
 ## Run a real pipeline against a local Kafka with a load generator and live progress.
+## DEMO_LISTEN is the in-process worker's metrics address; the broker is the local one of
+## scripts/kafka.sh (SLUICE_KAFKA_PORT), or SLUICE_BOOTSTRAP.
 demo:
 	@scripts/setup.sh demo
-	@scripts/kafka.sh start
+	@if [[ -z "$${SLUICE_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi
 	$(CARGO) build --release -p sluice-loadgen
-	./target/release/sluice-loadgen demo --count $(DEMO_COUNT) --rate $(DEMO_RATE)
+	SLUICE_BOOTSTRAP="$${SLUICE_BOOTSTRAP:-127.0.0.1:$${SLUICE_KAFKA_PORT:-9092}}" \
+	  ./target/release/sluice-loadgen demo --count $(DEMO_COUNT) --rate $(DEMO_RATE) --listen $(DEMO_LISTEN)
 
 ## Every test: unit, property and integration tests against the real broker, a real
 ## PostgreSQL, a real kube-apiserver, and the end-to-end suite on a real single-node

@@ -19,7 +19,10 @@
 #     Debian packages installed earlier stay installed (the `packages` phase of .ci/run checks
 #     that scripts/setup.sh would install every one the build and the tests used).
 #
-#   scripts/ci-rehearsal.sh [--cold] [--keep]
+#   scripts/ci-rehearsal.sh [--cold] [--keep] [--demo]
+#
+# --demo runs the README's other command, `make demo`, instead of `.ci/run` (its output in
+# $W/demo.log), to time a newcomer's first demo.
 #
 # The output of `.ci/run` is in $W/ci.log ($SLUICE_REHEARSAL_DIR, default
 # /tmp/sluice-rehearsal); the phase times and the summary line are printed at the end.
@@ -28,12 +31,13 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 W="${SLUICE_REHEARSAL_DIR:-/tmp/sluice-rehearsal}"
-cold=0 keep=0
+cold=0 keep=0 demo=0
 for a in "$@"; do
   case "$a" in
     --cold) cold=1 ;;
     --keep) keep=1 ;;
-    *) echo "usage: $0 [--cold] [--keep]" >&2; exit 2 ;;
+    --demo) demo=1 ;;
+    *) echo "usage: $0 [--cold] [--keep] [--demo]" >&2; exit 2 ;;
   esac
 done
 
@@ -78,13 +82,22 @@ stop_all() {
 }
 trap stop_all EXIT
 
-log "running .ci/run (CI=true, no stdin); output in $W/ci.log"
 start=$SECONDS
 set +e
-(cd "$W/sluice" && CI=true bash .ci/run </dev/null >"$W/ci.log" 2>&1)
-rc=$?
-set -e
-grep -E '^=== \[ci\] phases|^sluice: |^\[e2e\] .*took|^=== failed tests|^    .*\(tests/' "$W/ci.log" || true
+if ((demo)); then
+  log "running make demo (no stdin); output in $W/demo.log"
+  # Its own metrics port: the default one may be taken by another checkout's demo.
+  (cd "$W/sluice" && make demo DEMO_LISTEN=127.0.0.1:0 </dev/null >"$W/demo.log" 2>&1)
+  rc=$?
+  set -e
+  tail -8 "$W/demo.log"
+else
+  log "running .ci/run (CI=true, no stdin); output in $W/ci.log"
+  (cd "$W/sluice" && CI=true bash .ci/run </dev/null >"$W/ci.log" 2>&1)
+  rc=$?
+  set -e
+  grep -E '^=== \[ci\] phases|^sluice: |^\[e2e\] .*took|^=== failed tests|^    .*\(tests/' "$W/ci.log" || true
+fi
 log "exit $rc after $((SECONDS - start)) s"
 stop_all
 trap - EXIT

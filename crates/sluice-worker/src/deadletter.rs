@@ -16,16 +16,16 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
-use crate::kafka_log::LoggingContext;
+use crate::kafka::log::LoggingContext;
 
-/// The dead-letter producer (its librdkafka lines through [`crate::kafka_log`]).
+/// The dead-letter producer (its librdkafka lines through [`crate::kafka::log`]).
 type FutureProducer = rdkafka::producer::FutureProducer<LoggingContext>;
 use rdkafka::ClientConfig;
 use tokio::sync::Notify;
 
-use crate::ack::AckToken;
+use crate::engine::ack::AckToken;
+use crate::ops::throttle::LogThrottle;
 use crate::record::{Header, Origin};
-use crate::throttle::LogThrottle;
 
 /// Header names written on every letter.
 pub mod headers {
@@ -133,7 +133,7 @@ impl std::fmt::Debug for DeadLetters {
 }
 
 impl DeadLetters {
-    fn with(target: Target, metrics: &crate::metrics::Metrics) -> Arc<Self> {
+    fn with(target: Target, metrics: &crate::ops::metrics::Metrics) -> Arc<Self> {
         Arc::new(DeadLetters {
             target,
             counter: metrics.dead_letters.clone(),
@@ -146,12 +146,12 @@ impl DeadLetters {
     }
 
     /// No dead-letter topic: a failed record stalls its partition.
-    pub fn stall(metrics: &crate::metrics::Metrics) -> Arc<Self> {
+    pub fn stall(metrics: &crate::ops::metrics::Metrics) -> Arc<Self> {
         Self::with(Target::Stall, metrics)
     }
 
     /// Letters kept in memory, for tests; see [`DeadLetters::parked`].
-    pub fn memory(metrics: &crate::metrics::Metrics) -> Arc<Self> {
+    pub fn memory(metrics: &crate::ops::metrics::Metrics) -> Arc<Self> {
         Self::with(Target::Memory(Default::default()), metrics)
     }
 
@@ -160,7 +160,7 @@ impl DeadLetters {
     pub fn kafka(
         mut config: ClientConfig,
         topic: &str,
-        metrics: &crate::metrics::Metrics,
+        metrics: &crate::ops::metrics::Metrics,
     ) -> Result<Arc<Self>, rdkafka::error::KafkaError> {
         config
             .set("enable.idempotence", "true")
@@ -185,7 +185,7 @@ impl DeadLetters {
     pub fn kafka_transactional(
         producer: FutureProducer,
         topic: &str,
-        metrics: &crate::metrics::Metrics,
+        metrics: &crate::ops::metrics::Metrics,
     ) -> Arc<Self> {
         Self::with(
             Target::Kafka {
@@ -215,7 +215,7 @@ impl DeadLetters {
         // Every letter of a pipeline comes from its one source topic; the tokens know it.
         let topic: Arc<str> = tokens
             .first()
-            .map_or_else(|| Arc::from(""), |t| t.partition().topic.clone());
+            .map_or_else(|| Arc::from(""), |t| t.partition().tp().topic.clone());
         for l in &letters {
             // One line per interval, for the record that opened it and how many failed
             // since the last line; every letter carries its own details in its headers.

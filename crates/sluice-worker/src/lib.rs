@@ -1,15 +1,20 @@
 //! sluice-worker: the data path of a sluice pipeline.
 //!
 //! ```text
-//! consumer (one per process, group member)
+//! consumer (one per process, group member)             (kafka/consumer.rs)
 //!   -> one queue per assigned partition, split in the rebalance callback
-//!   -> dispatcher per partition         (dispatcher.rs)   batches of <= 512 records
-//!   -> worker pool per partition        (pool.rs)         processor runs here
-//!   -> one batcher per sink             (batcher.rs)      count / bytes / linger
+//!   -> dispatcher per partition         (kafka/dispatcher.rs, engine/dispatch.rs)  batches of <= 512
+//!   -> worker lanes per partition       (engine/lanes.rs, engine/pool.rs)  processor runs here
+//!   -> one batcher per sink             (engine/batcher.rs)  count / bytes / linger
 //!   -> sink acknowledges the batch      (sink/)
-//!   -> offset tracker marks ranges done (offsets.rs, ack.rs)
-//!   -> committer commits the watermark  (committer.rs)
+//!   -> offset tracker marks ranges done (engine/offsets.rs, engine/ack.rs)
+//!   -> the delivery guarantee commits   (delivery/: at-least-once's committer, or
+//!                                        exactly-once's transaction per window)
 //! ```
+//!
+//! The coordinator (`coordinator.rs`) owns the assigned partitions (`kafka/assignment.rs`)
+//! and the delivery guarantee; `pipeline.rs` wires it all; `ops/` holds the liveness
+//! rules, the HTTP server and the metrics.
 //!
 //! To run custom processing logic, implement [`processor::Processor`] and call [`run`]
 //! from your own `main`:
@@ -45,29 +50,22 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-pub mod ack;
-pub mod backpressure;
-pub mod batcher;
-pub mod client;
-pub mod committer;
-pub mod consumer;
+pub mod clock;
+pub mod coordinator;
 pub mod deadletter;
-pub mod dispatcher;
+pub mod delivery;
 pub mod engine;
-pub mod kafka_log;
-pub mod metrics;
-pub mod offsets;
-pub mod partition;
+pub mod error;
+pub mod kafka;
+pub mod ops;
 pub mod pipeline;
-pub mod pool;
 pub mod processor;
-pub mod progress;
 pub mod record;
 pub mod retry;
-pub mod server;
 pub mod sink;
-pub mod throttle;
-pub mod transaction;
+
+// The operating side keeps its old paths (`sluice_worker::metrics`, `::progress`, `::server`).
+pub use ops::{metrics, progress, server};
 
 /// Cases per fuzzing property: `default` in `cargo test` (CI), more with
 /// `PROPTEST_CASES=N` for a longer run (`make fuzz`).
@@ -77,17 +75,6 @@ pub(crate) fn fuzz_cases(default: u32) -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Milliseconds on a monotonic process clock (for "how long since" checks shared between
-/// threads as plain integers).
-pub fn clock_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-        + 1
 }
 
 use std::path::PathBuf;

@@ -274,7 +274,20 @@ fn an_out_of_range_commit_resumes_at_the_earliest_retained_record() {
     // Before the group exists: `latest` skips these.
     produce_now(&s, 0, 1_000, None, 100);
     let mut w = start_worker_latest(&s, "l2-a");
-    std::thread::sleep(Duration::from_secs(2));
+    // The seek to the end happens after the assignment: produce only once it is done, or
+    // the records below would be skipped too.
+    sluice_testkit::poll(
+        "the worker to start its partition at the end of the log",
+        Duration::from_secs(30),
+        || {
+            let log = w.log_tail(10_000);
+            if log.contains("starting at the end of the log") {
+                Ok(())
+            } else {
+                Err(w.log_tail(5))
+            }
+        },
+    );
     produce_now(&s, 1_000, 1_000, None, 100);
     wait_fully_committed(&s, Duration::from_secs(60), &[&w]);
     w.signal("TERM");

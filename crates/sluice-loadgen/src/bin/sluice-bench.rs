@@ -391,7 +391,7 @@ async fn engine(a: &Args) -> anyhow::Result<()> {
     let mut offset = 0i64;
     while (offset as u64) < per_partition {
         for p in 0..a.partitions {
-            let recs = (0..sluice_worker::dispatcher::DISPATCH_BATCH as i64)
+            let recs = (0..sluice_worker::engine::DISPATCH_BATCH as i64)
                 .map(|i| sluice_worker::Record {
                     topic: topic.clone(),
                     partition: p,
@@ -404,7 +404,7 @@ async fn engine(a: &Args) -> anyhow::Result<()> {
                 .collect();
             e.feed(p as usize, recs).await;
         }
-        offset += sluice_worker::dispatcher::DISPATCH_BATCH as i64;
+        offset += sluice_worker::engine::DISPATCH_BATCH as i64;
     }
     anyhow::ensure!(
         e.wait_idle(Duration::from_secs(60)).await,

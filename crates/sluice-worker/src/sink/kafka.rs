@@ -28,8 +28,8 @@ use tokio::sync::Notify;
 
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
+use crate::ops::throttle::LogThrottle;
 use crate::retry::{ErrorClass, RetryPolicy};
-use crate::throttle::LogThrottle;
 
 /// A batch handed to the producer, waiting for its delivery reports.
 struct InFlight {
@@ -90,14 +90,14 @@ pub(crate) struct SinkContext {
 
 impl ClientContext for SinkContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        crate::kafka_log::KAFKA_LOG.log(level, fac, message);
+        crate::kafka::log::KAFKA_LOG.log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
         if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
             tracing::error!(sink = "kafka", topic = %self.topic, %reason, "fatal producer error; the worker stops and resumes from its last commit");
             self.shared.fatal.store(true, Ordering::Release);
-        } else if crate::kafka_log::KAFKA_LOG.error_is_transient(&error, reason) {
+        } else if crate::kafka::log::KAFKA_LOG.error_is_transient(&error, reason) {
             tracing::info!(sink = "kafka", topic = %self.topic, error = %error, %reason, "producer error (a passing state)");
         } else {
             tracing::warn!(sink = "kafka", topic = %self.topic, error = %error, %reason, "producer error");

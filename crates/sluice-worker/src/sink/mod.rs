@@ -1,7 +1,8 @@
 //! Sinks: where outputs are delivered. Each sink gets its own batcher
-//! ([`crate::batcher::run_batcher`]) and acknowledges whole batches.
+//! ([`crate::engine::batcher::run_batcher`]) and acknowledges whole batches.
 
 pub mod kafka;
+pub mod kafka_txn;
 pub mod null;
 pub mod postgres;
 pub mod stdout;
@@ -11,9 +12,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 
-use crate::ack::AckToken;
 use crate::deadletter::{DeadLetters, Letter};
-use crate::metrics::Metrics;
+use crate::engine::ack::AckToken;
+use crate::ops::metrics::Metrics;
 use crate::record::{Origin, Output};
 
 /// A flushed batch on its way to a sink.
@@ -89,7 +90,7 @@ impl SinkBatch {
             if let Some((_, origin)) = items.get(*i) {
                 if let Some(t) = tokens
                     .iter()
-                    .find(|t| t.partition().partition == origin.partition)
+                    .find(|t| t.partition().tp().partition == origin.partition)
                 {
                     t.partition().metrics.failed_sink.inc();
                 }

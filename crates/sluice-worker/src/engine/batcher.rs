@@ -9,7 +9,7 @@ use std::time::{Duration, Instant as StdInstant};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::ack::AckToken;
+use crate::engine::ack::AckToken;
 use crate::record::{Origin, Output};
 use crate::sink::{DynSink, SinkBatch};
 
@@ -130,7 +130,7 @@ pub async fn run_batcher(
     mut rx: mpsc::Receiver<Piece>,
     sink: DynSink,
     limits: Limits,
-    metrics: crate::metrics::Metrics,
+    metrics: crate::ops::metrics::Metrics,
 ) {
     let mut batcher: Batcher<(Output, Origin)> = Batcher::new(limits);
     let mut tokens: Vec<AckToken> = Vec::new();
@@ -266,13 +266,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_batcher_task_flushes_on_linger_and_splits_at_max_messages() {
-        use crate::ack::BatchAck;
-        use crate::partition::{NoControl, PartitionState};
+        use crate::engine::ack::BatchAck;
+        use crate::engine::partition::{Incarnation, NoControl, PartitionState, TopicPartition};
         use std::sync::Arc;
-        let m = crate::metrics::Metrics::new("t");
+        let m = crate::ops::metrics::Metrics::new("t");
         let st = PartitionState::new(
-            "t".into(),
-            0,
+            Incarnation::new(TopicPartition::new("t", 0), 0),
             64,
             Arc::new(NoControl),
             m.partition("t", 0),

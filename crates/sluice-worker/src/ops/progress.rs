@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::proto::MetricFamily;
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 
 /// Totals read from the registry at one instant.
 #[derive(Clone, Debug, Default)]

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::partition::PartitionState;
+use crate::engine::partition::PartitionState;
 
 /// One dispatched batch of records of one partition.
 #[derive(Debug)]

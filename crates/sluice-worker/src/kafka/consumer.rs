@@ -14,8 +14,7 @@
 //!
 //! The main queue is served by a dedicated thread (it runs the callbacks, which block).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
@@ -26,9 +25,10 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::metrics::Metrics;
-use crate::partition::{PartitionControl, PartitionState};
-use crate::server::Health;
+use crate::engine::partition::{PartitionControl, TopicPartition};
+use crate::engine::registry::Registry;
+use crate::ops::health::Health;
+use crate::ops::metrics::Metrics;
 
 /// The consumer type used by the worker.
 pub type SluiceConsumer = StreamConsumer<SluiceContext>;
@@ -36,19 +36,19 @@ pub type SluiceConsumer = StreamConsumer<SluiceContext>;
 /// A rebalance, as seen by the coordinator.
 pub enum RebalanceEvent {
     /// New partitions, each with its own queue already split off.
-    Assigned(Vec<(String, i32, StreamPartitionQueue<SluiceContext>)>),
+    Assigned(Vec<(TopicPartition, StreamPartitionQueue<SluiceContext>)>),
     /// librdkafka applied an assignment (after [`RebalanceEvent::Assigned`]): the
     /// coordinator states each partition's pause flag again. A pause or resume issued
     /// before the assignment took effect can be dropped by librdkafka as outdated (starting
     /// the fetch bumps the partition's op version), and librdkafka keeps a pause flag
     /// across assignments: without this a partition paused by its previous incarnation
     /// could stay paused for good.
-    AssignApplied(Vec<(String, i32)>),
+    AssignApplied(Vec<TopicPartition>),
     /// Partitions to give up. Reply [`RevokeProgress::Released`] once their dispatchers
     /// are gone, then [`RevokeProgress::Done`] once drained and committed.
     Revoked {
         /// The partitions.
-        partitions: Vec<(String, i32)>,
+        partitions: Vec<TopicPartition>,
         /// True when the assignment was lost (session expired): skip drain and commit.
         lost: bool,
         /// Reply channel; the rebalance callback waits on it.
@@ -72,27 +72,29 @@ pub struct SluiceContext {
     events: mpsc::UnboundedSender<RebalanceEvent>,
     revoke_timeout: Duration,
     metrics: Metrics,
-    /// The partitions this process owns (current incarnations), for lag from statistics.
-    pub(crate) owned: Mutex<HashMap<(String, i32), Arc<PartitionState>>>,
+    /// The partitions this process owns (the coordinator's registry), for lag from
+    /// statistics.
+    owned: Registry,
     fatal: std::sync::atomic::AtomicBool,
     health: Arc<Health>,
 }
 
 impl SluiceContext {
-    /// A context that sends rebalance events to `events`. A revoke waits at most
-    /// `revoke_timeout` for the coordinator.
+    /// A context that sends rebalance events to `events` and reads the owned partitions
+    /// from `owned`. A revoke waits at most `revoke_timeout` for the coordinator.
     pub fn new(
         events: mpsc::UnboundedSender<RebalanceEvent>,
         revoke_timeout: Duration,
         metrics: Metrics,
         health: Arc<Health>,
+        owned: Registry,
     ) -> Self {
         SluiceContext {
             consumer: OnceLock::new(),
             events,
             revoke_timeout,
             metrics,
-            owned: Mutex::new(HashMap::new()),
+            owned,
             fatal: Default::default(),
             health,
         }
@@ -119,10 +121,9 @@ impl ClientContext for SluiceContext {
                 self.health.joined();
             }
         }
-        let owned = self.owned.lock().expect("owned lock");
         for (topic, t) in &stats.topics {
             for (p, s) in &t.partitions {
-                if let Some(st) = owned.get(&(topic.clone(), *p)) {
+                if let Some(st) = self.owned.state(&TopicPartition::new(topic.as_str(), *p)) {
                     tracing::debug!(%topic, partition = p, fetch_state = %s.fetch_state, fetchq_cnt = s.fetchq_cnt,
                         app_offset = s.app_offset, next_offset = s.next_offset, hi_offset = s.hi_offset,
                         committed = s.committed_offset, epoch = st.epoch(), paused = st.is_paused(), "partition statistics");
@@ -162,7 +163,7 @@ impl ClientContext for SluiceContext {
             tracing::warn!(detail = %message, "the consumer's position was out of range on the broker and was reset (auto.offset.reset); records the broker deleted in between were never processed");
             return;
         }
-        crate::kafka_log::KAFKA_LOG.log(level, fac, message);
+        crate::kafka::log::KAFKA_LOG.log(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -172,7 +173,7 @@ impl ClientContext for SluiceContext {
         ) {
             tracing::error!(%reason, "fatal consumer error");
             self.fatal.store(true, std::sync::atomic::Ordering::Release);
-        } else if crate::kafka_log::KAFKA_LOG.error_is_transient(&error, reason) {
+        } else if crate::kafka::log::KAFKA_LOG.error_is_transient(&error, reason) {
             tracing::info!(error = %error, %reason, "consumer error (a passing state)");
         } else {
             tracing::warn!(error = %error, %reason, "consumer error");
@@ -187,10 +188,10 @@ fn is_out_of_range_reset(message: &str) -> bool {
     message.contains("offset reset") && !message.contains("no previously committed offset")
 }
 
-fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
         .iter()
-        .map(|e| (e.topic().to_string(), e.partition()))
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
         .collect()
 }
 
@@ -213,15 +214,15 @@ impl ConsumerContext for SluiceContext {
                     return;
                 };
                 let mut queues = Vec::with_capacity(parts.len());
-                for (topic, p) in parts {
-                    match consumer.split_partition_queue(&topic, p) {
-                        Some(q) => queues.push((topic, p, q)),
+                for tp in parts {
+                    match consumer.split_partition_queue(&tp.topic, tp.partition) {
+                        Some(q) => queues.push((tp, q)),
                         None => {
-                            tracing::error!(%topic, partition = p, "could not split the partition queue")
+                            tracing::error!(topic = %tp.topic, partition = tp.partition, "could not split the partition queue")
                         }
                     }
                 }
-                tracing::info!(partitions = ?queues.iter().map(|q| q.1).collect::<Vec<_>>(), "partitions assigned");
+                tracing::info!(partitions = ?queues.iter().map(|q| q.0.partition).collect::<Vec<_>>(), "partitions assigned");
                 let _busy = self.health.in_callback();
                 let _ = self.events.send(RebalanceEvent::Assigned(queues));
             }
@@ -239,9 +240,9 @@ impl ConsumerContext for SluiceContext {
                     ])
                     .inc();
                 if lost {
-                    tracing::warn!(partitions = ?parts.iter().map(|q| q.1).collect::<Vec<_>>(), "assignment lost (the group session expired); releasing the partitions without a commit, their uncommitted work will be redelivered");
+                    tracing::warn!(partitions = ?parts.iter().map(|q| q.partition).collect::<Vec<_>>(), "assignment lost (the group session expired); releasing the partitions without a commit, their uncommitted work will be redelivered");
                 } else {
-                    tracing::info!(partitions = ?parts.iter().map(|q| q.1).collect::<Vec<_>>(), "partitions revoked; draining");
+                    tracing::info!(partitions = ?parts.iter().map(|q| q.partition).collect::<Vec<_>>(), "partitions revoked; draining");
                 }
                 let (done, wait) = std::sync::mpsc::sync_channel(2);
                 let _busy = self.health.in_callback();
@@ -339,7 +340,7 @@ impl PartitionControl for ConsumerControl {
 pub fn spawn_main_queue_thread(
     consumer: Arc<SluiceConsumer>,
     stop: Arc<std::sync::atomic::AtomicBool>,
-    stray: mpsc::UnboundedSender<(String, i32, i64)>,
+    stray: mpsc::UnboundedSender<(TopicPartition, i64)>,
 ) -> std::thread::JoinHandle<()> {
     let span = tracing::Span::current();
     std::thread::Builder::new()
@@ -356,7 +357,7 @@ pub fn spawn_main_queue_thread(
                         m = consumer.recv() => match m {
                             Ok(m) => {
                                 tracing::error!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "record on the main queue (its partition queue was not split); stalling the partition");
-                                let _ = stray.send((m.topic().to_string(), m.partition(), m.offset()));
+                                let _ = stray.send((TopicPartition::new(m.topic(), m.partition()), m.offset()));
                             }
                             Err(e) => tracing::warn!(error = %e, "consumer error"),
                         },

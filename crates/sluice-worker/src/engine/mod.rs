@@ -1,6 +1,26 @@
-//! The in-memory engine: dispatcher lanes, worker pools, offset trackers and batchers
-//! wired to caller-supplied sinks, with no broker. It is what the engine benchmark and
-//! the data-path tests drive; the Kafka pipeline wires the same pieces to a consumer.
+//! The engine: what happens to a record between its source and its sinks, with no Kafka
+//! in it. Per partition a dispatcher ([`dispatch`]) hands batches to worker lanes
+//! ([`lanes`], [`pool`]) that run the processor, each sink's batcher ([`batcher`]) cuts
+//! the outputs into sink batches, and completion tokens ([`ack`]) mark ranges done in the
+//! partition's offset tracker ([`offsets`], [`partition`]); [`backpressure`] pauses the
+//! partition while its lanes are full or the byte budget is spent.
+//!
+//! [`Engine`] wires these pieces to caller-supplied sinks with no broker (the engine
+//! benchmark and the data-path tests drive it); the Kafka pipeline wires the same pieces
+//! to a consumer (`pipeline.rs`), and both start the sinks' batchers with [`SinkSet`].
+
+pub mod ack;
+pub mod backpressure;
+pub mod batcher;
+pub mod dispatch;
+pub mod gate;
+pub mod lanes;
+pub mod offsets;
+pub mod partition;
+pub mod pool;
+pub mod registry;
+
+pub use lanes::DISPATCH_BATCH;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,19 +29,58 @@ use sluice_api::config::{BatchingConfig, WorkersConfig};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::backpressure::ByteBudget;
-use crate::batcher::{run_batcher, Limits, Piece};
 use crate::deadletter::DeadLetters;
-use crate::dispatcher::Lane;
-use crate::metrics::Metrics;
-use crate::partition::{NoControl, PartitionState};
-use crate::pool::{lane_geometry, spawn_workers};
+use crate::engine::backpressure::ByteBudget;
+use crate::engine::batcher::{run_batcher, Limits, Piece};
+use crate::engine::dispatch::PartitionDispatch;
+use crate::engine::lanes::lane_geometry;
+use crate::engine::partition::{Incarnation, NoControl, PartitionState, TopicPartition};
+use crate::engine::pool::spawn_workers;
+use crate::ops::metrics::Metrics;
 use crate::processor::Processor;
 use crate::sink::DynSink;
 
+/// Every sink's batcher, started: the senders the worker lanes fan outputs out to (one
+/// per sink, in sink order) and the batcher tasks (each ends once its sender is gone and
+/// it flushed what it held).
+pub struct SinkSet {
+    /// One per sink.
+    pub senders: Arc<[mpsc::Sender<Piece>]>,
+    /// One per sink.
+    pub batchers: Vec<JoinHandle<()>>,
+}
+
+impl SinkSet {
+    /// Start a batcher with `batching`'s limits for each of `sinks`.
+    pub fn spawn(
+        sinks: impl IntoIterator<Item = DynSink>,
+        batching: &BatchingConfig,
+        metrics: &Metrics,
+    ) -> Self {
+        let limits = Limits {
+            max_messages: batching.max_messages as usize,
+            max_bytes: batching.max_bytes.0 as usize,
+            linger: batching.linger.0,
+        };
+        let mut senders = Vec::new();
+        let mut batchers = Vec::new();
+        for sink in sinks {
+            let (tx, rx) = mpsc::channel(256);
+            senders.push(tx);
+            batchers.push(tokio::spawn(tracing::Instrument::in_current_span(
+                run_batcher(rx, sink, limits, metrics.clone()),
+            )));
+        }
+        SinkSet {
+            senders: senders.into(),
+            batchers,
+        }
+    }
+}
+
 /// Partitions fed directly by the caller.
 pub struct Engine {
-    lanes: Vec<Lane>,
+    lanes: Vec<PartitionDispatch>,
     senders: Option<Arc<[mpsc::Sender<Piece>]>>,
     batchers: Vec<JoinHandle<()>>,
     /// The metrics the engine reports to.
@@ -46,26 +105,13 @@ impl Engine {
         dead_letters: Arc<DeadLetters>,
     ) -> Self {
         let metrics = Metrics::new("engine");
-        let limits = Limits {
-            max_messages: batching.max_messages as usize,
-            max_bytes: batching.max_bytes.0 as usize,
-            linger: batching.linger.0,
-        };
-        let mut senders = Vec::new();
-        let mut batchers = Vec::new();
-        for sink in sinks {
-            let (tx, rx) = mpsc::channel(256);
-            senders.push(tx);
-            batchers.push(tokio::spawn(run_batcher(rx, sink, limits, metrics.clone())));
-        }
-        let senders: Arc<[mpsc::Sender<Piece>]> = senders.into();
+        let SinkSet { senders, batchers } = SinkSet::spawn(sinks, batching, &metrics);
         let budget = ByteBudget::new(in_flight_bytes);
         let (lanes_per_partition, slots) = lane_geometry(workers);
         let lanes = (0..partitions)
             .map(|p| {
                 let state = PartitionState::new(
-                    topic.into(),
-                    p,
+                    Incarnation::new(TopicPartition::new(topic, p), 0),
                     workers.queue_capacity as usize,
                     Arc::new(NoControl),
                     metrics.partition(topic, p),
@@ -79,7 +125,7 @@ impl Engine {
                     senders.clone(),
                     dead_letters.clone(),
                 );
-                Lane::new(state, txs, workers.ordering, budget.clone())
+                PartitionDispatch::new(state, txs, workers.ordering, budget.clone())
             })
             .collect();
         Engine {

@@ -1,8 +1,7 @@
-//! The committer: commits, per partition, the tracker's contiguous watermark, only when it
-//! moved. Periodically (asynchronously to the data path) and synchronously on revoke and
-//! shutdown.
+//! The committer of at-least-once delivery: commits, per partition, the tracker's
+//! contiguous watermark, only when it moved ([`Ledger`]). Periodically (asynchronously to
+//! the data path) and synchronously on revoke and shutdown.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,26 +9,9 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::consumer::SluiceConsumer;
-use crate::partition::PartitionState;
-
-/// Which partitions have a watermark beyond their last commit, and what to commit. Pure.
-/// (The committer applies the same rule per incarnation.)
-pub fn plan<'a>(
-    parts: impl IntoIterator<Item = (&'a str, i32, Option<i64>)>,
-    last: &HashMap<(String, i32), i64>,
-) -> Vec<(String, i32, i64)> {
-    parts
-        .into_iter()
-        .filter_map(|(t, p, wm)| {
-            let wm = wm?;
-            match last.get(&(t.to_string(), p)) {
-                Some(&prev) if prev >= wm => None,
-                _ => Some((t.to_string(), p, wm)),
-            }
-        })
-        .collect()
-}
+use crate::delivery::Ledger;
+use crate::engine::partition::{PartitionState, TopicPartition};
+use crate::kafka::consumer::SluiceConsumer;
 
 /// A commit handed to librdkafka and not answered yet.
 struct InFlight {
@@ -57,7 +39,7 @@ pub struct CommitResult {
 pub struct Committer {
     consumer: Arc<SluiceConsumer>,
     /// Last committed offset per partition, with the incarnation it belongs to.
-    last: HashMap<(String, i32), (u64, i64)>,
+    last: Ledger,
     latency: prometheus::Histogram,
     failures: prometheus::IntCounter,
     in_flight: Option<InFlight>,
@@ -72,7 +54,7 @@ impl Committer {
     ) -> Self {
         Committer {
             consumer,
-            last: HashMap::new(),
+            last: Ledger::default(),
             latency,
             failures,
             in_flight: None,
@@ -84,28 +66,24 @@ impl Committer {
         self.in_flight.as_ref().map(|f| f.started.elapsed())
     }
 
-    /// Start committing every partition in `parts` whose watermark moved (a retired
-    /// incarnation is skipped), unless a commit is still in flight. Returns whether one
-    /// was started. `generation` is handed back with the answer. With `force`, watermarks
-    /// that did not move are committed again (a probe of the coordinator).
+    /// Start committing every partition in `parts` whose watermark moved (retired
+    /// incarnations included: a revoke's drain commits them), unless a commit is still in
+    /// flight. Returns whether one was started. `generation` is handed back with the
+    /// answer. With `force`, watermarks that did not move are committed again (a probe of
+    /// the coordinator).
     pub fn start(&mut self, parts: &[Arc<PartitionState>], generation: u64, force: bool) -> bool {
         if self.in_flight.is_some() {
             return false;
         }
-        let mut todo = Vec::new();
-        for s in parts {
-            let Some(wm) = s.watermark() else { continue };
-            match self.last.get(&(s.topic.to_string(), s.partition)) {
-                Some(&(epoch, prev)) if !force && epoch == s.epoch() && prev >= wm => {}
-                _ => todo.push((s.clone(), wm)),
-            }
-        }
+        let todo = self.last.moved(parts, force);
         if todo.is_empty() {
             return false;
         }
         let mut tpl = TopicPartitionList::with_capacity(todo.len());
         for (s, o) in &todo {
-            if let Err(e) = tpl.add_partition_offset(&s.topic, s.partition, Offset::Offset(*o)) {
+            if let Err(e) =
+                tpl.add_partition_offset(&s.tp().topic, s.tp().partition, Offset::Offset(*o))
+            {
                 tracing::error!(error = %e, "cannot build the commit");
                 return false;
             }
@@ -135,8 +113,7 @@ impl Committer {
                 for (s, o) in &f.todo {
                     // Keyed with the incarnation: a late answer for an older one does not
                     // count as a commit of the current one.
-                    self.last
-                        .insert((s.topic.to_string(), s.partition), (s.epoch(), *o));
+                    self.last.record(s, *o);
                     s.metrics.committed.set(*o);
                 }
                 Ok(f.todo.len())
@@ -186,29 +163,7 @@ impl Committer {
     }
 
     /// Forget a partition this process no longer owns.
-    pub fn forget(&mut self, topic: &str, partition: i32) {
-        self.last.remove(&(topic.to_string(), partition));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commits_only_watermarks_that_moved() {
-        let mut last = HashMap::new();
-        last.insert(("t".to_string(), 0), 100);
-        last.insert(("t".to_string(), 1), 50);
-        let got = plan(
-            [
-                ("t", 0, Some(100)),
-                ("t", 1, Some(70)),
-                ("t", 2, None),
-                ("t", 3, Some(1)),
-            ],
-            &last,
-        );
-        assert_eq!(got, vec![("t".into(), 1, 70), ("t".into(), 3, 1)]);
+    pub fn forget(&mut self, tp: &TopicPartition) {
+        self.last.forget(tp);
     }
 }

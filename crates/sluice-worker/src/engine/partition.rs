@@ -12,9 +12,58 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-use crate::backpressure::{FlowAction, FlowControl, HoldReason, WaterMarks};
-use crate::metrics::PartitionMetrics;
-use crate::offsets::{OffsetTracker, TrackerError};
+use crate::engine::backpressure::{FlowAction, FlowControl, HoldReason, WaterMarks};
+use crate::engine::offsets::{OffsetTracker, TrackerError};
+use crate::ops::metrics::PartitionMetrics;
+
+/// A partition of a topic.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The partition.
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    /// `topic`/`partition`.
+    pub fn new(topic: impl Into<Arc<str>>, partition: i32) -> Self {
+        TopicPartition {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl std::fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// One assignment of a partition to this process: its own state, tracker and epoch. A
+/// commit, a late pause or a redelivery belongs to the incarnation it was made for, so
+/// the epoch travels with the partition instead of being looked up.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Incarnation {
+    /// The partition.
+    pub tp: TopicPartition,
+    /// A number no earlier incarnation of any partition in this process had.
+    pub epoch: u64,
+}
+
+impl Incarnation {
+    /// Incarnation `epoch` of `tp`.
+    pub fn new(tp: TopicPartition, epoch: u64) -> Self {
+        Incarnation { tp, epoch }
+    }
+}
+
+impl std::fmt::Display for Incarnation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.tp, self.epoch)
+    }
+}
 
 /// Pauses and resumes fetching of a partition (the consumer, or nothing in benchmarks).
 pub trait PartitionControl: Send + Sync + 'static {
@@ -35,10 +84,8 @@ impl PartitionControl for NoControl {
 
 /// One assigned partition.
 pub struct PartitionState {
-    /// Source topic.
-    pub topic: Arc<str>,
-    /// Source partition.
-    pub partition: i32,
+    /// Which partition, and which of its incarnations.
+    pub incarnation: Incarnation,
     /// Metric handles.
     pub metrics: PartitionMetrics,
     tracker: Mutex<OffsetTracker>,
@@ -49,11 +96,10 @@ pub struct PartitionState {
     control: Arc<dyn PartitionControl>,
     stalled: AtomicBool,
     processing_latency: prometheus::Histogram,
-    epoch: u64,
     /// Set (under the flow lock) when the incarnation ends: no pause/resume after it.
     retired: AtomicBool,
     /// When the dispatcher last received a record, or the partition was last released
-    /// from a hold (ms on the process clock, see [`crate::clock_ms`]).
+    /// from a hold (ms on the process clock, see [`crate::clock::clock_ms`]).
     last_progress_ms: AtomicU64,
     /// Records waiting for this incarnation (from statistics: fetched and unread, or on
     /// the broker beyond the fetch position); -1 while unknown.
@@ -63,49 +109,25 @@ pub struct PartitionState {
 impl std::fmt::Debug for PartitionState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PartitionState")
-            .field("topic", &self.topic)
-            .field("partition", &self.partition)
+            .field("incarnation", &self.incarnation)
             .finish_non_exhaustive()
     }
 }
 
 impl PartitionState {
-    /// State for a newly assigned partition.
+    /// State for `incarnation` of a partition.
     pub fn new(
-        topic: Arc<str>,
-        partition: i32,
+        incarnation: Incarnation,
         queue_capacity: usize,
         control: Arc<dyn PartitionControl>,
         metrics: PartitionMetrics,
         processing_latency: prometheus::Histogram,
-    ) -> Arc<Self> {
-        Self::with_epoch(
-            topic,
-            partition,
-            queue_capacity,
-            control,
-            metrics,
-            processing_latency,
-            0,
-        )
-    }
-
-    /// State for incarnation `epoch` of a partition (a number no earlier incarnation had).
-    pub fn with_epoch(
-        topic: Arc<str>,
-        partition: i32,
-        queue_capacity: usize,
-        control: Arc<dyn PartitionControl>,
-        metrics: PartitionMetrics,
-        processing_latency: prometheus::Histogram,
-        epoch: u64,
     ) -> Arc<Self> {
         metrics.stalled.set(0);
         metrics.paused.set(0);
         metrics.depth.set(0);
         Arc::new(PartitionState {
-            topic,
-            partition,
+            incarnation,
             metrics,
             tracker: Mutex::new(OffsetTracker::new()),
             changed: Notify::new(),
@@ -115,16 +137,20 @@ impl PartitionState {
             control,
             stalled: AtomicBool::new(false),
             processing_latency,
-            epoch,
             retired: AtomicBool::new(false),
-            last_progress_ms: AtomicU64::new(crate::clock_ms()),
+            last_progress_ms: AtomicU64::new(crate::clock::clock_ms()),
             fetch_behind: AtomicI64::new(-1),
         })
     }
 
+    /// The partition.
+    pub fn tp(&self) -> &TopicPartition {
+        &self.incarnation.tp
+    }
+
     /// This incarnation's epoch.
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.incarnation.epoch
     }
 
     /// End this incarnation: from now on its flow control no longer pauses or resumes
@@ -148,7 +174,7 @@ impl PartitionState {
     /// The dispatcher received records.
     pub fn fetched(&self) {
         self.last_progress_ms
-            .store(crate::clock_ms(), Ordering::Relaxed);
+            .store(crate::clock::clock_ms(), Ordering::Relaxed);
     }
 
     /// Statistics say `n` records wait for this incarnation.
@@ -173,9 +199,9 @@ impl PartitionState {
             return;
         }
         if flow.is_paused() {
-            self.control.pause(&self.topic, self.partition);
+            self.control.pause(&self.tp().topic, self.tp().partition);
         } else {
-            self.control.resume(&self.topic, self.partition);
+            self.control.resume(&self.tp().topic, self.tp().partition);
         }
     }
 
@@ -195,7 +221,7 @@ impl PartitionState {
     pub(crate) fn batch_done(&self, first: i64, records: usize, dispatched_at: Instant) {
         let res = self.tracker.lock().expect("tracker lock").complete(first);
         if let Err(e) = res {
-            tracing::error!(topic = %self.topic, partition = self.partition, error = %e, "offset tracker refused a completion; the partition stops advancing");
+            tracing::error!(topic = %self.tp().topic, partition = self.tp().partition, error = %e, "offset tracker refused a completion; the partition stops advancing");
             self.set_stalled();
         }
         self.metrics.delivered.inc_by(records as u64);
@@ -208,7 +234,7 @@ impl PartitionState {
         // A retired incarnation's dispatch cut short by the revoke: redelivered to the
         // next owner, nothing to report.
         if !self.stalled.load(Ordering::Relaxed) && !self.is_retired() {
-            tracing::error!(topic = %self.topic, partition = self.partition, offset = first,
+            tracing::error!(topic = %self.tp().topic, partition = self.tp().partition, offset = first,
                 "a batch could not be completed; the partition stops advancing at or before this offset (no record is skipped)");
         }
         self.set_stalled();
@@ -225,7 +251,7 @@ impl PartitionState {
     /// Mark the partition stalled from outside the ack path (e.g. a record reached the
     /// consumer's main queue and cannot be tracked).
     pub fn stall(&self, why: &str) {
-        tracing::error!(topic = %self.topic, partition = self.partition, %why, "partition stalled; it stops advancing");
+        tracing::error!(topic = %self.tp().topic, partition = self.tp().partition, %why, "partition stalled; it stops advancing");
         self.set_stalled();
         self.changed.notify_waiters();
     }
@@ -285,11 +311,11 @@ impl PartitionState {
         if flow.is_paused() || action == Some(FlowAction::Resume) {
             // A hold is not a stall: the no-progress clock starts when it ends.
             self.last_progress_ms
-                .store(crate::clock_ms(), Ordering::Relaxed);
+                .store(crate::clock::clock_ms(), Ordering::Relaxed);
         }
         match action {
-            Some(FlowAction::Pause) => self.control.pause(&self.topic, self.partition),
-            Some(FlowAction::Resume) => self.control.resume(&self.topic, self.partition),
+            Some(FlowAction::Pause) => self.control.pause(&self.tp().topic, self.tp().partition),
+            Some(FlowAction::Resume) => self.control.resume(&self.tp().topic, self.tp().partition),
             None => {}
         }
         self.metrics.paused.set(flow.is_paused() as i64);
@@ -320,10 +346,9 @@ mod tests {
     use super::*;
 
     fn state() -> Arc<PartitionState> {
-        let m = crate::metrics::Metrics::new("t");
+        let m = crate::ops::metrics::Metrics::new("t");
         PartitionState::new(
-            "t".into(),
-            0,
+            Incarnation::new(TopicPartition::new("t", 0), 0),
             64,
             Arc::new(NoControl),
             m.partition("t", 0),
@@ -336,7 +361,7 @@ mod tests {
     #[test]
     fn fetch_stall_counts_only_unheld_partitions_with_records_to_fetch() {
         let st = state();
-        let later = crate::clock_ms() + 600_000;
+        let later = crate::clock::clock_ms() + 600_000;
         assert_eq!(st.fetch_stalled_ms(later), 0, "unknown: not stalled");
         st.set_fetch_behind(0);
         assert_eq!(st.fetch_stalled_ms(later), 0, "nothing to fetch");
@@ -353,7 +378,8 @@ mod tests {
         );
         st.hold(HoldReason::Budget, false);
         assert!(
-            st.fetch_stalled_ms(later) <= 600_000 && st.fetch_stalled_ms(crate::clock_ms()) < 1_000,
+            st.fetch_stalled_ms(later) <= 600_000
+                && st.fetch_stalled_ms(crate::clock::clock_ms()) < 1_000,
             "a hold restarts the clock"
         );
         st.stall("poison without a dead-letter topic");

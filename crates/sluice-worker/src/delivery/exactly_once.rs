@@ -7,7 +7,7 @@
 //! barrier, like Kafka Streams' commit:
 //!
 //! ```text
-//! close the gate           dispatchers stop handing records to the lanes (TxnGate)
+//! close the gate           dispatchers stop handing records to the lanes (WindowGate)
 //! wait until idle          every dispatched record's outputs (and letters) acknowledged:
 //!                          the watermark of each partition == everything dispatched
 //! send_offsets_to_transaction(watermarks, the consumer's group metadata)
@@ -21,38 +21,32 @@
 //! A failure aborts the transaction. When only the commit failed, with nothing in
 //! flight (the gate closed and drained; typically a rebalance moved the group's
 //! generation under the commit), the worker rewinds in place: every owned partition gets
-//! a new incarnation that reads again from its committed offset (`pipeline.rs`,
-//! `rewind`). Any other failure (a partition that stalled, a window that did not drain
+//! a new incarnation that reads again from its committed offset
+//! ([`ExactlyOnce::rewind`]). Any other failure (a partition that stalled, a window that did not drain
 //! before `commit.drainTimeout`, a lost assignment, a fatal producer error) stops the
 //! worker with an error: the process exits non-zero, and the restarted worker resumes
 //! from the offsets the last committed transaction stored. Either way nothing aborted is
 //! ever visible to a `read_committed` reader, and nothing committed is written twice.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use rdkafka::consumer::Consumer;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::Producer;
 
-use crate::kafka_log::LoggingContext;
+use crate::kafka::log::LoggingContext;
 
-/// The transactional producer (its librdkafka lines through [`crate::kafka_log`]).
+/// The transactional producer (its librdkafka lines through [`crate::kafka::log`]).
 pub type FutureProducer = rdkafka::producer::FutureProducer<LoggingContext>;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use sluice_api::config::{KafkaSinkConfig, KeySource, SinkConfig, WorkerConfig};
-use tokio::sync::{Notify, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use sluice_api::config::{SinkConfig, StartFrom, WorkerConfig};
 
-use crate::consumer::SluiceConsumer;
-use crate::deadletter::DeadLetters;
-use crate::partition::PartitionState;
-use crate::sink::kafka::classify;
-use crate::sink::{Sink, SinkBatch, SinkFailure, SinkMetrics};
-use crate::throttle::LogThrottle;
+use crate::delivery::Ledger;
+use crate::engine::gate::WindowGate;
+use crate::engine::partition::{PartitionState, TopicPartition};
+use crate::kafka::assignment::Assignment;
+use crate::kafka::consumer::SluiceConsumer;
 
 /// Why a transaction could not commit. Each ends the worker (see the module docs).
 #[derive(Debug, thiserror::Error)]
@@ -121,25 +115,6 @@ impl TxnError {
     }
 }
 
-/// The barrier between transaction windows: dispatchers hold it shared while they
-/// register and hand over a batch; the coordinator holds it exclusively while a window
-/// drains and commits. (tokio's lock is fair: once the coordinator waits, no new
-/// dispatch starts.)
-#[derive(Debug, Default)]
-pub struct TxnGate(RwLock<()>);
-
-impl TxnGate {
-    /// Dispatch one batch (shared).
-    pub async fn enter(&self) -> RwLockReadGuard<'_, ()> {
-        self.0.read().await
-    }
-
-    /// Stop dispatch (exclusive), once every dispatch in progress has handed its batch over.
-    pub async fn close(&self) -> RwLockWriteGuard<'_, ()> {
-        self.0.write().await
-    }
-}
-
 /// The `transactional.id` of this worker: `SLUICE_TRANSACTIONAL_ID` if set, else
 /// `sluice-<pipeline>-<host name>-<pid>` (the host name is the pod name in Kubernetes).
 /// Unique per live process, which is all it needs to be: the consumer group's metadata
@@ -199,10 +174,10 @@ pub fn producer_config(client: &mut ClientConfig, config: &WorkerConfig, id: &st
 /// The worker's transactional producer and the state of its open transaction.
 pub struct Transactions {
     producer: FutureProducer,
-    gate: Arc<TxnGate>,
+    gate: Arc<WindowGate>,
     timeout: Duration,
     /// Offsets committed by the last transaction, per partition incarnation.
-    last: HashMap<(String, i32), (u64, i64)>,
+    last: Ledger,
     latency: prometheus::Histogram,
     failures: prometheus::IntCounter,
 }
@@ -258,7 +233,7 @@ impl Transactions {
     pub async fn start(
         client: ClientConfig,
         timeout: Duration,
-        metrics: &crate::metrics::Metrics,
+        metrics: &crate::ops::metrics::Metrics,
     ) -> Result<Self, TxnError> {
         let producer: FutureProducer =
             client
@@ -277,9 +252,9 @@ impl Transactions {
             })?;
         Ok(Transactions {
             producer,
-            gate: Arc::new(TxnGate::default()),
+            gate: Arc::new(WindowGate::default()),
             timeout,
-            last: HashMap::new(),
+            last: Ledger::default(),
             latency: metrics.commit_latency.clone(),
             failures: metrics.commit_failures.clone(),
         })
@@ -290,12 +265,12 @@ impl Transactions {
         &self.producer
     }
 
-    /// The gate every dispatcher passes (see [`crate::dispatcher::Lane::with_gate`]).
-    pub fn gate(&self) -> Arc<TxnGate> {
+    /// The gate every dispatcher passes (see [`crate::engine::dispatch::PartitionDispatch::with_gate`]).
+    pub fn gate(&self) -> Arc<WindowGate> {
         self.gate.clone()
     }
 
-    /// End the window (the caller holds the closed [`TxnGate`]): wait (until
+    /// End the window (the caller holds the closed [`WindowGate`]): wait (until
     /// `deadline`) for everything dispatched in `parts` to be acknowledged, then commit
     /// the transaction with the watermarks of the partitions that moved, and begin the
     /// next one. Returns how many partitions' offsets it committed. On an error the
@@ -308,7 +283,7 @@ impl Transactions {
     ) -> Result<usize, TxnError> {
         for s in parts {
             if !s.wait_idle(deadline).await {
-                let (topic, partition) = (s.topic.to_string(), s.partition);
+                let (topic, partition) = (s.tp().topic.to_string(), s.tp().partition);
                 return Err(if s.is_stalled() {
                     TxnError::Stalled { topic, partition }
                 } else {
@@ -316,14 +291,7 @@ impl Transactions {
                 });
             }
         }
-        let mut todo = Vec::new();
-        for s in parts {
-            let Some(wm) = s.watermark() else { continue };
-            match self.last.get(&(s.topic.to_string(), s.partition)) {
-                Some(&(epoch, prev)) if epoch == s.epoch() && prev >= wm => {}
-                _ => todo.push((s.clone(), wm)),
-            }
-        }
+        let todo = self.last.moved(parts, false);
         // Nothing moved: nothing was produced either (every output belongs to a record
         // whose completion moves a watermark), so the open transaction is empty.
         if todo.is_empty() {
@@ -332,7 +300,7 @@ impl Transactions {
         let started = Instant::now();
         let mut tpl = TopicPartitionList::with_capacity(todo.len());
         for (s, o) in &todo {
-            tpl.add_partition_offset(&s.topic, s.partition, Offset::Offset(*o))
+            tpl.add_partition_offset(&s.tp().topic, s.tp().partition, Offset::Offset(*o))
                 .map_err(|source| TxnError::Kafka {
                     step: "build the offsets",
                     source,
@@ -353,8 +321,7 @@ impl Transactions {
         .await?;
         self.latency.observe(started.elapsed().as_secs_f64());
         for (s, o) in &todo {
-            self.last
-                .insert((s.topic.to_string(), s.partition), (s.epoch(), *o));
+            self.last.record(s, *o);
             s.metrics.committed.set(*o);
         }
         Ok(todo.len())
@@ -381,229 +348,192 @@ impl Transactions {
     }
 
     /// Forget a partition this process no longer owns.
-    pub fn forget(&mut self, topic: &str, partition: i32) {
-        self.last.remove(&(topic.to_string(), partition));
+    pub fn forget(&mut self, tp: &TopicPartition) {
+        self.last.forget(tp);
     }
 }
 
-/// A Kafka sink writing through the worker's transactional producer: a batch is settled
-/// when every delivery report is in (acknowledged inside the open transaction, visible
-/// to `read_committed` readers when the window commits).
-pub struct TxnKafkaSink {
-    producer: FutureProducer,
-    topic: String,
-    key: KeySource,
-    trace_header: Option<String>,
-    source_topic: String,
-    metrics: SinkMetrics,
-    dead_letters: Arc<DeadLetters>,
-    outstanding: Arc<AtomicUsize>,
-    idle: Arc<Notify>,
-    reject_log: Arc<LogThrottle>,
+/// Exactly-once delivery: the transactions, the window barrier and the rewind.
+pub struct ExactlyOnce {
+    txn: Transactions,
+    consumer: Arc<SluiceConsumer>,
+    window: Duration,
+    drain_timeout: Duration,
+    start_from: StartFrom,
 }
 
-impl std::fmt::Debug for TxnKafkaSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TxnKafkaSink")
-            .field("topic", &self.topic)
-            .finish()
-    }
-}
-
-impl TxnKafkaSink {
-    /// A sink for `config` over the transactional `producer`.
-    pub fn new(
-        producer: FutureProducer,
-        config: &KafkaSinkConfig,
-        source_topic: &str,
-        metrics: SinkMetrics,
-        dead_letters: Arc<DeadLetters>,
-    ) -> Arc<Self> {
-        Arc::new(TxnKafkaSink {
-            producer,
-            topic: config.topic.clone(),
-            key: config.key,
-            trace_header: config.trace_header.clone(),
-            source_topic: source_topic.to_string(),
-            metrics,
-            dead_letters,
-            outstanding: Arc::new(AtomicUsize::new(0)),
-            idle: Arc::new(Notify::new()),
-            reject_log: Arc::new(LogThrottle::default()),
-        })
-    }
-}
-
-impl Sink for TxnKafkaSink {
-    fn name(&self) -> &str {
-        "kafka"
+impl ExactlyOnce {
+    /// Deliver through `txn`, committing offsets in the group of `consumer`.
+    pub fn new(txn: Transactions, consumer: Arc<SluiceConsumer>, config: &WorkerConfig) -> Self {
+        ExactlyOnce {
+            txn,
+            consumer,
+            window: config.delivery.transaction_window.0,
+            drain_timeout: config.commit.drain_timeout.0,
+            start_from: config.source.start_from,
+        }
     }
 
-    fn deliver(&self, batch: SinkBatch) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if batch.items.is_empty() {
-                batch.acknowledge(&self.metrics);
-                return;
+    /// How often a window ends.
+    pub fn period(&self) -> Duration {
+        self.window
+    }
+
+    /// The window barrier.
+    pub fn gate(&self) -> Arc<WindowGate> {
+        self.txn.gate()
+    }
+
+    /// The window ended: commit it.
+    pub async fn tick(&mut self, owned: &mut Assignment) -> Result<(), TxnError> {
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        self.commit_window(owned, &[], deadline).await.map(|_| ())
+    }
+
+    /// `released` were revoked: their outputs share the open transaction with every other
+    /// partition's, so the whole window commits now (or, for a lost assignment, is aborted
+    /// and the worker stops).
+    pub async fn on_revoke(
+        &mut self,
+        owned: &mut Assignment,
+        released: &[Arc<PartitionState>],
+        lost: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), TxnError> {
+        if lost {
+            self.txn.abort().await;
+            return Err(TxnError::Lost);
+        }
+        self.commit_window(owned, released, deadline)
+            .await
+            .map(|_| ())
+    }
+
+    /// Shutting down with `states` released: the last window commits what is done
+    /// (nothing else commits); after a failure it is aborted.
+    pub async fn on_shutdown(
+        &mut self,
+        owned: &mut Assignment,
+        states: &[Arc<PartitionState>],
+        deadline: tokio::time::Instant,
+        failed: bool,
+    ) -> Result<(), TxnError> {
+        if failed {
+            self.txn.abort().await;
+            return Ok(());
+        }
+        self.commit_window(owned, states, deadline)
+            .await
+            .map(|_| ())
+    }
+
+    /// Forget a partition this process no longer owns.
+    pub fn forget(&mut self, tp: &TopicPartition) {
+        self.txn.forget(tp);
+    }
+
+    /// End the transaction window over every owned partition plus `released` ones (a
+    /// revoke's), bounded by `deadline`.
+    async fn commit_window(
+        &mut self,
+        owned: &mut Assignment,
+        released: &[Arc<PartitionState>],
+        deadline: tokio::time::Instant,
+    ) -> Result<usize, TxnError> {
+        let mut states = owned.states();
+        states.extend(released.iter().cloned());
+        // Closed until the window committed, or was aborted and every owned partition
+        // rewound: no record of the next window is dispatched before that.
+        let gate = self.txn.gate();
+        let _closed = gate.close().await;
+        let err = match self
+            .txn
+            .commit_closed(&states, &self.consumer, deadline)
+            .await
+        {
+            Ok(n) => return Ok(n),
+            Err(e) => e,
+        };
+        if !err.rewindable() {
+            self.txn.abort().await;
+            return Err(err);
+        }
+        tracing::warn!(error = %err, "exactly-once: the transaction was aborted; every owned partition is processed again from its committed offset");
+        self.txn.abort_and_begin().await?;
+        self.rewind(owned).await?;
+        Ok(0)
+    }
+
+    /// After an abort with nothing in flight (the gate closed): replace every owned
+    /// partition's incarnation by a new one that reads again from the committed offset.
+    /// The old dispatchers (some wait at the gate with records they read) are stopped or
+    /// aborted, so what they held is never registered; the seek makes librdkafka discard
+    /// what it had fetched beyond.
+    async fn rewind(&mut self, owned: &mut Assignment) -> Result<(), TxnError> {
+        let keys = owned.keys();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        drop(owned.release(&keys, deadline, false).await);
+        for tp in &keys {
+            self.txn.forget(tp);
+        }
+        let consumer = self.consumer.clone();
+        let earliest = self.start_from == StartFrom::Earliest;
+        let parts = tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for tp in &keys {
+                tpl.add_partition(&tp.topic, tp.partition);
             }
-            let mut pending = Vec::with_capacity(batch.items.len());
-            let mut rejected = Vec::new();
-            for (index, (o, origin)) in batch.items.iter().enumerate() {
-                let key = match self.key {
-                    KeySource::Output => o.key.as_deref(),
-                    KeySource::Input => origin.key.as_deref(),
+            let committed = consumer
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .map_err(|e| format!("reading the committed offsets: {e}"))?;
+            let mut parts = Vec::new();
+            for e in committed.elements() {
+                let tp = TopicPartition::new(e.topic(), e.partition());
+                let (t, p) = (e.topic(), e.partition());
+                let to = match e.offset() {
+                    Offset::Offset(o) if o >= 0 => Offset::Offset(o),
+                    _ if earliest => Offset::Beginning,
+                    _ => return Err(format!("{t}/{p} has no committed offset (startFrom: latest); a restart starts it anew")),
                 };
-                let trace = self.trace_header.as_ref().map(|name| {
-                    (
-                        name.as_str(),
-                        format!(
-                            "{}/{}/{}",
-                            self.source_topic, origin.partition, origin.offset
-                        ),
-                    )
-                });
-                let headers = (!o.headers.is_empty() || trace.is_some()).then(|| {
-                    o.headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_deref()))
-                        .chain(trace.iter().map(|(k, v)| (*k, Some(v.as_bytes()))))
-                        .fold(OwnedHeaders::new(), |h, (key, value)| {
-                            h.insert(Header { key, value })
-                        })
-                });
-                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic);
-                if let Some(k) = key {
-                    rec = rec.key(k);
-                }
-                if let Some(v) = o.value.as_deref() {
-                    rec = rec.payload(v);
-                }
-                if let Some(h) = headers {
-                    rec = rec.headers(h);
-                }
-                let mut backoff = Duration::from_micros(200);
-                loop {
-                    match self.producer.send_result(rec) {
-                        Ok(f) => {
-                            pending.push((index, f));
+                let mut last = String::new();
+                let mut sought = false;
+                for attempt in 0..10 {
+                    if attempt > 0 {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    match consumer.seek(t, p, to, Duration::from_secs(10)) {
+                        Ok(()) => {
+                            sought = true;
                             break;
                         }
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                            rec = back;
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_millis(50));
-                        }
-                        // Refused before it joined the transaction (e.g. too large):
-                        // dead-lettered like any permanent rejection.
-                        Err((e, _)) => {
-                            let (_, class) = classify(&e);
-                            if let Some(n) = self.reject_log.tick() {
-                                tracing::error!(sink = "kafka", topic = %self.topic, error = %e, outputs = n, "the producer refused a record");
-                            }
-                            rejected.push((
-                                index,
-                                SinkFailure {
-                                    class,
-                                    message: e.to_string(),
-                                    attempts: 1,
-                                },
-                            ));
-                            break;
-                        }
+                        Err(e) => last = e.to_string(),
                     }
                 }
+                if !sought {
+                    return Err(format!("seeking {t}/{p} to {to:?}: {last}"));
+                }
+                let q = consumer
+                    .split_partition_queue(t, p)
+                    .ok_or_else(|| format!("could not split the queue of {t}/{p}"))?;
+                tracing::info!(topic = %t, partition = p, offset = ?to, "exactly-once: rewound to the committed offset");
+                parts.push((tp, q));
             }
-            self.outstanding.fetch_add(1, Ordering::AcqRel);
-            let (metrics, dead_letters, outstanding, idle, log, topic) = (
-                self.metrics.clone(),
-                self.dead_letters.clone(),
-                self.outstanding.clone(),
-                self.idle.clone(),
-                self.reject_log.clone(),
-                self.topic.clone(),
-            );
-            tokio::spawn(tracing::Instrument::in_current_span(async move {
-                for (index, f) in pending {
-                    let err = match f.await {
-                        Ok(Ok(_)) => continue,
-                        Ok(Err((e, _))) => e,
-                        Err(_) => KafkaError::Canceled,
-                    };
-                    // A delivery that failed inside a transaction makes it abortable:
-                    // the window's commit fails and everything in it is aborted. The
-                    // output is still settled (dead-lettered) so nothing waits forever.
-                    if let Some(n) = log.tick() {
-                        tracing::error!(sink = "kafka", %topic, error = %err, outputs = n, "an output was not delivered; the transaction will abort");
-                    }
-                    let (_, class) = classify(&err);
-                    rejected.push((
-                        index,
-                        SinkFailure {
-                            class,
-                            message: err.to_string(),
-                            attempts: 1,
-                        },
-                    ));
-                }
-                batch.settle(rejected, "kafka", &metrics, &dead_letters);
-                if outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    idle.notify_waiters();
-                }
-            }));
+            Ok(parts)
         })
-    }
-
-    fn flush(&self, timeout: Duration) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + timeout;
-            loop {
-                let idle = self.idle.notified();
-                tokio::pin!(idle);
-                idle.as_mut().enable();
-                if self.outstanding.load(Ordering::Acquire) == 0 {
-                    return true;
-                }
-                if tokio::time::timeout_at(deadline, idle).await.is_err() {
-                    return self.outstanding.load(Ordering::Acquire) == 0;
-                }
-            }
-        })
+        .await
+        .map_err(|e| TxnError::Rewind(e.to_string()))?
+        .map_err(TxnError::Rewind)?;
+        owned.assign(parts);
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The gate: once the coordinator waits to close it, a new dispatch waits until the
-    /// window committed; a dispatch in progress finishes first.
-    #[tokio::test]
-    async fn the_gate_lets_dispatch_in_progress_finish_and_holds_new_dispatch() {
-        let gate = Arc::new(TxnGate::default());
-        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let inside = gate.enter().await;
-        let (g2, o2) = (gate.clone(), order.clone());
-        let closer = tokio::spawn(async move {
-            let _closed = g2.close().await;
-            o2.lock().unwrap().push("commit");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        });
-        tokio::task::yield_now().await;
-        assert!(
-            !closer.is_finished(),
-            "a dispatch in progress holds the barrier"
-        );
-        let (g3, o3) = (gate.clone(), order.clone());
-        let late = tokio::spawn(async move {
-            let _in = g3.enter().await;
-            o3.lock().unwrap().push("late dispatch");
-        });
-        tokio::task::yield_now().await;
-        assert!(order.lock().unwrap().is_empty());
-        drop(inside);
-        closer.await.unwrap();
-        late.await.unwrap();
-        assert_eq!(*order.lock().unwrap(), ["commit", "late dispatch"]);
-    }
 
     /// Only a failed transactional call (nothing in flight any more) is rewound in place;
     /// work still in flight, a stall, a lost assignment or any other client error stops

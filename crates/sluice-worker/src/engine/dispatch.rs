@@ -1,43 +1,40 @@
-//! The dispatcher: one per assigned partition. It reads the partition's own queue, cuts
-//! what is ready into batches (a hand-off per batch, not per record), registers each
-//! batch with the offset tracker and pushes it into the partition's worker lanes.
+//! The dispatching half of one partition: it registers each batch of records with the
+//! offset tracker and pushes it into the partition's worker lanes (a hand-off per batch,
+//! not per record), within the in-flight byte budget.
 //!
-//! [`Lane::dispatch`] is the source-agnostic half (used directly by the in-memory engine
-//! benchmark); [`run_kafka_dispatcher`] feeds it from a librdkafka partition queue.
+//! [`PartitionDispatch`] is source-agnostic (the in-memory engine drives it directly);
+//! [`crate::kafka::dispatcher::run_kafka_dispatcher`] feeds it from a librdkafka partition
+//! queue.
 
 use std::sync::Arc;
 
-use futures::{FutureExt, StreamExt};
-use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
-use rdkafka::consumer::ConsumerContext;
 use sluice_api::config::Ordering;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
-use crate::ack::BatchAck;
-use crate::backpressure::{ByteBudget, HoldReason};
-use crate::partition::PartitionState;
-use crate::pool::{lane_for_key, WorkItem};
-use crate::record::{Record, RecordBatchBuilder};
-
-/// Most records per hand-off from the dispatcher to the pool.
-pub const DISPATCH_BATCH: usize = 512;
+use crate::engine::ack::BatchAck;
+use crate::engine::backpressure::{ByteBudget, HoldReason};
+use crate::engine::gate::WindowGate;
+use crate::engine::lanes::{lane_for_key, WorkItem};
+use crate::engine::partition::PartitionState;
+use crate::record::Record;
 
 /// The dispatching half of one partition: its worker lanes and the byte budget.
 #[derive(Debug)]
-pub struct Lane {
+pub struct PartitionDispatch {
     state: Arc<PartitionState>,
     workers: Vec<mpsc::Sender<WorkItem>>,
     ordering: Ordering,
     budget: ByteBudget,
     next_unordered: usize,
     redelivered: u64,
-    rewind_log: crate::throttle::LogThrottle,
-    /// exactly-once: the barrier between transaction windows (see `transaction.rs`).
-    gate: Option<Arc<crate::transaction::TxnGate>>,
+    rewind_log: crate::ops::throttle::LogThrottle,
+    /// The barrier between delivery windows, when the delivery guarantee has them
+    /// (exactly-once: see `delivery/exactly_once.rs`).
+    gate: Option<Arc<WindowGate>>,
 }
 
-impl Lane {
-    /// A lane over `workers` (one sender per worker).
+impl PartitionDispatch {
+    /// Dispatch to `workers` (one sender per worker lane).
     pub fn new(
         state: Arc<PartitionState>,
         workers: Vec<mpsc::Sender<WorkItem>>,
@@ -45,7 +42,7 @@ impl Lane {
         budget: ByteBudget,
     ) -> Self {
         assert!(!workers.is_empty(), "a partition needs at least one worker");
-        Lane {
+        PartitionDispatch {
             state,
             workers,
             ordering,
@@ -57,14 +54,14 @@ impl Lane {
         }
     }
 
-    /// exactly-once: register and hand over each batch inside `gate`, so a transaction
-    /// window ends with nothing half-dispatched.
-    pub fn with_gate(mut self, gate: Option<Arc<crate::transaction::TxnGate>>) -> Self {
+    /// Register and hand over each batch inside `gate`, so a delivery window (an
+    /// exactly-once transaction) ends with nothing half-dispatched.
+    pub fn with_gate(mut self, gate: Option<Arc<WindowGate>>) -> Self {
         self.gate = gate;
         self
     }
 
-    /// Records dropped because they were received already (see [`Lane::dispatch`]).
+    /// Records dropped because they were received already (see [`PartitionDispatch::dispatch`]).
     pub fn redelivered(&self) -> u64 {
         self.redelivered
     }
@@ -105,7 +102,7 @@ impl Lane {
         self.dispatch_charged(records, permit).await;
     }
 
-    /// [`Lane::dispatch`] for records already charged to the budget with `permit`.
+    /// [`PartitionDispatch::dispatch`] for records already charged to the budget with `permit`.
     pub async fn dispatch_charged(
         &mut self,
         mut records: Vec<Record>,
@@ -125,7 +122,7 @@ impl Lane {
                 records.retain(|r| r.offset > seen);
                 self.redelivered += (before - records.len()) as u64;
                 if let Some(n) = self.rewind_log.tick() {
-                    tracing::warn!(topic = %self.state.topic, partition = self.state.partition,
+                    tracing::warn!(topic = %self.state.tp().topic, partition = self.state.tp().partition,
                         last_registered = seen, dropped = before - records.len(), events = n,
                         "records redelivered below what this partition already received; dropped (they are in flight or done)");
                 }
@@ -194,98 +191,10 @@ impl Lane {
     }
 }
 
-/// Read `queue` into `lane` until `stop` turns true. A record read but not dispatched
-/// when it stops (it was waiting for budget) is never registered, so never committed
-/// past: the partition's next owner reads it again.
-///
-/// Per record this does only what must be per record: take the message from librdkafka,
-/// copy its key and value into the batch's one buffer ([`RecordBatchBuilder`]) and take
-/// its cost from the budget; counters and the hand-off are per batch.
-pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
-    queue: StreamPartitionQueue<C>,
-    mut lane: Lane,
-    mut stop: watch::Receiver<bool>,
-) {
-    let topic = lane.state().topic.clone();
-    let consumed = lane.state().metrics.consumed.clone();
-    let stream = queue.stream();
-    tokio::pin!(stream);
-    // Each record is charged to the in-flight budget as it is taken from librdkafka, so
-    // what a dispatcher holds uncharged is at most one record (`next`: read, and waiting
-    // for budget) and its batch buffer's slack (at most 64 KiB, `record.rs`), not a
-    // whole batch per partition.
-    let mut batch = RecordBatchBuilder::new();
-    let mut next = RecordBatchBuilder::new();
-    let mut next_cost = 0;
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        std::mem::swap(&mut batch, &mut next);
-        let first_cost = if batch.is_empty() {
-            let m = tokio::select! {
-                biased;
-                _ = stop.changed() => break,
-                m = stream.next() => m,
-            };
-            match m {
-                Some(Ok(m)) => {
-                    consumed.inc();
-                    lane.state().fetched();
-                    batch.push(&m);
-                    RecordBatchBuilder::budget_cost(&m)
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(topic = %topic, partition = lane.state().partition, error = %e, "consumer error on partition queue");
-                    continue;
-                }
-                None => break,
-            }
-        } else {
-            next_cost
-        };
-        let mut permit = tokio::select! {
-            biased;
-            // Not registered, so not committed: redelivered to whoever owns it next.
-            _ = stop.changed() => break,
-            p = lane.charge(first_cost) => p,
-        };
-        let mut read = 0;
-        while batch.len() < DISPATCH_BATCH {
-            match stream.next().now_or_never() {
-                Some(Some(Ok(m))) => {
-                    read += 1;
-                    let cost = RecordBatchBuilder::budget_cost(&m);
-                    match lane.try_charge(cost) {
-                        Some(p) => {
-                            permit.merge(p);
-                            batch.push(&m);
-                        }
-                        None => {
-                            next.push(&m);
-                            next_cost = cost;
-                            break;
-                        }
-                    }
-                }
-                Some(Some(Err(e))) => {
-                    tracing::warn!(topic = %topic, partition = lane.state().partition, error = %e, "consumer error on partition queue");
-                    break;
-                }
-                _ => break,
-            }
-        }
-        consumed.inc_by(read);
-        lane.state().fetched();
-        let records = batch.finish(&topic);
-        lane.dispatch_charged(records, permit).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::partition::{NoControl, PartitionControl};
+    use crate::engine::partition::{Incarnation, NoControl, PartitionControl, TopicPartition};
     use std::sync::Mutex;
 
     fn record(offset: i64) -> Record {
@@ -314,10 +223,9 @@ mod tests {
     }
 
     fn state(control: Arc<dyn PartitionControl>) -> Arc<PartitionState> {
-        let m = crate::metrics::Metrics::new("t");
+        let m = crate::ops::metrics::Metrics::new("t");
         PartitionState::new(
-            "t".into(),
-            0,
+            Incarnation::new(TopicPartition::new("t", 0), 0),
             64,
             control,
             m.partition("t", 0),
@@ -331,7 +239,7 @@ mod tests {
     async fn a_rewind_below_what_was_received_is_dropped_not_stalled() {
         let st = state(Arc::new(NoControl));
         let (tx, mut rx) = mpsc::channel(16);
-        let mut lane = Lane::new(
+        let mut lane = PartitionDispatch::new(
             st.clone(),
             vec![tx],
             Ordering::Partition,

@@ -1,16 +1,9 @@
-//! The HTTP server: `/metrics` (Prometheus text), `/healthz` and `/readyz`.
+//! Liveness and readiness: the rules `/healthz` and `/readyz` report (served by
+//! [`crate::ops::server`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
-
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
-
-use crate::metrics::Metrics;
 
 /// What the health endpoints report.
 ///
@@ -24,8 +17,8 @@ pub struct Health {
     pub ready: AtomicBool,
     /// A fatal error happened; the process is about to exit.
     pub failed: AtomicBool,
-    limits: OnceLock<Limits>,
-    /// Last iteration of the coordinator loop ([`crate::clock_ms`]).
+    limits: OnceLock<LivenessLimits>,
+    /// Last iteration of the coordinator loop ([`crate::clock::clock_ms`]).
     loop_ms: AtomicU64,
     /// Last statistics callback, or the end of the last rebalance callback.
     stats_ms: AtomicU64,
@@ -40,7 +33,7 @@ pub struct Health {
 
 /// The thresholds of the liveness rules.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub struct LivenessLimits {
     /// The coordinator loop must iterate at least this often.
     pub coordinator: Duration,
     /// A statistics callback must arrive at least this often (3 x its interval).
@@ -60,15 +53,17 @@ pub struct CallbackGuard<'a>(&'a Health);
 
 impl Drop for CallbackGuard<'_> {
     fn drop(&mut self) {
-        self.0.stats_ms.store(crate::clock_ms(), Ordering::Release);
+        self.0
+            .stats_ms
+            .store(crate::clock::clock_ms(), Ordering::Release);
         self.0.callback_since_ms.store(0, Ordering::Release);
     }
 }
 
 impl Health {
     /// The pipeline runs from now on with `limits`: the progress rules apply.
-    pub fn start(&self, limits: Limits) {
-        let now = crate::clock_ms();
+    pub fn start(&self, limits: LivenessLimits) {
+        let now = crate::clock::clock_ms();
         for a in [&self.loop_ms, &self.stats_ms, &self.joined_ms] {
             a.store(now, Ordering::Release);
         }
@@ -76,40 +71,43 @@ impl Health {
     }
 
     /// The liveness limits, once the pipeline runs.
-    pub fn limits(&self) -> Option<Limits> {
+    pub fn limits(&self) -> Option<LivenessLimits> {
         self.limits.get().copied()
     }
 
     /// The coordinator loop iterated.
     pub fn beat(&self) {
-        self.loop_ms.store(crate::clock_ms(), Ordering::Release);
+        self.loop_ms
+            .store(crate::clock::clock_ms(), Ordering::Release);
     }
 
     /// A statistics callback arrived.
     pub fn stats_seen(&self) {
-        self.stats_ms.store(crate::clock_ms(), Ordering::Release);
+        self.stats_ms
+            .store(crate::clock::clock_ms(), Ordering::Release);
     }
 
     /// Statistics showed the group joined.
     pub fn joined(&self) {
-        self.joined_ms.store(crate::clock_ms(), Ordering::Release);
+        self.joined_ms
+            .store(crate::clock::clock_ms(), Ordering::Release);
     }
 
     /// A rebalance callback runs until the guard is dropped.
     pub fn in_callback(&self) -> CallbackGuard<'_> {
         self.callback_since_ms
-            .store(crate::clock_ms(), Ordering::Release);
+            .store(crate::clock::clock_ms(), Ordering::Release);
         CallbackGuard(self)
     }
 
-    /// How many partitions are stuck in fetch (see [`Limits::fetch_stall`]).
+    /// How many partitions are stuck in fetch (see [`LivenessLimits::fetch_stall`]).
     pub fn set_stuck_partitions(&self, n: u64) {
         self.stuck_partitions.store(n, Ordering::Release);
     }
 
     /// `Ok` while alive and making progress; otherwise the rule that failed.
     pub fn verdict(&self) -> Result<(), String> {
-        self.verdict_at(crate::clock_ms())
+        self.verdict_at(crate::clock::clock_ms())
     }
 
     fn verdict_at(&self, now: u64) -> Result<(), String> {
@@ -162,79 +160,12 @@ impl Health {
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    metrics: Metrics,
-    health: Arc<Health>,
-    health_log: Arc<crate::throttle::LogThrottle>,
-}
-
-async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
-    )
-}
-
-async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
-    match s.health.verdict() {
-        Ok(()) => {
-            s.metrics.healthy.set(1);
-            (StatusCode::OK, "ok\n".to_string())
-        }
-        Err(why) => {
-            s.metrics.healthy.set(0);
-            if let Some(n) = s.health_log.tick() {
-                tracing::error!(reason = %why, probes = n, "/healthz fails: the worker is not making progress");
-            }
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("unhealthy: {why}\n"),
-            )
-        }
-    }
-}
-
-async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.health.ready.load(Ordering::Acquire) && !s.health.failed.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
-}
-
-/// Bind `addr` and serve until the process ends. Returns the bound address (port 0 picks
-/// a free one).
-pub async fn serve(
-    addr: &str,
-    metrics: Metrics,
-    health: Arc<Health>,
-) -> std::io::Result<std::net::SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(AppState {
-            metrics,
-            health,
-            health_log: Arc::new(crate::throttle::LogThrottle::new(Duration::from_secs(10))),
-        });
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok(local)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn limits() -> Limits {
-        Limits {
+    fn limits() -> LivenessLimits {
+        LivenessLimits {
             coordinator: Duration::from_secs(50),
             statistics: Duration::from_secs(15),
             callback: Duration::from_secs(12),
@@ -255,7 +186,7 @@ mod tests {
     fn each_rule_fails_on_its_own() {
         // Judged at `t`, a minute from now; every clock is stamped `t` (fresh) and one
         // at a time is stamped older than its limit.
-        let t = crate::clock_ms() + 60_000;
+        let t = crate::clock::clock_ms() + 60_000;
         let at =
             |a: &AtomicU64, secs_before: u64| a.store(t - secs_before * 1000, Ordering::Release);
         let fresh = || {
