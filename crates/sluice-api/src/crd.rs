@@ -36,7 +36,12 @@ pub const NAME_RULE_MESSAGE: &str = "metadata.name must be a DNS-1035 label of a
 /// The longest pipeline name: 63 (a DNS label) less the 8 of `-metrics`.
 pub const MAX_NAME_LEN: usize = 55;
 /// Environment variables of the worker that sluice sets itself (`spec.secretEnv` may not).
-pub const RESERVED_ENV: &[&str] = &["SLUICE_CONFIG", "SLUICE_LOG", SASL_PASSWORD_ENV];
+pub const RESERVED_ENV: &[&str] = &[
+    "SLUICE_CONFIG",
+    "SLUICE_LOG",
+    SASL_PASSWORD_ENV,
+    SSL_KEY_PASSWORD_ENV,
+];
 
 /// `spec.sinks`: how many.
 pub const SINKS: Bounds<usize> = Bounds { min: 1, max: 16 };
@@ -55,12 +60,14 @@ pub const MIN_REPLICAS: Bounds<i32> = Bounds { min: 0, max: 1000 };
 pub const MAX_REPLICAS: Bounds<i32> = Bounds { min: 1, max: 1000 };
 /// The CEL rule on `spec.secretEnv[*]`: the twin of [`RESERVED_ENV`] and
 /// [`crate::config::ENV_OVERRIDE_PREFIX`] (a test keeps them in step).
-pub const SECRET_ENV_RULE: &str = "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD']) && !self.name.startsWith('SLUICE__')";
+pub const SECRET_ENV_RULE: &str = "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD', 'SLUICE_SSL_KEY_PASSWORD']) && !self.name.startsWith('SLUICE__')";
 
 /// Where the worker's metrics and health server listens inside the pod.
 pub const WORKER_PORT: u16 = 9095;
 /// The environment variable the rendered config names for the SASL password.
 pub const SASL_PASSWORD_ENV: &str = "SLUICE_SASL_PASSWORD";
+/// The environment variable the rendered config names for the client key's password.
+pub const SSL_KEY_PASSWORD_ENV: &str = "SLUICE_SSL_KEY_PASSWORD";
 
 /// A Kafka stream pipeline: consume a topic, process, deliver to sinks, commit.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -223,7 +230,13 @@ fn default_session_timeout() -> HumanDuration {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!(self.protocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || (has(self.saslMechanism) && has(self.username) && has(self.passwordSecretRef))",
-     "message": "SASL_PLAINTEXT and SASL_SSL need saslMechanism, username and passwordSecretRef"}
+     "message": "SASL_PLAINTEXT and SASL_SSL need saslMechanism, username and passwordSecretRef"},
+    {"rule": "has(self.certFile) == has(self.keyFile)",
+     "message": "certFile and keyFile go together: the client certificate and its private key"},
+    {"rule": "!has(self.certFile) || self.protocol in ['SSL', 'SASL_SSL']",
+     "message": "a client certificate (certFile) is presented only over TLS: protocol SSL or SASL_SSL"},
+    {"rule": "!has(self.keyPasswordSecretRef) || has(self.keyFile)",
+     "message": "keyPasswordSecretRef is the password of an encrypted keyFile"}
 ]))]
 pub struct PipelineSecurity {
     /// Transport protocol.
@@ -243,6 +256,17 @@ pub struct PipelineSecurity {
     /// system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// PEM file of the client certificate (`SSL`, `SASL_SSL`), for brokers that require
+    /// one (a Strimzi `KafkaUser` with `authentication: tls`: its Secret's `user.crt`),
+    /// typically `/etc/sluice/secrets/<name>` from `spec.secretFiles`; with `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    /// PEM file of the client certificate's private key (Strimzi: `user.key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    /// The Secret key holding the password of an encrypted `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_password_secret_ref: Option<SecretKeyRef>,
 }
 
 /// Where `spec.secretFiles` are mounted in the worker: `/etc/sluice/secrets/<name>`.
@@ -267,7 +291,7 @@ pub struct SecretFile {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": SECRET_ENV_RULE,
-     "message": "SLUICE_CONFIG, SLUICE_LOG and SLUICE_SASL_PASSWORD are set by sluice, and SLUICE__* would override the rendered configuration"}
+     "message": "SLUICE_CONFIG, SLUICE_LOG, SLUICE_SASL_PASSWORD and SLUICE_SSL_KEY_PASSWORD are set by sluice, and SLUICE__* would override the rendered configuration"}
 ]))]
 pub struct SecretEnv {
     /// The variable's name.
@@ -521,6 +545,9 @@ impl StreamPipeline {
             username,
             password_secret_ref: _,
             ca_file,
+            cert_file,
+            key_file,
+            key_password_secret_ref,
         } = security;
         let config = WorkerConfig {
             pipeline: self.metadata.name.clone().unwrap_or_default(),
@@ -537,6 +564,11 @@ impl StreamPipeline {
                     username: username.clone(),
                     password_env: SASL_PASSWORD_ENV.into(),
                     ca_file: ca_file.clone(),
+                    cert_file: cert_file.clone(),
+                    key_file: key_file.clone(),
+                    key_password_env: key_password_secret_ref
+                        .as_ref()
+                        .map(|_| SSL_KEY_PASSWORD_ENV.into()),
                 },
                 consumer_properties: consumer_properties.clone(),
             },
@@ -602,19 +634,25 @@ impl StreamPipeline {
                 });
             }
         }
-        // A CA file under the secret files' directory must be one of them.
-        let mut ca_files: Vec<(String, &str)> = Vec::new();
-        if let Some(f) = ca_file {
-            ca_files.push(("source.security.caFile".into(), f));
+        // A file under the secret files' directory must be one of them.
+        let mut files: Vec<(String, &str)> = Vec::new();
+        for (field, f) in [
+            ("source.security.caFile", ca_file),
+            ("source.security.certFile", cert_file),
+            ("source.security.keyFile", key_file),
+        ] {
+            if let Some(f) = f {
+                files.push((field.into(), f));
+            }
         }
         for (i, sink) in sinks.iter().enumerate() {
             if let SinkConfig::Postgres(pg) = sink {
                 if let Some(f) = &pg.ca_file {
-                    ca_files.push((format!("sinks[{i}].postgres.caFile"), f));
+                    files.push((format!("sinks[{i}].postgres.caFile"), f));
                 }
             }
         }
-        for (field, path) in ca_files {
+        for (field, path) in files {
             let Some(file) = path.strip_prefix(&format!("{SECRET_FILES_DIR}/")) else {
                 continue;
             };
@@ -635,7 +673,7 @@ impl StreamPipeline {
                 return Err(ConfigError::Invalid {
                     field: format!("secretEnv[{i}].name"),
                     message: format!(
-                        "`{}` is reserved or given twice (SLUICE_CONFIG and SLUICE_LOG are set by sluice, SLUICE_SASL_PASSWORD comes from source.security, SLUICE__* would override the configuration)",
+                        "`{}` is reserved or given twice (SLUICE_CONFIG and SLUICE_LOG are set by sluice, SLUICE_SASL_PASSWORD and SLUICE_SSL_KEY_PASSWORD come from source.security, SLUICE__* would override the configuration)",
                         e.name
                     ),
                 });
@@ -661,6 +699,9 @@ impl StreamPipelineSpec {
         let mut out = Vec::new();
         if let Some(r) = &self.source.security.password_secret_ref {
             out.push((SecretUse::Env(SASL_PASSWORD_ENV), r));
+        }
+        if let Some(r) = &self.source.security.key_password_secret_ref {
+            out.push((SecretUse::Env(SSL_KEY_PASSWORD_ENV), r));
         }
         for e in &self.secret_env {
             out.push((SecretUse::Env(e.name.as_str()), &e.secret_key_ref));
@@ -765,6 +806,9 @@ spec:
                 key: "password".into(),
             }),
             ca_file: None,
+            cert_file: None,
+            key_file: None,
+            key_password_secret_ref: None,
         };
         let yaml = p.worker_config().unwrap().to_yaml();
         assert!(yaml.contains(SASL_PASSWORD_ENV), "{yaml}");
@@ -831,7 +875,10 @@ spec:
         let topic = &spec["properties"]["source"]["properties"]["topic"];
         assert_eq!(n(&topic["maxLength"]), TOPIC_NAME_LEN.max as f64);
         assert_eq!(topic["pattern"], TOPIC_NAME_PATTERN);
-        assert_eq!(n(&spec["properties"]["sinks"]["maxItems"]), SINKS.max as f64);
+        assert_eq!(
+            n(&spec["properties"]["sinks"]["maxItems"]),
+            SINKS.max as f64
+        );
     }
 
     #[test]

@@ -26,6 +26,12 @@ pub const RESERVED_CONSUMER_PROPERTIES: &[(&str, &str)] = &[
     ("sasl.username", "set source.security.username"),
     ("sasl.password", "a password never goes into the configuration: set source.security.passwordSecretRef"),
     ("ssl.ca.location", "set source.security.caFile"),
+    ("ssl.ca.pem", "set source.security.caFile"),
+    ("ssl.certificate.location", "set source.security.certFile"),
+    ("ssl.certificate.pem", "set source.security.certFile"),
+    ("ssl.key.location", "set source.security.keyFile"),
+    ("ssl.key.pem", "set source.security.keyFile"),
+    ("ssl.key.password", "a password never goes into the configuration: set source.security.keyPasswordSecretRef"),
 ];
 
 /// Producer properties sluice sets itself (Kafka sinks and the dead-letter producer), with

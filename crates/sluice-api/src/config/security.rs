@@ -32,6 +32,17 @@ pub struct SecurityConfig {
     /// PEM file with the CA certificates to trust (TLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// PEM file with the client's certificate (and its chain), for brokers that require a
+    /// client certificate (`SSL`, `SASL_SSL`); with `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    /// PEM file with the private key of `certFile` (PKCS#8 or PKCS#1; encrypted with
+    /// `keyPasswordEnv`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    /// Name of the environment variable holding the password of an encrypted `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_password_env: Option<String>,
 }
 
 /// `passwordEnv` when it is not set: what the operator fills from `passwordSecretRef`.
@@ -71,6 +82,11 @@ impl SecurityProtocol {
             self,
             SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
         )
+    }
+
+    /// SSL or SASL_SSL.
+    pub fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
     }
 }
 
@@ -166,6 +182,46 @@ impl SecurityConfig {
                 "set only with protocol SASL_PLAINTEXT or SASL_SSL",
             ));
         }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    format!("{at}.keyFile"),
+                    "required with certFile: the client certificate's private key",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    format!("{at}.certFile"),
+                    "required with keyFile: the client certificate the key belongs to",
+                ))
+            }
+            (Some(_), Some(_)) if !self.protocol.uses_tls() => {
+                return Err(ConfigError::invalid(
+                    format!("{at}.certFile"),
+                    "a client certificate is presented only over TLS: set protocol SSL or SASL_SSL",
+                ))
+            }
+            _ => {}
+        }
+        for (field, v) in [
+            ("caFile", &self.ca_file),
+            ("certFile", &self.cert_file),
+            ("keyFile", &self.key_file),
+            ("keyPasswordEnv", &self.key_password_env),
+        ] {
+            if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.{field}"),
+                    "must not be empty when set",
+                ));
+            }
+        }
+        if self.key_password_env.is_some() && self.key_file.is_none() {
+            return Err(ConfigError::invalid(
+                format!("{at}.keyPasswordEnv"),
+                "set only with keyFile (the password of an encrypted client key)",
+            ));
+        }
         Ok(())
     }
 
@@ -182,6 +238,9 @@ impl SecurityConfig {
             username,
             password_env,
             ca_file,
+            cert_file,
+            key_file,
+            key_password_env,
         } = self;
         let mut out = vec![("security.protocol", protocol.as_librdkafka().to_string())];
         if let Some(m) = sasl_mechanism {
@@ -195,7 +254,31 @@ impl SecurityConfig {
             out.push(("sasl.password", password));
         }
         if let Some(path) = ca_file {
-            file_setting(&mut out, creds, path, "ssl.ca.location", "ssl.ca.pem");
+            if let Some(s) = file_setting(creds, path, "ssl.ca.location", "ssl.ca.pem") {
+                out.push(s);
+            }
+        }
+        if let (Some(cert), Some(key)) = (cert_file, key_file) {
+            // Both or neither: a key without its certificate is no use to the broker.
+            let cert = file_setting(
+                creds,
+                cert,
+                "ssl.certificate.location",
+                "ssl.certificate.pem",
+            );
+            let key = file_setting(creds, key, "ssl.key.location", "ssl.key.pem");
+            if let (Some(cert), Some(key)) = (cert, key) {
+                out.push(cert);
+                out.push(key);
+                if let Some(var) = key_password_env {
+                    let password = creds.var(var).ok_or_else(|| MissingCredential {
+                        what: "an encrypted client key",
+                        var: var.clone(),
+                        field: "source.security.keyPasswordEnv",
+                    })?;
+                    out.push(("ssl.key.password", password));
+                }
+            }
         }
         Ok(out)
     }
@@ -203,16 +286,15 @@ impl SecurityConfig {
 
 /// A file by its path (`location`) or by its content (`pem`), or not at all.
 fn file_setting(
-    out: &mut Vec<(&'static str, String)>,
     creds: &dyn Credentials,
     path: &str,
     location: &'static str,
     pem: &'static str,
-) {
+) -> Option<(&'static str, String)> {
     match creds.file(path) {
-        FileRead::Path => out.push((location, path.to_string())),
-        FileRead::Pem(text) => out.push((pem, text)),
-        FileRead::Unavailable => {}
+        FileRead::Path => Some((location, path.to_string())),
+        FileRead::Pem(text) => Some((pem, text)),
+        FileRead::Unavailable => None,
     }
 }
 
@@ -246,7 +328,96 @@ mod tests {
             username: Some("app".into()),
             password_env: default_password_env(),
             ca_file: Some("/etc/sluice/secrets/ca.pem".into()),
+            cert_file: None,
+            key_file: None,
+            key_password_env: None,
         }
+    }
+
+    fn mtls() -> SecurityConfig {
+        SecurityConfig {
+            protocol: SecurityProtocol::Ssl,
+            sasl_mechanism: None,
+            username: None,
+            cert_file: Some("/etc/sluice/secrets/user.crt".into()),
+            key_file: Some("/etc/sluice/secrets/user.key".into()),
+            key_password_env: Some("SLUICE_SSL_KEY_PASSWORD".into()),
+            ..sasl_ssl()
+        }
+    }
+
+    #[test]
+    fn a_client_certificate_is_its_file_and_key_with_the_key_password_from_the_environment() {
+        let creds = Fixed {
+            vars: BTreeMap::from([("SLUICE_SSL_KEY_PASSWORD", "kp")]),
+            files: BTreeMap::from([
+                ("/etc/sluice/secrets/ca.pem", "CA"),
+                ("/etc/sluice/secrets/user.crt", "CERT"),
+                ("/etc/sluice/secrets/user.key", "KEY"),
+            ]),
+        };
+        let got = mtls().librdkafka(&creds).unwrap();
+        assert_eq!(
+            got,
+            [
+                ("security.protocol", "ssl".to_string()),
+                ("ssl.ca.pem", "CA".to_string()),
+                ("ssl.certificate.pem", "CERT".to_string()),
+                ("ssl.key.pem", "KEY".to_string()),
+                ("ssl.key.password", "kp".to_string()),
+            ]
+        );
+        let e = mtls()
+            .librdkafka(&Fixed {
+                vars: BTreeMap::new(),
+                files: creds.files.clone(),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SLUICE_SSL_KEY_PASSWORD") && e.contains("keyPasswordEnv"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_tls() {
+        let at = "source.security";
+        let refused = |s: SecurityConfig, field: &str| {
+            let e = s.check(at).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        };
+        refused(
+            SecurityConfig {
+                key_file: None,
+                key_password_env: None,
+                ..mtls()
+            },
+            "source.security.keyFile",
+        );
+        refused(
+            SecurityConfig {
+                cert_file: None,
+                ..mtls()
+            },
+            "source.security.certFile",
+        );
+        refused(
+            SecurityConfig {
+                protocol: SecurityProtocol::Plaintext,
+                ..mtls()
+            },
+            "source.security.certFile",
+        );
+        refused(
+            SecurityConfig {
+                cert_file: None,
+                key_file: None,
+                ..mtls()
+            },
+            "source.security.keyPasswordEnv",
+        );
+        assert!(mtls().check(at).is_ok());
     }
 
     #[test]

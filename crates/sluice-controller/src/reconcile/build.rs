@@ -535,6 +535,9 @@ spec:
                 key: "password".into(),
             }),
             ca_file: None,
+            cert_file: None,
+            key_file: None,
+            key_password_secret_ref: None,
         };
         let v = validated(p, 8);
         let d = build_deployment(&v, 1);
@@ -621,6 +624,50 @@ spec:
         let plain = build_deployment(&validated(pipeline(""), 8), 1);
         let vols = plain.spec.unwrap().template.spec.unwrap().volumes.unwrap();
         assert_eq!(vols.len(), 1);
+    }
+
+    #[test]
+    fn a_client_certificate_is_mounted_and_its_key_password_is_an_env_reference() {
+        let p = pipeline(
+            "  secretFiles:\n    - {name: user.crt, secretKeyRef: {name: iot, key: user.crt}}\n    - {name: user.key, secretKeyRef: {name: iot, key: user.key}}",
+        );
+        let mut p = p;
+        let sec = &mut p.spec.source.security;
+        sec.protocol = SecurityProtocol::Ssl;
+        sec.cert_file = Some(format!("{SECRET_FILES_DIR}/user.crt"));
+        sec.key_file = Some(format!("{SECRET_FILES_DIR}/user.key"));
+        sec.key_password_secret_ref = Some(SecretKeyRef {
+            name: "iot".into(),
+            key: "user.password".into(),
+        });
+        let v = validated(p, 8);
+        let pod = build_deployment(&v, 1).spec.unwrap().template.spec.unwrap();
+        let env = pod.containers[0].env.clone().unwrap();
+        let e = env
+            .iter()
+            .find(|e| e.name == sluice_api::crd::SSL_KEY_PASSWORD_ENV)
+            .expect("the key password variable");
+        let sel = e
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (sel.name.as_str(), sel.key.as_str()),
+            ("iot", "user.password")
+        );
+        let cm = build_configmap(&v).data.unwrap()[CONFIG_KEY].clone();
+        assert!(
+            cm.contains("certFile: /etc/sluice/secrets/user.crt"),
+            "{cm}"
+        );
+        assert!(
+            cm.contains("keyPasswordEnv: SLUICE_SSL_KEY_PASSWORD"),
+            "{cm}"
+        );
+        assert!(!cm.contains("user.password"), "{cm}");
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub async fn dereference(
         Err(Error::Secret(secret, why)) => {
             return Err(source(
                 Blocker::SecretNotFound(format!(
-                    "Secret {secret:?} in namespace {ns:?} {why}; create it or fix spec.source.security.passwordSecretRef or spec.secretFiles"
+                    "Secret {secret:?} in namespace {ns:?} {why}; create it or fix spec.source.security.passwordSecretRef, keyPasswordSecretRef or spec.secretFiles"
                 )),
                 Duration::from_secs(30),
             ))

@@ -1,8 +1,9 @@
 //! The Secret keys a worker pod is filled from, read by the controller, so that its own Kafka
 //! client (partition counts, lag) connects as the workers do: the same security settings,
 //! built by the same code ([`SecurityConfig::librdkafka`]), with the SASL password from its
-//! Secret and a CA file from the Secret `spec.secretFiles` mounts it from, passed by
-//! content (`ssl.ca.pem`), since the controller has no such file.
+//! Secret, the key's password from its Secret, and the CA, client certificate and key
+//! from the Secrets `spec.secretFiles` mounts them from, passed by content (`ssl.ca.pem`,
+//! `ssl.certificate.pem`, `ssl.key.pem`), since the controller has no such files.
 
 use std::collections::BTreeMap;
 
@@ -41,7 +42,8 @@ impl PodSecrets {
         for (used, r) in spec.secret_inputs() {
             let wanted = match used {
                 SecretUse::Env(var) => {
-                    var == security.password_env && security.sasl_mechanism.is_some()
+                    (var == security.password_env && security.sasl_mechanism.is_some())
+                        || security.key_password_env.as_deref() == Some(var)
                 }
                 SecretUse::File(file) => needed.contains(&file.to_string()),
             };
@@ -93,12 +95,16 @@ impl Credentials for PodSecrets {
 
 /// The names of the files under [`SECRET_FILES_DIR`] that `security` reads.
 fn needed_files(security: &SecurityConfig) -> Vec<String> {
-    [security.ca_file.as_deref()]
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.strip_prefix(&format!("{SECRET_FILES_DIR}/")))
-        .map(str::to_string)
-        .collect()
+    [
+        security.ca_file.as_deref(),
+        security.cert_file.as_deref(),
+        security.key_file.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(|p| p.strip_prefix(&format!("{SECRET_FILES_DIR}/")))
+    .map(str::to_string)
+    .collect()
 }
 
 /// The value of `r`'s key in `s`.
@@ -127,6 +133,9 @@ mod tests {
             username: Some("app".into()),
             password_env: "SLUICE_SASL_PASSWORD".into(),
             ca_file: Some(format!("{SECRET_FILES_DIR}/ca.pem")),
+            cert_file: None,
+            key_file: None,
+            key_password_env: None,
         };
         let c = secrets.client_config("k:9093", &security).unwrap();
         assert_eq!(c.get("ssl.ca.pem"), Some("-----BEGIN CERTIFICATE-----"));

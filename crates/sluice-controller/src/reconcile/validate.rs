@@ -379,6 +379,49 @@ mod tests {
                 ],
             ),
             (
+                "a client certificate without its key",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {"protocol": "SSL", "certFile": "/etc/ssl/user.crt"}}}),
+                &["source.security.keyFile", "private key"],
+            ),
+            (
+                "a client certificate without TLS",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g", "security": {"certFile": "/etc/ssl/user.crt", "keyFile": "/etc/ssl/user.key"}}}),
+                &["source.security.certFile", "only over TLS"],
+            ),
+            (
+                "a client key that no secretFiles entry mounts",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {"protocol": "SSL", "certFile": "/etc/ssl/user.crt", "keyFile": "/etc/sluice/secrets/user.key"}}}),
+                &[
+                    "source.security.keyFile",
+                    "is not mounted",
+                    "spec.secretFiles",
+                ],
+            ),
+            (
+                "a key password without a key",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {"protocol": "SSL", "keyPasswordSecretRef": {"name": "u", "key": "p"}}}}),
+                &["source.security.keyPasswordEnv", "only with keyFile"],
+            ),
+            (
+                "a client key in the consumer properties",
+                "p",
+                consumer("ssl.key.pem", "-----BEGIN PRIVATE KEY-----"),
+                &[
+                    r#"source.consumerProperties["ssl.key.pem"]"#,
+                    "source.security.keyFile",
+                ],
+            ),
+            (
+                "the key password variable from secretEnv",
+                "p",
+                serde_json::json!({"secretEnv": [{"name": "SLUICE_SSL_KEY_PASSWORD", "secretKeyRef": {"name": "s", "key": "k"}}]}),
+                &["secretEnv[0].name", "reserved"],
+            ),
+            (
                 "exactly-once without a dead-letter topic",
                 "p",
                 serde_json::json!({"delivery": {"guarantee": "exactly-once"}}),
@@ -403,6 +446,16 @@ mod tests {
             serde_json::json!({"resources": {"limits": {"cpu": "500m", "memory": "1Gi"}}}),
             serde_json::json!({"deadLetter": {"topic": "out", "bootstrapServers": "other:9092"}}),
             serde_json::json!({"deadLetter": {"topic": "dlq"}, "delivery": {"guarantee": "exactly-once", "transactionWindow": "250ms"}}),
+            serde_json::json!({
+                "source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {
+                    "protocol": "SSL", "caFile": "/etc/sluice/secrets/ca.crt",
+                    "certFile": "/etc/sluice/secrets/user.crt", "keyFile": "/etc/sluice/secrets/user.key",
+                    "keyPasswordSecretRef": {"name": "u", "key": "user.password"}}},
+                "secretFiles": [
+                    {"name": "ca.crt", "secretKeyRef": {"name": "c", "key": "ca.crt"}},
+                    {"name": "user.crt", "secretKeyRef": {"name": "u", "key": "user.crt"}},
+                    {"name": "user.key", "secretKeyRef": {"name": "u", "key": "user.key"}}]
+            }),
         ];
         for extra in fine {
             validate(&pipeline("p", extra.clone())).unwrap_or_else(|e| panic!("{extra}: {e}"));
