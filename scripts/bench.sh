@@ -92,8 +92,7 @@ done
 # time, produce with acks=all, then consume it; the floor that sluice's latency is read against.
 E2E_TOOL_COUNT="${E2E_TOOL_COUNT:-10000}"
 log "Kafka's EndToEndLatency tool: $E2E_TOOL_COUNT records of 100 B, acks=all"
-KAFKA_LIBS="${SLUICE_CACHE:-$HOME/.cache/sluice}/kafka-${SLUICE_KAFKA_VERSION:-4.1.1}/libs"
-[[ -f "$KAFKA_LIBS/kafka-tools-${SLUICE_KAFKA_VERSION:-4.1.1}.jar" ]] || scripts/kafka.sh install
+KAFKA_LIBS="$(scripts/kafka.sh libs)"
 taskset -c "$CLIENT_CPU" java -cp "$KAFKA_LIBS/*" org.apache.kafka.tools.EndToEndLatency \
   "${SLUICE_BOOTSTRAP:-127.0.0.1:9092}" "e2e-latency-$(date +%s)" "$E2E_TOOL_COUNT" all 100 \
   2>"$OUT/last.log" | python3 -c '

@@ -7,6 +7,7 @@
 #   scripts/kafka.sh restart   stop + start, keeping the data
 #   scripts/kafka.sh reset     stop and delete the data
 #   scripts/kafka.sh status    exit 0 when it is up
+#   scripts/kafka.sh libs      install, then print the folder of the jars (for java -cp DIR/*)
 #
 # Environment:
 #   SLUICE_KAFKA_VERSION  broker version            (default 4.1.1)
@@ -53,16 +54,24 @@ POD_ADDR=10.244.0.1
 # Bumped when the storage format changes (v2: SCRAM users); older data is reformatted.
 LAYOUT=2
 LOG4J_VERSION=2.24.3
+# Kafka 4.1 itself depends on slf4j-api 1.7, which cannot find log4j's SLF4J 2 binding: the
+# broker then logged nothing at all ("Defaulting to no-operation (NOP) logger"). SLF4J 2's API
+# is compatible with callers built against 1.7.
+SLF4J_VERSION=2.0.16
+# The jars live in a folder per set (bumped when the set changes), so a new set never
+# replaces jars under a broker that is still running from the old one.
+JARS_REV=2
+LIBS="$CACHE/libs-$JARS_REV"
 
 log() { echo "[kafka] $*" >&2; }
 
 install() {
-  if [[ -f "$CACHE/.complete" ]]; then return 0; fi
+  if [[ -f "$LIBS/.complete" ]]; then return 0; fi
   command -v java >/dev/null || { log "java not found (need Java 17+)"; exit 1; }
   command -v mvn >/dev/null || { log "mvn not found (need Maven to fetch the broker)"; exit 1; }
   log "fetching Apache Kafka $VERSION from Maven Central into $CACHE (once per machine)"
   mkdir -p "$CACHE"
-  cat > "$CACHE/pom.xml" <<POM
+  cat > "$CACHE/pom-$JARS_REV.xml" <<POM
 <project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
   <groupId>dev.sluice</groupId><artifactId>kafka-broker</artifactId><version>1</version>
@@ -71,18 +80,19 @@ install() {
     <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>$VERSION</version></dependency>
     <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId><version>$LOG4J_VERSION</version></dependency>
     <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>$LOG4J_VERSION</version></dependency>
+    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId><version>$SLF4J_VERSION</version></dependency>
   </dependencies>
 </project>
 POM
-  rm -rf "$CACHE/libs"
+  rm -rf "$LIBS"
   # Maven 3.8 writes colour resets even in batch mode: strip them from what it prints.
-  if ! (cd "$CACHE" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies -DoutputDirectory=libs -DincludeScope=runtime) 2>&1 \
+  if ! (cd "$CACHE" && mvn -q -B -Dstyle.color=never -f "pom-$JARS_REV.xml" dependency:copy-dependencies -DoutputDirectory="$LIBS" -DincludeScope=runtime) 2>&1 \
     | sed 's/\x1b\[[0-9;]*m//g'; then
     log "fetching the broker jars from Maven Central failed"
     exit 1
   fi
-  touch "$CACHE/.complete"
-  log "installed $(ls "$CACHE/libs" | wc -l) jars"
+  touch "$LIBS/.complete"
+  log "installed $(ls "$LIBS" | wc -l) jars"
 }
 
 is_up() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
@@ -207,7 +217,7 @@ java_argv() {
   JAVA=()
   if [[ -n "${SLUICE_KAFKA_CPUS:-}" ]]; then JAVA=(taskset -c "$SLUICE_KAFKA_CPUS"); fi
   JAVA+=(java -Xms512m -Xmx2g -XX:+UseG1GC -Djava.awt.headless=true
-    -Dlog4j2.configurationFile="$DIR/log4j2.properties" -cp "$CACHE/libs/*")
+    -Dlog4j2.configurationFile="$DIR/log4j2.properties" -cp "$LIBS/*")
 }
 
 start() {
@@ -263,6 +273,7 @@ stop() {
 
 case "${1:-}" in
   install) install ;;
+  libs) install; echo "$LIBS" ;;
   start) start ;;
   stop) stop ;;
   restart) stop; start ;;
