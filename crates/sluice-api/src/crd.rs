@@ -10,7 +10,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, PodSecurityContext, ResourceRequirements, Toleration,
+    TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -174,6 +177,12 @@ pub struct StreamPipelineSpec {
     /// Worker container resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// What the worker pods carry besides what sluice sets: labels and annotations,
+    /// placement (node selector, tolerations, affinity, topology spread, priority class),
+    /// identity (service account, image pull secrets) and security context additions that
+    /// keep sluice's defaults (non-root, RuntimeDefault seccomp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<PodTemplate>,
     /// Worker log level (`SLUICE_LOG`): comma-separated `level` or `target=level`
     /// directives, level one of trace, debug, info, warn, error, off; e.g. `info` or
     /// `debug,librdkafka=warn`.
@@ -185,6 +194,171 @@ pub struct StreamPipelineSpec {
         )
     )]
     pub log_level: Option<String>,
+}
+
+/// `spec.template`: what is merged into the worker pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsNonRoot) || self.securityContext.runAsNonRoot",
+     "message": "template.securityContext.runAsNonRoot: false would let the workers run as root; the template may add to the workers' security context, not weaken it"},
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsUser) || self.securityContext.runAsUser != 0",
+     "message": "template.securityContext.runAsUser: 0 is root; the template may add to the workers' security context, not weaken it"},
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsGroup) || self.securityContext.runAsGroup != 0",
+     "message": "template.securityContext.runAsGroup: 0 is root's group; the template may add to the workers' security context, not weaken it"},
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.seccompProfile) || self.securityContext.seccompProfile.type != 'Unconfined'",
+     "message": "template.securityContext.seccompProfile: Unconfined turns the syscall filter off; the template may add to the workers' security context, not weaken it"},
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.appArmorProfile) || self.securityContext.appArmorProfile.type != 'Unconfined'",
+     "message": "template.securityContext.appArmorProfile: Unconfined turns AppArmor off; the template may add to the workers' security context, not weaken it"},
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.windowsOptions) || !has(self.securityContext.windowsOptions.hostProcess) || !self.securityContext.windowsOptions.hostProcess",
+     "message": "template.securityContext.windowsOptions.hostProcess: a host process is privileged; the template may add to the workers' security context, not weaken it"}
+]))]
+pub struct PodTemplate {
+    /// Labels and annotations of the pods, added to sluice's (a key of sluice's is
+    /// refused: `sluice.dev/*`, the `app.kubernetes.io/` labels that select the pods,
+    /// `prometheus.io/port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<TemplateMetadata>,
+    /// Pods run only on nodes with these labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the pods tolerate (a dedicated node pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Node and pod affinity and anti-affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// How the pods spread over zones or nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    /// The pods' PriorityClass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// The pods' ServiceAccount (workload identity: IRSA, GKE Workload Identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Mount the ServiceAccount's API token (default false: the workers never call the
+    /// Kubernetes API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automount_service_account_token: Option<bool>,
+    /// Secrets to pull the worker image from a private registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
+    /// Pod security context fields added to sluice's (`runAsNonRoot: true`, user and group
+    /// 65532, seccomp `RuntimeDefault`): `fsGroup`, `supplementalGroups`, another non-zero
+    /// `runAsUser`/`runAsGroup`, `seLinuxOptions`, a `Localhost` seccomp profile... A
+    /// field that would weaken them (`runAsNonRoot: false`, user or group 0, a seccomp or
+    /// AppArmor profile `Unconfined`, a Windows host process) is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
+}
+
+/// Labels and annotations of the worker pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": TEMPLATE_LABELS_RULE,
+     "message": "template.metadata.labels: sluice.dev/* and app.kubernetes.io/name, instance and managed-by are sluice's: they select the worker pods"},
+    {"rule": TEMPLATE_ANNOTATIONS_RULE,
+     "message": "template.metadata.annotations: sluice.dev/* and prometheus.io/port are sluice's: they roll the pods on a change and point the scraper at the metrics port"}
+]))]
+pub struct TemplateMetadata {
+    /// Added to sluice's labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = TEMPLATE_KEYS_MAX))]
+    pub labels: BTreeMap<String, String>,
+    /// Added to sluice's annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = TEMPLATE_KEYS_MAX))]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The prefix of sluice's own label and annotation keys on the worker pods.
+pub const SLUICE_KEY_PREFIX: &str = "sluice.dev/";
+/// The labels, besides `sluice.dev/*`, that sluice puts on the worker pods and selects
+/// them by: the template may not set them.
+pub const RESERVED_POD_LABELS: &[&str] = &[
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/managed-by",
+];
+/// The annotations, besides `sluice.dev/*`, that sluice puts on the worker pods.
+pub const RESERVED_POD_ANNOTATIONS: &[&str] = &["prometheus.io/port"];
+/// `template.metadata.labels` and `.annotations`: at most this many each (a bound the API
+/// server's CEL cost estimate needs).
+pub const TEMPLATE_KEYS_MAX: usize = 64;
+/// The CEL twin of [`SLUICE_KEY_PREFIX`] and [`RESERVED_POD_LABELS`] (a test keeps them in
+/// step).
+pub const TEMPLATE_LABELS_RULE: &str = "!has(self.labels) || self.labels.all(k, !k.startsWith('sluice.dev/') && !(k in ['app.kubernetes.io/name', 'app.kubernetes.io/instance', 'app.kubernetes.io/managed-by']))";
+/// The CEL twin of [`SLUICE_KEY_PREFIX`] and [`RESERVED_POD_ANNOTATIONS`].
+pub const TEMPLATE_ANNOTATIONS_RULE: &str = "!has(self.annotations) || self.annotations.all(k, !k.startsWith('sluice.dev/') && !(k in ['prometheus.io/port']))";
+
+impl PodTemplate {
+    /// The schema's rules, for objects stored before them: no key of sluice's, nothing
+    /// that weakens its security context.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let refuse = |field: String, message: String| Err(ConfigError::Invalid { field, message });
+        if let Some(m) = &self.metadata {
+            for (what, map, reserved, why) in [
+                (
+                    "labels",
+                    &m.labels,
+                    RESERVED_POD_LABELS,
+                    "they select the worker pods",
+                ),
+                (
+                    "annotations",
+                    &m.annotations,
+                    RESERVED_POD_ANNOTATIONS,
+                    "they roll the pods on a change and point the scraper at the metrics port",
+                ),
+            ] {
+                if map.len() > TEMPLATE_KEYS_MAX {
+                    return refuse(
+                        format!("template.metadata.{what}"),
+                        format!("at most {TEMPLATE_KEYS_MAX} entries, got {}", map.len()),
+                    );
+                }
+                for k in map.keys() {
+                    if k.starts_with(SLUICE_KEY_PREFIX) || reserved.contains(&k.as_str()) {
+                        return refuse(
+                            format!("template.metadata.{what}[{k:?}]"),
+                            format!("`{k}` is sluice's: {why}"),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(sc) = &self.security_context {
+            let unconfined = |t: Option<&str>| t == Some("Unconfined");
+            let weaker = if sc.run_as_non_root == Some(false) {
+                Some(("runAsNonRoot", "false would let the workers run as root"))
+            } else if sc.run_as_user == Some(0) {
+                Some(("runAsUser", "0 is root"))
+            } else if sc.run_as_group == Some(0) {
+                Some(("runAsGroup", "0 is root's group"))
+            } else if unconfined(sc.seccomp_profile.as_ref().map(|p| p.type_.as_str())) {
+                Some(("seccompProfile", "Unconfined turns the syscall filter off"))
+            } else if unconfined(sc.app_armor_profile.as_ref().map(|p| p.type_.as_str())) {
+                Some(("appArmorProfile", "Unconfined turns AppArmor off"))
+            } else if sc
+                .windows_options
+                .as_ref()
+                .is_some_and(|w| w.host_process == Some(true))
+            {
+                Some(("windowsOptions.hostProcess", "a host process is privileged"))
+            } else {
+                None
+            };
+            if let Some((field, why)) = weaker {
+                return refuse(
+                    format!("template.securityContext.{field}"),
+                    format!("{why}; the template may add to the workers' security context, not weaken it"),
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The input topic.
@@ -528,6 +702,7 @@ impl StreamPipeline {
             replicas: _,
             image,
             resources: _,
+            template,
             log_level,
         } = &self.spec;
         let PipelineSource {
@@ -589,6 +764,9 @@ impl StreamPipeline {
         name_rule(&config.pipeline)?;
         config.validate()?;
         SINKS.check("sinks", sinks.len())?;
+        if let Some(t) = template {
+            t.check()?;
+        }
         for (field, n, max) in [
             ("secretEnv", secret_env.len(), SECRET_ENV_MAX),
             ("secretFiles", secret_files.len(), SECRET_FILES_MAX),
@@ -862,6 +1040,18 @@ spec:
         let crd = serde_json::to_string(&StreamPipeline::crd()).unwrap();
         let rule = serde_json::to_string(SECRET_ENV_RULE).unwrap();
         assert!(crd.contains(&rule), "the CRD carries SECRET_ENV_RULE");
+        for (rule, reserved) in [
+            (TEMPLATE_LABELS_RULE, RESERVED_POD_LABELS),
+            (TEMPLATE_ANNOTATIONS_RULE, RESERVED_POD_ANNOTATIONS),
+        ] {
+            assert!(rule.contains(&format!("startsWith('{SLUICE_KEY_PREFIX}')")));
+            assert_eq!(rule.matches("', '").count() + 1, reserved.len(), "{rule}");
+            for key in reserved {
+                assert!(rule.contains(&format!("'{key}'")), "{rule} lacks {key}");
+            }
+            let json = serde_json::to_string(rule).unwrap();
+            assert!(crd.contains(&json), "the CRD carries {rule}");
+        }
     }
 
     #[test]
@@ -878,6 +1068,102 @@ spec:
         assert_eq!(
             n(&spec["properties"]["sinks"]["maxItems"]),
             SINKS.max as f64
+        );
+    }
+
+    #[test]
+    fn a_template_may_add_to_the_pods_but_not_take_sluices_keys_or_weaken_its_security() {
+        let t = |v: serde_json::Value| -> PodTemplate { serde_json::from_value(v).unwrap() };
+        let ok = t(serde_json::json!({
+            "metadata": {"labels": {"team": "payments", "app.kubernetes.io/part-of": "billing"},
+                         "annotations": {"prometheus.io/scrape": "true"}},
+            "securityContext": {"fsGroup": 2000, "runAsUser": 1000, "runAsNonRoot": true,
+                                "seccompProfile": {"type": "Localhost", "localhostProfile": "sluice.json"}}
+        }));
+        ok.check().unwrap();
+        for (v, field) in [
+            (
+                serde_json::json!({"metadata": {"labels": {"sluice.dev/pipeline": "x"}}}),
+                r#"template.metadata.labels["sluice.dev/pipeline"]"#,
+            ),
+            (
+                serde_json::json!({"metadata": {"labels": {"app.kubernetes.io/instance": "x"}}}),
+                r#"template.metadata.labels["app.kubernetes.io/instance"]"#,
+            ),
+            (
+                serde_json::json!({"metadata": {"annotations": {"sluice.dev/config-hash": "0"}}}),
+                r#"template.metadata.annotations["sluice.dev/config-hash"]"#,
+            ),
+            (
+                serde_json::json!({"metadata": {"annotations": {"prometheus.io/port": "80"}}}),
+                r#"template.metadata.annotations["prometheus.io/port"]"#,
+            ),
+            (
+                serde_json::json!({"securityContext": {"runAsNonRoot": false}}),
+                "template.securityContext.runAsNonRoot",
+            ),
+            (
+                serde_json::json!({"securityContext": {"runAsUser": 0}}),
+                "template.securityContext.runAsUser",
+            ),
+            (
+                serde_json::json!({"securityContext": {"runAsGroup": 0}}),
+                "template.securityContext.runAsGroup",
+            ),
+            (
+                serde_json::json!({"securityContext": {"seccompProfile": {"type": "Unconfined"}}}),
+                "template.securityContext.seccompProfile",
+            ),
+            (
+                serde_json::json!({"securityContext": {"appArmorProfile": {"type": "Unconfined"}}}),
+                "template.securityContext.appArmorProfile",
+            ),
+            (
+                serde_json::json!({"securityContext": {"windowsOptions": {"hostProcess": true}}}),
+                "template.securityContext.windowsOptions.hostProcess",
+            ),
+        ] {
+            match t(v.clone()).check() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{v}"),
+                other => panic!("{v}: {other:?}"),
+            }
+        }
+        let many: BTreeMap<String, String> = (0..=TEMPLATE_KEYS_MAX)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
+        let e = t(serde_json::json!({"metadata": {"labels": many}}))
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("template.metadata.labels") && e.contains("at most 64"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_template_schema_is_the_pod_specs() {
+        let crd = serde_json::to_value(StreamPipeline::crd()).unwrap();
+        let t = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["template"]["properties"];
+        let spread = &t["topologySpreadConstraints"]["items"];
+        let required: Vec<&str> = spread["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        for f in ["maxSkew", "topologyKey", "whenUnsatisfiable"] {
+            assert!(required.contains(&f), "{required:?}");
+        }
+        assert_eq!(
+            t["tolerations"]["items"]["properties"]["tolerationSeconds"]["type"],
+            "integer"
+        );
+        assert!(t["affinity"]["properties"]["nodeAffinity"].is_object());
+        assert_eq!(
+            t["securityContext"]["properties"]["fsGroup"]["type"],
+            "integer"
         );
     }
 

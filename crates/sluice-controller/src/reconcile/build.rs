@@ -304,7 +304,13 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
         }),
         ..Default::default()
     };
-    let mut pod_annotations = BTreeMap::new();
+    let template = spec.template.clone().unwrap_or_default();
+    let extra = template.metadata.clone().unwrap_or_default();
+    // The template's labels and annotations first, sluice's over them (validation refuses
+    // a template key of sluice's anyway).
+    let mut pod_labels = extra.labels;
+    pod_labels.extend(labels(&name));
+    let mut pod_annotations = extra.annotations;
     pod_annotations.insert(CONFIG_HASH_ANNOTATION.to_string(), hash);
     pod_annotations.insert("prometheus.io/port".into(), WORKER_PORT.to_string());
     Deployment {
@@ -325,25 +331,27 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels(&name)),
+                    labels: Some(pod_labels),
                     annotations: Some(pod_annotations),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     termination_grace_period_seconds: Some(grace),
-                    automount_service_account_token: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        run_as_group: Some(65532),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
+                    automount_service_account_token: Some(
+                        template.automount_service_account_token.unwrap_or(false),
+                    ),
+                    security_context: Some(pod_security_context(
+                        template.security_context.as_ref(),
+                    )),
                     volumes: Some(volumes),
+                    node_selector: template.node_selector,
+                    tolerations: template.tolerations,
+                    affinity: template.affinity,
+                    topology_spread_constraints: template.topology_spread_constraints,
+                    priority_class_name: template.priority_class_name,
+                    service_account_name: template.service_account_name,
+                    image_pull_secrets: template.image_pull_secrets,
                     ..Default::default()
                 }),
             },
@@ -351,6 +359,38 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
         }),
         ..Default::default()
     }
+}
+
+/// sluice's pod security context (non-root, user and group 65532, seccomp RuntimeDefault)
+/// with the template's fields added: a field the template sets replaces sluice's (validation
+/// refused those that would weaken it), `runAsNonRoot` stays true.
+pub fn pod_security_context(extra: Option<&PodSecurityContext>) -> PodSecurityContext {
+    let base = PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let Some(extra) = extra else { return base };
+    let mut merged = serde_json::to_value(&base).expect("a security context serializes");
+    if let (Some(m), serde_json::Value::Object(e)) = (
+        merged.as_object_mut(),
+        serde_json::to_value(extra).expect("a security context serializes"),
+    ) {
+        for (k, v) in e {
+            if !v.is_null() {
+                m.insert(k, v);
+            }
+        }
+    }
+    let mut out: PodSecurityContext =
+        serde_json::from_value(merged).expect("a merged security context parses");
+    out.run_as_non_root = Some(true);
+    out
 }
 
 /// The metrics Service `<name>-metrics` (port `metrics`), scraped by a ServiceMonitor.
@@ -417,7 +457,7 @@ pub fn build_service_monitor(v: &Validated) -> serde_json::Value {
 mod tests {
     use super::*;
     use sluice_api::config::{SaslMechanism, SecurityProtocol};
-    use sluice_api::crd::{PipelineSecurity, SecretKeyRef, SASL_PASSWORD_ENV};
+    use sluice_api::crd::{PipelineSecurity, PodTemplate, SecretKeyRef, SASL_PASSWORD_ENV};
 
     fn pipeline(extra: &str) -> StreamPipeline {
         let v: serde_json::Value = serde_yaml::from_str(&format!(
@@ -668,6 +708,90 @@ spec:
             "{cm}"
         );
         assert!(!cm.contains("user.password"), "{cm}");
+    }
+
+    #[test]
+    fn the_pod_template_is_merged_into_the_workers_and_keeps_the_selector_and_the_defaults() {
+        let v = validated(
+            pipeline(
+                r#"  template:
+    metadata:
+      labels: {team: payments}
+      annotations: {iam.example/role: kafka-reader}
+    nodeSelector: {pool: streaming}
+    tolerations: [{key: dedicated, operator: Equal, value: streaming, effect: NoSchedule}]
+    affinity:
+      podAntiAffinity:
+        preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            podAffinityTerm: {topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {sluice.dev/pipeline: iot-enrich}}}
+    topologySpreadConstraints: [{maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway}]
+    priorityClassName: streaming-high
+    serviceAccountName: iot-enrich
+    automountServiceAccountToken: true
+    imagePullSecrets: [{name: registry}]
+    securityContext: {fsGroup: 2000, supplementalGroups: [3000]}"#,
+            ),
+            8,
+        );
+        let d = build_deployment(&v, 2);
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.selector.match_labels, Some(labels("iot-enrich")));
+        let meta = spec.template.metadata.unwrap();
+        let l = meta.labels.unwrap();
+        assert_eq!(l["team"], "payments");
+        assert_eq!(l["sluice.dev/pipeline"], "iot-enrich");
+        let a = meta.annotations.unwrap();
+        assert_eq!(a["iam.example/role"], "kafka-reader");
+        assert!(a.contains_key(CONFIG_HASH_ANNOTATION));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.node_selector.unwrap()["pool"], "streaming");
+        assert_eq!(
+            pod.tolerations.unwrap()[0].key.as_deref(),
+            Some("dedicated")
+        );
+        assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+        assert_eq!(pod.topology_spread_constraints.unwrap()[0].max_skew, 1);
+        assert_eq!(pod.priority_class_name.as_deref(), Some("streaming-high"));
+        assert_eq!(pod.service_account_name.as_deref(), Some("iot-enrich"));
+        assert_eq!(pod.automount_service_account_token, Some(true));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+        let sc = pod.security_context.unwrap();
+        assert_eq!(
+            (sc.fs_group, sc.supplemental_groups),
+            (Some(2000), Some(vec![3000]))
+        );
+        // sluice's defaults stay.
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.run_as_user, Some(65532));
+        assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        // Without a template: no token, sluice's context only.
+        let plain = build_deployment(&validated(pipeline(""), 8), 1);
+        let pod = plain.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.security_context, Some(pod_security_context(None)));
+        assert!(pod.tolerations.is_none() && pod.node_selector.is_none());
+    }
+
+    #[test]
+    fn every_label_and_annotation_sluice_puts_on_the_pods_is_refused_in_the_template() {
+        let d = build_deployment(&validated(pipeline(""), 8), 1);
+        let meta = d.spec.unwrap().template.metadata.unwrap();
+        for (what, keys) in [
+            ("labels", meta.labels.unwrap()),
+            ("annotations", meta.annotations.unwrap()),
+        ] {
+            for k in keys.keys() {
+                let t: PodTemplate = serde_json::from_value(
+                    serde_json::json!({"metadata": {what: {k.as_str(): "x"}}}),
+                )
+                .unwrap();
+                assert!(
+                    t.check().is_err(),
+                    "the template may set the {what} key {k}"
+                );
+            }
+        }
     }
 
     #[test]

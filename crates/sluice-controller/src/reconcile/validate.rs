@@ -422,6 +422,27 @@ mod tests {
                 &["secretEnv[0].name", "reserved"],
             ),
             (
+                "a template label of sluice's",
+                "p",
+                serde_json::json!({"template": {"metadata": {"labels": {"sluice.dev/pipeline": "other"}}}}),
+                &[
+                    r#"template.metadata.labels["sluice.dev/pipeline"]"#,
+                    "select the worker pods",
+                ],
+            ),
+            (
+                "a template that runs the workers as root",
+                "p",
+                serde_json::json!({"template": {"securityContext": {"runAsUser": 0}}}),
+                &["template.securityContext.runAsUser", "not weaken"],
+            ),
+            (
+                "a template that turns seccomp off",
+                "p",
+                serde_json::json!({"template": {"securityContext": {"seccompProfile": {"type": "Unconfined"}}}}),
+                &["template.securityContext.seccompProfile", "not weaken"],
+            ),
+            (
                 "exactly-once without a dead-letter topic",
                 "p",
                 serde_json::json!({"delivery": {"guarantee": "exactly-once"}}),
@@ -446,6 +467,7 @@ mod tests {
             serde_json::json!({"resources": {"limits": {"cpu": "500m", "memory": "1Gi"}}}),
             serde_json::json!({"deadLetter": {"topic": "out", "bootstrapServers": "other:9092"}}),
             serde_json::json!({"deadLetter": {"topic": "dlq"}, "delivery": {"guarantee": "exactly-once", "transactionWindow": "250ms"}}),
+            serde_json::json!({"template": {"metadata": {"labels": {"team": "a"}}, "securityContext": {"fsGroup": 2000, "runAsUser": 1000}, "tolerations": [{"key": "dedicated", "operator": "Exists"}]}}),
             serde_json::json!({
                 "source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {
                     "protocol": "SSL", "caFile": "/etc/sluice/secrets/ca.crt",
