@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::DynamicObject;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
+use sluice_api::crd::StreamPipelineSpec;
 
 pub use crate::context::{Context, PipelineKey, MANAGER};
 pub use crate::error::Error;
@@ -83,6 +84,27 @@ where
     }
 }
 
+/// The pipelines in `secret`'s namespace whose pods read it. A pipeline that does not
+/// parse reads nothing (it waits for a change of its own).
+pub fn readers_of(
+    pipelines: &Store<DynamicObject>,
+    secret: &Secret,
+) -> Vec<ObjectRef<DynamicObject>> {
+    let (ns, name) = (secret.namespace(), secret.name_any());
+    pipelines
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace() == ns)
+        .filter(|p| {
+            p.data
+                .get("spec")
+                .and_then(|s| serde_json::from_value::<StreamPipelineSpec>(s.clone()).ok())
+                .is_some_and(|spec| spec.secret_inputs().iter().any(|(_, r)| r.name == name))
+        })
+        .map(|p| ObjectRef::from_obj_with(p.as_ref(), pipeline_resource()))
+        .collect()
+}
+
 /// Run the controller over one namespace (`Some`) or all of them (`None`).
 pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
     let c = ctx.client.clone();
@@ -99,6 +121,12 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
         .owns(scoped::<ConfigMap>(&c, namespace), cfg())
         .owns(scoped::<Service>(&c, namespace), cfg())
         .owns(scoped::<PodDisruptionBudget>(&c, namespace), cfg());
+    // A Secret the pods read changed: reconcile the pipelines that read it, so that the
+    // digest on their pod template changes and the workers roll (reconcile/secrets.rs).
+    let pipelines = controller.store();
+    let controller = controller.watches(scoped::<Secret>(&c, namespace), cfg(), move |s| {
+        readers_of(&pipelines, &s)
+    });
     // Deleted pipelines: their memory and metric series go (the watch cache is the truth
     // of what exists; it is read once it has its first full list).
     let store = controller.store();
@@ -141,6 +169,44 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_change_reconciles_exactly_the_pipelines_in_its_namespace_that_read_it() {
+        use kube::runtime::reflector;
+        let mut writer = reflector::store::Writer::<DynamicObject>::new(pipeline_resource());
+        let store = writer.as_reader();
+        let pipeline = |ns: &str, name: &str, secret: &str| -> DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "source": {"bootstrapServers": "k:9092", "topic": "in", "groupId": "g"},
+                    "sinks": [{"kafka": {"topic": "out"}}],
+                    "secretFiles": [{"name": "ca.crt", "secretKeyRef": {"name": secret, "key": "ca.crt"}}]
+                }
+            }))
+            .unwrap()
+        };
+        let mut broken = pipeline("a", "broken", "tls");
+        broken.data["spec"]["sinks"] = serde_json::json!("not a list");
+        for p in [
+            pipeline("a", "reads", "tls"),
+            pipeline("a", "other", "other-tls"),
+            pipeline("b", "elsewhere", "tls"),
+            broken,
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(p));
+        }
+        let secret: Secret = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "tls", "namespace": "a"}}),
+        )
+        .unwrap();
+        let names: Vec<String> = readers_of(&store, &secret)
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["reads"]);
+    }
 
     #[test]
     fn backoff_doubles_up_to_five_minutes() {

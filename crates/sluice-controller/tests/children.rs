@@ -1,18 +1,21 @@
 //! The pipeline's children against the real kube-apiserver (scripted Kafka): the metrics
 //! Service is headless, also for a pipeline whose Service an earlier sluice made with a
-//! cluster IP (which an update cannot take away).
+//! cluster IP (which an update cannot take away). A rotated Secret rolls the workers as soon
+//! as it changes.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Service;
-use kube::api::PostParams;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::json;
 use sluice_api::crd::StreamPipeline;
 use sluice_controller::controller::{run_in, Context};
-use support::{setup, Scripted};
+use support::{eventually, setup, Scripted};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_metrics_service_made_with_a_cluster_ip_is_replaced_by_a_headless_one() {
@@ -61,5 +64,139 @@ async fn a_metrics_service_made_with_a_cluster_ip_is_replaced_by_a_headless_one(
     assert_eq!(svc.metadata.owner_references.unwrap()[0].uid, uid);
     let port = &svc.spec.unwrap().ports.unwrap()[0];
     assert_eq!((port.name.as_deref(), port.port), (Some("metrics"), 9095));
+    controller.abort();
+}
+
+/// The pod template's annotation `key` of the Deployment `name`, once it has one other
+/// than `not`.
+async fn annotation(
+    api: &Api<Deployment>,
+    name: &str,
+    key: &str,
+    not: Option<&str>,
+) -> (String, Deployment) {
+    eventually(
+        &format!("{name}: {key} other than {not:?}"),
+        Duration::from_secs(60),
+        || async {
+            let d = api.get_opt(name).await.unwrap()?;
+            let v = d
+                .spec
+                .as_ref()?
+                .template
+                .metadata
+                .as_ref()?
+                .annotations
+                .as_ref()?
+                .get(key)
+                .cloned()?;
+            (Some(v.as_str()) != not).then_some((v, d))
+        },
+    )
+    .await
+}
+
+/// A rotated Secret rolls the workers, and at once: the pod template carries a digest of
+/// every Secret key the pods read and the controller watches Secrets, so the new template is
+/// applied when the Secret changes, not at the next poll (an hour away here). The roll
+/// itself is the Deployment's: one pod at a time (maxSurge 0, maxUnavailable 1), each
+/// drained on SIGTERM. The configuration, and so its hash, stays as it was, and no value
+/// reaches the Deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_rolls_the_workers_without_waiting_for_the_next_poll() {
+    let (c, ns) = setup("rotate").await;
+    let secrets: Api<Secret> = Api::namespaced(c.clone(), &ns);
+    for (name, data) in [
+        ("kafka", json!({"password": "first-kafka-pw"})),
+        (
+            "pg",
+            json!({"url": "postgres://u:first-pg-pw@db/x", "unused": "1"}),
+        ),
+        ("tls", json!({"ca.crt": "FIRST-CA"})),
+    ] {
+        let s: Secret =
+            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))
+                .unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+    let pipelines: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
+    let sp: StreamPipeline = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+        "metadata": {"name": "p"},
+        "spec": {
+            "source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g",
+                "security": {"protocol": "SASL_SSL", "saslMechanism": "SCRAM-SHA-512", "username": "u",
+                    "passwordSecretRef": {"name": "kafka", "key": "password"},
+                    "caFile": "/etc/sluice/secrets/ca.crt"}},
+            "sinks": [{"postgres": {"table": "t", "connectionEnv": "PG_URL"}}],
+            "secretEnv": [{"name": "PG_URL", "secretKeyRef": {"name": "pg", "key": "url"}}],
+            "secretFiles": [{"name": "ca.crt", "secretKeyRef": {"name": "tls", "key": "ca.crt"}}],
+            "scaling": {"pollInterval": "1h"}
+        }
+    }))
+    .unwrap();
+    pipelines.create(&PostParams::default(), &sp).await.unwrap();
+    let ctx = Context::new(c.clone(), Scripted::new(4, 0), "sluice/worker:test".into());
+    let controller = {
+        let ns = ns.clone();
+        tokio::spawn(async move { run_in(ctx, Some(&ns)).await })
+    };
+    let deployments: Api<Deployment> = Api::namespaced(c.clone(), &ns);
+    const DIGEST: &str = "sluice.dev/secrets-hash";
+    let (mut digest, first) = annotation(&deployments, "p", DIGEST, None).await;
+    let config_hash = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()["sluice.dev/config-hash"]
+            .clone()
+    };
+    // Each Secret the pods read, rotated in turn: the SASL password, the PostgreSQL URL
+    // (secretEnv), the CA (secretFiles). Each rolls the pods.
+    for (secret, data) in [
+        ("kafka", json!({"password": "second-kafka-pw"})),
+        ("pg", json!({"url": "postgres://u:second-pg-pw@db/x"})),
+        ("tls", json!({"ca.crt": "SECOND-CA"})),
+    ] {
+        secrets
+            .patch(
+                secret,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"stringData": data})),
+            )
+            .await
+            .unwrap();
+        let (next, d) = annotation(&deployments, "p", DIGEST, Some(&digest)).await;
+        assert_eq!(
+            config_hash(&d),
+            config_hash(&first),
+            "{secret}: the configuration is the same"
+        );
+        let text = serde_json::to_string(&d).unwrap();
+        for v in [
+            "first-kafka-pw",
+            "second-kafka-pw",
+            "first-pg-pw",
+            "second-pg-pw",
+            "FIRST-CA",
+            "SECOND-CA",
+        ] {
+            assert!(!text.contains(v), "{v} in the Deployment");
+        }
+        digest = next;
+    }
+    let d = deployments.get("p").await.unwrap();
+    let rolling = d.spec.unwrap().strategy.unwrap().rolling_update.unwrap();
+    assert_eq!(
+        (rolling.max_surge, rolling.max_unavailable),
+        (Some(IntOrString::Int(0)), Some(IntOrString::Int(1))),
+        "one pod at a time"
+    );
     controller.abort();
 }

@@ -23,6 +23,9 @@ use sluice_api::crd::{SecretUse, StreamPipeline, SECRET_FILES_DIR, WORKER_PORT};
 
 /// Annotation on the pod template carrying the config hash: a new config rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "sluice.dev/config-hash";
+/// Annotation on the pod template carrying the digest of every Secret key the pods read: a
+/// rotated Secret rolls the pods.
+pub const SECRETS_HASH_ANNOTATION: &str = "sluice.dev/secrets-hash";
 /// Key of the worker config in its ConfigMap.
 pub const CONFIG_KEY: &str = "config.yaml";
 /// Where the worker config is mounted.
@@ -71,6 +74,8 @@ pub struct Validated {
     pub partitions: u32,
     /// The worker image to run.
     pub image: String,
+    /// The digest of every Secret key the pods read (empty: they read none).
+    pub secrets_digest: String,
 }
 
 impl Validated {
@@ -312,6 +317,12 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
     pod_labels.extend(labels(&name));
     let mut pod_annotations = extra.annotations;
     pod_annotations.insert(CONFIG_HASH_ANNOTATION.to_string(), hash);
+    if !v.secrets_digest.is_empty() {
+        pod_annotations.insert(
+            SECRETS_HASH_ANNOTATION.to_string(),
+            v.secrets_digest.clone(),
+        );
+    }
     pod_annotations.insert("prometheus.io/port".into(), WORKER_PORT.to_string());
     Deployment {
         metadata: v.meta(name.clone()),
@@ -482,6 +493,7 @@ spec:
             config,
             partitions,
             image: "sluice/worker:test".into(),
+            secrets_digest: String::new(),
         }
     }
 
@@ -560,6 +572,33 @@ spec:
             hash(&a),
             hash(&validated(pipeline(""), 8)),
             "the hash is deterministic"
+        );
+    }
+
+    #[test]
+    fn a_rotated_secret_changes_the_pod_template_and_no_secret_adds_nothing() {
+        let annotations = |digest: &str| {
+            let mut v = validated(pipeline(""), 8);
+            v.secrets_digest = digest.into();
+            build_deployment(&v, 1)
+                .spec
+                .unwrap()
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()
+        };
+        let (a, b, none) = (annotations("0a"), annotations("0b"), annotations(""));
+        assert_eq!(a[SECRETS_HASH_ANNOTATION], "0a");
+        assert_ne!(
+            a, b,
+            "another digest is another pod template: the pods roll"
+        );
+        assert_eq!(a[CONFIG_HASH_ANNOTATION], b[CONFIG_HASH_ANNOTATION]);
+        assert!(
+            !none.contains_key(SECRETS_HASH_ANNOTATION),
+            "a pipeline that reads no Secret keeps its pod template"
         );
     }
 

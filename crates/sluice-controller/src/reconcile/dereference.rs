@@ -38,6 +38,8 @@ pub struct Found {
     pub kafka: ClientConfig,
     /// The Prometheus Operator's ServiceMonitor CRD exists.
     pub monitors: bool,
+    /// The digest of every Secret key the pods read ([`super::secrets::secrets_digest`]).
+    pub secrets_digest: String,
 }
 
 /// The Prometheus Operator's ServiceMonitor, as a dynamic resource.
@@ -155,6 +157,7 @@ pub async fn dereference(
         partitions,
         kafka,
         monitors,
+        secrets_digest: secrets.digest().to_string(),
     })
 }
 

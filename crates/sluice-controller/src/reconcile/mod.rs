@@ -116,6 +116,7 @@ async fn steps(sp: &StreamPipeline, ctx: &Context, report: &Report) -> Result<Ac
             .image
             .clone()
             .unwrap_or_else(|| ctx.default_image.clone()),
+        secrets_digest: found.secrets_digest.clone(),
     };
     let children = build::Children::build(&v, scale.replicas, found.monitors);
     apply::apply(ctx, sp, &children).await?;

@@ -4,12 +4,19 @@
 //! Secret, the key's password from its Secret, and the CA, client certificate and key
 //! from the Secrets `spec.secretFiles` mounts them from, passed by content (`ssl.ca.pem`,
 //! `ssl.certificate.pem`, `ssl.key.pem`), since the controller has no such files.
+//!
+//! It also reads every other Secret key the pods read (`secretEnv`, `secretFiles`), for a
+//! digest of them on the pod template ([`secrets_digest`]): a rotated password, CA or
+//! client certificate changes the template, and the Deployment rolls the pods one at a
+//! time, each drained on SIGTERM. Secrets are watched (`controller.rs`), so the roll follows
+//! the change rather than the next poll.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use rdkafka::ClientConfig;
+use sha2::{Digest, Sha256};
 use sluice_api::config::security::{Credentials, FileRead, MissingCredential};
 use sluice_api::config::SecurityConfig;
 use sluice_api::crd::{SecretKeyRef, SecretUse, StreamPipelineSpec, SECRET_FILES_DIR};
@@ -23,12 +30,16 @@ pub struct PodSecrets {
     vars: BTreeMap<String, String>,
     /// Files under [`SECRET_FILES_DIR`], by name.
     files: BTreeMap<String, String>,
+    /// The digest of every Secret key the pod reads ([`secrets_digest`]).
+    digest: String,
 }
 
 impl PodSecrets {
-    /// Read the Secret keys of `spec` that the Kafka settings of `security` need (the
-    /// password, files it names under [`SECRET_FILES_DIR`]). A missing Secret or key is
-    /// [`Error::Secret`].
+    /// Read every Secret key of `spec` (each Secret once): the values the Kafka settings
+    /// of `security` need (the password, files it names under [`SECRET_FILES_DIR`]), and
+    /// the digest of them all. A missing Secret or key the Kafka settings need is
+    /// [`Error::Secret`]; any other missing one only counts in the digest (the pods wait
+    /// for it; when it comes, they roll).
     pub async fn load(
         client: &Client,
         ns: &str,
@@ -38,8 +49,15 @@ impl PodSecrets {
         let needed = needed_files(security);
         let mut out = PodSecrets::default();
         let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-        let mut read: BTreeMap<String, Secret> = BTreeMap::new();
-        for (used, r) in spec.secret_inputs() {
+        let mut read: BTreeMap<String, Option<Secret>> = BTreeMap::new();
+        let inputs = spec.secret_inputs();
+        let mut values = Vec::with_capacity(inputs.len());
+        for (used, r) in inputs {
+            if !read.contains_key(&r.name) {
+                read.insert(r.name.clone(), secrets.get_opt(&r.name).await?);
+            }
+            let secret = read[&r.name].as_ref();
+            values.push((used, r, secret.and_then(|s| bytes(s, r))));
             let wanted = match used {
                 SecretUse::Env(var) => {
                     (var == security.password_env && security.sasl_mechanism.is_some())
@@ -50,20 +68,20 @@ impl PodSecrets {
             if !wanted {
                 continue;
             }
-            if !read.contains_key(&r.name) {
-                let s = secrets
-                    .get_opt(&r.name)
-                    .await?
-                    .ok_or_else(|| Error::Secret(r.name.clone(), "not found".into()))?;
-                read.insert(r.name.clone(), s);
-            }
-            let value = key(&read[&r.name], r)?;
+            let secret = secret.ok_or_else(|| Error::Secret(r.name.clone(), "not found".into()))?;
+            let value = key(secret, r)?;
             match used {
                 SecretUse::Env(var) => out.vars.insert(var.to_string(), value),
                 SecretUse::File(file) => out.files.insert(file.to_string(), value),
             };
         }
+        out.digest = secrets_digest(&values);
         Ok(out)
+    }
+
+    /// The digest of every Secret key the pod reads (empty when it reads none).
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 
     /// The librdkafka client settings for `bootstrap` with `security`.
@@ -107,6 +125,48 @@ fn needed_files(security: &SecurityConfig) -> Vec<String> {
     .collect()
 }
 
+/// A digest of the Secret keys a pod reads, as it reads them: for each, the variable or
+/// file, the Secret and key, and the value (or that there is none yet). It changes when one
+/// of them does, and only then: another key of the same Secret, or the Secret's labels,
+/// leave it alone. Empty when the pod reads no Secret. 16 hex characters of a SHA-256, like
+/// the config's hash (a digest, never a value: the values stay in their Secrets).
+pub fn secrets_digest(inputs: &[(SecretUse<'_>, &SecretKeyRef, Option<Vec<u8>>)]) -> String {
+    if inputs.is_empty() {
+        return String::new();
+    }
+    let mut h = Sha256::new();
+    let mut part = |b: &[u8]| {
+        h.update((b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    for (used, r, value) in inputs {
+        let (how, name) = match used {
+            SecretUse::Env(n) => ("env", *n),
+            SecretUse::File(n) => ("file", *n),
+        };
+        for p in [how, name, r.name.as_str(), r.key.as_str()] {
+            part(p.as_bytes());
+        }
+        match value {
+            Some(v) => {
+                part(b"=");
+                part(v);
+            }
+            None => part(b"missing"),
+        }
+    }
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The bytes of `r`'s key in `s`, if it has it.
+fn bytes(s: &Secret, r: &SecretKeyRef) -> Option<Vec<u8>> {
+    s.data.as_ref()?.get(&r.key).map(|v| v.0.clone())
+}
+
 /// The value of `r`'s key in `s`.
 fn key(s: &Secret, r: &SecretKeyRef) -> Result<String, Error> {
     s.data
@@ -126,6 +186,7 @@ mod tests {
         let secrets = PodSecrets {
             vars: BTreeMap::from([("SLUICE_SASL_PASSWORD".into(), "pw".into())]),
             files: BTreeMap::from([("ca.pem".into(), "-----BEGIN CERTIFICATE-----".into())]),
+            digest: String::new(),
         };
         let security = SecurityConfig {
             protocol: SecurityProtocol::SaslSsl,
@@ -143,5 +204,46 @@ mod tests {
         assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
         assert_eq!(c.get("ssl.ca.location"), None);
         assert_eq!(needed_files(&security), ["ca.pem"]);
+    }
+
+    #[test]
+    fn the_digest_changes_with_a_value_the_pod_reads_and_only_then() {
+        let pw = SecretKeyRef {
+            name: "kafka".into(),
+            key: "password".into(),
+        };
+        let ca = SecretKeyRef {
+            name: "kafka-tls".into(),
+            key: "ca.crt".into(),
+        };
+        let d = |pw_value: Option<&str>, ca_value: &str, file: &str| {
+            secrets_digest(&[
+                (
+                    SecretUse::Env("SLUICE_SASL_PASSWORD"),
+                    &pw,
+                    pw_value.map(|v| v.as_bytes().to_vec()),
+                ),
+                (
+                    SecretUse::File(file),
+                    &ca,
+                    Some(ca_value.as_bytes().to_vec()),
+                ),
+            ])
+        };
+        let base = d(Some("one"), "CA1", "ca.pem");
+        assert_eq!(base.len(), 16);
+        assert_eq!(base, d(Some("one"), "CA1", "ca.pem"), "deterministic");
+        assert_ne!(base, d(Some("two"), "CA1", "ca.pem"), "a rotated password");
+        assert_ne!(base, d(Some("one"), "CA2", "ca.pem"), "a rotated CA");
+        assert_ne!(base, d(Some("one"), "CA1", "other.pem"), "another file");
+        assert_ne!(
+            d(None, "CA1", "ca.pem"),
+            d(Some(""), "CA1", "ca.pem"),
+            "missing is not empty"
+        );
+        // Values cannot slide into each other.
+        assert_ne!(d(Some("oneC"), "A1", "ca.pem"), base);
+        assert!(!base.contains("one") && !base.contains("CA1"));
+        assert_eq!(secrets_digest(&[]), "", "no Secret, no digest");
     }
 }
