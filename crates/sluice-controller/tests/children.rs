@@ -1,14 +1,15 @@
 //! The pipeline's children against the real kube-apiserver (scripted Kafka): the metrics
 //! Service is headless, also for a pipeline whose Service an earlier sluice made with a
 //! cluster IP (which an update cannot take away). A rotated Secret rolls the workers as soon
-//! as it changes.
+//! as it changes. A worker the scheduler cannot place (a taint the pipeline's template does
+//! not tolerate, say) is named in the Ready condition with the scheduler's reason.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
@@ -53,8 +54,11 @@ async fn a_metrics_service_made_with_a_cluster_ip_is_replaced_by_a_headless_one(
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     let svc = loop {
-        let svc = services.get("p-metrics").await.unwrap();
-        if svc.spec.as_ref().unwrap().cluster_ip.as_deref() == Some("None") {
+        // Absent for a moment between the old one's deletion and the new one's creation.
+        let svc = services.get_opt("p-metrics").await.unwrap();
+        if let Some(svc) =
+            svc.filter(|s| s.spec.as_ref().unwrap().cluster_ip.as_deref() == Some("None"))
+        {
             break svc;
         }
         assert!(Instant::now() < deadline, "the Service is still {ip}");
@@ -197,6 +201,85 @@ async fn a_rotated_secret_rolls_the_workers_without_waiting_for_the_next_poll() 
         (rolling.max_surge, rolling.max_unavailable),
         (Some(IntOrString::Int(0)), Some(IntOrString::Int(1))),
         "one pod at a time"
+    );
+    controller.abort();
+}
+
+/// A worker pod the scheduler cannot place keeps the pipeline not Ready, and the condition
+/// says which pod and why, in the scheduler's words. (No scheduler runs beside this API
+/// server: the test writes the pod and its PodScheduled condition as the scheduler would.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_the_scheduler_cannot_place_is_named_in_the_ready_condition() {
+    let (c, ns) = setup("unsched").await;
+    let pipelines: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
+    let sp: StreamPipeline = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+        "metadata": {"name": "p"},
+        "spec": {
+            "source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g"},
+            "sinks": [{"kafka": {"topic": "out"}}],
+            "scaling": {"pollInterval": "1s"},
+            "template": {"nodeSelector": {"pool": "streaming"}}
+        }
+    }))
+    .unwrap();
+    pipelines.create(&PostParams::default(), &sp).await.unwrap();
+    let ctx = Context::new(c.clone(), Scripted::new(4, 0), "sluice/worker:test".into());
+    let controller = {
+        let ns = ns.clone();
+        tokio::spawn(async move { run_in(ctx, Some(&ns)).await })
+    };
+    let deployments: Api<Deployment> = Api::namespaced(c.clone(), &ns);
+    let d = eventually("the Deployment", Duration::from_secs(60), || async {
+        deployments.get_opt("p").await.unwrap()
+    })
+    .await;
+    let template = d.spec.unwrap().template;
+    assert_eq!(
+        template
+            .spec
+            .as_ref()
+            .unwrap()
+            .node_selector
+            .as_ref()
+            .unwrap()["pool"],
+        "streaming"
+    );
+    // The worker pod, as the ReplicaSet would make it, and the scheduler's verdict.
+    let pods: Api<Pod> = Api::namespaced(c.clone(), &ns);
+    let mut pod: Pod =
+        serde_json::from_value(json!({"metadata": {"name": "p-7d9f-x2k4q"}})).unwrap();
+    pod.metadata.labels = template.metadata.unwrap().labels;
+    pod.spec = template.spec;
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let why = "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector. preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling.";
+    pods.patch_status(
+        "p-7d9f-x2k4q",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": why}
+        ]}})),
+    )
+    .await
+    .unwrap();
+    let message = eventually(
+        "Ready=False, WorkersUnschedulable",
+        Duration::from_secs(60),
+        || async {
+            let sp = pipelines.get("p").await.unwrap();
+            sp.status?
+                .conditions
+                .into_iter()
+                .find(|c| {
+                    c.type_ == "Ready" && c.status == "False" && c.reason == "WorkersUnschedulable"
+                })
+                .map(|c| c.message)
+        },
+    )
+    .await;
+    assert_eq!(
+        message,
+        format!("0 of 1 workers ready; pod p-7d9f-x2k4q cannot be scheduled: {why}")
     );
     controller.abort();
 }

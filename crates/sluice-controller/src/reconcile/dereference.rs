@@ -5,17 +5,17 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{ApiResource, DynamicObject};
+use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::{Api, ResourceExt};
 use rdkafka::ClientConfig;
 use sluice_api::config::WorkerConfig;
 use sluice_api::crd::StreamPipeline;
 
-use super::build::ChildNames;
+use super::build::{selector_string, ChildNames};
 use super::secrets::PodSecrets;
 use super::status::Blocker;
 use super::Stop;
@@ -38,6 +38,9 @@ pub struct Found {
     pub kafka: ClientConfig,
     /// The Prometheus Operator's ServiceMonitor CRD exists.
     pub monitors: bool,
+    /// A worker pod the scheduler cannot place, and why (read only while workers are
+    /// missing).
+    pub unschedulable: Option<String>,
     /// The digest of every Secret key the pods read ([`super::secrets::secrets_digest`]).
     pub secrets_digest: String,
 }
@@ -150,7 +153,13 @@ pub async fn dereference(
         .and_then(|d| d.status.as_ref()?.ready_replicas)
         .unwrap_or(0)
         .max(0) as u32;
+    let unschedulable = if ready < current {
+        unschedulable(ctx, &ns, &name).await?
+    } else {
+        None
+    };
     Ok(Found {
+        unschedulable,
         exists: deployment.is_some(),
         current,
         ready,
@@ -159,6 +168,36 @@ pub async fn dereference(
         monitors,
         secrets_digest: secrets.digest().to_string(),
     })
+}
+
+/// A worker pod of the pipeline that the scheduler cannot place (`PodScheduled=False,
+/// reason=Unschedulable`: no node matches its selector, tolerations or affinity, or none has
+/// room), named with the scheduler's message.
+async fn unschedulable(ctx: &Context, ns: &str, name: &str) -> Result<Option<String>, Stop> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default().labels(&selector_string(name)))
+        .await
+        .map_err(|error| Stop::Child {
+            kind: "Pod",
+            name: format!("{name}-*"),
+            error,
+        })?;
+    Ok(pods.items.iter().find_map(|p| {
+        let c = p
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+        (c.reason.as_deref() == Some("Unschedulable")).then(|| {
+            format!(
+                "pod {} cannot be scheduled: {}",
+                p.name_any(),
+                c.message.as_deref().unwrap_or("no reason given")
+            )
+        })
+    }))
 }
 
 /// Run a blocking Kafka query off the async threads.
