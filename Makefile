@@ -5,7 +5,7 @@ DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 DEMO_LISTEN ?= 127.0.0.1:9095
 
-.PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench profile chaos fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
+.PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench bench-operator profile chaos chaos-replicated fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -51,6 +51,11 @@ fmt:
 bench: setup
 	scripts/bench.sh
 
+## The operator at scale (BENCHMARKS.md): its own kube-apiserver and the broker, 100, 1,000 and
+## 10,000 pipelines over 100 shared topics. COUNTS=100,1000 for a shorter run.
+bench-operator: setup
+	scripts/bench-operator.sh
+
 ## Instructions per record and per stage (valgrind callgrind) of a fixed small workload:
 ## repeatable on a noisy machine (BENCHMARKS.md, "Where the CPU goes"). `make bench` runs it too.
 profile: setup
@@ -63,6 +68,15 @@ chaos: setup kafka-start
 	$(CARGO) build --release -p sluice-worker -p sluice-testkit
 	mkdir -p target/chaos
 	set -o pipefail; ./target/release/sluice-chaos --full --worker ./target/release/sluice-worker $(SCENARIOS) | tee target/chaos/results.md
+
+## The fault scenarios on a replicated cluster (three brokers from scripts/kafka-cluster.sh,
+## started on first use; SLUICE_KAFKA_CLUSTER_PORT/_DIR choose its ports and directory),
+## each under both delivery guarantees: RELIABILITY.md, "A replicated cluster".
+chaos-replicated: setup
+	scripts/postgres.sh start
+	$(CARGO) build --release -p sluice-worker -p sluice-testkit --bins --examples
+	mkdir -p target/chaos
+	set -o pipefail; ./target/release/sluice-chaos --replicated --full --worker ./target/release/sluice-worker $(SCENARIOS) | tee target/chaos/replicated.md
 
 ## A longer fuzzing run than the tests' (1,000-2,000 cases per target): the configuration
 ## parser, the record decoding, the jq input path, the postgres row decoding and the

@@ -5,8 +5,8 @@
 #   - a fresh clone of the committed HEAD (uncommitted changes are not in it), so target/
 #     starts empty;
 #   - no state from earlier runs: the broker, PostgreSQL, the API server and the local
-#     cluster get new, empty state directories under $W/state, and the broker, PostgreSQL
-#     and the API server their own ports, so whatever else runs on this machine (another
+#     cluster get new, empty state directories under $W/state, and the broker, the
+#     replicated Kafka cluster, PostgreSQL and the API server their own ports, so whatever else runs on this machine (another
 #     checkout's tests against the default ports) is neither reused nor disturbed;
 #   - the local cluster is one per machine: the rehearsal waits for /tmp/sluice-node.lock
 #     (the lock anything using the cluster holds), brings a running cluster down, and
@@ -56,6 +56,9 @@ log "clone of $(git -C "$W/sluice" rev-parse --short HEAD) in $W/sluice"
 
 # Own state directories and ports (see scripts/kafka.sh, postgres.sh, k8s.sh, cluster.sh).
 export SLUICE_KAFKA_DIR="$W/state/kafka" SLUICE_KAFKA_PORT="${SLUICE_REHEARSAL_KAFKA_PORT:-29092}"
+# The replicated cluster of the chaos_replicated_* tests (scripts/kafka-cluster.sh): its
+# default ports (9300-9321) are the ones a `make test` in the main checkout uses.
+export SLUICE_KAFKA_CLUSTER_DIR="$W/state/kafka-cluster" SLUICE_KAFKA_CLUSTER_PORT="${SLUICE_REHEARSAL_KAFKA_CLUSTER_PORT:-29300}"
 export SLUICE_PG_DIR="$W/state/pg" SLUICE_PG_PORT="${SLUICE_REHEARSAL_PG_PORT:-25433}"
 export SLUICE_K8S_DIR="$W/state/k8s" SLUICE_K8S_PORT="${SLUICE_REHEARSAL_K8S_PORT:-26443}"
 export SLUICE_CLUSTER_DIR="$W/state/cluster"
@@ -79,6 +82,7 @@ stop_all() {
   "$s/k8s.sh" stop >/dev/null 2>&1 || true
   "$s/postgres.sh" stop >/dev/null 2>&1 || true
   "$s/kafka.sh" stop >/dev/null 2>&1 || true
+  "$s/kafka-cluster.sh" stop >/dev/null 2>&1 || true
 }
 trap stop_all EXIT
 

@@ -10,7 +10,8 @@
 #   scripts/k8s.sh stop      stop both and delete their data
 #
 # SLUICE_K8S_DIR (default /tmp/sluice-k8s) holds data, certs, logs and the kubeconfig;
-# SLUICE_K8S_PORT (default 6443) is the API server's port, etcd uses 2379/2380 + 10000.
+# SLUICE_K8S_PORT (default 6443) is the API server's port; etcd's client and peer ports are
+# SLUICE_K8S_ETCD_PORT and the next one (default: the API server's port + 10000).
 #
 # kube-apiserver comes from k8s.io/kubernetes through a small wrapper module that replaces
 # every k8s.io staging module with its v0.<minor> release; etcd from go.etcd.io.
@@ -28,8 +29,8 @@ STAGING=(api apiextensions-apiserver apimachinery apiserver cli-runtime client-g
 
 DIR="${SLUICE_K8S_DIR:-/tmp/sluice-k8s}"
 PORT="${SLUICE_K8S_PORT:-6443}"
-ETCD_CLIENT=$((PORT + 10000))
-ETCD_PEER=$((PORT + 10001))
+ETCD_CLIENT="${SLUICE_K8S_ETCD_PORT:-$((PORT + 10000))}"
+ETCD_PEER=$((ETCD_CLIENT + 1))
 
 log() { echo "[k8s] $*" >&2; }
 

@@ -17,6 +17,8 @@ use crate::{
     wait_for, ProduceSpec, TcpProxy, TestRecord, WorkerProcess,
 };
 
+pub mod replicated;
+
 /// How long and how hard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Length {
@@ -113,13 +115,18 @@ impl Watcher {
     /// Start reading `topics`, and `input` for when each record was produced (for
     /// end-to-end latency: first output timestamp minus input timestamp).
     pub fn start_with_input(topics: &[&str], input: Option<&str>) -> Self {
+        Self::start_on(&bootstrap(), topics, input)
+    }
+
+    /// [`Watcher::start_with_input`] on the cluster at `bootstrap`.
+    pub fn start_on(bootstrap: &str, topics: &[&str], input: Option<&str>) -> Self {
         use rdkafka::message::Message;
         let mut all: Vec<&str> = topics.to_vec();
         all.extend(input);
         let input = input.map(str::to_string);
         // By assignment, not in a group: the auditor must keep reading through the
         // broker outages the scenarios cause.
-        let c = crate::reader_assigned(&all);
+        let c = reader_assigned_on(bootstrap, &all);
         let seen: Arc<Mutex<Seen>> = Default::default();
         let other = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -331,8 +338,19 @@ fn generate(topic: &str, count: u64, rate: f64) -> std::thread::JoinHandle<()> {
 }
 
 fn generate_sized(topic: &str, count: u64, rate: f64, size: usize) -> std::thread::JoinHandle<()> {
+    generate_on(&bootstrap(), topic, count, rate, size)
+}
+
+/// [`generate_sized`] on the cluster at `bootstrap`.
+fn generate_on(
+    bootstrap: &str,
+    topic: &str,
+    count: u64,
+    rate: f64,
+    size: usize,
+) -> std::thread::JoinHandle<()> {
     let spec = ProduceSpec {
-        bootstrap: bootstrap(),
+        bootstrap: bootstrap.to_string(),
         topic: topic.into(),
         from: 0,
         count,
@@ -364,6 +382,8 @@ fn topics(name: &str, n: usize, partitions: i32) -> Vec<String> {
 struct Workers {
     bin: String,
     config: String,
+    /// More fields of the `server` section (`, name: value`).
+    server_extra: String,
     env: Vec<(String, String)>,
     running: Vec<WorkerProcess>,
     peak_rss: u64,
@@ -371,11 +391,22 @@ struct Workers {
 
 impl Workers {
     fn new(bin: &str, input: &str, group: &str, body: &str, env: &[(&str, &str)]) -> Self {
+        Self::new_on(&bootstrap(), bin, input, group, body, env)
+    }
+
+    fn new_on(
+        bootstrap: &str,
+        bin: &str,
+        input: &str,
+        group: &str,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         Workers {
             bin: bin.into(),
+            server_extra: String::new(),
             config: format!(
-                "pipeline: chaos\nsource:\n  bootstrapServers: \"{}\"\n  topic: {input}\n  groupId: {group}\n  sessionTimeout: 10s\ncommit: {{interval: 500ms, drainTimeout: 8s}}\n{body}\n",
-                bootstrap()
+                "pipeline: chaos\nsource:\n  bootstrapServers: \"{bootstrap}\"\n  topic: {input}\n  groupId: {group}\n  sessionTimeout: 10s\ncommit: {{interval: 500ms, drainTimeout: 8s}}\n{body}\n"
             ),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             running: Vec::new(),
@@ -385,7 +416,10 @@ impl Workers {
 
     fn start(&mut self) {
         let addr = format!("127.0.0.1:{}", free_port());
-        let cfg = format!("{}server: {{listen: \"{addr}\"}}\n", self.config);
+        let cfg = format!(
+            "{}server: {{listen: \"{addr}\"{}}}\n",
+            self.config, self.server_extra
+        );
         let env: Vec<(&str, &str)> = self
             .env
             .iter()
@@ -1723,4 +1757,31 @@ pub fn eos_rebalance_storm(bin: &str, len: Length) -> Outcome {
         restarts,
         format!("{cycles} cycle(s); scale-downs drain and commit their transaction on SIGTERM"),
     )
+}
+
+/// [`crate::reader_assigned`] on the cluster at `bootstrap`: every partition of `topics`
+/// from the beginning, by assignment, `read_committed`.
+fn reader_assigned_on(bootstrap: &str, topics: &[&str]) -> rdkafka::consumer::BaseConsumer {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("auditor"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in topics {
+        let md = c
+            .fetch_metadata(Some(t), Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("metadata of {t}: {e}"));
+        for mt in md.topics() {
+            for p in mt.partitions() {
+                tpl.add_partition_offset(t, p.id(), rdkafka::Offset::Beginning)
+                    .expect("partition");
+            }
+        }
+    }
+    c.assign(&tpl).expect("assign");
+    c
 }

@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 
 pub mod chaos;
 pub mod cluster;
+pub mod replicated;
 
 pub use sluice_loadgen::{
-    audit, create_topic, key, offsets, parse_seq, payload, produce, AuditReport, ProduceSpec,
+    audit, create_topic, create_topic_with, key, offsets, parse_seq, payload, produce, AuditReport,
+    ProduceSpec,
 };
 
 /// The repository root.

@@ -38,12 +38,17 @@ pub const NAME_RULE: &str =
 pub const NAME_RULE_MESSAGE: &str = "metadata.name must be a DNS-1035 label of at most 55 characters (lower-case letters, digits and '-', starting with a letter): the worker Service is <name>-metrics";
 /// The longest pipeline name: 63 (a DNS label) less the 8 of `-metrics`.
 pub const MAX_NAME_LEN: usize = 55;
-/// Environment variables of the worker that sluice sets itself (`spec.secretEnv` may not).
+/// Environment variables of the worker that sluice sets itself, or that must differ
+/// between its pods (`spec.secretEnv` may not set them): `SLUICE_TRANSACTIONAL_ID` and
+/// `HOSTNAME` make the exactly-once `transactional.id`, and one value in every replica
+/// would have each fence the others.
 pub const RESERVED_ENV: &[&str] = &[
     "SLUICE_CONFIG",
     "SLUICE_LOG",
     SASL_PASSWORD_ENV,
     SSL_KEY_PASSWORD_ENV,
+    "SLUICE_TRANSACTIONAL_ID",
+    "HOSTNAME",
 ];
 
 /// `spec.sinks`: how many.
@@ -63,7 +68,7 @@ pub const MIN_REPLICAS: Bounds<i32> = Bounds { min: 0, max: 1000 };
 pub const MAX_REPLICAS: Bounds<i32> = Bounds { min: 1, max: 1000 };
 /// The CEL rule on `spec.secretEnv[*]`: the twin of [`RESERVED_ENV`] and
 /// [`crate::config::ENV_OVERRIDE_PREFIX`] (a test keeps them in step).
-pub const SECRET_ENV_RULE: &str = "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD', 'SLUICE_SSL_KEY_PASSWORD']) && !self.name.startsWith('SLUICE__')";
+pub const SECRET_ENV_RULE: &str = "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD', 'SLUICE_SSL_KEY_PASSWORD', 'SLUICE_TRANSACTIONAL_ID', 'HOSTNAME']) && !self.name.startsWith('SLUICE__')";
 
 /// Where the worker's metrics and health server listens inside the pod.
 pub const WORKER_PORT: u16 = 9095;
@@ -465,7 +470,7 @@ pub struct SecretFile {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": SECRET_ENV_RULE,
-     "message": "SLUICE_CONFIG, SLUICE_LOG, SLUICE_SASL_PASSWORD and SLUICE_SSL_KEY_PASSWORD are set by sluice, and SLUICE__* would override the rendered configuration"}
+     "message": "SLUICE_CONFIG, SLUICE_LOG, SLUICE_SASL_PASSWORD and SLUICE_SSL_KEY_PASSWORD are set by sluice, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods (the exactly-once transactional id), and SLUICE__* would override the rendered configuration"}
 ]))]
 pub struct SecretEnv {
     /// The variable's name.
@@ -851,7 +856,7 @@ impl StreamPipeline {
                 return Err(ConfigError::Invalid {
                     field: format!("secretEnv[{i}].name"),
                     message: format!(
-                        "`{}` is reserved or given twice (SLUICE_CONFIG and SLUICE_LOG are set by sluice, SLUICE_SASL_PASSWORD and SLUICE_SSL_KEY_PASSWORD come from source.security, SLUICE__* would override the configuration)",
+                        "`{}` is reserved or given twice (SLUICE_CONFIG and SLUICE_LOG are set by sluice, SLUICE_SASL_PASSWORD and SLUICE_SSL_KEY_PASSWORD come from source.security, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods, SLUICE__* would override the configuration)",
                         e.name
                     ),
                 });
@@ -1022,14 +1027,41 @@ spec:
         assert!(p.worker_config().is_ok());
     }
 
+    /// N16: `secretEnv` may not set what makes the exactly-once transactional id (one
+    /// value in every replica: each would fence the others), in the schema's CEL rule and
+    /// for objects stored before it.
+    #[test]
+    fn secret_env_may_not_set_the_transactional_id_or_the_host_name() {
+        for name in ["SLUICE_TRANSACTIONAL_ID", "HOSTNAME"] {
+            let mut p = example();
+            p.spec.secret_env = vec![SecretEnv {
+                name: name.into(),
+                secret_key_ref: SecretKeyRef {
+                    name: "s".into(),
+                    key: "k".into(),
+                },
+            }];
+            let err = p.worker_config().unwrap_err().to_string();
+            assert!(err.contains("secretEnv[0].name"), "{name}: {err}");
+        }
+        let crd = serde_json::to_string(&StreamPipeline::crd()).unwrap();
+        for name in RESERVED_ENV {
+            assert!(
+                crd.contains(&format!("'{name}'")),
+                "the CEL rule names {name}"
+            );
+        }
+    }
+
     #[test]
     fn cel_rules_mirror_the_constants_the_checks_read() {
         for name in RESERVED_ENV {
             assert!(SECRET_ENV_RULE.contains(&format!("'{name}'")), "{name}");
         }
         assert_eq!(
-            SECRET_ENV_RULE.matches("'SLUICE_").count(),
-            RESERVED_ENV.len() + 1
+            SECRET_ENV_RULE.matches('\'').count(),
+            2 * (RESERVED_ENV.len() + 1),
+            "the rule quotes the reserved names and the override prefix, nothing else"
         );
         assert!(SECRET_ENV_RULE.contains(&format!(
             "startsWith('{}')",

@@ -4,15 +4,20 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
+use sluice_api::config::WorkerConfig;
 
+use crate::api::{ApiBudget, ApiLimits};
 use crate::autoscale::policy::Autoscaler;
 use crate::autoscale::stall::StallDetector;
-use crate::kafka::KafkaInspector;
+use crate::cache::Cache;
+use crate::kafka::reads::Reads;
+use crate::kafka::{ConnectionKey, KafkaInspector};
 use crate::metrics::ControllerMetrics;
 use crate::reconcile::scale::Scale;
 
@@ -72,6 +77,33 @@ pub(crate) struct PipelineMemory {
     pub paced: Option<Paced>,
     /// Consecutive failed reconciles (the backoff).
     pub failures: u32,
+    /// The Kafka connection the pipeline reads through.
+    pub connection: Option<ConnectionKey>,
+    /// What this controller applied of the children (or found applied, after a start).
+    pub applied: Applied,
+    /// When this controller first looks at the pipeline (its slot, after a start).
+    pub start_at: Option<Instant>,
+    /// The worker configuration validated for a generation of the spec.
+    pub validated: Option<(i64, WorkerConfig)>,
+}
+
+/// One child as sluice applied it: the digest of what was applied, and the stamp
+/// (generation or resourceVersion) the object had right after.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Version {
+    pub hash: String,
+    pub stamp: Option<String>,
+}
+
+/// The children as sluice last applied them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Applied {
+    pub config_map: Option<Version>,
+    pub service: Option<Version>,
+    pub pdb: Option<Version>,
+    pub deployment: Option<Version>,
+    /// The ServiceMonitor's digest (it is not watched: applied once per controller start).
+    pub service_monitor: Option<String>,
 }
 
 /// Shared state of the reconciler.
@@ -86,12 +118,31 @@ pub struct Context {
     pub metrics: ControllerMetrics,
     pub(crate) recorder: Recorder,
     pub(crate) service_monitor_crd: Mutex<Option<(Instant, bool)>>,
+    /// Kafka reads, batched per connection.
+    pub(crate) reads: Reads,
+    /// Requests to the API server, paced and counted.
+    pub(crate) api: ApiBudget,
+    /// The children as the watches show them (set by the controller's run; reconciles
+    /// called directly read the API server instead).
+    pub(crate) cache: OnceLock<Cache>,
     pipelines: Mutex<HashMap<PipelineKey, PipelineMemory>>,
+    /// Pipelines forgotten since memory was last handed back.
+    forgotten: AtomicUsize,
 }
 
 impl Context {
-    /// A context for `client`.
+    /// A context for `client`, with the default limits on API requests.
     pub fn new(client: Client, kafka: Arc<dyn KafkaInspector>, default_image: String) -> Arc<Self> {
+        Self::with_limits(client, kafka, default_image, ApiLimits::default())
+    }
+
+    /// A context for `client` whose API requests keep within `limits`.
+    pub fn with_limits(
+        client: Client,
+        kafka: Arc<dyn KafkaInspector>,
+        default_image: String,
+        limits: ApiLimits,
+    ) -> Arc<Self> {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -99,14 +150,19 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
         );
+        let metrics = ControllerMetrics::default();
         Arc::new(Context {
+            api: ApiBudget::new(limits, &metrics.registry),
+            cache: OnceLock::new(),
             client,
+            reads: Reads::new(kafka.clone(), metrics.kafka.clone()),
             kafka,
             default_image,
-            metrics: ControllerMetrics::default(),
+            metrics,
             recorder,
             service_monitor_crd: Mutex::new(None),
             pipelines: Mutex::new(HashMap::new()),
+            forgotten: AtomicUsize::new(0),
         })
     }
 
@@ -131,7 +187,15 @@ impl Context {
 
     /// Forget the pipeline `key`: its memory and its metric series.
     pub fn forget(&self, key: &PipelineKey) {
-        self.pipelines.lock().expect("pipelines lock").remove(key);
+        if self
+            .pipelines
+            .lock()
+            .expect("pipelines lock")
+            .remove(key)
+            .is_some()
+        {
+            self.forgotten.fetch_add(1, Ordering::Relaxed);
+        }
         self.metrics.forget(&key.namespace, &key.name);
     }
 
@@ -149,6 +213,29 @@ impl Context {
             tracing::debug!(pipeline = %key, "forgetting a deleted pipeline");
             self.forget(&key);
         }
+        // Kafka connections no pipeline reads through any more go too.
+        let in_use: std::collections::HashSet<ConnectionKey> = self
+            .pipelines
+            .lock()
+            .expect("pipelines lock")
+            .values()
+            .filter_map(|m| m.connection.clone())
+            .collect();
+        self.reads.retain(|k| in_use.contains(k));
+        // What the forgotten pipelines held goes back to the system, once per sweep.
+        if self.forgotten.swap(0, Ordering::Relaxed) > 0 {
+            crate::trim::release_freed_memory();
+        }
+    }
+
+    /// Requests of `verb` made to the API server so far (watches aside).
+    pub fn api_requests(&self, verb: crate::api::Verb) -> u64 {
+        self.api.count(verb)
+    }
+
+    /// Kafka connections open now (one client each).
+    pub fn kafka_connections(&self) -> usize {
+        self.reads.connections()
     }
 
     /// Whether the controller holds memory of the pipeline `namespace/name`.

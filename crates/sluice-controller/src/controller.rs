@@ -6,18 +6,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::NamespaceResourceScope;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::DynamicObject;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, ResourceExt};
 use sluice_api::crd::StreamPipelineSpec;
 
+pub use crate::api::ApiLimits;
+use crate::cache::Cache;
 pub use crate::context::{Context, PipelineKey, MANAGER};
 pub use crate::error::Error;
 pub use crate::kafka::{KafkaInspector, RdKafka};
@@ -28,6 +27,10 @@ pub use crate::reconcile::reconcile;
 use crate::reconcile::report::Report;
 use crate::reconcile::status::Blocker;
 use crate::reconcile::{validate, Stop};
+
+/// Reconciles running at once (the others wait in the queue): enough to keep the API and
+/// Kafka budgets busy, few enough that a start with thousands of pipelines is a queue.
+const RECONCILES_AT_ONCE: u16 = 128;
 
 /// How often memory of deleted pipelines (and their metric series) is dropped.
 const FORGET_EVERY: Duration = Duration::from_secs(5);
@@ -73,14 +76,12 @@ pub async fn run(ctx: Arc<Context>) {
     run_in(ctx, None).await
 }
 
-fn scoped<K>(c: &Client, ns: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = NamespaceResourceScope>,
-    K::DynamicType: Default,
-{
-    match ns {
-        Some(ns) => Api::namespaced(c.clone(), ns),
-        None => Api::all(c.clone()),
+/// Keep of a stored pipeline what reconciles read: not its managed fields, nor the copy of
+/// the spec `kubectl apply` leaves in an annotation (both as large as the spec itself).
+fn slim_pipeline(o: &mut DynamicObject) {
+    o.metadata.managed_fields = None;
+    if let Some(a) = o.metadata.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
 }
 
@@ -116,27 +117,56 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
         Some(ns) => Api::namespaced_with(c.clone(), ns, &ar),
         None => Api::all_with(c.clone(), &ar),
     };
-    let controller = Controller::new_with(pipelines, cfg().any_semantic(), ar.clone())
-        .owns(scoped::<Deployment>(&c, namespace), cfg())
-        .owns(scoped::<ConfigMap>(&c, namespace), cfg())
-        .owns(scoped::<Service>(&c, namespace), cfg())
-        .owns(scoped::<PodDisruptionBudget>(&c, namespace), cfg());
-    // A Secret the pods read changed: reconcile the pipelines that read it, so that the
-    // digest on their pod template changes and the workers roll (reconcile/secrets.rs).
-    let pipelines = controller.store();
-    let controller = controller.watches(scoped::<Secret>(&c, namespace), cfg(), move |s| {
-        readers_of(&pipelines, &s)
-    });
+    // The children's watches fill the cache reconciles read, and trigger their owners.
+    let (cache, triggers) = Cache::watch(&c, namespace);
+    if ctx.cache.set(cache).is_err() {
+        tracing::warn!(
+            "this context already runs a controller; its reconciles read the first one's watches"
+        );
+    }
+    // The pipelines' own watch, kept slim in the store (no managed fields, no
+    // last-applied copy of the spec), and a deleted pipeline forgotten as its deletion
+    // arrives (the sweep below catches what a restarted watch missed).
+    let writer = reflector::store::Writer::new(ar.clone());
+    let store = writer.as_reader();
+    let pipelines_read = store.clone();
+    let forget_deleted = ctx.clone();
+    let stream = watcher(pipelines, cfg().any_semantic())
+        .default_backoff()
+        .modify(slim_pipeline)
+        .reflect(writer)
+        .inspect_ok(move |e| {
+            if let watcher::Event::Delete(o) = e {
+                let key = PipelineKey::new(o.namespace().unwrap_or_default(), o.name_any());
+                forget_deleted.forget(&key);
+            }
+        })
+        .applied_objects();
+    let controller = Controller::for_stream_with(stream, store.clone(), ar.clone())
+        .owns_stream(triggers.deployments)
+        .owns_stream(triggers.config_maps)
+        .owns_stream(triggers.services)
+        .owns_stream(triggers.pdbs)
+        // A Secret the pods read changed: reconcile the pipelines that read it, so that the
+        // digest on their pod template changes and the workers roll (reconcile/secrets.rs).
+        .watches(
+            crate::cache::scoped::<Secret>(&c, namespace),
+            cfg(),
+            move |s| readers_of(&pipelines_read, &s),
+        );
     // Deleted pipelines: their memory and metric series go (the watch cache is the truth
     // of what exists; it is read once it has its first full list).
-    let store = controller.store();
     let forgetter = {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(FORGET_EVERY);
             let mut ready = false;
-            loop {
+            for tick in 1u64.. {
                 every.tick().await;
+                // Memory children and pipelines gave up goes back to the system now and then.
+                if tick % 12 == 0 {
+                    crate::trim::release_freed_memory();
+                }
                 // Asked afresh each time rather than awaited once: the store's readiness
                 // wakes only one of the tasks waiting for it (kube-runtime 5's DelayedInit
                 // keeps one waker), and the controller waits on it too.
@@ -155,6 +185,7 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
         })
     };
     controller
+        .with_config(controller::Config::default().concurrency(RECONCILES_AT_ONCE))
         .shutdown_on_signal()
         .run(reconcile_object, error_policy, ctx)
         .for_each(|res| async move {

@@ -8,14 +8,18 @@
 //!   scale-down stabilization window, caps, and "unknown lag holds").
 //! - [`autoscale::lag`]: consumer lag per partition, read from Kafka; [`kafka`]: the seam.
 
+pub mod api;
 pub mod autoscale;
+pub mod cache;
 pub mod context;
 pub mod controller;
 pub mod error;
 pub mod kafka;
 pub mod lease;
 pub mod metrics;
+pub mod pace;
 pub mod reconcile;
+pub mod trim;
 
 use kube::CustomResourceExt;
 use sluice_api::crd::StreamPipeline;

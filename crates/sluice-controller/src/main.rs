@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::routing::get;
 use clap::Parser;
-use sluice_controller::controller::{run_in, Context, RdKafka};
+use sluice_controller::controller::{run_in, ApiLimits, Context, RdKafka};
 use sluice_controller::lease::{acquire, LeaseConfig};
 
 #[derive(Parser)]
@@ -35,6 +35,12 @@ struct Cli {
     /// Watch only this namespace (default: every namespace).
     #[arg(long, env = "SLUICE_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// Requests per second to the Kubernetes API (watches aside), sustained.
+    #[arg(long, env = "SLUICE_CONTROLLER_API_QPS", default_value_t = ApiLimits::default().qps)]
+    api_qps: f64,
+    /// Requests to the Kubernetes API allowed at once after a quiet time.
+    #[arg(long, env = "SLUICE_CONTROLLER_API_BURST", default_value_t = ApiLimits::default().burst)]
+    api_burst: f64,
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME", default_value = "sluice-controller-local")]
     identity: String,
@@ -60,7 +66,16 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
-    let ctx = Context::new(client.clone(), Arc::new(RdKafka), cli.worker_image.clone());
+    let limits = ApiLimits {
+        qps: cli.api_qps.max(1.0),
+        burst: cli.api_burst.max(1.0),
+    };
+    let ctx = Context::with_limits(
+        client.clone(),
+        Arc::new(RdKafka),
+        cli.worker_image.clone(),
+        limits,
+    );
     let registry = ctx.metrics.registry.clone();
     let app = axum::Router::new()
         .route(

@@ -1,9 +1,13 @@
 //! The controller's metrics. Labels are bounded: namespace and pipeline (series removed
 //! when the pipeline is forgotten), result, category, reason.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::autoscale::policy::Reason;
+use crate::kafka::reads::KafkaMetrics;
+use crate::kafka::Requests;
 
 /// Controller metrics (bounded labels: pipeline, namespace, category, decision).
 #[derive(Clone)]
@@ -20,6 +24,8 @@ pub struct ControllerMetrics {
     pub(crate) partitions: IntGaugeVec,
     pub(crate) ready: IntGaugeVec,
     pub(crate) limited: IntGaugeVec,
+    /// The Kafka side: requests by kind, batches, connections.
+    pub kafka: KafkaMetrics,
 }
 
 impl ControllerMetrics {
@@ -79,7 +85,42 @@ impl Default for ControllerMetrics {
         registry
             .register(Box::new(duration.clone()))
             .expect("register");
+        let requests = c(
+            "sluice_controller_kafka_requests_total",
+            "Requests to Kafka for partition counts and lag, by request.",
+            &["request"],
+        );
+        let counter = |n: &str, h: &str| {
+            let m = IntCounter::new(n, h).expect("metric");
+            registry.register(Box::new(m.clone())).expect("register");
+            m
+        };
+        let connections = IntGauge::new(
+            "sluice_controller_kafka_connections",
+            "Kafka connections (one client each) the controller holds: one per distinct bootstrap servers and security settings in use.",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(connections.clone()))
+            .expect("register");
+        let kafka = KafkaMetrics {
+            requests: Requests {
+                metadata: requests.with_label_values(&["metadata"]),
+                list_offsets: requests.with_label_values(&["list_offsets"]),
+                offset_fetch: requests.with_label_values(&["offset_fetch"]),
+            },
+            batches: counter(
+                "sluice_controller_kafka_batches_total",
+                "Batches of Kafka queries (each: one metadata request, two offsets requests, the groups' committed offsets).",
+            ),
+            queries: counter(
+                "sluice_controller_kafka_queries_total",
+                "Queries (a topic's partition count, and a group's lag on it) answered in batches.",
+            ),
+            connections,
+        };
         ControllerMetrics {
+            kafka,
             reconciles: c(
                 "sluice_controller_reconciliations_total",
                 "Reconciles, by result.",

@@ -2,7 +2,8 @@
 //! Service is headless, also for a pipeline whose Service an earlier sluice made with a
 //! cluster IP (which an update cannot take away). A rotated Secret rolls the workers as soon
 //! as it changes. A worker the scheduler cannot place (a taint the pipeline's template does
-//! not tolerate, say) is named in the Ready condition with the scheduler's reason.
+//! not tolerate, say) is named in the Ready condition with the scheduler's reason. A steady
+//! pipeline costs no request, and a child someone changed is restored.
 
 mod support;
 
@@ -282,4 +283,103 @@ async fn a_worker_the_scheduler_cannot_place_is_named_in_the_ready_condition() {
         format!("0 of 1 workers ready; pod p-7d9f-x2k4q cannot be scheduled: {why}")
     );
     controller.abort();
+}
+
+/// Reconciles that succeeded so far.
+fn reconciled(ctx: &Context) -> u64 {
+    ctx.metrics
+        .registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "sluice_controller_reconciliations_total")
+        .flat_map(|f| f.get_metric())
+        .filter(|m| m.get_label().iter().any(|l| l.value() == "ok"))
+        .map(|m| m.get_counter().value() as u64)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_pipeline_costs_no_write_and_a_child_someone_changed_is_restored() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::DeleteParams;
+    use sluice_controller::api::Verb;
+
+    let (c, ns) = setup("steady").await;
+    let ctx = Context::new(c.clone(), Scripted::new(4, 0), "sluice/worker:test".into());
+    let controller = {
+        let (ctx, ns) = (ctx.clone(), ns.clone());
+        tokio::spawn(async move { run_in(ctx, Some(&ns)).await })
+    };
+    let pipelines: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
+    let sp: StreamPipeline = serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+        "metadata": {"name": "p"},
+        "spec": {
+            "source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g"},
+            "sinks": [{"kafka": {"topic": "out"}}],
+            "scaling": {"pollInterval": "1s"}
+        }
+    }))
+    .unwrap();
+    pipelines.create(&PostParams::default(), &sp).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(c.clone(), &ns);
+    eventually_60("status and children", || async {
+        let st = pipelines.get("p").await.ok()?.status?;
+        (st.partitions == Some(4)).then_some(())?;
+        deployments.get_opt("p").await.ok()?
+    })
+    .await;
+
+    // Nothing changes: polls go by (a decision a second) and nothing is written, not even
+    // the status. (Reconciles right after the first may still see their own writes arrive.)
+    let settled = reconciled(&ctx) + 2;
+    eventually_60("two more reconciles", || async {
+        (reconciled(&ctx) >= settled).then_some(())
+    })
+    .await;
+    let (patches, gets) = (ctx.api_requests(Verb::Patch), ctx.api_requests(Verb::Get));
+    let after = reconciled(&ctx) + 3;
+    eventually_60("three more polls", || async {
+        (reconciled(&ctx) >= after).then_some(())
+    })
+    .await;
+    assert_eq!(
+        (ctx.api_requests(Verb::Patch), ctx.api_requests(Verb::Get)),
+        (patches, gets),
+        "a steady pipeline read or wrote something"
+    );
+
+    // A user edits the Deployment's image and deletes the ConfigMap: both come back.
+    deployments
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [{"name": "worker", "image": "someone/else:1"}]}}}})),
+        )
+        .await
+        .unwrap();
+    let configmaps: Api<ConfigMap> = Api::namespaced(c.clone(), &ns);
+    configmaps
+        .delete("p-config", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually_60("the image restored", || async {
+        let d = deployments.get("p").await.ok()?;
+        let image = d.spec?.template.spec?.containers[0].image.clone()?;
+        (image == "sluice/worker:test").then_some(())
+    })
+    .await;
+    eventually_60("the ConfigMap restored", || async {
+        configmaps.get_opt("p-config").await.ok()?
+    })
+    .await;
+    controller.abort();
+}
+
+/// [`eventually`] with a minute's deadline.
+async fn eventually_60<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    f: impl FnMut() -> F,
+) -> T {
+    eventually(what, Duration::from_secs(60), f).await
 }

@@ -69,11 +69,24 @@ pub fn partition_count(c: &BaseConsumer, topic: &str) -> anyhow::Result<i32> {
 
 /// Create `topic` with `partitions` partitions; an existing topic is fine.
 pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    create_topic_with(bootstrap, topic, partitions, &[]).await
+}
+
+/// [`create_topic`] with topic `config` (e.g. `max.message.bytes`) for a new topic.
+pub async fn create_topic_with(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    config: &[(&str, &str)],
+) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .context("admin client")?;
-    let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let mut t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (k, v) in config {
+        t = t.set(k, v);
+    }
     let res = admin
         .create_topics(
             [&t],

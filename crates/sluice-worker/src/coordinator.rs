@@ -68,6 +68,8 @@ impl Coordinator {
         let mut check = tokio::time::interval(CHECK_INTERVAL);
         tokio::pin!(shutdown);
         loop {
+            // Every iteration is the loop running (liveness), whichever branch it takes.
+            self.health.beat();
             tokio::select! {
                 biased;
                 _ = &mut shutdown => {
@@ -84,7 +86,7 @@ impl Coordinator {
                         let res = self.revoke(partitions, lost, &done).await;
                         let _ = done.send(RevokeProgress::Done);
                         if let Err(e) = res {
-                            tracing::error!(error = %e, "exactly-once: the transaction was aborted during a rebalance; stopping (a restart resumes from the last committed transaction)");
+                            tracing::error!(error = %e, "exactly-once: a window could not be committed or rewound during a rebalance; stopping (a restart resumes from the last committed transaction)");
                             return Err(PipelineError::Transaction(e));
                         }
                     }
@@ -95,17 +97,20 @@ impl Coordinator {
                         s.stall("a record arrived on the consumer's main queue");
                     }
                 }
-                _ = tick.tick() => {
-                    if let Err(e) = self.delivery.tick(&mut self.owned).await {
-                        tracing::error!(error = %e, "exactly-once: the transaction was aborted; stopping (a restart resumes from the last committed transaction)");
-                        return Err(PipelineError::Transaction(e));
-                    }
-                }
+                // Before the delivery's tick: a tick that takes its whole period (an
+                // exactly-once window whose barrier and commit outlast it) must not starve
+                // liveness and the fatal-error checks.
                 _ = check.tick() => {
                     self.check_progress();
                     self.metrics.in_flight_bytes.set(self.owned.in_flight_bytes() as i64);
                     if let Some(what) = fatal() {
                         return Err(PipelineError::Fatal(what));
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.delivery.tick(&mut self.owned).await {
+                        tracing::error!(error = %e, "exactly-once: a window could not be committed or rewound; stopping (a restart resumes from the last committed transaction)");
+                        return Err(PipelineError::Transaction(e));
                     }
                 }
             }
@@ -121,6 +126,7 @@ impl Coordinator {
         done: &std::sync::mpsc::SyncSender<RevokeProgress>,
     ) -> Result<(), TxnError> {
         self.delivery.on_rebalance(&self.owned);
+        self.delivery.on_revoke_start();
         let deadline = tokio::time::Instant::now()
             + if lost {
                 Duration::from_millis(100)

@@ -19,11 +19,12 @@ use rdkafka::producer::FutureRecord;
 use crate::kafka::log::LoggingContext;
 
 /// The dead-letter producer (its librdkafka lines through [`crate::kafka::log`]).
-type FutureProducer = rdkafka::producer::FutureProducer<LoggingContext>;
+use crate::kafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use tokio::sync::Notify;
 
 use crate::engine::ack::AckToken;
+use crate::kafka::producer::SharedProducer;
 use crate::ops::throttle::LogThrottle;
 use crate::record::{Header, Origin};
 
@@ -101,11 +102,26 @@ enum Target {
     Stall,
     /// A Kafka topic.
     Kafka {
-        producer: FutureProducer,
+        producer: SharedProducer,
         topic: String,
+        /// exactly-once: the letters share the window's transaction. A letter that fails
+        /// fails the window, which is aborted and processed again (see
+        /// `sink/kafka_txn.rs`); one refused for good (too large for the dead-letter topic)
+        /// is remembered here, by source record, and written without its payload then.
+        transactional: Option<std::sync::Mutex<std::collections::HashSet<(i32, i64)>>>,
     },
     /// Kept in memory (tests of the data path).
     Memory(std::sync::Mutex<Vec<Letter>>),
+}
+
+/// How a write of letters went.
+enum Written {
+    /// Every letter is stored.
+    All,
+    /// exactly-once: not in this window's transaction; the window is processed again.
+    Retry,
+    /// A letter cannot be stored: its records' partitions stop advancing.
+    Failed,
 }
 
 /// The dead-letter path of one pipeline.
@@ -156,25 +172,19 @@ impl DeadLetters {
     }
 
     /// Letters written to `topic` through a producer made from `config` (bootstrap
-    /// servers and security). Call it inside the Tokio runtime the writes should run on.
+    /// servers, security and `sluice_api::config::clients::dead_letter_producer`). Call
+    /// it inside the Tokio runtime the writes should run on.
     pub fn kafka(
-        mut config: ClientConfig,
+        config: ClientConfig,
         topic: &str,
         metrics: &crate::ops::metrics::Metrics,
     ) -> Result<Arc<Self>, rdkafka::error::KafkaError> {
-        config
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            // A letter carries a record plus its story: allow up to the broker's default
-            // limit; what is larger is written without its payload.
-            .set("message.max.bytes", "1048000")
-            .set("message.timeout.ms", "300000");
         let producer: FutureProducer = config.create_with_context(LoggingContext)?;
         Ok(Self::with(
             Target::Kafka {
-                producer,
+                producer: SharedProducer::new(producer),
                 topic: topic.to_string(),
+                transactional: None,
             },
             metrics,
         ))
@@ -183,7 +193,7 @@ impl DeadLetters {
     /// Letters written to `topic` through the worker's transactional producer
     /// (exactly-once): each letter commits or aborts with its window's transaction.
     pub fn kafka_transactional(
-        producer: FutureProducer,
+        producer: SharedProducer,
         topic: &str,
         metrics: &crate::ops::metrics::Metrics,
     ) -> Arc<Self> {
@@ -191,6 +201,7 @@ impl DeadLetters {
             Target::Kafka {
                 producer,
                 topic: topic.to_string(),
+                transactional: Some(Default::default()),
             },
             metrics,
         )
@@ -249,15 +260,22 @@ impl DeadLetters {
                     None => tokio::runtime::Handle::current(),
                 };
                 handle.spawn(tracing::Instrument::in_current_span(async move {
-                    let ok = this.write(&letters, &topic).await;
-                    if ok {
-                        this.count(&letters);
-                        for t in tokens {
-                            t.ack();
+                    match this.write(&letters, &topic).await {
+                        Written::All => {
+                            this.count(&letters);
+                            for t in tokens {
+                                t.ack();
+                            }
                         }
-                    } else {
-                        for t in tokens {
-                            t.fail();
+                        Written::Retry => {
+                            for t in tokens {
+                                t.abort();
+                            }
+                        }
+                        Written::Failed => {
+                            for t in tokens {
+                                t.fail();
+                            }
                         }
                     }
                     if this.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -276,23 +294,55 @@ impl DeadLetters {
         }
     }
 
-    async fn write(&self, letters: &[Letter], source_topic: &str) -> bool {
-        let Target::Kafka { producer, topic } = &self.target else {
-            return false;
+    async fn write(&self, letters: &[Letter], source_topic: &str) -> Written {
+        let Target::Kafka {
+            producer,
+            topic,
+            transactional,
+        } = &self.target
+        else {
+            return Written::Failed;
         };
+        let bare = |l: &Letter| {
+            transactional.as_ref().is_some_and(|t| {
+                t.lock()
+                    .expect("letters lock")
+                    .contains(&(l.origin.partition, l.origin.offset))
+            })
+        };
+        let producer = &producer.get();
         let results = futures::future::join_all(
             letters
                 .iter()
-                .map(|l| send_letter(producer, topic, source_topic, l, true)),
+                .map(|l| send_letter(producer, topic, source_topic, l, !bare(l))),
         )
         .await;
-        let mut ok = true;
+        let mut written = Written::All;
         for (l, res) in letters.iter().zip(results) {
             let Err(e) = res else { continue };
             let too_large = matches!(
                 e.rdkafka_error_code(),
                 Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
             );
+            if let Some(t) = transactional {
+                // The window's transaction cannot commit now: it is processed again, the
+                // letter then without its payload when that was what the broker refused.
+                if too_large && !bare(l) {
+                    t.lock()
+                        .expect("letters lock")
+                        .insert((l.origin.partition, l.origin.offset));
+                } else if crate::sink::kafka::classify(&e).0 == crate::retry::ErrorClass::Permanent
+                    && bare(l)
+                {
+                    tracing::error!(%topic, error = %e, "a dead letter was refused for good; its partition stops advancing");
+                    return Written::Failed;
+                }
+                if let Some(n) = self.log.tick() {
+                    tracing::warn!(%topic, error = %e, letters = n, "a dead letter was not written in this window; the window is aborted and processed again");
+                }
+                written = Written::Retry;
+                continue;
+            }
             // A record too large for its sink is often too large for the dead-letter topic
             // too: keep the story (headers, source coordinates) and drop the payload.
             if too_large
@@ -303,9 +353,9 @@ impl DeadLetters {
                 continue;
             }
             tracing::error!(%topic, error = %e, "a dead letter could not be written; its partition stops advancing");
-            ok = false;
+            written = Written::Failed;
         }
-        ok
+        written
     }
 
     /// Wait until every parked letter is stored or failed, up to `timeout`.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
-use sluice_api::config::{SinkConfig, WorkerConfig};
+use sluice_api::config::{clients, SinkConfig, WorkerConfig};
 
 use crate::coordinator::Coordinator;
 use crate::deadletter::DeadLetters;
@@ -21,17 +21,18 @@ use crate::engine::SinkSet;
 use crate::kafka::assignment::Assignment;
 use crate::kafka::client::base_config;
 use crate::kafka::config::{
-    consumer_config, input_partitions, output_copy_kb, ASSUMED_PARTITIONS, STATISTICS_INTERVAL,
+    consumer_config, input_partitions, with, ASSUMED_PARTITIONS, STATISTICS_INTERVAL,
 };
 use crate::kafka::consumer::{
     spawn_main_queue_thread, ConsumerControl, SluiceConsumer, SluiceContext,
 };
+use crate::kafka::limits;
 use crate::ops::health::{Health, LivenessLimits};
 use crate::ops::metrics::Metrics;
 use crate::processor::Processor;
 use crate::retry::RetryPolicy;
 use crate::sink::kafka::KafkaSink;
-use crate::sink::kafka_txn::TxnKafkaSink;
+use crate::sink::kafka_txn::{Refusals, TxnKafkaSink};
 use crate::sink::null::NullSink;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::stdout::StdoutSink;
@@ -88,12 +89,11 @@ fn build_dead_letters(
         &config.source.security,
         &format!("sluice-{}-dead-letter", config.pipeline),
     )?;
-    let mut cfg = cfg;
-    cfg.set(
-        "queue.buffering.max.kbytes",
-        output_copy_kb(config).to_string(),
-    );
-    Ok(DeadLetters::kafka(cfg, &dl.topic, metrics)?)
+    Ok(DeadLetters::kafka(
+        with(cfg, clients::dead_letter_producer(config)),
+        &dl.topic,
+        metrics,
+    )?)
 }
 
 async fn build_sinks(
@@ -101,6 +101,8 @@ async fn build_sinks(
     metrics: &Metrics,
     dead_letters: &Arc<DeadLetters>,
     txn: Option<&Transactions>,
+    refusals: &Arc<Refusals>,
+    limits: &[Option<usize>],
 ) -> Result<Sinks, PipelineError> {
     let retry = RetryPolicy::from(&config.retry);
     let mut all = Vec::new();
@@ -113,8 +115,10 @@ async fn build_sinks(
                 txn.expect("exactly-once").producer().clone(),
                 k,
                 &config.source.topic,
+                limits[i],
                 sm,
                 dead_letters.clone(),
+                refusals.clone(),
             ),
             SinkConfig::Kafka(k) => {
                 let cfg = base_config(
@@ -124,16 +128,11 @@ async fn build_sinks(
                     &config.source.security,
                     &format!("sluice-{}-sink{i}", config.pipeline),
                 )?;
-                let mut cfg = cfg;
-                cfg.set(
-                    "queue.buffering.max.kbytes",
-                    output_copy_kb(config).to_string(),
-                );
                 let s = KafkaSink::new(
-                    cfg,
+                    with(cfg, clients::sink_producer(config, k)),
                     k,
                     &config.source.topic,
-                    retry.clone(),
+                    limits[i],
                     sm,
                     dead_letters.clone(),
                 )?;
@@ -155,21 +154,48 @@ async fn build_sinks(
     })
 }
 
-/// The exactly-once transactional producer, when the configuration asks for it.
+/// Each sink's output topic's `max.message.bytes` (`None`: not a Kafka sink, or it could
+/// not be read), by sink index; see [`crate::kafka::limits`].
+async fn sink_limits(config: &WorkerConfig) -> Result<Vec<Option<usize>>, PipelineError> {
+    let mut out = Vec::with_capacity(config.sinks.len());
+    for (i, sc) in config.sinks.iter().enumerate() {
+        let SinkConfig::Kafka(k) = sc else {
+            out.push(None);
+            continue;
+        };
+        let cfg = base_config(
+            k.bootstrap_servers
+                .as_deref()
+                .unwrap_or(&config.source.bootstrap_servers),
+            &config.source.security,
+            &format!("sluice-{}-sink{i}-admin", config.pipeline),
+        )?;
+        out.push(limits::max_message_bytes(&cfg, &k.topic).await);
+    }
+    Ok(out)
+}
+
+/// The exactly-once transactional producer, when the configuration asks for it. Its
+/// `batch.size` is capped at the smallest output topic limit in `limits`, so no batch it
+/// builds is over a topic's `max.message.bytes`.
 async fn transactions(
     config: &WorkerConfig,
     metrics: &Metrics,
+    limits: &[Option<usize>],
 ) -> Result<Option<Transactions>, PipelineError> {
     if !config.delivery.exactly_once() {
         return Ok(None);
     }
-    let mut client = base_config(
+    let client = base_config(
         &config.source.bootstrap_servers,
         &config.source.security,
         &format!("sluice-{}-txn", config.pipeline),
     )?;
     let id = exactly_once::transactional_id(&config.pipeline);
-    exactly_once::producer_config(&mut client, config, &id, output_copy_kb(config));
+    let mut client = with(client, clients::transactional_producer(config, &id));
+    if let Some(l) = limits.iter().flatten().min() {
+        limits::cap_batch_size(&mut client, *l);
+    }
     let t = Transactions::start(
         client,
         config
@@ -208,9 +234,19 @@ async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
     let metrics = rt.metrics.clone();
-    let txn = transactions(&config, &metrics).await?;
+    let limits = sink_limits(&config).await?;
+    let txn = transactions(&config, &metrics, &limits).await?;
     let dead_letters = build_dead_letters(&config, &metrics, txn.as_ref())?;
-    let sinks = build_sinks(&config, &metrics, &dead_letters, txn.as_ref()).await?;
+    let refusals = Arc::new(Refusals::default());
+    let sinks = build_sinks(
+        &config,
+        &metrics,
+        &dead_letters,
+        txn.as_ref(),
+        &refusals,
+        &limits,
+    )
+    .await?;
 
     let partitions = match input_partitions(&config).await {
         Some(n) => n,
@@ -226,6 +262,8 @@ async fn run(
     // The revoke callback waits a little longer than the drain itself, so the drain's own
     // deadline is what normally ends it.
     let revoke_timeout = config.commit.drain_timeout.0 + Duration::from_secs(2);
+    let consumer_cfg = consumer_config(&config, partitions)?;
+    let read_committed = consumer_cfg.get("isolation.level") != Some("read_uncommitted");
     let registry = Registry::default();
     let ctx = SluiceContext::new(
         events_tx,
@@ -233,12 +271,8 @@ async fn run(
         metrics.clone(),
         rt.health.clone(),
         registry.clone(),
+        read_committed,
     );
-    let mut consumer_cfg = consumer_config(&config, partitions)?;
-    if txn.is_some() {
-        // Records of aborted upstream transactions are never processed.
-        consumer_cfg.set("isolation.level", "read_committed");
-    }
     let consumer: Arc<SluiceConsumer> = Arc::new(consumer_cfg.create_with_context(ctx)?);
     SluiceContext::attach(&consumer);
     consumer.subscribe(&[&config.source.topic])?;
@@ -256,7 +290,9 @@ async fn run(
     tracing::info!(pipeline = %config.pipeline, topic = %config.source.topic, group = %config.source.group_id, "pipeline started");
 
     let delivery = match txn {
-        Some(txn) => Delivery::ExactlyOnce(ExactlyOnce::new(txn, consumer.clone(), &config)),
+        Some(txn) => {
+            Delivery::ExactlyOnce(ExactlyOnce::new(txn, consumer.clone(), refusals, &config))
+        }
         None => Delivery::AtLeastOnce(AtLeastOnce::new(
             Committer::new(
                 consumer.clone(),

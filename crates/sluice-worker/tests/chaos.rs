@@ -2,6 +2,7 @@
 //! under load against real worker processes, the real broker and PostgreSQL, checked by
 //! the independent auditor in `sluice_testkit::chaos`.
 
+use sluice_testkit::chaos::replicated::{self, Guarantee, Measured};
 use sluice_testkit::chaos::{self, Length, Outcome};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice-worker");
@@ -104,4 +105,55 @@ fn chaos_exactly_once_sigkill_loses_nothing_and_duplicates_nothing() {
 #[test]
 fn chaos_exactly_once_rebalance_storm_loses_nothing_and_duplicates_nothing() {
     check(&chaos::eos_rebalance_storm(BIN, Length::Short), false);
+}
+
+/// A broker fault on the replicated cluster (three nodes, replication factor 3,
+/// `min.insync.replicas=2`) with the default settings: nothing lost, no worker restart,
+/// no duplicate under exactly-once; at-least-once redelivers at most about 5 s of the
+/// load (what was in flight plus a commit interval, while the group settles).
+fn check_replicated(m: &Measured, g: Guarantee) {
+    eprintln!("[chaos] {}", m.row());
+    let o = &m.outcome;
+    assert_eq!(o.lost, 0, "{}: records lost", o.name);
+    assert_eq!(m.restarts, 0, "{}: worker restarts", o.name);
+    match g {
+        Guarantee::ExactlyOnce => assert_eq!(o.duplicates, 0, "{}: duplicates", o.name),
+        Guarantee::AtLeastOnce => assert!(o.duplicates <= 10_000, "{}", m.row()),
+    }
+}
+
+#[test]
+fn chaos_replicated_leader_killed_costs_no_restart_at_least_once() {
+    let g = Guarantee::AtLeastOnce;
+    check_replicated(&replicated::leader_kill(BIN, Length::Short, g), g);
+}
+
+#[test]
+fn chaos_replicated_leader_killed_costs_no_restart_and_no_duplicate_exactly_once() {
+    let g = Guarantee::ExactlyOnce;
+    check_replicated(&replicated::leader_kill(BIN, Length::Short, g), g);
+}
+
+#[test]
+fn chaos_replicated_group_coordinator_killed_costs_no_restart_at_least_once() {
+    let g = Guarantee::AtLeastOnce;
+    check_replicated(&replicated::coordinator_kill(BIN, Length::Short, g), g);
+}
+
+#[test]
+fn chaos_replicated_group_coordinator_killed_costs_no_restart_and_no_duplicate_exactly_once() {
+    let g = Guarantee::ExactlyOnce;
+    check_replicated(&replicated::coordinator_kill(BIN, Length::Short, g), g);
+}
+
+#[test]
+fn chaos_replicated_partitions_added_mid_stream_are_read_at_least_once() {
+    let g = Guarantee::AtLeastOnce;
+    check_replicated(&replicated::added_partitions(BIN, Length::Short, g), g);
+}
+
+#[test]
+fn chaos_replicated_partitions_added_mid_stream_are_read_exactly_once() {
+    let g = Guarantee::ExactlyOnce;
+    check_replicated(&replicated::added_partitions(BIN, Length::Short, g), g);
 }

@@ -3,8 +3,12 @@
 //!
 //! ```text
 //! sluice-chaos [--full] [--worker PATH] [SCENARIO...]
+//! sluice-chaos --replicated [--full] [--worker PATH] [SCENARIO...]
 //! sluice-chaos --bench [--rate N] [--worker PATH]
 //! ```
+//! `--replicated` runs the scenarios on a three-node cluster (`scripts/kafka-cluster.sh`),
+//! each under both delivery guarantees: leader-kill, coordinator-kill, rolling-restart,
+//! two-down, added-partitions, txn-upstream, db-outage, refused-outputs, panic.
 //! `--bench` measures throughput and end-to-end latency while scenarios 1 and 5 happen,
 //! next to the same run's steady state (`make bench` puts the table in BENCHMARKS.md).
 //! Scenarios: sigkill, broker, kafka-output, postgres, poison, storm, slow, sigterm,
@@ -18,12 +22,14 @@ fn main() -> std::process::ExitCode {
     let mut worker = sluice_testkit::repo_root().join("target/release/sluice-worker");
     let mut only: Vec<String> = Vec::new();
     let mut bench = false;
+    let mut replicated = false;
     let mut rate = 20_000.0;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--full" => len = Length::Full,
             "--bench" => bench = true,
+            "--replicated" => replicated = true,
             "--rate" => {
                 rate = args
                     .next()
@@ -42,10 +48,14 @@ fn main() -> std::process::ExitCode {
             s => only.push(s.to_string()),
         }
     }
-    if let Some(bad) = only
-        .iter()
-        .find(|o| !chaos::SCENARIOS.iter().any(|(n, _)| n == o))
-    {
+    let known = |o: &String| {
+        if replicated {
+            chaos::replicated::SCENARIOS.iter().any(|(n, _)| n == o)
+        } else {
+            chaos::SCENARIOS.iter().any(|(n, _)| n == o)
+        }
+    };
+    if let Some(bad) = only.iter().find(|o| !known(o)) {
         eprintln!("sluice-chaos: no scenario named {bad:?} (see --help)");
         return std::process::ExitCode::from(2);
     }
@@ -78,6 +88,32 @@ fn main() -> std::process::ExitCode {
             );
         }
         return if lost > 0 {
+            std::process::ExitCode::FAILURE
+        } else {
+            std::process::ExitCode::SUCCESS
+        };
+    }
+    if replicated {
+        use chaos::replicated::{Guarantee, SCENARIOS, TABLE_HEADER};
+        let mut rows = Vec::new();
+        for (name, run) in SCENARIOS {
+            if !only.is_empty() && !only.iter().any(|o| o == name) {
+                continue;
+            }
+            for g in [Guarantee::AtLeastOnce, Guarantee::ExactlyOnce] {
+                eprintln!("[chaos] running {name}, {g:?} ({len:?})");
+                let m = run(&bin, len, g);
+                eprintln!("[chaos] {}", m.row());
+                rows.push(m);
+            }
+        }
+        println!("{TABLE_HEADER}");
+        for r in &rows {
+            println!("{}", r.row());
+        }
+        let lost: u64 = rows.iter().map(|r| r.outcome.lost).sum();
+        return if lost > 0 {
+            eprintln!("[chaos] {lost} records LOST");
             std::process::ExitCode::FAILURE
         } else {
             std::process::ExitCode::SUCCESS

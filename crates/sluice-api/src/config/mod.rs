@@ -18,9 +18,11 @@
 //!
 //! One file per concern, each type next to its own checks: [`source`] and [`security`],
 //! [`processor`], [`sink`], [`retry`] (and dead letters), [`limits`] (workers, batching,
-//! commits, memory, server), [`delivery`]. [`rules`] names every bound once, for both the
+//! commits, memory, server), [`delivery`]; [`clients`] lists the
+//! librdkafka properties of each Kafka client the worker makes. [`rules`] names every bound once, for both the
 //! schema attributes and the checks. [`WorkerConfig::validate`] is the one entry point.
 
+pub mod clients;
 mod delivery;
 mod error;
 mod limits;

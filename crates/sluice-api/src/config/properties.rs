@@ -32,6 +32,7 @@ pub const RESERVED_CONSUMER_PROPERTIES: &[(&str, &str)] = &[
     ("ssl.key.location", "set source.security.keyFile"),
     ("ssl.key.pem", "set source.security.keyFile"),
     ("ssl.key.password", "a password never goes into the configuration: set source.security.keyPasswordSecretRef"),
+    ("statistics.interval.ms", "the worker's liveness rule expects librdkafka's statistics every 5 s; another interval (or none) would fail /healthz for good"),
 ];
 
 /// Producer properties sluice sets itself (Kafka sinks and the dead-letter producer), with
@@ -42,6 +43,7 @@ pub const RESERVED_PRODUCER_PROPERTIES: &[(&str, &str)] = &[
     ("enable.idempotence", "retries must not duplicate or reorder outputs: the producer is idempotent"),
     ("delivery.report.only.error", "a batch is acknowledged from its delivery reports: without success reports no offset would ever be committed"),
     ("transactional.id", "set delivery.guarantee: exactly-once; the worker then sets a transactional id per process itself"),
+    ("transaction.timeout.ms", "exactly-once derives it from delivery.transactionWindow and commit.drainTimeout: a window must fit in its transaction"),
     ("bootstrap.servers", "set the sink's bootstrapServers"),
     ("metadata.broker.list", "set the sink's bootstrapServers"),
     ("security.protocol", "the sink uses source.security"),

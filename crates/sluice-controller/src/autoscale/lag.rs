@@ -16,7 +16,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice_api::config::StartFrom;
 
 /// Why lag could not be read. The autoscaler treats any of these as "unknown".
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum LagError {
     /// Talking to Kafka failed.
     #[error("kafka: {error}{}", cause.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
@@ -60,6 +60,13 @@ impl ClientContext for LastError {
 }
 
 impl ConsumerContext for LastError {}
+
+impl LastError {
+    /// The last error reported (taken: the next call sees only a newer one).
+    pub fn take(&self) -> Option<String> {
+        self.0.lock().expect("last error lock").take()
+    }
+}
 
 type Inspector = BaseConsumer<LastError>;
 
@@ -145,6 +152,20 @@ pub fn partition_count(
     Ok(topic_partitions(&c, topic, timeout)?.len() as i32)
 }
 
+/// The committed offset of one element of a committed-offsets answer: `None` when the
+/// group has none; an element carrying an error is an error (the lag is unknown), never
+/// "no commit". Pure.
+fn committed_offset(
+    offset: Offset,
+    error: rdkafka::error::KafkaResult<()>,
+) -> Result<Option<i64>, LagError> {
+    error?;
+    Ok(match offset {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    })
+}
+
 /// Lag per partition of `group` on `topic`. Blocking; call from a blocking thread.
 pub fn group_lag(
     config: &ClientConfig,
@@ -170,12 +191,10 @@ pub fn group_lag(
         let (low, high) = c
             .fetch_watermarks(topic, p, timeout)
             .map_err(|e| explained(&c, e))?;
-        let committed = committed
-            .find_partition(topic, p)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            });
+        let committed = match committed.find_partition(topic, p) {
+            Some(e) => committed_offset(e.offset(), e.error())?,
+            None => None,
+        };
         out.push(PartitionLag {
             partition: p,
             low,
@@ -191,6 +210,21 @@ pub fn group_lag(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// N13: a per-partition error of the committed-offsets answer makes the lag unknown
+    /// (the controller holds) instead of reading as "no commit".
+    #[test]
+    fn a_per_partition_error_is_no_lag_reading() {
+        assert_eq!(
+            committed_offset(Offset::Offset(7), Ok(())).unwrap(),
+            Some(7)
+        );
+        assert_eq!(committed_offset(Offset::Invalid, Ok(())).unwrap(), None);
+        let denied = Err(KafkaError::OffsetFetch(
+            rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed,
+        ));
+        assert!(committed_offset(Offset::Invalid, denied).is_err());
+    }
 
     #[test]
     fn lag_table() {

@@ -30,6 +30,10 @@ pub const SECRETS_HASH_ANNOTATION: &str = "sluice.dev/secrets-hash";
 pub const CONFIG_KEY: &str = "config.yaml";
 /// Where the worker config is mounted.
 pub const CONFIG_DIR: &str = "/etc/sluice";
+/// Annotation on every child: a digest of what sluice applied (the child without this
+/// annotation). A child that still shows the digest of what sluice would apply now, and
+/// that nobody changed since, is not applied again.
+pub const APPLIED_HASH: &str = "sluice.dev/applied-hash";
 /// `spec.clusterIP` of a headless Service.
 pub const HEADLESS: &str = "None";
 /// The worker container's name.
@@ -105,6 +109,41 @@ impl Validated {
     }
 }
 
+/// The digest of `obj` as it serializes.
+fn digest<T: serde::Serialize>(obj: &T) -> String {
+    let json = serde_json::to_vec(obj).expect("a child serializes");
+    Sha256::digest(&json)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `obj` with its [`APPLIED_HASH`] annotation, and that digest.
+fn signed<T: serde::Serialize + Resource>(mut obj: T) -> (T, String) {
+    let hash = digest(&obj);
+    obj.meta_mut()
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(APPLIED_HASH.to_string(), hash.clone());
+    (obj, hash)
+}
+
+/// The digests of the children, as their [`APPLIED_HASH`] annotations carry them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hashes {
+    /// The ConfigMap's.
+    pub config_map: String,
+    /// The Service's.
+    pub service: String,
+    /// The PodDisruptionBudget's.
+    pub pdb: String,
+    /// The Deployment's.
+    pub deployment: String,
+    /// The ServiceMonitor's, when there is one.
+    pub service_monitor: Option<String>,
+}
+
 /// Every child of a pipeline, built, in the order they are applied.
 #[derive(Clone, Debug)]
 pub struct Children {
@@ -120,18 +159,47 @@ pub struct Children {
     pub deployment: Deployment,
     /// The ServiceMonitor, when the Prometheus Operator's CRD exists.
     pub service_monitor: Option<serde_json::Value>,
+    /// Their digests.
+    pub hashes: Hashes,
+    /// The Deployment's replicas.
+    pub replicas: i32,
 }
 
 impl Children {
     /// The children of `v` with `replicas` workers; a ServiceMonitor when `monitors`.
     pub fn build(v: &Validated, replicas: u32, monitors: bool) -> Self {
+        let (config_map, cm) = signed(build_configmap(v));
+        let (service, svc) = signed(build_service(v));
+        let (pdb, p) = signed(build_pdb(v));
+        let (deployment, d) = signed(build_deployment(v, replicas));
+        let replicas = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(0);
+        let (service_monitor, sm) = match monitors.then(|| build_service_monitor(v)) {
+            Some(mut sm) => {
+                let hash = digest(&sm);
+                sm["metadata"]["annotations"] = serde_json::json!({ APPLIED_HASH: hash });
+                (Some(sm), Some(hash))
+            }
+            None => (None, None),
+        };
         Children {
             names: ChildNames::of(&v.name()),
-            config_map: build_configmap(v),
-            service: build_service(v),
-            pdb: build_pdb(v),
-            deployment: build_deployment(v, replicas),
-            service_monitor: monitors.then(|| build_service_monitor(v)),
+            config_map,
+            service,
+            pdb,
+            deployment,
+            service_monitor,
+            hashes: Hashes {
+                config_map: cm,
+                service: svc,
+                pdb: p,
+                deployment: d,
+                service_monitor: sm,
+            },
+            replicas,
         }
     }
 }

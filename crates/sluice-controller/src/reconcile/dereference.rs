@@ -1,6 +1,7 @@
 //! What exists, read before anything is decided or written: the pipeline's children (each
-//! must already be this pipeline's: sluice never takes over an object), the SASL password
-//! from its Secret, and the input topic's partition count.
+//! must already be this pipeline's: sluice never takes over an object), the Secret keys the
+//! pods read (reconcile/secrets.rs), the input topic's partition count, and, while workers
+//! are missing, a pod the scheduler cannot place.
 
 use std::time::{Duration, Instant};
 
@@ -15,17 +16,69 @@ use rdkafka::ClientConfig;
 use sluice_api::config::WorkerConfig;
 use sluice_api::crd::StreamPipeline;
 
-use super::build::{selector_string, ChildNames};
+use super::build::{selector_string, ChildNames, APPLIED_HASH};
+use super::scale;
 use super::secrets::PodSecrets;
 use super::status::Blocker;
 use super::Stop;
-use crate::autoscale::lag::LagError;
-use crate::context::Context;
+use crate::api::Verb;
+use crate::autoscale::lag::{LagError, PartitionLag};
+use crate::cache::Cache;
+use crate::context::{Context, PipelineKey};
 use crate::error::Error;
+use crate::kafka::{ConnectionKey, LagOf, Query};
+
+/// What sluice reads of an existing child: whose it is, the digest of what sluice applied
+/// (its annotation), and a stamp that moves when anybody changes it (the generation of a
+/// Deployment or PodDisruptionBudget, whose status changes all the time; the
+/// resourceVersion of the others).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// It carries this pipeline's controller owner reference.
+    pub owned: bool,
+    /// Its [`APPLIED_HASH`] annotation.
+    pub hash: Option<String>,
+    /// Its generation or resourceVersion.
+    pub stamp: Option<String>,
+}
+
+impl Seen {
+    fn of(meta: &ObjectMeta, uid: &str, by_generation: bool) -> Self {
+        Seen {
+            owned: owned_by(meta, uid),
+            hash: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(APPLIED_HASH).cloned()),
+            stamp: if by_generation {
+                meta.generation.map(|g| g.to_string())
+            } else {
+                meta.resource_version.clone()
+            },
+        }
+    }
+}
+
+/// The children that exist (`None`: absent, or for the ServiceMonitor, not looked at).
+#[derive(Clone, Debug, Default)]
+pub struct SeenChildren {
+    /// The ConfigMap.
+    pub config_map: Option<Seen>,
+    /// The metrics Service.
+    pub service: Option<Seen>,
+    /// The PodDisruptionBudget.
+    pub pdb: Option<Seen>,
+    /// The Deployment.
+    pub deployment: Option<Seen>,
+    /// The ServiceMonitor.
+    pub service_monitor: Option<Seen>,
+}
 
 /// What the reconcile found.
 #[derive(Clone, Debug)]
 pub struct Found {
+    /// The children that exist.
+    pub children: SeenChildren,
     /// The worker Deployment exists.
     pub exists: bool,
     /// Its replicas.
@@ -36,6 +89,10 @@ pub struct Found {
     pub partitions: u32,
     /// How to reach Kafka (with the SASL password, when there is one).
     pub kafka: ClientConfig,
+    /// Which connection that is.
+    pub connection: ConnectionKey,
+    /// The group's lag, read with the partition count when a decision is due.
+    pub lag: Option<Result<Vec<PartitionLag>, LagError>>,
     /// The Prometheus Operator's ServiceMonitor CRD exists.
     pub monitors: bool,
     /// A worker pod the scheduler cannot place, and why (read only while workers are
@@ -68,13 +125,28 @@ pub async fn dereference(
     let uid = sp.metadata.uid.clone().unwrap_or_default();
 
     // Never take over: every child that exists must already be this pipeline's.
-    let (deployment, foreign, monitors) = children(ctx, &ns, &name, &uid).await?;
+    let (deployment, children, monitors) = match ctx.cache.get().filter(|c| c.ready()) {
+        Some(cache) => cached(ctx, cache, sp, &ns, &name, &uid).await?,
+        None => read(ctx, sp, &ns, &name, &uid).await?,
+    };
+    let names = ChildNames::of(&name);
+    let foreign: Vec<String> = [
+        ("Deployment", &children.deployment, &names.deployment),
+        ("ConfigMap", &children.config_map, &names.config_map),
+        ("Service", &children.service, &names.service),
+        ("PodDisruptionBudget", &children.pdb, &names.pdb),
+        (
+            "ServiceMonitor",
+            &children.service_monitor,
+            &names.service_monitor,
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, seen, _)| seen.as_ref().is_some_and(|s| !s.owned))
+    .map(|(kind, _, child)| format!("{kind} {child:?}"))
+    .collect();
     if !foreign.is_empty() {
-        let list = foreign
-            .iter()
-            .map(|(k, n)| format!("{k} {n:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = foreign.join(", ");
         return Err(Stop::Blocked {
             blocker: Blocker::ResourceConflict(format!(
                 "{list} already exist(s) in namespace {ns:?} and do(es) not belong to this pipeline: sluice will not modify or adopt it; delete or rename it, or rename the pipeline"
@@ -94,7 +166,7 @@ pub async fn dereference(
         retry: Some(retry),
     };
     let security = &config.source.security;
-    let secrets = match PodSecrets::load(&ctx.client, &ns, &sp.spec, security).await {
+    let secrets = match PodSecrets::load(ctx, &ns, &sp.spec, security).await {
         Ok(secrets) => secrets,
         Err(Error::Secret(secret, why)) => {
             return Err(source(
@@ -118,12 +190,22 @@ pub async fn dereference(
             ))
         }
     };
-    let (k, topic, cfg) = (
-        ctx.kafka.clone(),
-        sp.spec.source.topic.clone(),
-        kafka.clone(),
-    );
-    let partitions = match blocking(move || k.partitions(&cfg, &topic)).await? {
+    // One query for the partition count, and the lag too when a decision is due: batched
+    // with the other pipelines' on the same Kafka.
+    let connection = ConnectionKey::of(&kafka);
+    let uid_key = (PipelineKey::new(&ns, &name), uid.clone());
+    ctx.memory(&uid_key.0, &uid_key.1, |m| {
+        m.connection = Some(connection.clone())
+    });
+    let query = Query {
+        topic: sp.spec.source.topic.clone(),
+        lag: scale::due(ctx, sp).then(|| LagOf {
+            group: sp.spec.source.group_id.clone(),
+            start: sp.spec.source.start_from,
+        }),
+    };
+    let answer = ctx.reads.ask(&connection, &kafka, query).await;
+    let partitions = match answer.partitions {
         Ok(p) => p,
         Err(e @ LagError::TopicNotFound(_)) => {
             return Err(source(
@@ -159,12 +241,15 @@ pub async fn dereference(
         None
     };
     Ok(Found {
+        children,
         unschedulable,
         exists: deployment.is_some(),
         current,
         ready,
         partitions,
         kafka,
+        connection,
+        lag: answer.lag,
         monitors,
         secrets_digest: secrets.digest().to_string(),
     })
@@ -174,6 +259,7 @@ pub async fn dereference(
 /// reason=Unschedulable`: no node matches its selector, tolerations or affinity, or none has
 /// room), named with the scheduler's message.
 async fn unschedulable(ctx: &Context, ns: &str, name: &str) -> Result<Option<String>, Stop> {
+    ctx.api.take(Verb::List).await;
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns)
         .list(&ListParams::default().labels(&selector_string(name)))
         .await
@@ -199,16 +285,6 @@ async fn unschedulable(ctx: &Context, ns: &str, name: &str) -> Result<Option<Str
         })
     }))
 }
-
-/// Run a blocking Kafka query off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Kafka(format!("kafka query did not complete: {e}")))
-}
-
 /// Whether the Prometheus Operator's ServiceMonitor CRD exists (checked at most once a minute).
 async fn has_service_monitors(ctx: &Context) -> Result<bool, kube::Error> {
     if let Some((at, known)) = *ctx.service_monitor_crd.lock().expect("crd cache lock") {
@@ -217,6 +293,7 @@ async fn has_service_monitors(ctx: &Context) -> Result<bool, kube::Error> {
         }
     }
     let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    ctx.api.take(Verb::Get).await;
     let known = crds
         .get_opt("servicemonitors.monitoring.coreos.com")
         .await?
@@ -233,67 +310,131 @@ fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {
         .any(|o| o.uid == uid && o.controller == Some(true))
 }
 
-/// The children that exist: the current Deployment, the (kind, name) of each existing
-/// object the pipeline's children would overwrite that is not its own, and whether
-/// ServiceMonitors exist.
-async fn children(
+/// Whether the ServiceMonitor must be looked at: when ServiceMonitors exist and this
+/// controller has not applied the pipeline's since it started (it is not watched).
+fn check_monitor(ctx: &Context, sp: &StreamPipeline, monitors: bool) -> bool {
+    let key = PipelineKey::new(sp.namespace().unwrap_or_default(), sp.name_any());
+    let uid = sp.metadata.uid.clone().unwrap_or_default();
+    monitors && ctx.memory(&key, &uid, |m| m.applied.service_monitor.is_none())
+}
+
+/// The ServiceMonitor `name` in `ns`, read.
+async fn read_monitor(
     ctx: &Context,
     ns: &str,
     name: &str,
     uid: &str,
-) -> Result<(Option<Deployment>, Vec<(&'static str, String)>, bool), Stop> {
+) -> Result<Option<Seen>, Stop> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &service_monitor_resource());
+    ctx.api.take(Verb::Get).await;
+    let got = api
+        .get_metadata_opt(name)
+        .await
+        .map_err(|error| Stop::Child {
+            kind: "ServiceMonitor",
+            name: name.to_string(),
+            error,
+        })?;
+    Ok(got.map(|m| Seen::of(&m.metadata, uid, false)))
+}
+
+type Existing = (Option<Deployment>, SeenChildren, bool);
+
+/// The children as the watches show them: no request, unless the ServiceMonitor must be
+/// looked at.
+async fn cached(
+    ctx: &Context,
+    cache: &Cache,
+    sp: &StreamPipeline,
+    ns: &str,
+    name: &str,
+    uid: &str,
+) -> Result<Existing, Stop> {
+    let names = ChildNames::of(name);
+    let deployment = cache
+        .deployment(ns, &names.deployment)
+        .map(|d| (*d).clone());
+    let monitors = has_service_monitors(ctx)
+        .await
+        .map_err(|error| Stop::Child {
+            kind: "CustomResourceDefinition",
+            name: "servicemonitors.monitoring.coreos.com".into(),
+            error,
+        })?;
+    let service_monitor = if check_monitor(ctx, sp, monitors) {
+        read_monitor(ctx, ns, &names.service_monitor, uid).await?
+    } else {
+        None
+    };
+    let children = SeenChildren {
+        deployment: deployment
+            .as_ref()
+            .map(|d| Seen::of(&d.metadata, uid, true)),
+        config_map: cache
+            .config_map(ns, &names.config_map)
+            .map(|m| Seen::of(&m, uid, false)),
+        service: cache
+            .service(ns, &names.service)
+            .map(|m| Seen::of(&m, uid, false)),
+        pdb: cache.pdb(ns, &names.pdb).map(|m| Seen::of(&m, uid, true)),
+        service_monitor,
+    };
+    Ok((deployment, children, monitors))
+}
+
+/// The children as the API server has them, one request each (when there are no watches).
+async fn read(
+    ctx: &Context,
+    sp: &StreamPipeline,
+    ns: &str,
+    name: &str,
+    uid: &str,
+) -> Result<Existing, Stop> {
     let c = &ctx.client;
     let names = ChildNames::of(name);
     let failed = |kind: &'static str, name: &str| {
         let name = name.to_string();
         move |error| Stop::Child { kind, name, error }
     };
-    let mut foreign = Vec::new();
-    let mut check = |kind: &'static str, child: &str, meta: Option<ObjectMeta>| {
-        if meta.is_some_and(|m| !owned_by(&m, uid)) {
-            foreign.push((kind, child.to_string()));
-        }
-    };
+    ctx.api.take(Verb::Get).await;
     let deployment = Api::<Deployment>::namespaced(c.clone(), ns)
         .get_opt(&names.deployment)
         .await
         .map_err(failed("Deployment", &names.deployment))?;
-    check(
-        "Deployment",
-        &names.deployment,
-        deployment.as_ref().map(|d| d.metadata.clone()),
-    );
-    let got = Api::<ConfigMap>::namespaced(c.clone(), ns)
+    ctx.api.take(Verb::Get).await;
+    let config_map = Api::<ConfigMap>::namespaced(c.clone(), ns)
         .get_metadata_opt(&names.config_map)
         .await
         .map_err(failed("ConfigMap", &names.config_map))?;
-    check("ConfigMap", &names.config_map, got.map(|m| m.metadata));
-    let got = Api::<Service>::namespaced(c.clone(), ns)
+    ctx.api.take(Verb::Get).await;
+    let service = Api::<Service>::namespaced(c.clone(), ns)
         .get_metadata_opt(&names.service)
         .await
         .map_err(failed("Service", &names.service))?;
-    check("Service", &names.service, got.map(|m| m.metadata));
-    let got = Api::<PodDisruptionBudget>::namespaced(c.clone(), ns)
+    ctx.api.take(Verb::Get).await;
+    let pdb = Api::<PodDisruptionBudget>::namespaced(c.clone(), ns)
         .get_metadata_opt(&names.pdb)
         .await
         .map_err(failed("PodDisruptionBudget", &names.pdb))?;
-    check("PodDisruptionBudget", &names.pdb, got.map(|m| m.metadata));
     let monitors = has_service_monitors(ctx).await.map_err(failed(
         "CustomResourceDefinition",
         "servicemonitors.monitoring.coreos.com",
     ))?;
-    if monitors {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(c.clone(), ns, &service_monitor_resource());
-        let got = api
-            .get_metadata_opt(&names.service_monitor)
-            .await
-            .map_err(failed("ServiceMonitor", &names.service_monitor))?;
-        check(
-            "ServiceMonitor",
-            &names.service_monitor,
-            got.map(|m| m.metadata),
-        );
-    }
-    Ok((deployment, foreign, monitors))
+    let service_monitor = if monitors {
+        read_monitor(ctx, ns, &names.service_monitor, uid).await?
+    } else {
+        None
+    };
+    let _ = sp;
+    let children = SeenChildren {
+        deployment: deployment
+            .as_ref()
+            .map(|d| Seen::of(&d.metadata, uid, true)),
+        config_map: config_map.map(|m| Seen::of(&m.metadata, uid, false)),
+        service: service.map(|m| Seen::of(&m.metadata, uid, false)),
+        pdb: pdb.map(|m| Seen::of(&m.metadata, uid, true)),
+        service_monitor,
+    };
+    Ok((deployment, children, monitors))
 }

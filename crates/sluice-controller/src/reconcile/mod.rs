@@ -28,10 +28,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::runtime::controller::Action;
+use kube::ResourceExt;
 use sluice_api::crd::StreamPipeline;
 
-use crate::context::Context;
+use crate::context::{Context, PipelineKey};
 use crate::error::{Error, Result};
+use crate::pace;
 use build::Validated;
 use report::Report;
 use status::Blocker;
@@ -82,6 +84,10 @@ impl From<kube::Error> for Stop {
 /// Reconcile one StreamPipeline.
 pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
+    if let Some(wait) = deferred(&ctx, &sp, started) {
+        ctx.metrics.reconciled("deferred");
+        return Ok(Action::requeue(wait));
+    }
     let report = Report::of(&sp);
     let done = steps(&sp, &ctx, &report).await;
     if done.is_ok() {
@@ -93,10 +99,54 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
     report.finish(&ctx, done).await
 }
 
+/// How long to wait before the first look at a pipeline this controller has not seen yet
+/// and that was reconciled before (its status is of this generation): until its slot (see
+/// [`pace`]). A new pipeline, or a changed spec, is looked at at once.
+fn deferred(ctx: &Context, sp: &StreamPipeline, now: Instant) -> Option<Duration> {
+    let key = PipelineKey::new(sp.namespace().unwrap_or_default(), sp.name_any());
+    let uid = sp.metadata.uid.clone().unwrap_or_default();
+    let poll = sp.spec.scaling.poll_interval.0.max(Duration::from_secs(1));
+    let known = sp.status.as_ref().is_some_and(|s| {
+        s.observed_generation.is_some() && s.observed_generation == sp.metadata.generation
+    });
+    let start = ctx.memory(&key, &uid, |m| {
+        *m.start_at
+            .get_or_insert_with(|| now + pace::first_look(known, &uid, poll, pace::wall_clock()))
+    });
+    (start > now).then(|| start - now)
+}
+
+/// The worker configuration of `sp`: validated once per generation of its spec (the spec
+/// does not change within one; checking librdkafka's properties builds native configs).
+fn validated(
+    ctx: &Context,
+    sp: &StreamPipeline,
+) -> Result<sluice_api::config::WorkerConfig, sluice_api::config::ConfigError> {
+    let key = PipelineKey::new(sp.namespace().unwrap_or_default(), sp.name_any());
+    let uid = sp.metadata.uid.clone().unwrap_or_default();
+    let Some(generation) = sp.metadata.generation else {
+        return validate::validate(sp);
+    };
+    let known = ctx.memory(&key, &uid, |m| {
+        m.validated
+            .as_ref()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, c)| c.clone())
+    });
+    if let Some(config) = known {
+        return Ok(config);
+    }
+    let config = validate::validate(sp)?;
+    ctx.memory(&key, &uid, |m| {
+        m.validated = Some((generation, config.clone()))
+    });
+    Ok(config)
+}
+
 /// The steps, in order.
 async fn steps(sp: &StreamPipeline, ctx: &Context, report: &Report) -> Result<Action, Stop> {
-    // 1. Validate (pure). An invalid spec waits for a change.
-    let config = validate::validate(sp).map_err(|e| Stop::Blocked {
+    // 1. Validate (pure; once per generation). An invalid spec waits for a change.
+    let config = validated(ctx, sp).map_err(|e| Stop::Blocked {
         blocker: Blocker::InvalidSpec(e.to_string()),
         action: "Validate",
         result: "invalid",
@@ -119,7 +169,7 @@ async fn steps(sp: &StreamPipeline, ctx: &Context, report: &Report) -> Result<Ac
         secrets_digest: found.secrets_digest.clone(),
     };
     let children = build::Children::build(&v, scale.replicas, found.monitors);
-    apply::apply(ctx, sp, &children).await?;
+    apply::apply(ctx, sp, &found, &children).await?;
     // 6. Status, Events, metrics.
     report.done(ctx, sp, &found, &scale).await?;
     Ok(Action::requeue(

@@ -18,6 +18,7 @@ use super::dereference::Found;
 use super::scale::Scale;
 use super::status::{conditions, Blocker, ChildReason, Observed, ScaleEvent};
 use super::Stop;
+use crate::api::Verb;
 use crate::context::{Context, PipelineKey, MANAGER};
 use crate::error::{Error, Result};
 
@@ -87,6 +88,7 @@ impl Report {
             &pipeline_resource(),
         );
         let patch = serde_json::json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline", "status": status});
+        ctx.api.take(Verb::Patch).await;
         api.patch_status(
             &self.key.name,
             &PatchParams::apply(MANAGER).force(),
@@ -252,6 +254,7 @@ async fn publish(
     note: String,
     action: &str,
 ) {
+    ctx.api.take(Verb::Create).await;
     let published = ctx
         .recorder
         .publish(

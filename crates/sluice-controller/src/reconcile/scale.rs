@@ -9,13 +9,14 @@ use kube::ResourceExt;
 use sluice_api::config::StartFrom;
 use sluice_api::crd::{ScalingMode, StreamPipeline};
 
-use super::dereference::{blocking, Found};
+use super::dereference::Found;
 use super::status::Limited;
 use super::Stop;
 use crate::autoscale::lag::{LagError, PartitionLag};
 use crate::autoscale::policy::{Lag, Policy, Reason};
 use crate::autoscale::stall::stall_window;
 use crate::context::{Context, Paced, PipelineKey, PipelineMemory};
+use crate::kafka::{LagOf, Query};
 
 /// The replicas to run and what the autoscaler saw.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,6 +41,22 @@ pub struct Scale {
     pub idle_blocked: Option<String>,
     /// Woken from zero by this decision.
     pub woke: bool,
+}
+
+/// Whether the autoscaler will decide for `sp` in this reconcile (so the lag is needed):
+/// automatic and not paused, and no decision of this generation within the poll interval.
+pub(crate) fn due(ctx: &Context, sp: &StreamPipeline) -> bool {
+    if sp.spec.paused || sp.spec.scaling.mode == ScalingMode::Manual {
+        return false;
+    }
+    let key = PipelineKey::new(sp.namespace().unwrap_or_default(), sp.name_any());
+    let uid = sp.metadata.uid.clone().unwrap_or_default();
+    let poll = sp.spec.scaling.poll_interval.0.max(Duration::from_secs(1));
+    ctx.memory(&key, &uid, |m| {
+        !m.paced
+            .as_ref()
+            .is_some_and(|p| p.at.elapsed() < poll && p.generation == sp.metadata.generation)
+    })
 }
 
 /// The replicas for `sp`, given what was found.
@@ -73,14 +90,21 @@ pub async fn scale(ctx: &Context, sp: &StreamPipeline, found: &Found) -> Result<
     if let Some(scale) = last {
         return Ok(scale);
     }
-    let (k, cfg, group, topic, start) = (
-        ctx.kafka.clone(),
-        found.kafka.clone(),
-        sp.spec.source.group_id.clone(),
-        sp.spec.source.topic.clone(),
-        sp.spec.source.start_from,
-    );
-    let read = blocking(move || k.lag(&cfg, &group, &topic, start)).await?;
+    let read = match &found.lag {
+        Some(read) => read.clone(),
+        // Not read with the partition count (the count changed since the last decision).
+        None => {
+            let query = Query {
+                topic: sp.spec.source.topic.clone(),
+                lag: Some(LagOf {
+                    group: sp.spec.source.group_id.clone(),
+                    start: sp.spec.source.start_from,
+                }),
+            };
+            let answer = ctx.reads.ask(&found.connection, &found.kafka, query).await;
+            answer.lag.expect("asked for the lag")
+        }
+    };
     let now = Instant::now();
     let (scale, reason) = ctx.memory(&key, &uid, |m| {
         let (scale, reason) = decide(m, now, sp, read, found);

@@ -14,13 +14,15 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client};
+use kube::Api;
 use rdkafka::ClientConfig;
 use sha2::{Digest, Sha256};
 use sluice_api::config::security::{Credentials, FileRead, MissingCredential};
 use sluice_api::config::SecurityConfig;
 use sluice_api::crd::{SecretKeyRef, SecretUse, StreamPipelineSpec, SECRET_FILES_DIR};
 
+use crate::api::Verb;
+use crate::context::Context;
 use crate::error::Error;
 
 /// The values of the Secret keys a pod gets, by how it gets them.
@@ -41,19 +43,20 @@ impl PodSecrets {
     /// [`Error::Secret`]; any other missing one only counts in the digest (the pods wait
     /// for it; when it comes, they roll).
     pub async fn load(
-        client: &Client,
+        ctx: &Context,
         ns: &str,
         spec: &StreamPipelineSpec,
         security: &SecurityConfig,
     ) -> Result<Self, Error> {
         let needed = needed_files(security);
         let mut out = PodSecrets::default();
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
         let mut read: BTreeMap<String, Option<Secret>> = BTreeMap::new();
         let inputs = spec.secret_inputs();
         let mut values = Vec::with_capacity(inputs.len());
         for (used, r) in inputs {
             if !read.contains_key(&r.name) {
+                ctx.api.take(Verb::Get).await;
                 read.insert(r.name.clone(), secrets.get_opt(&r.name).await?);
             }
             let secret = read[&r.name].as_ref();

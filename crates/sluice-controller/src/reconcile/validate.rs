@@ -9,8 +9,11 @@
 //! - [`validate`]: [`StreamPipeline::worker_config`] (the worker's own checks, the name
 //!   rule, reserved properties and variables), then what needs the controller's libraries:
 //!   every librdkafka property is set on a real librdkafka configuration, so a misspelt
-//!   name or a refused value is caught before a pod crash-loops on it; resource quantities
-//!   are checked against Kubernetes' grammar; the scaling rules of the schema hold.
+//!   name or a refused value is caught before a pod crash-loops on it, and every client
+//!   the worker makes is created from its whole configuration as the worker builds it
+//!   (`sluice_api::config::clients`), so a combination librdkafka refuses is caught too;
+//!   resource quantities are checked against Kubernetes' grammar; the scaling rules of
+//!   the schema hold.
 
 use std::collections::BTreeMap;
 
@@ -54,6 +57,7 @@ pub fn validate(sp: &StreamPipeline) -> Result<WorkerConfig, ConfigError> {
             )?;
         }
     }
+    clients(&config)?;
     if let Some(r) = &sp.spec.resources {
         for (what, map) in [("limits", &r.limits), ("requests", &r.requests)] {
             for (name, q) in map.iter().flatten() {
@@ -66,6 +70,32 @@ pub fn validate(sp: &StreamPipeline) -> Result<WorkerConfig, ConfigError> {
     Ok(config)
 }
 
+/// Create every Kafka client the worker makes for `config` from its whole configuration
+/// (a placeholder bootstrap server, no security: librdkafka's cross-property checks run
+/// when a client is created, never when a property is set), and drop it at once.
+fn clients(config: &WorkerConfig) -> Result<(), ConfigError> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::producer::BaseProducer;
+    use sluice_api::config::clients::{all, Kind};
+    for (field, kind, props) in all(config, 1) {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", "127.0.0.1:9");
+        for (k, v) in props {
+            c.set(k, v);
+        }
+        let created = match kind {
+            Kind::Consumer => c.create::<BaseConsumer>().map(drop),
+            Kind::Producer => c.create::<BaseProducer>().map(drop),
+        };
+        if let Err(e) = created {
+            return Err(ConfigError::Invalid {
+                field,
+                message: format!("librdkafka refuses the worker's client configuration: {e}"),
+            });
+        }
+    }
+    Ok(())
+}
 /// Set each property on its own librdkafka configuration, so the error names it.
 fn librdkafka(field: &str, props: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     for (k, v) in props {
@@ -178,6 +208,64 @@ mod tests {
         assert!(e.contains("fetch.max.bytes"), "{e}");
         assert!(librdkafka("p", &props("fetch.max.bytes", "1048576")).is_ok());
         assert!(librdkafka("p", &props("compression.type", "zstd")).is_ok());
+    }
+
+    /// N11: combinations librdkafka refuses only when a client is created are refused
+    /// before any pod starts, naming the field; what it accepts passes.
+    #[test]
+    fn combinations_librdkafka_refuses_at_client_creation_are_invalid_specs() {
+        let refused = [
+            (
+                serde_json::json!({
+                    "sinks": [{"kafka": {"topic": "out", "producerProperties": {"message.timeout.ms": "300000"}}}],
+                    "deadLetter": {"topic": "dlq"},
+                    "delivery": {"guarantee": "exactly-once"}
+                }),
+                "delivery",
+            ),
+            (
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g",
+                    "consumerProperties": {"max.poll.interval.ms": "5000"}}}),
+                "source.consumerProperties",
+            ),
+        ];
+        for (extra, field) in refused {
+            let e = validate(&pipeline("p", extra.clone()))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(field) && e.contains("librdkafka"),
+                "{extra}: {e}"
+            );
+        }
+        let fine = serde_json::json!({
+            "sinks": [{"kafka": {"topic": "out", "producerProperties": {"message.timeout.ms": "15000"}}}],
+            "deadLetter": {"topic": "dlq"},
+            "delivery": {"guarantee": "exactly-once"}
+        });
+        let ok = validate(&pipeline("p", fine));
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    /// N11: `statistics.interval.ms` (a liveness rule) and `transaction.timeout.ms` (the
+    /// exactly-once window) are the worker's.
+    #[test]
+    fn the_statistics_interval_and_the_transaction_timeout_are_reserved() {
+        let e = validate(&pipeline(
+            "p",
+            serde_json::json!({"source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g",
+                "consumerProperties": {"statistics.interval.ms": "30000"}}}),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("statistics.interval.ms"), "{e}");
+        let e = validate(&pipeline(
+            "p",
+            serde_json::json!({"sinks": [{"kafka": {"topic": "out", "producerProperties": {"transaction.timeout.ms": "60000"}}}]}),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("transaction.timeout.ms"), "{e}");
     }
 
     fn pipeline(name: &str, extra: serde_json::Value) -> StreamPipeline {

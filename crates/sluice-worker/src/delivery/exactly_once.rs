@@ -16,17 +16,30 @@
 //!
 //! so a transaction holds exactly the outputs of the records whose offsets it commits.
 //! The group metadata carries the consumer's generation (KIP-447): a zombie of an older
-//! generation cannot commit offsets, so its transaction fails.
+//! generation cannot commit offsets, so its transaction fails. A revoke's window commits
+//! with the metadata taken while the partitions were still this member's, so a commit
+//! that outlives the rebalance callback is refused rather than accepted under the next
+//! generation.
 //!
-//! A failure aborts the transaction. When only the commit failed, with nothing in
-//! flight (the gate closed and drained; typically a rebalance moved the group's
-//! generation under the commit), the worker rewinds in place: every owned partition gets
-//! a new incarnation that reads again from its committed offset
-//! ([`ExactlyOnce::rewind`]). Any other failure (a partition that stalled, a window that did not drain
-//! before `commit.drainTimeout`, a lost assignment, a fatal producer error) stops the
-//! worker with an error: the process exits non-zero, and the restarted worker resumes
-//! from the offsets the last committed transaction stored. Either way nothing aborted is
-//! ever visible to a `read_committed` reader, and nothing committed is written twice.
+//! A window that cannot commit is aborted and rewound in place, whatever failed: an
+//! output lost with a broker or a moved leader, a commit refused because a rebalance moved
+//! the group's generation, a window that did not drain in time, a lost assignment. The
+//! abort purges what is still queued; once everything the window dispatched has settled
+//! (nothing of it can reach the next transaction), the next transaction begins and every
+//! owned partition gets a new incarnation that reads again from its committed offset
+//! ([`ExactlyOnce::rewind`]). An output the broker refused for good is dead-lettered when
+//! the rewound window reaches it again (`sink/kafka_txn.rs`); a record that cannot pass
+//! at all (no dead-letter topic) stops its partition there, as at-least-once does. A
+//! window that did not drain in time makes the next windows admit fewer records
+//! ([`WindowGate::set_budget`]), so a slow processor still commits. A transaction that
+//! cannot even be aborted (the broker aborted it itself and fenced the producer, e.g. when
+//! it outlived its timeout during a coordinator failover) is left to a new transactional
+//! producer with the same id ([`Transactions::renew`]: `init_transactions` fences the old
+//! one and finishes what it left open). Only a rewind that cannot read or seek the
+//! committed offsets, an aborted window whose work never settles, or producer renewals in
+//! a loop stop the worker.
+//! Either way nothing aborted is ever visible to a `read_committed` reader, and nothing
+//! committed is written twice.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,21 +47,23 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::Producer;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sluice_api::config::WorkerConfig;
+
+use std::collections::HashMap;
 
 use crate::kafka::log::LoggingContext;
-
-/// The transactional producer (its librdkafka lines through [`crate::kafka::log`]).
-pub type FutureProducer = rdkafka::producer::FutureProducer<LoggingContext>;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use sluice_api::config::{SinkConfig, StartFrom, WorkerConfig};
+pub use crate::kafka::producer::FutureProducer;
 
 use crate::delivery::Ledger;
 use crate::engine::gate::WindowGate;
 use crate::engine::partition::{PartitionState, TopicPartition};
 use crate::kafka::assignment::Assignment;
 use crate::kafka::consumer::SluiceConsumer;
+use crate::kafka::producer::SharedProducer;
+use crate::sink::kafka_txn::Refusals;
 
-/// Why a transaction could not commit. Each ends the worker (see the module docs).
+/// Why a transaction window could not commit.
 #[derive(Debug, thiserror::Error)]
 pub enum TxnError {
     /// A transactional call failed.
@@ -59,9 +74,9 @@ pub enum TxnError {
         /// librdkafka's error.
         source: KafkaError,
     },
-    /// A partition stalled (a batch failed), so its later outputs cannot be committed.
-    #[error("partition {topic}/{partition} stalled: a batch of the window failed")]
-    Stalled {
+    /// A batch of the window failed (an output or a letter not delivered).
+    #[error("partition {topic}/{partition}: a batch of the window failed")]
+    Failed {
         /// Source topic.
         topic: String,
         /// Source partition.
@@ -74,6 +89,22 @@ pub enum TxnError {
         topic: String,
         /// Source partition.
         partition: i32,
+    },
+    /// Dispatch did not stop for the window's end before the deadline (the gate could not
+    /// be closed).
+    #[error("dispatch did not stop for the window's end before the deadline")]
+    NotClosed,
+    /// After an abort, what the window dispatched did not settle in time: it could still
+    /// reach the next transaction.
+    #[error("the aborted window's work did not settle before the transaction timeout")]
+    NotSettled,
+    /// A transactional call did not return within its time limit (see [`blocking`]).
+    #[error("{step}: no answer within {limit:?}")]
+    Hung {
+        /// The call.
+        step: &'static str,
+        /// How long it was waited for.
+        limit: Duration,
     },
     /// The consumer has no group metadata (not a group member).
     #[error("the consumer has no group metadata")]
@@ -91,27 +122,23 @@ impl TxnError {
     pub fn label(&self) -> &'static str {
         match self {
             TxnError::Kafka { .. } => "kafka",
-            TxnError::Stalled { .. } => "stalled",
+            TxnError::Failed { .. } => "failed",
             TxnError::NotDrained { .. } => "not_drained",
+            TxnError::NotClosed => "not_closed",
+            TxnError::Hung { .. } => "hung",
+            TxnError::NotSettled => "not_settled",
             TxnError::NoGroupMetadata => "no_group_metadata",
             TxnError::Lost => "lost",
             TxnError::Rewind(_) => "rewind",
         }
     }
 
-    /// True when the window failed only at the transactional calls, after everything it
-    /// dispatched was acknowledged (nothing of it is still in flight), and the producer
-    /// can go on: then the worker aborts and rewinds in place instead of stopping. The
-    /// common case is a rebalance racing the commit (the group's generation moved, so
-    /// `send_offsets_to_transaction` is refused; KIP-447 fencing at work).
+    /// True when the worker aborts the window and rewinds in place (a producer that cannot
+    /// abort any more is renewed first): everything but a rewind that could not read or
+    /// seek the committed offsets, an aborted window whose work would not settle, or a
+    /// loop of producer renewals.
     pub fn rewindable(&self) -> bool {
-        match self {
-            TxnError::Kafka {
-                source: KafkaError::Transaction(e),
-                ..
-            } => !e.is_fatal(),
-            _ => false,
-        }
+        !matches!(self, TxnError::Rewind(_) | TxnError::NotSettled)
     }
 }
 
@@ -141,41 +168,17 @@ pub fn transactional_id(pipeline: &str) -> String {
     format!("sluice-{pipeline}-{host}-{}", std::process::id())
 }
 
-/// Set the transactional producer's properties on `client` (bootstrap servers and
-/// security already there). The Kafka sinks' `producerProperties` are applied last, in
-/// sink order (validation refuses two sinks that set one property differently).
-pub fn producer_config(client: &mut ClientConfig, config: &WorkerConfig, id: &str, queue_kb: u64) {
-    let timeout = config
-        .delivery
-        .transaction_timeout(config.commit.drain_timeout.0);
-    client
-        .set("transactional.id", id)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("transaction.timeout.ms", timeout.as_millis().to_string())
-        // A delivery still failing when the transaction would time out fails the window.
-        .set("message.timeout.ms", timeout.as_millis().to_string())
-        .set("linger.ms", "2")
-        .set("batch.num.messages", "10000")
-        .set("batch.size", "1048576")
-        .set("queue.buffering.max.messages", "500000")
-        .set("queue.buffering.max.kbytes", queue_kb.to_string())
-        // Letters carry a record plus its story (as the at-least-once dead-letter path).
-        .set("message.max.bytes", "1048000");
-    for sink in &config.sinks {
-        if let SinkConfig::Kafka(k) = sink {
-            for (key, v) in &k.producer_properties {
-                client.set(key, v);
-            }
-        }
-    }
-}
-
 /// The worker's transactional producer and the state of its open transaction.
 pub struct Transactions {
-    producer: FutureProducer,
+    producer: SharedProducer,
+    /// What the producer is made from (for [`Transactions::renew`]).
+    client: ClientConfig,
+    /// When the producer was renewed lately (a loop of renewals stops the worker).
+    renewals: Vec<Instant>,
     gate: Arc<WindowGate>,
     timeout: Duration,
+    /// When the open transaction began.
+    began: Instant,
     /// Offsets committed by the last transaction, per partition incarnation.
     last: Ledger,
     latency: prometheus::Histogram,
@@ -188,18 +191,71 @@ impl std::fmt::Debug for Transactions {
     }
 }
 
-/// Run a blocking transactional call off the runtime.
+/// How much longer than its own timeout a transactional call is waited for.
+const CALL_MARGIN: Duration = Duration::from_secs(5);
+
+/// A transactional producer from `client`, its id's earlier producer fenced and what that
+/// one left open completed (`init_transactions`, retried while the transaction
+/// coordinator is away, up to `timeout`).
+async fn init(client: &ClientConfig, timeout: Duration) -> Result<FutureProducer, TxnError> {
+    let producer: FutureProducer =
+        client
+            .create_with_context(LoggingContext)
+            .map_err(|source| TxnError::Kafka {
+                step: "create the transactional producer",
+                source,
+            })?;
+    let p = producer.clone();
+    // Retried for up to `timeout`, each attempt up to `timeout`.
+    blocking("init_transactions", timeout * 2 + CALL_MARGIN, move || {
+        retrying(timeout, || p.init_transactions(timeout))
+    })
+    .await?;
+    Ok(producer)
+}
+
+/// Run a blocking transactional call off the runtime, for at most `limit`.
+///
+/// librdkafka's transactional calls take a timeout, but not all of them keep it:
+/// `send_offsets_to_transaction` waits for its operation's answer without a time limit
+/// (`RD_POLL_INFINITE` in librdkafka 2.12) and relies on the requests it sends to time
+/// out; after a partition leader (and transaction coordinator) was killed, one was seen
+/// to wait for more than 80 s, holding the coordinator's loop until the liveness probe
+/// restarted the worker. Past `limit` the call is left behind on its own thread (a
+/// thread of the runtime's blocking pool would hold the runtime's shutdown) and the
+/// caller gets [`TxnError::Hung`]: the window is given up and, as the producer is still
+/// inside that call and cannot abort, a new producer with the same id takes over.
 async fn blocking<T: Send + 'static>(
     step: &'static str,
+    limit: Duration,
     f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
 ) -> Result<T, TxnError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(|source| TxnError::Kafka { step, source }),
-        Err(e) => Err(TxnError::Kafka {
-            step,
-            source: KafkaError::Canceled,
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("sluice-txn".into())
+        .spawn(move || {
+            let _ = tx.send(f());
         })
-        .inspect_err(|_| tracing::error!(error = %e, step, "transactional call panicked")),
+        .map_err(|e| {
+            tracing::error!(error = %e, step, "could not start a thread for a transactional call");
+            TxnError::Kafka {
+                step,
+                source: KafkaError::Canceled,
+            }
+        })?;
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(r)) => r.map_err(|source| TxnError::Kafka { step, source }),
+        Ok(Err(_)) => {
+            tracing::error!(step, "transactional call panicked");
+            Err(TxnError::Kafka {
+                step,
+                source: KafkaError::Canceled,
+            })
+        }
+        Err(_) => {
+            tracing::error!(step, ?limit, "a transactional call did not return within its time limit; it is left behind and the window is given up");
+            Err(TxnError::Hung { step, limit })
+        }
     }
 }
 
@@ -228,22 +284,15 @@ fn retrying(
 }
 
 impl Transactions {
-    /// Create the producer from `client` (see [`producer_config`]), fence any earlier
+    /// Create the producer from `client` (bootstrap servers, security and
+    /// `sluice_api::config::clients::transactional_producer`), fence any earlier
     /// producer with the same id (`init_transactions`) and begin the first transaction.
     pub async fn start(
         client: ClientConfig,
         timeout: Duration,
         metrics: &crate::ops::metrics::Metrics,
     ) -> Result<Self, TxnError> {
-        let producer: FutureProducer =
-            client
-                .create_with_context(LoggingContext)
-                .map_err(|source| TxnError::Kafka {
-                    step: "create the transactional producer",
-                    source,
-                })?;
-        let p = producer.clone();
-        blocking("init_transactions", move || p.init_transactions(timeout)).await?;
+        let producer = init(&client, timeout).await?;
         producer
             .begin_transaction()
             .map_err(|source| TxnError::Kafka {
@@ -251,9 +300,12 @@ impl Transactions {
                 source,
             })?;
         Ok(Transactions {
-            producer,
+            producer: SharedProducer::new(producer),
+            client,
+            renewals: Vec::new(),
             gate: Arc::new(WindowGate::default()),
             timeout,
+            began: Instant::now(),
             last: Ledger::default(),
             latency: metrics.commit_latency.clone(),
             failures: metrics.commit_failures.clone(),
@@ -261,8 +313,27 @@ impl Transactions {
     }
 
     /// The producer, for the sinks and the dead-letter path.
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &SharedProducer {
         &self.producer
+    }
+
+    /// Replace the producer by a new one with the same `transactional.id` (no transaction
+    /// open; the caller begins the next): `init_transactions` fences the old producer and
+    /// completes what it left open. More than three renewals in five minutes is a loop:
+    /// an error.
+    pub async fn renew(&mut self) -> Result<(), TxnError> {
+        let now = Instant::now();
+        self.renewals
+            .retain(|t| now.duration_since(*t) < Duration::from_secs(300));
+        if self.renewals.len() >= 3 {
+            return Err(TxnError::Rewind(
+                "the transactional producer was renewed three times in five minutes".into(),
+            ));
+        }
+        self.renewals.push(now);
+        let producer = init(&self.client, self.timeout).await?;
+        self.producer.set(producer);
+        Ok(())
     }
 
     /// The gate every dispatcher passes (see [`crate::engine::dispatch::PartitionDispatch::with_gate`]).
@@ -270,32 +341,22 @@ impl Transactions {
         self.gate.clone()
     }
 
-    /// End the window (the caller holds the closed [`WindowGate`]): wait (until
-    /// `deadline`) for everything dispatched in `parts` to be acknowledged, then commit
-    /// the transaction with the watermarks of the partitions that moved, and begin the
-    /// next one. Returns how many partitions' offsets it committed. On an error the
-    /// transaction is left for the caller to abort.
-    pub async fn commit_closed(
+    /// Commit the window (everything in `parts` idle, the gate closed): the watermarks of
+    /// the partitions that moved go into the transaction with the group metadata `fence`
+    /// (the consumer's current one when `None`), the transaction commits and the next
+    /// begins. Returns what it committed. On an error the transaction is left for the
+    /// caller to abort.
+    pub async fn commit_idle(
         &mut self,
         parts: &[Arc<PartitionState>],
         consumer: &Arc<SluiceConsumer>,
-        deadline: tokio::time::Instant,
-    ) -> Result<usize, TxnError> {
-        for s in parts {
-            if !s.wait_idle(deadline).await {
-                let (topic, partition) = (s.tp().topic.to_string(), s.tp().partition);
-                return Err(if s.is_stalled() {
-                    TxnError::Stalled { topic, partition }
-                } else {
-                    TxnError::NotDrained { topic, partition }
-                });
-            }
-        }
+        fence: Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    ) -> Result<Vec<(Arc<PartitionState>, i64)>, TxnError> {
         let todo = self.last.moved(parts, false);
         // Nothing moved: nothing was produced either (every output belongs to a record
         // whose completion moves a watermark), so the open transaction is empty.
         if todo.is_empty() {
-            return Ok(0);
+            return Ok(todo);
         }
         let started = Instant::now();
         let mut tpl = TopicPartitionList::with_capacity(todo.len());
@@ -306,10 +367,19 @@ impl Transactions {
                     source,
                 })?;
         }
-        let cgm = consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?;
-        let (p, timeout) = (self.producer.clone(), self.timeout);
+        let cgm = match fence {
+            Some(m) => m,
+            None => consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?,
+        };
+        let (p, timeout) = (self.producer.get(), self.timeout);
+        // The broker aborts a transaction older than its timeout anyway: waiting for the
+        // commit past that is waiting for nothing.
+        let limit = (self.began + timeout + CALL_MARGIN)
+            .saturating_duration_since(Instant::now())
+            .max(CALL_MARGIN);
         blocking(
             "send_offsets_to_transaction / commit_transaction",
+            limit,
             move || {
                 retrying(timeout, || {
                     p.send_offsets_to_transaction(&tpl, &cgm, timeout)
@@ -319,30 +389,41 @@ impl Transactions {
             },
         )
         .await?;
+        self.began = Instant::now();
         self.latency.observe(started.elapsed().as_secs_f64());
         for (s, o) in &todo {
             self.last.record(s, *o);
             s.metrics.committed.set(*o);
         }
-        Ok(todo.len())
+        Ok(todo)
     }
 
-    /// Abort the open transaction and begin the next one (after a rewindable error).
-    pub async fn abort_and_begin(&self) -> Result<(), TxnError> {
+    /// Abort the open transaction, without beginning the next (see [`Transactions::begin`]).
+    pub async fn abort_only(&self) -> Result<(), TxnError> {
         self.failures.inc();
-        let (p, timeout) = (self.producer.clone(), self.timeout);
-        blocking("abort_transaction / begin_transaction", move || {
-            p.abort_transaction(timeout)?;
-            p.begin_transaction()
+        let (p, timeout) = (self.producer.get(), self.timeout);
+        blocking("abort_transaction", timeout + CALL_MARGIN, move || {
+            p.abort_transaction(timeout)
         })
         .await
     }
 
+    /// Begin the next transaction.
+    pub fn begin(&mut self) -> Result<(), TxnError> {
+        self.producer
+            .get()
+            .begin_transaction()
+            .map_err(|source| TxnError::Kafka {
+                step: "begin_transaction",
+                source,
+            })?;
+        self.began = Instant::now();
+        Ok(())
+    }
+
     /// Abort the open transaction (best effort: a fenced or fatal producer cannot).
     pub async fn abort(&self) {
-        self.failures.inc();
-        let (p, timeout) = (self.producer.clone(), self.timeout);
-        if let Err(e) = blocking("abort_transaction", move || p.abort_transaction(timeout)).await {
+        if let Err(e) = self.abort_only().await {
             tracing::warn!(error = %e, "could not abort the transaction; the broker aborts it after transaction.timeout.ms");
         }
     }
@@ -357,20 +438,39 @@ impl Transactions {
 pub struct ExactlyOnce {
     txn: Transactions,
     consumer: Arc<SluiceConsumer>,
+    refusals: Arc<Refusals>,
     window: Duration,
     drain_timeout: Duration,
-    start_from: StartFrom,
+    /// The group metadata taken when a revoke began, while the partitions were still this
+    /// member's: the revoke's window commits with it (KIP-447 fencing holds even if the
+    /// commit outlives the rebalance callback).
+    fence: Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    /// Where owned partitions stop for good (a record without a dead-letter path failed):
+    /// kept across rewinds, forgotten with the partition.
+    stops: HashMap<TopicPartition, i64>,
 }
 
+/// How long a rewind waits for an aborted window's work to settle, and how close to the
+/// transaction timeout a slow window may run before it is given up.
+const SETTLE_MARGIN: Duration = Duration::from_secs(5);
+
 impl ExactlyOnce {
-    /// Deliver through `txn`, committing offsets in the group of `consumer`.
-    pub fn new(txn: Transactions, consumer: Arc<SluiceConsumer>, config: &WorkerConfig) -> Self {
+    /// Deliver through `txn`, committing offsets in the group of `consumer`; `refusals` is
+    /// shared with the transactional sinks.
+    pub fn new(
+        txn: Transactions,
+        consumer: Arc<SluiceConsumer>,
+        refusals: Arc<Refusals>,
+        config: &WorkerConfig,
+    ) -> Self {
         ExactlyOnce {
             txn,
             consumer,
+            refusals,
             window: config.delivery.transaction_window.0,
             drain_timeout: config.commit.drain_timeout.0,
-            start_from: config.source.start_from,
+            fence: None,
+            stops: HashMap::new(),
         }
     }
 
@@ -384,15 +484,25 @@ impl ExactlyOnce {
         self.txn.gate()
     }
 
-    /// The window ended: commit it.
+    /// A revoke begins (the rebalance callback waits): take the group metadata while
+    /// the partitions are still this member's.
+    pub fn on_revoke_start(&mut self) {
+        self.fence = self.consumer.group_metadata();
+    }
+
+    /// The window ended: commit it. A slow window is waited for while it makes progress,
+    /// up to the transaction's timeout.
     pub async fn tick(&mut self, owned: &mut Assignment) -> Result<(), TxnError> {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
-        self.commit_window(owned, &[], deadline).await.map(|_| ())
+        self.end_window(owned, &[], deadline, Mode::Tick)
+            .await
+            .map(|_| ())
     }
 
     /// `released` were revoked: their outputs share the open transaction with every other
-    /// partition's, so the whole window commits now (or, for a lost assignment, is aborted
-    /// and the worker stops).
+    /// partition's, so the whole window commits now, with the metadata of the generation
+    /// that owned them. A lost assignment's window is aborted (another member may own the
+    /// partitions already) and the remaining partitions rewound.
     pub async fn on_revoke(
         &mut self,
         owned: &mut Assignment,
@@ -400,13 +510,10 @@ impl ExactlyOnce {
         lost: bool,
         deadline: tokio::time::Instant,
     ) -> Result<(), TxnError> {
-        if lost {
-            self.txn.abort().await;
-            return Err(TxnError::Lost);
-        }
-        self.commit_window(owned, released, deadline)
-            .await
-            .map(|_| ())
+        let mode = if lost { Mode::Lost } else { Mode::Revoke };
+        let res = self.end_window(owned, released, deadline, mode).await;
+        self.fence = None;
+        res.map(|_| ())
     }
 
     /// Shutting down with `states` released: the last window commits what is done
@@ -422,7 +529,7 @@ impl ExactlyOnce {
             self.txn.abort().await;
             return Ok(());
         }
-        self.commit_window(owned, states, deadline)
+        self.end_window(owned, states, deadline, Mode::Revoke)
             .await
             .map(|_| ())
     }
@@ -430,46 +537,185 @@ impl ExactlyOnce {
     /// Forget a partition this process no longer owns.
     pub fn forget(&mut self, tp: &TopicPartition) {
         self.txn.forget(tp);
+        self.stops.remove(tp);
     }
 
     /// End the transaction window over every owned partition plus `released` ones (a
-    /// revoke's), bounded by `deadline`.
-    async fn commit_window(
+    /// revoke's), bounded by `deadline` (and, for a tick, by the transaction timeout while
+    /// the window makes progress). Commits, or aborts and rewinds in place.
+    async fn end_window(
         &mut self,
         owned: &mut Assignment,
         released: &[Arc<PartitionState>],
         deadline: tokio::time::Instant,
+        mode: Mode,
     ) -> Result<usize, TxnError> {
         let mut states = owned.states();
         states.extend(released.iter().cloned());
         // Closed until the window committed, or was aborted and every owned partition
         // rewound: no record of the next window is dispatched before that.
         let gate = self.txn.gate();
-        let _closed = gate.close().await;
-        let err = match self
-            .txn
-            .commit_closed(&states, &self.consumer, deadline)
-            .await
-        {
-            Ok(n) => return Ok(n),
-            Err(e) => e,
+        // Bounded like the rest of the window's end: the gate closes once every dispatch
+        // in progress has registered its batch (a dispatcher waiting for room in a full
+        // lane is outside it), but a wait of the coordinator on the data path must never
+        // be open-ended. If it does not close in time, the window is given up: every
+        // partition is cancelled, so whatever is inside gives its batch up, and the gate
+        // is closed again; what still holds it then stops the worker.
+        let (_closed, unclosed) = match tokio::time::timeout_at(deadline, gate.close()).await {
+            Ok(closed) => (closed, None),
+            Err(_) => {
+                for s in &states {
+                    s.cancel();
+                }
+                match tokio::time::timeout(SETTLE_MARGIN, gate.close()).await {
+                    Ok(closed) => (closed, Some(TxnError::NotClosed)),
+                    Err(_) => {
+                        self.txn.abort().await;
+                        return Err(TxnError::NotSettled);
+                    }
+                }
+            }
+        };
+        let closed_at = Instant::now();
+        let admitted = gate.admitted();
+        let err = match (unclosed, mode) {
+            (Some(e), _) => e,
+            (None, Mode::Lost) => TxnError::Lost,
+            (None, _) => match self.drain(&states, deadline, mode == Mode::Tick).await {
+                Err(e) => e,
+                Ok(()) => {
+                    let fence = if mode == Mode::Revoke {
+                        self.fence.take()
+                    } else {
+                        None
+                    };
+                    match self.txn.commit_idle(&states, &self.consumer, fence).await {
+                        Ok(done) => {
+                            for (s, o) in &done {
+                                self.refusals.committed(s.tp().partition, *o);
+                            }
+                            // A budget set after a slow window grows back while windows
+                            // drain well within the drain timeout.
+                            if let Some(b) = gate.budget() {
+                                if closed_at.elapsed() < self.drain_timeout / 4 {
+                                    gate.set_budget(b.checked_mul(2).filter(|b| *b < 1 << 24));
+                                }
+                            }
+                            gate.next_window();
+                            return Ok(done.len());
+                        }
+                        Err(e) => e,
+                    }
+                }
+            },
         };
         if !err.rewindable() {
             self.txn.abort().await;
             return Err(err);
         }
-        tracing::warn!(error = %err, "exactly-once: the transaction was aborted; every owned partition is processed again from its committed offset");
-        self.txn.abort_and_begin().await?;
+        if let TxnError::Kafka {
+            source: KafkaError::Transaction(e),
+            ..
+        } = &err
+        {
+            if e.is_fatal() {
+                // No abort is possible any more: a new producer takes over below.
+                tracing::warn!(error = %err, "exactly-once: the transactional producer failed fatally");
+            }
+        }
+        tracing::warn!(error = %err, "exactly-once: the window was aborted; every owned partition is processed again from its committed offset");
+        // Nothing of the window can commit now. What is still queued is purged; wait until
+        // everything it dispatched settled (delivered, failed or purged), so nothing of it
+        // can reach the next transaction, then begin that one.
+        if let Err(e) = self.txn.abort_only().await {
+            tracing::warn!(error = %e, "exactly-once: the transaction could not be aborted; a new transactional producer with the same id takes over (it fences the old one and completes what that left open)");
+            self.txn.renew().await?;
+        }
+        for s in &states {
+            s.cancel();
+        }
+        let settle_by = tokio::time::Instant::now() + self.txn.timeout.max(SETTLE_MARGIN);
+        for s in &states {
+            while !s.is_settled() {
+                if tokio::time::Instant::now() >= settle_by {
+                    return Err(TxnError::NotSettled);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        self.txn.begin()?;
+        if matches!(err, TxnError::NotDrained { .. } | TxnError::NotClosed) {
+            // Admit less per window until windows drain in time again.
+            let budget = (admitted / 4).max(crate::engine::DISPATCH_BATCH);
+            tracing::warn!(
+                budget,
+                "exactly-once: a window did not drain in time; windows now admit at most this many records"
+            );
+            gate.set_budget(Some(budget));
+        }
+        for s in &states {
+            if let Some(at) = s.failed_for_good_at() {
+                let stop = self.stops.entry(s.tp().clone()).or_insert(at);
+                *stop = (*stop).min(at);
+            }
+        }
+        gate.next_window();
         self.rewind(owned).await?;
         Ok(0)
     }
 
+    /// Wait until everything `states` dispatched is acknowledged, or a batch failed, or
+    /// `deadline`. `patient`: past the deadline, keep waiting while batches complete,
+    /// until the open transaction nears its timeout.
+    async fn drain(
+        &self,
+        states: &[Arc<PartitionState>],
+        deadline: tokio::time::Instant,
+        patient: bool,
+    ) -> Result<(), TxnError> {
+        // Half the transaction's timeout: the abort after a window given up must still
+        // reach the transaction coordinator before the broker aborts it on its own (a
+        // coordinator failover takes seconds).
+        let give_up = tokio::time::Instant::from_std(self.txn.began + self.txn.timeout / 2);
+        let done = |states: &[Arc<PartitionState>]| -> u64 {
+            states.iter().map(|s| s.metrics.delivered.get()).sum()
+        };
+        let (mut deadline, mut progress) = (deadline, done(states));
+        loop {
+            if let Some(s) = states.iter().find(|s| s.failed_batches() > 0) {
+                return Err(TxnError::Failed {
+                    topic: s.tp().topic.to_string(),
+                    partition: s.tp().partition,
+                });
+            }
+            let Some(busy) = states.iter().find(|s| !s.is_idle()) else {
+                return Ok(());
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                let p = done(states);
+                if !(patient && p > progress && now < give_up) {
+                    return Err(TxnError::NotDrained {
+                        topic: busy.tp().topic.to_string(),
+                        partition: busy.tp().partition,
+                    });
+                }
+                progress = p;
+                deadline = (now + Duration::from_secs(1)).min(give_up);
+            }
+            // Woken by the busy partition's progress, or within a millisecond for a
+            // failure elsewhere.
+            let _ = tokio::time::timeout(Duration::from_millis(1), busy.wait_idle(deadline)).await;
+        }
+    }
+
     /// After an abort with nothing in flight (the gate closed): replace every owned
-    /// partition's incarnation by a new one that reads again from the committed offset.
-    /// The old dispatchers (some wait at the gate with records they read) are stopped or
-    /// aborted, so what they held is never registered; the seek makes librdkafka discard
-    /// what it had fetched beyond.
-    async fn rewind(&mut self, owned: &mut Assignment) -> Result<(), TxnError> {
+    /// partition's incarnation by a new one that reads again from the committed offset
+    /// (from the log start where the group has none: a partition that never had one,
+    /// as one added to the topic). The old dispatchers (some wait at the gate with records
+    /// they read) are stopped or aborted, so what they held is never registered; the seek
+    /// makes librdkafka discard what it had fetched beyond.
+    pub async fn rewind(&mut self, owned: &mut Assignment) -> Result<(), TxnError> {
         let keys = owned.keys();
         if keys.is_empty() {
             return Ok(());
@@ -480,24 +726,12 @@ impl ExactlyOnce {
             self.txn.forget(tp);
         }
         let consumer = self.consumer.clone();
-        let earliest = self.start_from == StartFrom::Earliest;
         let parts = tokio::task::spawn_blocking(move || {
-            let mut tpl = TopicPartitionList::new();
-            for tp in &keys {
-                tpl.add_partition(&tp.topic, tp.partition);
-            }
-            let committed = consumer
-                .committed_offsets(tpl, Duration::from_secs(10))
-                .map_err(|e| format!("reading the committed offsets: {e}"))?;
+            let committed = crate::kafka::start_from::committed_offsets(&consumer, &keys)?;
             let mut parts = Vec::new();
-            for e in committed.elements() {
-                let tp = TopicPartition::new(e.topic(), e.partition());
-                let (t, p) = (e.topic(), e.partition());
-                let to = match e.offset() {
-                    Offset::Offset(o) if o >= 0 => Offset::Offset(o),
-                    _ if earliest => Offset::Beginning,
-                    _ => return Err(format!("{t}/{p} has no committed offset (startFrom: latest); a restart starts it anew")),
-                };
+            for (tp, offset) in committed {
+                let (t, p) = (&*tp.topic, tp.partition);
+                let to = offset.map_or(Offset::Beginning, Offset::Offset);
                 let mut last = String::new();
                 let mut sought = false;
                 for attempt in 0..10 {
@@ -526,37 +760,85 @@ impl ExactlyOnce {
         .await
         .map_err(|e| TxnError::Rewind(e.to_string()))?
         .map_err(TxnError::Rewind)?;
-        owned.assign(parts);
+        owned.assign_stopping(parts, &self.stops);
         Ok(())
     }
+}
+
+/// Why a window ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Its period passed.
+    Tick,
+    /// Partitions are revoked (or the worker stops).
+    Revoke,
+    /// The assignment was lost.
+    Lost,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Only a failed transactional call (nothing in flight any more) is rewound in place;
-    /// work still in flight, a stall, a lost assignment or any other client error stops
-    /// the worker, whose outputs of the aborted window could otherwise reach the next one.
+    /// A window that cannot commit is rewound in place, whatever failed in it (a producer
+    /// that can no longer abort is renewed first); only a rewind that cannot seek or an
+    /// aborted window whose work would not settle stops the worker.
     #[test]
-    fn only_a_failed_transactional_call_is_rewound_in_place() {
+    fn a_failed_window_is_rewound_in_place_and_only_a_failed_rewind_stops_the_worker() {
         let (topic, partition) = ("in".to_string(), 0);
         for e in [
             TxnError::NotDrained {
                 topic: topic.clone(),
                 partition,
             },
-            TxnError::Stalled { topic, partition },
+            TxnError::Failed {
+                topic: topic.clone(),
+                partition,
+            },
             TxnError::Lost,
+            TxnError::NotClosed,
+            TxnError::Hung {
+                step: "send_offsets_to_transaction",
+                limit: Duration::from_secs(25),
+            },
             TxnError::NoGroupMetadata,
-            TxnError::Rewind("seek failed".into()),
             TxnError::Kafka {
-                step: "init_transactions",
+                step: "commit_transaction",
                 source: KafkaError::Canceled,
             },
         ] {
+            assert!(e.rewindable(), "{e} ({})", e.label());
+        }
+        for e in [TxnError::Rewind("seek failed".into()), TxnError::NotSettled] {
             assert!(!e.rewindable(), "{e} ({})", e.label());
         }
+    }
+
+    /// Issue 19: `send_offsets_to_transaction` waited for its answer with no time limit
+    /// after a partition leader was killed, and the coordinator's loop with it, until the
+    /// liveness probe restarted the worker. A call that does not return is given up at
+    /// its limit (the window is then rewound, the producer renewed).
+    #[tokio::test]
+    async fn a_transactional_call_that_never_returns_is_given_up_at_its_limit() {
+        let (release, hung) = std::sync::mpsc::channel::<()>();
+        let call = blocking(
+            "send_offsets_to_transaction",
+            Duration::from_millis(100),
+            move || {
+                let _ = hung.recv();
+                Ok(())
+            },
+        );
+        let res = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the coordinator's wait on a transactional call is bounded");
+        match res {
+            Err(e @ TxnError::Hung { .. }) => assert!(e.rewindable(), "{e}"),
+            other => panic!("expected Hung, got {other:?}"),
+        }
+        drop(release);
+        let ok = blocking("commit_transaction", Duration::from_secs(10), || Ok(7)).await;
+        assert_eq!(ok.unwrap(), 7, "a call that returns in time is answered");
     }
 
     #[test]

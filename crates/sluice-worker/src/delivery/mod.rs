@@ -79,6 +79,14 @@ impl Delivery {
         }
     }
 
+    /// A revoke begins: the rebalance callback waits, the partitions are still this
+    /// member's (before they are released).
+    pub fn on_revoke_start(&mut self) {
+        if let Delivery::ExactlyOnce(d) = self {
+            d.on_revoke_start();
+        }
+    }
+
     /// The period ended: commit (at-least-once: start a commit; exactly-once: end the
     /// transaction window, rewinding the owned partitions if the commit was refused). An
     /// error stops the worker.
@@ -170,7 +178,7 @@ impl Ledger {
         parts
             .iter()
             .filter_map(|s| {
-                let wm = s.watermark()?;
+                let wm = s.commit_offset()?;
                 self.moves(s.tp(), s.epoch(), wm, force)
                     .then(|| (s.clone(), wm))
             })

@@ -10,7 +10,7 @@
 //! panic, a cancelled task, shutdown) therefore stalls instead of committing unfinished
 //! work.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,13 +18,18 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::engine::partition::PartitionState;
 
+const OK: u8 = 0;
+const RETRIED: u8 = 1;
+const FAILED: u8 = 2;
+
 /// One dispatched batch of records of one partition.
 #[derive(Debug)]
 pub struct BatchAck {
     partition: Arc<PartitionState>,
     first: i64,
     records: usize,
-    failed: AtomicBool,
+    /// [`OK`], [`RETRIED`] or [`FAILED`]: the worst any share reported.
+    failure: AtomicU8,
     dispatched_at: Instant,
     _bytes: Option<OwnedSemaphorePermit>,
 }
@@ -39,24 +44,32 @@ impl BatchAck {
         records: usize,
         bytes: Option<OwnedSemaphorePermit>,
     ) -> AckToken {
+        partition.batch_opened();
         AckToken(Some(Arc::new(BatchAck {
             partition,
             first,
             records,
-            failed: AtomicBool::new(false),
+            failure: AtomicU8::new(OK),
             dispatched_at: Instant::now(),
             _bytes: bytes,
         })))
     }
 }
 
+impl BatchAck {
+    /// A share failed for good: that wins over a retry.
+    fn fail_for_good(&self) {
+        self.failure.fetch_max(FAILED, Ordering::AcqRel);
+    }
+}
+
 impl Drop for BatchAck {
     fn drop(&mut self) {
-        if self.failed.load(Ordering::Acquire) {
-            self.partition.batch_failed(self.first);
-        } else {
-            self.partition
-                .batch_done(self.first, self.records, self.dispatched_at);
+        match self.failure.load(Ordering::Acquire) {
+            OK => self
+                .partition
+                .batch_done(self.first, self.records, self.dispatched_at),
+            f => self.partition.batch_failed(self.first, f == RETRIED),
         }
     }
 }
@@ -76,7 +89,16 @@ impl AckToken {
     /// This share of the work cannot be completed: the batch must not be committed.
     pub fn fail(mut self) {
         if let Some(b) = self.0.take() {
-            b.failed.store(true, Ordering::Release);
+            b.fail_for_good();
+        }
+    }
+
+    /// This share of the work failed in a way the delivery retries as a whole (an
+    /// exactly-once window that is aborted and rewound): the batch is not completed, but
+    /// its partition does not stall, unless another share failed for good.
+    pub fn abort(mut self) {
+        if let Some(b) = self.0.take() {
+            b.failure.fetch_max(RETRIED, Ordering::AcqRel);
         }
     }
 
@@ -95,7 +117,7 @@ impl Clone for AckToken {
 impl Drop for AckToken {
     fn drop(&mut self) {
         if let Some(b) = self.0.take() {
-            b.failed.store(true, Ordering::Release);
+            b.fail_for_good();
         }
     }
 }

@@ -54,8 +54,10 @@ impl PartitionDispatch {
         }
     }
 
-    /// Register and hand over each batch inside `gate`, so a delivery window (an
-    /// exactly-once transaction) ends with nothing half-dispatched.
+    /// Register each batch inside `gate`, so a delivery window (an exactly-once
+    /// transaction) ends with nothing half-registered; the hand-over to the lanes is
+    /// outside it (what is registered, the window's end waits for anyway), and a batch
+    /// still waiting for room in a lane when the window is aborted is given up.
     pub fn with_gate(mut self, gate: Option<Arc<WindowGate>>) -> Self {
         self.gate = gate;
         self
@@ -108,40 +110,65 @@ impl PartitionDispatch {
         mut records: Vec<Record>,
         permit: OwnedSemaphorePermit,
     ) {
-        let gate = self.gate.clone();
-        let _window = match &gate {
-            Some(g) => Some(g.enter().await),
-            None => None,
-        };
-        // A rewind (librdkafka fetching again from an earlier offset, e.g. after an offset
-        // reset) redelivers records this incarnation already registered: they are in
-        // flight or done, so they are dropped here instead of stalling the tracker.
-        if let Some(seen) = self.state.last_registered() {
-            if records.first().is_some_and(|r| r.offset <= seen) {
-                let before = records.len();
-                records.retain(|r| r.offset > seen);
-                self.redelivered += (before - records.len()) as u64;
-                if let Some(n) = self.rewind_log.tick() {
-                    tracing::warn!(topic = %self.state.tp().topic, partition = self.state.tp().partition,
-                        last_registered = seen, dropped = before - records.len(), events = n,
-                        "records redelivered below what this partition already received; dropped (they are in flight or done)");
+        // Registered inside the window's gate, handed over outside it. The window's end
+        // waits for the gate (`WindowGate::close`) and then for everything registered to
+        // complete; a dispatcher that stayed inside while it waited for room in a full lane
+        // held the window's end until that lane moved, and a lane may wait on what only
+        // the window's end does (e.g. the abort that frees the producer): a deadlock.
+        let (records, token, n) = {
+            let gate = self.gate.clone();
+            let _window = match &gate {
+                Some(g) => Some(g.enter(records.len()).await),
+                None => None,
+            };
+            // The window was aborted (the incarnation is cancelled): nothing more is
+            // registered; the rewound incarnation reads these records again.
+            if self.state.is_cancelled() {
+                return;
+            }
+            // A rewind (librdkafka fetching again from an earlier offset, e.g. after an offset
+            // reset) redelivers records this incarnation already registered: they are in
+            // flight or done, so they are dropped here instead of stalling the tracker.
+            if let Some(seen) = self.state.last_registered() {
+                if records.first().is_some_and(|r| r.offset <= seen) {
+                    let before = records.len();
+                    records.retain(|r| r.offset > seen);
+                    self.redelivered += (before - records.len()) as u64;
+                    if let Some(n) = self.rewind_log.tick() {
+                        tracing::warn!(topic = %self.state.tp().topic, partition = self.state.tp().partition,
+                            last_registered = seen, dropped = before - records.len(), events = n,
+                            "records redelivered below what this partition already received; dropped (they are in flight or done)");
+                    }
                 }
             }
-        }
-        let (Some(first), Some(last)) = (records.first(), records.last()) else {
-            return;
+            // Never past where an earlier incarnation stopped for good (exactly-once without
+            // a dead-letter path: the partition stops at the record, as at-least-once does).
+            if let Some(stop) = self.state.stop_offset() {
+                if records.last().is_some_and(|r| r.offset >= stop) {
+                    records.retain(|r| r.offset < stop);
+                    if !self.state.is_stalled() {
+                        self.state.stall(&format!(
+                            "a record at or after offset {stop} failed for good before and has no dead-letter path"
+                        ));
+                    }
+                }
+            }
+            let (Some(first), Some(last)) = (records.first(), records.last()) else {
+                return;
+            };
+            let (first, last, n) = (first.offset, last.offset, records.len());
+            if let Err(e) = self.state.register(first, last) {
+                // Never dispatch what the tracker cannot account for.
+                self.state.stall(&e.to_string());
+                return;
+            }
+            let token = BatchAck::open(self.state.clone(), first, n, Some(permit));
+            self.state.enqueued(n);
+            (records, token, n)
         };
-        let (first, last, n) = (first.offset, last.offset, records.len());
-        if let Err(e) = self.state.register(first, last) {
-            // Never dispatch what the tracker cannot account for.
-            self.state.stall(&e.to_string());
-            return;
-        }
-        let token = BatchAck::open(self.state.clone(), first, n, Some(permit));
-        self.state.enqueued(n);
         match self.ordering {
             Ordering::Partition => {
-                let _ = self.workers[0].send(WorkItem { records, token }).await;
+                self.send(0, WorkItem { records, token }).await;
             }
             Ordering::Unordered => {
                 // The lane with the most free slots; ties go round-robin.
@@ -157,12 +184,12 @@ impl PartitionDispatch {
                         )
                     })
                     .unwrap_or(0);
-                let _ = self.workers[idx].send(WorkItem { records, token }).await;
+                self.send(idx, WorkItem { records, token }).await;
             }
             Ordering::Key => {
                 let w = self.workers.len();
                 if w == 1 {
-                    let _ = self.workers[0].send(WorkItem { records, token }).await;
+                    self.send(0, WorkItem { records, token }).await;
                     return;
                 }
                 // Room for a fair share and then some: growing these vectors record by
@@ -175,12 +202,11 @@ impl PartitionDispatch {
                 }
                 for (i, part) in split.into_iter().enumerate() {
                     if !part.is_empty() {
-                        let _ = self.workers[i]
-                            .send(WorkItem {
-                                records: part,
-                                token: token.clone(),
-                            })
-                            .await;
+                        let item = WorkItem {
+                            records: part,
+                            token: token.clone(),
+                        };
+                        self.send(i, item).await;
                     }
                 }
                 token.ack();
@@ -188,6 +214,33 @@ impl PartitionDispatch {
         }
         // A send that failed (the worker is gone) dropped its token unacked: the batch
         // can never complete, so its offsets are never committed.
+    }
+
+    /// Hand `item` to worker lane `lane`, waiting while its channel is full; meanwhile the
+    /// partition counts as held back by its sinks, not stuck in fetch (liveness).
+    async fn send(&self, lane: usize, item: WorkItem) {
+        let tx = &self.workers[lane];
+        let item = match tx.try_send(item) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(item)) => item,
+        };
+        self.state.blocked_downstream(true);
+        tokio::select! {
+            biased;
+            // The window was aborted while this waited: the batch is given up (the rewound
+            // incarnation reads it again), so the abort's settling never waits on this lane.
+            _ = self.state.cancelled() => {
+                self.state.dequeued(item.records.len());
+                item.token.abort();
+            }
+            slot = tx.reserve() => match slot {
+                Ok(slot) => slot.send(item),
+                // The worker is gone: the token is dropped unacked (see above).
+                Err(_) => drop(item),
+            },
+        }
+        self.state.blocked_downstream(false);
     }
 }
 
@@ -262,6 +315,93 @@ mod tests {
         lane.dispatch((0..3).map(record).collect()).await;
         assert!(rx.try_recv().is_err());
         assert!(!st.is_stalled());
+    }
+
+    /// Waits (with a deadline) until `st` registered up to `offset`.
+    async fn registered(st: &PartitionState, offset: i64) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while st.last_registered() != Some(offset) {
+            assert!(tokio::time::Instant::now() < deadline, "not registered");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Issue 19: a dispatcher waiting for room in a full lane does not hold the window's
+    /// end. It used to wait inside the gate, so `WindowGate::close` waited for the lane,
+    /// and a lane whose work waits on the window's end (its abort, its commit) never
+    /// moved: the coordinator and the data path waited on each other.
+    #[tokio::test]
+    async fn the_window_closes_while_a_dispatcher_waits_for_room_in_a_full_lane() {
+        let st = state(Arc::new(NoControl));
+        let gate = Arc::new(WindowGate::default());
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut lane = PartitionDispatch::new(
+            st.clone(),
+            vec![tx],
+            Ordering::Partition,
+            ByteBudget::new(1 << 20),
+        )
+        .with_gate(Some(gate.clone()));
+        lane.dispatch((0..10).map(record).collect()).await;
+        let dispatcher = tokio::spawn(async move {
+            lane.dispatch((10..20).map(record).collect()).await;
+        });
+        registered(&st, 19).await;
+        // The lane's worker takes nothing until the window ended.
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), gate.close())
+            .await
+            .expect("the window's end is not held by a dispatcher waiting for a full lane");
+        for _ in 0..2 {
+            rx.recv().await.unwrap().token.ack();
+        }
+        gate.next_window();
+        drop(closed);
+        dispatcher.await.unwrap();
+        assert_eq!(st.watermark(), Some(20));
+        assert!(st.is_idle());
+    }
+
+    /// Issue 19: when the window is aborted (the incarnation cancelled), a batch still
+    /// waiting for room in a full lane is given up as aborted (not failed for good, so the
+    /// rewound partition does not stop there), and nothing more is registered; the abort's
+    /// settling does not wait on the lane.
+    #[tokio::test]
+    async fn a_batch_waiting_for_a_full_lane_is_given_up_when_the_window_is_aborted() {
+        let st = state(Arc::new(NoControl));
+        let gate = Arc::new(WindowGate::default());
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut lane = PartitionDispatch::new(
+            st.clone(),
+            vec![tx],
+            Ordering::Partition,
+            ByteBudget::new(1 << 20),
+        )
+        .with_gate(Some(gate));
+        lane.dispatch((0..10).map(record).collect()).await;
+        let dispatcher = tokio::spawn(async move {
+            lane.dispatch((10..20).map(record).collect()).await;
+            lane
+        });
+        registered(&st, 19).await;
+        st.cancel();
+        let mut lane = tokio::time::timeout(std::time::Duration::from_secs(5), dispatcher)
+            .await
+            .expect("a cancelled dispatch does not wait for the lane")
+            .unwrap();
+        // The lane's worker settles what it holds of the cancelled incarnation.
+        rx.recv().await.unwrap().token.abort();
+        assert!(
+            rx.try_recv().is_err(),
+            "the given-up batch never reached the lane"
+        );
+        assert!(st.is_settled());
+        assert_eq!(st.failed_for_good_at(), None);
+        lane.dispatch((20..30).map(record).collect()).await;
+        assert_eq!(
+            st.last_registered(),
+            Some(19),
+            "nothing registered once cancelled"
+        );
     }
 
     /// W1: once an incarnation is retired, nothing it does pauses or resumes the

@@ -425,6 +425,49 @@ mod tests {
         e.close().await;
     }
 
+    struct PanicOn(i32, i64);
+    impl Processor for PanicOn {
+        fn name(&self) -> &'static str {
+            "panic-on"
+        }
+        fn process(&self, r: &Record, out: &mut Vec<Output>) -> Result<(), ProcessError> {
+            out.push(Output {
+                key: None,
+                value: Some(Bytes::from_static(b"half-made")),
+                headers: Vec::new(),
+            });
+            if (r.partition, r.offset) == (self.0, self.1) {
+                panic!("poison at {}", r.offset);
+            }
+            out.clear();
+            crate::processor::Passthrough.process(r, out)
+        }
+    }
+
+    /// N14: a processor that panics fails its record (class `panic`, dead-lettered), and
+    /// its lane goes on: the partition reaches the end.
+    #[tokio::test]
+    async fn a_processor_panic_dead_letters_its_record_and_the_lane_lives_on() {
+        let (e, sinks) = run_with(Ordering::Partition, Arc::new(PanicOn(0, 420)), None, true).await;
+        assert!(e.wait_idle(Duration::from_secs(10)).await);
+        for p in 0..2 {
+            assert!(!e.partition(p).is_stalled(), "partition {p} stalled");
+            assert_eq!(e.partition(p).watermark(), Some(1000));
+        }
+        let letters = e.dead_letters.parked();
+        assert_eq!(letters.len(), 1);
+        let l = &letters[0];
+        assert_eq!((l.origin.partition, l.origin.offset), (0, 420));
+        assert_eq!((l.stage.as_str(), l.class), ("panic-on", "panic"));
+        assert!(l.message.contains("poison at 420"), "{}", l.message);
+        for s in &sinks {
+            let seen = s.seen.lock().unwrap();
+            assert_eq!(seen.len(), 1999);
+            assert!(seen.iter().all(|(_, v)| &v[..] != b"half-made"));
+        }
+        e.close().await;
+    }
+
     #[tokio::test]
     async fn with_a_dead_letter_path_a_processor_failure_is_parked_and_the_partition_moves_on() {
         let (e, sinks) = run_with(Ordering::Key, Arc::new(FailOn(0, 420)), None, true).await;

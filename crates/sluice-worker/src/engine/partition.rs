@@ -104,6 +104,33 @@ pub struct PartitionState {
     /// Records waiting for this incarnation (from statistics: fetched and unread, or on
     /// the broker beyond the fetch position); -1 while unknown.
     fetch_behind: AtomicI64,
+    /// The dispatcher waits to hand a batch to a full worker lane: the sinks hold the
+    /// partition back (a slow sink, a database outage), on purpose, not a wedge.
+    downstream: AtomicBool,
+    /// The consumer's fetch position from statistics (past any transaction marker or
+    /// aborted record it skipped); -1 while unknown.
+    fetch_position: AtomicI64,
+    /// What the dispatcher saw when its queue was empty: the end of what it had
+    /// registered (the last registered offset + 1, if any) and librdkafka's application
+    /// position then (past the markers and aborted records it served without handing
+    /// them over); see [`PartitionState::commit_offset`].
+    handed_over: Mutex<Option<(Option<i64>, i64)>>,
+    /// Batches dispatched and neither completed nor failed yet.
+    open_batches: AtomicUsize,
+    /// Batches of this incarnation that failed (stalled, or aborted for a retry).
+    failed_batches: AtomicUsize,
+    /// The lowest first offset of a batch that failed for good (a record without a
+    /// dead-letter path): where the partition stops. `i64::MAX`: none.
+    failed_for_good_at: AtomicI64,
+    /// Records at or past this offset are never dispatched (exactly-once: where an earlier
+    /// incarnation stopped for good). `i64::MAX`: none.
+    stop_at: AtomicI64,
+    /// Its work is abandoned (an aborted exactly-once window): the lanes settle what is
+    /// queued for it without processing it.
+    cancelled: AtomicBool,
+    /// Woken when the incarnation is cancelled (a dispatcher waiting for room in a full
+    /// lane gives its batch up).
+    on_cancel: Notify,
 }
 
 impl std::fmt::Debug for PartitionState {
@@ -140,6 +167,15 @@ impl PartitionState {
             retired: AtomicBool::new(false),
             last_progress_ms: AtomicU64::new(crate::clock::clock_ms()),
             fetch_behind: AtomicI64::new(-1),
+            downstream: AtomicBool::new(false),
+            fetch_position: AtomicI64::new(-1),
+            handed_over: Mutex::new(None),
+            open_batches: AtomicUsize::new(0),
+            failed_batches: AtomicUsize::new(0),
+            failed_for_good_at: AtomicI64::new(i64::MAX),
+            stop_at: AtomicI64::new(i64::MAX),
+            cancelled: AtomicBool::new(false),
+            on_cancel: Notify::new(),
         })
     }
 
@@ -183,12 +219,115 @@ impl PartitionState {
     }
 
     /// How long (ms) this partition has had records to fetch while not held and received
-    /// none; 0 when it is held on purpose, has nothing to fetch, or is unknown.
+    /// none; 0 when it is held on purpose (paused, or blocked by its sinks), has nothing
+    /// to fetch, or is unknown.
     pub fn fetch_stalled_ms(&self, now_ms: u64) -> u64 {
-        if self.fetch_behind.load(Ordering::Relaxed) <= 0 || self.is_paused() {
+        if self.fetch_behind.load(Ordering::Relaxed) <= 0
+            || self.downstream.load(Ordering::Relaxed)
+            || self.is_paused()
+        {
             return 0;
         }
         now_ms.saturating_sub(self.last_progress_ms.load(Ordering::Relaxed))
+    }
+
+    /// The dispatcher starts (`true`) or stops waiting for room in a full worker lane.
+    pub fn blocked_downstream(&self, on: bool) {
+        self.downstream.store(on, Ordering::Relaxed);
+        if !on {
+            // Held until now: the no-progress clock starts again.
+            self.fetched();
+        }
+    }
+
+    /// Statistics report the consumer's fetch position (-1: unknown).
+    pub fn set_fetch_position(&self, next: i64) {
+        self.fetch_position.store(next, Ordering::Relaxed);
+    }
+
+    /// The consumer's fetch position from the last statistics, if known.
+    pub fn fetch_position(&self) -> Option<i64> {
+        let p = self.fetch_position.load(Ordering::Relaxed);
+        (p >= 0).then_some(p)
+    }
+
+    /// The dispatcher found its queue empty with everything it received registered, and
+    /// librdkafka's application position at `app`: every record below `app` was handed
+    /// over and registered, or was never handed over (a marker, an aborted record).
+    pub fn handed_over(&self, app: i64) {
+        let registered_end = self.last_registered().map(|l| l + 1);
+        *self.handed_over.lock().expect("handed-over lock") = Some((registered_end, app));
+    }
+
+    /// The application position of the last [`PartitionState::handed_over`].
+    pub fn handed_over_position(&self) -> Option<i64> {
+        self.handed_over
+            .lock()
+            .expect("handed-over lock")
+            .map(|(_, app)| app)
+    }
+
+    /// The offset to commit, if anything completed: the watermark, or past it the
+    /// application position the dispatcher last saw with its queue empty, once everything
+    /// registered by then is done. The records between the two were never handed over
+    /// (transaction markers, records of aborted transactions), so committing past them
+    /// leaves no lag behind a drained transactional input.
+    pub fn commit_offset(&self) -> Option<i64> {
+        let wm = self.watermark()?;
+        let handed = *self.handed_over.lock().expect("handed-over lock");
+        Some(past_control_records(wm, handed))
+    }
+
+    /// Everything dispatched is completed or failed (nothing will settle any more).
+    pub fn is_settled(&self) -> bool {
+        self.open_batches.load(Ordering::Acquire) == 0
+    }
+
+    /// How many batches of this incarnation failed.
+    pub fn failed_batches(&self) -> usize {
+        self.failed_batches.load(Ordering::Acquire)
+    }
+
+    /// Where a batch failed for good (the first offset of the lowest such batch).
+    pub fn failed_for_good_at(&self) -> Option<i64> {
+        let at = self.failed_for_good_at.load(Ordering::Acquire);
+        (at != i64::MAX).then_some(at)
+    }
+
+    /// Never dispatch records at or past `offset` (see [`PartitionState::stop_offset`]).
+    pub fn stop_at(&self, offset: i64) {
+        self.stop_at.fetch_min(offset, Ordering::AcqRel);
+    }
+
+    /// Abandon this incarnation's queued work: it is settled as aborted, not processed
+    /// (an exactly-once window was aborted; a new incarnation does it again).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.on_cancel.notify_waiters();
+    }
+
+    /// Resolves once the incarnation is [`PartitionState::cancel`]led.
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.on_cancel.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// True once [`PartitionState::cancel`]led.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Records at or past this offset are not dispatched.
+    pub fn stop_offset(&self) -> Option<i64> {
+        let at = self.stop_at.load(Ordering::Acquire);
+        (at != i64::MAX).then_some(at)
     }
 
     /// Tell the consumer again whether this partition is paused (after librdkafka applied
@@ -218,6 +357,10 @@ impl PartitionState {
             .register(first, last)
     }
 
+    pub(crate) fn batch_opened(&self) {
+        self.open_batches.fetch_add(1, Ordering::AcqRel);
+    }
+
     pub(crate) fn batch_done(&self, first: i64, records: usize, dispatched_at: Instant) {
         let res = self.tracker.lock().expect("tracker lock").complete(first);
         if let Err(e) = res {
@@ -227,17 +370,26 @@ impl PartitionState {
         self.metrics.delivered.inc_by(records as u64);
         self.processing_latency
             .observe(dispatched_at.elapsed().as_secs_f64());
+        self.open_batches.fetch_sub(1, Ordering::AcqRel);
         self.changed.notify_waiters();
     }
 
-    pub(crate) fn batch_failed(&self, first: i64) {
-        // A retired incarnation's dispatch cut short by the revoke: redelivered to the
-        // next owner, nothing to report.
-        if !self.stalled.load(Ordering::Relaxed) && !self.is_retired() {
-            tracing::error!(topic = %self.tp().topic, partition = self.tp().partition, offset = first,
-                "a batch could not be completed; the partition stops advancing at or before this offset (no record is skipped)");
+    /// A batch failed. For good (`retried` false): the partition stalls at or before
+    /// `first`. Aborted for a retry (`retried`: exactly-once rewinds the whole window):
+    /// only counted.
+    pub(crate) fn batch_failed(&self, first: i64, retried: bool) {
+        self.failed_batches.fetch_add(1, Ordering::AcqRel);
+        if !retried {
+            self.failed_for_good_at.fetch_min(first, Ordering::AcqRel);
+            // A retired incarnation's dispatch cut short by the revoke: redelivered to
+            // the next owner, nothing to report.
+            if !self.stalled.load(Ordering::Relaxed) && !self.is_retired() {
+                tracing::error!(topic = %self.tp().topic, partition = self.tp().partition, offset = first,
+                    "a batch could not be completed; the partition stops advancing at or before this offset (no record is skipped)");
+            }
+            self.set_stalled();
         }
-        self.set_stalled();
+        self.open_batches.fetch_sub(1, Ordering::AcqRel);
         self.changed.notify_waiters();
     }
 
@@ -341,6 +493,17 @@ impl PartitionState {
     }
 }
 
+/// The offset to commit for watermark `wm`, given what the dispatcher last saw with its
+/// queue empty (`(end of what it had registered, application position)`): past `wm` to
+/// the application position once everything registered by then is done, so nothing
+/// between `wm` and that position was ever handed over. Pure.
+pub fn past_control_records(wm: i64, handed_over: Option<(Option<i64>, i64)>) -> i64 {
+    match handed_over {
+        Some((Some(registered_end), app)) if wm >= registered_end && app > wm => app,
+        _ => wm,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,6 +517,66 @@ mod tests {
             m.partition("t", 0),
             m.processing_latency.clone(),
         )
+    }
+
+    /// N10: a drained transactional input ends in a commit marker the consumer never
+    /// hands over; the commit goes past it only when everything handed over is done.
+    #[test]
+    fn the_commit_goes_past_records_never_handed_over_only_once_all_is_done() {
+        let table = [
+            (100, None, 100, "the queue was never seen empty"),
+            (
+                100,
+                Some((Some(100), 101)),
+                101,
+                "drained: past the trailing marker",
+            ),
+            (
+                100,
+                Some((Some(100), 111)),
+                111,
+                "past an aborted transaction and its marker",
+            ),
+            (
+                90,
+                Some((Some(100), 101)),
+                90,
+                "records registered are in flight",
+            ),
+            (
+                105,
+                Some((Some(100), 101)),
+                105,
+                "done beyond the snapshot already",
+            ),
+            (
+                100,
+                Some((None, 101)),
+                100,
+                "nothing registered by then: unknown",
+            ),
+            (100, Some((Some(100), 100)), 100, "nothing skipped"),
+        ];
+        for (wm, positions, want, why) in table {
+            assert_eq!(past_control_records(wm, positions), want, "{why}");
+        }
+    }
+
+    /// N6: a dispatcher waiting for room in a full lane (a sink holds the partition back)
+    /// is not a fetch wedge.
+    #[test]
+    fn a_partition_held_back_by_its_sinks_is_not_stuck_in_fetch() {
+        let st = state();
+        let later = crate::clock::clock_ms() + 600_000;
+        st.set_fetch_behind(100);
+        assert!(st.fetch_stalled_ms(later) > 0);
+        st.blocked_downstream(true);
+        assert_eq!(st.fetch_stalled_ms(later), 0, "blocked by the sinks");
+        st.blocked_downstream(false);
+        assert!(
+            st.fetch_stalled_ms(crate::clock::clock_ms()) < 1_000,
+            "the clock restarts"
+        );
     }
 
     /// The fetch-progress liveness rule counts only a partition that has records to fetch

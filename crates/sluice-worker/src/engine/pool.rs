@@ -10,8 +10,9 @@ use crate::deadletter::{DeadLetters, Letter};
 use crate::engine::batcher::Piece;
 use crate::engine::lanes::WorkItem;
 use crate::engine::partition::PartitionState;
+use crate::processor::ProcessError;
 use crate::processor::Processor;
-use crate::record::{Origin, Output};
+use crate::record::{Origin, Output, Record};
 
 /// Spawn `lanes` workers for `state`. Each returns when its channel closes.
 pub fn spawn_workers(
@@ -50,11 +51,15 @@ async fn run_worker(
     let mut scratch: Vec<Output> = Vec::new();
     while let Some(WorkItem { records, token }) = rx.recv().await {
         state.dequeued(records.len());
+        if state.is_cancelled() {
+            token.abort();
+            continue;
+        }
         let mut outputs: Vec<(Output, Origin)> = Vec::with_capacity(records.len());
         let mut letters: Vec<Letter> = Vec::new();
         for r in &records {
             scratch.clear();
-            match processor.process(r, &mut scratch) {
+            match process(processor.as_ref(), r, &mut scratch) {
                 Ok(()) => {
                     // One origin per record, moved into its last output (most records
                     // have exactly one), cloned only for the others.
@@ -114,5 +119,31 @@ async fn run_worker(
                 .await;
         }
         token.ack();
+    }
+}
+
+/// Run the processor over one record. A panic in it is the record's failure (class
+/// `panic`, dead-lettered like any processor error), not the end of the lane: a lane that
+/// died would stall its partition for good, and under exactly-once stop the worker at
+/// every attempt.
+fn process(
+    processor: &dyn Processor,
+    r: &Record,
+    out: &mut Vec<Output>,
+) -> Result<(), ProcessError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| processor.process(r, out))) {
+        Ok(res) => res,
+        Err(payload) => {
+            out.clear();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "the processor panicked".into());
+            Err(ProcessError {
+                class: "panic",
+                message: format!("the processor panicked: {message}"),
+            })
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! split-off queue); a release stops the dispatchers and retires the states, so nothing
 //! of an old incarnation reaches the consumer once a new one may exist.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
@@ -20,7 +21,7 @@ use crate::engine::pool::spawn_workers;
 use crate::engine::registry::{Entry, Registry};
 use crate::kafka::consumer::{SluiceConsumer, SluiceContext};
 use crate::kafka::dispatcher::run_kafka_dispatcher;
-use crate::kafka::start_from::start_at_end_if_uncommitted;
+use crate::kafka::start_from::start_latest;
 use crate::ops::health::Health;
 use crate::ops::metrics::Metrics;
 use crate::processor::Processor;
@@ -110,6 +111,26 @@ impl Assignment {
 
     /// Start a new incarnation of each of `parts`.
     pub fn assign(&mut self, parts: Vec<(TopicPartition, PartitionQueue)>) {
+        self.assign_stopping(parts, &HashMap::new());
+    }
+
+    /// [`Assignment::assign`], each partition in `stops` never dispatched at or past its
+    /// offset there (see [`PartitionState::stop_at`]).
+    pub fn assign_stopping(
+        &mut self,
+        parts: Vec<(TopicPartition, PartitionQueue)>,
+        stops: &HashMap<TopicPartition, i64>,
+    ) {
+        // startFrom: latest is decided once for the whole assignment, before any of its
+        // partitions is read (the first dispatcher to get there does it).
+        let latest = (self.config.source.start_from == StartFrom::Latest).then(|| {
+            let parts: Vec<_> = parts.iter().map(|(tp, _)| tp.clone()).collect();
+            (
+                Arc::downgrade(&self.consumer),
+                Arc::new(parts),
+                Arc::new(tokio::sync::OnceCell::new()),
+            )
+        });
         for (tp, queue) in parts {
             if self.registry.contains(&tp) {
                 tracing::warn!(topic = %tp.topic, partition = tp.partition, "assigned a partition this worker already owns");
@@ -125,6 +146,9 @@ impl Assignment {
                 pm,
                 self.metrics.processing_latency.clone(),
             );
+            if let Some(&at) = stops.get(&tp) {
+                state.stop_at(at);
+            }
             let (lanes, slots) = lane_geometry(w);
             let (txs, _workers) = spawn_workers(
                 &state,
@@ -141,14 +165,16 @@ impl Assignment {
                 PartitionDispatch::new(state.clone(), txs, w.ordering, self.budget.clone())
                     .with_gate(self.gate.clone());
             let (stop, stop_rx) = watch::channel(false);
-            let latest = (self.config.source.start_from == StartFrom::Latest)
-                .then(|| Arc::downgrade(&self.consumer));
-            let start = tp.clone();
+            let latest = latest.clone();
+            let (weak, at) = (Arc::downgrade(&self.consumer), tp.clone());
+            let position = move || application_position(&weak, &at);
             let dispatcher = tokio::spawn(tracing::Instrument::in_current_span(async move {
-                if let Some(consumer) = latest {
-                    start_at_end_if_uncommitted(consumer, start).await;
+                if let Some((consumer, parts, decided)) = latest {
+                    decided
+                        .get_or_init(|| start_latest(consumer, parts.to_vec()))
+                        .await;
                 }
-                run_kafka_dispatcher(queue, dispatch, stop_rx).await
+                run_kafka_dispatcher(queue, dispatch, stop_rx, position).await
             }));
             self.registry.insert(Entry {
                 state,
@@ -211,5 +237,20 @@ impl Assignment {
             .assigned_partitions
             .set(self.registry.len() as i64);
         states
+    }
+}
+
+/// librdkafka's application position of `tp` (past the last record handed over, and past
+/// the markers and aborted records it served since), if known.
+fn application_position(
+    consumer: &std::sync::Weak<SluiceConsumer>,
+    tp: &TopicPartition,
+) -> Option<i64> {
+    use rdkafka::consumer::Consumer;
+    let c = consumer.upgrade()?;
+    let positions = c.position().ok()?;
+    match positions.find_partition(&tp.topic, tp.partition)?.offset() {
+        rdkafka::Offset::Offset(o) if o >= 0 => Some(o),
+        _ => None,
     }
 }

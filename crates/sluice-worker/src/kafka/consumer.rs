@@ -77,6 +77,9 @@ pub struct SluiceContext {
     owned: Registry,
     fatal: std::sync::atomic::AtomicBool,
     health: Arc<Health>,
+    /// `isolation.level=read_committed` (librdkafka's default): what can be fetched ends
+    /// at the last stable offset, not the high watermark.
+    read_committed: bool,
 }
 
 impl SluiceContext {
@@ -88,6 +91,7 @@ impl SluiceContext {
         metrics: Metrics,
         health: Arc<Health>,
         owned: Registry,
+        read_committed: bool,
     ) -> Self {
         SluiceContext {
             consumer: OnceLock::new(),
@@ -97,6 +101,7 @@ impl SluiceContext {
             owned,
             fatal: Default::default(),
             health,
+            read_committed,
         }
     }
 
@@ -116,8 +121,7 @@ impl ClientContext for SluiceContext {
     fn stats(&self, stats: Statistics) {
         self.health.stats_seen();
         if let Some(cg) = &stats.cgrp {
-            // Joined: the coordinator is known and the group is not rebalancing.
-            if cg.state == "up" && cg.join_state == "steady" {
+            if group_joined(&cg.state) {
                 self.health.joined();
             }
         }
@@ -130,25 +134,10 @@ impl ClientContext for SluiceContext {
                     let m = &st.metrics;
                     if s.hi_offset >= 0 {
                         m.high_watermark.set(s.hi_offset);
-                        // Nothing committed yet: measure from the log start, not from 0.
-                        let base = if s.committed_offset >= 0 {
-                            s.committed_offset
-                        } else {
-                            s.lo_offset.max(0)
-                        };
-                        m.lag.set((s.hi_offset - base).max(0));
-                        // Work waiting for this incarnation: records fetched and not yet
-                        // read (its queue), else records on the broker beyond the fetch
-                        // position. (Not hi - app_offset: a transaction marker at the end
-                        // of the log is never delivered, so that would never reach 0.)
-                        let waiting = if s.fetchq_cnt > 0 {
-                            s.fetchq_cnt
-                        } else if s.next_offset >= 0 {
-                            (s.hi_offset - s.next_offset).max(0)
-                        } else {
-                            (s.hi_offset - base).max(0)
-                        };
-                        st.set_fetch_behind(waiting);
+                        let f = fetch_view(s, self.read_committed);
+                        m.lag.set(f.lag);
+                        st.set_fetch_behind(f.waiting);
+                        st.set_fetch_position(s.next_offset);
                     }
                 }
             }
@@ -179,6 +168,55 @@ impl ClientContext for SluiceContext {
             tracing::warn!(error = %error, %reason, "consumer error");
         }
     }
+}
+
+/// Statistics show the consumer joined: its group coordinator is known and it is a member
+/// (`up`), rebalancing or not. A member that only loses partitions during a long series
+/// of rebalances is still joined; an expired session or an absent coordinator is not.
+pub fn group_joined(cgrp_state: &str) -> bool {
+    cgrp_state == "up"
+}
+
+/// What one partition's statistics say about its progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchView {
+    /// Records readable beyond the committed offset (from the log start when nothing is
+    /// committed).
+    pub lag: i64,
+    /// Records this incarnation could fetch and has not received: fetched and unread
+    /// (its queue), else readable on the broker beyond the fetch position; 0 while the
+    /// partition has no leader or its fetcher is not active (a restart cannot help).
+    pub waiting: i64,
+}
+
+/// The progress view of partition statistics `s`. Readable ends at the last stable offset
+/// for `read_committed` (an open upstream transaction holds it back: nothing to fetch
+/// until it ends), at the high watermark otherwise. Pure.
+pub fn fetch_view(s: &rdkafka::statistics::Partition, read_committed: bool) -> FetchView {
+    let end = if read_committed && s.ls_offset >= 0 {
+        s.ls_offset
+    } else {
+        s.hi_offset
+    };
+    // Nothing committed yet: measure from the log start, not from 0.
+    let base = if s.committed_offset >= 0 {
+        s.committed_offset
+    } else {
+        s.lo_offset.max(0)
+    };
+    let lag = (end - base).max(0);
+    // Not end - app_offset: a transaction marker at the end of the log is never handed
+    // over, so that would never reach 0.
+    let waiting = if s.leader < 0 || s.fetch_state != "active" {
+        0
+    } else if s.fetchq_cnt > 0 {
+        s.fetchq_cnt
+    } else if s.next_offset >= 0 {
+        (end - s.next_offset).max(0)
+    } else {
+        lag
+    };
+    FetchView { lag, waiting }
 }
 
 /// Whether librdkafka's OFFSET line reports a position reset because the offset was out of
@@ -371,6 +409,70 @@ pub fn spawn_main_queue_thread(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn stats(
+        f: impl FnOnce(&mut rdkafka::statistics::Partition),
+    ) -> rdkafka::statistics::Partition {
+        let mut s = rdkafka::statistics::Partition {
+            leader: 1,
+            fetch_state: "active".into(),
+            committed_offset: 100,
+            lo_offset: 0,
+            hi_offset: 200,
+            ls_offset: 200,
+            next_offset: 150,
+            app_offset: 150,
+            ..Default::default()
+        };
+        f(&mut s);
+        s
+    }
+
+    /// N7: an upstream transaction left open pins the last stable offset; a
+    /// `read_committed` worker then has nothing to fetch, however far the high watermark is.
+    #[test]
+    fn records_behind_an_open_upstream_transaction_are_not_waiting_for_read_committed() {
+        let open = stats(|s| {
+            s.ls_offset = 150;
+            s.hi_offset = 400;
+        });
+        assert_eq!(
+            fetch_view(&open, true),
+            FetchView {
+                lag: 50,
+                waiting: 0
+            }
+        );
+        assert_eq!(
+            fetch_view(&open, false).waiting,
+            250,
+            "read_uncommitted reads on"
+        );
+    }
+
+    /// N7: a partition without a leader, or whose fetcher is not active, waits for the
+    /// cluster, not for a restart.
+    #[test]
+    fn a_partition_without_a_leader_is_not_waiting() {
+        assert_eq!(fetch_view(&stats(|_| {}), true).waiting, 50);
+        assert_eq!(fetch_view(&stats(|s| s.leader = -1), true).waiting, 0);
+        assert_eq!(
+            fetch_view(&stats(|s| s.fetch_state = "offset-query".into()), true).waiting,
+            0
+        );
+        assert_eq!(fetch_view(&stats(|s| s.fetchq_cnt = 7), true).waiting, 7);
+    }
+
+    /// N15: a member in a rebalance is joined; only one without a coordinator is not.
+    #[test]
+    fn a_member_in_a_long_rebalance_counts_as_joined() {
+        assert!(group_joined("up"));
+        for state in ["init", "query-coord", "wait-coord", "wait-broker", "term"] {
+            assert!(!group_joined(state), "{state}");
+        }
+    }
+
     #[test]
     fn a_group_without_a_commit_is_not_an_out_of_range_reset() {
         assert!(!super::is_out_of_range_reset("[thrd:main]: in [3]: offset reset (at offset INVALID (leader epoch -1), broker -1) to offset BEGINNING (leader epoch -1): no previously committed offset available: Local: No offset stored"));

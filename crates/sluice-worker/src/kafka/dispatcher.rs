@@ -1,6 +1,8 @@
 //! The Kafka source of a partition: reads its split-off librdkafka queue into the
 //! partition's [`PartitionDispatch`], cutting what is ready into batches.
 
+use std::time::Duration;
+
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::ConsumerContext;
@@ -10,6 +12,10 @@ use crate::engine::dispatch::PartitionDispatch;
 use crate::engine::lanes::DISPATCH_BATCH;
 use crate::record::RecordBatchBuilder;
 
+/// How often an idle dispatcher checks whether the consumer moved past records it never
+/// handed over (a transaction's commit marker at the end of the log).
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
 /// Read `queue` into `lane` until `stop` turns true. A record read but not dispatched
 /// when it stops (it was waiting for budget) is never registered, so never committed
 /// past: the partition's next owner reads it again.
@@ -17,10 +23,16 @@ use crate::record::RecordBatchBuilder;
 /// Per record this does only what must be per record: take the message from librdkafka,
 /// copy its key and value into the batch's one buffer ([`RecordBatchBuilder`]) and take
 /// its cost from the budget; counters and the hand-off are per batch.
+///
+/// While idle, when statistics show the consumer's fetch position beyond what was handed
+/// over (transaction markers, aborted records: never handed over), it reads librdkafka's
+/// application position with `position` and reports it (see
+/// [`crate::engine::partition::PartitionState::handed_over`]), so the commit can pass them.
 pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
     queue: StreamPartitionQueue<C>,
     mut lane: PartitionDispatch,
     mut stop: watch::Receiver<bool>,
+    position: impl Fn() -> Option<i64>,
 ) {
     let topic = lane.state().tp().topic.clone();
     let consumed = lane.state().metrics.consumed.clone();
@@ -43,6 +55,18 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
                 biased;
                 _ = stop.changed() => break,
                 m = stream.next() => m,
+                // Nothing received for a while: everything received is registered, and
+                // the queue was served up to now.
+                _ = tokio::time::sleep(IDLE_CHECK) => {
+                    let st = lane.state();
+                    let known = st.handed_over_position().or(st.last_registered().map(|l| l + 1));
+                    if st.fetch_position().is_some_and(|f| known.is_none_or(|k| f > k)) {
+                        if let Some(app) = position() {
+                            st.handed_over(app);
+                        }
+                    }
+                    continue;
+                }
             };
             match m {
                 Some(Ok(m)) => {

@@ -7,5 +7,7 @@ pub mod client;
 pub mod config;
 pub mod consumer;
 pub mod dispatcher;
+pub mod limits;
 pub mod log;
+pub mod producer;
 pub mod start_from;

@@ -10,7 +10,11 @@
 //! is final: permanent errors (record too large, authorization, an invalid topic) and
 //! timeouts (`retries_exhausted`) send the output to the dead-letter path, and the rest
 //! of the batch is acknowledged as usual. What remains: an output that timed out may
-//! have been written anyway, so it can be both in the output topic and a dead letter. A fatal producer error (e.g. an idempotence sequence violation) is reported
+//! have been written anyway, so it can be both in the output topic and a dead letter.
+//!
+//! An output over the topic's `max.message.bytes` is refused before it is produced
+//! (`crate::kafka::limits`): the broker would refuse its whole produce batch, and every
+//! batch-mate with it. A fatal producer error (e.g. an idempotence sequence violation) is reported
 //! through [`KafkaSink::fatal`] and stops the worker: a restart resumes from the last
 //! commit.
 
@@ -28,8 +32,9 @@ use tokio::sync::Notify;
 
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
+use crate::kafka::limits;
 use crate::ops::throttle::LogThrottle;
-use crate::retry::{ErrorClass, RetryPolicy};
+use crate::retry::ErrorClass;
 
 /// A batch handed to the producer, waiting for its delivery reports.
 struct InFlight {
@@ -156,6 +161,8 @@ pub struct KafkaSink {
     key: KeySource,
     trace_header: Option<String>,
     source_topic: String,
+    /// The topic's `max.message.bytes`, when it could be read.
+    limit: Option<usize>,
     shared: Arc<Shared>,
 }
 
@@ -174,37 +181,22 @@ fn kafka_headers<'a>(headers: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>)
 }
 
 impl KafkaSink {
-    /// Create the producer. `client` carries bootstrap servers, security and the bound of
-    /// the producer's queue (`queue.buffering.max.kbytes`, see the pipeline); the delivery
-    /// guarantees are set here and the sink's `producerProperties` are applied last.
-    /// `source_topic` is the pipeline's input topic (for the trace header).
+    /// Create the producer from `client`: bootstrap servers, security and the properties
+    /// of `sluice_api::config::clients::sink_producer` (the delivery guarantees, the
+    /// bound of the producer's queue, the sink's `producerProperties` last).
+    /// `source_topic` is the pipeline's input topic (for the trace header). `limit`: the
+    /// topic's `max.message.bytes` (see `crate::kafka::limits`); the producer's
+    /// `batch.size` is capped at it.
     pub fn new(
         mut client: ClientConfig,
         config: &KafkaSinkConfig,
         source_topic: &str,
-        retry: RetryPolicy,
+        limit: Option<usize>,
         metrics: SinkMetrics,
         dead_letters: Arc<DeadLetters>,
     ) -> Result<Arc<Self>, KafkaError> {
-        client
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("batch.num.messages", "10000")
-            .set("batch.size", "1048576")
-            .set("queue.buffering.max.messages", "500000")
-            // librdkafka's idempotent retries for as long as the retry policy allows; a
-            // report that fails after that is final (no application re-send).
-            .set(
-                "message.timeout.ms",
-                retry
-                    .max_elapsed
-                    .as_millis()
-                    .clamp(1000, i32::MAX as u128)
-                    .to_string(),
-            );
-        for (k, v) in &config.producer_properties {
-            client.set(k, v);
+        if let Some(l) = limit {
+            limits::cap_batch_size(&mut client, l);
         }
         let shared = Arc::new(Shared {
             metrics,
@@ -224,6 +216,7 @@ impl KafkaSink {
             key: config.key,
             trace_header: config.trace_header.clone(),
             source_topic: source_topic.to_string(),
+            limit,
             shared,
         });
         Ok(sink)
@@ -317,6 +310,33 @@ impl Sink for KafkaSink {
             });
             self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
             for (index, (key, value, headers, trace)) in records.iter().enumerate() {
+                let slot = Box::new(Slot {
+                    flight: flight.clone(),
+                    index,
+                    attempts: 1,
+                });
+                if let Some(limit) = self.limit {
+                    let size = limits::batch_size_alone(
+                        key.as_deref(),
+                        value.as_deref(),
+                        headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_deref()))
+                            .chain(trace.iter().map(|(k, v)| (*k, Some(v.as_bytes())))),
+                    );
+                    if size > limit {
+                        if let Some(n) = self.shared.reject_log.tick() {
+                            tracing::error!(sink = "kafka", topic = %self.topic, size, max_message_bytes = limit, outputs = n,
+                                "an output is over the topic's max.message.bytes; it goes to the dead-letter topic, its batch-mates are produced");
+                        }
+                        self.shared.reject(
+                            &slot,
+                            "record_too_large",
+                            limits::too_large(size, limit),
+                        );
+                        continue;
+                    }
+                }
                 let headers = (!headers.is_empty() || trace.is_some()).then(|| {
                     kafka_headers(
                         headers
@@ -324,11 +344,6 @@ impl Sink for KafkaSink {
                             .map(|(k, v)| (k.as_str(), v.as_deref()))
                             .chain(trace.iter().map(|(k, v)| (*k, Some(v.as_bytes())))),
                     )
-                });
-                let slot = Box::new(Slot {
-                    flight: flight.clone(),
-                    index,
-                    attempts: 1,
                 });
                 self.send_one(key.as_deref(), value.as_deref(), headers, slot)
                     .await;

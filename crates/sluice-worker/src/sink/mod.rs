@@ -54,6 +54,14 @@ impl SinkBatch {
         }
     }
 
+    /// The attempt failed as a whole and is retried (an exactly-once window that is
+    /// aborted and rewound): nothing of the batch is completed, nothing stalls.
+    pub fn abort(self) {
+        for t in self.tokens {
+            t.abort();
+        }
+    }
+
     /// Settle the batch: the outputs at the indexes of `rejected` failed for good and go
     /// to the dead-letter path; every other output is stored. The tokens are released
     /// when the letters are stored (or failed, which stalls their partitions).
