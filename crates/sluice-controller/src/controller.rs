@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -85,13 +85,17 @@ fn slim_pipeline(o: &mut DynamicObject) {
     }
 }
 
-/// The pipelines in `secret`'s namespace whose pods read it. A pipeline that does not
-/// parse reads nothing (it waits for a change of its own).
+/// The pipelines in the namespace of the Secret `secret` (its metadata: the watch has no
+/// more) whose pods read it. A pipeline that does not parse reads nothing (it waits for a
+/// change of its own).
 pub fn readers_of(
     pipelines: &Store<DynamicObject>,
-    secret: &Secret,
+    secret: &ObjectMeta,
 ) -> Vec<ObjectRef<DynamicObject>> {
-    let (ns, name) = (secret.namespace(), secret.name_any());
+    let (ns, name) = (
+        secret.namespace.clone(),
+        secret.name.clone().unwrap_or_default(),
+    );
     pipelines
         .state()
         .into_iter()
@@ -149,11 +153,9 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
         .owns_stream(triggers.pdbs)
         // A Secret the pods read changed: reconcile the pipelines that read it, so that the
         // digest on their pod template changes and the workers roll (reconcile/secrets.rs).
-        .watches(
-            crate::cache::scoped::<Secret>(&c, namespace),
-            cfg(),
-            move |s| readers_of(&pipelines_read, &s),
-        );
+        .watches_stream(triggers.secrets, move |s| {
+            readers_of(&pipelines_read, &s.metadata)
+        });
     // Deleted pipelines: their memory and metric series go (the watch cache is the truth
     // of what exists; it is read once it has its first full list).
     let forgetter = {
@@ -228,10 +230,8 @@ mod tests {
         ] {
             writer.apply_watcher_event(&watcher::Event::Apply(p));
         }
-        let secret: Secret = serde_json::from_value(
-            serde_json::json!({"metadata": {"name": "tls", "namespace": "a"}}),
-        )
-        .unwrap();
+        let secret: ObjectMeta =
+            serde_json::from_value(serde_json::json!({"name": "tls", "namespace": "a"})).unwrap();
         let names: Vec<String> = readers_of(&store, &secret)
             .into_iter()
             .map(|r| r.name)

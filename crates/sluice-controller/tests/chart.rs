@@ -186,6 +186,11 @@ fn rbac_is_least_privilege() {
     }
     let lease_role = d.iter().find(|d| d["kind"] == "Role").unwrap();
     assert_eq!(lease_role["rules"][0]["resources"][0], "leases");
+    assert_eq!(
+        lease_role["rules"][1],
+        serde_json::json!({"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}),
+        "the digests' key: made once, in the release namespace only"
+    );
 }
 
 #[test]

@@ -149,6 +149,12 @@ async fn a_rotated_secret_rolls_the_workers_without_waiting_for_the_next_poll() 
     let deployments: Api<Deployment> = Api::namespaced(c.clone(), &ns);
     const DIGEST: &str = "sluice.dev/secrets-hash";
     let (mut digest, first) = annotation(&deployments, "p", DIGEST, None).await;
+    // The digest is keyed by a Secret of the controller's own (Context::new: `default`).
+    let key = Api::<Secret>::namespaced(c.clone(), "default")
+        .get("sluice-digest-key")
+        .await
+        .unwrap();
+    assert_eq!(key.data.unwrap()["key"].0.len(), 32);
     let config_hash = |d: &Deployment| {
         d.spec
             .as_ref()
@@ -310,13 +316,30 @@ async fn a_steady_pipeline_costs_no_write_and_a_child_someone_changed_is_restore
         let (ctx, ns) = (ctx.clone(), ns.clone());
         tokio::spawn(async move { run_in(ctx, Some(&ns)).await })
     };
+    // It reads Secrets too (the SASL password, a secretEnv, and a secretFiles entry whose
+    // Secret does not exist yet): with the Secrets' versions from the watch, a steady
+    // pipeline reads none of them again.
+    let secrets: Api<Secret> = Api::namespaced(c.clone(), &ns);
+    for (name, data) in [
+        ("kafka", json!({"password": "pw"})),
+        ("pg", json!({"url": "postgres://u:pw@db/x"})),
+    ] {
+        let s: Secret =
+            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))
+                .unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
     let pipelines: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
     let sp: StreamPipeline = serde_json::from_value(json!({
         "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
         "metadata": {"name": "p"},
         "spec": {
-            "source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g"},
+            "source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g",
+                "security": {"protocol": "SASL_PLAINTEXT", "saslMechanism": "SCRAM-SHA-512", "username": "u",
+                    "passwordSecretRef": {"name": "kafka", "key": "password"}}},
             "sinks": [{"kafka": {"topic": "out"}}],
+            "secretEnv": [{"name": "PG_URL", "secretKeyRef": {"name": "pg", "key": "url"}}],
+            "secretFiles": [{"name": "extra.pem", "secretKeyRef": {"name": "later", "key": "extra.pem"}}],
             "scaling": {"pollInterval": "1s"}
         }
     }))
@@ -373,6 +396,25 @@ async fn a_steady_pipeline_costs_no_write_and_a_child_someone_changed_is_restore
         configmaps.get_opt("p-config").await.ok()?
     })
     .await;
+
+    // A Secret the pods read changes: the watch shows its new version, it is read again,
+    // and the digest on the pod template moves.
+    const DIGEST: &str = "sluice.dev/secrets-hash";
+    let (before, _) = annotation(&deployments, "p", DIGEST, None).await;
+    let gets = ctx.api_requests(Verb::Get);
+    secrets
+        .patch(
+            "kafka",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"password": "pw2"}})),
+        )
+        .await
+        .unwrap();
+    annotation(&deployments, "p", DIGEST, Some(&before)).await;
+    assert!(
+        ctx.api_requests(Verb::Get) > gets,
+        "the Secret was read again"
+    );
     controller.abort();
 }
 

@@ -42,6 +42,8 @@ impl Controller {
         let out = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_sluice-controller"))
             .args(["--watch-namespace", ns, "--leader-election", "false"])
+            // Its own namespace (the Secret digests' key) is the test's.
+            .args(["--lease-namespace", ns])
             .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
             .env("KUBECONFIG", kubeconfig())
             .env("SLUICE_LOG", "debug")

@@ -166,7 +166,7 @@ pub async fn dereference(
         retry: Some(retry),
     };
     let security = &config.source.security;
-    let secrets = match PodSecrets::load(ctx, &ns, &sp.spec, security).await {
+    let secrets = match PodSecrets::load(ctx, sp, security).await {
         Ok(secrets) => secrets,
         Err(Error::Secret(secret, why)) => {
             return Err(source(
