@@ -43,9 +43,12 @@ fn start_refused(name: &str, sasl: &str, mechanism: &str) -> (WorkerProcess, Str
         &addr,
         &[("SLUICE_TEST_KAFKA_PASSWORD", "not-the-password")],
     );
+    // Up to 30 s pass before the worker's clients try, and log, the refused login: at
+    // start-up it first reads each Kafka sink's max.message.bytes (three attempts of 10 s
+    // against a broker that refuses it, kafka/limits.rs, whose admin client logs nothing).
     wait_for(
         "the authentication failure in the log",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || {
             std::fs::read_to_string(&w.log)
                 .unwrap_or_default()
@@ -382,9 +385,10 @@ fn a_certificate_the_broker_does_not_trust_is_refused_and_the_worker_keeps_runni
             &security_config(&m.bootstrap, &security, &input, &output, &group, &addr),
             &addr,
         );
+        // (After up to 30 s of the start-up's max.message.bytes read: see start_refused.)
         wait_for(
             &format!("{name}: the refused handshake in the log"),
-            Duration::from_secs(30),
+            Duration::from_secs(60),
             || {
                 let log = std::fs::read_to_string(&w.log)
                     .unwrap_or_default()
