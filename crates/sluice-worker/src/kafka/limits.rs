@@ -83,6 +83,7 @@ pub async fn max_message_bytes(client: &ClientConfig, topic: &str) -> Option<usi
         }
     };
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let mut last = String::from("no answer");
     for attempt in 1..=3 {
         let res = admin
             .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
@@ -94,12 +95,12 @@ pub async fn max_message_bytes(client: &ClientConfig, topic: &str) -> Option<usi
                     .and_then(|e| e.value.as_deref())
                     .and_then(|v| v.parse::<usize>().ok()),
                 Err(e) => {
-                    tracing::debug!(%topic, error = %e, attempt, "DescribeConfigs");
+                    last = e.to_string();
                     None
                 }
             }),
             Err(e) => {
-                tracing::debug!(%topic, error = %e, attempt, "DescribeConfigs");
+                last = e.to_string();
                 None
             }
         };
@@ -107,8 +108,11 @@ pub async fn max_message_bytes(client: &ClientConfig, topic: &str) -> Option<usi
             tracing::info!(%topic, max_message_bytes = l, "outputs over the output topic's max.message.bytes are dead-lettered before they are produced");
             return Some(l);
         }
+        // Said at once, not after the last attempt: a broker that refuses the login or
+        // the certificate answers nothing, and start-up would wait 30 s in silence.
+        tracing::warn!(%topic, attempt, of = 3, error = %last, "reading the output topic's max.message.bytes failed (DescribeConfigs); is the broker reachable and are the credentials accepted?");
     }
-    tracing::warn!(%topic, "could not read the output topic's max.message.bytes; oversized outputs are found by the broker's refusal");
+    tracing::warn!(%topic, error = %last, "could not read the output topic's max.message.bytes; oversized outputs are found by the broker's refusal");
     None
 }
 
