@@ -301,6 +301,56 @@ impl Owned {
     }
 }
 
+/// sluice's `RecordBatchBuilder::push` (generic over rust-rdkafka's `Message`) takes a `Msg`
+/// as it is, and the records are what was produced.
+#[tokio::test]
+async fn record_batch_builder_takes_a_msg_unchanged() {
+    let topic = "feed-builder";
+    let n = 30;
+    let cl = cluster(topic);
+    produce(&cl, topic, 0, n);
+    let c = consumer(&cl, &[]);
+    let mut feed = split(&c, topic);
+    assign(&c, topic);
+    let mut builder = sluice_worker::record::RecordBatchBuilder::new();
+    let mut cost = 0;
+    while builder.len() < n {
+        tokio::time::timeout(PATIENCE, feed.ready())
+            .await
+            .expect("stalled");
+        feed.drain(|m| {
+            cost += sluice_worker::record::RecordBatchBuilder::budget_cost(m);
+            builder.push(m);
+            Flow::Continue
+        });
+    }
+    let records = builder.finish(&Arc::from(topic));
+    assert_eq!(records.len(), n);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!((r.partition, r.offset), (0, i as i64));
+        assert_eq!(r.key.as_deref(), Some(format!("k{i}").as_bytes()));
+        assert_eq!(r.value.as_deref(), Some(&(i as u64).to_be_bytes()[..]));
+        assert!(r.timestamp_ms.is_some());
+        let want: Vec<sluice_worker::record::Header> = if i % 3 == 0 {
+            vec![("h".into(), Some(bytes_of(b"v"))), ("null".into(), None)]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(r.headers, want);
+    }
+    assert_eq!(
+        cost,
+        records
+            .iter()
+            .map(sluice_worker::record::Record::budget_cost)
+            .sum::<usize>()
+    );
+}
+
+fn bytes_of(b: &[u8]) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(b)
+}
+
 /// Pauses and resumes from another thread while draining: librdkafka restarts each resumed
 /// fetch at the application position, which the drain moved exactly past the records it
 /// handed over. No gap, no duplicate.
