@@ -24,7 +24,14 @@
 #                         while the input is not); port+3 is left free: it is the
 #                         worker's default metrics port, 9095; a plaintext listener for
 #                         the local cluster's pods on port+8 at the cluster bridge's
-#                         address, 10.244.0.1, made by `scripts/cluster.sh net`)
+#                         address, 10.244.0.1, made by `scripts/cluster.sh net`);
+#                         a TLS listener that requires a client certificate signed by the
+#                         test CA on port+9 ($SLUICE_KAFKA_DIR/tls/client.pem and client.key;
+#                         client-encrypted.key is the same key under the password in
+#                         client-key.password; stranger.pem/.key are signed by another CA);
+#                         for the pods, the same on 10.244.0.1:port+10 (a certificate for
+#                         that address) and SASL_PLAINTEXT with the SCRAM users on
+#                         10.244.0.1:port+11
 #   SLUICE_KAFKA_POD_LISTENER  0 leaves the pods' listener out (default 1 when root)
 #   SLUICE_KAFKA_CPUS     optional taskset cpu list to pin the broker (benchmarks)
 set -euo pipefail
@@ -40,6 +47,9 @@ SSPORT=$((PORT + 5))
 XPORT=$((PORT + 6))
 XADV=$((PORT + 7))
 PODPORT=$((PORT + 8))
+MPORT=$((PORT + 9))
+PODMPORT=$((PORT + 10))
+PODSPORT=$((PORT + 11))
 POD_ADDR=10.244.0.1
 # Bumped when the storage format changes (v2: SCRAM users); older data is reformatted.
 LAYOUT=2
@@ -99,29 +109,71 @@ write_tls() {
   cat "$t/broker.pk8" "$t/broker.pem" > "$t/broker-keystore.pem"
 }
 
+# Certificates signed by the test CA: `NAME` with subject CN, for `SAN` (or none); made once.
+sign() {
+  local t="$DIR/tls" name="$1" cn="$2" san="${3:-}"
+  [[ -f "$t/$name.pem" ]] && return 0
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=$cn" -keyout "$t/$name.key" -out "$t/$name.csr" 2>/dev/null
+  if [[ -n "$san" ]]; then printf 'subjectAltName=%s\n' "$san" > "$t/$name.ext"; else : > "$t/$name.ext"; fi
+  openssl x509 -req -in "$t/$name.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$t/$name.ext" -out "$t/$name.pem" 2>/dev/null
+  chmod 600 "$t/$name.key"
+}
+
+# What the client-certificate listeners need: client certificates (one signed by the test
+# CA, its key also encrypted, one signed by a stranger CA) and, for the pods' listener, a
+# broker certificate for the cluster bridge's address. Kept beside the broker's own.
+write_client_tls() {
+  local t="$DIR/tls"
+  sign client sluice-client
+  if [[ ! -f "$t/client-encrypted.key" ]]; then
+    echo "sluice-key-secret" > "$t/client-key.password"
+    openssl pkcs8 -topk8 -v2 aes-256-cbc -in "$t/client.key" -out "$t/client-encrypted.key" \
+      -passout "file:$t/client-key.password"
+  fi
+  if [[ ! -f "$t/stranger.pem" ]]; then
+    "$(dirname "$0")/test-ca.sh" "$t/stranger-ca" stranger "stranger CA"
+    cp "$t/stranger-ca/stranger.pem" "$t/stranger.pem"; cp "$t/stranger-ca/stranger.key" "$t/stranger.key"
+  fi
+  sign pods "$POD_ADDR" "IP:$POD_ADDR"
+  if [[ ! -f "$t/pods-keystore.pem" ]]; then
+    openssl pkcs8 -topk8 -nocrypt -in "$t/pods.key" -out "$t/pods.pk8"
+    cat "$t/pods.pk8" "$t/pods.pem" > "$t/pods-keystore.pem"
+  fi
+}
+
 # The listener pods on the local cluster use (scripts/cluster.sh): on the cluster bridge's
 # address, so it is reachable from the pod network and from nowhere off this machine.
 pod_listener() {
   [[ "${SLUICE_KAFKA_POD_LISTENER:-1}" == 1 && $(id -u) -eq 0 ]] || return 0
   "$(dirname "$0")/cluster.sh" net >/dev/null 2>&1 || { log "no cluster bridge: the pods' listener is left out"; return 0; }
-  POD_LISTENER=",PODS://$POD_ADDR:$PODPORT"
+  POD_LISTENER=",PODS://$POD_ADDR:$PODPORT,PODSMTLS://$POD_ADDR:$PODMPORT,PODSSASL://$POD_ADDR:$PODSPORT"
 }
 
 write_config() {
   mkdir -p "$DIR/data"
   write_tls
+  write_client_tls
   POD_LISTENER=""
   pod_listener
   cat > "$DIR/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$CPORT
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XPORT$POD_LISTENER
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XADV$POD_LISTENER
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XPORT,MTLS://127.0.0.1:$MPORT$POD_LISTENER
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XADV,MTLS://127.0.0.1:$MPORT$POD_LISTENER
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,PROXIED:PLAINTEXT,PODS:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,PROXIED:PLAINTEXT,PODS:PLAINTEXT,MTLS:SSL,PODSMTLS:SSL,PODSSASL:SASL_PLAINTEXT
 sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
-$(for l in sasl_plaintext sasl_ssl; do cat <<JAAS
+$(for l in mtls podsmtls; do cat <<MTLS
+listener.name.$l.ssl.client.auth=required
+listener.name.$l.ssl.truststore.type=PEM
+listener.name.$l.ssl.truststore.location=$DIR/tls/ca.pem
+MTLS
+done)
+listener.name.podsmtls.ssl.keystore.type=PEM
+listener.name.podsmtls.ssl.keystore.location=$DIR/tls/pods-keystore.pem
+$(for l in sasl_plaintext sasl_ssl podssasl; do cat <<JAAS
 listener.name.$l.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="admin" password="admin-secret" user_admin="admin-secret" user_sluice="sluice-secret";
 listener.name.$l.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.$l.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;

@@ -150,6 +150,66 @@ fn secured_listener(var: &str, offset: u16) -> Option<(String, PathBuf)> {
     Some((listener, Path::new(&dir).join("tls/ca.pem")))
 }
 
+/// The local broker's listener that requires a client certificate signed by its test CA
+/// (`scripts/kafka.sh`: port + 9), with the files of that test PKI.
+#[derive(Clone, Debug)]
+pub struct MtlsListener {
+    /// Its bootstrap address.
+    pub bootstrap: String,
+    /// The CA that signed the broker's certificate and the client's.
+    pub ca: PathBuf,
+    /// A client certificate the broker accepts.
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8, not encrypted).
+    pub key: PathBuf,
+    /// The same key, encrypted with [`MtlsListener::key_password`].
+    pub encrypted_key: PathBuf,
+    /// The password of `encrypted_key`.
+    pub key_password: String,
+    /// A certificate signed by another CA, which the broker refuses.
+    pub stranger_cert: PathBuf,
+    /// Its key.
+    pub stranger_key: PathBuf,
+}
+
+/// The client-certificate listener of the local broker; against an external broker,
+/// `SLUICE_TEST_MTLS_BOOTSTRAP` and `SLUICE_TEST_MTLS_DIR` (a directory with `ca.pem`,
+/// `client.pem`, `client.key`, `client-encrypted.key`, `client-key.password`,
+/// `stranger.pem`, `stranger.key`) name it, else `None`. Panics, saying what to do, when
+/// the local broker was started before the listener existed.
+pub fn mtls_listener() -> Option<MtlsListener> {
+    let (bootstrap, dir) = match (
+        std::env::var("SLUICE_TEST_MTLS_BOOTSTRAP"),
+        std::env::var("SLUICE_TEST_MTLS_DIR"),
+    ) {
+        (Ok(b), Ok(d)) => (b, PathBuf::from(d)),
+        _ => {
+            let b = local_listener(9)?;
+            let d =
+                std::env::var("SLUICE_KAFKA_DIR").unwrap_or_else(|_| "/tmp/sluice-kafka".into());
+            assert!(
+                TcpStream::connect(&b).is_ok(),
+                "the local broker has no client-certificate listener on {b}: it was started by an older scripts/kafka.sh; restart it (scripts/kafka.sh restart keeps its data)"
+            );
+            (b, Path::new(&d).join("tls"))
+        }
+    };
+    let key_password = std::fs::read_to_string(dir.join("client-key.password"))
+        .expect("client-key.password")
+        .trim()
+        .to_string();
+    Some(MtlsListener {
+        bootstrap,
+        ca: dir.join("ca.pem"),
+        cert: dir.join("client.pem"),
+        key: dir.join("client.key"),
+        encrypted_key: dir.join("client-encrypted.key"),
+        key_password,
+        stranger_cert: dir.join("stranger.pem"),
+        stranger_key: dir.join("stranger.key"),
+    })
+}
+
 /// The local broker's plaintext listener that advertises itself on port + 7 instead of
 /// its own port + 6 (`scripts/kafka.sh`): a [`TcpProxy`] listening on the advertised port
 /// carries every connection a client makes through it, so cutting the proxy makes the
@@ -224,6 +284,17 @@ pub fn pipeline_topics(prefix: &str, partitions: i32) -> (String, String, String
                 .expect("output topic");
         });
     names
+}
+
+/// Create `topic` with `partitions` on the broker under test, now.
+pub fn create_topic_now(topic: &str, partitions: i32) {
+    let b = bootstrap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(create_topic(&b, topic, partitions))
+        .unwrap_or_else(|e| panic!("create topic {topic}: {e}"));
 }
 
 /// Produce `count` sequence-numbered records (0..count, 100 bytes) into `topic`, now.

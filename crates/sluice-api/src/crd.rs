@@ -10,12 +10,16 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, PodSecurityContext, ResourceRequirements, Toleration,
+    TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::config::rules::{Bounds, TOPIC_NAME_LEN, TOPIC_NAME_PATTERN};
 use crate::config::{
     BatchingConfig, CommitConfig, ConfigError, DeadLetterConfig, DeliveryConfig, MemoryConfig,
     ProcessorConfig, RetryConfig, SaslMechanism, SecurityConfig, SecurityProtocol, ServerConfig,
@@ -42,14 +46,36 @@ pub const RESERVED_ENV: &[&str] = &[
     "SLUICE_CONFIG",
     "SLUICE_LOG",
     SASL_PASSWORD_ENV,
+    SSL_KEY_PASSWORD_ENV,
     "SLUICE_TRANSACTIONAL_ID",
     "HOSTNAME",
 ];
+
+/// `spec.sinks`: how many.
+pub const SINKS: Bounds<usize> = Bounds { min: 1, max: 16 };
+/// `spec.secretEnv`: at most this many.
+pub const SECRET_ENV_MAX: usize = 32;
+/// `spec.secretFiles`: at most this many.
+pub const SECRET_FILES_MAX: usize = 16;
+/// `spec.replicas`.
+pub const REPLICAS: Bounds<i32> = Bounds {
+    min: 0,
+    max: 10_000,
+};
+/// `scaling.minReplicas`.
+pub const MIN_REPLICAS: Bounds<i32> = Bounds { min: 0, max: 1000 };
+/// `scaling.maxReplicas`.
+pub const MAX_REPLICAS: Bounds<i32> = Bounds { min: 1, max: 1000 };
+/// The CEL rule on `spec.secretEnv[*]`: the twin of [`RESERVED_ENV`] and
+/// [`crate::config::ENV_OVERRIDE_PREFIX`] (a test keeps them in step).
+pub const SECRET_ENV_RULE: &str = "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD', 'SLUICE_SSL_KEY_PASSWORD', 'SLUICE_TRANSACTIONAL_ID', 'HOSTNAME']) && !self.name.startsWith('SLUICE__')";
 
 /// Where the worker's metrics and health server listens inside the pod.
 pub const WORKER_PORT: u16 = 9095;
 /// The environment variable the rendered config names for the SASL password.
 pub const SASL_PASSWORD_ENV: &str = "SLUICE_SASL_PASSWORD";
+/// The environment variable the rendered config names for the client key's password.
+pub const SSL_KEY_PASSWORD_ENV: &str = "SLUICE_SSL_KEY_PASSWORD";
 
 /// A Kafka stream pipeline: consume a topic, process, deliver to sinks, commit.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -99,7 +125,7 @@ pub struct StreamPipelineSpec {
     #[serde(default)]
     pub processor: ProcessorConfig,
     /// Where outputs go; every sink gets every output.
-    #[schemars(length(min = 1, max = 16))]
+    #[schemars(length(min = SINKS.min, max = SINKS.max))]
     pub sinks: Vec<SinkConfig>,
     /// Retries of transient sink errors.
     #[serde(default)]
@@ -112,13 +138,13 @@ pub struct StreamPipelineSpec {
     /// connection string a `postgres` sink's `connectionEnv` names. Values never enter the
     /// rendered configuration.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = SECRET_ENV_MAX))]
     pub secret_env: Vec<SecretEnv>,
     /// Files of the worker filled from Secret keys (a CA certificate for Kafka's or
     /// PostgreSQL's TLS, say), mounted read-only at `/etc/sluice/secrets/<name>`: point
     /// `source.security.caFile` or a postgres sink's `caFile` there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = SECRET_FILES_MAX))]
     pub secret_files: Vec<SecretFile>,
     /// Worker pool per partition.
     #[serde(default)]
@@ -147,7 +173,7 @@ pub struct StreamPipelineSpec {
     /// (HPA, KEDA, `kubectl scale`). Ignored in `scaling.mode: lag`. Always capped at the
     /// partition count.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 0, max = 10000))]
+    #[schemars(range(min = REPLICAS.min, max = REPLICAS.max))]
     pub replicas: i32,
     /// Worker image; defaults to the controller's configured worker image. A custom image
     /// built with `sluice_worker::run` runs custom processors.
@@ -156,6 +182,12 @@ pub struct StreamPipelineSpec {
     /// Worker container resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// What the worker pods carry besides what sluice sets: labels and annotations,
+    /// placement (node selector, tolerations, affinity, topology spread, priority class),
+    /// identity (service account, image pull secrets) and security context additions that
+    /// keep sluice's defaults (non-root, RuntimeDefault seccomp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<PodTemplate>,
     /// Worker log level (`SLUICE_LOG`): comma-separated `level` or `target=level`
     /// directives, level one of trace, debug, info, warn, error, off; e.g. `info` or
     /// `debug,librdkafka=warn`.
@@ -169,6 +201,171 @@ pub struct StreamPipelineSpec {
     pub log_level: Option<String>,
 }
 
+/// `spec.template`: what is merged into the worker pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsNonRoot) || self.securityContext.runAsNonRoot",
+     "message": "template.securityContext.runAsNonRoot: false would let the workers run as root; the template may add to the workers' security context, not weaken it"},
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsUser) || self.securityContext.runAsUser != 0",
+     "message": "template.securityContext.runAsUser: 0 is root; the template may add to the workers' security context, not weaken it"},
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsGroup) || self.securityContext.runAsGroup != 0",
+     "message": "template.securityContext.runAsGroup: 0 is root's group; the template may add to the workers' security context, not weaken it"},
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.seccompProfile) || self.securityContext.seccompProfile.type != 'Unconfined'",
+     "message": "template.securityContext.seccompProfile: Unconfined turns the syscall filter off; the template may add to the workers' security context, not weaken it"},
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.appArmorProfile) || self.securityContext.appArmorProfile.type != 'Unconfined'",
+     "message": "template.securityContext.appArmorProfile: Unconfined turns AppArmor off; the template may add to the workers' security context, not weaken it"},
+    {"rule": "!has(self.securityContext) || !has(self.securityContext.windowsOptions) || !has(self.securityContext.windowsOptions.hostProcess) || !self.securityContext.windowsOptions.hostProcess",
+     "message": "template.securityContext.windowsOptions.hostProcess: a host process is privileged; the template may add to the workers' security context, not weaken it"}
+]))]
+pub struct PodTemplate {
+    /// Labels and annotations of the pods, added to sluice's (a key of sluice's is
+    /// refused: `sluice.dev/*`, the `app.kubernetes.io/` labels that select the pods,
+    /// `prometheus.io/port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<TemplateMetadata>,
+    /// Pods run only on nodes with these labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the pods tolerate (a dedicated node pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Node and pod affinity and anti-affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// How the pods spread over zones or nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    /// The pods' PriorityClass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// The pods' ServiceAccount (workload identity: IRSA, GKE Workload Identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Mount the ServiceAccount's API token (default false: the workers never call the
+    /// Kubernetes API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automount_service_account_token: Option<bool>,
+    /// Secrets to pull the worker image from a private registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
+    /// Pod security context fields added to sluice's (`runAsNonRoot: true`, user and group
+    /// 65532, seccomp `RuntimeDefault`): `fsGroup`, `supplementalGroups`, another non-zero
+    /// `runAsUser`/`runAsGroup`, `seLinuxOptions`, a `Localhost` seccomp profile... A
+    /// field that would weaken them (`runAsNonRoot: false`, user or group 0, a seccomp or
+    /// AppArmor profile `Unconfined`, a Windows host process) is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
+}
+
+/// Labels and annotations of the worker pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": TEMPLATE_LABELS_RULE,
+     "message": "template.metadata.labels: sluice.dev/* and app.kubernetes.io/name, instance and managed-by are sluice's: they select the worker pods"},
+    {"rule": TEMPLATE_ANNOTATIONS_RULE,
+     "message": "template.metadata.annotations: sluice.dev/* and prometheus.io/port are sluice's: they roll the pods on a change and point the scraper at the metrics port"}
+]))]
+pub struct TemplateMetadata {
+    /// Added to sluice's labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = TEMPLATE_KEYS_MAX))]
+    pub labels: BTreeMap<String, String>,
+    /// Added to sluice's annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = TEMPLATE_KEYS_MAX))]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The prefix of sluice's own label and annotation keys on the worker pods.
+pub const SLUICE_KEY_PREFIX: &str = "sluice.dev/";
+/// The labels, besides `sluice.dev/*`, that sluice puts on the worker pods and selects
+/// them by: the template may not set them.
+pub const RESERVED_POD_LABELS: &[&str] = &[
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/managed-by",
+];
+/// The annotations, besides `sluice.dev/*`, that sluice puts on the worker pods.
+pub const RESERVED_POD_ANNOTATIONS: &[&str] = &["prometheus.io/port"];
+/// `template.metadata.labels` and `.annotations`: at most this many each (a bound the API
+/// server's CEL cost estimate needs).
+pub const TEMPLATE_KEYS_MAX: usize = 64;
+/// The CEL twin of [`SLUICE_KEY_PREFIX`] and [`RESERVED_POD_LABELS`] (a test keeps them in
+/// step).
+pub const TEMPLATE_LABELS_RULE: &str = "!has(self.labels) || self.labels.all(k, !k.startsWith('sluice.dev/') && !(k in ['app.kubernetes.io/name', 'app.kubernetes.io/instance', 'app.kubernetes.io/managed-by']))";
+/// The CEL twin of [`SLUICE_KEY_PREFIX`] and [`RESERVED_POD_ANNOTATIONS`].
+pub const TEMPLATE_ANNOTATIONS_RULE: &str = "!has(self.annotations) || self.annotations.all(k, !k.startsWith('sluice.dev/') && !(k in ['prometheus.io/port']))";
+
+impl PodTemplate {
+    /// The schema's rules, for objects stored before them: no key of sluice's, nothing
+    /// that weakens its security context.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let refuse = |field: String, message: String| Err(ConfigError::Invalid { field, message });
+        if let Some(m) = &self.metadata {
+            for (what, map, reserved, why) in [
+                (
+                    "labels",
+                    &m.labels,
+                    RESERVED_POD_LABELS,
+                    "they select the worker pods",
+                ),
+                (
+                    "annotations",
+                    &m.annotations,
+                    RESERVED_POD_ANNOTATIONS,
+                    "they roll the pods on a change and point the scraper at the metrics port",
+                ),
+            ] {
+                if map.len() > TEMPLATE_KEYS_MAX {
+                    return refuse(
+                        format!("template.metadata.{what}"),
+                        format!("at most {TEMPLATE_KEYS_MAX} entries, got {}", map.len()),
+                    );
+                }
+                for k in map.keys() {
+                    if k.starts_with(SLUICE_KEY_PREFIX) || reserved.contains(&k.as_str()) {
+                        return refuse(
+                            format!("template.metadata.{what}[{k:?}]"),
+                            format!("`{k}` is sluice's: {why}"),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(sc) = &self.security_context {
+            let unconfined = |t: Option<&str>| t == Some("Unconfined");
+            let weaker = if sc.run_as_non_root == Some(false) {
+                Some(("runAsNonRoot", "false would let the workers run as root"))
+            } else if sc.run_as_user == Some(0) {
+                Some(("runAsUser", "0 is root"))
+            } else if sc.run_as_group == Some(0) {
+                Some(("runAsGroup", "0 is root's group"))
+            } else if unconfined(sc.seccomp_profile.as_ref().map(|p| p.type_.as_str())) {
+                Some(("seccompProfile", "Unconfined turns the syscall filter off"))
+            } else if unconfined(sc.app_armor_profile.as_ref().map(|p| p.type_.as_str())) {
+                Some(("appArmorProfile", "Unconfined turns AppArmor off"))
+            } else if sc
+                .windows_options
+                .as_ref()
+                .is_some_and(|w| w.host_process == Some(true))
+            {
+                Some(("windowsOptions.hostProcess", "a host process is privileged"))
+            } else {
+                None
+            };
+            if let Some((field, why)) = weaker {
+                return refuse(
+                    format!("template.securityContext.{field}"),
+                    format!("{why}; the template may add to the workers' security context, not weaken it"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The input topic.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -177,7 +374,10 @@ pub struct PipelineSource {
     #[schemars(length(min = 1))]
     pub bootstrap_servers: String,
     /// The input topic.
-    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    #[schemars(
+        length(min = TOPIC_NAME_LEN.min, max = TOPIC_NAME_LEN.max),
+        regex(pattern = TOPIC_NAME_PATTERN)
+    )]
     pub topic: String,
     /// Consumer group id.
     #[schemars(length(min = 1))]
@@ -209,7 +409,13 @@ fn default_session_timeout() -> HumanDuration {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!(self.protocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || (has(self.saslMechanism) && has(self.username) && has(self.passwordSecretRef))",
-     "message": "SASL_PLAINTEXT and SASL_SSL need saslMechanism, username and passwordSecretRef"}
+     "message": "SASL_PLAINTEXT and SASL_SSL need saslMechanism, username and passwordSecretRef"},
+    {"rule": "has(self.certFile) == has(self.keyFile)",
+     "message": "certFile and keyFile go together: the client certificate and its private key"},
+    {"rule": "!has(self.certFile) || self.protocol in ['SSL', 'SASL_SSL']",
+     "message": "a client certificate (certFile) is presented only over TLS: protocol SSL or SASL_SSL"},
+    {"rule": "!has(self.keyPasswordSecretRef) || has(self.keyFile)",
+     "message": "keyPasswordSecretRef is the password of an encrypted keyFile"}
 ]))]
 pub struct PipelineSecurity {
     /// Transport protocol.
@@ -229,6 +435,17 @@ pub struct PipelineSecurity {
     /// system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// PEM file of the client certificate (`SSL`, `SASL_SSL`), for brokers that require
+    /// one (a Strimzi `KafkaUser` with `authentication: tls`: its Secret's `user.crt`),
+    /// typically `/etc/sluice/secrets/<name>` from `spec.secretFiles`; with `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    /// PEM file of the client certificate's private key (Strimzi: `user.key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    /// The Secret key holding the password of an encrypted `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_password_secret_ref: Option<SecretKeyRef>,
 }
 
 /// Where `spec.secretFiles` are mounted in the worker: `/etc/sluice/secrets/<name>`.
@@ -252,8 +469,8 @@ pub struct SecretFile {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD', 'SLUICE_TRANSACTIONAL_ID', 'HOSTNAME']) && !self.name.startsWith('SLUICE__')",
-     "message": "SLUICE_CONFIG, SLUICE_LOG and SLUICE_SASL_PASSWORD are set by sluice, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods (the exactly-once transactional id), and SLUICE__* would override the rendered configuration"}
+    {"rule": SECRET_ENV_RULE,
+     "message": "SLUICE_CONFIG, SLUICE_LOG, SLUICE_SASL_PASSWORD and SLUICE_SSL_KEY_PASSWORD are set by sluice, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods (the exactly-once transactional id), and SLUICE__* would override the rendered configuration"}
 ]))]
 pub struct SecretEnv {
     /// The variable's name.
@@ -295,11 +512,11 @@ pub struct ScalingSpec {
     /// and wakes it when records arrive (see `activationLag`); until it is idle, 0 scales
     /// like 1.
     #[serde(default = "default_min")]
-    #[schemars(range(min = 0, max = 1000))]
+    #[schemars(range(min = MIN_REPLICAS.min, max = MIN_REPLICAS.max))]
     pub min_replicas: i32,
     /// Most replicas (also capped at the partition count).
     #[serde(default = "default_max")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = MAX_REPLICAS.min, max = MAX_REPLICAS.max))]
     pub max_replicas: i32,
     /// Records of lag one replica is expected to absorb.
     #[serde(default = "default_lag_per_replica")]
@@ -335,6 +552,63 @@ impl ScalingSpec {
     /// The lag that wakes a pipeline scaled to zero.
     pub fn activation(&self) -> u64 {
         self.activation_lag.unwrap_or(1).max(1) as u64
+    }
+
+    /// The schema's rules (for objects stored before them), and an `idleAfter` the poll can
+    /// see (at least one `pollInterval`: idleness is judged from one reading per poll).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let ScalingSpec {
+            mode: _,
+            min_replicas,
+            max_replicas,
+            lag_per_replica,
+            scale_down_stabilization: _,
+            poll_interval,
+            idle_after,
+            activation_lag,
+        } = self;
+        MIN_REPLICAS.check("scaling.minReplicas", *min_replicas)?;
+        MAX_REPLICAS.check("scaling.maxReplicas", *max_replicas)?;
+        if max_replicas < min_replicas {
+            return Err(ConfigError::Invalid {
+                field: "scaling.maxReplicas".into(),
+                message: format!(
+                    "maxReplicas must be at least minReplicas ({min_replicas}), got {max_replicas}"
+                ),
+            });
+        }
+        for (field, v) in [
+            ("scaling.lagPerReplica", Some(*lag_per_replica)),
+            ("scaling.activationLag", *activation_lag),
+        ] {
+            if v.is_some_and(|v| v < 1) {
+                return Err(ConfigError::Invalid {
+                    field: field.into(),
+                    message: format!("must be at least 1, got {}", v.unwrap_or_default()),
+                });
+            }
+        }
+        if *min_replicas != 0 && (idle_after.is_some() || activation_lag.is_some()) {
+            return Err(ConfigError::Invalid {
+                field: "scaling.idleAfter".into(),
+                message:
+                    "idleAfter and activationLag apply only with minReplicas: 0 (scale to zero)"
+                        .into(),
+            });
+        }
+        if let Some(after) = self.scale_to_zero_after() {
+            if after < poll_interval.0 {
+                return Err(ConfigError::Invalid {
+                    field: "scaling.idleAfter".into(),
+                    message: format!(
+                        "idleAfter ({}) is shorter than pollInterval ({}): idleness is judged once per poll; make idleAfter at least pollInterval",
+                        HumanDuration(after),
+                        poll_interval
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -414,36 +688,79 @@ impl StreamPipeline {
     /// The worker configuration this resource renders into its ConfigMap: the same types
     /// the worker parses, validated by the same code.
     pub fn worker_config(&self) -> Result<WorkerConfig, ConfigError> {
-        let name = self.metadata.name.clone().unwrap_or_default();
-        let s = &self.spec;
-        let sec = &s.source.security;
+        // Every field, named: a new one must be handed to the worker or said not to be.
+        let StreamPipelineSpec {
+            source,
+            processor,
+            sinks,
+            retry,
+            dead_letter,
+            secret_env,
+            secret_files,
+            workers,
+            batching,
+            commit,
+            memory,
+            delivery,
+            scaling: _,
+            paused: _,
+            replicas: _,
+            image,
+            resources: _,
+            template,
+            log_level,
+        } = &self.spec;
+        let PipelineSource {
+            bootstrap_servers,
+            topic,
+            group_id,
+            start_from,
+            session_timeout,
+            security,
+            consumer_properties,
+        } = source;
+        let PipelineSecurity {
+            protocol,
+            sasl_mechanism,
+            username,
+            password_secret_ref: _,
+            ca_file,
+            cert_file,
+            key_file,
+            key_password_secret_ref,
+        } = security;
         let config = WorkerConfig {
-            pipeline: name,
+            pipeline: self.metadata.name.clone().unwrap_or_default(),
             source: SourceConfig {
-                bootstrap_servers: s.source.bootstrap_servers.clone(),
-                topic: s.source.topic.clone(),
-                group_id: s.source.group_id.clone(),
-                start_from: s.source.start_from,
-                session_timeout: s.source.session_timeout,
+                bootstrap_servers: bootstrap_servers.clone(),
+                topic: topic.clone(),
+                group_id: group_id.clone(),
+                start_from: *start_from,
+                session_timeout: *session_timeout,
                 group_instance_id: None,
                 security: SecurityConfig {
-                    protocol: sec.protocol,
-                    sasl_mechanism: sec.sasl_mechanism,
-                    username: sec.username.clone(),
+                    protocol: *protocol,
+                    sasl_mechanism: *sasl_mechanism,
+                    username: username.clone(),
                     password_env: SASL_PASSWORD_ENV.into(),
-                    ca_file: sec.ca_file.clone(),
+                    ca_file: ca_file.clone(),
+                    cert_file: cert_file.clone(),
+                    key_file: key_file.clone(),
+                    key_password_env: key_password_secret_ref
+                        .as_ref()
+                        .map(|_| SSL_KEY_PASSWORD_ENV.into()),
                 },
-                consumer_properties: s.source.consumer_properties.clone(),
+                consumer_properties: consumer_properties.clone(),
             },
-            processor: s.processor.clone(),
-            sinks: s.sinks.clone(),
-            retry: s.retry.clone(),
-            dead_letter: s.dead_letter.clone(),
-            workers: s.workers.clone(),
-            batching: s.batching.clone(),
-            commit: s.commit.clone(),
-            memory: s.memory.clone(),
-            delivery: s.delivery.clone(),
+            processor: processor.clone(),
+            sinks: sinks.clone(),
+            retry: retry.clone(),
+            dead_letter: dead_letter.clone(),
+            workers: workers.clone(),
+            batching: batching.clone(),
+            commit: commit.clone(),
+            memory: memory.clone(),
+            delivery: delivery.clone(),
             server: ServerConfig {
                 listen: format!("0.0.0.0:{WORKER_PORT}"),
                 ..ServerConfig::default()
@@ -451,8 +768,23 @@ impl StreamPipeline {
         };
         name_rule(&config.pipeline)?;
         config.validate()?;
-        if let ProcessorConfig::Custom { name } = &s.processor {
-            if s.image.is_none() {
+        SINKS.check("sinks", sinks.len())?;
+        if let Some(t) = template {
+            t.check()?;
+        }
+        for (field, n, max) in [
+            ("secretEnv", secret_env.len(), SECRET_ENV_MAX),
+            ("secretFiles", secret_files.len(), SECRET_FILES_MAX),
+        ] {
+            if n > max {
+                return Err(ConfigError::Invalid {
+                    field: field.into(),
+                    message: format!("at most {max} entries, got {n}"),
+                });
+            }
+        }
+        if let ProcessorConfig::Custom { name } = processor {
+            if image.is_none() {
                 return Err(ConfigError::Invalid {
                     field: "processor.custom".into(),
                     message: format!(
@@ -461,12 +793,12 @@ impl StreamPipeline {
                 });
             }
         }
-        if let Some(level) = &s.log_level {
-            log_level(level)?;
+        if let Some(level) = log_level {
+            log_level_filter(level)?;
         }
-        for (i, sink) in s.sinks.iter().enumerate() {
+        for (i, sink) in sinks.iter().enumerate() {
             if let SinkConfig::Postgres(pg) = sink {
-                if !s.secret_env.iter().any(|e| e.name == pg.connection_env) {
+                if !secret_env.iter().any(|e| e.name == pg.connection_env) {
                     return Err(ConfigError::Invalid {
                         field: format!("sinks[{i}].postgres.connectionEnv"),
                         message: format!(
@@ -477,31 +809,37 @@ impl StreamPipeline {
                 }
             }
         }
-        for (i, f) in s.secret_files.iter().enumerate() {
-            if s.secret_files[..i].iter().any(|o| o.name == f.name) {
+        for (i, f) in secret_files.iter().enumerate() {
+            if secret_files[..i].iter().any(|o| o.name == f.name) {
                 return Err(ConfigError::Invalid {
                     field: format!("secretFiles[{i}].name"),
                     message: format!("`{}` is given twice", f.name),
                 });
             }
         }
-        // A CA file under the secret files' directory must be one of them.
-        let mut ca_files: Vec<(String, &str)> = Vec::new();
-        if let Some(f) = &sec.ca_file {
-            ca_files.push(("source.security.caFile".into(), f));
+        // A file under the secret files' directory must be one of them.
+        let mut files: Vec<(String, &str)> = Vec::new();
+        for (field, f) in [
+            ("source.security.caFile", ca_file),
+            ("source.security.certFile", cert_file),
+            ("source.security.keyFile", key_file),
+        ] {
+            if let Some(f) = f {
+                files.push((field.into(), f));
+            }
         }
-        for (i, sink) in s.sinks.iter().enumerate() {
+        for (i, sink) in sinks.iter().enumerate() {
             if let SinkConfig::Postgres(pg) = sink {
                 if let Some(f) = &pg.ca_file {
-                    ca_files.push((format!("sinks[{i}].postgres.caFile"), f));
+                    files.push((format!("sinks[{i}].postgres.caFile"), f));
                 }
             }
         }
-        for (field, path) in ca_files {
+        for (field, path) in files {
             let Some(file) = path.strip_prefix(&format!("{SECRET_FILES_DIR}/")) else {
                 continue;
             };
-            if !s.secret_files.iter().any(|f| f.name == file) {
+            if !secret_files.iter().any(|f| f.name == file) {
                 return Err(ConfigError::Invalid {
                     field,
                     message: format!(
@@ -510,21 +848,51 @@ impl StreamPipeline {
                 });
             }
         }
-        for (i, e) in s.secret_env.iter().enumerate() {
+        for (i, e) in secret_env.iter().enumerate() {
             if RESERVED_ENV.contains(&e.name.as_str())
                 || e.name.starts_with(crate::config::ENV_OVERRIDE_PREFIX)
-                || s.secret_env[..i].iter().any(|o| o.name == e.name)
+                || secret_env[..i].iter().any(|o| o.name == e.name)
             {
                 return Err(ConfigError::Invalid {
                     field: format!("secretEnv[{i}].name"),
                     message: format!(
-                        "`{}` is reserved or given twice (SLUICE_CONFIG and SLUICE_LOG are set by sluice, SLUICE_SASL_PASSWORD comes from source.security, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods, SLUICE__* would override the configuration)",
+                        "`{}` is reserved or given twice (SLUICE_CONFIG and SLUICE_LOG are set by sluice, SLUICE_SASL_PASSWORD and SLUICE_SSL_KEY_PASSWORD come from source.security, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods, SLUICE__* would override the configuration)",
                         e.name
                     ),
                 });
             }
         }
         Ok(config)
+    }
+}
+
+/// How a Secret key reaches the worker pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretUse<'a> {
+    /// As the environment variable of this name.
+    Env(&'a str),
+    /// As the file of this name under [`SECRET_FILES_DIR`].
+    File(&'a str),
+}
+
+impl StreamPipelineSpec {
+    /// Every Secret key the worker pod is filled from, and how, in one list: what the
+    /// Deployment mounts, and what the controller reads to reach Kafka as the workers do.
+    pub fn secret_inputs(&self) -> Vec<(SecretUse<'_>, &SecretKeyRef)> {
+        let mut out = Vec::new();
+        if let Some(r) = &self.source.security.password_secret_ref {
+            out.push((SecretUse::Env(SASL_PASSWORD_ENV), r));
+        }
+        if let Some(r) = &self.source.security.key_password_secret_ref {
+            out.push((SecretUse::Env(SSL_KEY_PASSWORD_ENV), r));
+        }
+        for e in &self.secret_env {
+            out.push((SecretUse::Env(e.name.as_str()), &e.secret_key_ref));
+        }
+        for f in &self.secret_files {
+            out.push((SecretUse::File(f.name.as_str()), &f.secret_key_ref));
+        }
+        out
     }
 }
 
@@ -550,7 +918,7 @@ fn name_rule(name: &str) -> Result<(), ConfigError> {
 }
 
 /// `spec.logLevel`: comma-separated `level` or `target=level`, the schema's pattern.
-fn log_level(v: &str) -> Result<(), ConfigError> {
+fn log_level_filter(v: &str) -> Result<(), ConfigError> {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     let ident = |t: &str| {
         t.split("::").all(|p| {
@@ -578,6 +946,7 @@ fn log_level(v: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::rules::PER_PARTITION;
     use kube::CustomResourceExt;
 
     fn example() -> StreamPipeline {
@@ -620,6 +989,9 @@ spec:
                 key: "password".into(),
             }),
             ca_file: None,
+            cert_file: None,
+            key_file: None,
+            key_password_secret_ref: None,
         };
         let yaml = p.worker_config().unwrap().to_yaml();
         assert!(yaml.contains(SASL_PASSWORD_ENV), "{yaml}");
@@ -679,6 +1051,176 @@ spec:
                 "the CEL rule names {name}"
             );
         }
+    }
+
+    #[test]
+    fn cel_rules_mirror_the_constants_the_checks_read() {
+        for name in RESERVED_ENV {
+            assert!(SECRET_ENV_RULE.contains(&format!("'{name}'")), "{name}");
+        }
+        assert_eq!(
+            SECRET_ENV_RULE.matches('\'').count(),
+            2 * (RESERVED_ENV.len() + 1),
+            "the rule quotes the reserved names and the override prefix, nothing else"
+        );
+        assert!(SECRET_ENV_RULE.contains(&format!(
+            "startsWith('{}')",
+            crate::config::ENV_OVERRIDE_PREFIX
+        )));
+        assert!(NAME_RULE.contains(&format!("size() <= {MAX_NAME_LEN}")));
+        assert!(NAME_RULE_MESSAGE.contains(&format!("at most {MAX_NAME_LEN}")));
+        let crd = serde_json::to_string(&StreamPipeline::crd()).unwrap();
+        let rule = serde_json::to_string(SECRET_ENV_RULE).unwrap();
+        assert!(crd.contains(&rule), "the CRD carries SECRET_ENV_RULE");
+        for (rule, reserved) in [
+            (TEMPLATE_LABELS_RULE, RESERVED_POD_LABELS),
+            (TEMPLATE_ANNOTATIONS_RULE, RESERVED_POD_ANNOTATIONS),
+        ] {
+            assert!(rule.contains(&format!("startsWith('{SLUICE_KEY_PREFIX}')")));
+            assert_eq!(rule.matches("', '").count() + 1, reserved.len(), "{rule}");
+            for key in reserved {
+                assert!(rule.contains(&format!("'{key}'")), "{rule} lacks {key}");
+            }
+            let json = serde_json::to_string(rule).unwrap();
+            assert!(crd.contains(&json), "the CRD carries {rule}");
+        }
+    }
+
+    #[test]
+    fn the_schema_carries_the_bounds_the_checks_read() {
+        let crd = serde_json::to_value(StreamPipeline::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let workers = &spec["properties"]["workers"]["properties"]["perPartition"];
+        let n = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+        assert_eq!(n(&workers["minimum"]), PER_PARTITION.min as f64);
+        assert_eq!(n(&workers["maximum"]), PER_PARTITION.max as f64);
+        let topic = &spec["properties"]["source"]["properties"]["topic"];
+        assert_eq!(n(&topic["maxLength"]), TOPIC_NAME_LEN.max as f64);
+        assert_eq!(topic["pattern"], TOPIC_NAME_PATTERN);
+        assert_eq!(
+            n(&spec["properties"]["sinks"]["maxItems"]),
+            SINKS.max as f64
+        );
+    }
+
+    #[test]
+    fn a_template_may_add_to_the_pods_but_not_take_sluices_keys_or_weaken_its_security() {
+        let t = |v: serde_json::Value| -> PodTemplate { serde_json::from_value(v).unwrap() };
+        let ok = t(serde_json::json!({
+            "metadata": {"labels": {"team": "payments", "app.kubernetes.io/part-of": "billing"},
+                         "annotations": {"prometheus.io/scrape": "true"}},
+            "securityContext": {"fsGroup": 2000, "runAsUser": 1000, "runAsNonRoot": true,
+                                "seccompProfile": {"type": "Localhost", "localhostProfile": "sluice.json"}}
+        }));
+        ok.check().unwrap();
+        for (v, field) in [
+            (
+                serde_json::json!({"metadata": {"labels": {"sluice.dev/pipeline": "x"}}}),
+                r#"template.metadata.labels["sluice.dev/pipeline"]"#,
+            ),
+            (
+                serde_json::json!({"metadata": {"labels": {"app.kubernetes.io/instance": "x"}}}),
+                r#"template.metadata.labels["app.kubernetes.io/instance"]"#,
+            ),
+            (
+                serde_json::json!({"metadata": {"annotations": {"sluice.dev/config-hash": "0"}}}),
+                r#"template.metadata.annotations["sluice.dev/config-hash"]"#,
+            ),
+            (
+                serde_json::json!({"metadata": {"annotations": {"prometheus.io/port": "80"}}}),
+                r#"template.metadata.annotations["prometheus.io/port"]"#,
+            ),
+            (
+                serde_json::json!({"securityContext": {"runAsNonRoot": false}}),
+                "template.securityContext.runAsNonRoot",
+            ),
+            (
+                serde_json::json!({"securityContext": {"runAsUser": 0}}),
+                "template.securityContext.runAsUser",
+            ),
+            (
+                serde_json::json!({"securityContext": {"runAsGroup": 0}}),
+                "template.securityContext.runAsGroup",
+            ),
+            (
+                serde_json::json!({"securityContext": {"seccompProfile": {"type": "Unconfined"}}}),
+                "template.securityContext.seccompProfile",
+            ),
+            (
+                serde_json::json!({"securityContext": {"appArmorProfile": {"type": "Unconfined"}}}),
+                "template.securityContext.appArmorProfile",
+            ),
+            (
+                serde_json::json!({"securityContext": {"windowsOptions": {"hostProcess": true}}}),
+                "template.securityContext.windowsOptions.hostProcess",
+            ),
+        ] {
+            match t(v.clone()).check() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{v}"),
+                other => panic!("{v}: {other:?}"),
+            }
+        }
+        let many: BTreeMap<String, String> = (0..=TEMPLATE_KEYS_MAX)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
+        let e = t(serde_json::json!({"metadata": {"labels": many}}))
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("template.metadata.labels") && e.contains("at most 64"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_template_schema_is_the_pod_specs() {
+        let crd = serde_json::to_value(StreamPipeline::crd()).unwrap();
+        let t = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["template"]["properties"];
+        let spread = &t["topologySpreadConstraints"]["items"];
+        let required: Vec<&str> = spread["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        for f in ["maxSkew", "topologyKey", "whenUnsatisfiable"] {
+            assert!(required.contains(&f), "{required:?}");
+        }
+        assert_eq!(
+            t["tolerations"]["items"]["properties"]["tolerationSeconds"]["type"],
+            "integer"
+        );
+        assert!(t["affinity"]["properties"]["nodeAffinity"].is_object());
+        assert_eq!(
+            t["securityContext"]["properties"]["fsGroup"]["type"],
+            "integer"
+        );
+    }
+
+    #[test]
+    fn scaling_rules_hold_for_objects_stored_before_them() {
+        let s = |v: serde_json::Value| -> ScalingSpec { serde_json::from_value(v).unwrap() };
+        let e = s(serde_json::json!({"minReplicas": 5, "maxReplicas": 2}))
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("scaling.maxReplicas") && e.contains("at least minReplicas"),
+            "{e}"
+        );
+        let e = s(serde_json::json!({"maxReplicas": 5000}))
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("between 1 and 1000"), "{e}");
+        let e = s(serde_json::json!({"lagPerReplica": 0}))
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scaling.lagPerReplica"), "{e}");
+        assert!(ScalingSpec::default().check().is_ok());
     }
 
     #[test]

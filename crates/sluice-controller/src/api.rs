@@ -31,6 +31,8 @@ impl Default for ApiLimits {
 pub enum Verb {
     /// GET (an object, or its metadata).
     Get,
+    /// GET of a collection (a pipeline's pods, while workers are missing).
+    List,
     /// PATCH (server-side apply; of the status too).
     Patch,
     /// POST (an Event).
@@ -44,6 +46,7 @@ impl Verb {
     pub fn label(self) -> &'static str {
         match self {
             Verb::Get => "get",
+            Verb::List => "list",
             Verb::Patch => "patch",
             Verb::Create => "create",
             Verb::Delete => "delete",

@@ -3,13 +3,18 @@
 //! Deployment's replicas), so a reconcile reads what exists without a request, and the
 //! same watches trigger the owners' reconciles. All objects, not only sluice's: an object
 //! a user made under a child's name must be seen to be refused.
+//!
+//! And the Secrets' versions: their metadata only, asked for as metadata (a Secret's data
+//! never crosses the watch, and none is kept), so a reconcile knows without a request
+//! whether a Secret its pods read changed since it last read it (reconcile/secrets.rs), and
+//! a change triggers the pipelines that read it (controller.rs).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStatus};
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::NamespaceResourceScope;
@@ -27,11 +32,12 @@ pub struct Cache {
     config_maps: Store<PartialObjectMeta<ConfigMap>>,
     services: Store<PartialObjectMeta<Service>>,
     pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
-    ready: [Arc<AtomicBool>; 4],
+    secrets: Store<PartialObjectMeta<Secret>>,
+    ready: [Arc<AtomicBool>; 5],
 }
 
 /// The watch streams behind a [`Cache`], for the controller's triggers.
-pub struct Triggers<D, C, S, P> {
+pub struct Triggers<D, C, S, P, X> {
     /// Deployments.
     pub deployments: D,
     /// ConfigMaps (metadata).
@@ -40,6 +46,8 @@ pub struct Triggers<D, C, S, P> {
     pub services: S,
     /// PodDisruptionBudgets (metadata).
     pub pdbs: P,
+    /// Secrets (metadata).
+    pub secrets: X,
 }
 
 impl Cache {
@@ -74,6 +82,13 @@ impl Cache {
             .map(|o| o.metadata.clone())
     }
 
+    /// The resourceVersion of the Secret `name` in `ns` (`None`: there is none).
+    pub fn secret_version(&self, ns: &str, name: &str) -> Option<String> {
+        self.secrets
+            .get(&ObjectRef::new(name).within(ns))
+            .and_then(|o| o.metadata.resource_version.clone())
+    }
+
     /// Watch the children in `namespace` (all namespaces: `None`): the cache, and the
     /// streams to drive (the controller's `owns_stream`), which fill it.
     #[allow(clippy::type_complexity)]
@@ -89,9 +104,10 @@ impl Cache {
             impl Stream<Item = Result<PartialObjectMeta<PodDisruptionBudget>, watcher::Error>>
                 + Send
                 + 'static,
+            impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static,
         >,
     ) {
-        let ready: [Arc<AtomicBool>; 4] = Default::default();
+        let ready: [Arc<AtomicBool>; 5] = Default::default();
         let (deployments, d) = {
             let (reader, writer) = reflector::store();
             let flag = ready[0].clone();
@@ -109,12 +125,14 @@ impl Cache {
         let (config_maps, c) = metadata::<ConfigMap>(client, namespace, ready[1].clone());
         let (services, s) = metadata::<Service>(client, namespace, ready[2].clone());
         let (pdbs, p) = metadata::<PodDisruptionBudget>(client, namespace, ready[3].clone());
+        let (secrets, x) = metadata::<Secret>(client, namespace, ready[4].clone());
         (
             Cache {
                 deployments,
                 config_maps,
                 services,
                 pdbs,
+                secrets,
                 ready,
             },
             Triggers {
@@ -122,6 +140,7 @@ impl Cache {
                 config_maps: c,
                 services: s,
                 pdbs: p,
+                secrets: x,
             },
         )
     }
@@ -133,7 +152,7 @@ fn mark<K>(ready: &AtomicBool, e: &watcher::Event<K>) {
     }
 }
 
-fn scoped<K>(c: &Client, ns: Option<&str>) -> Api<K>
+pub(crate) fn scoped<K>(c: &Client, ns: Option<&str>) -> Api<K>
 where
     K: Resource<Scope = NamespaceResourceScope>,
     K::DynamicType: Default,
@@ -163,6 +182,8 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
+    // `Api<PartialObjectMeta<K>>` lists and watches with metadata-only requests (kube 5):
+    // no Secret's data, nor a ConfigMap's, crosses these watches.
     let s = watcher(
         scoped::<PartialObjectMeta<K>>(client, namespace),
         watcher::Config::default(),

@@ -20,6 +20,7 @@ use crate::kafka::reads::Reads;
 use crate::kafka::{ConnectionKey, KafkaInspector};
 use crate::metrics::ControllerMetrics;
 use crate::reconcile::scale::Scale;
+use crate::reconcile::secrets::PodSecrets;
 
 /// The field manager of every server-side apply.
 pub const MANAGER: &str = "sluice-controller";
@@ -85,6 +86,9 @@ pub(crate) struct PipelineMemory {
     pub start_at: Option<Instant>,
     /// The worker configuration validated for a generation of the spec.
     pub validated: Option<(i64, WorkerConfig)>,
+    /// The Secrets the pods read as last read, with the versions the watch showed of them
+    /// then (reconcile/secrets.rs): read again only when one of them changed.
+    pub secrets: Option<(String, Arc<PodSecrets>)>,
 }
 
 /// One child as sluice applied it: the digest of what was applied, and the stamp
@@ -125,23 +129,38 @@ pub struct Context {
     /// The children as the watches show them (set by the controller's run; reconciles
     /// called directly read the API server instead).
     pub(crate) cache: OnceLock<Cache>,
+    /// The namespace the controller runs in: where the key of the Secret digests is kept
+    /// (reconcile/secrets.rs).
+    pub(crate) home_namespace: String,
+    /// That key, read (or made) the first time a pipeline reads a Secret.
+    pub(crate) digest_key: tokio::sync::OnceCell<Arc<[u8]>>,
     pipelines: Mutex<HashMap<PipelineKey, PipelineMemory>>,
     /// Pipelines forgotten since memory was last handed back.
     forgotten: AtomicUsize,
 }
 
 impl Context {
-    /// A context for `client`, with the default limits on API requests.
+    /// A context for `client`, with the default limits on API requests, at home in the
+    /// `default` namespace (tests and embedding; the controller's binary says where it
+    /// runs: [`Context::with_limits`]).
     pub fn new(client: Client, kafka: Arc<dyn KafkaInspector>, default_image: String) -> Arc<Self> {
-        Self::with_limits(client, kafka, default_image, ApiLimits::default())
+        Self::with_limits(
+            client,
+            kafka,
+            default_image,
+            ApiLimits::default(),
+            "default",
+        )
     }
 
-    /// A context for `client` whose API requests keep within `limits`.
+    /// A context for `client` whose API requests keep within `limits`, running in
+    /// `home_namespace` (where it keeps the key of the Secret digests).
     pub fn with_limits(
         client: Client,
         kafka: Arc<dyn KafkaInspector>,
         default_image: String,
         limits: ApiLimits,
+        home_namespace: impl Into<String>,
     ) -> Arc<Self> {
         let recorder = Recorder::new(
             client.clone(),
@@ -154,6 +173,8 @@ impl Context {
         Arc::new(Context {
             api: ApiBudget::new(limits, &metrics.registry),
             cache: OnceLock::new(),
+            home_namespace: home_namespace.into(),
+            digest_key: tokio::sync::OnceCell::new(),
             client,
             reads: Reads::new(kafka.clone(), metrics.kafka.clone()),
             kafka,

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
+use sluice_api::crd::StreamPipelineSpec;
 
 pub use crate::api::ApiLimits;
 use crate::cache::Cache;
@@ -83,6 +85,31 @@ fn slim_pipeline(o: &mut DynamicObject) {
     }
 }
 
+/// The pipelines in the namespace of the Secret `secret` (its metadata: the watch has no
+/// more) whose pods read it. A pipeline that does not parse reads nothing (it waits for a
+/// change of its own).
+pub fn readers_of(
+    pipelines: &Store<DynamicObject>,
+    secret: &ObjectMeta,
+) -> Vec<ObjectRef<DynamicObject>> {
+    let (ns, name) = (
+        secret.namespace.clone(),
+        secret.name.clone().unwrap_or_default(),
+    );
+    pipelines
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace() == ns)
+        .filter(|p| {
+            p.data
+                .get("spec")
+                .and_then(|s| serde_json::from_value::<StreamPipelineSpec>(s.clone()).ok())
+                .is_some_and(|spec| spec.secret_inputs().iter().any(|(_, r)| r.name == name))
+        })
+        .map(|p| ObjectRef::from_obj_with(p.as_ref(), pipeline_resource()))
+        .collect()
+}
+
 /// Run the controller over one namespace (`Some`) or all of them (`None`).
 pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
     let c = ctx.client.clone();
@@ -106,6 +133,7 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
     // arrives (the sweep below catches what a restarted watch missed).
     let writer = reflector::store::Writer::new(ar.clone());
     let store = writer.as_reader();
+    let pipelines_read = store.clone();
     let forget_deleted = ctx.clone();
     let stream = watcher(pipelines, cfg().any_semantic())
         .default_backoff()
@@ -122,7 +150,12 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
         .owns_stream(triggers.deployments)
         .owns_stream(triggers.config_maps)
         .owns_stream(triggers.services)
-        .owns_stream(triggers.pdbs);
+        .owns_stream(triggers.pdbs)
+        // A Secret the pods read changed: reconcile the pipelines that read it, so that the
+        // digest on their pod template changes and the workers roll (reconcile/secrets.rs).
+        .watches_stream(triggers.secrets, move |s| {
+            readers_of(&pipelines_read, &s.metadata)
+        });
     // Deleted pipelines: their memory and metric series go (the watch cache is the truth
     // of what exists; it is read once it has its first full list).
     let forgetter = {
@@ -169,6 +202,42 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_change_reconciles_exactly_the_pipelines_in_its_namespace_that_read_it() {
+        use kube::runtime::reflector;
+        let mut writer = reflector::store::Writer::<DynamicObject>::new(pipeline_resource());
+        let store = writer.as_reader();
+        let pipeline = |ns: &str, name: &str, secret: &str| -> DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "source": {"bootstrapServers": "k:9092", "topic": "in", "groupId": "g"},
+                    "sinks": [{"kafka": {"topic": "out"}}],
+                    "secretFiles": [{"name": "ca.crt", "secretKeyRef": {"name": secret, "key": "ca.crt"}}]
+                }
+            }))
+            .unwrap()
+        };
+        let mut broken = pipeline("a", "broken", "tls");
+        broken.data["spec"]["sinks"] = serde_json::json!("not a list");
+        for p in [
+            pipeline("a", "reads", "tls"),
+            pipeline("a", "other", "other-tls"),
+            pipeline("b", "elsewhere", "tls"),
+            broken,
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(p));
+        }
+        let secret: ObjectMeta =
+            serde_json::from_value(serde_json::json!({"name": "tls", "namespace": "a"})).unwrap();
+        let names: Vec<String> = readers_of(&store, &secret)
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["reads"]);
+    }
 
     #[test]
     fn backoff_doubles_up_to_five_minutes() {

@@ -10,6 +10,9 @@ pub enum Error {
     /// A Secret the pipeline refers to is missing or lacks the key.
     #[error("secret {0}: {1}")]
     Secret(String, String),
+    /// The key of the Secret digests (the controller's own Secret) is unusable.
+    #[error("the Secret digests' key: {0}")]
+    DigestKey(String),
     /// Kafka could not be reached.
     #[error("kafka: {0}")]
     Kafka(String),
@@ -21,6 +24,7 @@ impl Error {
         match self {
             Error::Kube(_) => "kube_api",
             Error::Secret(..) => "secret",
+            Error::DigestKey(_) => "digest_key",
             Error::Kafka(_) => "kafka",
         }
     }

@@ -29,7 +29,8 @@ struct Cli {
     /// Take a Lease before acting, so only one replica reconciles.
     #[arg(long, env = "SLUICE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
-    /// Namespace of the Lease.
+    /// The controller's own namespace: the Lease's, and the Secret that keys the digests of
+    /// the pipelines' Secrets (`sluice-digest-key`, created on first use).
     #[arg(long, env = "POD_NAMESPACE", default_value = "sluice-system")]
     lease_namespace: String,
     /// Watch only this namespace (default: every namespace).
@@ -75,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(RdKafka),
         cli.worker_image.clone(),
         limits,
+        cli.lease_namespace.clone(),
     );
     let registry = ctx.metrics.registry.clone();
     let app = axum::Router::new()

@@ -253,6 +253,118 @@ async fn the_api_server_rejects_invalid_pipelines_with_actionable_messages() {
     }
 }
 
+/// The pod template: the pod spec's own schema, and sluice's rules (its label and
+/// annotation keys, its security context) written twice, for the API server (CEL) and for
+/// objects stored before the rules (`PodTemplate::check`): both refuse the same templates
+/// and accept the same ones.
+#[tokio::test]
+async fn the_api_server_and_the_controller_refuse_the_same_pod_templates() {
+    let (c, ns) = setup("sp").await;
+    let api = dynamic(&c, &ns);
+    let good = json!({
+        "metadata": {"labels": {"team": "iot", "app.kubernetes.io/part-of": "billing"},
+                     "annotations": {"example.com/owner": "iot", "prometheus.io/scrape": "true"}},
+        "nodeSelector": {"pool": "streaming"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "streaming", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["streaming"]}]}]}}},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}],
+        "priorityClassName": "streaming-high",
+        "serviceAccountName": "iot-enrich",
+        "automountServiceAccountToken": true,
+        "imagePullSecrets": [{"name": "registry"}],
+        "securityContext": {"fsGroup": 2000, "runAsUser": 1000, "runAsNonRoot": true,
+                            "seccompProfile": {"type": "Localhost", "localhostProfile": "sluice.json"}}
+    });
+    let mut obj = minimal("placed");
+    obj["spec"]["template"] = good.clone();
+    let stored = create(&api, obj)
+        .await
+        .expect("a full template is accepted");
+    assert_eq!(stored["spec"]["template"], good, "stored as given");
+    let typed: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
+    let sp = typed.get("placed").await.unwrap();
+    sp.worker_config().expect("the controller accepts it too");
+
+    let refused: Vec<(serde_json::Value, &str)> = vec![
+        (
+            json!({"metadata": {"labels": {"sluice.dev/pipeline": "other"}}}),
+            "template.metadata.labels",
+        ),
+        (
+            json!({"metadata": {"labels": {"app.kubernetes.io/name": "x"}}}),
+            "template.metadata.labels",
+        ),
+        (
+            json!({"metadata": {"annotations": {"sluice.dev/config-hash": "0"}}}),
+            "template.metadata.annotations",
+        ),
+        (
+            json!({"metadata": {"annotations": {"prometheus.io/port": "80"}}}),
+            "template.metadata.annotations",
+        ),
+        (
+            json!({"securityContext": {"runAsNonRoot": false}}),
+            "template.securityContext.runAsNonRoot",
+        ),
+        (
+            json!({"securityContext": {"runAsUser": 0}}),
+            "template.securityContext.runAsUser",
+        ),
+        (
+            json!({"securityContext": {"runAsGroup": 0}}),
+            "template.securityContext.runAsGroup",
+        ),
+        (
+            json!({"securityContext": {"seccompProfile": {"type": "Unconfined"}}}),
+            "template.securityContext.seccompProfile",
+        ),
+        (
+            json!({"securityContext": {"appArmorProfile": {"type": "Unconfined"}}}),
+            "template.securityContext.appArmorProfile",
+        ),
+        (
+            json!({"securityContext": {"windowsOptions": {"hostProcess": true}}}),
+            "template.securityContext.windowsOptions.hostProcess",
+        ),
+    ];
+    for (i, (template, field)) in refused.into_iter().enumerate() {
+        let mut obj = minimal(&format!("refused-{i}"));
+        obj["spec"]["template"] = template.clone();
+        let e = create(&api, obj.clone())
+            .await
+            .expect_err(&template.to_string());
+        assert!(e.contains(field), "{template}: the API server says {e}");
+        let t: sluice_api::crd::PodTemplate = serde_json::from_value(template.clone()).unwrap();
+        let e = t.check().expect_err(&template.to_string()).to_string();
+        assert!(e.contains(field), "{template}: the controller says {e}");
+    }
+    // The pod spec's schema: shapes a Deployment's schema refuses.
+    for (template, want) in [
+        (
+            json!({"tolerations": "dedicated"}),
+            "spec.template.tolerations",
+        ),
+        (
+            json!({"topologySpreadConstraints": [{"topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]}),
+            "maxSkew",
+        ),
+        (
+            json!({"nodeSelector": {"pool": 5}}),
+            "spec.template.nodeSelector.pool",
+        ),
+        (
+            json!({"imagePullSecrets": [{"name": 5}]}),
+            "spec.template.imagePullSecrets[0].name",
+        ),
+    ] {
+        let mut obj = minimal("malformed");
+        obj["spec"]["template"] = template.clone();
+        let e = create(&api, obj).await.expect_err(&template.to_string());
+        assert!(e.contains(want), "{template}: {e}");
+    }
+}
+
 #[tokio::test]
 async fn scale_to_zero_is_accepted_with_min_replicas_zero_and_refused_otherwise() {
     let (c, ns) = setup("sp").await;

@@ -164,7 +164,8 @@ fn rbac_is_least_privilege() {
         got,
         vec![
             "/configmaps: get,list,watch,create,patch",
-            "/secrets: get",
+            "/pods: list",
+            "/secrets: get,list,watch",
             "/services: get,list,watch,create,patch",
             "apiextensions.k8s.io/customresourcedefinitions: get",
             "apps/deployments: get,list,watch,create,patch",
@@ -185,6 +186,11 @@ fn rbac_is_least_privilege() {
     }
     let lease_role = d.iter().find(|d| d["kind"] == "Role").unwrap();
     assert_eq!(lease_role["rules"][0]["resources"][0], "leases");
+    assert_eq!(
+        lease_role["rules"][1],
+        serde_json::json!({"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}),
+        "the digests' key: made once, in the release namespace only"
+    );
 }
 
 #[test]

@@ -3,7 +3,10 @@
 //! hands the workers a PostgreSQL URL through `secretEnv`, and neither value, nor a wrong
 //! password that the broker refuses, appears in a ConfigMap, a Deployment, a status, an
 //! Event or a line of the controller's log. A missing Secret is a condition and an Event
-//! that say what to fix.
+//! that say what to fix. Where the broker requires a client certificate, the controller
+//! reads the topic with the one a Strimzi-shaped Secret (`user.crt`, `user.key`, `ca.crt`)
+//! gives the workers, its key plain or encrypted, and a certificate the broker does not
+//! trust is a condition naming the refused handshake.
 
 mod support;
 
@@ -16,7 +19,9 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, CustomResourceExt};
 use serde_json::json;
 use sluice_api::crd::StreamPipeline;
-use sluice_testkit::{bootstrap, create_topic, free_port, kubeconfig, sasl_bootstrap, unique};
+use sluice_testkit::{
+    bootstrap, create_topic, free_port, kubeconfig, mtls_listener, sasl_bootstrap, unique,
+};
 use support::{client, install, namespace};
 
 /// The broker's real SCRAM password for user `sluice` (scripts/kafka.sh).
@@ -37,6 +42,8 @@ impl Controller {
         let out = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_sluice-controller"))
             .args(["--watch-namespace", ns, "--leader-election", "false"])
+            // Its own namespace (the Secret digests' key) is the test's.
+            .args(["--lease-namespace", ns])
             .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
             .env("KUBECONFIG", kubeconfig())
             .env("SLUICE_LOG", "debug")
@@ -242,4 +249,186 @@ async fn no_secret_reaches_a_configmap_a_deployment_a_status_an_event_or_the_log
         places.len() - 1,
         places.last().map_or(0, |(_, l)| l.lines().count())
     );
+}
+
+/// A Secret with these keys (values as they are).
+async fn secret_of(c: &Client, ns: &str, name: &str, data: &[(&str, String)]) {
+    let data: serde_json::Map<String, serde_json::Value> = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "stringData": data
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(c.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .expect("create Secret");
+}
+
+/// A pipeline on the client-certificate listener, its files from the Secret `user` the way
+/// Strimzi's KafkaUser Secret is laid out; `key_password` names the Secret key holding an
+/// encrypted key's password.
+fn mtls_pipeline(
+    name: &str,
+    bootstrap: &str,
+    topic: &str,
+    user: &str,
+    key_password: bool,
+) -> StreamPipeline {
+    let file = |f: &str, key: &str| json!({"name": f, "secretKeyRef": {"name": user, "key": key}});
+    let mut security = json!({
+        "protocol": "SSL",
+        "caFile": "/etc/sluice/secrets/ca.crt",
+        "certFile": "/etc/sluice/secrets/user.crt",
+        "keyFile": "/etc/sluice/secrets/user.key"
+    });
+    if key_password {
+        security["keyPasswordSecretRef"] = json!({"name": user, "key": "user.password"});
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+        "metadata": {"name": name},
+        "spec": {
+            "source": {"bootstrapServers": bootstrap, "topic": topic, "groupId": name, "security": security},
+            "sinks": [{"kafka": {"topic": format!("{topic}-out")}}],
+            "secretFiles": [file("ca.crt", "ca.crt"), file("user.crt", "user.crt"), file("user.key", "user.key")],
+            "scaling": {"pollInterval": "1s"}
+        }
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_reads_kafka_with_the_workers_client_certificate_and_names_a_refused_one() {
+    let Some(m) = mtls_listener() else {
+        eprintln!(
+            "SKIPPED: external broker without SLUICE_TEST_MTLS_BOOTSTRAP/SLUICE_TEST_MTLS_DIR"
+        );
+        return;
+    };
+    let read = |p: &std::path::PathBuf| std::fs::read_to_string(p).expect("test PKI file");
+    let c = client().await;
+    install(&c, &StreamPipeline::crd()).await;
+    let ns = namespace(&c, "mtls").await;
+    let topic = unique("mtls-in");
+    create_topic(&bootstrap(), &topic, 3).await.unwrap();
+    let ca = read(&m.ca);
+    secret_of(
+        &c,
+        &ns,
+        "user",
+        &[
+            ("user.crt", read(&m.cert)),
+            ("user.key", read(&m.key)),
+            ("ca.crt", ca.clone()),
+        ],
+    )
+    .await;
+    secret_of(
+        &c,
+        &ns,
+        "user-encrypted",
+        &[
+            ("user.crt", read(&m.cert)),
+            ("user.key", read(&m.encrypted_key)),
+            ("user.password", m.key_password.clone()),
+            ("ca.crt", ca.clone()),
+        ],
+    )
+    .await;
+    secret_of(
+        &c,
+        &ns,
+        "stranger",
+        &[
+            ("user.crt", read(&m.stranger_cert)),
+            ("user.key", read(&m.stranger_key)),
+            ("ca.crt", ca),
+        ],
+    )
+    .await;
+
+    let controller = Controller::start(&ns);
+    let api: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
+    for (name, user, key_password) in [
+        ("plain-key", "user", false),
+        ("encrypted-key", "user-encrypted", true),
+        ("stranger", "stranger", false),
+    ] {
+        api.create(
+            &PostParams::default(),
+            &mtls_pipeline(name, &m.bootstrap, &topic, user, key_password),
+        )
+        .await
+        .expect("create pipeline");
+    }
+    // Both good certificates reach Kafka: the partitions are counted.
+    for name in ["plain-key", "encrypted-key"] {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while api
+            .get(name)
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.partitions)
+            != Some(3)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: the controller never read the topic with the client certificate:\n{}",
+                controller.log()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    // The stranger's certificate is refused by the broker, and the condition says why.
+    let refused = ready_reason(&api, "stranger", "KafkaUnavailable").await;
+    eprintln!("stranger: {refused}");
+    let lower = refused.to_lowercase();
+    assert!(
+        lower.contains("ssl") || lower.contains("certificate"),
+        "the condition should name the refused handshake: {refused}"
+    );
+    // No Deployment for the refused one (no pods to crash-loop), one for each good one.
+    let deployments: Vec<String> = Api::<Deployment>::namespaced(c.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|d| d.metadata.name)
+        .collect();
+    assert!(
+        !deployments.contains(&"stranger".to_string()),
+        "{deployments:?}"
+    );
+    // Neither the key nor its password leaves its Secret.
+    let key_line = read(&m.key).lines().nth(1).unwrap_or_default().to_string();
+    let log = controller.log();
+    for (what, text) in [
+        ("the controller's log", log.clone()),
+        (
+            "the ConfigMaps",
+            serde_json::to_string(
+                &Api::<ConfigMap>::namespaced(c.clone(), &ns)
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items,
+            )
+            .unwrap(),
+        ),
+    ] {
+        assert!(
+            !text.contains(&key_line),
+            "a line of the private key appears in {what}"
+        );
+        assert!(
+            !text.contains(&m.key_password),
+            "the key password appears in {what}"
+        );
+    }
 }

@@ -1,7 +1,10 @@
 //! SASL and TLS against the real broker: the worker authenticates with SASL/PLAIN and
 //! SCRAM-SHA-256/512, the password comes only from the environment variable the config
 //! names and never appears in the worker's logs or metrics; TLS verifies the broker against
-//! the configured CA, alone and under SASL (SASL_SSL).
+//! the configured CA, alone and under SASL (SASL_SSL); where the broker requires a client
+//! certificate, the worker presents one (its key plain or encrypted) for the source, the
+//! Kafka sink and the dead-letter topic, and one the broker does not trust leaves it
+//! running, refused, with the reason in its log.
 
 use std::time::Duration;
 
@@ -40,9 +43,12 @@ fn start_refused(name: &str, sasl: &str, mechanism: &str) -> (WorkerProcess, Str
         &addr,
         &[("SLUICE_TEST_KAFKA_PASSWORD", "not-the-password")],
     );
+    // Up to 30 s pass before the worker's clients try, and log, the refused login: at
+    // start-up it first reads each Kafka sink's max.message.bytes (three attempts of 10 s
+    // against a broker that refuses it, kafka/limits.rs, whose admin client logs nothing).
     wait_for(
         "the authentication failure in the log",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || {
             std::fs::read_to_string(&w.log)
                 .unwrap_or_default()
@@ -282,4 +288,142 @@ fn the_worker_speaks_sasl_over_tls_with_scram() {
         &[("SLUICE_TEST_KAFKA_PASSWORD", PASSWORD)],
     );
     assert!(!log.contains(PASSWORD), "the password reached the log");
+}
+
+/// `source.security` presenting `cert`/`key` to the client-certificate listener.
+fn mtls_security(
+    m: &MtlsListener,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    extra: &str,
+) -> String {
+    format!(
+        "{{protocol: SSL, caFile: \"{}\", certFile: \"{}\", keyFile: \"{}\"{extra}}}",
+        m.ca.display(),
+        cert.display(),
+        key.display()
+    )
+}
+
+#[test]
+fn the_worker_presents_a_client_certificate_for_source_sink_and_dead_letters() {
+    let Some(m) = mtls_listener() else {
+        eprintln!(
+            "SKIPPED: external broker without SLUICE_TEST_MTLS_BOOTSTRAP/SLUICE_TEST_MTLS_DIR"
+        );
+        return;
+    };
+    let b = bootstrap();
+    for (name, key, extra, env) in [
+        ("mtls", &m.key, "", Vec::<(&str, &str)>::new()),
+        (
+            "mtls-encrypted",
+            &m.encrypted_key,
+            ", keyPasswordEnv: SLUICE_TEST_KEY_PASSWORD",
+            vec![("SLUICE_TEST_KEY_PASSWORD", m.key_password.as_str())],
+        ),
+    ] {
+        let (input, output, group) = pipeline_topics(name, 2);
+        let dlq = format!("{input}-dlq");
+        create_topic_now(&dlq, 1);
+        let n = 2_000;
+        produce_seq(&input, n);
+        let addr = format!("127.0.0.1:{}", free_port());
+        // Every 100th record fails in jq and goes to the dead-letter topic: the consumer,
+        // the sink's producer and the dead-letter producer all connect with the certificate.
+        let config = format!(
+            "{}processor: {{jq: {{program: 'if .seq % 100 == 7 then error(\"poison\") else . end'}}}}\ndeadLetter: {{topic: {dlq}}}\n",
+            security_config(&m.bootstrap, &mtls_security(&m, &m.cert, key, extra), &input, &output, &group, &addr)
+        );
+        let mut w = WorkerProcess::start_with_env(BIN, &unique(name), &config, &addr, &env);
+        wait_for(
+            &format!("everything committed through {name}"),
+            Duration::from_secs(120),
+            || uncommitted(&b, &group, &input) == 0,
+        );
+        w.signal("TERM");
+        assert!(w.wait(Duration::from_secs(30)).expect("exits").success());
+        let outputs = read_all(&output, Duration::from_secs(60));
+        let letters = read_all(&dlq, Duration::from_secs(60));
+        assert_eq!((outputs.len(), letters.len()), (1_980, 20), "{name}");
+        if !m.key_password.is_empty() {
+            assert!(
+                !std::fs::read_to_string(&w.log)
+                    .unwrap()
+                    .contains(&m.key_password),
+                "{name}: the key password reached the log"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_certificate_the_broker_does_not_trust_is_refused_and_the_worker_keeps_running() {
+    let Some(m) = mtls_listener() else {
+        eprintln!(
+            "SKIPPED: external broker without SLUICE_TEST_MTLS_BOOTSTRAP/SLUICE_TEST_MTLS_DIR"
+        );
+        return;
+    };
+    let b = bootstrap();
+    for (name, security) in [
+        (
+            "mtls-stranger",
+            mtls_security(&m, &m.stranger_cert, &m.stranger_key, ""),
+        ),
+        (
+            "mtls-none",
+            format!("{{protocol: SSL, caFile: \"{}\"}}", m.ca.display()),
+        ),
+    ] {
+        let (input, output, group) = pipeline_topics(name, 1);
+        produce_seq(&input, 100);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut w = WorkerProcess::start(
+            BIN,
+            &unique(name),
+            &security_config(&m.bootstrap, &security, &input, &output, &group, &addr),
+            &addr,
+        );
+        // (After up to 30 s of the start-up's max.message.bytes read: see start_refused.)
+        wait_for(
+            &format!("{name}: the refused handshake in the log"),
+            Duration::from_secs(60),
+            || {
+                let log = std::fs::read_to_string(&w.log)
+                    .unwrap_or_default()
+                    .to_lowercase();
+                log.contains("ssl") && (log.contains("certificate") || log.contains("handshake"))
+            },
+        );
+        assert_eq!(
+            w.metric("sluice_messages_consumed_total", ""),
+            0.0,
+            "{name}"
+        );
+        // (The group's offsets are read with a deadline: one read can time out on a busy
+        // machine.)
+        poll(
+            &format!("{name}: 100 records uncommitted"),
+            Duration::from_secs(30),
+            || match uncommitted(&b, &group, &input) {
+                100 => Ok(()),
+                other => Err(format!("uncommitted: {other}")),
+            },
+        );
+        assert!(
+            w.wait(Duration::from_millis(100)).is_none(),
+            "{name}: the worker exited"
+        );
+        assert_eq!(
+            http_status(&addr, "/healthz"),
+            Some(200),
+            "{name}: not live"
+        );
+        w.signal("TERM");
+        assert!(
+            w.wait(Duration::from_secs(30)).is_some(),
+            "{name}: no exit on SIGTERM"
+        );
+    }
 }

@@ -26,6 +26,12 @@ pub const RESERVED_CONSUMER_PROPERTIES: &[(&str, &str)] = &[
     ("sasl.username", "set source.security.username"),
     ("sasl.password", "a password never goes into the configuration: set source.security.passwordSecretRef"),
     ("ssl.ca.location", "set source.security.caFile"),
+    ("ssl.ca.pem", "set source.security.caFile"),
+    ("ssl.certificate.location", "set source.security.certFile"),
+    ("ssl.certificate.pem", "set source.security.certFile"),
+    ("ssl.key.location", "set source.security.keyFile"),
+    ("ssl.key.pem", "set source.security.keyFile"),
+    ("ssl.key.password", "a password never goes into the configuration: set source.security.keyPasswordSecretRef"),
     ("statistics.interval.ms", "the worker's liveness rule expects librdkafka's statistics every 5 s; another interval (or none) would fail /healthz for good"),
 ];
 

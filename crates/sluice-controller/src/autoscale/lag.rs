@@ -74,14 +74,17 @@ fn inspector(config: &ClientConfig) -> Result<Inspector, LagError> {
     Ok(config.create_with_context(LastError::default())?)
 }
 
-/// `e` with the client's last out-of-band error attached.
-fn explained(c: &Inspector, e: KafkaError) -> LagError {
+/// `e` with the client's last out-of-band error attached (the per-pipeline inspector's and
+/// the shared connection's, kafka/cluster.rs).
+pub(crate) fn explained(c: &Inspector, e: KafkaError) -> LagError {
     // librdkafka's log and error events reach the context only when the client is
-    // polled (rdkafka routes them through the client's queue).
-    for _ in 0..10 {
-        if c.poll(Duration::ZERO).is_none() {
-            break;
-        }
+    // polled (rdkafka routes them through the client's queue). Every poll serves at most one
+    // event, and one it consumed (a log line) reads as `None` like an empty queue, so poll a
+    // bounded number of times rather than stopping at the first `None`: a refused TLS
+    // client certificate is first a warning (no client certificate sent), then the error
+    // that says why.
+    for _ in 0..64 {
+        let _ = c.poll(Duration::ZERO);
     }
     LagError::Kafka {
         error: e,

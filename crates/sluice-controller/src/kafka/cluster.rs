@@ -12,7 +12,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::group_offsets::committed;
 use super::{Answer, Query, Requests};
-use crate::autoscale::lag::{partition_lag, LagError, LastError, PartitionLag};
+use crate::autoscale::lag::{explained, partition_lag, LagError, LastError, PartitionLag};
 
 /// A partition: topic and number.
 type Tp = (String, i32);
@@ -38,15 +38,7 @@ impl Cluster {
     /// `e` with the client's last out-of-band error attached (a refused login, a TLS
     /// failure: the request itself only says "transport failure").
     fn explained(&self, e: KafkaError) -> LagError {
-        // librdkafka's log and error events reach the context only when the client is
-        // polled (rdkafka routes them through the client's queue).
-        for _ in 0..10 {
-            if self.consumer.poll(Duration::ZERO).is_none() {
-                break;
-            }
-        }
-        let cause = self.consumer.context().take();
-        LagError::Kafka { error: e, cause }
+        explained(&self.consumer, e)
     }
 
     /// Answer `queries` with as few requests as the protocol allows.

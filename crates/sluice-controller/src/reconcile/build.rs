@@ -19,10 +19,13 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use sha2::{Digest, Sha256};
 use sluice_api::config::WorkerConfig;
-use sluice_api::crd::{StreamPipeline, SASL_PASSWORD_ENV, SECRET_FILES_DIR, WORKER_PORT};
+use sluice_api::crd::{SecretUse, StreamPipeline, SECRET_FILES_DIR, WORKER_PORT};
 
 /// Annotation on the pod template carrying the config hash: a new config rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "sluice.dev/config-hash";
+/// Annotation on the pod template carrying the digest of every Secret key the pods read: a
+/// rotated Secret rolls the pods.
+pub const SECRETS_HASH_ANNOTATION: &str = "sluice.dev/secrets-hash";
 /// Key of the worker config in its ConfigMap.
 pub const CONFIG_KEY: &str = "config.yaml";
 /// Where the worker config is mounted.
@@ -75,6 +78,8 @@ pub struct Validated {
     pub partitions: u32,
     /// The worker image to run.
     pub image: String,
+    /// The digest of every Secret key the pods read (empty: they read none).
+    pub secrets_digest: String,
 }
 
 impl Validated {
@@ -281,11 +286,11 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
         }),
         ..Default::default()
     };
-    if let Some(secret) = &spec.source.security.password_secret_ref {
-        env.push(from_secret(SASL_PASSWORD_ENV, secret));
-    }
-    for e in &spec.secret_env {
-        env.push(from_secret(&e.name, &e.secret_key_ref));
+    let inputs = spec.secret_inputs();
+    for (used, secret) in &inputs {
+        if let SecretUse::Env(name) = used {
+            env.push(from_secret(name, secret));
+        }
     }
     let mut volumes = vec![Volume {
         name: "config".into(),
@@ -302,23 +307,25 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
         ..Default::default()
     }];
     // spec.secretFiles: one projected volume, each Secret key a file under SECRET_FILES_DIR.
-    if !spec.secret_files.is_empty() {
-        let sources = spec
-            .secret_files
-            .iter()
-            .map(|f| VolumeProjection {
+    let sources: Vec<VolumeProjection> = inputs
+        .iter()
+        .filter_map(|(used, secret)| match used {
+            SecretUse::File(file) => Some(VolumeProjection {
                 secret: Some(SecretProjection {
-                    name: f.secret_key_ref.name.clone(),
+                    name: secret.name.clone(),
                     items: Some(vec![KeyToPath {
-                        key: f.secret_key_ref.key.clone(),
-                        path: f.name.clone(),
+                        key: secret.key.clone(),
+                        path: file.to_string(),
                         mode: None,
                     }]),
                     optional: Some(false),
                 }),
                 ..Default::default()
-            })
-            .collect();
+            }),
+            SecretUse::Env(_) => None,
+        })
+        .collect();
+    if !sources.is_empty() {
         volumes.push(Volume {
             name: "secret-files".into(),
             projected: Some(ProjectedVolumeSource {
@@ -370,8 +377,20 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
         }),
         ..Default::default()
     };
-    let mut pod_annotations = BTreeMap::new();
+    let template = spec.template.clone().unwrap_or_default();
+    let extra = template.metadata.clone().unwrap_or_default();
+    // The template's labels and annotations first, sluice's over them (validation refuses
+    // a template key of sluice's anyway).
+    let mut pod_labels = extra.labels;
+    pod_labels.extend(labels(&name));
+    let mut pod_annotations = extra.annotations;
     pod_annotations.insert(CONFIG_HASH_ANNOTATION.to_string(), hash);
+    if !v.secrets_digest.is_empty() {
+        pod_annotations.insert(
+            SECRETS_HASH_ANNOTATION.to_string(),
+            v.secrets_digest.clone(),
+        );
+    }
     pod_annotations.insert("prometheus.io/port".into(), WORKER_PORT.to_string());
     Deployment {
         metadata: v.meta(name.clone()),
@@ -391,25 +410,27 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels(&name)),
+                    labels: Some(pod_labels),
                     annotations: Some(pod_annotations),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     termination_grace_period_seconds: Some(grace),
-                    automount_service_account_token: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        run_as_group: Some(65532),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
+                    automount_service_account_token: Some(
+                        template.automount_service_account_token.unwrap_or(false),
+                    ),
+                    security_context: Some(pod_security_context(
+                        template.security_context.as_ref(),
+                    )),
                     volumes: Some(volumes),
+                    node_selector: template.node_selector,
+                    tolerations: template.tolerations,
+                    affinity: template.affinity,
+                    topology_spread_constraints: template.topology_spread_constraints,
+                    priority_class_name: template.priority_class_name,
+                    service_account_name: template.service_account_name,
+                    image_pull_secrets: template.image_pull_secrets,
                     ..Default::default()
                 }),
             },
@@ -417,6 +438,38 @@ pub fn build_deployment(v: &Validated, replicas: u32) -> Deployment {
         }),
         ..Default::default()
     }
+}
+
+/// sluice's pod security context (non-root, user and group 65532, seccomp RuntimeDefault)
+/// with the template's fields added: a field the template sets replaces sluice's (validation
+/// refused those that would weaken it), `runAsNonRoot` stays true.
+pub fn pod_security_context(extra: Option<&PodSecurityContext>) -> PodSecurityContext {
+    let base = PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let Some(extra) = extra else { return base };
+    let mut merged = serde_json::to_value(&base).expect("a security context serializes");
+    if let (Some(m), serde_json::Value::Object(e)) = (
+        merged.as_object_mut(),
+        serde_json::to_value(extra).expect("a security context serializes"),
+    ) {
+        for (k, v) in e {
+            if !v.is_null() {
+                m.insert(k, v);
+            }
+        }
+    }
+    let mut out: PodSecurityContext =
+        serde_json::from_value(merged).expect("a merged security context parses");
+    out.run_as_non_root = Some(true);
+    out
 }
 
 /// The metrics Service `<name>-metrics` (port `metrics`), scraped by a ServiceMonitor.
@@ -483,7 +536,7 @@ pub fn build_service_monitor(v: &Validated) -> serde_json::Value {
 mod tests {
     use super::*;
     use sluice_api::config::{SaslMechanism, SecurityProtocol};
-    use sluice_api::crd::{PipelineSecurity, SecretKeyRef};
+    use sluice_api::crd::{PipelineSecurity, PodTemplate, SecretKeyRef, SASL_PASSWORD_ENV};
 
     fn pipeline(extra: &str) -> StreamPipeline {
         let v: serde_json::Value = serde_yaml::from_str(&format!(
@@ -508,6 +561,7 @@ spec:
             config,
             partitions,
             image: "sluice/worker:test".into(),
+            secrets_digest: String::new(),
         }
     }
 
@@ -590,6 +644,33 @@ spec:
     }
 
     #[test]
+    fn a_rotated_secret_changes_the_pod_template_and_no_secret_adds_nothing() {
+        let annotations = |digest: &str| {
+            let mut v = validated(pipeline(""), 8);
+            v.secrets_digest = digest.into();
+            build_deployment(&v, 1)
+                .spec
+                .unwrap()
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()
+        };
+        let (a, b, none) = (annotations("0a"), annotations("0b"), annotations(""));
+        assert_eq!(a[SECRETS_HASH_ANNOTATION], "0a");
+        assert_ne!(
+            a, b,
+            "another digest is another pod template: the pods roll"
+        );
+        assert_eq!(a[CONFIG_HASH_ANNOTATION], b[CONFIG_HASH_ANNOTATION]);
+        assert!(
+            !none.contains_key(SECRETS_HASH_ANNOTATION),
+            "a pipeline that reads no Secret keeps its pod template"
+        );
+    }
+
+    #[test]
     fn secrets_reach_pods_only_through_env_references() {
         let mut p = pipeline("");
         p.spec.source.security = PipelineSecurity {
@@ -601,6 +682,9 @@ spec:
                 key: "password".into(),
             }),
             ca_file: None,
+            cert_file: None,
+            key_file: None,
+            key_password_secret_ref: None,
         };
         let v = validated(p, 8);
         let d = build_deployment(&v, 1);
@@ -687,6 +771,134 @@ spec:
         let plain = build_deployment(&validated(pipeline(""), 8), 1);
         let vols = plain.spec.unwrap().template.spec.unwrap().volumes.unwrap();
         assert_eq!(vols.len(), 1);
+    }
+
+    #[test]
+    fn a_client_certificate_is_mounted_and_its_key_password_is_an_env_reference() {
+        let p = pipeline(
+            "  secretFiles:\n    - {name: user.crt, secretKeyRef: {name: iot, key: user.crt}}\n    - {name: user.key, secretKeyRef: {name: iot, key: user.key}}",
+        );
+        let mut p = p;
+        let sec = &mut p.spec.source.security;
+        sec.protocol = SecurityProtocol::Ssl;
+        sec.cert_file = Some(format!("{SECRET_FILES_DIR}/user.crt"));
+        sec.key_file = Some(format!("{SECRET_FILES_DIR}/user.key"));
+        sec.key_password_secret_ref = Some(SecretKeyRef {
+            name: "iot".into(),
+            key: "user.password".into(),
+        });
+        let v = validated(p, 8);
+        let pod = build_deployment(&v, 1).spec.unwrap().template.spec.unwrap();
+        let env = pod.containers[0].env.clone().unwrap();
+        let e = env
+            .iter()
+            .find(|e| e.name == sluice_api::crd::SSL_KEY_PASSWORD_ENV)
+            .expect("the key password variable");
+        let sel = e
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (sel.name.as_str(), sel.key.as_str()),
+            ("iot", "user.password")
+        );
+        let cm = build_configmap(&v).data.unwrap()[CONFIG_KEY].clone();
+        assert!(
+            cm.contains("certFile: /etc/sluice/secrets/user.crt"),
+            "{cm}"
+        );
+        assert!(
+            cm.contains("keyPasswordEnv: SLUICE_SSL_KEY_PASSWORD"),
+            "{cm}"
+        );
+        assert!(!cm.contains("user.password"), "{cm}");
+    }
+
+    #[test]
+    fn the_pod_template_is_merged_into_the_workers_and_keeps_the_selector_and_the_defaults() {
+        let v = validated(
+            pipeline(
+                r#"  template:
+    metadata:
+      labels: {team: payments}
+      annotations: {iam.example/role: kafka-reader}
+    nodeSelector: {pool: streaming}
+    tolerations: [{key: dedicated, operator: Equal, value: streaming, effect: NoSchedule}]
+    affinity:
+      podAntiAffinity:
+        preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            podAffinityTerm: {topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {sluice.dev/pipeline: iot-enrich}}}
+    topologySpreadConstraints: [{maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway}]
+    priorityClassName: streaming-high
+    serviceAccountName: iot-enrich
+    automountServiceAccountToken: true
+    imagePullSecrets: [{name: registry}]
+    securityContext: {fsGroup: 2000, supplementalGroups: [3000]}"#,
+            ),
+            8,
+        );
+        let d = build_deployment(&v, 2);
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.selector.match_labels, Some(labels("iot-enrich")));
+        let meta = spec.template.metadata.unwrap();
+        let l = meta.labels.unwrap();
+        assert_eq!(l["team"], "payments");
+        assert_eq!(l["sluice.dev/pipeline"], "iot-enrich");
+        let a = meta.annotations.unwrap();
+        assert_eq!(a["iam.example/role"], "kafka-reader");
+        assert!(a.contains_key(CONFIG_HASH_ANNOTATION));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.node_selector.unwrap()["pool"], "streaming");
+        assert_eq!(
+            pod.tolerations.unwrap()[0].key.as_deref(),
+            Some("dedicated")
+        );
+        assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+        assert_eq!(pod.topology_spread_constraints.unwrap()[0].max_skew, 1);
+        assert_eq!(pod.priority_class_name.as_deref(), Some("streaming-high"));
+        assert_eq!(pod.service_account_name.as_deref(), Some("iot-enrich"));
+        assert_eq!(pod.automount_service_account_token, Some(true));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+        let sc = pod.security_context.unwrap();
+        assert_eq!(
+            (sc.fs_group, sc.supplemental_groups),
+            (Some(2000), Some(vec![3000]))
+        );
+        // sluice's defaults stay.
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.run_as_user, Some(65532));
+        assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        // Without a template: no token, sluice's context only.
+        let plain = build_deployment(&validated(pipeline(""), 8), 1);
+        let pod = plain.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.security_context, Some(pod_security_context(None)));
+        assert!(pod.tolerations.is_none() && pod.node_selector.is_none());
+    }
+
+    #[test]
+    fn every_label_and_annotation_sluice_puts_on_the_pods_is_refused_in_the_template() {
+        let d = build_deployment(&validated(pipeline(""), 8), 1);
+        let meta = d.spec.unwrap().template.metadata.unwrap();
+        for (what, keys) in [
+            ("labels", meta.labels.unwrap()),
+            ("annotations", meta.annotations.unwrap()),
+        ] {
+            for k in keys.keys() {
+                let t: PodTemplate = serde_json::from_value(
+                    serde_json::json!({"metadata": {what: {k.as_str(): "x"}}}),
+                )
+                .unwrap();
+                assert!(
+                    t.check().is_err(),
+                    "the template may set the {what} key {k}"
+                );
+            }
+        }
     }
 
     #[test]

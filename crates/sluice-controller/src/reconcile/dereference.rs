@@ -1,21 +1,24 @@
 //! What exists, read before anything is decided or written: the pipeline's children (each
-//! must already be this pipeline's: sluice never takes over an object), the SASL password
-//! from its Secret, and the input topic's partition count.
+//! must already be this pipeline's: sluice never takes over an object), the Secret keys the
+//! pods read (reconcile/secrets.rs), the input topic's partition count, and, while workers
+//! are missing, a pod the scheduler cannot place.
 
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{ApiResource, DynamicObject};
+use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::{Api, ResourceExt};
 use rdkafka::ClientConfig;
-use sluice_api::crd::{PipelineSource, StreamPipeline};
+use sluice_api::config::WorkerConfig;
+use sluice_api::crd::StreamPipeline;
 
-use super::build::{ChildNames, APPLIED_HASH};
+use super::build::{selector_string, ChildNames, APPLIED_HASH};
 use super::scale;
+use super::secrets::PodSecrets;
 use super::status::Blocker;
 use super::Stop;
 use crate::api::Verb;
@@ -92,6 +95,11 @@ pub struct Found {
     pub lag: Option<Result<Vec<PartitionLag>, LagError>>,
     /// The Prometheus Operator's ServiceMonitor CRD exists.
     pub monitors: bool,
+    /// A worker pod the scheduler cannot place, and why (read only while workers are
+    /// missing).
+    pub unschedulable: Option<String>,
+    /// The digest of every Secret key the pods read ([`super::secrets::secrets_digest`]).
+    pub secrets_digest: String,
 }
 
 /// The Prometheus Operator's ServiceMonitor, as a dynamic resource.
@@ -107,7 +115,11 @@ pub fn service_monitor_resource() -> ApiResource {
 
 /// Read what exists. A child owned by someone else, a missing Secret or topic, or Kafka out
 /// of reach stops the reconcile with a condition.
-pub async fn dereference(ctx: &Context, sp: &StreamPipeline) -> Result<Found, Stop> {
+pub async fn dereference(
+    ctx: &Context,
+    sp: &StreamPipeline,
+    config: &WorkerConfig,
+) -> Result<Found, Stop> {
     let ns = sp.namespace().unwrap_or_default();
     let name = sp.name_any();
     let uid = sp.metadata.uid.clone().unwrap_or_default();
@@ -153,17 +165,30 @@ pub async fn dereference(ctx: &Context, sp: &StreamPipeline) -> Result<Found, St
         result: "source_error",
         retry: Some(retry),
     };
-    let kafka = match kafka_config(ctx, &ns, &sp.spec.source).await {
-        Ok(kafka) => kafka,
+    let security = &config.source.security;
+    let secrets = match PodSecrets::load(ctx, sp, security).await {
+        Ok(secrets) => secrets,
         Err(Error::Secret(secret, why)) => {
             return Err(source(
                 Blocker::SecretNotFound(format!(
-                    "Secret {secret:?} in namespace {ns:?} {why}; create it or fix spec.source.security.passwordSecretRef"
+                    "Secret {secret:?} in namespace {ns:?} {why}; create it or fix spec.source.security.passwordSecretRef, keyPasswordSecretRef or spec.secretFiles"
                 )),
                 Duration::from_secs(30),
             ))
         }
         Err(e) => return Err(e.into()),
+    };
+    let kafka = match secrets.client_config(&config.source.bootstrap_servers, security) {
+        Ok(kafka) => kafka,
+        Err(missing) => {
+            return Err(source(
+                Blocker::SecretNotFound(format!(
+                    "{} needs a Secret, and none is given for `{}`: set spec.source.security.passwordSecretRef",
+                    missing.what, missing.var
+                )),
+                Duration::from_secs(30),
+            ))
+        }
     };
     // One query for the partition count, and the lag too when a decision is due: batched
     // with the other pipelines' on the same Kafka.
@@ -210,8 +235,14 @@ pub async fn dereference(ctx: &Context, sp: &StreamPipeline) -> Result<Found, St
         .and_then(|d| d.status.as_ref()?.ready_replicas)
         .unwrap_or(0)
         .max(0) as u32;
+    let unschedulable = if ready < current {
+        unschedulable(ctx, &ns, &name).await?
+    } else {
+        None
+    };
     Ok(Found {
         children,
+        unschedulable,
         exists: deployment.is_some(),
         current,
         ready,
@@ -220,9 +251,40 @@ pub async fn dereference(ctx: &Context, sp: &StreamPipeline) -> Result<Found, St
         connection,
         lag: answer.lag,
         monitors,
+        secrets_digest: secrets.digest().to_string(),
     })
 }
 
+/// A worker pod of the pipeline that the scheduler cannot place (`PodScheduled=False,
+/// reason=Unschedulable`: no node matches its selector, tolerations or affinity, or none has
+/// room), named with the scheduler's message.
+async fn unschedulable(ctx: &Context, ns: &str, name: &str) -> Result<Option<String>, Stop> {
+    ctx.api.take(Verb::List).await;
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default().labels(&selector_string(name)))
+        .await
+        .map_err(|error| Stop::Child {
+            kind: "Pod",
+            name: format!("{name}-*"),
+            error,
+        })?;
+    Ok(pods.items.iter().find_map(|p| {
+        let c = p
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+        (c.reason.as_deref() == Some("Unschedulable")).then(|| {
+            format!(
+                "pod {} cannot be scheduled: {}",
+                p.name_any(),
+                c.message.as_deref().unwrap_or("no reason given")
+            )
+        })
+    }))
+}
 /// Whether the Prometheus Operator's ServiceMonitor CRD exists (checked at most once a minute).
 async fn has_service_monitors(ctx: &Context) -> Result<bool, kube::Error> {
     if let Some((at, known)) = *ctx.service_monitor_crd.lock().expect("crd cache lock") {
@@ -238,41 +300,6 @@ async fn has_service_monitors(ctx: &Context) -> Result<bool, kube::Error> {
         .is_some();
     *ctx.service_monitor_crd.lock().expect("crd cache lock") = Some((Instant::now(), known));
     Ok(known)
-}
-
-/// The client settings for the pipeline's Kafka, with the SASL password read from its
-/// Secret.
-async fn kafka_config(
-    ctx: &Context,
-    ns: &str,
-    source: &PipelineSource,
-) -> Result<ClientConfig, Error> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &source.bootstrap_servers).set(
-        "security.protocol",
-        source.security.protocol.as_librdkafka(),
-    );
-    if let Some(m) = source.security.sasl_mechanism {
-        c.set("sasl.mechanism", m.as_librdkafka());
-        c.set(
-            "sasl.username",
-            source.security.username.clone().unwrap_or_default(),
-        );
-    }
-    if let Some(r) = &source.security.password_secret_ref {
-        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        ctx.api.take(Verb::Get).await;
-        let s = secrets
-            .get_opt(&r.name)
-            .await?
-            .ok_or_else(|| Error::Secret(r.name.clone(), "not found".into()))?;
-        let v = s
-            .data
-            .and_then(|d| d.get(&r.key).cloned())
-            .ok_or_else(|| Error::Secret(r.name.clone(), format!("has no key `{}`", r.key)))?;
-        c.set("sasl.password", String::from_utf8_lossy(&v.0).to_string());
-    }
-    Ok(c)
 }
 
 /// Whether `meta` (an existing object) belongs to the pipeline with `uid`.

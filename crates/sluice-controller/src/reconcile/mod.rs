@@ -2,8 +2,8 @@
 //! file:
 //!
 //! 1. [`validate`] (pure): the spec into a worker configuration, or `InvalidSpec`.
-//! 2. [`dereference`] (reads): the children that exist (never another's), the Secret, the
-//!    topic's partition count.
+//! 2. [`dereference`] (reads): the children that exist (never another's), the Secrets the
+//!    Kafka settings need ([`secrets`]), the topic's partition count.
 //! 3. [`scale`]: replicas from lag (read from Kafka at most once per poll interval) and the
 //!    pure policy.
 //! 4. [`build`] (pure): the children.
@@ -20,6 +20,7 @@ pub mod build;
 pub mod dereference;
 pub mod report;
 pub mod scale;
+pub mod secrets;
 pub mod status;
 pub mod validate;
 
@@ -152,7 +153,7 @@ async fn steps(sp: &StreamPipeline, ctx: &Context, report: &Report) -> Result<Ac
         retry: None,
     })?;
     // 2. What exists: children (all must be this pipeline's), the Secret, the topic.
-    let found = dereference::dereference(ctx, sp).await?;
+    let found = dereference::dereference(ctx, sp, &config).await?;
     // 3. Replicas, decided at most once per poll interval.
     let scale = scale::scale(ctx, sp, &found).await?;
     // 4. Build (pure) and 5. apply the children, if the pipeline is still there.
@@ -165,6 +166,7 @@ async fn steps(sp: &StreamPipeline, ctx: &Context, report: &Report) -> Result<Ac
             .image
             .clone()
             .unwrap_or_else(|| ctx.default_image.clone()),
+        secrets_digest: found.secrets_digest.clone(),
     };
     let children = build::Children::build(&v, scale.replicas, found.monitors);
     apply::apply(ctx, sp, &found, &children).await?;

@@ -197,6 +197,7 @@ impl Report {
             stalled: scale.stalled.clone(),
             idle: scale.idle.clone(),
             idle_blocked: scale.idle_blocked.clone(),
+            unschedulable: found.unschedulable.clone(),
         };
         status.replicas = Some(replicas as i32);
         status.conditions = conditions(&observed, self.generation, &self.previous.conditions);

@@ -185,6 +185,8 @@ pub struct Observed {
     pub idle: Option<String>,
     /// `minReplicas` is 0 but the pipeline may not idle: why.
     pub idle_blocked: Option<String>,
+    /// A worker pod the scheduler cannot place: which, and the scheduler's reason.
+    pub unschedulable: Option<String>,
 }
 
 impl Observed {
@@ -235,6 +237,12 @@ pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition])
             true,
             "WorkersReady",
             format!("{} of {} workers ready", o.ready, o.desired),
+        )
+    } else if let Some(why) = &o.unschedulable {
+        (
+            false,
+            "WorkersUnschedulable",
+            format!("{} of {} workers ready; {why}", o.ready, o.desired),
         )
     } else {
         (
@@ -352,6 +360,27 @@ mod tests {
         );
         assert!(r.message.contains("perPartition"));
         assert_eq!(r.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn a_worker_the_scheduler_cannot_place_is_named_with_the_schedulers_reason() {
+        let why = "pod iot-abc cannot be scheduled: 0/1 nodes are available: 1 node(s) had untolerated taint {dedicated: streaming}";
+        let cs = conditions(
+            &Observed {
+                desired: 2,
+                ready: 1,
+                unschedulable: Some(why.into()),
+                ..Default::default()
+            },
+            Some(1),
+            &[],
+        );
+        let ready = cs.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "WorkersUnschedulable")
+        );
+        assert_eq!(ready.message, format!("1 of 2 workers ready; {why}"));
     }
 
     #[test]

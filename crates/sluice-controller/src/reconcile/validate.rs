@@ -12,7 +12,8 @@
 //!   name or a refused value is caught before a pod crash-loops on it, and every client
 //!   the worker makes is created from its whole configuration as the worker builds it
 //!   (`sluice_api::config::clients`), so a combination librdkafka refuses is caught too;
-//!   resource quantities are checked against Kubernetes' grammar.
+//!   resource quantities are checked against Kubernetes' grammar; the scaling rules of
+//!   the schema hold.
 
 use std::collections::BTreeMap;
 
@@ -20,8 +21,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::DynamicObject;
 use rdkafka::ClientConfig;
 use sluice_api::config::{ConfigError, SinkConfig, WorkerConfig};
-use sluice_api::crd::{ScalingSpec, StreamPipeline};
-use sluice_api::units::HumanDuration;
+use sluice_api::crd::{StreamPipeline, REPLICAS};
 
 /// The stored object as a [`StreamPipeline`]; the error names the first field that does
 /// not fit and what it should be.
@@ -65,34 +65,9 @@ pub fn validate(sp: &StreamPipeline) -> Result<WorkerConfig, ConfigError> {
             }
         }
     }
-    scaling(&sp.spec.scaling)?;
+    sp.spec.scaling.check()?;
+    REPLICAS.check("replicas", sp.spec.replicas)?;
     Ok(config)
-}
-
-/// Scale to zero: `idleAfter` and `activationLag` only with `minReplicas: 0` (the CEL rule,
-/// for objects stored before it), and an `idleAfter` the poll can see (at least one
-/// `pollInterval`: idleness is judged from one reading per poll).
-fn scaling(s: &ScalingSpec) -> Result<(), ConfigError> {
-    if s.min_replicas != 0 && (s.idle_after.is_some() || s.activation_lag.is_some()) {
-        return Err(ConfigError::Invalid {
-            field: "scaling.idleAfter".into(),
-            message: "idleAfter and activationLag apply only with minReplicas: 0 (scale to zero)"
-                .into(),
-        });
-    }
-    if let Some(after) = s.scale_to_zero_after() {
-        if after < s.poll_interval.0 {
-            return Err(ConfigError::Invalid {
-                field: "scaling.idleAfter".into(),
-                message: format!(
-                    "idleAfter ({}) is shorter than pollInterval ({}): idleness is judged once per poll; make idleAfter at least pollInterval",
-                    HumanDuration(after),
-                    s.poll_interval
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Create every Kafka client the worker makes for `config` from its whole configuration
@@ -121,7 +96,6 @@ fn clients(config: &WorkerConfig) -> Result<(), ConfigError> {
     }
     Ok(())
 }
-
 /// Set each property on its own librdkafka configuration, so the error names it.
 fn librdkafka(field: &str, props: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     for (k, v) in props {
@@ -493,6 +467,70 @@ mod tests {
                 ],
             ),
             (
+                "a client certificate without its key",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {"protocol": "SSL", "certFile": "/etc/ssl/user.crt"}}}),
+                &["source.security.keyFile", "private key"],
+            ),
+            (
+                "a client certificate without TLS",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9092", "topic": "in", "groupId": "g", "security": {"certFile": "/etc/ssl/user.crt", "keyFile": "/etc/ssl/user.key"}}}),
+                &["source.security.certFile", "only over TLS"],
+            ),
+            (
+                "a client key that no secretFiles entry mounts",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {"protocol": "SSL", "certFile": "/etc/ssl/user.crt", "keyFile": "/etc/sluice/secrets/user.key"}}}),
+                &[
+                    "source.security.keyFile",
+                    "is not mounted",
+                    "spec.secretFiles",
+                ],
+            ),
+            (
+                "a key password without a key",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {"protocol": "SSL", "keyPasswordSecretRef": {"name": "u", "key": "p"}}}}),
+                &["source.security.keyPasswordEnv", "only with keyFile"],
+            ),
+            (
+                "a client key in the consumer properties",
+                "p",
+                consumer("ssl.key.pem", "-----BEGIN PRIVATE KEY-----"),
+                &[
+                    r#"source.consumerProperties["ssl.key.pem"]"#,
+                    "source.security.keyFile",
+                ],
+            ),
+            (
+                "the key password variable from secretEnv",
+                "p",
+                serde_json::json!({"secretEnv": [{"name": "SLUICE_SSL_KEY_PASSWORD", "secretKeyRef": {"name": "s", "key": "k"}}]}),
+                &["secretEnv[0].name", "reserved"],
+            ),
+            (
+                "a template label of sluice's",
+                "p",
+                serde_json::json!({"template": {"metadata": {"labels": {"sluice.dev/pipeline": "other"}}}}),
+                &[
+                    r#"template.metadata.labels["sluice.dev/pipeline"]"#,
+                    "select the worker pods",
+                ],
+            ),
+            (
+                "a template that runs the workers as root",
+                "p",
+                serde_json::json!({"template": {"securityContext": {"runAsUser": 0}}}),
+                &["template.securityContext.runAsUser", "not weaken"],
+            ),
+            (
+                "a template that turns seccomp off",
+                "p",
+                serde_json::json!({"template": {"securityContext": {"seccompProfile": {"type": "Unconfined"}}}}),
+                &["template.securityContext.seccompProfile", "not weaken"],
+            ),
+            (
                 "exactly-once without a dead-letter topic",
                 "p",
                 serde_json::json!({"delivery": {"guarantee": "exactly-once"}}),
@@ -517,6 +555,17 @@ mod tests {
             serde_json::json!({"resources": {"limits": {"cpu": "500m", "memory": "1Gi"}}}),
             serde_json::json!({"deadLetter": {"topic": "out", "bootstrapServers": "other:9092"}}),
             serde_json::json!({"deadLetter": {"topic": "dlq"}, "delivery": {"guarantee": "exactly-once", "transactionWindow": "250ms"}}),
+            serde_json::json!({"template": {"metadata": {"labels": {"team": "a"}}, "securityContext": {"fsGroup": 2000, "runAsUser": 1000}, "tolerations": [{"key": "dedicated", "operator": "Exists"}]}}),
+            serde_json::json!({
+                "source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {
+                    "protocol": "SSL", "caFile": "/etc/sluice/secrets/ca.crt",
+                    "certFile": "/etc/sluice/secrets/user.crt", "keyFile": "/etc/sluice/secrets/user.key",
+                    "keyPasswordSecretRef": {"name": "u", "key": "user.password"}}},
+                "secretFiles": [
+                    {"name": "ca.crt", "secretKeyRef": {"name": "c", "key": "ca.crt"}},
+                    {"name": "user.crt", "secretKeyRef": {"name": "u", "key": "user.crt"}},
+                    {"name": "user.key", "secretKeyRef": {"name": "u", "key": "user.key"}}]
+            }),
         ];
         for extra in fine {
             validate(&pipeline("p", extra.clone())).unwrap_or_else(|e| panic!("{extra}: {e}"));

@@ -299,18 +299,23 @@ mod tests {
         )
     }
 
+    /// A dispatcher of `st` feeding one ordered lane `tx`, with a 1 MiB budget.
+    fn lane(st: &Arc<PartitionState>, tx: mpsc::Sender<WorkItem>) -> PartitionDispatch {
+        PartitionDispatch::new(
+            st.clone(),
+            vec![tx],
+            Ordering::Partition,
+            ByteBudget::new(1 << 20),
+        )
+    }
+
     /// W4: a rewind redelivers offsets the tracker has registered already (in flight or
     /// done); they are dropped, the rest goes on, and the partition does not stall.
     #[tokio::test]
     async fn a_rewind_below_what_was_received_is_dropped_not_stalled() {
         let st = state(Arc::new(NoControl));
         let (tx, mut rx) = mpsc::channel(16);
-        let mut lane = PartitionDispatch::new(
-            st.clone(),
-            vec![tx],
-            Ordering::Partition,
-            ByteBudget::new(1 << 20),
-        );
+        let mut lane = lane(&st, tx);
         lane.dispatch((0..10).map(record).collect()).await;
         let first = rx.recv().await.unwrap();
         first.token.ack();
@@ -338,12 +343,7 @@ mod tests {
         let st = state(Arc::new(NoControl));
         st.start_at(1_000);
         let (tx, mut rx) = mpsc::channel(16);
-        let mut lane = PartitionDispatch::new(
-            st.clone(),
-            vec![tx],
-            Ordering::Partition,
-            ByteBudget::new(1 << 20),
-        );
+        let mut lane = lane(&st, tx);
         lane.dispatch((0..10).map(record).collect()).await;
         assert!(rx.try_recv().is_err(), "a batch wholly below the start");
         assert_eq!(st.last_registered(), None);
@@ -374,13 +374,7 @@ mod tests {
         let st = state(Arc::new(NoControl));
         let gate = Arc::new(WindowGate::default());
         let (tx, mut rx) = mpsc::channel(1);
-        let mut lane = PartitionDispatch::new(
-            st.clone(),
-            vec![tx],
-            Ordering::Partition,
-            ByteBudget::new(1 << 20),
-        )
-        .with_gate(Some(gate.clone()));
+        let mut lane = lane(&st, tx).with_gate(Some(gate.clone()));
         lane.dispatch((0..10).map(record).collect()).await;
         let dispatcher = tokio::spawn(async move {
             lane.dispatch((10..20).map(record).collect()).await;
@@ -409,13 +403,7 @@ mod tests {
         let st = state(Arc::new(NoControl));
         let gate = Arc::new(WindowGate::default());
         let (tx, mut rx) = mpsc::channel(1);
-        let mut lane = PartitionDispatch::new(
-            st.clone(),
-            vec![tx],
-            Ordering::Partition,
-            ByteBudget::new(1 << 20),
-        )
-        .with_gate(Some(gate));
+        let mut lane = lane(&st, tx).with_gate(Some(gate));
         lane.dispatch((0..10).map(record).collect()).await;
         let dispatcher = tokio::spawn(async move {
             lane.dispatch((10..20).map(record).collect()).await;

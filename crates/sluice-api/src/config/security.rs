@@ -1,0 +1,476 @@
+//! `source.security`: how every Kafka client of a pipeline connects (the consumer, the Kafka
+//! sinks and the dead-letter producer in the worker; the lag reads in the controller).
+//!
+//! [`SecurityConfig::librdkafka`] is the one place that turns it into librdkafka settings,
+//! for both binaries, as plain key/value pairs (this crate has no rdkafka dependency).
+//! Secrets never live in the configuration: what the settings need besides it (a password,
+//! a certificate file) comes from [`Credentials`], which each binary answers from where it
+//! runs. The worker reads its environment and names files by their path; the controller
+//! reads the Secrets the worker pod is filled from and passes files by their content.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// Connection security for Kafka. Passwords come from the environment, never from here.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Transport protocol.
+    #[serde(default)]
+    pub protocol: SecurityProtocol,
+    /// SASL mechanism, required for the sasl protocols.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Name of the environment variable that holds the SASL password.
+    #[serde(default = "default_password_env")]
+    pub password_env: String,
+    /// PEM file with the CA certificates to trust (TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// PEM file with the client's certificate (and its chain), for brokers that require a
+    /// client certificate (`SSL`, `SASL_SSL`); with `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    /// PEM file with the private key of `certFile` (PKCS#8 or PKCS#1; encrypted with
+    /// `keyPasswordEnv`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    /// Name of the environment variable holding the password of an encrypted `keyFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_password_env: Option<String>,
+}
+
+/// `passwordEnv` when it is not set: what the operator fills from `passwordSecretRef`.
+pub fn default_password_env() -> String {
+    "SLUICE_SASL_PASSWORD".into()
+}
+
+/// Kafka `security.protocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SecurityProtocol {
+    /// No TLS, no SASL.
+    #[default]
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL without TLS.
+    SaslPlaintext,
+    /// SASL over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The librdkafka spelling.
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    /// SASL_PLAINTEXT or SASL_SSL.
+    pub fn uses_sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+
+    /// SSL or SASL_SSL.
+    pub fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+}
+
+/// Kafka `sasl.mechanism`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SaslMechanism {
+    /// PLAIN.
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM-SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka spelling.
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// How a client reads a file the configuration names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileRead {
+    /// By its path: the file is there (the worker, where `spec.secretFiles` are mounted).
+    Path,
+    /// By its content, PEM text (the controller, from the Secret the pod mounts it from).
+    Pem(String),
+    /// Not readable where the client runs (the controller, for a file that only a custom
+    /// worker image carries): the setting is left out.
+    Unavailable,
+}
+
+/// What security settings need from where the client runs.
+pub trait Credentials {
+    /// The value the worker's environment variable `name` has.
+    fn var(&self, name: &str) -> Option<String>;
+    /// How the client reads the file at `path`.
+    fn file(&self, path: &str) -> FileRead;
+}
+
+/// The worker's view: its own environment, and files at their paths.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessEnvironment;
+
+impl Credentials for ProcessEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+    fn file(&self, _path: &str) -> FileRead {
+        FileRead::Path
+    }
+}
+
+/// A secret the settings need is not there.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what} is configured but the environment variable `{var}` ({field}) is not set")]
+pub struct MissingCredential {
+    /// What needs it (`SASL`).
+    pub what: &'static str,
+    /// The environment variable.
+    pub var: String,
+    /// The configuration field that names it.
+    pub field: &'static str,
+}
+
+impl SecurityConfig {
+    /// The checks of a security section at `at` (`source.security`).
+    pub(super) fn check(&self, at: &str) -> Result<(), ConfigError> {
+        if self.protocol.uses_sasl() {
+            if self.sasl_mechanism.is_none() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.saslMechanism"),
+                    "required with a SASL protocol: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                ));
+            }
+            if self.username.as_deref().is_none_or(str::is_empty) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.username"),
+                    "required with a SASL protocol",
+                ));
+            }
+        } else if self.sasl_mechanism.is_some() {
+            return Err(ConfigError::invalid(
+                format!("{at}.saslMechanism"),
+                "set only with protocol SASL_PLAINTEXT or SASL_SSL",
+            ));
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    format!("{at}.keyFile"),
+                    "required with certFile: the client certificate's private key",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    format!("{at}.certFile"),
+                    "required with keyFile: the client certificate the key belongs to",
+                ))
+            }
+            (Some(_), Some(_)) if !self.protocol.uses_tls() => {
+                return Err(ConfigError::invalid(
+                    format!("{at}.certFile"),
+                    "a client certificate is presented only over TLS: set protocol SSL or SASL_SSL",
+                ))
+            }
+            _ => {}
+        }
+        for (field, v) in [
+            ("caFile", &self.ca_file),
+            ("certFile", &self.cert_file),
+            ("keyFile", &self.key_file),
+            ("keyPasswordEnv", &self.key_password_env),
+        ] {
+            if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.{field}"),
+                    "must not be empty when set",
+                ));
+            }
+        }
+        if self.key_password_env.is_some() && self.key_file.is_none() {
+            return Err(ConfigError::invalid(
+                format!("{at}.keyPasswordEnv"),
+                "set only with keyFile (the password of an encrypted client key)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The librdkafka settings (`security.protocol`, `sasl.*`, `ssl.*`) of a client with
+    /// this configuration, the secrets filled in from `creds`. Every Kafka client of a
+    /// pipeline, in the worker and in the controller, is configured through here.
+    pub fn librdkafka(
+        &self,
+        creds: &dyn Credentials,
+    ) -> Result<Vec<(&'static str, String)>, MissingCredential> {
+        let SecurityConfig {
+            protocol,
+            sasl_mechanism,
+            username,
+            password_env,
+            ca_file,
+            cert_file,
+            key_file,
+            key_password_env,
+        } = self;
+        let mut out = vec![("security.protocol", protocol.as_librdkafka().to_string())];
+        if let Some(m) = sasl_mechanism {
+            let password = creds.var(password_env).ok_or_else(|| MissingCredential {
+                what: "SASL",
+                var: password_env.clone(),
+                field: "source.security.passwordEnv",
+            })?;
+            out.push(("sasl.mechanism", m.as_librdkafka().to_string()));
+            out.push(("sasl.username", username.clone().unwrap_or_default()));
+            out.push(("sasl.password", password));
+        }
+        if let Some(path) = ca_file {
+            if let Some(s) = file_setting(creds, path, "ssl.ca.location", "ssl.ca.pem") {
+                out.push(s);
+            }
+        }
+        if let (Some(cert), Some(key)) = (cert_file, key_file) {
+            // Both or neither: a key without its certificate is no use to the broker.
+            let cert = file_setting(
+                creds,
+                cert,
+                "ssl.certificate.location",
+                "ssl.certificate.pem",
+            );
+            let key = file_setting(creds, key, "ssl.key.location", "ssl.key.pem");
+            if let (Some(cert), Some(key)) = (cert, key) {
+                out.push(cert);
+                out.push(key);
+                if let Some(var) = key_password_env {
+                    let password = creds.var(var).ok_or_else(|| MissingCredential {
+                        what: "an encrypted client key",
+                        var: var.clone(),
+                        field: "source.security.keyPasswordEnv",
+                    })?;
+                    out.push(("ssl.key.password", password));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A file by its path (`location`) or by its content (`pem`), or not at all.
+fn file_setting(
+    creds: &dyn Credentials,
+    path: &str,
+    location: &'static str,
+    pem: &'static str,
+) -> Option<(&'static str, String)> {
+    match creds.file(path) {
+        FileRead::Path => Some((location, path.to_string())),
+        FileRead::Pem(text) => Some((pem, text)),
+        FileRead::Unavailable => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Credentials from maps: a variable or a file is there or not.
+    struct Fixed {
+        vars: BTreeMap<&'static str, &'static str>,
+        files: BTreeMap<&'static str, &'static str>,
+    }
+
+    impl Credentials for Fixed {
+        fn var(&self, name: &str) -> Option<String> {
+            self.vars.get(name).map(|v| v.to_string())
+        }
+        fn file(&self, path: &str) -> FileRead {
+            match self.files.get(path) {
+                Some(pem) => FileRead::Pem(pem.to_string()),
+                None => FileRead::Unavailable,
+            }
+        }
+    }
+
+    fn sasl_ssl() -> SecurityConfig {
+        SecurityConfig {
+            protocol: SecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(SaslMechanism::ScramSha512),
+            username: Some("app".into()),
+            password_env: default_password_env(),
+            ca_file: Some("/etc/sluice/secrets/ca.pem".into()),
+            cert_file: None,
+            key_file: None,
+            key_password_env: None,
+        }
+    }
+
+    fn mtls() -> SecurityConfig {
+        SecurityConfig {
+            protocol: SecurityProtocol::Ssl,
+            sasl_mechanism: None,
+            username: None,
+            cert_file: Some("/etc/sluice/secrets/user.crt".into()),
+            key_file: Some("/etc/sluice/secrets/user.key".into()),
+            key_password_env: Some("SLUICE_SSL_KEY_PASSWORD".into()),
+            ..sasl_ssl()
+        }
+    }
+
+    #[test]
+    fn a_client_certificate_is_its_file_and_key_with_the_key_password_from_the_environment() {
+        let creds = Fixed {
+            vars: BTreeMap::from([("SLUICE_SSL_KEY_PASSWORD", "kp")]),
+            files: BTreeMap::from([
+                ("/etc/sluice/secrets/ca.pem", "CA"),
+                ("/etc/sluice/secrets/user.crt", "CERT"),
+                ("/etc/sluice/secrets/user.key", "KEY"),
+            ]),
+        };
+        let got = mtls().librdkafka(&creds).unwrap();
+        assert_eq!(
+            got,
+            [
+                ("security.protocol", "ssl".to_string()),
+                ("ssl.ca.pem", "CA".to_string()),
+                ("ssl.certificate.pem", "CERT".to_string()),
+                ("ssl.key.pem", "KEY".to_string()),
+                ("ssl.key.password", "kp".to_string()),
+            ]
+        );
+        let e = mtls()
+            .librdkafka(&Fixed {
+                vars: BTreeMap::new(),
+                files: creds.files.clone(),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SLUICE_SSL_KEY_PASSWORD") && e.contains("keyPasswordEnv"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_tls() {
+        let at = "source.security";
+        let refused = |s: SecurityConfig, field: &str| {
+            let e = s.check(at).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        };
+        refused(
+            SecurityConfig {
+                key_file: None,
+                key_password_env: None,
+                ..mtls()
+            },
+            "source.security.keyFile",
+        );
+        refused(
+            SecurityConfig {
+                cert_file: None,
+                ..mtls()
+            },
+            "source.security.certFile",
+        );
+        refused(
+            SecurityConfig {
+                protocol: SecurityProtocol::Plaintext,
+                ..mtls()
+            },
+            "source.security.certFile",
+        );
+        refused(
+            SecurityConfig {
+                cert_file: None,
+                key_file: None,
+                ..mtls()
+            },
+            "source.security.keyPasswordEnv",
+        );
+        assert!(mtls().check(at).is_ok());
+    }
+
+    #[test]
+    fn the_worker_names_files_by_path_and_reads_the_password_from_its_environment() {
+        let s = SecurityConfig {
+            sasl_mechanism: None,
+            protocol: SecurityProtocol::Ssl,
+            ..sasl_ssl()
+        };
+        assert_eq!(
+            s.librdkafka(&ProcessEnvironment).unwrap(),
+            [
+                ("security.protocol", "ssl".to_string()),
+                ("ssl.ca.location", "/etc/sluice/secrets/ca.pem".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_controller_passes_files_by_content_and_leaves_out_what_it_cannot_read() {
+        let creds = Fixed {
+            vars: BTreeMap::from([("SLUICE_SASL_PASSWORD", "pw")]),
+            files: BTreeMap::from([("/etc/sluice/secrets/ca.pem", "-----BEGIN CERTIFICATE-----")]),
+        };
+        let got = sasl_ssl().librdkafka(&creds).unwrap();
+        assert_eq!(
+            got,
+            [
+                ("security.protocol", "sasl_ssl".to_string()),
+                ("sasl.mechanism", "SCRAM-SHA-512".to_string()),
+                ("sasl.username", "app".to_string()),
+                ("sasl.password", "pw".to_string()),
+                ("ssl.ca.pem", "-----BEGIN CERTIFICATE-----".to_string()),
+            ]
+        );
+        let elsewhere = SecurityConfig {
+            ca_file: Some("/opt/image/ca.pem".into()),
+            ..sasl_ssl()
+        };
+        let got = elsewhere.librdkafka(&creds).unwrap();
+        assert!(got.iter().all(|(k, _)| !k.starts_with("ssl.")), "{got:?}");
+    }
+
+    #[test]
+    fn a_missing_password_names_the_variable_and_the_field() {
+        let creds = Fixed {
+            vars: BTreeMap::new(),
+            files: BTreeMap::new(),
+        };
+        let e = sasl_ssl().librdkafka(&creds).unwrap_err().to_string();
+        assert!(
+            e.contains("SLUICE_SASL_PASSWORD") && e.contains("source.security.passwordEnv"),
+            "{e}"
+        );
+    }
+}
