@@ -25,6 +25,8 @@ STAGES = [
     ("parse fetched record batches", 1, ["rdkafka_fetcher.c:rd_kafka_fetch_reply_handle_partition"]),
     ("build produce requests", 1, ["rdkafka_msgset_writer.c:rd_kafka_msgset_create_ProduceRequest"]),
     ("plain consumer's poll loop (baseline only)", 0, ["sluice-bench.rs:sluice_bench::consume"]),
+    ("plain consumer's drain loop, a batch at a time (consume-feed only)", 0, ["sluice-bench.rs:sluice_bench::batch_consume"]),
+    ("take messages a batch at a time (rd_kafka_consume_callback_queue)", 1, ["rdkafka.c:rd_kafka_consume_callback_queue"]),
     ("take a message from librdkafka (rust-rdkafka stream)", 0, ["stream_consumer.rs:<rdkafka::consumer::stream_consumer::MessageStream"]),
     ("copy key, value, headers out, one allocation each (Record::from_message)", 0, ["record.rs:sluice_worker::record::Record::from_message"]),
     ("copy key, value, headers out (RecordBatchBuilder::push)", 0, ["record.rs:sluice_worker::record::RecordBatchBuilder::push"]),

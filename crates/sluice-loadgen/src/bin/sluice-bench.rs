@@ -4,6 +4,8 @@
 //! Modes:
 //! - `preload`       fill the backlog topic (not measured)
 //! - `consume`       plain rdkafka BaseConsumer drain loop, no processing (baseline)
+//! - `consume-feed`  the same, but each partition's queue split off and drained a batch at
+//!   a time through `sluice-rdkafka-ffi`'s `PartitionFeed` (issue 21: batch consume)
 //! - `sluice-null`   the sluice pipeline into the null sink, commits on
 //! - `relay`         bare relay: consume + produce, auto-commit, fire and forget
 //! - `sluice-relay`  the sluice pipeline, passthrough to a Kafka topic, contiguous commits
@@ -175,6 +177,67 @@ fn consume(a: &Args) -> anyhow::Result<()> {
     }
     report(
         "consume",
+        n,
+        t0.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu0,
+        serde_json::json!({"bytes": bytes, "consumer_properties": properties_json(a)}),
+    );
+    Ok(())
+}
+
+/// (1b) Plain consumer taking records a batch at a time: each partition's queue split off
+/// into a [`PartitionFeed`] and drained with `rd_kafka_consume_callback_queue`, against
+/// `consume`'s one `poll` per record. No processing either.
+fn batch_consume(a: &Args) -> anyhow::Result<()> {
+    use sluice_rdkafka_ffi::{Flow, PartitionFeed};
+    let c: Arc<BaseConsumer> = Arc::new(
+        consumer_client(a)
+            .set("group.id", format!("bench-consume-{}", run_id()))
+            .set("enable.auto.commit", "false")
+            .create()?,
+    );
+    // Split before the assignment, so no record lands on the consumer's queue.
+    let mut feeds = (0..a.partitions)
+        .map(|p| PartitionFeed::split(&c, &a.topic, p).context("split the partition queue"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    assign_all(&c, &a.topic, a.partitions)?;
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let (mut n, mut bytes) = (0u64, 0u64);
+    let (mut cpu0, mut t0) = (cpu_seconds(), Instant::now());
+    rt.block_on(async {
+        while n < a.count {
+            let mut got = 0;
+            for f in feeds.iter_mut() {
+                got += f.drain(|m| {
+                    if m.error().is_some() {
+                        return Flow::Continue;
+                    }
+                    if n == 0 {
+                        (cpu0, t0) = (cpu_seconds(), Instant::now());
+                    }
+                    n += 1;
+                    bytes += m.payload().map_or(0, <[u8]>::len) as u64;
+                    if n >= a.count {
+                        Flow::Stop
+                    } else {
+                        Flow::Continue
+                    }
+                });
+            }
+            if got == 0 {
+                std::future::poll_fn(|cx| {
+                    if feeds.iter().any(|f| f.poll_ready(cx).is_ready()) {
+                        std::task::Poll::Ready(())
+                    } else {
+                        std::task::Poll::Pending
+                    }
+                })
+                .await;
+            }
+        }
+    });
+    report(
+        "consume-feed",
         n,
         t0.elapsed().as_secs_f64(),
         cpu_seconds() - cpu0,
@@ -741,6 +804,10 @@ fn main() -> anyhow::Result<()> {
             "consume" => {
                 let a2 = clone_args(&a);
                 tokio::task::spawn_blocking(move || consume(&a2)).await?
+            }
+            "consume-feed" => {
+                let a2 = clone_args(&a);
+                tokio::task::spawn_blocking(move || batch_consume(&a2)).await?
             }
             "relay" => {
                 let out = format!("bench-out-{}", run_id());
