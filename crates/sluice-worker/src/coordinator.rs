@@ -55,13 +55,14 @@ impl Coordinator {
     }
 
     /// Run until `shutdown` resolves (`Ok`) or the pipeline must stop (`Err`): a failed
-    /// delivery, or a fatal client error reported by `fatal`.
+    /// delivery, or what `fatal` reports (a fatal client error, or a reason to run the
+    /// pipeline again).
     pub async fn run(
         &mut self,
         events: &mut mpsc::UnboundedReceiver<RebalanceEvent>,
         stray: &mut mpsc::UnboundedReceiver<(TopicPartition, i64)>,
         shutdown: impl Future<Output = ()>,
-        fatal: impl Fn() -> Option<&'static str>,
+        fatal: impl Fn() -> Option<PipelineError>,
     ) -> Result<(), PipelineError> {
         let mut tick = tokio::time::interval(self.delivery.period());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -103,8 +104,8 @@ impl Coordinator {
                 _ = check.tick() => {
                     self.check_progress();
                     self.metrics.in_flight_bytes.set(self.owned.in_flight_bytes() as i64);
-                    if let Some(what) = fatal() {
-                        return Err(PipelineError::Fatal(what));
+                    if let Some(e) = fatal() {
+                        return Err(e);
                     }
                 }
                 _ = tick.tick() => {

@@ -7,7 +7,6 @@
 //! dead-letter topic, or when the letter itself cannot be written, the record's batch is
 //! failed: its partition stops advancing (nothing is skipped) and reports itself stalled.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,12 +20,12 @@ use crate::kafka::log::LoggingContext;
 /// The dead-letter producer (its librdkafka lines through [`crate::kafka::log`]).
 use crate::kafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
-use tokio::sync::Notify;
 
 use crate::engine::ack::AckToken;
 use crate::kafka::producer::SharedProducer;
 use crate::ops::throttle::LogThrottle;
 use crate::record::{Header, Origin};
+use crate::sink::produce::Outstanding;
 
 /// Header names written on every letter.
 pub mod headers {
@@ -129,8 +128,7 @@ pub struct DeadLetters {
     target: Target,
     counter: prometheus::IntCounterVec,
     pipeline: String,
-    outstanding: AtomicUsize,
-    idle: Notify,
+    outstanding: Outstanding,
     /// Where letter writes run: `park` is also called from librdkafka's delivery-report
     /// thread, which has no runtime of its own.
     runtime: Option<tokio::runtime::Handle>,
@@ -154,8 +152,7 @@ impl DeadLetters {
             target,
             counter: metrics.dead_letters.clone(),
             pipeline: metrics.pipeline().to_string(),
-            outstanding: AtomicUsize::new(0),
-            idle: Notify::new(),
+            outstanding: Outstanding::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
             log: LogThrottle::default(),
         })
@@ -253,7 +250,7 @@ impl DeadLetters {
                 }
             }
             Target::Kafka { .. } => {
-                self.outstanding.fetch_add(1, Ordering::AcqRel);
+                self.outstanding.begin();
                 let this = self.clone();
                 let handle = match &self.runtime {
                     Some(h) => h.clone(),
@@ -278,9 +275,7 @@ impl DeadLetters {
                             }
                         }
                     }
-                    if this.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
-                        this.idle.notify_waiters();
-                    }
+                    this.outstanding.end();
                 }));
             }
         }
@@ -360,18 +355,7 @@ impl DeadLetters {
 
     /// Wait until every parked letter is stored or failed, up to `timeout`.
     pub async fn flush(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.outstanding.load(Ordering::Acquire) == 0 {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, idle).await.is_err() {
-                return self.outstanding.load(Ordering::Acquire) == 0;
-            }
-        }
+        self.outstanding.wait_idle(timeout).await
     }
 }
 

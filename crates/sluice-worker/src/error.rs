@@ -21,4 +21,21 @@ pub enum PipelineError {
     /// exactly-once: a transaction failed and was aborted (see `delivery/exactly_once.rs`).
     #[error("transaction aborted ({0}); restarting resumes from the offsets of the last committed transaction")]
     Transaction(#[from] TxnError),
+    /// The input topic grew: this worker owns more partitions than its consumer's
+    /// prefetch was sized for. Not a failure: the pipeline is drained, committed and run
+    /// again in the same process, its consumer sized for the topic as it is now.
+    #[error("this worker owns {owned} partitions of the input topic, more than the {sized} its consumer's prefetch was sized for (partitions were added); draining and starting the consumer again, sized for the topic as it is now")]
+    Resize {
+        /// Partitions owned when it was noticed.
+        owned: usize,
+        /// Partitions the prefetch was sized for.
+        sized: usize,
+    },
+}
+
+impl PipelineError {
+    /// A graceful stop to run the pipeline again ([`PipelineError::Resize`]), not a failure.
+    pub fn is_resize(&self) -> bool {
+        matches!(self, PipelineError::Resize { .. })
+    }
 }

@@ -238,7 +238,22 @@ pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
                 progress::Input::Metrics,
             ))
         });
-        let res = run_pipeline(config, processor, rt, shutdown_signal()).await;
+        // One signal for every run: the pipeline is run again in this process when the
+        // input topic grew past what its consumer was sized for (`PipelineError::Resize`).
+        let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
+        let res = loop {
+            let res = run_pipeline(
+                config.clone(),
+                processor.clone(),
+                rt.clone(),
+                shutdown.clone(),
+            )
+            .await;
+            match res {
+                Err(e) if e.is_resize() => continue,
+                res => break res,
+            }
+        };
         if let Some(p) = progress {
             p.abort();
         }

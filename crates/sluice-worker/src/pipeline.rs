@@ -235,7 +235,9 @@ async fn run(
 ) -> Result<(), PipelineError> {
     let metrics = rt.metrics.clone();
     let limits = sink_limits(&config).await?;
-    let txn = transactions(&config, &metrics, &limits).await?;
+    let txn = transactions(&config, &metrics, &limits)
+        .await?
+        .map(|t| t.with_heartbeat(rt.health.clone()));
     let dead_letters = build_dead_letters(&config, &metrics, txn.as_ref())?;
     let refusals = Arc::new(Refusals::default());
     let sinks = build_sinks(
@@ -248,7 +250,8 @@ async fn run(
     )
     .await?;
 
-    let partitions = match input_partitions(&config).await {
+    let sized_from_metadata = input_partitions(&config).await;
+    let partitions = match sized_from_metadata {
         Some(n) => n,
         None => {
             tracing::warn!(
@@ -302,6 +305,7 @@ async fn run(
             &config,
         )),
     };
+    let owned_registry = registry.clone();
     let owned = Assignment::new(
         config.clone(),
         processor,
@@ -317,23 +321,38 @@ async fn run(
     let mut co = Coordinator::new(owned, delivery, rt.health.clone(), metrics.clone(), &config);
     let fatal = || {
         if sinks.kafka.iter().any(|k| k.fatal()) {
-            Some("producer")
+            Some(PipelineError::Fatal("producer"))
         } else if consumer.context().is_fatal() {
-            Some("consumer")
+            Some(PipelineError::Fatal("consumer"))
         } else {
-            None
+            // librdkafka's prefetch limits are per partition (split queues), sized when
+            // the consumer was made: more partitions than that would hold more than
+            // `memory.fetchBuffer`. Only when the count was read, not assumed.
+            let owned = owned_registry.len();
+            sized_from_metadata
+                .filter(|&sized| owned > sized)
+                .map(|sized| PipelineError::Resize { owned, sized })
         }
     };
     let mut result = co.run(&mut events, &mut stray, shutdown, fatal).await;
     rt.health.ready.store(false, AtomicOrdering::Release);
-    if result.is_err() {
+    let failed = result.as_ref().is_err_and(|e| !e.is_resize());
+    if failed {
         rt.health.failed.store(true, AtomicOrdering::Release);
+    }
+    if let Err(e) = &result {
+        if e.is_resize() {
+            tracing::warn!(error = %e, "the input topic grew");
+        }
     }
 
     // Stop fetching, drain every partition, commit what is done.
-    let (states, stopped) = co.stop(result.is_err()).await;
-    if result.is_ok() {
-        result = stopped;
+    let (states, stopped) = co.stop(failed).await;
+    match (&result, stopped) {
+        (Ok(()), stopped) => result = stopped,
+        // A failure while stopping to run again is a failure.
+        (Err(e), Err(stopped)) if e.is_resize() => result = Err(stopped),
+        _ => {}
     }
     // Closing the batchers' inputs flushes what they hold.
     let Sinks { set, all, kafka } = sinks;

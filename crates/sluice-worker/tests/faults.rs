@@ -496,6 +496,9 @@ fn latest_never_skips_a_partition_that_had_no_commit_yet() {
 
 /// Partitions added to the input at runtime are picked up at the next metadata refresh and
 /// read from their first record, `startFrom: latest` included (the group started before).
+/// The worker then owns more partitions than its consumer's prefetch was sized for (the
+/// limits are per partition), so it drains and makes its consumer again, sized for four,
+/// in the same process: nothing lost or duplicated, no exit.
 #[test]
 fn partitions_added_at_runtime_are_read_from_their_first_record() {
     let s = pipeline_topics("grow", 2);
@@ -532,4 +535,16 @@ fn partitions_added_at_runtime_are_read_from_their_first_record() {
     assert_alive(&mut w);
     let r = audit(&bootstrap(), output, 0, 40, Duration::from_secs(30)).unwrap();
     assert_eq!((r.missing, r.duplicates), (0, 0), "{r:?}");
+    let log = w.log_tail(100_000);
+    assert!(
+        log.contains("more than the 2 its consumer's prefetch was sized for"),
+        "the consumer is made again for the grown topic:\n{}",
+        w.log_tail(30)
+    );
+    assert_eq!(
+        log.matches("the input topic grew").count(),
+        1,
+        "sized once for four partitions, it does not churn:\n{}",
+        w.log_tail(30)
+    );
 }

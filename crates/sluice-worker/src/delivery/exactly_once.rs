@@ -140,6 +140,21 @@ impl TxnError {
     pub fn rewindable(&self) -> bool {
         !matches!(self, TxnError::Rewind(_) | TxnError::NotSettled)
     }
+
+    /// True when `init_transactions` failed in a way waiting can cure: it kept failing
+    /// with a retriable, non-fatal error (`CONCURRENT_TRANSACTIONS` while the coordinator
+    /// cannot complete the old producer's transaction, the coordinator unavailable), or
+    /// it did not answer at all.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            TxnError::Hung { step, .. } => *step == "init_transactions",
+            TxnError::Kafka {
+                step: "init_transactions",
+                source: KafkaError::Transaction(e),
+            } => e.is_retriable() && !e.is_fatal(),
+            _ => false,
+        }
+    }
 }
 
 /// The `transactional.id` of this worker: `SLUICE_TRANSACTIONAL_ID` if set, else
@@ -183,11 +198,27 @@ pub struct Transactions {
     last: Ledger,
     latency: prometheus::Histogram,
     failures: prometheus::IntCounter,
+    /// Kept beating while a renewal waits out an outage (see [`Transactions::renew`]).
+    heartbeat: Option<Arc<crate::ops::health::Health>>,
 }
+
+/// How long a renewal keeps waiting for the transaction coordinator to complete the old
+/// producer's transaction (a cluster below its quorum cannot) before the worker gives up
+/// and exits: a restart cannot do better while the cluster is down.
+const OUTAGE_WAIT: Duration = Duration::from_secs(300);
 
 impl std::fmt::Debug for Transactions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Transactions").finish_non_exhaustive()
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -309,6 +340,7 @@ impl Transactions {
             last: Ledger::default(),
             latency: metrics.commit_latency.clone(),
             failures: metrics.commit_failures.clone(),
+            heartbeat: None,
         })
     }
 
@@ -331,9 +363,45 @@ impl Transactions {
             ));
         }
         self.renewals.push(now);
-        let producer = init(&self.client, self.timeout).await?;
-        self.producer.set(producer);
-        Ok(())
+        // The liveness heartbeat goes on while the renewal waits: the coordinator's loop
+        // is inside this call, and a restart would meet the same outage.
+        let _beating = self.heartbeat.clone().map(|h| {
+            AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    h.beat();
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }))
+        });
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match init(&self.client, self.timeout).await {
+                Ok(producer) => {
+                    if attempt > 1 {
+                        tracing::info!(
+                            attempts = attempt,
+                            waited_s = now.elapsed().as_secs(),
+                            "exactly-once: the transactional producer is renewed; the outage is over"
+                        );
+                    }
+                    self.producer.set(producer);
+                    return Ok(());
+                }
+                Err(e) if e.is_outage() && now.elapsed() < OUTAGE_WAIT => {
+                    tracing::warn!(error = %e, attempt, waited_s = now.elapsed().as_secs(),
+                        "exactly-once: the transaction coordinator cannot complete the old producer's transaction yet (is the cluster below its quorum?); waiting for it (a restart would meet the same outage)");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Keep `health`'s liveness heartbeat beating while a renewal waits out an outage.
+    pub fn with_heartbeat(mut self, health: Arc<crate::ops::health::Health>) -> Self {
+        self.heartbeat = Some(health);
+        self
     }
 
     /// The gate every dispatcher passes (see [`crate::engine::dispatch::PartitionDispatch::with_gate`]).
@@ -779,6 +847,29 @@ enum Mode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// R4 (two of three brokers down): a renewal whose `init_transactions` gets no answer
+    /// waits the outage out; nothing else counts as an outage.
+    #[test]
+    fn only_an_unanswered_or_retriable_init_is_an_outage_to_wait_out() {
+        let hung = |step| TxnError::Hung {
+            step,
+            limit: Duration::from_secs(45),
+        };
+        assert!(hung("init_transactions").is_outage());
+        assert!(!hung("commit_transaction").is_outage());
+        assert!(!TxnError::Kafka {
+            step: "init_transactions",
+            source: KafkaError::Canceled,
+        }
+        .is_outage());
+        assert!(!TxnError::Kafka {
+            step: "create the transactional producer",
+            source: KafkaError::ClientCreation("bad".into()),
+        }
+        .is_outage());
+        assert!(!TxnError::NotSettled.is_outage());
+    }
 
     /// A window that cannot commit is rewound in place, whatever failed in it (a producer
     /// that can no longer abort is renewed first); only a rewind that cannot seek or an

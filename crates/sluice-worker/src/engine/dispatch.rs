@@ -141,6 +141,19 @@ impl PartitionDispatch {
                     }
                 }
             }
+            // Never below where the partition was started (`startFrom: latest`), however
+            // librdkafka came to fetch from lower down.
+            if let Some(start) = self.state.start_offset() {
+                if records.first().is_some_and(|r| r.offset < start) {
+                    let before = records.len();
+                    records.retain(|r| r.offset >= start);
+                    if let Some(n) = self.rewind_log.tick() {
+                        tracing::info!(topic = %self.state.tp().topic, partition = self.state.tp().partition,
+                            start, skipped = before - records.len(), events = n,
+                            "records below where startFrom: latest started this partition; not dispatched");
+                    }
+                }
+            }
             // Never past where an earlier incarnation stopped for good (exactly-once without
             // a dead-letter path: the partition stops at the record, as at-least-once does).
             if let Some(stop) = self.state.stop_offset() {
@@ -286,18 +299,23 @@ mod tests {
         )
     }
 
+    /// A dispatcher of `st` feeding one ordered lane `tx`, with a 1 MiB budget.
+    fn lane(st: &Arc<PartitionState>, tx: mpsc::Sender<WorkItem>) -> PartitionDispatch {
+        PartitionDispatch::new(
+            st.clone(),
+            vec![tx],
+            Ordering::Partition,
+            ByteBudget::new(1 << 20),
+        )
+    }
+
     /// W4: a rewind redelivers offsets the tracker has registered already (in flight or
     /// done); they are dropped, the rest goes on, and the partition does not stall.
     #[tokio::test]
     async fn a_rewind_below_what_was_received_is_dropped_not_stalled() {
         let st = state(Arc::new(NoControl));
         let (tx, mut rx) = mpsc::channel(16);
-        let mut lane = PartitionDispatch::new(
-            st.clone(),
-            vec![tx],
-            Ordering::Partition,
-            ByteBudget::new(1 << 20),
-        );
+        let mut lane = lane(&st, tx);
         lane.dispatch((0..10).map(record).collect()).await;
         let first = rx.recv().await.unwrap();
         first.token.ack();
@@ -314,6 +332,27 @@ mod tests {
         // a batch entirely below: nothing dispatched at all
         lane.dispatch((0..3).map(record).collect()).await;
         assert!(rx.try_recv().is_err());
+        assert!(!st.is_stalled());
+    }
+
+    /// `startFrom: latest` started the partition at offset 1000, but librdkafka fetched
+    /// from the beginning anyway (its start of the assignment landed after the seek):
+    /// nothing below 1000 is dispatched, registered or committed.
+    #[tokio::test]
+    async fn records_below_a_latest_start_are_never_dispatched() {
+        let st = state(Arc::new(NoControl));
+        st.start_at(1_000);
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut lane = lane(&st, tx);
+        lane.dispatch((0..10).map(record).collect()).await;
+        assert!(rx.try_recv().is_err(), "a batch wholly below the start");
+        assert_eq!(st.last_registered(), None);
+        lane.dispatch((995..1_005).map(record).collect()).await;
+        let batch = rx.recv().await.unwrap();
+        let offsets: Vec<i64> = batch.records.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, (1_000..1_005).collect::<Vec<_>>());
+        batch.token.ack();
+        assert_eq!(st.watermark(), Some(1_005));
         assert!(!st.is_stalled());
     }
 
@@ -335,13 +374,7 @@ mod tests {
         let st = state(Arc::new(NoControl));
         let gate = Arc::new(WindowGate::default());
         let (tx, mut rx) = mpsc::channel(1);
-        let mut lane = PartitionDispatch::new(
-            st.clone(),
-            vec![tx],
-            Ordering::Partition,
-            ByteBudget::new(1 << 20),
-        )
-        .with_gate(Some(gate.clone()));
+        let mut lane = lane(&st, tx).with_gate(Some(gate.clone()));
         lane.dispatch((0..10).map(record).collect()).await;
         let dispatcher = tokio::spawn(async move {
             lane.dispatch((10..20).map(record).collect()).await;
@@ -370,13 +403,7 @@ mod tests {
         let st = state(Arc::new(NoControl));
         let gate = Arc::new(WindowGate::default());
         let (tx, mut rx) = mpsc::channel(1);
-        let mut lane = PartitionDispatch::new(
-            st.clone(),
-            vec![tx],
-            Ordering::Partition,
-            ByteBudget::new(1 << 20),
-        )
-        .with_gate(Some(gate));
+        let mut lane = lane(&st, tx).with_gate(Some(gate));
         lane.dispatch((0..10).map(record).collect()).await;
         let dispatcher = tokio::spawn(async move {
             lane.dispatch((10..20).map(record).collect()).await;

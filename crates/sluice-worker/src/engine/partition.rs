@@ -125,6 +125,9 @@ pub struct PartitionState {
     /// Records at or past this offset are never dispatched (exactly-once: where an earlier
     /// incarnation stopped for good). `i64::MAX`: none.
     stop_at: AtomicI64,
+    /// Records below this offset are never dispatched (`startFrom: latest`: the group
+    /// started at the end of the log; `i64::MIN` when unset).
+    start_at: AtomicI64,
     /// Its work is abandoned (an aborted exactly-once window): the lanes settle what is
     /// queued for it without processing it.
     cancelled: AtomicBool,
@@ -174,6 +177,7 @@ impl PartitionState {
             failed_batches: AtomicUsize::new(0),
             failed_for_good_at: AtomicI64::new(i64::MAX),
             stop_at: AtomicI64::new(i64::MAX),
+            start_at: AtomicI64::new(i64::MIN),
             cancelled: AtomicBool::new(false),
             on_cancel: Notify::new(),
         })
@@ -322,6 +326,17 @@ impl PartitionState {
     /// True once [`PartitionState::cancel`]led.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Never dispatch records below `offset` (see [`PartitionState::start_offset`]).
+    pub fn start_at(&self, offset: i64) {
+        self.start_at.fetch_max(offset, Ordering::AcqRel);
+    }
+
+    /// Records below this offset are not dispatched.
+    pub fn start_offset(&self) -> Option<i64> {
+        let at = self.start_at.load(Ordering::Acquire);
+        (at != i64::MIN).then_some(at)
     }
 
     /// Records at or past this offset are not dispatched.

@@ -170,9 +170,17 @@ impl Assignment {
             let position = move || application_position(&weak, &at);
             let dispatcher = tokio::spawn(tracing::Instrument::in_current_span(async move {
                 if let Some((consumer, parts, decided)) = latest {
-                    decided
+                    let ends = decided
                         .get_or_init(|| start_latest(consumer, parts.to_vec()))
                         .await;
+                    // librdkafka may still start the partition below the end it was
+                    // sought to (the assignment's own fetch start can land after the
+                    // seek): what lies below is never dispatched.
+                    if let Some((_, end)) =
+                        ends.iter().find(|(tp, _)| *tp == *dispatch.state().tp())
+                    {
+                        dispatch.state().start_at(*end);
+                    }
                 }
                 run_kafka_dispatcher(queue, dispatch, stop_rx, position).await
             }));

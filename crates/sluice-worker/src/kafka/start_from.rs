@@ -99,11 +99,17 @@ pub fn latest_start(own: Option<i64>, group_has_commits: bool) -> Start {
 
 /// `startFrom: latest` for the partitions of one assignment, before anything of them is
 /// read (see the module docs): decided once for them all, and the ends committed in one
-/// commit. If the commits cannot be read, or the ends cannot be committed, the partitions
-/// start at their first record, so nothing is skipped.
-pub async fn start_latest(consumer: std::sync::Weak<SluiceConsumer>, parts: Vec<TopicPartition>) {
+/// commit. Returns the partitions that start at their end, with that end: their
+/// dispatchers never dispatch a record below it, even if librdkafka's own start of the
+/// assignment lands after the seek and fetches from the beginning. If the commits cannot
+/// be read, or the ends cannot be committed, the partitions start at their first record,
+/// so nothing is skipped (and nothing is returned).
+pub async fn start_latest(
+    consumer: std::sync::Weak<SluiceConsumer>,
+    parts: Vec<TopicPartition>,
+) -> Vec<(TopicPartition, i64)> {
     let Some(first) = parts.first().cloned() else {
-        return;
+        return Vec::new();
     };
     let res = tokio::task::spawn_blocking(
         move || -> Result<Vec<(TopicPartition, Start, Option<i64>)>, String> {
@@ -164,7 +170,11 @@ pub async fn start_latest(consumer: std::sync::Weak<SluiceConsumer>, parts: Vec<
     .unwrap_or_else(|e| Err(e.to_string()));
     match res {
         Ok(decided) => {
+            let mut ends = Vec::new();
             for (tp, start, end) in decided {
+                if let (Start::End, Some(e)) = (start, end) {
+                    ends.push((tp.clone(), e));
+                }
                 let (topic, partition) = (&tp.topic, tp.partition);
                 match start {
                     Start::End => {
@@ -176,9 +186,11 @@ pub async fn start_latest(consumer: std::sync::Weak<SluiceConsumer>, parts: Vec<
                     Start::Committed => {}
                 }
             }
+            ends
         }
         Err(e) => {
-            tracing::warn!(error = %e, "startFrom: latest: could not read the group's commits or commit the ends; these partitions start at their earliest record instead (nothing is skipped)")
+            tracing::warn!(error = %e, "startFrom: latest: could not read the group's commits or commit the ends; these partitions start at their earliest record instead (nothing is skipped)");
+            Vec::new()
         }
     }
 }

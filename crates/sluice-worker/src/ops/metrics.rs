@@ -25,7 +25,7 @@ pub struct Metrics {
     /// Time from dispatch to the end of processing, observed per worker batch.
     pub processing_latency: Histogram,
     /// Time from the record timestamp to the sink acknowledgement, per output.
-    pub end_to_end_latency: HistogramVec,
+    pub end_to_end_latency: super::latency::LatencyHistogramVec,
     /// Outputs per flushed sink batch.
     pub batch_size: HistogramVec,
     /// Outputs delivered per sink.
@@ -126,7 +126,11 @@ impl Metrics {
             lag: gauge("sluice_consumer_lag", "Partition high watermark minus committed offset, in records.", &p),
             high_watermark: gauge("sluice_partition_high_watermark", "Partition high watermark as last seen by the consumer.", &p),
             processing_latency: hist("sluice_processing_latency_seconds", "Time from dispatch to the end of processing, per worker batch.", &["pipeline"], LATENCY_BUCKETS.to_vec()).with_label_values(&[pipeline]),
-            end_to_end_latency: hist("sluice_end_to_end_latency_seconds", "Time from the record timestamp to the sink acknowledgement, per output.", &["pipeline", "sink"], LATENCY_BUCKETS.to_vec()),
+            end_to_end_latency: {
+                let h = super::latency::LatencyHistogramVec::new("sluice_end_to_end_latency_seconds", "Time from the record timestamp to the sink acknowledgement, per output.", &["pipeline", "sink"]).expect("valid metric");
+                registry.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             batch_size: hist("sluice_batch_size_messages", "Outputs per flushed sink batch.", &["pipeline", "sink"], size_buckets),
             sink_outputs: counter("sluice_sink_outputs_total", "Outputs acknowledged by a sink.", &["pipeline", "sink"]),
             dead_letters: counter("sluice_dead_letters_total", "Records written to the dead-letter topic, by failing stage and error class.", &["pipeline", "stage", "class"]),

@@ -24,66 +24,127 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext};
-use sluice_api::config::{KafkaSinkConfig, KeySource};
+use sluice_api::config::KafkaSinkConfig;
 use tokio::sync::Notify;
 
+use super::produce::{while_queue_full, OutputRecord, OutputTarget, Outstanding};
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
 use crate::kafka::limits;
 use crate::ops::throttle::LogThrottle;
 use crate::retry::ErrorClass;
 
-/// A batch handed to the producer, waiting for its delivery reports.
+/// Batches that may wait for delivery reports at once; a sink with this many waits for
+/// one to settle before it hands over the next.
+const FLIGHT_SLOTS: usize = 1024;
+
+/// A batch handed to the producer, waiting for its delivery reports: one entry of the
+/// sink's fixed table. The delivery opaque of each output is a `usize` naming its entry
+/// and its index in the batch ([`opaque`]), so producing allocates nothing per output and
+/// a delivery report frees nothing.
+#[derive(Default)]
 struct InFlight {
+    /// Delivery reports still to come, plus one held by the sending task until the batch
+    /// is in [`InFlight::batch`]: the batch settles when this reaches zero.
     remaining: AtomicUsize,
     rejected: Mutex<Vec<(usize, SinkFailure)>>,
     batch: Mutex<Option<SinkBatch>>,
 }
 
-/// One output on its way: the delivery opaque.
-pub struct Slot {
-    flight: Arc<InFlight>,
-    index: usize,
-    attempts: u32,
+/// The delivery opaque of output `index` of the batch in table entry `slot`.
+fn opaque(slot: usize, index: usize) -> usize {
+    (slot << 32) | index
 }
+
+/// The (entry, index) an opaque names.
+fn unpack(opaque: usize) -> (usize, usize) {
+    (opaque >> 32, opaque & 0xffff_ffff)
+}
+
+// An opaque packs two 32-bit halves.
+const _: () = assert!(usize::BITS >= 64);
 
 struct Shared {
     metrics: SinkMetrics,
     dead_letters: Arc<DeadLetters>,
-    outstanding: AtomicUsize,
-    idle: Notify,
+    /// The in-flight table, and its free entries.
+    flights: Box<[InFlight]>,
+    free: Mutex<Vec<usize>>,
+    /// Signalled when an entry is freed.
+    freed: Notify,
+    outstanding: Outstanding,
     fatal: AtomicBool,
     /// One line per interval for rejected outputs.
     reject_log: LogThrottle,
 }
 
 impl Shared {
-    fn reject(&self, slot: &Slot, class: &'static str, message: String) {
-        slot.flight.rejected.lock().expect("rejected lock").push((
-            slot.index,
-            SinkFailure {
-                class,
-                message,
-                attempts: slot.attempts,
-            },
-        ));
-        self.finish_one(&slot.flight);
+    fn reject(&self, opaque: usize, class: &'static str, message: String, attempts: u32) {
+        let (slot, index) = unpack(opaque);
+        self.flights[slot]
+            .rejected
+            .lock()
+            .expect("rejected lock")
+            .push((
+                index,
+                SinkFailure {
+                    class,
+                    message,
+                    attempts,
+                },
+            ));
+        self.finish_one(slot);
     }
 
-    fn finish_one(&self, flight: &Arc<InFlight>) {
-        if flight.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+    /// One delivery report of entry `slot` is in.
+    fn finish_one(&self, slot: usize) {
+        self.finish(slot, 1)
+    }
+
+    /// `count` delivery reports (or the sender's hold) of entry `slot` are in.
+    fn finish(&self, slot: usize, count: usize) {
+        let flight = &self.flights[slot];
+        if flight.remaining.fetch_sub(count, Ordering::AcqRel) == count {
             let batch = flight.batch.lock().expect("batch lock").take();
+            let rejected = std::mem::take(&mut *flight.rejected.lock().expect("lock"));
+            self.free.lock().expect("free lock").push(slot);
+            self.freed.notify_one();
             if let Some(batch) = batch {
-                let rejected = std::mem::take(&mut *flight.rejected.lock().expect("lock"));
                 batch.settle(rejected, "kafka", &self.metrics, &self.dead_letters);
             }
-            if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
-                self.idle.notify_waiters();
-            }
+            self.outstanding.end();
         }
+    }
+
+    /// Take a free entry of the table, waiting while every entry is in flight.
+    async fn take_slot(&self) -> usize {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(slot) = self.free.lock().expect("free lock").pop() {
+                return slot;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// The sending task's hold on its table entry. Dropped after the batch is stored in the
+/// entry, it releases the hold; dropped early (the task cancelled mid-batch), it also
+/// stands in for the reports of the outputs never handed over, so the entry is freed
+/// once the handed-over ones report (the batch, dropped with the task, fails its tokens).
+struct Hold<'a> {
+    shared: &'a Shared,
+    slot: usize,
+    unsent: usize,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.shared.finish(self.slot, self.unsent + 1);
     }
 }
 
@@ -130,15 +191,15 @@ pub fn classify(e: &KafkaError) -> (ErrorClass, &'static str) {
 }
 
 impl ProducerContext for SinkContext {
-    type DeliveryOpaque = Box<Slot>;
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, mut slot: Box<Slot>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         match result {
-            Ok(_) => self.shared.finish_one(&slot.flight),
+            Ok(_) => self.shared.finish_one(unpack(opaque).0),
             Err((e, _)) => {
                 let (class, name) = classify(e);
                 if class == ErrorClass::Permanent {
-                    return self.shared.reject(&slot, name, e.to_string());
+                    return self.shared.reject(opaque, name, e.to_string(), 1);
                 }
                 // librdkafka's idempotent retries ran out (message.timeout.ms): no
                 // re-send from here, which could duplicate a write that landed late.
@@ -146,9 +207,8 @@ impl ProducerContext for SinkContext {
                     tracing::error!(sink = "kafka", topic = %self.topic, error = %e,
                         outputs = n, "not delivered within retry.maxElapsed (librdkafka's idempotent retries ran out)");
                 }
-                slot.attempts += 1;
                 self.shared
-                    .reject(&slot, "retries_exhausted", e.to_string())
+                    .reject(opaque, "retries_exhausted", e.to_string(), 2)
             }
         }
     }
@@ -157,27 +217,16 @@ impl ProducerContext for SinkContext {
 /// Write outputs to a Kafka topic.
 pub struct KafkaSink {
     producer: ThreadedProducer<SinkContext>,
-    topic: String,
-    key: KeySource,
-    trace_header: Option<String>,
-    source_topic: String,
-    /// The topic's `max.message.bytes`, when it could be read.
-    limit: Option<usize>,
+    target: OutputTarget,
     shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSink")
-            .field("topic", &self.topic)
+            .field("topic", &self.target.topic)
             .finish()
     }
-}
-
-fn kafka_headers<'a>(headers: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>) -> OwnedHeaders {
-    headers.fold(OwnedHeaders::new(), |h, (key, value)| {
-        h.insert(Header { key, value })
-    })
 }
 
 impl KafkaSink {
@@ -201,8 +250,10 @@ impl KafkaSink {
         let shared = Arc::new(Shared {
             metrics,
             dead_letters,
-            outstanding: AtomicUsize::new(0),
-            idle: Notify::new(),
+            flights: (0..FLIGHT_SLOTS).map(|_| InFlight::default()).collect(),
+            free: Mutex::new((0..FLIGHT_SLOTS).rev().collect()),
+            freed: Notify::new(),
+            outstanding: Outstanding::default(),
             fatal: AtomicBool::new(false),
             reject_log: LogThrottle::default(),
         });
@@ -212,11 +263,7 @@ impl KafkaSink {
         })?;
         let sink = Arc::new(KafkaSink {
             producer,
-            topic: config.topic.clone(),
-            key: config.key,
-            trace_header: config.trace_header.clone(),
-            source_topic: source_topic.to_string(),
-            limit,
+            target: OutputTarget::new(config, source_topic, limit),
             shared,
         });
         Ok(sink)
@@ -227,44 +274,28 @@ impl KafkaSink {
         self.shared.fatal.load(Ordering::Acquire)
     }
 
-    /// Send one record, waiting while the producer's queue is full.
-    async fn send_one(
-        &self,
-        key: Option<&[u8]>,
-        value: Option<&[u8]>,
-        headers: Option<OwnedHeaders>,
-        slot: Box<Slot>,
-    ) {
-        let mut rec: BaseRecord<'_, [u8], [u8], Box<Slot>> =
-            BaseRecord::with_opaque_to(&self.topic, slot);
-        if let Some(k) = key {
+    /// Hand one output to the producer, waiting only while the producer's queue is full.
+    /// A refusal other than a full queue rejects the output (the dead-letter path).
+    // The producer hands a record it did not take back inside its error.
+    #[allow(clippy::result_large_err)]
+    async fn send_one(&self, record: &OutputRecord<'_>, opaque: usize) {
+        let mut rec: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&self.target.topic, opaque);
+        if let Some(k) = record.key {
             rec = rec.key(k);
         }
-        if let Some(v) = value {
+        if let Some(v) = record.value {
             rec = rec.payload(v);
         }
-        if let Some(h) = headers {
+        if let Some(h) = record.kafka_headers() {
             rec = rec.headers(h);
         }
-        let mut backoff = Duration::from_micros(200);
-        loop {
-            match self.producer.send(rec) {
-                Ok(()) => return,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    rec = back;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(50));
-                }
-                Err((e, back)) => {
-                    let (_, class) = classify(&e);
-                    if let Some(n) = self.shared.reject_log.tick() {
-                        tracing::error!(sink = "kafka", topic = %self.topic, error = %e, outputs = n, "the producer refused a record");
-                    }
-                    self.shared
-                        .reject(&back.delivery_opaque, class, e.to_string());
-                    return;
-                }
+        if let Err((e, _)) = while_queue_full(rec, |r| self.producer.send(r)).await {
+            let (_, class) = classify(&e);
+            if let Some(n) = self.shared.reject_log.tick() {
+                tracing::error!(sink = "kafka", topic = %self.target.topic, error = %e, outputs = n, "the producer refused a record");
             }
+            self.shared.reject(opaque, class, e.to_string(), 1);
         }
     }
 }
@@ -281,91 +312,45 @@ impl Sink for KafkaSink {
                 batch.acknowledge(&self.shared.metrics);
                 return;
             }
-            // Bytes are reference counted: the sends borrow these clones while the batch
-            // (with its tokens) waits in the in-flight record for the delivery reports.
-            let records: Vec<_> = batch
-                .items
-                .iter()
-                .map(|(o, origin)| {
-                    let key = match self.key {
-                        KeySource::Output => o.key.clone(),
-                        KeySource::Input => origin.key.clone(),
-                    };
-                    let trace = self.trace_header.as_ref().map(|name| {
-                        (
-                            name.as_str(),
-                            format!(
-                                "{}/{}/{}",
-                                self.source_topic, origin.partition, origin.offset
-                            ),
-                        )
-                    });
-                    (key, o.value.clone(), o.headers.clone(), trace)
-                })
-                .collect();
-            let flight = Arc::new(InFlight {
-                remaining: AtomicUsize::new(n),
-                rejected: Mutex::new(Vec::new()),
-                batch: Mutex::new(Some(batch)),
-            });
-            self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
-            for (index, (key, value, headers, trace)) in records.iter().enumerate() {
-                let slot = Box::new(Slot {
-                    flight: flight.clone(),
-                    index,
-                    attempts: 1,
-                });
-                if let Some(limit) = self.limit {
-                    let size = limits::batch_size_alone(
-                        key.as_deref(),
-                        value.as_deref(),
-                        headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_deref()))
-                            .chain(trace.iter().map(|(k, v)| (*k, Some(v.as_bytes())))),
-                    );
-                    if size > limit {
-                        if let Some(n) = self.shared.reject_log.tick() {
-                            tracing::error!(sink = "kafka", topic = %self.topic, size, max_message_bytes = limit, outputs = n,
-                                "an output is over the topic's max.message.bytes; it goes to the dead-letter topic, its batch-mates are produced");
-                        }
-                        self.shared.reject(
-                            &slot,
-                            "record_too_large",
-                            limits::too_large(size, limit),
-                        );
-                        continue;
+            let slot = self.shared.take_slot().await;
+            let flight = &self.shared.flights[slot];
+            // One report per output, plus the hold of this task: the batch cannot settle
+            // before it is stored in its entry below, however fast the reports come.
+            flight.remaining.store(n + 1, Ordering::Release);
+            self.shared.outstanding.begin();
+            let mut hold = Hold {
+                shared: &self.shared,
+                slot,
+                unsent: n,
+            };
+            // The producer copies what it is given, so the sends borrow the batch itself.
+            for (index, (o, origin)) in batch.items.iter().enumerate() {
+                let opaque = opaque(slot, index);
+                let record = self.target.record(o, origin);
+                if let Some((size, limit)) = record.over(self.target.limit) {
+                    if let Some(n) = self.shared.reject_log.tick() {
+                        tracing::error!(sink = "kafka", topic = %self.target.topic, size, max_message_bytes = limit, outputs = n,
+                            "an output is over the topic's max.message.bytes; it goes to the dead-letter topic, its batch-mates are produced");
                     }
+                    self.shared.reject(
+                        opaque,
+                        "record_too_large",
+                        limits::too_large(size, limit),
+                        1,
+                    );
+                    hold.unsent -= 1;
+                    continue;
                 }
-                let headers = (!headers.is_empty() || trace.is_some()).then(|| {
-                    kafka_headers(
-                        headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_deref()))
-                            .chain(trace.iter().map(|(k, v)| (*k, Some(v.as_bytes())))),
-                    )
-                });
-                self.send_one(key.as_deref(), value.as_deref(), headers, slot)
-                    .await;
+                self.send_one(&record, opaque).await;
+                hold.unsent -= 1;
             }
+            *flight.batch.lock().expect("batch lock") = Some(batch);
+            drop(hold);
         })
     }
 
     fn flush(&self, timeout: Duration) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + timeout;
-            loop {
-                let idle = self.shared.idle.notified();
-                tokio::pin!(idle);
-                idle.as_mut().enable();
-                if self.shared.outstanding.load(Ordering::Acquire) == 0 {
-                    return true;
-                }
-                if tokio::time::timeout_at(deadline, idle).await.is_err() {
-                    return self.shared.outstanding.load(Ordering::Acquire) == 0;
-                }
-            }
-        })
+        Box::pin(self.shared.outstanding.wait_idle(timeout))
     }
 }
 

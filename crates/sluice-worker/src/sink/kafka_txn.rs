@@ -20,16 +20,13 @@
 //! reaches the broker and never aborts a window), or one too large for the producer itself.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureRecord, Producer};
-use sluice_api::config::{KafkaSinkConfig, KeySource};
-use tokio::sync::Notify;
+use sluice_api::config::KafkaSinkConfig;
 
 use crate::deadletter::DeadLetters;
 use crate::kafka::limits;
@@ -38,6 +35,7 @@ use crate::ops::throttle::LogThrottle;
 use crate::record::{Origin, Output};
 use crate::retry::ErrorClass;
 use crate::sink::kafka::classify;
+use crate::sink::produce::{while_queue_full, OutputTarget, Outstanding};
 use crate::sink::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 
 /// Outputs the broker refused for good inside a transaction, by source record and output
@@ -114,16 +112,10 @@ impl Refusals {
 /// to `read_committed` readers when the window commits).
 pub struct TxnKafkaSink {
     producer: SharedProducer,
-    topic: String,
-    key: KeySource,
-    trace_header: Option<String>,
-    source_topic: String,
-    /// The topic's `max.message.bytes`, when it could be read.
-    limit: Option<usize>,
+    target: OutputTarget,
     metrics: SinkMetrics,
     dead_letters: Arc<DeadLetters>,
-    outstanding: Arc<AtomicUsize>,
-    idle: Arc<Notify>,
+    outstanding: Arc<Outstanding>,
     reject_log: Arc<LogThrottle>,
     refusals: Arc<Refusals>,
 }
@@ -131,7 +123,7 @@ pub struct TxnKafkaSink {
 impl std::fmt::Debug for TxnKafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TxnKafkaSink")
-            .field("topic", &self.topic)
+            .field("topic", &self.target.topic)
             .finish()
     }
 }
@@ -151,15 +143,10 @@ impl TxnKafkaSink {
     ) -> Arc<Self> {
         Arc::new(TxnKafkaSink {
             producer,
-            topic: config.topic.clone(),
-            key: config.key,
-            trace_header: config.trace_header.clone(),
-            source_topic: source_topic.to_string(),
-            limit,
+            target: OutputTarget::new(config, source_topic, limit),
             metrics,
             dead_letters,
-            outstanding: Arc::new(AtomicUsize::new(0)),
-            idle: Arc::new(Notify::new()),
+            outstanding: Arc::default(),
             reject_log: Arc::new(LogThrottle::default()),
             refusals,
         })
@@ -171,6 +158,8 @@ impl Sink for TxnKafkaSink {
         "kafka"
     }
 
+    // The producer hands a record it did not take back inside its error.
+    #[allow(clippy::result_large_err)]
     fn deliver(&self, batch: SinkBatch) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if batch.items.is_empty() {
@@ -183,7 +172,7 @@ impl Sink for TxnKafkaSink {
             // The transaction cannot commit this window any more: abort it, rewind.
             let mut retry = false;
             for (index, (o, origin)) in batch.items.iter().enumerate() {
-                let output = fingerprint(&self.topic, o);
+                let output = fingerprint(&self.target.topic, o);
                 let suspect = match self.refusals.get(origin, output) {
                     // Refused for good in an aborted window: dead-lettered in this one.
                     Some(Refusal::Culprit(f)) => {
@@ -193,48 +182,26 @@ impl Sink for TxnKafkaSink {
                     Some(Refusal::Suspect) => true,
                     None => false,
                 };
-                let key = match self.key {
-                    KeySource::Output => o.key.as_deref(),
-                    KeySource::Input => origin.key.as_deref(),
-                };
-                let trace = self.trace_header.as_ref().map(|name| {
-                    (
-                        name.as_str(),
-                        format!(
-                            "{}/{}/{}",
-                            self.source_topic, origin.partition, origin.offset
-                        ),
-                    )
-                });
-                if let Some(limit) = self.limit {
-                    let size = limits::batch_size_alone(
-                        key,
-                        o.value.as_deref(),
-                        o.headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_deref()))
-                            .chain(trace.iter().map(|(k, v)| (*k, Some(v.as_bytes())))),
-                    );
-                    if size > limit {
-                        // Never produced: the transaction stays healthy and the letter
-                        // joins it, with no abort and no batch-mate touched.
-                        if let Some(n) = self.reject_log.tick() {
-                            tracing::error!(sink = "kafka", topic = %self.topic, size, max_message_bytes = limit, outputs = n,
-                                "an output is over the topic's max.message.bytes; it goes to the dead-letter topic in this transaction");
-                        }
-                        if suspect {
-                            self.refusals.set(origin, output, None);
-                        }
-                        rejected.push((
-                            index,
-                            SinkFailure {
-                                class: "record_too_large",
-                                message: limits::too_large(size, limit),
-                                attempts: 1,
-                            },
-                        ));
-                        continue;
+                let record = self.target.record(o, origin);
+                if let Some((size, limit)) = record.over(self.target.limit) {
+                    // Never produced: the transaction stays healthy and the letter
+                    // joins it, with no abort and no batch-mate touched.
+                    if let Some(n) = self.reject_log.tick() {
+                        tracing::error!(sink = "kafka", topic = %self.target.topic, size, max_message_bytes = limit, outputs = n,
+                            "an output is over the topic's max.message.bytes; it goes to the dead-letter topic in this transaction");
                     }
+                    if suspect {
+                        self.refusals.set(origin, output, None);
+                    }
+                    rejected.push((
+                        index,
+                        SinkFailure {
+                            class: "record_too_large",
+                            message: limits::too_large(size, limit),
+                            attempts: 1,
+                        },
+                    ));
+                    continue;
                 }
                 if suspect {
                     // Alone in its produce batch: what went before is delivered first.
@@ -242,104 +209,79 @@ impl Sink for TxnKafkaSink {
                     let _ =
                         tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(30))).await;
                 }
-                let headers = (!o.headers.is_empty() || trace.is_some()).then(|| {
-                    o.headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_deref()))
-                        .chain(trace.iter().map(|(k, v)| (*k, Some(v.as_bytes()))))
-                        .fold(OwnedHeaders::new(), |h, (key, value)| {
-                            h.insert(Header { key, value })
-                        })
-                });
-                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic);
-                if let Some(k) = key {
+                let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.target.topic);
+                if let Some(k) = record.key {
                     rec = rec.key(k);
                 }
-                if let Some(v) = o.value.as_deref() {
+                if let Some(v) = record.value {
                     rec = rec.payload(v);
                 }
-                if let Some(h) = headers {
+                if let Some(h) = record.kafka_headers() {
                     rec = rec.headers(h);
                 }
-                let mut backoff = Duration::from_micros(200);
-                loop {
-                    match producer.send_result(rec) {
-                        Ok(f) if suspect => {
-                            let res = match f.await {
-                                Ok(Ok(_)) => Ok(()),
-                                Ok(Err((e, _))) => Err(e),
-                                Err(_) => Err(KafkaError::Canceled),
-                            };
-                            match res {
-                                Ok(()) => self.refusals.set(origin, output, None),
-                                Err(e) => {
-                                    retry = true;
-                                    if let Some(class) = refused(&e) {
-                                        tracing::error!(sink = "kafka", topic = %self.topic, error = %e, partition = origin.partition, offset = origin.offset,
+                match while_queue_full(rec, |r| producer.send_result(r)).await {
+                    Ok(f) if suspect => {
+                        let res = match f.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err((e, _))) => Err(e),
+                            Err(_) => Err(KafkaError::Canceled),
+                        };
+                        match res {
+                            Ok(()) => self.refusals.set(origin, output, None),
+                            Err(e) => {
+                                retry = true;
+                                if let Some(class) = refused(&e) {
+                                    tracing::error!(sink = "kafka", topic = %self.target.topic, error = %e, partition = origin.partition, offset = origin.offset,
                                             "the broker refused an output for good, alone in its batch; it goes to the dead-letter topic");
-                                        let f = SinkFailure {
-                                            class,
-                                            message: e.to_string(),
-                                            attempts: 1,
-                                        };
-                                        self.refusals.set(
-                                            origin,
-                                            output,
-                                            Some(Refusal::Culprit(f)),
-                                        );
-                                    }
+                                    let f = SinkFailure {
+                                        class,
+                                        message: e.to_string(),
+                                        attempts: 1,
+                                    };
+                                    self.refusals.set(origin, output, Some(Refusal::Culprit(f)));
                                 }
                             }
-                            break;
                         }
-                        Ok(f) => {
-                            pending.push((index, f));
-                            break;
-                        }
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                            rec = back;
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_millis(50));
-                        }
-                        Err((e, _)) => {
-                            match refused(&e) {
-                                // Refused before it joined the transaction (e.g. too
-                                // large for the producer): the transaction is healthy,
-                                // dead-lettered in it like any permanent rejection.
-                                Some(class) => {
-                                    if let Some(n) = self.reject_log.tick() {
-                                        tracing::error!(sink = "kafka", topic = %self.topic, error = %e, outputs = n, "the producer refused a record");
-                                    }
-                                    rejected.push((
-                                        index,
-                                        SinkFailure {
-                                            class,
-                                            message: e.to_string(),
-                                            attempts: 1,
-                                        },
-                                    ));
+                    }
+                    Ok(f) => {
+                        pending.push((index, f));
+                    }
+                    Err((e, _)) => {
+                        match refused(&e) {
+                            // Refused before it joined the transaction (e.g. too
+                            // large for the producer): the transaction is healthy,
+                            // dead-lettered in it like any permanent rejection.
+                            Some(class) => {
+                                if let Some(n) = self.reject_log.tick() {
+                                    tracing::error!(sink = "kafka", topic = %self.target.topic, error = %e, outputs = n, "the producer refused a record");
                                 }
-                                // Typically the transaction is abortable already.
-                                None => {
-                                    if let Some(n) = self.reject_log.tick() {
-                                        tracing::warn!(sink = "kafka", topic = %self.topic, error = %e, outputs = n, "an output could not join the transaction; the window is aborted and processed again");
-                                    }
-                                    retry = true;
-                                }
+                                rejected.push((
+                                    index,
+                                    SinkFailure {
+                                        class,
+                                        message: e.to_string(),
+                                        attempts: 1,
+                                    },
+                                ));
                             }
-                            break;
+                            // Typically the transaction is abortable already.
+                            None => {
+                                if let Some(n) = self.reject_log.tick() {
+                                    tracing::warn!(sink = "kafka", topic = %self.target.topic, error = %e, outputs = n, "an output could not join the transaction; the window is aborted and processed again");
+                                }
+                                retry = true;
+                            }
                         }
                     }
                 }
             }
-            self.outstanding.fetch_add(1, Ordering::AcqRel);
-            let (metrics, dead_letters, outstanding, idle, log, topic, refusals) = (
+            self.outstanding.begin();
+            let (metrics, dead_letters, outstanding, log, topic, refusals) = (
                 self.metrics.clone(),
                 self.dead_letters.clone(),
                 self.outstanding.clone(),
-                self.idle.clone(),
                 self.reject_log.clone(),
-                self.topic.clone(),
+                self.target.topic.clone(),
                 self.refusals.clone(),
             );
             tokio::spawn(tracing::Instrument::in_current_span(async move {
@@ -374,28 +316,13 @@ impl Sink for TxnKafkaSink {
                 } else {
                     batch.settle(rejected, "kafka", &metrics, &dead_letters);
                 }
-                if outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    idle.notify_waiters();
-                }
+                outstanding.end();
             }));
         })
     }
 
     fn flush(&self, timeout: Duration) -> BoxFuture<'_, bool> {
-        Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + timeout;
-            loop {
-                let idle = self.idle.notified();
-                tokio::pin!(idle);
-                idle.as_mut().enable();
-                if self.outstanding.load(Ordering::Acquire) == 0 {
-                    return true;
-                }
-                if tokio::time::timeout_at(deadline, idle).await.is_err() {
-                    return self.outstanding.load(Ordering::Acquire) == 0;
-                }
-            }
-        })
+        Box::pin(self.outstanding.wait_idle(timeout))
     }
 }
 

@@ -5,6 +5,7 @@ pub mod kafka;
 pub mod kafka_txn;
 pub mod null;
 pub mod postgres;
+pub mod produce;
 pub mod stdout;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use futures::future::BoxFuture;
 
 use crate::deadletter::{DeadLetters, Letter};
 use crate::engine::ack::AckToken;
+use crate::ops::latency::{LatencyHistogram, LocalLatency};
 use crate::ops::metrics::Metrics;
 use crate::record::{Origin, Output};
 
@@ -35,9 +37,9 @@ impl SinkBatch {
     pub fn acknowledge(self, metrics: &SinkMetrics) {
         let now_ms = now_ms();
         // A local histogram: one flush of atomics per batch, not per output.
-        let local = metrics.end_to_end.local();
+        let mut local = metrics.end_to_end.local();
         for (_, origin) in &self.items {
-            observe_latency(&local, now_ms, origin);
+            observe_latency(&mut local, now_ms, origin);
         }
         local.flush();
         metrics.outputs.inc_by(self.items.len() as u64);
@@ -83,10 +85,10 @@ impl SinkBatch {
             }
         }
         let mut stored = 0;
-        let local = metrics.end_to_end.local();
+        let mut local = metrics.end_to_end.local();
         for (i, (_, origin)) in self.items.iter().enumerate() {
             if !failed[i] {
-                observe_latency(&local, now_ms, origin);
+                observe_latency(&mut local, now_ms, origin);
                 stored += 1;
             }
         }
@@ -135,9 +137,9 @@ pub struct SinkFailure {
     pub attempts: u32,
 }
 
-fn observe_latency(end_to_end: &prometheus::local::LocalHistogram, now_ms: i64, origin: &Origin) {
+fn observe_latency(end_to_end: &mut LocalLatency<'_>, now_ms: i64, origin: &Origin) {
     if let Some(ts) = origin.timestamp_ms {
-        end_to_end.observe(((now_ms - ts).max(0) as f64) / 1000.0);
+        end_to_end.observe_ms(now_ms.saturating_sub(ts).max(0) as u64);
     }
 }
 
@@ -153,7 +155,7 @@ pub fn now_ms() -> i64 {
 #[derive(Clone, Debug)]
 pub struct SinkMetrics {
     /// Record timestamp to acknowledgement.
-    pub end_to_end: prometheus::Histogram,
+    pub end_to_end: LatencyHistogram,
     /// Outputs acknowledged.
     pub outputs: prometheus::IntCounter,
     /// Outputs sent again after a transient error.

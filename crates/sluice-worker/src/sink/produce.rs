@@ -1,0 +1,278 @@
+//! What the Kafka sinks (at-least-once [`super::kafka`], exactly-once
+//! [`super::kafka_txn`]) and the dead-letter writer share, written once: which key and
+//! headers an output is produced with ([`OutputTarget`], [`OutputRecord`]), the wait while
+//! the producer's queue is full ([`while_queue_full`]), and the count of batches still
+//! waiting for the broker that `flush` waits on ([`Outstanding`]).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use sluice_api::config::{KafkaSinkConfig, KeySource};
+use tokio::sync::Notify;
+
+use crate::kafka::limits;
+use crate::record::{Origin, Output};
+
+/// How a Kafka sink turns an output into a record: its topic, the key it takes, the trace
+/// header it adds, and the topic's size limit.
+#[derive(Clone, Debug)]
+pub struct OutputTarget {
+    /// The output topic.
+    pub topic: String,
+    /// The output's key or its source record's.
+    pub key: KeySource,
+    /// The name of a header carrying `source-topic/partition/offset`, if any.
+    pub trace_header: Option<String>,
+    /// The pipeline's input topic (for the trace header).
+    pub source_topic: String,
+    /// The topic's `max.message.bytes`, when it could be read.
+    pub limit: Option<usize>,
+}
+
+impl OutputTarget {
+    /// The target of a sink `config` reading `source_topic`.
+    pub fn new(config: &KafkaSinkConfig, source_topic: &str, limit: Option<usize>) -> Self {
+        OutputTarget {
+            topic: config.topic.clone(),
+            key: config.key,
+            trace_header: config.trace_header.clone(),
+            source_topic: source_topic.to_string(),
+            limit,
+        }
+    }
+
+    /// The record `output` (from `origin`) is produced as.
+    pub fn record<'a>(&'a self, output: &'a Output, origin: &'a Origin) -> OutputRecord<'a> {
+        OutputRecord {
+            key: match self.key {
+                KeySource::Output => output.key.as_deref(),
+                KeySource::Input => origin.key.as_deref(),
+            },
+            value: output.value.as_deref(),
+            headers: &output.headers,
+            trace: self.trace_header.as_deref().map(|name| {
+                (
+                    name,
+                    format!(
+                        "{}/{}/{}",
+                        self.source_topic, origin.partition, origin.offset
+                    ),
+                )
+            }),
+        }
+    }
+}
+
+/// One output as a Kafka record, borrowing the output.
+#[derive(Debug)]
+pub struct OutputRecord<'a> {
+    /// The record key.
+    pub key: Option<&'a [u8]>,
+    /// The record value.
+    pub value: Option<&'a [u8]>,
+    headers: &'a [crate::record::Header],
+    trace: Option<(&'a str, String)>,
+}
+
+impl OutputRecord<'_> {
+    /// The headers: the output's, then the trace header.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
+        self.headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .chain(self.trace.iter().map(|(k, v)| (*k, Some(v.as_bytes()))))
+    }
+
+    /// The headers for the producer; `None` when there are none.
+    pub fn kafka_headers(&self) -> Option<OwnedHeaders> {
+        (!self.headers.is_empty() || self.trace.is_some()).then(|| {
+            self.headers().fold(OwnedHeaders::new(), |h, (key, value)| {
+                h.insert(Header { key, value })
+            })
+        })
+    }
+
+    /// `Some((size, limit))` when the record alone is over the topic's `limit`: the
+    /// broker would refuse it, and its whole produce batch with it.
+    pub fn over(&self, limit: Option<usize>) -> Option<(usize, usize)> {
+        let limit = limit?;
+        let size = limits::batch_size_alone(self.key, self.value, self.headers());
+        (size > limit).then_some((size, limit))
+    }
+}
+
+/// Offer `record` to `send` until the producer's queue has room: on `QueueFull` the
+/// record comes back and is offered again after a backoff (200 µs, doubling to 50 ms).
+/// Any other answer is returned.
+pub async fn while_queue_full<R, T>(
+    mut record: R,
+    mut send: impl FnMut(R) -> Result<T, (KafkaError, R)>,
+) -> Result<T, (KafkaError, R)> {
+    let mut backoff = Duration::from_micros(200);
+    loop {
+        match send(record) {
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// Batches handed to the broker and not yet settled: `flush` waits for zero.
+#[derive(Debug, Default)]
+pub struct Outstanding {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Outstanding {
+    /// One more batch outstanding.
+    pub fn begin(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A batch settled.
+    pub fn end(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Wait until nothing is outstanding, up to `timeout`; false when something still is.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.count.load(Ordering::Acquire) == 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn target(key: KeySource, trace: Option<&str>) -> OutputTarget {
+        OutputTarget {
+            topic: "out".into(),
+            key,
+            trace_header: trace.map(String::from),
+            source_topic: "in".into(),
+            limit: None,
+        }
+    }
+
+    fn output() -> (Output, Origin) {
+        (
+            Output {
+                key: Some(Bytes::from_static(b"k-out")),
+                value: Some(Bytes::from_static(b"v")),
+                headers: vec![("h".into(), Some(Bytes::from_static(b"1")))],
+            },
+            Origin {
+                partition: 3,
+                offset: 42,
+                timestamp_ms: None,
+                key: Some(Bytes::from_static(b"k-in")),
+            },
+        )
+    }
+
+    #[test]
+    fn key_source_and_trace_header_shape_the_record() {
+        let (o, origin) = output();
+        let t = target(KeySource::Input, Some("sluice-source"));
+        let r = t.record(&o, &origin);
+        assert_eq!(r.key, Some(&b"k-in"[..]));
+        let h: Vec<_> = r.headers().collect();
+        assert_eq!(
+            h,
+            vec![
+                ("h", Some(&b"1"[..])),
+                ("sluice-source", Some(&b"in/3/42"[..]))
+            ]
+        );
+        let t = target(KeySource::Output, None);
+        let r = t.record(&o, &origin);
+        assert_eq!(r.key, Some(&b"k-out"[..]));
+        assert_eq!(r.headers().count(), 1);
+        let bare = Output {
+            headers: vec![],
+            ..o.clone()
+        };
+        assert!(t.record(&bare, &origin).kafka_headers().is_none());
+    }
+
+    #[test]
+    fn over_the_limit_only_when_the_record_alone_is() {
+        let (o, origin) = output();
+        let t = target(KeySource::Output, None);
+        let r = t.record(&o, &origin);
+        assert_eq!(r.over(None), None);
+        let (size, _) = r.over(Some(1)).expect("over 1 byte");
+        assert_eq!(
+            r.over(Some(size)),
+            None,
+            "a record of exactly the limit fits"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_is_waited_out_other_errors_returned() {
+        let mut tries = 0;
+        let r: Result<u32, (KafkaError, u32)> = while_queue_full(7, |rec| {
+            tries += 1;
+            if tries < 4 {
+                Err((
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                    rec,
+                ))
+            } else {
+                Ok(rec)
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 7);
+        assert_eq!(tries, 4);
+        let r: Result<(), (KafkaError, u32)> = while_queue_full(7, |rec| {
+            Err((
+                KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                rec,
+            ))
+        })
+        .await;
+        assert!(matches!(r, Err((_, 7))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flush_waits_for_the_last_outstanding_batch() {
+        let o = Arc::new(Outstanding::default());
+        assert!(o.wait_idle(Duration::from_secs(1)).await);
+        o.begin();
+        o.begin();
+        assert!(!o.wait_idle(Duration::from_secs(1)).await);
+        let o2 = o.clone();
+        let waiter = tokio::spawn(async move { o2.wait_idle(Duration::from_secs(60)).await });
+        o.end();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        o.end();
+        assert!(waiter.await.unwrap());
+    }
+}
