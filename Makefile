@@ -5,7 +5,7 @@ DEMO_COUNT ?= 1000000
 DEMO_RATE ?= 100000
 DEMO_LISTEN ?= 127.0.0.1:9095
 
-.PHONY: cluster-up cluster-down images-local setup demo test test-unit lint fmt bench bench-operator profile chaos chaos-replicated fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
+.PHONY: cluster-up cluster-down images-local setup demo test test-unit lint vendor-check fmt bench bench-operator profile chaos chaos-replicated fuzz crds manifests chart-lint images dashboards rules-test kafka-start kafka-stop kafka-reset k8s-install k8s-start k8s-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -28,7 +28,7 @@ demo:
 ## for its TLS test); SLUICE_TEST_KUBECONFIG=path against another API server;
 ## SLUICE_E2E_KUBECONFIG=path (and SLUICE_E2E_*, see tests/src/cluster.rs) on another cluster.
 ## Every test binary runs even when one fails; the end lists every failed test.
-test: setup
+test: setup vendor-check
 	@if [[ -z "$${SLUICE_TEST_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi
 	@if [[ -z "$${SLUICE_TEST_POSTGRES:-}" ]]; then scripts/postgres.sh start; fi
 	@if [[ -z "$${SLUICE_TEST_KUBECONFIG:-}" ]]; then scripts/k8s.sh start; fi
@@ -40,9 +40,14 @@ test: setup
 test-unit:
 	$(CARGO) test --workspace --lib --bins
 
-lint:
+lint: vendor-check
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## vendor/rdkafka-sys is the published rdkafka-sys, trimmed, plus exactly vendor/patches/*.patch
+## (vendor/patches/README.md). `scripts/vendor-check.sh --write` rebuilds it from them.
+vendor-check:
+	@scripts/vendor-check.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -729,6 +729,9 @@ pub struct ReadRecord {
     pub value: Option<Vec<u8>>,
     /// Headers with a value.
     pub headers: Vec<(String, String)>,
+    /// Every header exactly as read, in order: its name and its value bytes (`None` for a
+    /// null value).
+    pub all_headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl ReadRecord {
@@ -813,6 +816,14 @@ pub fn read_all(topic: &str, timeout: Duration) -> Vec<ReadRecord> {
                                         String::from_utf8_lossy(h.value?).into_owned(),
                                     ))
                                 })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    all_headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
                                 .collect()
                         })
                         .unwrap_or_default(),
