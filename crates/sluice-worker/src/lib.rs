@@ -240,7 +240,8 @@ pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
         });
         // One signal for every run: the pipeline is run again in this process when the
         // input topic grew past what its consumer was sized for (`PipelineError::Resize`).
-        let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
+        use futures::FutureExt;
+        let shutdown = Box::pin(shutdown_signal()).shared();
         let res = loop {
             let res = run_pipeline(
                 config.clone(),
@@ -250,7 +251,9 @@ pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
             )
             .await;
             match res {
-                Err(e) if e.is_resize() => continue,
+                // Asked to stop meanwhile: no second run.
+                Err(e) if e.is_resize() && shutdown.clone().now_or_never().is_none() => continue,
+                Err(e) if e.is_resize() => break Ok(()),
                 res => break res,
             }
         };

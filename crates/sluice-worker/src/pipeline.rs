@@ -47,6 +47,10 @@ pub struct Runtime {
     pub metrics: Metrics,
     /// Health of this pipeline.
     pub health: Arc<Health>,
+    /// Partitions the consumer's prefetch is sized for at least: what the worker owned
+    /// when it stopped to run again (`PipelineError::Resize`), so a broker whose metadata
+    /// still shows the old count cannot make it stop again for the same growth.
+    pub sized_at_least: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Runtime {
@@ -55,6 +59,7 @@ impl Runtime {
         Runtime {
             metrics: Metrics::new(&config.pipeline),
             health: Arc::new(Health::default()),
+            sized_at_least: Default::default(),
         }
     }
 }
@@ -250,7 +255,8 @@ async fn run(
     )
     .await?;
 
-    let sized_from_metadata = input_partitions(&config).await;
+    let at_least = rt.sized_at_least.load(AtomicOrdering::Acquire);
+    let sized_from_metadata = input_partitions(&config).await.map(|n| n.max(at_least));
     let partitions = match sized_from_metadata {
         Some(n) => n,
         None => {
@@ -343,11 +349,16 @@ async fn run(
     if let Err(e) = &result {
         if e.is_resize() {
             tracing::warn!(error = %e, "the input topic grew");
+            rt.health.between_runs();
+            if let PipelineError::Resize { owned, .. } = e {
+                rt.sized_at_least.fetch_max(*owned, AtomicOrdering::AcqRel);
+            }
         }
     }
 
     // Stop fetching, drain every partition, commit what is done.
     let (states, stopped) = co.stop(failed).await;
+    let released: Vec<_> = states.iter().map(|s| s.tp().clone()).collect();
     match (&result, stopped) {
         (Ok(()), stopped) => result = stopped,
         // A failure while stopping to run again is a failure.
@@ -362,9 +373,14 @@ async fn run(
     // Bounded: a sink that cannot take data (its broker is down) must not hold the exit
     // past the grace period; what it did not acknowledge is simply not committed.
     let flush_deadline = tokio::time::Instant::now() + config.commit.drain_timeout.0;
-    for b in batchers {
-        if tokio::time::timeout_at(flush_deadline, b).await.is_err() {
+    for mut b in batchers {
+        if tokio::time::timeout_at(flush_deadline, &mut b)
+            .await
+            .is_err()
+        {
             tracing::warn!("a batcher did not finish before the drain deadline; its outputs will be redelivered");
+            // Not left running: the pipeline may run again in this process.
+            b.abort();
         }
     }
     for s in &all {
@@ -397,14 +413,31 @@ async fn run(
     let _ = tokio::task::spawn_blocking(move || poller.join()).await;
     drop(co);
     // Leave the group now rather than after the session timeout.
-    let consumer = Arc::try_unwrap(consumer);
-    if let Ok(c) = consumer {
-        tokio::task::spawn_blocking(move || {
-            c.unsubscribe();
-            drop(c);
-        })
-        .await
-        .ok();
+    match Arc::try_unwrap(consumer) {
+        Ok(c) => {
+            tokio::task::spawn_blocking(move || {
+                c.unsubscribe();
+                drop(c);
+            })
+            .await
+            .ok();
+        }
+        // Something still holds it (a blocking call of the start-up, e.g.): it leaves the
+        // group all the same, so it cannot keep partitions from a next run.
+        Err(c) => {
+            tracing::warn!("the consumer is still referenced at the stop; leaving the group without closing it");
+            tokio::task::spawn_blocking(move || c.unsubscribe())
+                .await
+                .ok();
+        }
+    }
+    // Run again (Resize): the next run reports only the partitions it is given.
+    if result.as_ref().is_err_and(PipelineError::is_resize) {
+        for tp in &released {
+            metrics.forget_partition(&tp.topic, tp.partition);
+        }
+        metrics.in_flight_bytes.set(0);
+        metrics.fetch_stalled_partitions.set(0);
     }
     tracing::info!("pipeline stopped");
     result

@@ -143,11 +143,11 @@ impl TxnError {
 
     /// True when `init_transactions` failed in a way waiting can cure: it kept failing
     /// with a retriable, non-fatal error (`CONCURRENT_TRANSACTIONS` while the coordinator
-    /// cannot complete the old producer's transaction, the coordinator unavailable), or
-    /// it did not answer at all.
+    /// cannot complete the old producer's transaction, the coordinator unavailable). Not
+    /// a call that did not answer at all ([`TxnError::Hung`]): its producer, with the
+    /// same id, may still complete and fence the next one.
     pub fn is_outage(&self) -> bool {
         match self {
-            TxnError::Hung { step, .. } => *step == "init_transactions",
             TxnError::Kafka {
                 step: "init_transactions",
                 source: KafkaError::Transaction(e),
@@ -202,9 +202,10 @@ pub struct Transactions {
     heartbeat: Option<Arc<crate::ops::health::Health>>,
 }
 
-/// How long a renewal keeps waiting for the transaction coordinator to complete the old
-/// producer's transaction (a cluster below its quorum cannot) before the worker gives up
-/// and exits: a restart cannot do better while the cluster is down.
+/// How long a renewal keeps starting new attempts for the transaction coordinator to
+/// complete the old producer's transaction (a cluster below its quorum cannot) before the
+/// worker gives up and exits: a restart cannot do better while the cluster is down. The
+/// last attempt can run past it by up to its own limit (2 x the transaction timeout + 5 s).
 const OUTAGE_WAIT: Duration = Duration::from_secs(300);
 
 impl std::fmt::Debug for Transactions {
@@ -353,7 +354,7 @@ impl Transactions {
     /// open; the caller begins the next): `init_transactions` fences the old producer and
     /// completes what it left open. More than three renewals in five minutes is a loop:
     /// an error.
-    pub async fn renew(&mut self) -> Result<(), TxnError> {
+    pub async fn renew(&mut self, wait_outage: bool) -> Result<(), TxnError> {
         let now = Instant::now();
         self.renewals
             .retain(|t| now.duration_since(*t) < Duration::from_secs(300));
@@ -362,7 +363,14 @@ impl Transactions {
                 "the transactional producer was renewed three times in five minutes".into(),
             ));
         }
-        self.renewals.push(now);
+        let res = self.renew_waiting(now, wait_outage).await;
+        // Stamped when it ends: renewals that each wait an outage out are still counted
+        // as a loop when they come back to back.
+        self.renewals.push(Instant::now());
+        res
+    }
+
+    async fn renew_waiting(&mut self, now: Instant, wait_outage: bool) -> Result<(), TxnError> {
         // The liveness heartbeat goes on while the renewal waits: the coordinator's loop
         // is inside this call, and a restart would meet the same outage.
         let _beating = self.heartbeat.clone().map(|h| {
@@ -388,7 +396,7 @@ impl Transactions {
                     self.producer.set(producer);
                     return Ok(());
                 }
-                Err(e) if e.is_outage() && now.elapsed() < OUTAGE_WAIT => {
+                Err(e) if wait_outage && e.is_outage() && now.elapsed() < OUTAGE_WAIT => {
                     tracing::warn!(error = %e, attempt, waited_s = now.elapsed().as_secs(),
                         "exactly-once: the transaction coordinator cannot complete the old producer's transaction yet (is the cluster below its quorum?); waiting for it (a restart would meet the same outage)");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -697,7 +705,9 @@ impl ExactlyOnce {
         // can reach the next transaction, then begin that one.
         if let Err(e) = self.txn.abort_only().await {
             tracing::warn!(error = %e, "exactly-once: the transaction could not be aborted; a new transactional producer with the same id takes over (it fences the old one and completes what that left open)");
-            self.txn.renew().await?;
+            // Only a running pipeline waits an outage out: at a stop or a revoke the
+            // next owner's producer fences this one anyway, and the stop has a deadline.
+            self.txn.renew(mode == Mode::Tick).await?;
         }
         for s in &states {
             s.cancel();
@@ -848,15 +858,16 @@ enum Mode {
 mod tests {
     use super::*;
 
-    /// R4 (two of three brokers down): a renewal whose `init_transactions` gets no answer
-    /// waits the outage out; nothing else counts as an outage.
+    /// R4 (two of three brokers down): only a retriable `init_transactions` failure is an
+    /// outage to wait out; an unanswered call is not (its producer may still fence the
+    /// next), nor is anything else.
     #[test]
     fn only_an_unanswered_or_retriable_init_is_an_outage_to_wait_out() {
         let hung = |step| TxnError::Hung {
             step,
             limit: Duration::from_secs(45),
         };
-        assert!(hung("init_transactions").is_outage());
+        assert!(!hung("init_transactions").is_outage());
         assert!(!hung("commit_transaction").is_outage());
         assert!(!TxnError::Kafka {
             step: "init_transactions",

@@ -29,6 +29,9 @@ pub struct Health {
     /// Owned partitions with records to fetch, not held, and no fetch progress for
     /// longer than the limit (set by the coordinator).
     stuck_partitions: AtomicU64,
+    /// The pipeline stopped to run again (`PipelineError::Resize`): the progress rules
+    /// wait for the next [`Health::start`], as before the first.
+    between_runs: AtomicBool,
 }
 
 /// The thresholds of the liveness rules.
@@ -68,6 +71,14 @@ impl Health {
             a.store(now, Ordering::Release);
         }
         let _ = self.limits.set(limits);
+        self.stuck_partitions.store(0, Ordering::Release);
+        self.between_runs.store(false, Ordering::Release);
+    }
+
+    /// The pipeline stops to run again in this process: nothing progresses until its
+    /// next [`Health::start`], and that is not a liveness failure.
+    pub fn between_runs(&self) {
+        self.between_runs.store(true, Ordering::Release);
     }
 
     /// The liveness limits, once the pipeline runs.
@@ -117,6 +128,9 @@ impl Health {
         let Some(l) = self.limits.get() else {
             return Ok(());
         };
+        if self.between_runs.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let age =
             |a: &AtomicU64| Duration::from_millis(now.saturating_sub(a.load(Ordering::Acquire)));
         if age(&self.loop_ms) > l.coordinator {

@@ -208,9 +208,15 @@ impl LocalLatency<'_> {
             }
         }
         if self.sum_ms != 0 {
-            self.shared
+            // Saturating, like the local sum: a backfill of very old records must not wrap
+            // the sum (a counter going backwards reads as a reset).
+            let add = std::mem::take(&mut self.sum_ms);
+            let _ = self
+                .shared
                 .sum_ms
-                .fetch_add(std::mem::take(&mut self.sum_ms), Ordering::Relaxed);
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_add(add))
+                });
         }
     }
 }
@@ -284,6 +290,19 @@ mod tests {
         assert_eq!(bucket(0), 0, "0 ms is at or below 0.25 ms");
         assert_eq!(bucket(1), 3, "1 ms is at or below 1 ms");
         assert_eq!(bucket(u64::MAX), LATENCY_BUCKETS.len(), "+Inf");
+    }
+
+    #[test]
+    fn the_sum_saturates_instead_of_wrapping() {
+        let v = LatencyHistogramVec::new("y_seconds", "help", &["sink"]).unwrap();
+        let h = v.with_label_values(&["a"]);
+        for _ in 0..3 {
+            let mut l = h.local();
+            l.observe_ms(u64::MAX / 2);
+        }
+        let f = &v.collect()[0];
+        let sum = f.get_metric()[0].get_histogram().get_sample_sum();
+        assert_eq!(sum, u64::MAX as f64 / 1000.0);
     }
 
     #[test]

@@ -49,6 +49,9 @@ struct InFlight {
     /// Delivery reports still to come, plus one held by the sending task until the batch
     /// is in [`InFlight::batch`]: the batch settles when this reaches zero.
     remaining: AtomicUsize,
+    /// An output was purged (the producer is being dropped at a stop): the batch is
+    /// aborted, its records not committed and processed again, never dead-lettered.
+    purged: AtomicBool,
     rejected: Mutex<Vec<(usize, SinkFailure)>>,
     batch: Mutex<Option<SinkBatch>>,
 }
@@ -109,10 +112,13 @@ impl Shared {
         if flight.remaining.fetch_sub(count, Ordering::AcqRel) == count {
             let batch = flight.batch.lock().expect("batch lock").take();
             let rejected = std::mem::take(&mut *flight.rejected.lock().expect("lock"));
+            let purged = flight.purged.swap(false, Ordering::AcqRel);
             self.free.lock().expect("free lock").push(slot);
             self.freed.notify_one();
-            if let Some(batch) = batch {
-                batch.settle(rejected, "kafka", &self.metrics, &self.dead_letters);
+            match batch {
+                Some(batch) if purged => batch.abort(),
+                Some(batch) => batch.settle(rejected, "kafka", &self.metrics, &self.dead_letters),
+                None => {}
             }
             self.outstanding.end();
         }
@@ -196,6 +202,18 @@ impl ProducerContext for SinkContext {
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         match result {
             Ok(_) => self.shared.finish_one(unpack(opaque).0),
+            Err((e, _))
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+                ) =>
+            {
+                let (slot, _) = unpack(opaque);
+                self.shared.flights[slot]
+                    .purged
+                    .store(true, Ordering::Release);
+                self.shared.finish_one(slot);
+            }
             Err((e, _)) => {
                 let (class, name) = classify(e);
                 if class == ErrorClass::Permanent {
