@@ -16,7 +16,9 @@
 //! (`crate::kafka::limits`): the broker would refuse its whole produce batch, and every
 //! batch-mate with it. A fatal producer error (e.g. an idempotence sequence violation) is reported
 //! through [`KafkaSink::fatal`] and stops the worker: a restart resumes from the last
-//! commit.
+//! commit. Every output that fails from then on (in flight, queued, or refused at the send)
+//! failed for the producer's state, not its own: its batch is aborted, never dead-lettered
+//! and never committed, so the restart delivers it again.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,9 +51,10 @@ struct InFlight {
     /// Delivery reports still to come, plus one held by the sending task until the batch
     /// is in [`InFlight::batch`]: the batch settles when this reaches zero.
     remaining: AtomicUsize,
-    /// An output was purged (the producer is being dropped at a stop): the batch is
-    /// aborted, its records not committed and processed again, never dead-lettered.
-    purged: AtomicBool,
+    /// An output was purged (the producer is being dropped at a stop) or failed after the
+    /// producer's fatal error: the batch is aborted, its records not committed and
+    /// processed again, never dead-lettered.
+    abandoned: AtomicBool,
     rejected: Mutex<Vec<(usize, SinkFailure)>>,
     batch: Mutex<Option<SinkBatch>>,
 }
@@ -101,6 +104,24 @@ impl Shared {
         self.finish_one(slot);
     }
 
+    /// Output `opaque` failed for a reason that is not its own (a purge at a stop, the
+    /// producer's fatal error): its batch is aborted when it settles.
+    fn abandon(&self, opaque: usize) {
+        let (slot, _) = unpack(opaque);
+        self.flights[slot].abandoned.store(true, Ordering::Release);
+        self.finish_one(slot);
+    }
+
+    /// True once an error said the producer failed fatally: the error callback (served
+    /// before the delivery reports of the outputs the fatal error failed: both come
+    /// through the producer's one main queue, in that order), or this report or refusal.
+    fn failed_fatally(&self, e: &KafkaError) -> bool {
+        if e.rdkafka_error_code().is_some_and(fatal_for_the_producer) {
+            self.fatal.store(true, Ordering::Release);
+        }
+        self.fatal.load(Ordering::Acquire)
+    }
+
     /// One delivery report of entry `slot` is in.
     fn finish_one(&self, slot: usize) {
         self.finish(slot, 1)
@@ -112,11 +133,11 @@ impl Shared {
         if flight.remaining.fetch_sub(count, Ordering::AcqRel) == count {
             let batch = flight.batch.lock().expect("batch lock").take();
             let rejected = std::mem::take(&mut *flight.rejected.lock().expect("lock"));
-            let purged = flight.purged.swap(false, Ordering::AcqRel);
+            let abandoned = flight.abandoned.swap(false, Ordering::AcqRel);
             self.free.lock().expect("free lock").push(slot);
             self.freed.notify_one();
             match batch {
-                Some(batch) if purged => batch.abort(),
+                Some(batch) if abandoned => batch.abort(),
                 Some(batch) => batch.settle(rejected, "kafka", &self.metrics, &self.dead_letters),
                 None => {}
             }
@@ -166,7 +187,10 @@ impl ClientContext for SinkContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
+        if error
+            .rdkafka_error_code()
+            .is_some_and(fatal_for_the_producer)
+        {
             tracing::error!(sink = "kafka", topic = %self.topic, %reason, "fatal producer error; the worker stops and resumes from its last commit");
             self.shared.fatal.store(true, Ordering::Release);
         } else if crate::kafka::log::KAFKA_LOG.error_is_transient(&error, reason) {
@@ -175,6 +199,28 @@ impl ClientContext for SinkContext {
             tracing::warn!(sink = "kafka", topic = %self.topic, error = %error, %reason, "producer error");
         }
     }
+}
+
+/// The errors with which librdkafka's idempotent producer fails for good (librdkafka
+/// 2.12.1, `rdkafka_request.c`, `rdkafka_msgset_writer.c`): a sequence or producer id the
+/// broker and the producer no longer agree on, a gap it cannot close, an inconsistent
+/// batch. An error event reports a fatal error by its cause, not by `_FATAL`
+/// (`rd_kafka_event_error` of a fatal event is the underlying code), so these codes are how
+/// the error callback and a delivery report can tell; outside the fatal path the producer
+/// retries them itself and never reports them. [`KafkaSink::fatal`] also asks librdkafka.
+fn fatal_for_the_producer(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        Fatal
+            | OutOfOrderSequenceNumber
+            | UnknownProducerId
+            | InvalidProducerEpoch
+            | ProducerFenced
+            | Fenced
+            | GaplessGuarantee
+            | Inconsistent
+    )
 }
 
 /// Classify a produce error, with a short class for metrics and dead-letter headers.
@@ -206,13 +252,9 @@ impl ProducerContext for SinkContext {
                 if matches!(
                     e.rdkafka_error_code(),
                     Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
-                ) =>
+                ) || self.shared.failed_fatally(e) =>
             {
-                let (slot, _) = unpack(opaque);
-                self.shared.flights[slot]
-                    .purged
-                    .store(true, Ordering::Release);
-                self.shared.finish_one(slot);
+                self.shared.abandon(opaque)
             }
             Err((e, _)) => {
                 let (class, name) = classify(e);
@@ -289,7 +331,7 @@ impl KafkaSink {
 
     /// True once the producer hit a fatal error and can no longer deliver.
     pub fn fatal(&self) -> bool {
-        self.shared.fatal.load(Ordering::Acquire)
+        self.shared.fatal.load(Ordering::Acquire) || self.producer.client().fatal_error().is_some()
     }
 
     /// Hand one output to the producer, waiting only while the producer's queue is full.
@@ -309,6 +351,9 @@ impl KafkaSink {
             rec = rec.headers(h);
         }
         if let Err((e, _)) = while_queue_full(rec, |r| self.producer.send(r)).await {
+            if self.shared.failed_fatally(&e) {
+                return self.shared.abandon(opaque);
+            }
             let (_, class) = classify(&e);
             if let Some(n) = self.shared.reject_log.tick() {
                 tracing::error!(sink = "kafka", topic = %self.target.topic, error = %e, outputs = n, "the producer refused a record");
@@ -375,5 +420,129 @@ impl Sink for KafkaSink {
 impl Drop for KafkaSink {
     fn drop(&mut self) {
         let _ = self.producer.flush(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ack::BatchAck;
+    use crate::engine::partition::{Incarnation, NoControl, PartitionState, TopicPartition};
+    use crate::ops::metrics::Metrics;
+    use crate::record::{Origin, Output};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use std::time::Instant;
+
+    /// A batch of `n` outputs from offsets `first..first + n` of `partition`, registered
+    /// with its tracker.
+    fn batch(partition: &Arc<PartitionState>, first: i64, n: usize) -> SinkBatch {
+        partition.register(first, first + n as i64 - 1).unwrap();
+        let token = BatchAck::open(partition.clone(), first, n, None);
+        SinkBatch {
+            items: (0..n as i64)
+                .map(|i| {
+                    let output = Output {
+                        key: Some(bytes::Bytes::from(format!("k{}", first + i))),
+                        value: Some(bytes::Bytes::from_static(b"v")),
+                        headers: Vec::new(),
+                    };
+                    let origin = Origin {
+                        partition: 0,
+                        offset: first + i,
+                        timestamp_ms: None,
+                        key: None,
+                    };
+                    (output, origin)
+                })
+                .collect(),
+            bytes: n,
+            tokens: vec![token],
+            created: Instant::now(),
+        }
+    }
+
+    /// An output that fails because the producer failed fatally (here the broker answers
+    /// the first produce request with a sequence the idempotent producer cannot reason
+    /// about, which librdkafka makes fatal) is not the record's failure: its batch is
+    /// aborted, nothing goes to the dead-letter topic and nothing is committed, so the
+    /// restart the fatal error causes delivers it again. Before this, the outputs were
+    /// dead-lettered as `retries_exhausted` and their offsets committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outputs_failed_by_a_fatal_producer_error_are_redelivered_not_dead_lettered() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("out", 1, 1).unwrap();
+        let metrics = Metrics::new("fatal");
+        let dead_letters = crate::deadletter::DeadLetters::memory(&metrics);
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "20000");
+        let config = KafkaSinkConfig {
+            topic: "out".into(),
+            bootstrap_servers: None,
+            key: Default::default(),
+            trace_header: None,
+            producer_properties: Default::default(),
+        };
+        let sink = KafkaSink::new(
+            client,
+            &config,
+            "in",
+            None,
+            SinkMetrics::new(&metrics, "kafka"),
+            dead_letters.clone(),
+        )
+        .unwrap();
+        let partition = PartitionState::new(
+            Incarnation::new(TopicPartition::new("in", 0), 0),
+            64,
+            Arc::new(NoControl),
+            metrics.partition("in", 0),
+            metrics.processing_latency.clone(),
+        );
+
+        // Delivered as usual first: the partition advances.
+        sink.deliver(batch(&partition, 0, 10)).await;
+        assert!(
+            sink.flush(Duration::from_secs(30)).await,
+            "first batch settles"
+        );
+        assert_eq!(partition.watermark(), Some(10));
+        assert!(!sink.fatal());
+
+        // The next produce request is answered OUT_OF_ORDER_SEQUENCE_NUMBER: fatal.
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+        );
+        sink.deliver(batch(&partition, 10, 10)).await;
+        assert!(
+            sink.flush(Duration::from_secs(30)).await,
+            "second batch settles"
+        );
+        assert!(sink.fatal(), "the producer's fatal error is reported");
+        // And one handed over after the fatal error: refused at the send.
+        sink.deliver(batch(&partition, 20, 5)).await;
+        assert!(
+            sink.flush(Duration::from_secs(30)).await,
+            "third batch settles"
+        );
+
+        assert_eq!(
+            dead_letters.parked().len(),
+            0,
+            "nothing is dead-lettered for the producer's own failure"
+        );
+        assert_eq!(
+            partition.watermark(),
+            Some(10),
+            "nothing after the fatal error is committed"
+        );
+        assert!(
+            !partition.is_stalled(),
+            "an aborted batch does not stall its partition"
+        );
     }
 }
