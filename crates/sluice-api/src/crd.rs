@@ -679,7 +679,8 @@ pub struct StreamPipelineStatus {
     /// Label selector of the worker pods (for the scale subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// Ready, Progressing, Degraded, PartitionStalled, ScalingLimited, Paused.
+    /// Ready, Progressing, Degraded, PartitionStalled, ScalingLimited, Paused, Idle,
+    /// OffsetsExpiring.
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

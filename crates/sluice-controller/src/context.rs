@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
@@ -24,6 +24,10 @@ use crate::reconcile::secrets::PodSecrets;
 
 /// The field manager of every server-side apply.
 pub const MANAGER: &str = "sluice-controller";
+
+/// Kafka's default `offsets.retention.minutes` (7 days, since Kafka 2.0): how long the
+/// committed offsets of a group without members are kept.
+pub const DEFAULT_OFFSETS_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A pipeline's namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -134,6 +138,8 @@ pub struct Context {
     pub(crate) home_namespace: String,
     /// That key, read (or made) the first time a pipeline reads a Secret.
     pub(crate) digest_key: tokio::sync::OnceCell<Arc<[u8]>>,
+    /// The clusters' `offsets.retention.minutes`, in seconds ([`Context::set_offsets_retention`]).
+    offsets_retention: AtomicU64,
     pipelines: Mutex<HashMap<PipelineKey, PipelineMemory>>,
     /// Pipelines forgotten since memory was last handed back.
     forgotten: AtomicUsize,
@@ -184,7 +190,22 @@ impl Context {
             service_monitor_crd: Mutex::new(None),
             pipelines: Mutex::new(HashMap::new()),
             forgotten: AtomicUsize::new(0),
+            offsets_retention: AtomicU64::new(DEFAULT_OFFSETS_RETENTION.as_secs()),
         })
+    }
+
+    /// How long Kafka keeps the committed offsets of a group without members
+    /// (`offsets.retention.minutes` of the pipelines' clusters; default
+    /// [`DEFAULT_OFFSETS_RETENTION`]). A pipeline at zero workers for most of it is warned
+    /// about (`OffsetsExpiring`). Set once, at start (the binary's `--offsets-retention`).
+    pub fn set_offsets_retention(&self, retention: Duration) {
+        self.offsets_retention
+            .store(retention.as_secs().max(1), Ordering::Relaxed);
+    }
+
+    /// See [`Context::set_offsets_retention`].
+    pub fn offsets_retention(&self) -> Duration {
+        Duration::from_secs(self.offsets_retention.load(Ordering::Relaxed))
     }
 
     /// Run `f` on the memory of the pipeline `key` with `uid`: created on first use, and

@@ -42,6 +42,11 @@ struct Cli {
     /// Requests to the Kubernetes API allowed at once after a quiet time.
     #[arg(long, env = "SLUICE_CONTROLLER_API_BURST", default_value_t = ApiLimits::default().burst)]
     api_burst: f64,
+    /// The Kafka clusters' `offsets.retention.minutes`: how long a group without members
+    /// keeps its committed offsets. A pipeline at zero workers (idle or paused) for three
+    /// quarters of it gets `OffsetsExpiring=True` and a Warning Event.
+    #[arg(long, env = "SLUICE_OFFSETS_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    offsets_retention: Duration,
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME", default_value = "sluice-controller-local")]
     identity: String,
@@ -78,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         limits,
         cli.lease_namespace.clone(),
     );
+    ctx.set_offsets_retention(cli.offsets_retention);
     let registry = ctx.metrics.registry.clone();
     let app = axum::Router::new()
         .route(

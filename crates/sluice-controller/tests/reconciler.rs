@@ -86,12 +86,15 @@ async fn a_pipeline_becomes_a_deployment_configmap_service_and_pdb_and_follows_i
         .unwrap();
 
     // Status: partitions, replicas, conditions (no kubelet: workers never become ready).
+    // The lag may be unknown at the first poll (a new group's coordinator still loading
+    // on a busy broker): the status has it from the first poll that read it.
     let st = eventually(
-        "status with partitions",
+        "status with partitions and lag",
         Duration::from_secs(60),
         || async {
             let sp = pipelines.get("iot").await.unwrap();
-            (sp.status.as_ref()?.partitions == Some(6)).then_some(sp)
+            let s = sp.status.as_ref()?;
+            (s.partitions == Some(6) && s.lag.is_some()).then_some(sp)
         },
     )
     .await;

@@ -64,10 +64,21 @@ fn kubelet(deployments: Api<Deployment>, writes: Arc<AtomicUsize>) -> tokio::tas
 }
 
 async fn world(partitions: u32, lag: i64, scaling: serde_json::Value) -> World {
+    world_with(partitions, lag, scaling, |_| {}).await
+}
+
+/// [`world`], with the controller's context set up by `tune` first.
+async fn world_with(
+    partitions: u32,
+    lag: i64,
+    scaling: serde_json::Value,
+    tune: impl FnOnce(&Context),
+) -> World {
     let (c, ns) = setup("scn").await;
     let kafka = Scripted::new(partitions, lag);
     // Scoped to this test's namespace: tests run in parallel, each with its own scripted Kafka.
     let ctx = Context::new(c.clone(), kafka.clone(), "sluice/worker:test".into());
+    tune(&ctx);
     let scoped = ns.clone();
     let controller = tokio::spawn(async move { run_in(ctx, Some(&scoped)).await });
     let pipelines: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
@@ -444,6 +455,59 @@ async fn min_replicas_zero_idles_to_zero_and_wakes_on_the_first_record_without_t
     w.kafka.lag.store(0, Ordering::SeqCst);
     w.wait_replicas(0, Duration::from_secs(30)).await;
     w.wait_condition("Idle", "True", "NoNewRecords").await;
+}
+
+/// N9: Kafka deletes the committed offsets of a group that has had no member for its
+/// `offsets.retention.minutes`. A pipeline at zero that long is warned about before
+/// (`OffsetsExpiring=True, GroupEmptyTooLong` at three quarters of it, with a Warning
+/// Event), told after (`OffsetsProbablyDeleted`), and the warning clears once a worker runs.
+/// The retention here is 12 s (the binary's `--offsets-retention`; Kafka's default is 7
+/// days).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_at_zero_for_most_of_the_offsets_retention_is_warned() {
+    let w = world_with(
+        4,
+        0,
+        json!({"minReplicas": 0, "maxReplicas": 4, "lagPerReplica": 1000, "idleAfter": "2s"}),
+        |ctx| ctx.set_offsets_retention(Duration::from_secs(12)),
+    )
+    .await;
+    w.wait_replicas(1, Duration::from_secs(30)).await;
+    w.wait_replicas(0, Duration::from_secs(30)).await;
+    let at_zero = Instant::now();
+    w.wait_condition("Idle", "True", "NoNewRecords").await;
+    let (status, reason) = w.condition("OffsetsExpiring").await.unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Kept"));
+    // Warned from 9 s at zero; told after 12 s (the first may pass between two looks).
+    w.wait_condition("OffsetsExpiring", "True", "OffsetsProbablyDeleted")
+        .await;
+    assert!(
+        at_zero.elapsed() >= Duration::from_secs(9),
+        "not before three quarters"
+    );
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(
+        w.pipelines.clone().into_client(),
+        w.pipelines.namespace().unwrap(),
+    );
+    let warnings: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|r| r == "GroupEmptyTooLong" || r == "OffsetsProbablyDeleted"),
+        "a Warning Event: {warnings:?}"
+    );
+    // A worker runs again: the group has a member, nothing is at risk.
+    w.kafka.lag.store(1, Ordering::SeqCst);
+    w.wait_replicas(1, Duration::from_secs(15)).await;
+    w.wait_condition("OffsetsExpiring", "False", "Kept").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use super::apply::pipeline_resource;
 use super::build::selector_string;
 use super::dereference::Found;
 use super::scale::Scale;
-use super::status::{conditions, Blocker, ChildReason, Observed, ScaleEvent};
+use super::status::{conditions, offsets_expiring, Blocker, ChildReason, Observed, ScaleEvent};
 use super::Stop;
 use crate::api::Verb;
 use crate::context::{Context, PipelineKey, MANAGER};
@@ -157,8 +157,9 @@ impl Report {
         }
         let replicas = scale.replicas;
         let current = found.current;
+        let now = k8s_openapi::jiff::Timestamp::now();
         if found.exists && replicas != current {
-            status.last_scale_time = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+            status.last_scale_time = Some(Time(now));
             let event = if scale.idle.is_some() {
                 ScaleEvent::ScaledToZero
             } else if scale.woke {
@@ -198,9 +199,38 @@ impl Report {
             idle: scale.idle.clone(),
             idle_blocked: scale.idle_blocked.clone(),
             unschedulable: found.unschedulable.clone(),
+            // At zero since the last scale (to zero): the group has had no member since
+            // about then (the workers drain and leave within their grace period).
+            offsets_expiring: offsets_expiring(
+                &sp.spec.source.group_id,
+                (found.exists && replicas == 0 && current == 0)
+                    .then(|| status.last_scale_time.as_ref().map(|t| t.0))
+                    .flatten(),
+                now,
+                ctx.offsets_retention(),
+            ),
         };
         status.replicas = Some(replicas as i32);
         status.conditions = conditions(&observed, self.generation, &self.previous.conditions);
+        let warned = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+            cs.iter()
+                .find(|c| c.type_ == "OffsetsExpiring")
+                .map(|c| (c.status == "True", c.reason.clone()))
+        };
+        let expiring = warned(&status.conditions);
+        let new_warning = expiring.as_ref().is_some_and(|(on, _)| *on)
+            && warned(&self.previous.conditions) != expiring;
+        if let (true, Some(e)) = (new_warning, &observed.offsets_expiring) {
+            publish(
+                ctx,
+                &self.obj_ref,
+                EventType::Warning,
+                e.reason,
+                e.message.clone(),
+                "Scale",
+            )
+            .await;
+        }
         self.write(ctx, status).await?;
         Ok(())
     }

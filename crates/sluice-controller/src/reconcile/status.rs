@@ -2,7 +2,10 @@
 //! condition or an Event of the controller can carry: the words a user reads in
 //! `kubectl describe` are all here.
 
+use std::time::Duration;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 
 use crate::autoscale::policy::Limit;
 
@@ -187,6 +190,59 @@ pub struct Observed {
     pub idle_blocked: Option<String>,
     /// A worker pod the scheduler cannot place: which, and the scheduler's reason.
     pub unschedulable: Option<String>,
+    /// The group has had no member for most of Kafka's offsets retention (see
+    /// [`offsets_expiring`]): what will happen, when, and what to do.
+    pub offsets_expiring: Option<OffsetsExpiring>,
+}
+
+/// A group whose committed offsets Kafka will delete soon, or has deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OffsetsExpiring {
+    /// The condition's reason: `GroupEmptyTooLong` before the retention runs out,
+    /// `OffsetsProbablyDeleted` after.
+    pub reason: &'static str,
+    /// What a person can act on.
+    pub message: String,
+}
+
+/// How much of the offsets retention may pass without a member before the warning.
+const OFFSETS_WARN_AT: f64 = 0.75;
+
+/// Kafka deletes the committed offsets of a group that has had no member for its
+/// `offsets.retention.minutes` (KIP-211: the clock starts when the last member leaves;
+/// committing again without joining does not restart it). A pipeline at zero workers
+/// (idle or paused) since `empty_since` is warned about once three quarters of
+/// `retention` have passed at `now`: woken after the deletion, its group would start over
+/// from `startFrom` (`earliest`: everything read again; `latest`: the records in between
+/// skipped). The message holds instants, not ages, so it does not change at every poll.
+pub fn offsets_expiring(
+    group: &str,
+    empty_since: Option<Timestamp>,
+    now: Timestamp,
+    retention: Duration,
+) -> Option<OffsetsExpiring> {
+    let since = empty_since?;
+    let retention_s = retention.as_secs() as i64;
+    let elapsed = now.as_second() - since.as_second();
+    if (elapsed as f64) < retention_s as f64 * OFFSETS_WARN_AT {
+        return None;
+    }
+    let deleted_at = Timestamp::from_second(since.as_second().saturating_add(retention_s))
+        .unwrap_or(Timestamp::MAX);
+    let since = Timestamp::from_second(since.as_second()).unwrap_or(since);
+    let retention = humantime::format_duration(Duration::from_secs(retention_s as u64));
+    let then = "a worker that joins then starts over from source.startFrom (earliest: every record read again; latest: the records in between skipped)";
+    Some(if elapsed < retention_s {
+        OffsetsExpiring {
+            reason: "GroupEmptyTooLong",
+            message: format!("consumer group {group:?} has had no worker since {since}; Kafka deletes the committed offsets of a group without members after offsets.retention.minutes ({retention}, the controller's --offsets-retention), at {deleted_at}, and {then}. Let a worker run before then (spec.paused: false, or scaling.minReplicas: 1 for a while), or raise offsets.retention.minutes"),
+        }
+    } else {
+        OffsetsExpiring {
+            reason: "OffsetsProbablyDeleted",
+            message: format!("consumer group {group:?} has had no worker since {since}, longer than offsets.retention.minutes ({retention}, the controller's --offsets-retention): Kafka has probably deleted its committed offsets (at {deleted_at}), and {then}"),
+        }
+    })
 }
 
 impl Observed {
@@ -216,8 +272,8 @@ fn cond(
     }
 }
 
-/// The conditions Ready, Progressing, Degraded, PartitionStalled, ScalingLimited, Paused
-/// and Idle. A condition
+/// The conditions Ready, Progressing, Degraded, PartitionStalled, ScalingLimited, Paused,
+/// Idle and OffsetsExpiring. A condition
 /// whose status did not change keeps its previous `lastTransitionTime`.
 pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition]) -> Vec<Condition> {
     let mut out = Vec::new();
@@ -326,6 +382,18 @@ pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition])
         _ => (false, "Active", String::new()),
     };
     out.push(cond("Idle", idle, ir, im, generation));
+    let (or, om) = o
+        .offsets_expiring
+        .as_ref()
+        .map(|e| (e.reason, e.message.clone()))
+        .unwrap_or(("Kept", String::new()));
+    out.push(cond(
+        "OffsetsExpiring",
+        o.offsets_expiring.is_some(),
+        or,
+        om,
+        generation,
+    ));
     for c in &mut out {
         if let Some(p) = previous.iter().find(|p| p.type_ == c.type_) {
             if p.status == c.status {
@@ -545,5 +613,60 @@ mod tests {
         );
         assert_eq!(get(&ok, "PartitionStalled").status, "False");
         assert_eq!(get(&ok, "Degraded").status, "False");
+    }
+
+    /// N9: a group without members loses its committed offsets after Kafka's retention;
+    /// a pipeline at zero is warned about at three quarters of it, told after it, and the
+    /// message does not change from one poll to the next (no status write per poll).
+    #[test]
+    fn a_pipeline_at_zero_is_warned_before_its_offsets_expire() {
+        let day: i64 = 24 * 3600;
+        let week = Duration::from_secs(7 * day as u64);
+        let t = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
+        assert_eq!(
+            offsets_expiring("g", None, t(30 * day), week),
+            None,
+            "running, or never ran"
+        );
+        assert_eq!(
+            offsets_expiring("g", Some(t(0)), t(5 * day), week),
+            None,
+            "5 of 7 days"
+        );
+        let warned = offsets_expiring("g", Some(t(0)), t(5 * day + day / 4), week).unwrap();
+        assert_eq!(warned.reason, "GroupEmptyTooLong");
+        for part in [
+            "\"g\"",
+            "7days",
+            &t(0).to_string(),
+            &t(7 * day).to_string(),
+            "latest",
+        ] {
+            assert!(
+                warned.message.contains(part),
+                "{part} in {}",
+                warned.message
+            );
+        }
+        let later = offsets_expiring("g", Some(t(0)), t(6 * day), week).unwrap();
+        assert_eq!(later, warned, "the same words a day later");
+        let gone = offsets_expiring("g", Some(t(0)), t(7 * day), week).unwrap();
+        assert_eq!(gone.reason, "OffsetsProbablyDeleted");
+        // The condition.
+        let o = Observed {
+            idle: Some("no new records".into()),
+            offsets_expiring: Some(warned),
+            ..Default::default()
+        };
+        let cs = conditions(&o, Some(1), &[]);
+        let c = get(&cs, "OffsetsExpiring");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "GroupEmptyTooLong")
+        );
+        assert_eq!(get(&cs, "Ready").reason, "Idle", "still idle and ready");
+        let running = conditions(&Observed::default(), Some(1), &cs);
+        let c = get(&running, "OffsetsExpiring");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Kept"));
     }
 }
