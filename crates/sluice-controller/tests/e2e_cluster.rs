@@ -124,18 +124,7 @@ impl Pipeline<'_> {
     }
 
     fn worker_pods(&self) -> Vec<String> {
-        self.c
-            .k(&[
-                "get", "pods", "-n", &self.ns, "-l", &format!("sluice.dev/pipeline={}", self.name),
-                "-o", "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
-            ])
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                let (name, phase, deleting) = (f.next()?, f.next()?, f.next());
-                (phase == "Running" && deleting.is_none()).then(|| name.to_string())
-            })
-            .collect()
+        pods_of(self.c, &self.ns, &self.name)
     }
 
     /// Every output topic holds every sequence number of `from..from+count`.
@@ -390,6 +379,13 @@ fn helm_install_apply_autoscale_faults_delete_and_observe_on_a_real_node() {
     step("custom processor image (examples/enrich-worker)", || {
         custom_processor(&c, &p.ns)
     });
+
+    // 7b. A platform's cluster: a node tainted for a dedicated pool, and a SCRAM password
+    //     rotated on the broker and in its Secret while records flow.
+    step(
+        "tainted node, then a SCRAM password rotated mid-stream",
+        || tainted_node_and_rotated_password(&c, &p.ns),
+    );
 
     // 8. Delete the pipeline: workers drain and exit 0; children are collected by the
     //    garbage collector; the user's objects stay as they were.
@@ -941,6 +937,201 @@ fn custom_processor(c: &Cluster, ns: &str) {
         "enriched by the custom processor: {first}"
     );
     c.k(&["delete", "sp", "-n", ns, "enrich", "--wait=true"]);
+}
+
+/// The taint a node of a dedicated pool carries in this test.
+const POOL_TAINT: &str = "sluice.dev/e2e-pool=streaming:NoSchedule";
+
+/// Takes the taint off the node when dropped (also when the step fails), so the steps after
+/// it can place pods.
+struct Tainted<'a> {
+    c: &'a Cluster,
+    node: String,
+}
+
+impl Drop for Tainted<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .c
+            .k_opt(&["taint", "node", &self.node, "sluice.dev/e2e-pool-"]);
+    }
+}
+
+/// Set `user`'s SCRAM-SHA-512 password on the local broker (creating the user), with
+/// Kafka's own `kafka-configs` (kafka.admin.ConfigCommand) from the broker's jars.
+fn set_scram_password(user: &str, password: &str) {
+    let libs = run_ok(
+        std::process::Command::new("bash")
+            .arg(repo_root().join("scripts/kafka.sh"))
+            .arg("libs"),
+    );
+    let libs = libs
+        .lines()
+        .last()
+        .expect("the broker's jars")
+        .trim()
+        .to_string();
+    run_ok(
+        std::process::Command::new("java")
+            .args(["-cp", &format!("{libs}/*"), "kafka.admin.ConfigCommand"])
+            .args(["--bootstrap-server", &bootstrap(), "--alter"])
+            .args([
+                "--add-config",
+                &format!("SCRAM-SHA-512=[password={password}]"),
+            ])
+            .args(["--entity-type", "users", "--entity-name", user]),
+    );
+}
+
+/// Issue 22 on the node. A pipeline whose pods the node's taint refuses is
+/// `Ready=False, WorkersUnschedulable` with the scheduler's reason; with the toleration in
+/// `spec.template` its worker runs. Then the pipeline's SCRAM password changes on the
+/// broker and in its Secret while records flow: the Secret's digest on the pod template
+/// changes, the pod rolls (the old one drains on SIGTERM, the new one logs in with the new
+/// password), and every record arrives.
+fn tainted_node_and_rotated_password(c: &Cluster, ns: &str) {
+    if !c.local {
+        eprintln!("[e2e] skipped: needs the local broker's SCRAM listener for pods and the right to taint a node");
+        return;
+    }
+    // The pods' SCRAM listener is three ports above their plaintext one (scripts/kafka.sh).
+    let (host, port) = c.pod_bootstrap.rsplit_once(':').expect("host:port");
+    let pod_sasl = format!("{host}:{}", port.parse::<u16>().expect("port") + 3);
+    let suffix = unique("rot");
+    let (input, output) = (
+        format!("e2e-rot-in-{suffix}"),
+        format!("e2e-rot-out-{suffix}"),
+    );
+    rt().block_on(async {
+        create_topic(&bootstrap(), &input, 2).await.expect("topic");
+        create_topic(&bootstrap(), &output, 2).await.expect("topic");
+    });
+    let user = format!("e2e-{suffix}");
+    let (old_password, new_password) = ("first-password-0001", "second-password-0002");
+    set_scram_password(&user, old_password);
+    let secret = |password: &str| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "rotating-credentials", "namespace": ns},
+            "stringData": {"password": password},
+        })
+        .to_string()
+    };
+    c.apply(&secret(old_password));
+
+    // The node of a dedicated pool: new pods without the toleration cannot land on it.
+    let node = c.k(&["get", "nodes", "-o", "jsonpath={.items[0].metadata.name}"]);
+    let node = node.trim().to_string();
+    c.k(&["taint", "node", &node, POOL_TAINT, "--overwrite"]);
+    let tainted = Tainted { c, node };
+    c.apply(
+        &serde_json::json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+            "metadata": {"name": "secured", "namespace": ns},
+            "spec": {
+                "source": {
+                    "bootstrapServers": pod_sasl, "topic": input, "groupId": format!("e2e-{suffix}"),
+                    "security": {
+                        "protocol": "SASL_PLAINTEXT", "saslMechanism": "SCRAM-SHA-512",
+                        "username": user,
+                        "passwordSecretRef": {"name": "rotating-credentials", "key": "password"},
+                    },
+                },
+                "sinks": [{"kafka": {"topic": output}}],
+                "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+                "scaling": {"minReplicas": 1, "maxReplicas": 1, "pollInterval": "5s"},
+            }
+        })
+        .to_string(),
+    );
+    let ready = || {
+        let r = c.jsonpath(
+            ns,
+            "sp/secured",
+            r#"{.status.conditions[?(@.type=="Ready")].reason}|{.status.conditions[?(@.type=="Ready")].message}"#,
+        );
+        r.split_once('|')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap_or_default()
+    };
+    poll(
+        "Ready=False, WorkersUnschedulable",
+        Duration::from_secs(120),
+        || match ready() {
+            (reason, message) if reason == "WorkersUnschedulable" => Ok(message),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let (_, message) = ready();
+    assert!(
+        message.contains("taint"),
+        "the scheduler's reason: {message}"
+    );
+    c.k(&[
+        "patch", "sp", "secured", "-n", ns, "--type", "merge", "-p",
+        r#"{"spec":{"template":{"tolerations":[{"key":"sluice.dev/e2e-pool","operator":"Equal","value":"streaming","effect":"NoSchedule"}]}}}"#,
+    ]);
+    c.wait_condition(Some(ns), &["sp/secured"], "Ready", Duration::from_secs(180));
+    drop(tainted);
+
+    // Records flow; the password changes on the broker (existing sessions stay logged in),
+    // then in the Secret.
+    let producer = spawn_produce(&input, 0, 6_000, Some(300.0));
+    producer.wait_sent(1_500);
+    let pods_before = BTreeSet::from_iter(pods_of(c, ns, "secured"));
+    let digest = || {
+        c.jsonpath(
+            ns,
+            "deployment/secured",
+            "{.spec.template.metadata.annotations.sluice\\.dev/secrets-hash}",
+        )
+    };
+    let digest_before = digest();
+    assert!(
+        !digest_before.is_empty(),
+        "the pod template carries the Secret's digest"
+    );
+    set_scram_password(&user, new_password);
+    c.apply(&secret(new_password));
+    wait_for(
+        "a new Secret digest on the pod template",
+        Duration::from_secs(60),
+        || {
+            let d = digest();
+            !d.is_empty() && d != digest_before
+        },
+    );
+    wait_for(
+        "the worker pod rolled and ready",
+        Duration::from_secs(180),
+        || {
+            let pods = BTreeSet::from_iter(pods_of(c, ns, "secured"));
+            let ready = c.jsonpath(ns, "deployment/secured", "{.status.readyReplicas}");
+            let updated = c.jsonpath(ns, "deployment/secured", "{.status.updatedReplicas}");
+            pods.len() == 1 && pods.is_disjoint(&pods_before) && ready == "1" && updated == "1"
+        },
+    );
+    producer.join().expect("producer");
+    let r = audit_range(&output, 0, 6_000);
+    assert_eq!(r.missing, 0, "records across the rotation: {r}");
+    eprintln!("[e2e] password rotated mid-stream: {r}");
+    c.k(&["delete", "sp", "-n", ns, "secured", "--wait=true"]);
+    c.k(&["delete", "secret", "-n", ns, "rotating-credentials"]);
+}
+
+/// The names of the running (not terminating) worker pods of pipeline `name`.
+fn pods_of(c: &Cluster, ns: &str, name: &str) -> Vec<String> {
+    c.k(&[
+        "get", "pods", "-n", ns, "-l", &format!("sluice.dev/pipeline={name}"),
+        "-o", "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+    ])
+    .lines()
+    .filter_map(|l| {
+        let mut f = l.split_whitespace();
+        let (name, phase, deleting) = (f.next()?, f.next()?, f.next());
+        (phase == "Running" && deleting.is_none()).then(|| name.to_string())
+    })
+    .collect()
 }
 
 /// The Prometheus Operator (built from Go modules, scripts/images.sh) and a Prometheus in
