@@ -199,6 +199,8 @@ impl Coordinator {
             }
         }
         self.health.set_stuck_partitions(stuck.len() as u64);
+        self.health
+            .set_commit_unanswered(self.delivery.commit_unanswered());
         self.metrics
             .fetch_stalled_partitions
             .set(stuck.len() as i64);

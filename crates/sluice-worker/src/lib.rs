@@ -219,7 +219,7 @@ pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tokio_rt.block_on(async move {
+    let code = tokio_rt.block_on(async move {
         let rt = Runtime::new(&config);
         match server::serve(&config.server.listen, rt.metrics.clone(), rt.health.clone()).await {
             Ok(addr) => tracing::info!(%addr, "serving /metrics, /healthz and /readyz"),
@@ -267,5 +267,11 @@ pub fn run(custom: Option<Arc<dyn Processor>>) -> std::process::ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Dropping a runtime waits for every blocking task, and a librdkafka call that never
+    // returns (a commit left unanswered: it cannot be cancelled) would keep the process
+    // alive after the pipeline stopped, until the kubelet's SIGKILL. What it held is
+    // uncommitted and is redelivered.
+    tokio_rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }

@@ -294,6 +294,7 @@ async fn run(
         callback: revoke_timeout,
         unjoined: config.source.session_timeout.0,
         fetch_stall: config.server.fetch_stall_timeout.0,
+        commit_unanswered: config.server.fetch_stall_timeout.0,
     });
     rt.health.ready.store(true, AtomicOrdering::Release);
     tracing::info!(pipeline = %config.pipeline, topic = %config.source.topic, group = %config.source.group_id, "pipeline started");

@@ -38,6 +38,11 @@ impl AtLeastOnce {
         self.interval
     }
 
+    /// How long the commit in flight has waited for its answer, if one is in flight.
+    pub fn commit_unanswered(&self) -> Option<Duration> {
+        self.committer.pending_for()
+    }
+
     /// The answer to the commit in flight (pending forever when there is none).
     pub async fn answered(&mut self) -> CommitResult {
         self.committer.answered().await

@@ -72,6 +72,15 @@ impl Delivery {
         }
     }
 
+    /// How long the at-least-once commit in flight has waited for its answer (`None`:
+    /// none in flight, or exactly-once, whose calls have their own time limits).
+    pub fn commit_unanswered(&self) -> Option<std::time::Duration> {
+        match self {
+            Delivery::AtLeastOnce(d) => d.commit_unanswered(),
+            Delivery::ExactlyOnce(_) => None,
+        }
+    }
+
     /// The assignment is about to change (before partitions are added or released).
     pub fn on_rebalance(&mut self, owned: &Assignment) {
         if let Delivery::AtLeastOnce(d) = self {

@@ -29,6 +29,9 @@ pub struct Health {
     /// Owned partitions with records to fetch, not held, and no fetch progress for
     /// longer than the limit (set by the coordinator).
     stuck_partitions: AtomicU64,
+    /// How long the commit in flight has waited for its answer, in ms (0: none in flight;
+    /// set by the coordinator).
+    commit_unanswered_ms: AtomicU64,
     /// The pipeline stopped to run again (`PipelineError::Resize`): the progress rules
     /// wait for the next [`Health::start`], as before the first.
     between_runs: AtomicBool,
@@ -49,6 +52,12 @@ pub struct LivenessLimits {
     /// A partition with records to fetch, not held on purpose, may go without receiving
     /// any for this long (`server.fetchStallTimeout`).
     pub fetch_stall: Duration,
+    /// A commit may wait this long for its answer (`server.fetchStallTimeout` too).
+    /// librdkafka cannot cancel a commit, and until one answers it neither applies a
+    /// new assignment nor rejoins: a commit that never answers (seen once after a broker
+    /// restart on a loaded machine, with the broker back) leaves the worker without
+    /// partitions and unable to commit, which only a new consumer ends.
+    pub commit_unanswered: Duration,
 }
 
 /// Marks a rebalance callback as running while alive.
@@ -72,6 +81,7 @@ impl Health {
         }
         let _ = self.limits.set(limits);
         self.stuck_partitions.store(0, Ordering::Release);
+        self.commit_unanswered_ms.store(0, Ordering::Release);
         self.between_runs.store(false, Ordering::Release);
     }
 
@@ -114,6 +124,12 @@ impl Health {
     /// How many partitions are stuck in fetch (see [`LivenessLimits::fetch_stall`]).
     pub fn set_stuck_partitions(&self, n: u64) {
         self.stuck_partitions.store(n, Ordering::Release);
+    }
+
+    /// How long the commit in flight has waited for its answer (`None`: none in flight).
+    pub fn set_commit_unanswered(&self, pending: Option<Duration>) {
+        let ms = pending.map_or(0, |p| (p.as_millis() as u64).max(1));
+        self.commit_unanswered_ms.store(ms, Ordering::Release);
     }
 
     /// `Ok` while alive and making progress; otherwise the rule that failed.
@@ -163,6 +179,13 @@ impl Health {
                 l.unjoined
             ));
         }
+        let unanswered = Duration::from_millis(self.commit_unanswered_ms.load(Ordering::Acquire));
+        if unanswered > l.commit_unanswered {
+            return Err(format!(
+                "a commit has been unanswered for {unanswered:?} (limit {:?}): librdkafka neither rejoins nor applies an assignment until it answers",
+                l.commit_unanswered
+            ));
+        }
         let stuck = self.stuck_partitions.load(Ordering::Acquire);
         if stuck > 0 {
             return Err(format!(
@@ -185,6 +208,7 @@ mod tests {
             callback: Duration::from_secs(12),
             unjoined: Duration::from_secs(10),
             fetch_stall: Duration::from_secs(180),
+            commit_unanswered: Duration::from_secs(180),
         }
     }
 
@@ -228,6 +252,19 @@ mod tests {
         assert!(h.verdict_at(t).is_ok());
         at(&h.callback_since_ms, 28);
         assert!(h.verdict_at(t).unwrap_err().contains("rebalance callback"));
+
+        // A commit that waits for its answer: within the limit, fine; past it, a restart
+        // (librdkafka holds the assignment until it answers).
+        let h = fresh();
+        h.set_commit_unanswered(Some(Duration::from_secs(170)));
+        assert!(h.verdict_at(t).is_ok());
+        h.set_commit_unanswered(Some(Duration::from_secs(181)));
+        assert!(h
+            .verdict_at(t)
+            .unwrap_err()
+            .contains("commit has been unanswered"));
+        h.set_commit_unanswered(None);
+        assert!(h.verdict_at(t).is_ok());
 
         let h = fresh();
         at(&h.joined_ms, 11);
