@@ -997,16 +997,9 @@ fn tainted_node_and_rotated_password(c: &Cluster, ns: &str) {
     // The pods' SCRAM listener is three ports above their plaintext one (scripts/kafka.sh).
     let (host, port) = c.pod_bootstrap.rsplit_once(':').expect("host:port");
     let pod_sasl = format!("{host}:{}", port.parse::<u16>().expect("port") + 3);
-    let suffix = unique("rot");
-    let (input, output) = (
-        format!("e2e-rot-in-{suffix}"),
-        format!("e2e-rot-out-{suffix}"),
-    );
-    rt().block_on(async {
-        create_topic(&bootstrap(), &input, 2).await.expect("topic");
-        create_topic(&bootstrap(), &output, 2).await.expect("topic");
-    });
-    let user = format!("e2e-{suffix}");
+    let (input, output, group) = sluice_testkit::pipeline_topics("e2e-rot", 2);
+    // A SCRAM user of its own: the broker's `sluice` user stays as it is.
+    let user = group.clone();
     let (old_password, new_password) = ("first-password-0001", "second-password-0002");
     set_scram_password(&user, old_password);
     let secret = |password: &str| {
@@ -1030,7 +1023,7 @@ fn tainted_node_and_rotated_password(c: &Cluster, ns: &str) {
             "metadata": {"name": "secured", "namespace": ns},
             "spec": {
                 "source": {
-                    "bootstrapServers": pod_sasl, "topic": input, "groupId": format!("e2e-{suffix}"),
+                    "bootstrapServers": pod_sasl, "topic": input, "groupId": group,
                     "security": {
                         "protocol": "SASL_PLAINTEXT", "saslMechanism": "SCRAM-SHA-512",
                         "username": user,
