@@ -329,7 +329,9 @@ async fn run(
     let fatal = || {
         if sinks.kafka.iter().any(|k| k.fatal()) {
             Some(PipelineError::Fatal("producer"))
-        } else if consumer.context().is_fatal() {
+        } else if consumer.context().is_fatal() || consumer.client().fatal_error().is_some() {
+            // librdkafka's own word too: an error event may carry a fatal error's cause
+            // rather than `_FATAL` (as the producer's do, sink/kafka.rs).
             Some(PipelineError::Fatal("consumer"))
         } else {
             // librdkafka's prefetch limits are per partition (split queues), sized when
