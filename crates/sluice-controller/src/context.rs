@@ -93,6 +93,10 @@ pub(crate) struct PipelineMemory {
     /// The Secrets the pods read as last read, with the versions the watch showed of them
     /// then (reconcile/secrets.rs): read again only when one of them changed.
     pub secrets: Option<(String, Arc<PodSecrets>)>,
+    /// Since when the pipeline has been asked for zero workers, as first seen (the status's
+    /// `lastScaleTime` then): the clock of the offsets-expiry warning. Kept here so a later
+    /// re-stamp of `lastScaleTime` (a stale view of the Deployment) does not restart it.
+    pub zero_since: Option<k8s_openapi::jiff::Timestamp>,
 }
 
 /// One child as sluice applied it: the digest of what was applied, and the stamp

@@ -199,13 +199,19 @@ impl Report {
             idle: scale.idle.clone(),
             idle_blocked: scale.idle_blocked.clone(),
             unschedulable: found.unschedulable.clone(),
-            // At zero since the last scale (to zero): the group has had no member since
-            // about then (the workers drain and leave within their grace period).
+            // At zero since the scale to zero: the group has had no member since about
+            // then (the workers drain and leave within their grace period). A pipeline
+            // that never scaled (created paused) has no clock.
             offsets_expiring: offsets_expiring(
                 &sp.spec.source.group_id,
-                (found.exists && replicas == 0 && current == 0)
-                    .then(|| status.last_scale_time.as_ref().map(|t| t.0))
-                    .flatten(),
+                ctx.memory(&self.key, &self.uid, |m| {
+                    if replicas > 0 {
+                        m.zero_since = None;
+                    } else if let Some(t) = &status.last_scale_time {
+                        return Some(*m.zero_since.get_or_insert(t.0));
+                    }
+                    m.zero_since
+                }),
                 now,
                 ctx.offsets_retention(),
             ),
