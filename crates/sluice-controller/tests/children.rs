@@ -101,6 +101,19 @@ async fn annotation(
     .await
 }
 
+/// Create a Secret `name` with `stringData` `data` for each pair.
+async fn create_secrets<const N: usize>(
+    secrets: &Api<Secret>,
+    all: [(&str, serde_json::Value); N],
+) {
+    for (name, data) in all {
+        let s: Secret =
+            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))
+                .unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+}
+
 /// A rotated Secret rolls the workers, and at once: the pod template carries a digest of
 /// every Secret key the pods read and the controller watches Secrets, so the new template is
 /// applied when the Secret changes, not at the next poll (an hour away here). The roll
@@ -111,19 +124,18 @@ async fn annotation(
 async fn a_rotated_secret_rolls_the_workers_without_waiting_for_the_next_poll() {
     let (c, ns) = setup("rotate").await;
     let secrets: Api<Secret> = Api::namespaced(c.clone(), &ns);
-    for (name, data) in [
-        ("kafka", json!({"password": "first-kafka-pw"})),
-        (
-            "pg",
-            json!({"url": "postgres://u:first-pg-pw@db/x", "unused": "1"}),
-        ),
-        ("tls", json!({"ca.crt": "FIRST-CA"})),
-    ] {
-        let s: Secret =
-            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))
-                .unwrap();
-        secrets.create(&PostParams::default(), &s).await.unwrap();
-    }
+    create_secrets(
+        &secrets,
+        [
+            ("kafka", json!({"password": "first-kafka-pw"})),
+            (
+                "pg",
+                json!({"url": "postgres://u:first-pg-pw@db/x", "unused": "1"}),
+            ),
+            ("tls", json!({"ca.crt": "FIRST-CA"})),
+        ],
+    )
+    .await;
     let pipelines: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
     let sp: StreamPipeline = serde_json::from_value(json!({
         "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
@@ -320,15 +332,14 @@ async fn a_steady_pipeline_costs_no_write_and_a_child_someone_changed_is_restore
     // Secret does not exist yet): with the Secrets' versions from the watch, a steady
     // pipeline reads none of them again.
     let secrets: Api<Secret> = Api::namespaced(c.clone(), &ns);
-    for (name, data) in [
-        ("kafka", json!({"password": "pw"})),
-        ("pg", json!({"url": "postgres://u:pw@db/x"})),
-    ] {
-        let s: Secret =
-            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))
-                .unwrap();
-        secrets.create(&PostParams::default(), &s).await.unwrap();
-    }
+    create_secrets(
+        &secrets,
+        [
+            ("kafka", json!({"password": "pw"})),
+            ("pg", json!({"url": "postgres://u:pw@db/x"})),
+        ],
+    )
+    .await;
     let pipelines: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
     let sp: StreamPipeline = serde_json::from_value(json!({
         "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",

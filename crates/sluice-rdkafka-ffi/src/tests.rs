@@ -97,6 +97,18 @@ fn assign(c: &TestConsumer, topic: &str) {
     c.assign(&t).unwrap();
 }
 
+/// `n` records produced to `topic` on a new mock cluster, and a consumer with the
+/// partition's feed split off before its assignment: the setup most tests share. The
+/// cluster is returned to keep it alive.
+fn fed(topic: &str, n: usize) -> (Cluster, Arc<TestConsumer>, PartitionFeed) {
+    let cl = cluster(topic);
+    produce(&cl, topic, 0, n);
+    let c = consumer(&cl, &[]);
+    let feed = split(&c, topic);
+    assign(&c, topic);
+    (cl, c, feed)
+}
+
 fn split(c: &Arc<TestConsumer>, topic: &str) -> PartitionFeed {
     PartitionFeed::split(c, topic, 0).expect("split")
 }
@@ -172,11 +184,7 @@ fn rng() -> rand::rngs::StdRng {
 async fn every_offset_arrives_exactly_once_in_order_with_stops_at_random_points() {
     let topic = "feed-order";
     let n = records(3000);
-    let cl = cluster(topic);
-    produce(&cl, topic, 0, n);
-    let c = consumer(&cl, &[]);
-    let mut feed = split(&c, topic);
-    assign(&c, topic);
+    let (_cl, c, mut feed) = fed(topic, n);
     let mut rng = rng();
     let mut seen = Seen::default();
     let mut drains = 0usize;
@@ -307,11 +315,7 @@ impl Owned {
 async fn record_batch_builder_takes_a_msg_unchanged() {
     let topic = "feed-builder";
     let n = 30;
-    let cl = cluster(topic);
-    produce(&cl, topic, 0, n);
-    let c = consumer(&cl, &[]);
-    let mut feed = split(&c, topic);
-    assign(&c, topic);
+    let (_cl, c, mut feed) = fed(topic, n);
     let mut builder = sluice_worker::record::RecordBatchBuilder::new();
     let mut cost = 0;
     while builder.len() < n {
@@ -366,11 +370,7 @@ fn bytes_of(b: &[u8]) -> bytes::Bytes {
 async fn pause_resume_storm_while_draining_loses_and_repeats_nothing() {
     let topic = "feed-storm";
     let n = records(3000);
-    let cl = cluster(topic);
-    produce(&cl, topic, 0, n);
-    let c = consumer(&cl, &[]);
-    let mut feed = split(&c, topic);
-    assign(&c, topic);
+    let (_cl, c, mut feed) = fed(topic, n);
     let done = Arc::new(AtomicBool::new(false));
     let toggles = Arc::new(AtomicUsize::new(0));
     let storm = {
@@ -660,11 +660,7 @@ async fn a_second_feed_of_a_partition_is_refused() {
 async fn a_panic_in_the_closure_surfaces_after_the_drain_and_keeps_the_rest() {
     let topic = "feed-panic";
     let n = 50;
-    let cl = cluster(topic);
-    produce(&cl, topic, 0, n);
-    let c = consumer(&cl, &[]);
-    let mut feed = split(&c, topic);
-    assign(&c, topic);
+    let (_cl, c, mut feed) = fed(topic, n);
     let mut seen = Seen::default();
     // Wait until at least 3 are queued, then panic on the third.
     while feed.len() < 3 {
