@@ -315,7 +315,7 @@ impl Owned {
 async fn record_batch_builder_takes_a_msg_unchanged() {
     let topic = "feed-builder";
     let n = 30;
-    let (_cl, c, mut feed) = fed(topic, n);
+    let (_cl, _c, mut feed) = fed(topic, n);
     let mut builder = sluice_worker::record::RecordBatchBuilder::new();
     let mut cost = 0;
     while builder.len() < n {
