@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::rules::{Bounds, TOPIC_NAME_LEN, TOPIC_NAME_PATTERN};
 use crate::config::{
     BatchingConfig, CommitConfig, ConfigError, DeadLetterConfig, DeliveryConfig, MemoryConfig,
-    ProcessorConfig, RetryConfig, SaslMechanism, SecurityConfig, SecurityProtocol, ServerConfig,
-    SinkConfig, SourceConfig, StartFrom, WorkerConfig, WorkersConfig,
+    OAuthConfig, ProcessorConfig, RetryConfig, SaslMechanism, SecurityConfig, SecurityProtocol,
+    ServerConfig, SinkConfig, SourceConfig, StartFrom, WorkerConfig, WorkersConfig,
 };
 use crate::units::HumanDuration;
 
@@ -47,6 +47,7 @@ pub const RESERVED_ENV: &[&str] = &[
     "SLUICE_LOG",
     SASL_PASSWORD_ENV,
     SSL_KEY_PASSWORD_ENV,
+    OAUTH_CLIENT_SECRET_ENV,
     "SLUICE_TRANSACTIONAL_ID",
     "HOSTNAME",
 ];
@@ -68,7 +69,7 @@ pub const MIN_REPLICAS: Bounds<i32> = Bounds { min: 0, max: 1000 };
 pub const MAX_REPLICAS: Bounds<i32> = Bounds { min: 1, max: 1000 };
 /// The CEL rule on `spec.secretEnv[*]`: the twin of [`RESERVED_ENV`] and
 /// [`crate::config::ENV_OVERRIDE_PREFIX`] (a test keeps them in step).
-pub const SECRET_ENV_RULE: &str = "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD', 'SLUICE_SSL_KEY_PASSWORD', 'SLUICE_TRANSACTIONAL_ID', 'HOSTNAME']) && !self.name.startsWith('SLUICE__')";
+pub const SECRET_ENV_RULE: &str = "!(self.name in ['SLUICE_CONFIG', 'SLUICE_LOG', 'SLUICE_SASL_PASSWORD', 'SLUICE_SSL_KEY_PASSWORD', 'SLUICE_OAUTH_CLIENT_SECRET', 'SLUICE_TRANSACTIONAL_ID', 'HOSTNAME']) && !self.name.startsWith('SLUICE__')";
 
 /// Where the worker's metrics and health server listens inside the pod.
 pub const WORKER_PORT: u16 = 9095;
@@ -76,6 +77,8 @@ pub const WORKER_PORT: u16 = 9095;
 pub const SASL_PASSWORD_ENV: &str = "SLUICE_SASL_PASSWORD";
 /// The environment variable the rendered config names for the client key's password.
 pub const SSL_KEY_PASSWORD_ENV: &str = "SLUICE_SSL_KEY_PASSWORD";
+/// The environment variable the rendered config names for the OAuth client secret.
+pub const OAUTH_CLIENT_SECRET_ENV: &str = "SLUICE_OAUTH_CLIENT_SECRET";
 
 /// A Kafka stream pipeline: consume a topic, process, deliver to sinks, commit.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -408,8 +411,12 @@ fn default_session_timeout() -> HumanDuration {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!(self.protocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || (has(self.saslMechanism) && has(self.username) && has(self.passwordSecretRef))",
-     "message": "SASL_PLAINTEXT and SASL_SSL need saslMechanism, username and passwordSecretRef"},
+    {"rule": "!(self.protocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || (has(self.saslMechanism) && (self.saslMechanism == 'OAUTHBEARER' ? has(self.oauth) : (has(self.username) && has(self.passwordSecretRef))))",
+     "message": "SASL_PLAINTEXT and SASL_SSL need saslMechanism, and username and passwordSecretRef (PLAIN, SCRAM) or oauth (OAUTHBEARER)"},
+    {"rule": "!has(self.oauth) || (has(self.saslMechanism) && self.saslMechanism == 'OAUTHBEARER')",
+     "message": "oauth is set only with saslMechanism OAUTHBEARER"},
+    {"rule": "!has(self.saslMechanism) || self.saslMechanism != 'OAUTHBEARER' || (!has(self.username) && !has(self.passwordSecretRef))",
+     "message": "OAUTHBEARER takes no username or passwordSecretRef: the principal is the token's subject, the secret is oauth.clientSecretRef"},
     {"rule": "has(self.certFile) == has(self.keyFile)",
      "message": "certFile and keyFile go together: the client certificate and its private key"},
     {"rule": "!has(self.certFile) || self.protocol in ['SSL', 'SASL_SSL']",
@@ -446,6 +453,38 @@ pub struct PipelineSecurity {
     /// The Secret key holding the password of an encrypted `keyFile`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_password_secret_ref: Option<SecretKeyRef>,
+    /// OAUTHBEARER with OpenID Connect client credentials (`saslMechanism: OAUTHBEARER`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<PipelineOAuth>,
+}
+
+/// `source.security.oauth`: the workers (and the controller's lag reads) get a token from
+/// the identity provider with the client credentials grant and refresh it before it expires
+/// (librdkafka's built-in OIDC method).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineOAuth {
+    /// The token endpoint, e.g.
+    /// `https://keycloak.example.com/realms/kafka/protocol/openid-connect/token`.
+    #[schemars(length(min = 1), regex(pattern = r"^https?://[^/\s]+(/\S*)?$"))]
+    pub token_endpoint_url: String,
+    /// The OAuth client id.
+    #[schemars(length(min = 1))]
+    pub client_id: String,
+    /// The Secret key holding the client secret.
+    pub client_secret_ref: SecretKeyRef,
+    /// The scope to ask for, when the provider or the brokers need one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub scope: Option<String>,
+    /// SASL extensions sent with the token (Confluent Cloud: `logicalCluster`,
+    /// `identityPoolId`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extensions: BTreeMap<String, String>,
+    /// PEM file of the CAs to trust for the token endpoint (without it, the image's
+    /// system roots), typically `/etc/sluice/secrets/<name>` from `spec.secretFiles`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 /// Where `spec.secretFiles` are mounted in the worker: `/etc/sluice/secrets/<name>`.
@@ -729,6 +768,7 @@ impl StreamPipeline {
             cert_file,
             key_file,
             key_password_secret_ref,
+            oauth,
         } = security;
         let config = WorkerConfig {
             pipeline: self.metadata.name.clone().unwrap_or_default(),
@@ -750,6 +790,24 @@ impl StreamPipeline {
                     key_password_env: key_password_secret_ref
                         .as_ref()
                         .map(|_| SSL_KEY_PASSWORD_ENV.into()),
+                    oauth: oauth.as_ref().map(|o| {
+                        let PipelineOAuth {
+                            token_endpoint_url,
+                            client_id,
+                            client_secret_ref: _,
+                            scope,
+                            extensions,
+                            ca_file,
+                        } = o;
+                        OAuthConfig {
+                            token_endpoint_url: token_endpoint_url.clone(),
+                            client_id: client_id.clone(),
+                            client_secret_env: OAUTH_CLIENT_SECRET_ENV.into(),
+                            scope: scope.clone(),
+                            extensions: extensions.clone(),
+                            ca_file: ca_file.clone(),
+                        }
+                    }),
                 },
                 consumer_properties: consumer_properties.clone(),
             },
@@ -829,6 +887,9 @@ impl StreamPipeline {
                 files.push((field.into(), f));
             }
         }
+        if let Some(f) = oauth.as_ref().and_then(|o| o.ca_file.as_ref()) {
+            files.push(("source.security.oauth.caFile".into(), f));
+        }
         for (i, sink) in sinks.iter().enumerate() {
             if let SinkConfig::Postgres(pg) = sink {
                 if let Some(f) = &pg.ca_file {
@@ -886,6 +947,12 @@ impl StreamPipelineSpec {
         }
         if let Some(r) = &self.source.security.key_password_secret_ref {
             out.push((SecretUse::Env(SSL_KEY_PASSWORD_ENV), r));
+        }
+        if let Some(o) = &self.source.security.oauth {
+            out.push((
+                SecretUse::Env(OAUTH_CLIENT_SECRET_ENV),
+                &o.client_secret_ref,
+            ));
         }
         for e in &self.secret_env {
             out.push((SecretUse::Env(e.name.as_str()), &e.secret_key_ref));
@@ -993,6 +1060,7 @@ spec:
             cert_file: None,
             key_file: None,
             key_password_secret_ref: None,
+            oauth: None,
         };
         let yaml = p.worker_config().unwrap().to_yaml();
         assert!(yaml.contains(SASL_PASSWORD_ENV), "{yaml}");

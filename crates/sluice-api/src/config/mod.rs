@@ -49,7 +49,7 @@ pub use overrides::ENV_OVERRIDE_PREFIX;
 pub use processor::ProcessorConfig;
 pub use properties::{RESERVED_CONSUMER_PROPERTIES, RESERVED_PRODUCER_PROPERTIES};
 pub use retry::{DeadLetterConfig, RetryConfig};
-pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
+pub use security::{OAuthConfig, SaslMechanism, SecurityConfig, SecurityProtocol};
 pub use sink::{
     ColumnMapping, KafkaSinkConfig, KeySource, OnConflict, PostgresSinkConfig, SinkConfig,
 };

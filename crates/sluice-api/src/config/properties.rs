@@ -32,6 +32,16 @@ pub const RESERVED_CONSUMER_PROPERTIES: &[(&str, &str)] = &[
     ("ssl.key.location", "set source.security.keyFile"),
     ("ssl.key.pem", "set source.security.keyFile"),
     ("ssl.key.password", "a password never goes into the configuration: set source.security.keyPasswordSecretRef"),
+    ("sasl.oauthbearer.method", "set source.security.oauth (OIDC client credentials)"),
+    ("sasl.oauthbearer.token.endpoint.url", "set source.security.oauth.tokenEndpointUrl"),
+    ("sasl.oauthbearer.client.id", "set source.security.oauth.clientId"),
+    ("sasl.oauthbearer.client.credentials.client.id", "set source.security.oauth.clientId"),
+    ("sasl.oauthbearer.client.secret", "a secret never goes into the configuration: set source.security.oauth.clientSecretRef"),
+    ("sasl.oauthbearer.client.credentials.client.secret", "a secret never goes into the configuration: set source.security.oauth.clientSecretRef"),
+    ("sasl.oauthbearer.scope", "set source.security.oauth.scope"),
+    ("sasl.oauthbearer.extensions", "set source.security.oauth.extensions"),
+    ("https.ca.location", "set source.security.oauth.caFile"),
+    ("https.ca.pem", "set source.security.oauth.caFile"),
     ("statistics.interval.ms", "the worker's liveness rule expects librdkafka's statistics every 5 s; another interval (or none) would fail /healthz for good"),
 ];
 
@@ -51,6 +61,14 @@ pub const RESERVED_PRODUCER_PROPERTIES: &[(&str, &str)] = &[
     ("sasl.mechanisms", "the sink uses source.security"),
     ("sasl.username", "the sink uses source.security"),
     ("sasl.password", "a password never goes into the configuration: set source.security.passwordSecretRef"),
+    ("sasl.oauthbearer.method", "the sink uses source.security"),
+    ("sasl.oauthbearer.token.endpoint.url", "the sink uses source.security"),
+    ("sasl.oauthbearer.client.id", "the sink uses source.security"),
+    ("sasl.oauthbearer.client.credentials.client.id", "the sink uses source.security"),
+    ("sasl.oauthbearer.client.secret", "a secret never goes into the configuration: set source.security.oauth.clientSecretRef"),
+    ("sasl.oauthbearer.client.credentials.client.secret", "a secret never goes into the configuration: set source.security.oauth.clientSecretRef"),
+    ("sasl.oauthbearer.scope", "the sink uses source.security"),
+    ("sasl.oauthbearer.extensions", "the sink uses source.security"),
 ];
 
 /// Refuse a reserved key of `props` (found at `field`), naming the key and the reason.

@@ -8,6 +8,8 @@
 //! runs. The worker reads its environment and names files by their path; the controller
 //! reads the Secrets the worker pod is filled from and passes files by their content.
 
+use std::collections::BTreeMap;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +45,43 @@ pub struct SecurityConfig {
     /// Name of the environment variable holding the password of an encrypted `keyFile`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_password_env: Option<String>,
+    /// OAUTHBEARER with OIDC client credentials: required with `saslMechanism: OAUTHBEARER`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthConfig>,
+}
+
+/// `saslMechanism: OAUTHBEARER` with OpenID Connect client credentials: librdkafka's
+/// built-in OIDC method asks `tokenEndpointUrl` for a token with the client id and secret,
+/// presents it to the brokers, and fetches a new one before it expires (on its own
+/// background thread, so a busy or paused consumer never lets it lapse).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OAuthConfig {
+    /// The identity provider's token endpoint (`https://...`; `http://` only on loopback
+    /// or inside a trusted network): the client secret travels to it.
+    pub token_endpoint_url: String,
+    /// The OAuth client id.
+    pub client_id: String,
+    /// Name of the environment variable holding the client secret.
+    #[serde(default = "default_client_secret_env")]
+    pub client_secret_env: String,
+    /// The scope to ask for (space-separated), when the provider or the brokers need one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// SASL extensions sent with the token (Confluent Cloud: `logicalCluster` and
+    /// `identityPoolId`): names of letters only, values without `,` or `=`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extensions: BTreeMap<String, String>,
+    /// PEM file with the CA certificates to trust for the token endpoint's HTTPS (without
+    /// it, the system's); the brokers' CA is `caFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+/// `oauth.clientSecretEnv` when it is not set: what the operator fills from
+/// `oauth.clientSecretRef`.
+pub fn default_client_secret_env() -> String {
+    "SLUICE_OAUTH_CLIENT_SECRET".into()
 }
 
 /// `passwordEnv` when it is not set: what the operator fills from `passwordSecretRef`.
@@ -102,6 +141,9 @@ pub enum SaslMechanism {
     /// SCRAM-SHA-512.
     #[serde(rename = "SCRAM-SHA-512")]
     ScramSha512,
+    /// OAUTHBEARER, with a token from an OpenID Connect provider (`oauth`).
+    #[serde(rename = "OAUTHBEARER")]
+    OAuthBearer,
 }
 
 impl SaslMechanism {
@@ -111,7 +153,13 @@ impl SaslMechanism {
             SaslMechanism::Plain => "PLAIN",
             SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
             SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            SaslMechanism::OAuthBearer => "OAUTHBEARER",
         }
+    }
+
+    /// PLAIN and SCRAM: a user name and a password.
+    pub fn uses_password(self) -> bool {
+        !matches!(self, SaslMechanism::OAuthBearer)
     }
 }
 
@@ -164,18 +212,46 @@ impl SecurityConfig {
     /// The checks of a security section at `at` (`source.security`).
     pub(super) fn check(&self, at: &str) -> Result<(), ConfigError> {
         if self.protocol.uses_sasl() {
-            if self.sasl_mechanism.is_none() {
+            let Some(mechanism) = self.sasl_mechanism else {
                 return Err(ConfigError::invalid(
                     format!("{at}.saslMechanism"),
-                    "required with a SASL protocol: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                    "required with a SASL protocol: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER",
                 ));
-            }
-            if self.username.as_deref().is_none_or(str::is_empty) {
+            };
+            if mechanism.uses_password() {
+                if self.username.as_deref().is_none_or(str::is_empty) {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.username"),
+                        "required with a SASL protocol",
+                    ));
+                }
+            } else if self.username.is_some() {
                 return Err(ConfigError::invalid(
                     format!("{at}.username"),
-                    "required with a SASL protocol",
+                    "not used with OAUTHBEARER: the principal is the token's subject (set oauth.clientId)",
                 ));
             }
+            match (&self.oauth, mechanism) {
+                (None, SaslMechanism::OAuthBearer) => {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.oauth"),
+                        "required with saslMechanism OAUTHBEARER: the token endpoint, client id and client secret",
+                    ))
+                }
+                (Some(_), m) if m != SaslMechanism::OAuthBearer => {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.oauth"),
+                        "set only with saslMechanism OAUTHBEARER",
+                    ))
+                }
+                (Some(oauth), _) => oauth.check(&format!("{at}.oauth"))?,
+                (None, _) => {}
+            }
+        } else if self.oauth.is_some() {
+            return Err(ConfigError::invalid(
+                format!("{at}.oauth"),
+                "set only with protocol SASL_PLAINTEXT or SASL_SSL and saslMechanism OAUTHBEARER",
+            ));
         } else if self.sasl_mechanism.is_some() {
             return Err(ConfigError::invalid(
                 format!("{at}.saslMechanism"),
@@ -241,17 +317,27 @@ impl SecurityConfig {
             cert_file,
             key_file,
             key_password_env,
+            oauth,
         } = self;
         let mut out = vec![("security.protocol", protocol.as_librdkafka().to_string())];
-        if let Some(m) = sasl_mechanism {
-            let password = creds.var(password_env).ok_or_else(|| MissingCredential {
-                what: "SASL",
-                var: password_env.clone(),
-                field: "source.security.passwordEnv",
-            })?;
-            out.push(("sasl.mechanism", m.as_librdkafka().to_string()));
-            out.push(("sasl.username", username.clone().unwrap_or_default()));
-            out.push(("sasl.password", password));
+        match (sasl_mechanism, oauth) {
+            (Some(m), _) if m.uses_password() => {
+                let password = creds.var(password_env).ok_or_else(|| MissingCredential {
+                    what: "SASL",
+                    var: password_env.clone(),
+                    field: "source.security.passwordEnv",
+                })?;
+                out.push(("sasl.mechanism", m.as_librdkafka().to_string()));
+                out.push(("sasl.username", username.clone().unwrap_or_default()));
+                out.push(("sasl.password", password));
+            }
+            (Some(m), Some(oauth)) => {
+                out.push(("sasl.mechanism", m.as_librdkafka().to_string()));
+                out.extend(oauth.librdkafka(creds)?);
+            }
+            // OAUTHBEARER without `oauth` is refused by `check`; without a mechanism
+            // there is no SASL.
+            _ => {}
         }
         if let Some(path) = ca_file {
             if let Some(s) = file_setting(creds, path, "ssl.ca.location", "ssl.ca.pem") {
@@ -278,6 +364,100 @@ impl SecurityConfig {
                     })?;
                     out.push(("ssl.key.password", password));
                 }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl OAuthConfig {
+    /// The checks of `oauth` at `at` (`source.security.oauth`).
+    fn check(&self, at: &str) -> Result<(), ConfigError> {
+        let url = self.token_endpoint_url.trim();
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"));
+        if rest.is_none_or(|r| r.is_empty() || r.starts_with('/'))
+            || url.contains(char::is_whitespace)
+        {
+            return Err(ConfigError::invalid(
+                format!("{at}.tokenEndpointUrl"),
+                format!("{url:?} is not an http(s) URL: the identity provider's token endpoint, e.g. https://login.example.com/realms/kafka/protocol/openid-connect/token"),
+            ));
+        }
+        for (field, v) in [
+            ("clientId", Some(&self.client_id)),
+            ("clientSecretEnv", Some(&self.client_secret_env)),
+            ("scope", self.scope.as_ref()),
+            ("caFile", self.ca_file.as_ref()),
+        ] {
+            if v.is_some_and(|v| v.trim().is_empty()) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.{field}"),
+                    "must not be empty",
+                ));
+            }
+        }
+        for (name, value) in &self.extensions {
+            // librdkafka's rule for extension names, and the list's own separators.
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphabetic()) || name == "auth" {
+                return Err(ConfigError::invalid(
+                    format!("{at}.extensions[{name:?}]"),
+                    "an extension name is letters only, and not `auth`",
+                ));
+            }
+            if value.is_empty()
+                || value.contains([',', '='])
+                || !value.bytes().all(|b| (0x20..0x7f).contains(&b))
+            {
+                return Err(ConfigError::invalid(
+                    format!("{at}.extensions[{name:?}]"),
+                    "an extension value is printable ASCII without `,` or `=`",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// librdkafka's OIDC settings (`sasl.oauthbearer.*`, `https.ca.*`).
+    fn librdkafka(
+        &self,
+        creds: &dyn Credentials,
+    ) -> Result<Vec<(&'static str, String)>, MissingCredential> {
+        let OAuthConfig {
+            token_endpoint_url,
+            client_id,
+            client_secret_env,
+            scope,
+            extensions,
+            ca_file,
+        } = self;
+        let secret = creds
+            .var(client_secret_env)
+            .ok_or_else(|| MissingCredential {
+                what: "OAUTHBEARER",
+                var: client_secret_env.clone(),
+                field: "source.security.oauth.clientSecretEnv",
+            })?;
+        let mut out = vec![
+            ("sasl.oauthbearer.method", "oidc".to_string()),
+            (
+                "sasl.oauthbearer.token.endpoint.url",
+                token_endpoint_url.trim().to_string(),
+            ),
+            ("sasl.oauthbearer.client.id", client_id.clone()),
+            ("sasl.oauthbearer.client.secret", secret),
+        ];
+        if let Some(scope) = scope {
+            out.push(("sasl.oauthbearer.scope", scope.clone()));
+        }
+        if !extensions.is_empty() {
+            let list: Vec<String> = extensions.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push(("sasl.oauthbearer.extensions", list.join(",")));
+        }
+        if let Some(path) = ca_file {
+            if let Some(s) = file_setting(creds, path, "https.ca.location", "https.ca.pem") {
+                out.push(s);
             }
         }
         Ok(out)
@@ -331,6 +511,7 @@ mod tests {
             cert_file: None,
             key_file: None,
             key_password_env: None,
+            oauth: None,
         }
     }
 
@@ -343,6 +524,161 @@ mod tests {
             key_file: Some("/etc/sluice/secrets/user.key".into()),
             key_password_env: Some("SLUICE_SSL_KEY_PASSWORD".into()),
             ..sasl_ssl()
+        }
+    }
+
+    fn oauth() -> SecurityConfig {
+        SecurityConfig {
+            sasl_mechanism: Some(SaslMechanism::OAuthBearer),
+            username: None,
+            ca_file: None,
+            oauth: Some(OAuthConfig {
+                token_endpoint_url:
+                    "https://idp.example.com/realms/kafka/protocol/openid-connect/token".into(),
+                client_id: "orders".into(),
+                client_secret_env: default_client_secret_env(),
+                scope: Some("kafka".into()),
+                extensions: BTreeMap::from([
+                    ("logicalCluster".into(), "lkc-1".into()),
+                    ("identityPoolId".into(), "pool-2".into()),
+                ]),
+                ca_file: Some("/etc/sluice/secrets/idp-ca.crt".into()),
+            }),
+            ..sasl_ssl()
+        }
+    }
+
+    #[test]
+    fn oauth_is_librdkafkas_oidc_method_with_the_client_secret_from_the_environment() {
+        let creds = Fixed {
+            vars: BTreeMap::from([("SLUICE_OAUTH_CLIENT_SECRET", "cs")]),
+            files: BTreeMap::from([("/etc/sluice/secrets/idp-ca.crt", "IDP CA")]),
+        };
+        assert_eq!(
+            oauth().librdkafka(&creds).unwrap(),
+            [
+                ("security.protocol", "sasl_ssl".to_string()),
+                ("sasl.mechanism", "OAUTHBEARER".to_string()),
+                ("sasl.oauthbearer.method", "oidc".to_string()),
+                (
+                    "sasl.oauthbearer.token.endpoint.url",
+                    "https://idp.example.com/realms/kafka/protocol/openid-connect/token"
+                        .to_string()
+                ),
+                ("sasl.oauthbearer.client.id", "orders".to_string()),
+                ("sasl.oauthbearer.client.secret", "cs".to_string()),
+                ("sasl.oauthbearer.scope", "kafka".to_string()),
+                (
+                    "sasl.oauthbearer.extensions",
+                    "identityPoolId=pool-2,logicalCluster=lkc-1".to_string()
+                ),
+                ("https.ca.pem", "IDP CA".to_string()),
+            ]
+        );
+        // No user name or password goes with it, whatever the environment holds.
+        let e = oauth()
+            .librdkafka(&Fixed {
+                vars: BTreeMap::from([("SLUICE_SASL_PASSWORD", "pw")]),
+                files: BTreeMap::new(),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SLUICE_OAUTH_CLIENT_SECRET") && e.contains("oauth.clientSecretEnv"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn oauth_goes_with_oauthbearer_only_and_needs_a_token_endpoint_url() {
+        let at = "source.security";
+        let refused = |s: SecurityConfig, field: &str, why: &str| {
+            let e = s.check(at).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(why), "{field}: {e}");
+        };
+        assert!(oauth().check(at).is_ok());
+        refused(
+            SecurityConfig {
+                oauth: None,
+                ..oauth()
+            },
+            "source.security.oauth",
+            "required with saslMechanism OAUTHBEARER",
+        );
+        refused(
+            SecurityConfig {
+                sasl_mechanism: Some(SaslMechanism::ScramSha256),
+                username: Some("u".into()),
+                ..oauth()
+            },
+            "source.security.oauth",
+            "only with saslMechanism OAUTHBEARER",
+        );
+        refused(
+            SecurityConfig {
+                protocol: SecurityProtocol::Ssl,
+                sasl_mechanism: None,
+                ..oauth()
+            },
+            "source.security.oauth",
+            "only with protocol SASL",
+        );
+        refused(
+            SecurityConfig {
+                username: Some("u".into()),
+                ..oauth()
+            },
+            "source.security.username",
+            "token's subject",
+        );
+        let with = |f: &dyn Fn(&mut OAuthConfig)| {
+            let mut s = oauth();
+            f(s.oauth.as_mut().unwrap());
+            s
+        };
+        for url in [
+            "idp:8443/token",
+            "https://",
+            "https:///token",
+            "ftp://idp/token",
+            "https://idp/a b",
+        ] {
+            refused(
+                with(&|o| o.token_endpoint_url = url.into()),
+                "source.security.oauth.tokenEndpointUrl",
+                "not an http(s) URL",
+            );
+        }
+        assert!(
+            with(&|o| o.token_endpoint_url = "http://127.0.0.1:9180/token".into())
+                .check(at)
+                .is_ok()
+        );
+        refused(
+            with(&|o| o.client_id = " ".into()),
+            "source.security.oauth.clientId",
+            "must not be empty",
+        );
+        refused(
+            with(&|o| o.scope = Some(String::new())),
+            "source.security.oauth.scope",
+            "must not be empty",
+        );
+        for (name, value, why) in [
+            ("logical-cluster", "x", "letters only"),
+            ("auth", "x", "letters only"),
+            ("logicalCluster", "a,b", "without `,`"),
+            ("logicalCluster", "a=b", "without `,`"),
+            ("logicalCluster", "", "without `,`"),
+            ("logicalCluster", "caf\u{e9}", "without `,`"),
+        ] {
+            refused(
+                with(&|o| {
+                    o.extensions = BTreeMap::from([(name.to_string(), value.to_string())]);
+                }),
+                &format!("source.security.oauth.extensions[{name:?}]"),
+                why,
+            );
         }
     }
 

@@ -685,6 +685,7 @@ spec:
             cert_file: None,
             key_file: None,
             key_password_secret_ref: None,
+            oauth: None,
         };
         let v = validated(p, 8);
         let d = build_deployment(&v, 1);

@@ -134,8 +134,13 @@ impl PodSecrets {
             values.push((used, r, secret.and_then(|s| bytes(s, r))));
             let wanted = match used {
                 SecretUse::Env(var) => {
-                    (var == security.password_env && security.sasl_mechanism.is_some())
+                    (var == security.password_env
+                        && security.sasl_mechanism.is_some_and(|m| m.uses_password()))
                         || security.key_password_env.as_deref() == Some(var)
+                        || security
+                            .oauth
+                            .as_ref()
+                            .is_some_and(|o| o.client_secret_env == var)
                 }
                 SecretUse::File(file) => needed.contains(&file.to_string()),
             };
@@ -213,6 +218,7 @@ fn needed_files(security: &SecurityConfig) -> Vec<String> {
         security.ca_file.as_deref(),
         security.cert_file.as_deref(),
         security.key_file.as_deref(),
+        security.oauth.as_ref().and_then(|o| o.ca_file.as_deref()),
     ]
     .into_iter()
     .flatten()
@@ -357,6 +363,7 @@ mod tests {
             cert_file: None,
             key_file: None,
             key_password_env: None,
+            oauth: None,
         };
         let c = secrets.client_config("k:9093", &security).unwrap();
         assert_eq!(c.get("ssl.ca.pem"), Some("-----BEGIN CERTIFICATE-----"));

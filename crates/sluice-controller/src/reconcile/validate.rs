@@ -510,6 +510,75 @@ mod tests {
                 &["secretEnv[0].name", "reserved"],
             ),
             (
+                "OAUTHBEARER without oauth",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {"protocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER"}}}),
+                &["source.security.oauth", "token endpoint"],
+            ),
+            (
+                "oauth with a SCRAM mechanism",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {
+                    "protocol": "SASL_SSL", "saslMechanism": "SCRAM-SHA-512", "username": "u", "passwordSecretRef": {"name": "k", "key": "p"},
+                    "oauth": {"tokenEndpointUrl": "https://idp/token", "clientId": "c", "clientSecretRef": {"name": "o", "key": "s"}}}}}),
+                &[
+                    "source.security.oauth",
+                    "only with saslMechanism OAUTHBEARER",
+                ],
+            ),
+            (
+                "OAUTHBEARER with a user name",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {
+                    "protocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER", "username": "u",
+                    "oauth": {"tokenEndpointUrl": "https://idp/token", "clientId": "c", "clientSecretRef": {"name": "o", "key": "s"}}}}}),
+                &["source.security.username", "token's subject"],
+            ),
+            (
+                "a token endpoint that is not a URL",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {
+                    "protocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER",
+                    "oauth": {"tokenEndpointUrl": "idp:8443/token", "clientId": "c", "clientSecretRef": {"name": "o", "key": "s"}}}}}),
+                &[
+                    "source.security.oauth.tokenEndpointUrl",
+                    "not an http(s) URL",
+                ],
+            ),
+            (
+                "an OAuth extension value with a comma",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {
+                    "protocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER",
+                    "oauth": {"tokenEndpointUrl": "https://idp/token", "clientId": "c", "clientSecretRef": {"name": "o", "key": "s"},
+                        "extensions": {"logicalCluster": "lkc-1,lkc-2"}}}}}),
+                &[
+                    r#"source.security.oauth.extensions["logicalCluster"]"#,
+                    "without `,`",
+                ],
+            ),
+            (
+                "a token endpoint CA that no secretFiles entry mounts",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {
+                    "protocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER",
+                    "oauth": {"tokenEndpointUrl": "https://idp/token", "clientId": "c", "clientSecretRef": {"name": "o", "key": "s"},
+                        "caFile": "/etc/sluice/secrets/idp-ca.crt"}}}}),
+                &["source.security.oauth.caFile", "is not mounted"],
+            ),
+            (
+                "an OAuth client secret in the consumer properties",
+                "p",
+                consumer("sasl.oauthbearer.client.secret", "hunter2"),
+                &[r#"["sasl.oauthbearer.client.secret"]"#, "clientSecretRef"],
+            ),
+            (
+                "the OAuth client secret variable from secretEnv",
+                "p",
+                serde_json::json!({"secretEnv": [{"name": "SLUICE_OAUTH_CLIENT_SECRET", "secretKeyRef": {"name": "s", "key": "k"}}]}),
+                &["secretEnv[0].name", "reserved"],
+            ),
+            (
                 "a template label of sluice's",
                 "p",
                 serde_json::json!({"template": {"metadata": {"labels": {"sluice.dev/pipeline": "other"}}}}),
@@ -565,6 +634,15 @@ mod tests {
                     {"name": "ca.crt", "secretKeyRef": {"name": "c", "key": "ca.crt"}},
                     {"name": "user.crt", "secretKeyRef": {"name": "u", "key": "user.crt"}},
                     {"name": "user.key", "secretKeyRef": {"name": "u", "key": "user.key"}}]
+            }),
+            serde_json::json!({
+                "source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {
+                    "protocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER",
+                    "oauth": {"tokenEndpointUrl": "https://idp.example.com/realms/kafka/protocol/openid-connect/token",
+                        "clientId": "orders", "clientSecretRef": {"name": "orders-oauth", "key": "secret"},
+                        "scope": "kafka", "extensions": {"logicalCluster": "lkc-1", "identityPoolId": "pool-2"},
+                        "caFile": "/etc/sluice/secrets/idp-ca.crt"}}},
+                "secretFiles": [{"name": "idp-ca.crt", "secretKeyRef": {"name": "idp", "key": "ca.crt"}}]
             }),
         ];
         for extra in fine {
