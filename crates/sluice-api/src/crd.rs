@@ -20,6 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::config::rules::{Bounds, TOPIC_NAME_LEN, TOPIC_NAME_PATTERN};
+use crate::config::source::{TOPICS_MAX, TOPIC_PATTERN_LEN_MAX};
 use crate::config::{
     BatchingConfig, CommitConfig, ConfigError, DeadLetterConfig, DeliveryConfig, MemoryConfig,
     OAuthConfig, ProcessorConfig, RetryConfig, SaslMechanism, SecurityConfig, SecurityProtocol,
@@ -369,19 +370,35 @@ impl PodTemplate {
     }
 }
 
-/// The input topic.
+/// The input topics.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "[has(self.topic), has(self.topics) && size(self.topics) > 0, has(self.topicPattern)].filter(x, x).size() == 1",
+     "message": "set one of topic, topics and topicPattern"}
+]))]
 pub struct PipelineSource {
     /// Comma-separated `host:port` list.
     #[schemars(length(min = 1))]
     pub bootstrap_servers: String,
-    /// The input topic.
+    /// The input topic (one of `topic`, `topics` and `topicPattern`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = TOPIC_NAME_LEN.min, max = TOPIC_NAME_LEN.max),
         regex(pattern = TOPIC_NAME_PATTERN)
     )]
-    pub topic: String,
+    pub topic: Option<String>,
+    /// The input topics (one of `topic`, `topics` and `topicPattern`); the partitions of
+    /// them all are the pipeline's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = TOPICS_MAX), inner(length(min = TOPIC_NAME_LEN.min, max = TOPIC_NAME_LEN.max), regex(pattern = TOPIC_NAME_PATTERN)))]
+    pub topics: Vec<String>,
+    /// A regular expression (POSIX extended) that whole topic names match (one of `topic`,
+    /// `topics` and `topicPattern`): every matching topic is read, including topics created
+    /// later, from their first record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = TOPIC_PATTERN_LEN_MAX))]
+    pub topic_pattern: Option<String>,
     /// Consumer group id.
     #[schemars(length(min = 1))]
     pub group_id: String,
@@ -753,6 +770,8 @@ impl StreamPipeline {
         let PipelineSource {
             bootstrap_servers,
             topic,
+            topics,
+            topic_pattern,
             group_id,
             start_from,
             session_timeout,
@@ -775,6 +794,8 @@ impl StreamPipeline {
             source: SourceConfig {
                 bootstrap_servers: bootstrap_servers.clone(),
                 topic: topic.clone(),
+                topics: topics.clone(),
+                topic_pattern: topic_pattern.clone(),
                 group_id: group_id.clone(),
                 start_from: *start_from,
                 session_timeout: *session_timeout,

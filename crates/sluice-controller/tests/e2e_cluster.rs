@@ -376,9 +376,10 @@ fn helm_install_apply_autoscale_faults_delete_and_observe_on_a_real_node() {
     );
 
     // 7. The custom-processor example on its own image.
-    step("custom processor image (examples/enrich-worker)", || {
-        custom_processor(&c, &p.ns)
-    });
+    step(
+        "custom processor image (examples/enrich-worker), two input topics",
+        || custom_processor(&c, &p.ns),
+    );
 
     // 7b. A platform's cluster: a node tainted for a dedicated pool, and a SCRAM password
     //     rotated on the broker and in its Secret while records flow.
@@ -895,12 +896,15 @@ fn watch_exit_codes(c: &Cluster, ns: &str, pipeline: &str) -> ExitWatch {
 /// examples/enrich-worker on its own image: `spec.image` plus `processor.custom`.
 fn custom_processor(c: &Cluster, ns: &str) {
     let suffix = unique("enrich");
-    let (input, output) = (
+    // Two input topics, one pipeline (`source.topics`).
+    let (input, second, output) = (
         format!("e2e-enrich-in-{suffix}"),
+        format!("e2e-enrich-in2-{suffix}"),
         format!("e2e-enrich-out-{suffix}"),
     );
     rt().block_on(async {
         create_topic(&bootstrap(), &input, 2).await.expect("topic");
+        create_topic(&bootstrap(), &second, 2).await.expect("topic");
         create_topic(&bootstrap(), &output, 2).await.expect("topic");
     });
     let group = format!("e2e-enrich-{suffix}");
@@ -910,7 +914,7 @@ fn custom_processor(c: &Cluster, ns: &str) {
             "metadata": {"name": "enrich", "namespace": ns},
             "spec": {
                 "image": c.enrich_image,
-                "source": {"bootstrapServers": c.pod_bootstrap, "topic": input, "groupId": group},
+                "source": {"bootstrapServers": c.pod_bootstrap, "topics": [input, second], "groupId": group},
                 "processor": {"custom": {"name": "enrich"}},
                 "sinks": [{"kafka": {"topic": output}}],
                 "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
@@ -926,9 +930,15 @@ fn custom_processor(c: &Cluster, ns: &str) {
         "{.spec.template.spec.containers[0].image}",
     );
     assert_eq!(image, c.enrich_image, "the pods run the custom image");
-    produce_range(&input, 0, 1_000, None);
+    assert_eq!(
+        c.jsonpath(ns, "sp/enrich", "{.status.partitions}"),
+        "4",
+        "the partitions of both topics"
+    );
+    produce_range(&input, 0, 500, None);
+    produce_range(&second, 500, 500, None);
     let r = audit_range(&output, 0, 1_000);
-    assert_eq!(r.missing, 0, "{r}");
+    assert_eq!(r.missing, 0, "both topics: {r}");
     let records = sluice_testkit::read_all(&output, Duration::from_secs(10));
     let first: Value =
         serde_json::from_slice(records[0].value.as_deref().expect("a value")).expect("JSON");

@@ -11,7 +11,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice_api::config::StartFrom;
 use sluice_controller::autoscale::lag::{group_lag, LagError};
 use sluice_controller::controller::{KafkaInspector, RdKafka};
-use sluice_controller::kafka::{Connection, ConnectionKey, LagOf, Query, Requests};
+use sluice_controller::kafka::{Connection, ConnectionKey, LagOf, Query, Requests, Topics};
 use sluice_testkit::{bootstrap, create_topic, free_port, produce_seq, unique};
 
 fn counter(name: &str) -> IntCounter {
@@ -45,7 +45,7 @@ fn commit(group: &str, topic: &str, offsets: &[(i32, i64)]) {
 
 fn lag(group: &str, topic: &str, start: StartFrom) -> Query {
     Query {
-        topic: topic.into(),
+        topics: Topics::one(topic),
         lag: Some(LagOf {
             group: group.into(),
             start,
@@ -56,7 +56,8 @@ fn lag(group: &str, topic: &str, start: StartFrom) -> Query {
 #[test]
 fn one_batch_answers_many_groups_on_shared_topics_as_one_query_each_would() {
     let b = bootstrap();
-    let topics = [unique("shared-a"), unique("shared-b")];
+    let base = unique("shared");
+    let topics = [format!("{base}-a"), format!("{base}-b")];
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -82,13 +83,33 @@ fn one_batch_answers_many_groups_on_shared_topics_as_one_query_each_would() {
         lag(&groups[0], &topics[0], StartFrom::Earliest),
         lag(&groups[1], &topics[0], StartFrom::Latest),
         Query {
-            topic: topics[1].clone(),
+            topics: Topics::one(&topics[1]),
             lag: None,
         },
         lag(&groups[2], &topics[1], StartFrom::Earliest),
         lag(&groups[3], &topics[1], StartFrom::Earliest),
         lag(&groups[4], &topics[1], StartFrom::Latest),
         lag(&groups[5], &missing, StartFrom::Earliest),
+        // A pipeline of both topics, by name and by pattern: their partitions and lags
+        // together.
+        Query {
+            topics: Topics::Names(topics.to_vec()),
+            lag: Some(LagOf {
+                group: groups[0].clone(),
+                start: StartFrom::Earliest,
+            }),
+        },
+        Query {
+            topics: Topics::Pattern(format!("{base}-[ab]")),
+            lag: Some(LagOf {
+                group: groups[2].clone(),
+                start: StartFrom::Earliest,
+            }),
+        },
+        Query {
+            topics: Topics::Pattern(format!("{base}-z.*")),
+            lag: None,
+        },
     ];
     let conn = connection(&b);
     let answers = RdKafka.read(&conn, &queries);
@@ -97,20 +118,36 @@ fn one_batch_answers_many_groups_on_shared_topics_as_one_query_each_would() {
     // The same numbers as one query at a time, with a client each (the old way).
     let cfg = ClientConfig::new().set("bootstrap.servers", &b).clone();
     for (q, a) in queries.iter().zip(&answers) {
-        if q.topic == missing {
-            assert!(matches!(a.partitions, Err(LagError::TopicNotFound(_))));
-            assert!(matches!(a.lag, Some(Err(LagError::TopicNotFound(_)))));
-            continue;
-        }
-        let want = if q.topic == topics[0] { 3 } else { 5 };
-        assert_eq!(*a.partitions.as_ref().unwrap(), want, "{}", q.topic);
+        let names: Vec<String> = match &q.topics {
+            Topics::Names(n) if n == std::slice::from_ref(&missing) => {
+                assert!(matches!(a.partitions, Err(LagError::TopicNotFound(_))));
+                assert!(matches!(a.lag, Some(Err(LagError::TopicNotFound(_)))));
+                continue;
+            }
+            Topics::Names(n) => n.clone(),
+            Topics::Pattern(p) if p.ends_with("z.*") => {
+                let e = a.partitions.as_ref().unwrap_err().to_string();
+                assert!(e.contains("matches the pattern"), "{e}");
+                continue;
+            }
+            Topics::Pattern(_) => topics.to_vec(),
+        };
+        let want: u32 = names
+            .iter()
+            .map(|t| if *t == topics[0] { 3 } else { 5 })
+            .sum();
+        assert_eq!(*a.partitions.as_ref().unwrap(), want, "{}", q.topics);
         match &q.lag {
             None => assert!(a.lag.is_none()),
             Some(l) => {
-                let one =
-                    group_lag(&cfg, &l.group, &q.topic, l.start, Duration::from_secs(10)).unwrap();
+                let mut one = Vec::new();
+                for t in &names {
+                    one.extend(
+                        group_lag(&cfg, &l.group, t, l.start, Duration::from_secs(10)).unwrap(),
+                    );
+                }
                 let got = a.lag.as_ref().unwrap().as_ref().unwrap();
-                assert_eq!(got, &one, "{} on {}", l.group, q.topic);
+                assert_eq!(got, &one, "{} on {}", l.group, q.topics);
             }
         }
     }
@@ -142,7 +179,7 @@ fn a_kafka_out_of_reach_is_an_error_for_every_query_never_zero_lag() {
     let queries = vec![
         lag("g", "t", StartFrom::Earliest),
         Query {
-            topic: "u".into(),
+            topics: Topics::one("u"),
             lag: None,
         },
     ];

@@ -275,3 +275,110 @@ async fn a_pipeline_becomes_a_deployment_configmap_service_and_pdb_and_follows_i
 
     controller.abort();
 }
+
+/// A pipeline of several topics counts the partitions and the lag of them all, whether it
+/// names them or matches them by pattern; the pattern is resolved again at every poll, so a
+/// topic created later counts (its partitions raise the replica cap) without a change to
+/// the pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_topics_count_together_and_a_pattern_is_read_again_every_poll() {
+    let c = client().await;
+    let b = bootstrap();
+    let base = unique("multi");
+    let (a, bb, later) = (
+        format!("{base}-a"),
+        format!("{base}-b"),
+        format!("{base}-c"),
+    );
+    create_topic(&b, &a, 2).await.unwrap();
+    create_topic(&b, &bb, 3).await.unwrap();
+    sluice_testkit::produce_seq(&a, 400);
+    sluice_testkit::produce_seq(&bb, 600);
+
+    install(&c, &StreamPipeline::crd()).await;
+    let ns = namespace(&c, "multi").await;
+    let ctx = Context::new(c.clone(), Arc::new(RdKafka), "sluice/worker:test".into());
+    let scoped = ns.clone();
+    let controller = tokio::spawn(async move { run_in(ctx, Some(&scoped)).await });
+
+    let pipelines: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
+    for (name, source) in [
+        (
+            "listed",
+            json!({"bootstrapServers": b, "topics": [a, bb], "groupId": unique("listed")}),
+        ),
+        (
+            "matched",
+            json!({"bootstrapServers": b, "topicPattern": format!("{base}-[a-z]"), "groupId": unique("matched")}),
+        ),
+    ] {
+        let sp: StreamPipeline = serde_json::from_value(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+            "metadata": {"name": name},
+            "spec": {
+                "source": source,
+                "sinks": [{"kafka": {"topic": format!("{base}-out")}}],
+                "scaling": {"minReplicas": 1, "maxReplicas": 20, "lagPerReplica": 100, "pollInterval": "1s"}
+            }
+        }))
+        .unwrap();
+        pipelines.create(&PostParams::default(), &sp).await.unwrap();
+    }
+    // 5 partitions and 1,000 records of lag in both: 10 replicas wanted, capped at 5.
+    let deployments: Api<Deployment> = Api::namespaced(c.clone(), &ns);
+    let replicas = |name: &'static str| {
+        let deployments = deployments.clone();
+        async move { deployments.get(name).await.ok()?.spec?.replicas }
+    };
+    for name in ["listed", "matched"] {
+        eventually(
+            &format!("{name}: 5 partitions, the lag of both topics, 5 replicas"),
+            Duration::from_secs(60),
+            || async {
+                let s = pipelines.get(name).await.ok()?.status?;
+                (s.partitions == Some(5) && s.lag == Some(1_000) && replicas(name).await == Some(5))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // A third topic that matches: the pattern's pipeline counts it from a coming poll, the
+    // listed one does not.
+    create_topic(&b, &later, 4).await.unwrap();
+    sluice_testkit::produce_seq(&later, 300);
+    sluice_testkit::poll_async(
+        "the matched pipeline counts the new topic",
+        Duration::from_secs(60),
+        || async {
+            let s = pipelines
+                .get("matched")
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .ok_or("no status")?;
+            // The cap follows (no pod runs here, so the Deployment keeps the 5 it has
+            // until they are ready: the condition shows the new cap).
+            let capped = s
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "ScalingLimited" && c.message.contains("input's 9 partitions"));
+            if s.partitions == Some(9) && s.lag == Some(1_300) && capped {
+                Ok(())
+            } else {
+                Err(format!(
+                    "partitions {:?}, lag {:?}, conditions {:?}",
+                    s.partitions,
+                    s.lag,
+                    s.conditions
+                        .iter()
+                        .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
+                        .collect::<Vec<_>>()
+                ))
+            }
+        },
+    )
+    .await;
+    let listed = pipelines.get("listed").await.unwrap().status.unwrap();
+    assert_eq!((listed.partitions, listed.lag), (Some(5), Some(1_000)));
+    controller.abort();
+}

@@ -96,6 +96,9 @@ impl Letter {
     }
 }
 
+/// A source record's coordinates: topic, partition, offset.
+type SourceOffset = (Arc<str>, i32, i64);
+
 enum Target {
     /// No dead-letter topic: fail the batch, stall the partition.
     Stall,
@@ -107,7 +110,7 @@ enum Target {
         /// fails the window, which is aborted and processed again (see
         /// `sink/kafka_txn.rs`); one refused for good (too large for the dead-letter topic)
         /// is remembered here, by source record, and written without its payload then.
-        transactional: Option<std::sync::Mutex<std::collections::HashSet<(i32, i64)>>>,
+        transactional: Option<std::sync::Mutex<std::collections::HashSet<SourceOffset>>>,
     },
     /// Kept in memory (tests of the data path).
     Memory(std::sync::Mutex<Vec<Letter>>),
@@ -220,15 +223,11 @@ impl DeadLetters {
     /// Park `letters`. `tokens` (the shares of the batches the letters' records belong
     /// to) are acknowledged once every letter is stored, and failed otherwise.
     pub fn park(self: &Arc<Self>, letters: Vec<Letter>, tokens: Vec<AckToken>) {
-        // Every letter of a pipeline comes from its one source topic; the tokens know it.
-        let topic: Arc<str> = tokens
-            .first()
-            .map_or_else(|| Arc::from(""), |t| t.partition().tp().topic.clone());
         for l in &letters {
             // One line per interval, for the record that opened it and how many failed
             // since the last line; every letter carries its own details in its headers.
             if let Some(n) = self.log.tick() {
-                tracing::warn!(topic = %topic, partition = l.origin.partition, offset = l.origin.offset,
+                tracing::warn!(topic = %l.origin.topic, partition = l.origin.partition, offset = l.origin.offset,
                     stage = %l.stage, class = l.class, attempts = l.attempts, error = %l.message,
                     dead_letter = self.enabled(), records = n, "record failed for good");
             }
@@ -257,7 +256,7 @@ impl DeadLetters {
                     None => tokio::runtime::Handle::current(),
                 };
                 handle.spawn(tracing::Instrument::in_current_span(async move {
-                    match this.write(&letters, &topic).await {
+                    match this.write(&letters).await {
                         Written::All => {
                             this.count(&letters);
                             for t in tokens {
@@ -289,7 +288,7 @@ impl DeadLetters {
         }
     }
 
-    async fn write(&self, letters: &[Letter], source_topic: &str) -> Written {
+    async fn write(&self, letters: &[Letter]) -> Written {
         let Target::Kafka {
             producer,
             topic,
@@ -300,16 +299,18 @@ impl DeadLetters {
         };
         let bare = |l: &Letter| {
             transactional.as_ref().is_some_and(|t| {
-                t.lock()
-                    .expect("letters lock")
-                    .contains(&(l.origin.partition, l.origin.offset))
+                t.lock().expect("letters lock").contains(&(
+                    l.origin.topic.clone(),
+                    l.origin.partition,
+                    l.origin.offset,
+                ))
             })
         };
         let producer = &producer.get();
         let results = futures::future::join_all(
             letters
                 .iter()
-                .map(|l| send_letter(producer, topic, source_topic, l, !bare(l))),
+                .map(|l| send_letter(producer, topic, l, !bare(l))),
         )
         .await;
         let mut written = Written::All;
@@ -323,9 +324,11 @@ impl DeadLetters {
                 // The window's transaction cannot commit now: it is processed again, the
                 // letter then without its payload when that was what the broker refused.
                 if too_large && !bare(l) {
-                    t.lock()
-                        .expect("letters lock")
-                        .insert((l.origin.partition, l.origin.offset));
+                    t.lock().expect("letters lock").insert((
+                        l.origin.topic.clone(),
+                        l.origin.partition,
+                        l.origin.offset,
+                    ));
                 } else if crate::sink::kafka::classify(&e).0 == crate::retry::ErrorClass::Permanent
                     && bare(l)
                 {
@@ -340,11 +343,7 @@ impl DeadLetters {
             }
             // A record too large for its sink is often too large for the dead-letter topic
             // too: keep the story (headers, source coordinates) and drop the payload.
-            if too_large
-                && send_letter(producer, topic, source_topic, l, false)
-                    .await
-                    .is_ok()
-            {
+            if too_large && send_letter(producer, topic, l, false).await.is_ok() {
                 continue;
             }
             tracing::error!(%topic, error = %e, "a dead letter could not be written; its partition stops advancing");
@@ -363,11 +362,10 @@ impl DeadLetters {
 async fn send_letter(
     producer: &FutureProducer,
     topic: &str,
-    source_topic: &str,
     l: &Letter,
     with_payload: bool,
 ) -> Result<(), KafkaError> {
-    let mut all = l.all_headers(source_topic);
+    let mut all = l.all_headers(&l.origin.topic);
     if !with_payload {
         let size = l.value.as_ref().map_or(0, Bytes::len) + l.key.as_ref().map_or(0, Bytes::len);
         all.push((
@@ -425,7 +423,7 @@ mod tests {
             attempts in any::<u32>(),
         ) {
             let letter = Letter {
-                origin: Origin { partition, offset, timestamp_ms, key: None },
+                origin: Origin { topic: "in".into(), partition, offset, timestamp_ms, key: None },
                 key: None,
                 value: None,
                 headers: own.iter().map(|(k, v)| (k.clone(), v.clone().map(Bytes::from))).collect(),

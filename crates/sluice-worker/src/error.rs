@@ -12,6 +12,9 @@ pub enum PipelineError {
     /// Client configuration (e.g. a missing secret).
     #[error(transparent)]
     Client(#[from] crate::kafka::client::ClientError),
+    /// The configuration does not hold (it is validated at start-up: a bug if seen).
+    #[error(transparent)]
+    Config(#[from] sluice_api::ConfigError),
     /// The PostgreSQL sink could not start.
     #[error(transparent)]
     Postgres(#[from] PostgresSetupError),

@@ -119,7 +119,6 @@ async fn build_sinks(
             SinkConfig::Kafka(k) if txn.is_some() => TxnKafkaSink::new(
                 txn.expect("exactly-once").producer().clone(),
                 k,
-                &config.source.topic,
                 limits[i],
                 sm,
                 dead_letters.clone(),
@@ -136,7 +135,6 @@ async fn build_sinks(
                 let s = KafkaSink::new(
                     with(cfg, clients::sink_producer(config, k)),
                     k,
-                    &config.source.topic,
                     limits[i],
                     sm,
                     dead_letters.clone(),
@@ -223,10 +221,11 @@ pub async fn run_pipeline(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
     use tracing::Instrument;
+    let subscription = config.source.subscription()?;
     let span = tracing::info_span!(
         "pipeline",
         pipeline = %config.pipeline,
-        topic = %config.source.topic,
+        topics = %subscription,
         group = %config.source.group_id
     );
     run(config, processor, rt, shutdown).instrument(span).await
@@ -284,7 +283,9 @@ async fn run(
     );
     let consumer: Arc<SluiceConsumer> = Arc::new(consumer_cfg.create_with_context(ctx)?);
     SluiceContext::attach(&consumer);
-    consumer.subscribe(&[&config.source.topic])?;
+    let subscription = config.source.subscription()?;
+    let topics = subscription.librdkafka();
+    consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     let stop_poller = Arc::new(AtomicBool::new(false));
     let (stray_tx, mut stray) = tokio::sync::mpsc::unbounded_channel();
     let poller = spawn_main_queue_thread(consumer.clone(), stop_poller.clone(), stray_tx);
@@ -297,7 +298,7 @@ async fn run(
         commit_unanswered: config.server.fetch_stall_timeout.0,
     });
     rt.health.ready.store(true, AtomicOrdering::Release);
-    tracing::info!(pipeline = %config.pipeline, topic = %config.source.topic, group = %config.source.group_id, "pipeline started");
+    tracing::info!(pipeline = %config.pipeline, topics = %subscription, group = %config.source.group_id, "pipeline started");
 
     let delivery = match txn {
         Some(txn) => {

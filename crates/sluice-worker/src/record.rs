@@ -202,10 +202,12 @@ impl Output {
 }
 
 /// Where an output came from: its source record's coordinates, carried with the output
-/// to the sinks for latency, tracing headers and the dead-letter headers. (The topic is
-/// the pipeline's one source topic, so it is not carried per output.)
+/// to the sinks for latency, tracing headers and the dead-letter headers.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Origin {
+    /// Source topic (shared with every record of its partition: a reference count, not a
+    /// copy).
+    pub topic: std::sync::Arc<str>,
     /// Source partition.
     pub partition: i32,
     /// Source offset.
@@ -220,6 +222,7 @@ impl Origin {
     /// The origin of `record`.
     pub fn of(record: &Record) -> Self {
         Origin {
+            topic: record.topic.clone(),
             partition: record.partition,
             offset: record.offset,
             timestamp_ms: record.timestamp_ms,

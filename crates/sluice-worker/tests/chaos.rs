@@ -157,3 +157,98 @@ fn chaos_replicated_partitions_added_mid_stream_are_read_exactly_once() {
     let g = Guarantee::ExactlyOnce;
     check_replicated(&replicated::added_partitions(BIN, Length::Short, g), g);
 }
+
+/// A topic that starts matching `source.topicPattern` while records flow is read from its
+/// first record, under `startFrom: latest` too (the group has started: only what it read
+/// at its first join starts at the end), and its outputs name it in the trace header. The
+/// records it gets before the worker's next metadata refresh sees it are the ones a
+/// start at its end would skip.
+#[test]
+fn chaos_a_topic_that_starts_matching_mid_stream_is_read_from_its_first_record() {
+    use sluice_testkit::*;
+    use std::time::Duration;
+    let b = bootstrap();
+    let base = unique("match");
+    let (first, later, output) = (
+        format!("{base}-a"),
+        format!("{base}-b"),
+        format!("{base}-out"),
+    );
+    create_topic_now(&first, 2);
+    create_topic_now(&output, 2);
+    let group = unique("match-g");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        r#"pipeline: match
+source:
+  bootstrapServers: "{b}"
+  topicPattern: "{base}-[ab]"
+  groupId: {group}
+  startFrom: latest
+  sessionTimeout: 10s
+  consumerProperties: {{topic.metadata.refresh.interval.ms: "3000"}}
+sinks:
+  - kafka: {{topic: {output}, traceHeader: sluice-source}}
+commit: {{interval: 500ms, drainTimeout: 8s}}
+server: {{listen: "{addr}"}}
+"#
+    );
+    let mut w = WorkerProcess::start(BIN, &unique("match"), &config, &addr);
+    // startFrom: latest: the group starts at the (empty) end of the first topic, committed.
+    wait_for("the group's first commit", Duration::from_secs(60), || {
+        offsets::committed_and_end(&b, &group, &first)
+            .is_ok_and(|v| v.iter().all(|(c, _)| c.is_some()))
+    });
+    // Records flow into the first topic; mid-stream the second one appears and gets
+    // records at once, before the worker's next metadata refresh (3 s) sees it.
+    let spec = ProduceSpec {
+        bootstrap: b.clone(),
+        topic: first.clone(),
+        from: 0,
+        count: 3_000,
+        rate: Some(500.0),
+        size: 100,
+        linger_ms: 5,
+    };
+    let flowing = std::thread::spawn(move || produce(&spec, &std::sync::atomic::AtomicU64::new(0)));
+    std::thread::sleep(Duration::from_secs(2));
+    create_topic_now(&later, 3);
+    let spec = ProduceSpec {
+        bootstrap: b.clone(),
+        topic: later.clone(),
+        from: 3_000,
+        count: 2_000,
+        rate: None,
+        size: 100,
+        linger_ms: 5,
+    };
+    produce(&spec, &std::sync::atomic::AtomicU64::new(0)).expect("produce the later topic");
+    flowing
+        .join()
+        .expect("producer")
+        .expect("produce the first topic");
+    wait_for(
+        "both topics committed to their end",
+        Duration::from_secs(120),
+        || uncommitted(&b, &group, &first) == 0 && uncommitted(&b, &group, &later) == 0,
+    );
+    w.signal("TERM");
+    assert!(w.wait(Duration::from_secs(30)).expect("exits").success());
+    let r = audit(&b, &output, 0, 5_000, Duration::from_secs(60)).unwrap();
+    eprintln!("[chaos] topic added mid-stream: {r}");
+    assert_eq!(r.missing, 0, "{r}");
+    let sources: std::collections::BTreeSet<String> = read_all(&output, Duration::from_secs(30))
+        .iter()
+        .filter_map(|rec| {
+            rec.headers
+                .iter()
+                .find(|(k, _)| k == "sluice-source")
+                .and_then(|(_, v)| v.rsplitn(3, '/').nth(2).map(str::to_string))
+        })
+        .collect();
+    assert_eq!(
+        sources,
+        [first, later].into_iter().collect(),
+        "trace headers"
+    );
+}

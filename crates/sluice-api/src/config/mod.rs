@@ -33,7 +33,7 @@ mod retry;
 pub mod rules;
 pub mod security;
 mod sink;
-mod source;
+pub(crate) mod source;
 #[cfg(test)]
 mod tests;
 
@@ -53,7 +53,7 @@ pub use security::{OAuthConfig, SaslMechanism, SecurityConfig, SecurityProtocol}
 pub use sink::{
     ColumnMapping, KafkaSinkConfig, KeySource, OnConflict, PostgresSinkConfig, SinkConfig,
 };
-pub use source::{SourceConfig, StartFrom};
+pub use source::{subscription, SourceConfig, StartFrom, Subscription, TopicPattern};
 
 use overrides::apply_override;
 use rules::non_empty;
@@ -200,8 +200,9 @@ impl WorkerConfig {
             b.clone()
                 .unwrap_or_else(|| source.bootstrap_servers.clone())
         };
+        let input = source.subscription()?;
         let is_input = |topic: &str, b: &Option<String>| {
-            topic == source.topic && cluster(b) == source.bootstrap_servers
+            input.reads(topic) && cluster(b) == source.bootstrap_servers
         };
         let outputs: Vec<(usize, &KafkaSinkConfig)> = self
             .sinks
@@ -241,7 +242,7 @@ impl WorkerConfig {
             if is_input(&k.topic, &k.bootstrap_servers) {
                 return Err(ConfigError::invalid(
                     format!("sinks[{i}].kafka.topic"),
-                    "the output topic is the input topic: the pipeline would feed itself",
+                    "the output topic is an input topic (or matches topicPattern): the pipeline would feed itself",
                 ));
             }
         }
@@ -249,7 +250,7 @@ impl WorkerConfig {
             if is_input(&dl.topic, &dl.bootstrap_servers) {
                 return Err(ConfigError::invalid(
                     "deadLetter.topic",
-                    "the dead-letter topic is the input topic: failed records would be read again",
+                    "the dead-letter topic is an input topic (or matches topicPattern): failed records would be read again",
                 ));
             }
         }

@@ -12,14 +12,22 @@ use super::security::SecurityConfig;
 use super::ConfigError;
 use crate::units::HumanDuration;
 
-/// The Kafka topic read by the pipeline.
+/// The Kafka topics read by the pipeline.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceConfig {
     /// Comma-separated `host:port` list.
     pub bootstrap_servers: String,
-    /// The input topic.
-    pub topic: String,
+    /// The input topic (one of `topic`, `topics` and `topicPattern`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// The input topics (one of `topic`, `topics` and `topicPattern`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
+    /// Every topic whose whole name matches this regular expression, including topics
+    /// created later (one of `topic`, `topics` and `topicPattern`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_pattern: Option<String>,
     /// Consumer group id; one group per pipeline.
     pub group_id: String,
     /// Where to start when the group has no committed offset.
@@ -65,7 +73,9 @@ impl SourceConfig {
     pub(super) fn check(&self) -> Result<(), ConfigError> {
         let SourceConfig {
             bootstrap_servers,
-            topic,
+            topic: _,
+            topics: _,
+            topic_pattern: _,
             group_id,
             start_from: _,
             session_timeout,
@@ -74,7 +84,7 @@ impl SourceConfig {
             consumer_properties,
         } = self;
         non_empty("source.bootstrapServers", bootstrap_servers)?;
-        topic_name("source.topic", topic)?;
+        self.subscription()?;
         non_empty("source.groupId", group_id)?;
         properties::check(
             "source.consumerProperties",
@@ -92,5 +102,176 @@ impl SourceConfig {
             ));
         }
         security.check("source.security")
+    }
+}
+
+/// The most topics `source.topics` may list.
+pub const TOPICS_MAX: usize = 100;
+/// The longest `source.topicPattern`.
+pub const TOPIC_PATTERN_LEN_MAX: usize = 249;
+
+/// What the pipeline reads: named topics, or every topic a pattern matches.
+#[derive(Clone, Debug)]
+pub enum Subscription {
+    /// These topics (one or more).
+    Topics(Vec<String>),
+    /// Every topic whose whole name matches (topics created later included).
+    Pattern(TopicPattern),
+}
+
+/// `source.topicPattern`, compiled: it matches a topic's whole name.
+#[derive(Clone, Debug)]
+pub struct TopicPattern {
+    source: String,
+    anchored: regex::Regex,
+}
+
+impl TopicPattern {
+    /// Compile `pattern` (refused at `field` when it is not a regular expression both
+    /// Rust's `regex` and librdkafka's POSIX one take).
+    pub fn new(field: &str, pattern: &str) -> Result<Self, ConfigError> {
+        if pattern.is_empty() || pattern.len() > TOPIC_PATTERN_LEN_MAX {
+            return Err(ConfigError::invalid(
+                field,
+                format!("must be 1 to {TOPIC_PATTERN_LEN_MAX} characters"),
+            ));
+        }
+        if pattern.starts_with('^') || pattern.ends_with('$') {
+            return Err(ConfigError::invalid(
+                field,
+                "the pattern matches whole topic names already: leave out `^` and `$`",
+            ));
+        }
+        // What POSIX extended regular expressions (librdkafka's, through regcomp) do not
+        // have, or read otherwise: Rust's escapes and groups with options.
+        if let Some(bad) = [
+            "(?", "\\d", "\\D", "\\w", "\\W", "\\s", "\\S", "\\b", "\\p", "*?", "+?", "??",
+        ]
+        .into_iter()
+        .find(|b| pattern.contains(b))
+        {
+            return Err(ConfigError::invalid(
+                field,
+                format!("`{bad}` is not in the POSIX extended regular expressions librdkafka matches topics with: use classes like [0-9] and [a-z-]"),
+            ));
+        }
+        let anchored = regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map_err(|e| ConfigError::invalid(field, format!("not a regular expression: {e}")))?;
+        Ok(TopicPattern {
+            source: pattern.to_string(),
+            anchored,
+        })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether `topic`'s whole name matches.
+    pub fn matches(&self, topic: &str) -> bool {
+        self.anchored.is_match(topic)
+    }
+
+    /// The subscription librdkafka takes: a regex subscription starts with `^`.
+    pub fn librdkafka(&self) -> String {
+        format!("^({})$", self.source)
+    }
+}
+
+impl Subscription {
+    /// Whether the pipeline reads `topic`.
+    pub fn reads(&self, topic: &str) -> bool {
+        match self {
+            Subscription::Topics(t) => t.iter().any(|t| t == topic),
+            Subscription::Pattern(p) => p.matches(topic),
+        }
+    }
+
+    /// What the consumer subscribes to.
+    pub fn librdkafka(&self) -> Vec<String> {
+        match self {
+            Subscription::Topics(t) => t.clone(),
+            Subscription::Pattern(p) => vec![p.librdkafka()],
+        }
+    }
+
+    /// The named topics, or `None` for a pattern.
+    pub fn names(&self) -> Option<&[String]> {
+        match self {
+            Subscription::Topics(t) => Some(t),
+            Subscription::Pattern(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subscription::Topics(t) => write!(f, "{}", t.join(",")),
+            Subscription::Pattern(p) => write!(f, "/{}/", p.as_str()),
+        }
+    }
+}
+
+/// The subscription of `topic`, `topics` and `topicPattern` (exactly one set), checked:
+/// names follow Kafka's rule, no name twice, at most [`TOPICS_MAX`]. `at` is the
+/// section's path (`source`).
+pub fn subscription(
+    at: &str,
+    topic: Option<&str>,
+    topics: &[String],
+    pattern: Option<&str>,
+) -> Result<Subscription, ConfigError> {
+    match (topic, topics.is_empty(), pattern) {
+        (Some(t), true, None) => {
+            topic_name(&format!("{at}.topic"), t)?;
+            Ok(Subscription::Topics(vec![t.to_string()]))
+        }
+        (None, false, None) => {
+            if topics.len() > TOPICS_MAX {
+                return Err(ConfigError::invalid(
+                    format!("{at}.topics"),
+                    format!(
+                        "at most {TOPICS_MAX} topics, got {}; a topicPattern matches any number",
+                        topics.len()
+                    ),
+                ));
+            }
+            for (i, t) in topics.iter().enumerate() {
+                topic_name(&format!("{at}.topics[{i}]"), t)?;
+                if topics[..i].contains(t) {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.topics[{i}]"),
+                        format!("`{t}` is listed twice"),
+                    ));
+                }
+            }
+            Ok(Subscription::Topics(topics.to_vec()))
+        }
+        (None, true, Some(p)) => Ok(Subscription::Pattern(TopicPattern::new(
+            &format!("{at}.topicPattern"),
+            p,
+        )?)),
+        (None, true, None) => Err(ConfigError::invalid(
+            format!("{at}.topic"),
+            "required: the input topic (or topics, a list, or topicPattern, a regular expression)",
+        )),
+        _ => Err(ConfigError::invalid(
+            format!("{at}.topics"),
+            "set one of topic, topics and topicPattern",
+        )),
+    }
+}
+
+impl SourceConfig {
+    /// What the pipeline reads (the configuration is valid: [`SourceConfig::check`]).
+    pub fn subscription(&self) -> Result<Subscription, ConfigError> {
+        subscription(
+            "source",
+            self.topic.as_deref(),
+            &self.topics,
+            self.topic_pattern.as_deref(),
+        )
     }
 }

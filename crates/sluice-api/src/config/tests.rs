@@ -342,3 +342,63 @@ fn a_jq_program_that_does_not_compile_is_refused_with_its_position() {
     ))
     .is_ok());
 }
+
+#[test]
+fn a_pipeline_reads_one_topic_a_list_or_a_pattern_and_exactly_one_of_them() {
+    let with = |topics: &str| MINIMAL.replace("topic: in", topics);
+    let c = WorkerConfig::from_yaml(&with("topics: [in-a, in-b]")).unwrap();
+    let s = c.source.subscription().unwrap();
+    assert_eq!(s.librdkafka(), ["in-a", "in-b"]);
+    assert!(s.reads("in-b") && !s.reads("in"));
+    let c = WorkerConfig::from_yaml(&with(r#"topicPattern: "iot-[a-z]+\\.events""#)).unwrap();
+    let s = c.source.subscription().unwrap();
+    assert_eq!(s.librdkafka(), [r"^(iot-[a-z]+\.events)$"]);
+    assert!(s.reads("iot-eu.events"));
+    // The whole name: neither a prefix nor a suffix match.
+    assert!(!s.reads("iot-eu.events-old") && !s.reads("old-iot-eu.events"));
+    assert_eq!(s.to_string(), r"/iot-[a-z]+\.events/");
+    for (topics, field, why) in [
+        (
+            "topic: in, topics: [a]",
+            "source.topics",
+            "one of topic, topics and topicPattern",
+        ),
+        (
+            "topics: [a], topicPattern: b",
+            "source.topics",
+            "one of topic, topics and topicPattern",
+        ),
+        ("groupId: g0", "source.topic", "required"),
+        ("topics: [a, b, a]", "source.topics[2]", "listed twice"),
+        (
+            "topics: [a, 'b c']",
+            "source.topics[1]",
+            "not a Kafka topic name",
+        ),
+        (
+            "topicPattern: '^in.*'",
+            "source.topicPattern",
+            "leave out `^` and `$`",
+        ),
+        (r"topicPattern: 'in\d+'", "source.topicPattern", "POSIX"),
+        ("topicPattern: '(?i)in'", "source.topicPattern", "POSIX"),
+        (
+            "topicPattern: 'in[0-9'",
+            "source.topicPattern",
+            "not a regular expression",
+        ),
+        ("topicPattern: ''", "source.topicPattern", "1 to 249"),
+    ] {
+        let e = err(&with(topics));
+        assert!(e.contains(field) && e.contains(why), "{topics}: {e}");
+    }
+    let many: Vec<String> = (0..101).map(|i| format!("t{i}")).collect();
+    let e = err(&with(&format!("topics: [{}]", many.join(", "))));
+    assert!(e.contains("at most 100"), "{e}");
+    // An output a pattern would read back is the input.
+    let e = err(&with("topicPattern: 'o.*'"));
+    assert!(
+        e.contains("sinks[0].kafka.topic") && e.contains("feed itself"),
+        "{e}"
+    );
+}

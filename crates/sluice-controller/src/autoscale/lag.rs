@@ -103,8 +103,10 @@ impl LagError {
 }
 
 /// Lag of one partition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PartitionLag {
+    /// Topic.
+    pub topic: std::sync::Arc<str>,
     /// Partition number.
     pub partition: i32,
     /// Log start offset.
@@ -197,6 +199,7 @@ pub fn group_lag(
             None => None,
         };
         out.push(PartitionLag {
+            topic: topic.into(),
             partition: p,
             low,
             high,

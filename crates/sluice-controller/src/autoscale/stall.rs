@@ -8,6 +8,7 @@
 //! large its lag (it is slow, which the autoscaler handles).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::lag::PartitionLag;
@@ -15,26 +16,37 @@ use super::lag::PartitionLag;
 /// Per-pipeline memory of when each partition's committed offset last moved.
 #[derive(Debug, Default)]
 pub struct StallDetector {
-    seen: HashMap<i32, (Option<i64>, Instant)>,
+    seen: HashMap<(Arc<str>, i32), (Option<i64>, Instant)>,
 }
 
 impl StallDetector {
-    /// Record `parts` as seen at `now`; returns the partitions that have lag and whose
-    /// committed offset has not changed for at least `after`, in order.
-    pub fn observe(&mut self, now: Instant, parts: &[PartitionLag], after: Duration) -> Vec<i32> {
+    /// Record `parts` as seen at `now`; returns the partitions (`topic/partition`) that
+    /// have lag and whose committed offset has not changed for at least `after`, in order.
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        parts: &[PartitionLag],
+        after: Duration,
+    ) -> Vec<String> {
         let mut stalled = Vec::new();
         for p in parts {
-            let entry = self.seen.entry(p.partition).or_insert((p.committed, now));
+            let entry = self
+                .seen
+                .entry((p.topic.clone(), p.partition))
+                .or_insert((p.committed, now));
             if entry.0 != p.committed || p.lag == 0 {
                 *entry = (p.committed, now);
             } else if now.duration_since(entry.1) >= after {
-                stalled.push(p.partition);
+                stalled.push((p.topic.clone(), p.partition));
             }
         }
         self.seen
-            .retain(|id, _| parts.iter().any(|p| p.partition == *id));
+            .retain(|(t, id), _| parts.iter().any(|p| p.partition == *id && p.topic == *t));
         stalled.sort_unstable();
         stalled
+            .into_iter()
+            .map(|(t, p)| format!("{t}/{p}"))
+            .collect()
     }
 }
 
@@ -51,6 +63,7 @@ mod tests {
 
     fn part(partition: i32, committed: i64, high: i64) -> PartitionLag {
         PartitionLag {
+            topic: "in".into(),
             partition,
             low: 0,
             high,
@@ -78,12 +91,12 @@ mod tests {
         // partition 0 stands still at 500; partition 1 keeps committing
         assert!(poll(&mut d, 30, 500, 3_000).is_empty());
         assert!(poll(&mut d, 59, 500, 6_000).is_empty());
-        assert_eq!(poll(&mut d, 60, 500, 9_000), vec![0]);
-        assert_eq!(poll(&mut d, 90, 500, 10_090), vec![0]);
+        assert_eq!(poll(&mut d, 60, 500, 9_000), ["in/0"]);
+        assert_eq!(poll(&mut d, 90, 500, 10_090), ["in/0"]);
         // it moves again: no longer stalled, and the window starts over
         assert!(poll(&mut d, 100, 501, 10_100).is_empty());
         assert!(poll(&mut d, 159, 501, 10_159).is_empty());
-        assert_eq!(poll(&mut d, 160, 501, 10_160), vec![0]);
+        assert_eq!(poll(&mut d, 160, 501, 10_160), ["in/0"]);
     }
 
     #[test]
@@ -105,16 +118,19 @@ mod tests {
         let mut d = StallDetector::default();
         let t0 = Instant::now();
         let p = PartitionLag {
+            topic: "in".into(),
             partition: 2,
             low: 0,
             high: 50,
             committed: None,
             lag: 50,
         };
-        assert!(d.observe(t0, &[p], Duration::from_secs(60)).is_empty());
+        assert!(d
+            .observe(t0, std::slice::from_ref(&p), Duration::from_secs(60))
+            .is_empty());
         assert_eq!(
             d.observe(t0 + Duration::from_secs(61), &[p], Duration::from_secs(60)),
-            vec![2]
+            ["in/2"]
         );
     }
 

@@ -1,9 +1,12 @@
 //! One long-lived librdkafka client per Kafka connection, and the batched read: one
-//! metadata request for every topic of the batch, one offsets request (per partition
+//! metadata request for every topic of the batch (all topics when a pipeline reads by
+//! pattern or several read different topics; each query's topics are resolved from it, so
+//! a topic that starts matching a pattern counts from the next poll), one offsets request (per partition
 //! leader) for the low watermarks of all their partitions and one for the high ones, and
 //! the groups' committed offsets with a bounded number of requests in flight.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -11,7 +14,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::group_offsets::committed;
-use super::{Answer, Query, Requests};
+use super::{Answer, Query, Requests, Topics};
 use crate::autoscale::lag::{explained, partition_lag, LagError, LastError, PartitionLag};
 
 /// A partition: topic and number.
@@ -43,58 +46,68 @@ impl Cluster {
 
     /// Answer `queries` with as few requests as the protocol allows.
     pub fn read(&self, queries: &[Query], requests: &Requests, timeout: Duration) -> Vec<Answer> {
-        let topics: BTreeSet<&str> = queries.iter().map(|q| q.topic.as_str()).collect();
         let failed = |e: LagError| Answer::all_failed(queries, &e);
-        // 1. One metadata request: one topic by name, several as the whole list.
+        // 1. One metadata request: one topic by name, otherwise every topic (several
+        //    names, or a pattern to match).
+        let mut named: BTreeSet<&str> = BTreeSet::new();
+        let mut pattern = false;
+        for q in queries {
+            match &q.topics {
+                Topics::Names(n) => named.extend(n.iter().map(String::as_str)),
+                Topics::Pattern(_) => pattern = true,
+            }
+        }
         requests.metadata.inc();
-        let only = (topics.len() == 1).then(|| *topics.first().expect("one topic"));
+        let only = (!pattern && named.len() == 1).then(|| *named.first().expect("one topic"));
         let md = match self.consumer.fetch_metadata(only, timeout) {
             Ok(md) => md,
             Err(e) => return failed(self.explained(e)),
         };
-        let mut partitions: HashMap<&str, Vec<i32>> = HashMap::new();
+        let mut partitions: HashMap<String, Vec<i32>> = HashMap::new();
         for t in md.topics() {
-            if let Some(&name) = topics.get(t.name()) {
-                if t.error().is_none() && !t.partitions().is_empty() {
-                    let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
-                    ids.sort_unstable();
-                    partitions.insert(name, ids);
-                }
+            if t.error().is_none() && !t.partitions().is_empty() {
+                let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+                ids.sort_unstable();
+                partitions.insert(t.name().to_string(), ids);
             }
         }
-        // 2. Watermarks of every partition of every topic whose lag is asked for.
-        let lag_topics: BTreeSet<&str> = queries
+        let mut all: Vec<&str> = partitions.keys().map(String::as_str).collect();
+        all.sort_unstable();
+        let mut patterns = HashMap::new();
+        let resolved: Vec<Result<Vec<&str>, LagError>> = queries
             .iter()
-            .filter(|q| q.lag.is_some() && partitions.contains_key(q.topic.as_str()))
-            .map(|q| q.topic.as_str())
+            .map(|q| q.topics.resolve(&all, &mut patterns))
             .collect();
-        let mut all = TopicPartitionList::new();
+        // 2. Watermarks of every partition of every topic whose lag is asked for.
+        let mut lag_topics: BTreeSet<&str> = BTreeSet::new();
+        // 3. ... and the groups' committed offsets, one read per distinct group.
+        let mut groups: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (q, r) in queries.iter().zip(&resolved) {
+            if let (Some(l), Ok(topics)) = (&q.lag, r) {
+                lag_topics.extend(topics.iter().copied());
+                groups
+                    .entry(l.group.as_str())
+                    .or_default()
+                    .extend(topics.iter().copied());
+            }
+        }
+        let mut every = TopicPartitionList::new();
         for t in &lag_topics {
-            for &p in &partitions[t] {
-                all.add_partition(t, p);
+            for &p in &partitions[*t] {
+                every.add_partition(t, p);
             }
         }
         let watermarks = if lag_topics.is_empty() {
             Ok(HashMap::new())
         } else {
-            self.watermarks(&all, requests, timeout)
+            self.watermarks(&every, requests, timeout)
         };
-        // 3. The groups' committed offsets, one read per distinct group.
-        let mut groups: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for q in queries {
-            if let (Some(l), true) = (&q.lag, lag_topics.contains(q.topic.as_str())) {
-                groups
-                    .entry(l.group.as_str())
-                    .or_default()
-                    .insert(q.topic.as_str());
-            }
-        }
         let reads: Vec<(String, TopicPartitionList)> = groups
             .iter()
             .map(|(g, ts)| {
                 let mut tpl = TopicPartitionList::new();
                 for t in ts {
-                    for &p in &partitions[t] {
+                    for &p in &partitions[*t] {
                         tpl.add_partition(t, p);
                     }
                 }
@@ -114,41 +127,48 @@ impl Cluster {
         // 4. Answers.
         queries
             .iter()
-            .map(|q| {
-                let topic = q.topic.as_str();
-                let Some(ids) = partitions.get(topic) else {
-                    let e = LagError::TopicNotFound(q.topic.clone());
-                    return Answer {
-                        partitions: Err(e.clone()),
-                        lag: q.lag.as_ref().map(|_| Err(e)),
-                    };
+            .zip(resolved)
+            .map(|(q, r)| {
+                let topics = match r {
+                    Ok(t) => t,
+                    Err(e) => {
+                        return Answer {
+                            partitions: Err(e.clone()),
+                            lag: q.lag.as_ref().map(|_| Err(e)),
+                        }
+                    }
                 };
+                let count = topics.iter().map(|t| partitions[*t].len() as u32).sum();
                 let lag = q.lag.as_ref().map(|l| {
                     let marks = watermarks.as_ref().map_err(Clone::clone)?;
                     let commits = offsets[l.group.as_str()]
                         .as_ref()
                         .map_err(|e| LagError::from(e.clone()))?;
-                    ids.iter()
-                        .map(|&p| {
-                            let &(low, high) =
-                                marks.get(&(topic.to_string(), p)).ok_or_else(|| {
-                                    LagError::from(KafkaError::OffsetFetch(
-                                        rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
-                                    ))
-                                })?;
-                            let committed = commits.get(&(topic.to_string(), p)).copied().flatten();
-                            Ok(PartitionLag {
+                    let mut out = Vec::new();
+                    for topic in &topics {
+                        let name: std::sync::Arc<str> = Arc::from(*topic);
+                        for &p in &partitions[*topic] {
+                            let key = (topic.to_string(), p);
+                            let &(low, high) = marks.get(&key).ok_or_else(|| {
+                                LagError::from(KafkaError::OffsetFetch(
+                                    rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+                                ))
+                            })?;
+                            let committed = commits.get(&key).copied().flatten();
+                            out.push(PartitionLag {
+                                topic: name.clone(),
                                 partition: p,
                                 low,
                                 high,
                                 committed,
                                 lag: partition_lag(low, high, committed, l.start),
-                            })
-                        })
-                        .collect::<Result<Vec<_>, LagError>>()
+                            });
+                        }
+                    }
+                    Ok(out)
                 });
                 Answer {
-                    partitions: Ok(ids.len() as u32),
+                    partitions: Ok(count),
                     lag,
                 }
             })

@@ -19,6 +19,7 @@ mod group_offsets;
 pub mod reads;
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use prometheus::IntCounter;
 use rdkafka::ClientConfig;
 use sha2::{Digest, Sha256};
-use sluice_api::config::StartFrom;
+use sluice_api::config::{StartFrom, Subscription, TopicPattern};
 
 use crate::autoscale::lag::{group_lag, partition_count, LagError, PartitionLag};
 use cluster::Cluster;
@@ -34,13 +35,80 @@ use cluster::Cluster;
 /// How long one batch may take.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One question about a topic: its partition count, and the lag of a group on it.
+/// One question about a pipeline's input: the partition count of its topics, and the lag
+/// of a group on them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Query {
-    /// The topic.
-    pub topic: String,
+    /// The topics.
+    pub topics: Topics,
     /// Also the lag of this group (`None`: the partition count only).
     pub lag: Option<LagOf>,
+}
+
+/// Which topics a pipeline reads: re-read from the cluster on every query, so a topic
+/// that starts matching a pattern counts from the next poll.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Topics {
+    /// These (one or more).
+    Names(Vec<String>),
+    /// Every topic whose whole name matches (`source.topicPattern`, validated).
+    Pattern(String),
+}
+
+impl Topics {
+    /// One topic.
+    pub fn one(topic: impl Into<String>) -> Self {
+        Topics::Names(vec![topic.into()])
+    }
+
+    /// What `subscription` reads.
+    pub fn of(subscription: &Subscription) -> Self {
+        match subscription {
+            Subscription::Topics(t) => Topics::Names(t.clone()),
+            Subscription::Pattern(p) => Topics::Pattern(p.as_str().to_string()),
+        }
+    }
+
+    /// The topics of `all` (a cluster's topic names) this names or matches, and for names
+    /// the first one `all` lacks.
+    pub fn resolve<'a>(
+        &'a self,
+        all: &[&'a str],
+        patterns: &mut HashMap<String, Option<TopicPattern>>,
+    ) -> Result<Vec<&'a str>, LagError> {
+        match self {
+            Topics::Names(names) => {
+                if let Some(missing) = names.iter().find(|n| !all.contains(&n.as_str())) {
+                    return Err(LagError::TopicNotFound(missing.clone()));
+                }
+                Ok(names.iter().map(String::as_str).collect())
+            }
+            Topics::Pattern(p) => {
+                let compiled = patterns
+                    .entry(p.clone())
+                    .or_insert_with(|| TopicPattern::new("source.topicPattern", p).ok());
+                let matched: Vec<&str> = match compiled {
+                    Some(c) => all.iter().copied().filter(|t| c.matches(t)).collect(),
+                    None => Vec::new(),
+                };
+                if matched.is_empty() {
+                    return Err(LagError::TopicNotFound(format!(
+                        "matching /{p}/ (no topic matches the pattern yet)"
+                    )));
+                }
+                Ok(matched)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Topics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Topics::Names(t) => write!(f, "{}", t.join(",")),
+            Topics::Pattern(p) => write!(f, "/{p}/"),
+        }
+    }
 }
 
 /// Whose lag.
@@ -164,8 +232,12 @@ impl Connection {
 
 /// Reads partition counts and lag from Kafka. A trait so tests can substitute it.
 pub trait KafkaInspector: Send + Sync + 'static {
-    /// Partition count of the source topic.
+    /// Partition count of one topic.
     fn partitions(&self, config: &ClientConfig, topic: &str) -> Result<u32, LagError>;
+    /// Every topic's name (to match a pattern against); the default knows none.
+    fn topic_names(&self, _config: &ClientConfig) -> Result<Vec<String>, LagError> {
+        Ok(Vec::new())
+    }
     /// Lag of `group` on each partition of `topic`; `start` is where the group starts
     /// without a commit.
     fn lag(
@@ -179,14 +251,41 @@ pub trait KafkaInspector: Send + Sync + 'static {
     /// blocking thread. The default asks [`partitions`](Self::partitions) and
     /// [`lag`](Self::lag) query by query.
     fn read(&self, connection: &Connection, queries: &[Query]) -> Vec<Answer> {
+        let config = &connection.config;
+        let mut patterns = HashMap::new();
         queries
             .iter()
-            .map(|q| Answer {
-                partitions: self.partitions(&connection.config, &q.topic),
-                lag: q
-                    .lag
-                    .as_ref()
-                    .map(|l| self.lag(&connection.config, &l.group, &q.topic, l.start)),
+            .map(|q| {
+                let names = match &q.topics {
+                    Topics::Names(n) => Ok(n.clone()),
+                    Topics::Pattern(_) => self.topic_names(config).and_then(|all| {
+                        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+                        q.topics
+                            .resolve(&all, &mut patterns)
+                            .map(|m| m.into_iter().map(str::to_string).collect())
+                    }),
+                };
+                let names = match names {
+                    Ok(n) => n,
+                    Err(e) => {
+                        return Answer {
+                            partitions: Err(e.clone()),
+                            lag: q.lag.as_ref().map(|_| Err(e)),
+                        }
+                    }
+                };
+                let partitions = names
+                    .iter()
+                    .map(|t| self.partitions(config, t))
+                    .sum::<Result<u32, LagError>>();
+                let lag = q.lag.as_ref().map(|l| {
+                    let mut all = Vec::new();
+                    for t in &names {
+                        all.extend(self.lag(config, &l.group, t, l.start)?);
+                    }
+                    Ok(all)
+                });
+                Answer { partitions, lag }
             })
             .collect()
     }

@@ -149,6 +149,7 @@ mod tests {
 
     use super::*;
     use crate::autoscale::lag::PartitionLag;
+    use crate::kafka::Topics;
     use sluice_api::config::StartFrom;
 
     /// Counts batches; every topic has 2 partitions and no lag.
@@ -175,7 +176,10 @@ mod tests {
             queries
                 .iter()
                 .map(|q| Answer {
-                    partitions: self.partitions(&connection.config, &q.topic),
+                    partitions: match &q.topics {
+                        Topics::Names(n) => self.partitions(&connection.config, &n[0]),
+                        Topics::Pattern(_) => Ok(0),
+                    },
                     lag: None,
                 })
                 .collect()
@@ -207,7 +211,7 @@ mod tests {
             let (reads, key, config) = (reads.clone(), key.clone(), config.clone());
             tokio::spawn(async move {
                 let q = Query {
-                    topic: format!("t{i}"),
+                    topics: Topics::one(format!("t{i}")),
                     lag: None,
                 };
                 reads.ask(&key, &config, q).await
@@ -226,7 +230,7 @@ mod tests {
         let mut other = ClientConfig::new();
         other.set("bootstrap.servers", "b:9092");
         let q = Query {
-            topic: "t".into(),
+            topics: Topics::one("t"),
             lag: None,
         };
         reads.ask(&ConnectionKey::of(&other), &other, q).await;

@@ -26,7 +26,7 @@ use crate::autoscale::lag::{LagError, PartitionLag};
 use crate::cache::Cache;
 use crate::context::{Context, PipelineKey};
 use crate::error::Error;
-use crate::kafka::{ConnectionKey, LagOf, Query};
+use crate::kafka::{ConnectionKey, LagOf, Query, Topics};
 
 /// What sluice reads of an existing child: whose it is, the digest of what sluice applied
 /// (its annotation), and a stamp that moves when anybody changes it (the generation of a
@@ -91,6 +91,8 @@ pub struct Found {
     pub kafka: ClientConfig,
     /// Which connection that is.
     pub connection: ConnectionKey,
+    /// The topics the pipeline reads (named, or a pattern resolved at every read).
+    pub topics: Topics,
     /// The group's lag, read with the partition count when a decision is due.
     pub lag: Option<Result<Vec<PartitionLag>, LagError>>,
     /// The Prometheus Operator's ServiceMonitor CRD exists.
@@ -197,8 +199,20 @@ pub async fn dereference(
     ctx.memory(&uid_key.0, &uid_key.1, |m| {
         m.connection = Some(connection.clone())
     });
+    let topics = match config.source.subscription() {
+        Ok(s) => Topics::of(&s),
+        // Validated before: not reached.
+        Err(e) => {
+            return Err(Stop::Blocked {
+                blocker: Blocker::InvalidSpec(e.to_string()),
+                action: "Validate",
+                result: "invalid",
+                retry: None,
+            })
+        }
+    };
     let query = Query {
-        topic: sp.spec.source.topic.clone(),
+        topics: topics.clone(),
         lag: scale::due(ctx, sp).then(|| LagOf {
             group: sp.spec.source.group_id.clone(),
             start: sp.spec.source.start_from,
@@ -249,6 +263,7 @@ pub async fn dereference(
         partitions,
         kafka,
         connection,
+        topics,
         lag: answer.lag,
         monitors,
         secrets_digest: secrets.digest().to_string(),

@@ -33,8 +33,8 @@ pub struct Scale {
     pub lag_unknown: Option<String>,
     /// A cap that bound the replicas.
     pub limited: Option<Limited>,
-    /// Stalled partitions.
-    pub stalled: Vec<i32>,
+    /// Stalled partitions (`topic/partition`).
+    pub stalled: Vec<String>,
     /// Scaled to zero: why, and what wakes it.
     pub idle: Option<String>,
     /// `minReplicas` is 0 but the pipeline may not idle: why.
@@ -95,7 +95,7 @@ pub async fn scale(ctx: &Context, sp: &StreamPipeline, found: &Found) -> Result<
         // Not read with the partition count (the count changed since the last decision).
         None => {
             let query = Query {
-                topic: sp.spec.source.topic.clone(),
+                topics: found.topics.clone(),
                 lag: Some(LagOf {
                     group: sp.spec.source.group_id.clone(),
                     start: sp.spec.source.start_from,
@@ -166,9 +166,13 @@ pub(crate) fn decide(
                 memory.stalls = Default::default();
             }
             // Lag more replicas can reduce: not on stalled partitions.
-            let moving = parts
-                .iter()
-                .filter(|p| p.lag > 0 && !scale.stalled.contains(&p.partition));
+            let moving = parts.iter().filter(|p| {
+                p.lag > 0
+                    && (scale.stalled.is_empty()
+                        || !scale
+                            .stalled
+                            .contains(&format!("{}/{}", p.topic, p.partition)))
+            });
             let (records, busy) = moving.fold((0u64, 0u32), |(r, b), p| (r + p.lag, b + 1));
             scale.lag = Some(total as i64);
             // Records ever written, to tell "no new records" from "consumed at once". A
@@ -177,7 +181,7 @@ pub(crate) fn decide(
             let uncommitted: Vec<String> = parts
                 .iter()
                 .filter(|p| p.committed.is_none())
-                .map(|p| p.partition.to_string())
+                .map(|p| format!("{}/{}", p.topic, p.partition))
                 .collect();
             let written = if start == StartFrom::Latest && !uncommitted.is_empty() {
                 if scaling.min_replicas == 0 {

@@ -117,9 +117,9 @@ impl Limited {
     pub fn new(limit: Limit, min: u32, max: u32, partitions: u32) -> Self {
         let message = match limit {
             Limit::MaxReplicas => format!("lag asks for more than maxReplicas ({max})"),
-            Limit::Partitions => format!("lag asks for more replicas than the topic's {partitions} partitions; extra replicas would idle"),
+            Limit::Partitions => format!("lag asks for more replicas than the input's {partitions} partitions; extra replicas would idle"),
             Limit::PartitionsWithLag => "the lag sits on fewer partitions than it would take replicas; a replica per partition with lag is the most that helps".to_string(),
-            Limit::MinAbovePartitions => format!("minReplicas ({min}) is above the topic's {partitions} partitions; running {partitions} (a replica without a partition would idle)"),
+            Limit::MinAbovePartitions => format!("minReplicas ({min}) is above the input's {partitions} partitions; running {partitions} (a replica without a partition would idle)"),
         };
         Limited { limit, message }
     }
@@ -183,7 +183,7 @@ pub struct Observed {
     /// A cap bound the autoscaler.
     pub limited: Option<Limited>,
     /// Partitions with lag whose committed offset stood still for the stall window.
-    pub stalled: Vec<i32>,
+    pub stalled: Vec<String>,
     /// Scaled to zero for want of records: why, and what wakes it.
     pub idle: Option<String>,
     /// `minReplicas` is 0 but the pipeline may not idle: why.
@@ -323,11 +323,7 @@ pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition])
     let stall_message = (!o.stalled.is_empty()).then(|| {
         format!(
             "partition(s) {} have lag but their committed offset has not moved: a record may be failing with no dead-letter topic, or a sink may be down (see sluice_partition_stalled and the worker logs)",
-            o.stalled
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            o.stalled.join(", ")
         )
     });
     // An invalid spec is not Degraded (nothing runs to degrade); every other blocker is.
@@ -582,7 +578,7 @@ mod tests {
         let o = Observed {
             desired: 2,
             ready: 2,
-            stalled: vec![0, 3],
+            stalled: vec!["in/0".into(), "in/3".into()],
             ..Default::default()
         };
         let cs = conditions(&o, Some(1), &[]);
@@ -591,7 +587,7 @@ mod tests {
             (s.status.as_str(), s.reason.as_str()),
             ("True", "CommitNotMoving")
         );
-        assert!(s.message.contains("0, 3"), "{}", s.message);
+        assert!(s.message.contains("in/0, in/3"), "{}", s.message);
         let d = get(&cs, "Degraded");
         assert_eq!(
             (d.status.as_str(), d.reason.as_str()),

@@ -510,6 +510,30 @@ mod tests {
                 &["secretEnv[0].name", "reserved"],
             ),
             (
+                "a topic and a topic list",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9092", "topic": "in", "topics": ["a", "b"], "groupId": "g"}}),
+                &["source.topics", "one of topic, topics and topicPattern"],
+            ),
+            (
+                "a topic listed twice",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9092", "topics": ["a", "b", "a"], "groupId": "g"}}),
+                &["source.topics[2]", "listed twice"],
+            ),
+            (
+                "a pattern with an escape librdkafka does not know",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9092", "topicPattern": "iot\\d+", "groupId": "g"}}),
+                &["source.topicPattern", "POSIX"],
+            ),
+            (
+                "a pattern that matches the output topic",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "kafka:9092", "topicPattern": "ou.*", "groupId": "g"}}),
+                &["sinks[0].kafka.topic", "feed itself"],
+            ),
+            (
                 "OAUTHBEARER without oauth",
                 "p",
                 serde_json::json!({"source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {"protocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER"}}}),
@@ -635,6 +659,8 @@ mod tests {
                     {"name": "user.crt", "secretKeyRef": {"name": "u", "key": "user.crt"}},
                     {"name": "user.key", "secretKeyRef": {"name": "u", "key": "user.key"}}]
             }),
+            serde_json::json!({"source": {"bootstrapServers": "kafka:9092", "topics": ["orders-eu", "orders-us"], "groupId": "g"}}),
+            serde_json::json!({"source": {"bootstrapServers": "kafka:9092", "topicPattern": "orders-[a-z]+", "groupId": "g"}}),
             serde_json::json!({
                 "source": {"bootstrapServers": "kafka:9093", "topic": "in", "groupId": "g", "security": {
                     "protocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER",

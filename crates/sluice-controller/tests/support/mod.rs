@@ -111,7 +111,7 @@ impl KafkaInspector for Scripted {
         &self,
         _: &ClientConfig,
         _: &str,
-        _: &str,
+        topic: &str,
         _: sluice_api::config::StartFrom,
     ) -> Result<Vec<PartitionLag>, LagError> {
         match self.lag.load(Ordering::SeqCst) {
@@ -126,6 +126,7 @@ impl KafkaInspector for Scripted {
                     .map(|p| {
                         let lag = l / n + i64::from(p < l % n);
                         PartitionLag {
+                            topic: topic.into(),
                             partition: p as i32,
                             low: 0,
                             high: lag,

@@ -668,7 +668,7 @@ impl ExactlyOnce {
                     match self.txn.commit_idle(&states, &self.consumer, fence).await {
                         Ok(done) => {
                             for (s, o) in &done {
-                                self.refusals.committed(s.tp().partition, *o);
+                                self.refusals.committed(&s.tp().topic, s.tp().partition, *o);
                             }
                             // A budget set after a slow window grows back while windows
                             // drain well within the drain timeout.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
-use sluice_api::config::{StartFrom, WorkerConfig};
+use sluice_api::config::{StartFrom, Subscription, WorkerConfig};
 use tokio::sync::{mpsc, watch};
 
 use crate::deadletter::DeadLetters;
@@ -125,9 +125,15 @@ impl Assignment {
         // partitions is read (the first dispatcher to get there does it).
         let latest = (self.config.source.start_from == StartFrom::Latest).then(|| {
             let parts: Vec<_> = parts.iter().map(|(tp, _)| tp.clone()).collect();
+            // Validated at start-up; the assignment's own topics otherwise.
+            let subscription = self.config.source.subscription().unwrap_or_else(|_| {
+                let mut topics: Vec<String> = parts.iter().map(|tp| tp.topic.to_string()).collect();
+                topics.dedup();
+                Subscription::Topics(topics)
+            });
             (
                 Arc::downgrade(&self.consumer),
-                Arc::new(parts),
+                Arc::new((subscription, parts)),
                 Arc::new(tokio::sync::OnceCell::new()),
             )
         });
@@ -171,7 +177,7 @@ impl Assignment {
             let dispatcher = tokio::spawn(tracing::Instrument::in_current_span(async move {
                 if let Some((consumer, parts, decided)) = latest {
                     let ends = decided
-                        .get_or_init(|| start_latest(consumer, parts.to_vec()))
+                        .get_or_init(|| start_latest(consumer, parts.0.clone(), parts.1.to_vec()))
                         .await;
                     // librdkafka may still start the partition below the end it was
                     // sought to (the assignment's own fetch start can land after the

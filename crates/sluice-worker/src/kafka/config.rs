@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
 use rdkafka::ClientConfig;
-use sluice_api::config::{clients, WorkerConfig};
+use sluice_api::config::{clients, Subscription, WorkerConfig};
 
 use crate::kafka::client::{base_config, ClientError};
 
@@ -38,8 +38,9 @@ pub fn consumer_config(
     Ok(with(base, clients::consumer(config, partitions)))
 }
 
-/// How many partitions the input topic has (a worker may own all of them), asked with a
-/// short-lived client before the consumer is made; `None` when the broker does not say.
+/// How many partitions the input topics have together (a worker may own all of them),
+/// asked with a short-lived client before the consumer is made; `None` when the broker
+/// does not say (or no topic matches yet).
 pub async fn input_partitions(config: &WorkerConfig) -> Option<usize> {
     let s = &config.source;
     let cfg = base_config(
@@ -48,15 +49,13 @@ pub async fn input_partitions(config: &WorkerConfig) -> Option<usize> {
         &format!("sluice-{}-metadata", config.pipeline),
     )
     .ok()?;
-    let topic = s.topic.clone();
+    let subscription = s.subscription().ok()?;
     tokio::task::spawn_blocking(move || {
         let c: rdkafka::consumer::BaseConsumer = cfg.create().ok()?;
         for _ in 0..3 {
-            if let Ok(md) = c.fetch_metadata(Some(&topic), Duration::from_secs(10)) {
-                if let Some(t) = md.topics().first().filter(|t| t.error().is_none()) {
-                    if !t.partitions().is_empty() {
-                        return Some(t.partitions().len());
-                    }
+            if let Ok(parts) = subscribed_partitions(&c, &subscription, Duration::from_secs(10)) {
+                if !parts.is_empty() {
+                    return Some(parts.len());
                 }
             }
         }
@@ -65,4 +64,48 @@ pub async fn input_partitions(config: &WorkerConfig) -> Option<usize> {
     .await
     .ok()
     .flatten()
+}
+
+/// Every partition of every topic `subscription` reads now: one metadata request (for
+/// the named topics, or for all topics to match a pattern). A named topic the broker does
+/// not know is an error; a pattern that matches nothing is an empty list.
+pub fn subscribed_partitions<C: rdkafka::consumer::ConsumerContext>(
+    c: &impl Consumer<C>,
+    subscription: &Subscription,
+    timeout: Duration,
+) -> Result<Vec<crate::engine::partition::TopicPartition>, String> {
+    let only = match subscription.names() {
+        Some([one]) => Some(one.as_str()),
+        _ => None,
+    };
+    let md = c
+        .fetch_metadata(only, timeout)
+        .map_err(|e| format!("reading the topics' metadata: {e}"))?;
+    let mut out = Vec::new();
+    for t in md.topics() {
+        if !subscription.reads(t.name()) {
+            continue;
+        }
+        if let Some(e) = t.error() {
+            return Err(format!("topic {}: {:?}", t.name(), e));
+        }
+        for p in t.partitions() {
+            out.push(crate::engine::partition::TopicPartition::new(
+                t.name(),
+                p.id(),
+            ));
+        }
+    }
+    if let Some(names) = subscription.names() {
+        if let Some(missing) = names
+            .iter()
+            .find(|n| !out.iter().any(|tp| &*tp.topic == n.as_str()))
+        {
+            return Err(format!(
+                "topic {missing} has no partitions (does it exist?)"
+            ));
+        }
+    }
+    out.sort_by(|a, b| (&*a.topic, a.partition).cmp(&(&*b.topic, b.partition)));
+    Ok(out)
 }

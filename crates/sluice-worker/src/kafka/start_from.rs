@@ -2,22 +2,25 @@
 //! only when the group first starts.
 //!
 //! `startFrom: latest` means "only records produced after the pipeline first joined". So
-//! it applies when the group has no committed offset for any partition of the topic: then
-//! each partition this worker is assigned starts at the end of its log, and that end is
-//! committed at once. From then on the group has a commit for every partition it had, and
-//! a partition without one (one added to the topic later, one whose first owner crashed
-//! before committing is covered by that first commit) starts at its first record: nothing
+//! it applies when the group has no committed offset for any partition of the topics it
+//! reads: then each partition this worker is assigned starts at the end of its log, and
+//! that end is committed at once. From then on the group has a commit for every partition
+//! it had, and a partition without one (one added to a topic later, every partition of a
+//! topic that starts matching `topicPattern` later; one whose first owner crashed before
+//! committing is covered by that first commit) starts at its first record: nothing
 //! produced after the first join is skipped. `startFrom: earliest` is librdkafka's
 //! `auto.offset.reset=earliest` (see `kafka/config.rs`), which also applies to a committed
 //! offset out of range.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use sluice_api::config::Subscription;
+
 use crate::engine::partition::TopicPartition;
+use crate::kafka::config::subscribed_partitions;
 use crate::kafka::consumer::SluiceConsumer;
 
 /// The group's committed offset for each of `parts`, `None` where it has none. A
@@ -106,17 +109,20 @@ pub fn latest_start(own: Option<i64>, group_has_commits: bool) -> Start {
 /// so nothing is skipped (and nothing is returned).
 pub async fn start_latest(
     consumer: std::sync::Weak<SluiceConsumer>,
+    subscription: Subscription,
     parts: Vec<TopicPartition>,
 ) -> Vec<(TopicPartition, i64)> {
-    let Some(first) = parts.first().cloned() else {
+    if parts.is_empty() {
         return Vec::new();
-    };
+    }
     let res = tokio::task::spawn_blocking(
         move || -> Result<Vec<(TopicPartition, Start, Option<i64>)>, String> {
             let Some(c) = consumer.upgrade() else {
                 return Ok(Vec::new());
             };
-            let all = topic_partitions(&c, &first)?;
+            // Every partition of every topic read now: a commit anywhere means the group
+            // has started, so a topic that began to match later is read from its start.
+            let all = subscribed_partitions(&*c, &subscription, Duration::from_secs(10))?;
             let committed = committed_offsets(&c, &all)?;
             let any = committed.iter().any(|(_, o)| o.is_some());
             let mut out = Vec::new();
@@ -193,29 +199,6 @@ pub async fn start_latest(
             Vec::new()
         }
     }
-}
-
-/// Every partition of `tp`'s topic.
-fn topic_partitions(
-    c: &Arc<SluiceConsumer>,
-    tp: &TopicPartition,
-) -> Result<Vec<TopicPartition>, String> {
-    let md = c
-        .fetch_metadata(Some(&tp.topic), Duration::from_secs(10))
-        .map_err(|e| format!("metadata: {e}"))?;
-    let parts: Vec<_> = md
-        .topics()
-        .iter()
-        .flat_map(|t| {
-            t.partitions()
-                .iter()
-                .map(|p| TopicPartition::new(t.name(), p.id()))
-        })
-        .collect();
-    if parts.is_empty() {
-        return Err(format!("no partitions of {} in the metadata", tp.topic));
-    }
-    Ok(parts)
 }
 
 #[cfg(test)]

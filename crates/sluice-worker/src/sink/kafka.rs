@@ -293,13 +293,12 @@ impl KafkaSink {
     /// Create the producer from `client`: bootstrap servers, security and the properties
     /// of `sluice_api::config::clients::sink_producer` (the delivery guarantees, the
     /// bound of the producer's queue, the sink's `producerProperties` last).
-    /// `source_topic` is the pipeline's input topic (for the trace header). `limit`: the
+    /// `limit`: the
     /// topic's `max.message.bytes` (see `crate::kafka::limits`); the producer's
     /// `batch.size` is capped at it.
     pub fn new(
         mut client: ClientConfig,
         config: &KafkaSinkConfig,
-        source_topic: &str,
         limit: Option<usize>,
         metrics: SinkMetrics,
         dead_letters: Arc<DeadLetters>,
@@ -323,7 +322,7 @@ impl KafkaSink {
         })?;
         let sink = Arc::new(KafkaSink {
             producer,
-            target: OutputTarget::new(config, source_topic, limit),
+            target: OutputTarget::new(config, limit),
             shared,
         });
         Ok(sink)
@@ -448,6 +447,7 @@ mod tests {
                         headers: Vec::new(),
                     };
                     let origin = Origin {
+                        topic: "in".into(),
                         partition: 0,
                         offset: first + i,
                         timestamp_ms: None,
@@ -489,7 +489,6 @@ mod tests {
         let sink = KafkaSink::new(
             client,
             &config,
-            "in",
             None,
             SinkMetrics::new(&metrics, "kafka"),
             dead_letters.clone(),

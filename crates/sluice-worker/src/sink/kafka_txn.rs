@@ -43,7 +43,11 @@ use crate::sink::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 /// them again. Shared by the transactional sinks and the exactly-once delivery, which
 /// forgets what a committed transaction settled.
 #[derive(Debug, Default)]
-pub struct Refusals(Mutex<HashMap<(i32, i64, u64), Refusal>>);
+pub struct Refusals(Mutex<HashMap<RefusedOutput, Refusal>>);
+
+/// An output of a source record: its topic, partition and offset, and the output's
+/// fingerprint.
+type RefusedOutput = (Arc<str>, i32, i64, u64);
 
 /// What is known of a refused output.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,13 +74,23 @@ impl Refusals {
         self.0
             .lock()
             .expect("refusals lock")
-            .get(&(origin.partition, origin.offset, output))
+            .get(&(
+                origin.topic.clone(),
+                origin.partition,
+                origin.offset,
+                output,
+            ))
             .cloned()
     }
 
     fn set(&self, origin: &Origin, output: u64, r: Option<Refusal>) {
         let mut m = self.0.lock().expect("refusals lock");
-        let key = (origin.partition, origin.offset, output);
+        let key = (
+            origin.topic.clone(),
+            origin.partition,
+            origin.offset,
+            output,
+        );
         match r {
             Some(r) => {
                 m.insert(key, r);
@@ -87,13 +101,13 @@ impl Refusals {
         }
     }
 
-    /// Partition `partition`'s offsets below `committed` are committed: their refusals
+    /// `topic`/`partition`'s offsets below `committed` are committed: their refusals
     /// were dead-lettered for good.
-    pub fn committed(&self, partition: i32, committed: i64) {
+    pub fn committed(&self, topic: &str, partition: i32, committed: i64) {
         self.0
             .lock()
             .expect("refusals lock")
-            .retain(|&(p, o, _), _| p != partition || o >= committed);
+            .retain(|(t, p, o, _), _| &**t != topic || *p != partition || *o >= committed);
     }
 
     /// How many refusals wait for their dead letter.
@@ -135,7 +149,6 @@ impl TxnKafkaSink {
     pub fn new(
         producer: SharedProducer,
         config: &KafkaSinkConfig,
-        source_topic: &str,
         limit: Option<usize>,
         metrics: SinkMetrics,
         dead_letters: Arc<DeadLetters>,
@@ -143,7 +156,7 @@ impl TxnKafkaSink {
     ) -> Arc<Self> {
         Arc::new(TxnKafkaSink {
             producer,
-            target: OutputTarget::new(config, source_topic, limit),
+            target: OutputTarget::new(config, limit),
             metrics,
             dead_letters,
             outstanding: Arc::default(),
@@ -371,6 +384,7 @@ mod tests {
     fn a_refusal_is_forgotten_once_its_offset_is_committed() {
         let r = Refusals::default();
         let origin = |offset| Origin {
+            topic: "in".into(),
             partition: 1,
             offset,
             timestamp_ms: None,
@@ -385,10 +399,10 @@ mod tests {
         r.set(&origin(20), 7, Some(Refusal::Suspect));
         assert_eq!(r.get(&origin(10), 7), Some(Refusal::Culprit(f)));
         assert_eq!(r.get(&origin(10), 8), None, "another output of the record");
-        r.committed(1, 11);
+        r.committed("in", 1, 11);
         assert_eq!(r.get(&origin(10), 7), None);
         assert_eq!(r.len(), 1);
-        r.committed(2, 100);
+        r.committed("in", 2, 100);
         assert_eq!(r.len(), 1, "another partition");
         r.set(&origin(20), 7, None);
         assert!(r.is_empty(), "a suspect accepted alone is cleared");

@@ -98,10 +98,10 @@ impl SinkBatch {
         // Count each rejection against its source partition (`stage="sink"`).
         for (i, _) in &rejected {
             if let Some((_, origin)) = items.get(*i) {
-                if let Some(t) = tokens
-                    .iter()
-                    .find(|t| t.partition().tp().partition == origin.partition)
-                {
+                if let Some(t) = tokens.iter().find(|t| {
+                    let tp = t.partition().tp();
+                    tp.partition == origin.partition && tp.topic == origin.topic
+                }) {
                     t.partition().metrics.failed_sink.inc();
                 }
             }

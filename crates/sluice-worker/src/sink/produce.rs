@@ -25,20 +25,17 @@ pub struct OutputTarget {
     pub key: KeySource,
     /// The name of a header carrying `source-topic/partition/offset`, if any.
     pub trace_header: Option<String>,
-    /// The pipeline's input topic (for the trace header).
-    pub source_topic: String,
     /// The topic's `max.message.bytes`, when it could be read.
     pub limit: Option<usize>,
 }
 
 impl OutputTarget {
-    /// The target of a sink `config` reading `source_topic`.
-    pub fn new(config: &KafkaSinkConfig, source_topic: &str, limit: Option<usize>) -> Self {
+    /// The target of a sink `config`.
+    pub fn new(config: &KafkaSinkConfig, limit: Option<usize>) -> Self {
         OutputTarget {
             topic: config.topic.clone(),
             key: config.key,
             trace_header: config.trace_header.clone(),
-            source_topic: source_topic.to_string(),
             limit,
         }
     }
@@ -55,10 +52,7 @@ impl OutputTarget {
             trace: self.trace_header.as_deref().map(|name| {
                 (
                     name,
-                    format!(
-                        "{}/{}/{}",
-                        self.source_topic, origin.partition, origin.offset
-                    ),
+                    format!("{}/{}/{}", origin.topic, origin.partition, origin.offset),
                 )
             }),
         }
@@ -173,7 +167,6 @@ mod tests {
             topic: "out".into(),
             key,
             trace_header: trace.map(String::from),
-            source_topic: "in".into(),
             limit: None,
         }
     }
@@ -186,6 +179,7 @@ mod tests {
                 headers: vec![("h".into(), Some(Bytes::from_static(b"1")))],
             },
             Origin {
+                topic: "in".into(),
                 partition: 3,
                 offset: 42,
                 timestamp_ms: None,
