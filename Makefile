@@ -10,6 +10,11 @@ DEMO_LISTEN ?= 127.0.0.1:9095
 setup:
 	@scripts/setup.sh
 
+## The demo, the benchmarks and the profile use no OAuth: the broker they start leaves its
+## OAUTHBEARER listener out, so they neither install nor start Keycloak (scripts/oidc.sh).
+## A broker already running with that listener is kept as it is.
+demo bench bench-operator profile: export SLUICE_KAFKA_OAUTH ?= 0
+
 ## Run a real pipeline against a local Kafka with a load generator and live progress.
 ## DEMO_LISTEN is the in-process worker's metrics address; the broker is the local one of
 ## scripts/kafka.sh (SLUICE_KAFKA_PORT), or SLUICE_BOOTSTRAP.
@@ -28,6 +33,8 @@ demo:
 ## for its TLS test); SLUICE_TEST_KUBECONFIG=path against another API server;
 ## SLUICE_E2E_KUBECONFIG=path (and SLUICE_E2E_*, see tests/src/cluster.rs) on another cluster.
 ## Every test binary runs even when one fails; the end lists every failed test.
+## `kafka.sh start` starts the OpenID Connect server (Keycloak, scripts/oidc.sh) first: the
+## broker's OAUTHBEARER listener trusts it, and the OAuth tests fetch their tokens from it.
 test: setup vendor-check
 	@if [[ -z "$${SLUICE_TEST_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi
 	@if [[ -z "$${SLUICE_TEST_POSTGRES:-}" ]]; then scripts/postgres.sh start; fi
@@ -148,9 +155,11 @@ kafka-start:
 
 kafka-stop:
 	@scripts/kafka.sh stop
+	@scripts/oidc.sh stop
 
 kafka-reset:
 	@scripts/kafka.sh reset
+	@scripts/oidc.sh reset
 
 clean:
 	$(CARGO) clean

@@ -4,16 +4,17 @@
 #
 #   - a fresh clone of the committed HEAD (uncommitted changes are not in it), so target/
 #     starts empty;
-#   - no state from earlier runs: the broker, PostgreSQL, the API server and the local
-#     cluster get new, empty state directories under $W/state, and the broker, the
-#     replicated Kafka cluster, PostgreSQL and the API server their own ports, so whatever else runs on this machine (another
+#   - no state from earlier runs: the broker, the OpenID Connect server (Keycloak), PostgreSQL,
+#     the API server and the local cluster get new, empty state directories under $W/state,
+#     and the broker, the OpenID Connect server, the replicated Kafka cluster, PostgreSQL and
+#     the API server their own ports, so whatever else runs on this machine (another
 #     checkout's tests against the default ports) is neither reused nor disturbed;
 #   - the local cluster is one per machine: the rehearsal waits for /tmp/sluice-node.lock
 #     (the lock anything using the cluster holds), brings a running cluster down, and
 #     brings its own down at the end;
 #   - with --cold, every cache too, without touching this machine's own: the run gets a new
-#     empty HOME, so sluice's cache (~/.cache/sluice: the Kafka jars, the Kubernetes and
-#     Prometheus binaries, the images), Go's module and build caches, Cargo's registry,
+#     empty HOME, so sluice's cache (~/.cache/sluice: the Kafka jars, Keycloak, the Kubernetes
+#     and Prometheus binaries, the images), Go's module and build caches, Cargo's registry,
 #     Maven's repository and pip's cache all start empty. The toolchains themselves (rustup,
 #     pyenv, Go, Java) and the machine's settings files are kept, as a new machine has them.
 #     Debian packages installed earlier stay installed (the `packages` phase of .ci/run checks
@@ -56,6 +57,8 @@ log "clone of $(git -C "$W/sluice" rev-parse --short HEAD) in $W/sluice"
 
 # Own state directories and ports (see scripts/kafka.sh, postgres.sh, k8s.sh, cluster.sh).
 export SLUICE_KAFKA_DIR="$W/state/kafka" SLUICE_KAFKA_PORT="${SLUICE_REHEARSAL_KAFKA_PORT:-29092}"
+# The OpenID Connect server the broker's OAUTHBEARER listener (port+12) trusts (scripts/oidc.sh).
+export SLUICE_OIDC_DIR="$W/state/oidc" SLUICE_OIDC_PORT="${SLUICE_REHEARSAL_OIDC_PORT:-29180}"
 # The replicated cluster of the chaos_replicated_* tests (scripts/kafka-cluster.sh): its
 # default ports (9300-9321) are the ones a `make test` in the main checkout uses.
 export SLUICE_KAFKA_CLUSTER_DIR="$W/state/kafka-cluster" SLUICE_KAFKA_CLUSTER_PORT="${SLUICE_REHEARSAL_KAFKA_CLUSTER_PORT:-29300}"
@@ -82,6 +85,7 @@ stop_all() {
   "$s/k8s.sh" stop >/dev/null 2>&1 || true
   "$s/postgres.sh" stop >/dev/null 2>&1 || true
   "$s/kafka.sh" stop >/dev/null 2>&1 || true
+  "$s/oidc.sh" stop >/dev/null 2>&1 || true
   "$s/kafka-cluster.sh" stop >/dev/null 2>&1 || true
 }
 trap stop_all EXIT

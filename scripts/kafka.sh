@@ -31,8 +31,23 @@
 #                         client-key.password; stranger.pem/.key are signed by another CA);
 #                         for the pods, the same on 10.244.0.1:port+10 (a certificate for
 #                         that address) and SASL_PLAINTEXT with the SCRAM users on
-#                         10.244.0.1:port+11
+#                         10.244.0.1:port+11; SASL_PLAINTEXT with OAUTHBEARER on port+12 for
+#                         tokens of the local OpenID Connect server (scripts/oidc.sh, Keycloak:
+#                         token endpoint http://127.0.0.1:$SLUICE_OIDC_PORT/realms/sluice/
+#                         protocol/openid-connect/token, client `sluice-worker`, secret
+#                         `sluice-oidc-secret`, scope `kafka` optional; tokens live 15 s),
+#                         checked against its JWKS (signature, issuer, audience `kafka`, expiry
+#                         with 1 s of skew, `sub` = the principal, User:sluice-worker); a session
+#                         lasts 10 s at most, or until its token expires: a client must then
+#                         re-authenticate, and one that did not refresh its token is refused)
 #   SLUICE_KAFKA_POD_LISTENER  0 leaves the pods' listener out (default 1 when root)
+#   SLUICE_KAFKA_OAUTH    0 leaves the OAUTHBEARER listener out (default 1). With it, `start`
+#                         starts the OpenID Connect server first (scripts/oidc.sh start, which
+#                         installs Keycloak once per machine: a minute), since the broker exits
+#                         at start-up when it cannot fetch the JWKS; and a broker running
+#                         without that listener (an older script's, or started with 0) is
+#                         restarted with it, keeping its data.
+#   SLUICE_OIDC_PORT, SLUICE_OIDC_DIR  the OpenID Connect server's (see scripts/oidc.sh)
 #   SLUICE_KAFKA_CPUS     optional taskset cpu list to pin the broker (benchmarks)
 set -euo pipefail
 
@@ -50,7 +65,12 @@ PODPORT=$((PORT + 8))
 MPORT=$((PORT + 9))
 PODMPORT=$((PORT + 10))
 PODSPORT=$((PORT + 11))
+OPORT=$((PORT + 12))
 POD_ADDR=10.244.0.1
+OAUTH="${SLUICE_KAFKA_OAUTH:-1}"
+OIDC_ISSUER="http://127.0.0.1:${SLUICE_OIDC_PORT:-9180}/realms/sluice"
+OIDC_JWKS="$OIDC_ISSUER/protocol/openid-connect/certs"
+OIDC_TOKEN="$OIDC_ISSUER/protocol/openid-connect/token"
 # Bumped when the storage format changes (v2: SCRAM users); older data is reformatted.
 LAYOUT=2
 LOG4J_VERSION=2.24.3
@@ -146,8 +166,46 @@ write_client_tls() {
 # address, so it is reachable from the pod network and from nowhere off this machine.
 pod_listener() {
   [[ "${SLUICE_KAFKA_POD_LISTENER:-1}" == 1 && $(id -u) -eq 0 ]] || return 0
-  "$(dirname "$0")/cluster.sh" net >/dev/null 2>&1 || { log "no cluster bridge: the pods' listener is left out"; return 0; }
+  "$(dirname "$0")/cluster.sh" net >/dev/null 2>&1 9>&- || { log "no cluster bridge: the pods' listener is left out"; return 0; }
   POD_LISTENER=",PODS://$POD_ADDR:$PODPORT,PODSMTLS://$POD_ADDR:$PODMPORT,PODSSASL://$POD_ADDR:$PODSPORT"
+}
+
+# The OAUTHBEARER listener: tokens from the local OpenID Connect server (scripts/oidc.sh),
+# checked by Kafka's own validator against its JWKS: signature, issuer, audience `kafka`, expiry
+# (1 s of clock skew, not the default 30), and a `sub` (the principal). A session lasts at most
+# 10 s or until its token expires, whichever is first: the client must then re-authenticate,
+# and a token that expired meanwhile is refused and the connection closed.
+# The validator class is named on purpose: Kafka 4.1's default (DefaultJwtValidator, built
+# without a key resolver) is the client-side ClientJwtValidator, which checks neither the
+# signature nor the issuer nor the audience; with it the broker took a forged token.
+oauth_listener() {
+  OAUTH_LISTENER="" OAUTH_PROPS=""
+  [[ "$OAUTH" == 1 ]] || return 0
+  OAUTH_LISTENER=",OAUTH://127.0.0.1:$OPORT"
+  # sasl.oauthbearer.* under the listener's prefix alone: Kafka reads the validator class by
+  # its plain name, so under the mechanism's prefix too it would be ignored.
+  local l=listener.name.oauth m=listener.name.oauth.oauthbearer
+  OAUTH_PROPS="$l.sasl.enabled.mechanisms=OAUTHBEARER
+$m.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required ;
+$m.sasl.server.callback.handler.class=org.apache.kafka.common.security.oauthbearer.OAuthBearerValidatorCallbackHandler
+$m.connections.max.reauth.ms=10000
+$l.sasl.oauthbearer.jwt.validator.class=org.apache.kafka.common.security.oauthbearer.BrokerJwtValidator
+$l.sasl.oauthbearer.jwks.endpoint.url=$OIDC_JWKS
+$l.sasl.oauthbearer.expected.issuer=$OIDC_ISSUER
+$l.sasl.oauthbearer.expected.audience=kafka
+$l.sasl.oauthbearer.clock.skew.seconds=1"
+}
+
+# Whether the running broker was started with the OAUTHBEARER listener this script would give
+# it now (every line of it): server.properties is written just before the broker starts, so it
+# is what the broker runs with.
+oauth_running() {
+  local line
+  oauth_listener
+  grep -q "^listeners=.*$OAUTH_LISTENER" "$DIR/server.properties" 2>/dev/null || return 1
+  while IFS= read -r line; do
+    grep -qxF -- "$line" "$DIR/server.properties" || return 1
+  done <<<"$OAUTH_PROPS"
 }
 
 write_config() {
@@ -156,15 +214,17 @@ write_config() {
   write_client_tls
   POD_LISTENER=""
   pod_listener
+  oauth_listener
   cat > "$DIR/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$CPORT
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XPORT,MTLS://127.0.0.1:$MPORT$POD_LISTENER
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XADV,MTLS://127.0.0.1:$MPORT$POD_LISTENER
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XPORT,MTLS://127.0.0.1:$MPORT$OAUTH_LISTENER$POD_LISTENER
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL_PLAINTEXT://127.0.0.1:$SPORT,SSL://127.0.0.1:$TPORT,SASL_SSL://127.0.0.1:$SSPORT,PROXIED://127.0.0.1:$XADV,MTLS://127.0.0.1:$MPORT$OAUTH_LISTENER$POD_LISTENER
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,PROXIED:PLAINTEXT,PODS:PLAINTEXT,MTLS:SSL,PODSMTLS:SSL,PODSSASL:SASL_PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,PROXIED:PLAINTEXT,PODS:PLAINTEXT,MTLS:SSL,PODSMTLS:SSL,PODSSASL:SASL_PLAINTEXT,OAUTH:SASL_PLAINTEXT
 sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+$OAUTH_PROPS
 $(for l in mtls podsmtls; do cat <<MTLS
 listener.name.$l.ssl.client.auth=required
 listener.name.$l.ssl.truststore.type=PEM
@@ -217,13 +277,27 @@ java_argv() {
   JAVA=()
   if [[ -n "${SLUICE_KAFKA_CPUS:-}" ]]; then JAVA=(taskset -c "$SLUICE_KAFKA_CPUS"); fi
   JAVA+=(java -Xms512m -Xmx2g -XX:+UseG1GC -Djava.awt.headless=true
-    -Dlog4j2.configurationFile="$DIR/log4j2.properties" -cp "$LIBS/*")
+    -Dlog4j2.configurationFile="$DIR/log4j2.properties")
+  # Kafka 4 fetches OAuth URLs only when this system property lists them.
+  if [[ "$OAUTH" == 1 ]]; then JAVA+=(-Dorg.apache.kafka.sasl.oauthbearer.allowed.urls="$OIDC_JWKS,$OIDC_TOKEN"); fi
+  JAVA+=(-cp "$LIBS/*")
 }
 
 start() {
   install
+  # The OAUTHBEARER listener fetches the JWKS when the broker starts (no JWKS, no broker), and
+  # the tests fetch tokens from the same server: it is started first, and kept up when the
+  # broker already runs. fd 9 (our lock) is not for the server to keep.
+  if [[ "$OAUTH" == 1 ]]; then "$(dirname "$0")/oidc.sh" start 9>&-; fi
   if pid >/dev/null; then
-    log "already running (pid $(pid)) on 127.0.0.1:$PORT"; return 0
+    if [[ "$OAUTH" == 1 ]] && ! oauth_running; then
+      # Started by an older script, with SLUICE_KAFKA_OAUTH=0 (`make demo`) or for another
+      # OpenID Connect port: the data stays, so a restart costs only the broker's start-up.
+      log "the running broker (pid $(pid)) was not started with this script's OAUTHBEARER listener (port $OPORT, issuer $OIDC_ISSUER); restarting it with it"
+      stop
+    else
+      log "already running (pid $(pid)) on 127.0.0.1:$PORT"; return 0
+    fi
   fi
   if is_up; then log "port $PORT is taken by another process; set SLUICE_KAFKA_PORT"; exit 1; fi
   write_config
@@ -245,7 +319,7 @@ start() {
   log "starting Apache Kafka $VERSION on 127.0.0.1:$PORT (logs: $DIR/broker.log)"
   java_argv
   # a simple command in the background: $! is the JVM itself, so stop can signal it
-  "${JAVA[@]}" kafka.Kafka "$DIR/server.properties" >"$DIR/stdout.log" 2>&1 </dev/null &
+  "${JAVA[@]}" kafka.Kafka "$DIR/server.properties" >"$DIR/stdout.log" 2>&1 </dev/null 9>&- &
   echo $! > "$DIR/broker.pid"
   local deadline=$((SECONDS + 90))
   until is_up; do
@@ -253,7 +327,7 @@ start() {
     if (( SECONDS > deadline )); then log "broker did not open port $PORT within 90s"; exit 1; fi
     sleep 0.3
   done
-  log "up (pid $(cat "$DIR/broker.pid"))${POD_LISTENER:+; pods reach it at $POD_ADDR:$PODPORT}"
+  log "up (pid $(cat "$DIR/broker.pid"))${OAUTH_LISTENER:+; OAUTHBEARER on 127.0.0.1:$OPORT}${POD_LISTENER:+; pods reach it at $POD_ADDR:$PODPORT}"
 }
 
 stop() {
@@ -271,13 +345,20 @@ stop() {
   if is_up; then log "port $PORT is still served by a process this script did not start"; exit 1; fi
 }
 
+# One start, stop or restart at a time per data directory: two shells starting the broker
+# together would both launch it.
+lock() {
+  [[ -d "$DIR" || "$1" == start ]] || return 0
+  mkdir -p "$DIR"; exec 9>"$DIR/.lock"; flock 9
+}
+
 case "${1:-}" in
   install) install ;;
   libs) install; echo "$LIBS" ;;
-  start) start ;;
-  stop) stop ;;
-  restart) stop; start ;;
-  reset) stop; rm -rf "$DIR" ;;
+  start) lock start; start ;;
+  stop) lock stop; stop ;;
+  restart) lock start; stop; start ;;
+  reset) lock stop; stop; rm -rf "$DIR" ;;
   status) is_up ;;
   *) echo "usage: $0 install|start|stop|restart|reset|status" >&2; exit 2 ;;
 esac

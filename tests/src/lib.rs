@@ -210,6 +210,70 @@ pub fn mtls_listener() -> Option<MtlsListener> {
     })
 }
 
+/// The local broker's OAUTHBEARER listener and the OpenID Connect provider whose tokens it
+/// accepts, with client credentials that provider issues tokens for.
+#[derive(Clone, Debug)]
+pub struct OAuthListener {
+    /// Its bootstrap address (SASL_PLAINTEXT, mechanism OAUTHBEARER).
+    pub bootstrap: String,
+    /// The provider's token endpoint.
+    pub token_endpoint_url: String,
+    /// A client with the client-credentials grant.
+    pub client_id: String,
+    /// Its secret.
+    pub client_secret: String,
+    /// How long the provider's access tokens live: a client that stays connected for more
+    /// than two of these has fetched new ones (the broker re-authenticates every
+    /// connection before its token expires and refuses an expired one).
+    pub token_lifetime: Duration,
+}
+
+/// The OAUTHBEARER listener of the local broker (`scripts/kafka.sh`: port + 12) and the
+/// local Keycloak (`scripts/oidc.sh`: realm `sluice`, client `sluice-worker`, 15 s tokens);
+/// against an external broker `SLUICE_TEST_OAUTH_BOOTSTRAP`, `SLUICE_TEST_OAUTH_TOKEN_URL`,
+/// `SLUICE_TEST_OAUTH_CLIENT_ID` and `SLUICE_TEST_OAUTH_CLIENT_SECRET` name them (and
+/// `SLUICE_TEST_OAUTH_TOKEN_SECONDS` the tokens' lifetime), else `None`. Panics, saying
+/// what to do, when the local broker was started without that listener.
+pub fn oauth_listener() -> Option<OAuthListener> {
+    let var = |v: &str| std::env::var(v).ok();
+    if let (Some(bootstrap), Some(token_endpoint_url), Some(client_id), Some(client_secret)) = (
+        var("SLUICE_TEST_OAUTH_BOOTSTRAP"),
+        var("SLUICE_TEST_OAUTH_TOKEN_URL"),
+        var("SLUICE_TEST_OAUTH_CLIENT_ID"),
+        var("SLUICE_TEST_OAUTH_CLIENT_SECRET"),
+    ) {
+        let seconds = var("SLUICE_TEST_OAUTH_TOKEN_SECONDS")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300);
+        return Some(OAuthListener {
+            bootstrap,
+            token_endpoint_url,
+            client_id,
+            client_secret,
+            token_lifetime: Duration::from_secs(seconds),
+        });
+    }
+    let bootstrap = local_listener(12)?;
+    let oidc_port = var("SLUICE_OIDC_PORT").unwrap_or_else(|| "9180".into());
+    if TcpStream::connect(format!("127.0.0.1:{oidc_port}")).is_err() {
+        eprintln!("[testkit] no OIDC provider on 127.0.0.1:{oidc_port}; starting the local Keycloak (scripts/oidc.sh start)");
+        script("oidc.sh", "start");
+    }
+    assert!(
+        TcpStream::connect(&bootstrap).is_ok(),
+        "the local broker has no OAUTHBEARER listener on {bootstrap}: it was started by an older scripts/kafka.sh or with SLUICE_KAFKA_OAUTH=0; restart it (scripts/kafka.sh restart keeps its data)"
+    );
+    Some(OAuthListener {
+        bootstrap,
+        token_endpoint_url: format!(
+            "http://127.0.0.1:{oidc_port}/realms/sluice/protocol/openid-connect/token"
+        ),
+        client_id: "sluice-worker".into(),
+        client_secret: "sluice-oidc-secret".into(),
+        token_lifetime: Duration::from_secs(15),
+    })
+}
+
 /// The local broker's plaintext listener that advertises itself on port + 7 instead of
 /// its own port + 6 (`scripts/kafka.sh`): a [`TcpProxy`] listening on the advertised port
 /// carries every connection a client makes through it, so cutting the proxy makes the
@@ -461,13 +525,14 @@ impl WorkerProcess {
         let child = Command::new(bin)
             .arg("--config")
             .arg(&config)
-            .envs(env.iter().copied())
             .env("SLUICE_LOG_FORMAT", "text")
             .env(
                 "SLUICE_LOG",
                 std::env::var("SLUICE_TEST_WORKER_LOG")
                     .unwrap_or_else(|_| "info,librdkafka=warn".into()),
             )
+            // After the defaults: a test's own SLUICE_LOG wins.
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log"))
             .stderr(out)

@@ -6,7 +6,9 @@
 //! that say what to fix. Where the broker requires a client certificate, the controller
 //! reads the topic with the one a Strimzi-shaped Secret (`user.crt`, `user.key`, `ca.crt`)
 //! gives the workers, its key plain or encrypted, and a certificate the broker does not
-//! trust is a condition naming the refused handshake.
+//! trust is a condition naming the refused handshake. On the broker's OAUTHBEARER listener,
+//! the controller gets its token from the real OIDC provider with the client secret the
+//! workers get, and a secret the provider refuses is a condition naming the refusal.
 
 mod support;
 
@@ -20,7 +22,8 @@ use kube::{Api, Client, CustomResourceExt};
 use serde_json::json;
 use sluice_api::crd::StreamPipeline;
 use sluice_testkit::{
-    bootstrap, create_topic, free_port, kubeconfig, mtls_listener, sasl_bootstrap, unique,
+    bootstrap, create_topic, free_port, kubeconfig, mtls_listener, oauth_listener, sasl_bootstrap,
+    unique,
 };
 use support::{client, install, namespace};
 
@@ -430,5 +433,99 @@ async fn the_controller_reads_kafka_with_the_workers_client_certificate_and_name
             !text.contains(&m.key_password),
             "the key password appears in {what}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_reads_kafka_with_oidc_client_credentials_and_names_a_refused_secret() {
+    let Some(o) = oauth_listener() else {
+        eprintln!("SKIPPED: external broker without SLUICE_TEST_OAUTH_*");
+        return;
+    };
+    let c = client().await;
+    install(&c, &StreamPipeline::crd()).await;
+    let ns = namespace(&c, "oauth").await;
+    let topic = unique("oauth-in");
+    create_topic(&bootstrap(), &topic, 3).await.unwrap();
+    let wrong = "wrong-client-secret-0c7d2e";
+    secret(&c, &ns, "oauth-client", "secret", &o.client_secret).await;
+    secret(&c, &ns, "oauth-wrong", "secret", wrong).await;
+
+    let controller = Controller::start(&ns);
+    let api: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
+    for (name, secret_name) in [("good", "oauth-client"), ("refused", "oauth-wrong")] {
+        let sp: StreamPipeline = serde_json::from_value(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+            "metadata": {"name": name},
+            "spec": {
+                "source": {"bootstrapServers": o.bootstrap, "topic": topic, "groupId": name, "security": {
+                    "protocol": "SASL_PLAINTEXT", "saslMechanism": "OAUTHBEARER",
+                    "oauth": {"tokenEndpointUrl": o.token_endpoint_url, "clientId": o.client_id,
+                        "clientSecretRef": {"name": secret_name, "key": "secret"}}}},
+                "sinks": [{"kafka": {"topic": format!("{topic}-out")}}],
+                "scaling": {"pollInterval": "1s"}
+            }
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &sp)
+            .await
+            .expect("create pipeline");
+    }
+    // The good secret reaches Kafka: the partitions are counted.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while api
+        .get("good")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.partitions)
+        != Some(3)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never read the topic with an OIDC token:\n{}",
+            controller.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The provider refuses the wrong one, and the condition says so.
+    let refused = ready_reason(&api, "refused", "KafkaUnavailable").await;
+    eprintln!("refused: {refused}");
+    assert!(
+        refused.contains("OAUTHBEARER"),
+        "the condition should name the refused token request: {refused}"
+    );
+    let deployments: Vec<String> = Api::<Deployment>::namespaced(c.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|d| d.metadata.name)
+        .collect();
+    assert!(
+        deployments.contains(&"good".to_string()) && !deployments.contains(&"refused".to_string()),
+        "{deployments:?}"
+    );
+    // Neither secret leaves its Secret.
+    let log = controller.log();
+    let configmaps = serde_json::to_string(
+        &Api::<ConfigMap>::namespaced(c.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items,
+    )
+    .unwrap();
+    let statuses =
+        serde_json::to_string(&api.list(&ListParams::default()).await.unwrap().items).unwrap();
+    for (what, text) in [
+        ("the controller's log", &log),
+        ("the ConfigMaps", &configmaps),
+        ("the pipelines", &statuses),
+    ] {
+        for s in [o.client_secret.as_str(), wrong] {
+            assert!(!text.contains(s), "a client secret appears in {what}");
+        }
     }
 }
