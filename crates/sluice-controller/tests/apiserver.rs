@@ -115,6 +115,32 @@ async fn the_api_server_rejects_invalid_pipelines_with_actionable_messages() {
             "spec.source.topic",
         ),
         (
+            "a topic and a topic list",
+            json!({"source": {"bootstrapServers": "k:9092", "topic": "t", "topics": ["a"], "groupId": "g"}}),
+            "set one of topic, topics and topicPattern",
+        ),
+        (
+            "no topic at all",
+            json!({"source": {"bootstrapServers": "k:9092", "groupId": "g"}}),
+            "set one of topic, topics and topicPattern",
+        ),
+        (
+            "a bad name in the topic list",
+            json!({"source": {"bootstrapServers": "k:9092", "topics": ["a", "b c"], "groupId": "g"}}),
+            "spec.source.topics[1]",
+        ),
+        (
+            "OAUTHBEARER without oauth",
+            json!({"source": {"bootstrapServers": "k:9092", "topic": "t", "groupId": "g", "security": {"protocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER"}}}),
+            "oauth (OAUTHBEARER)",
+        ),
+        (
+            "a token endpoint that is not a URL",
+            json!({"source": {"bootstrapServers": "k:9092", "topic": "t", "groupId": "g", "security": {"protocol": "SASL_SSL", "saslMechanism": "OAUTHBEARER",
+                "oauth": {"tokenEndpointUrl": "idp/token", "clientId": "c", "clientSecretRef": {"name": "s", "key": "k"}}}}}),
+            "spec.source.security.oauth.tokenEndpointUrl",
+        ),
+        (
             "wrong type",
             json!({"workers": {"perPartition": "five"}}),
             "spec.workers.perPartition",
