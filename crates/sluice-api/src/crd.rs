@@ -395,7 +395,7 @@ pub struct PipelineSource {
     pub topics: Vec<String>,
     /// A regular expression (POSIX extended) that whole topic names match (one of `topic`,
     /// `topics` and `topicPattern`): every matching topic is read, including topics created
-    /// later, from their first record.
+    /// after the group has started, from their first record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = TOPIC_PATTERN_LEN_MAX))]
     pub topic_pattern: Option<String>,
@@ -483,7 +483,7 @@ pub struct PipelineSecurity {
 pub struct PipelineOAuth {
     /// The token endpoint, e.g.
     /// `https://keycloak.example.com/realms/kafka/protocol/openid-connect/token`.
-    #[schemars(length(min = 1), regex(pattern = r"^https?://[^/\s]+(/\S*)?$"))]
+    #[schemars(length(min = 1), regex(pattern = r"^https?://[^/@\s]+(/\S*)?$"))]
     pub token_endpoint_url: String,
     /// The OAuth client id.
     #[schemars(length(min = 1))]
@@ -526,7 +526,7 @@ pub struct SecretFile {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": SECRET_ENV_RULE,
-     "message": "SLUICE_CONFIG, SLUICE_LOG, SLUICE_SASL_PASSWORD and SLUICE_SSL_KEY_PASSWORD are set by sluice, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods (the exactly-once transactional id), and SLUICE__* would override the rendered configuration"}
+     "message": "SLUICE_CONFIG, SLUICE_LOG, SLUICE_SASL_PASSWORD, SLUICE_SSL_KEY_PASSWORD and SLUICE_OAUTH_CLIENT_SECRET are set by sluice, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods (the exactly-once transactional id), and SLUICE__* would override the rendered configuration"}
 ]))]
 pub struct SecretEnv {
     /// The variable's name.
@@ -939,7 +939,7 @@ impl StreamPipeline {
                 return Err(ConfigError::Invalid {
                     field: format!("secretEnv[{i}].name"),
                     message: format!(
-                        "`{}` is reserved or given twice (SLUICE_CONFIG and SLUICE_LOG are set by sluice, SLUICE_SASL_PASSWORD and SLUICE_SSL_KEY_PASSWORD come from source.security, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods, SLUICE__* would override the configuration)",
+                        "`{}` is reserved or given twice (SLUICE_CONFIG and SLUICE_LOG are set by sluice, SLUICE_SASL_PASSWORD, SLUICE_SSL_KEY_PASSWORD and SLUICE_OAUTH_CLIENT_SECRET come from source.security, SLUICE_TRANSACTIONAL_ID and HOSTNAME must differ between pods, SLUICE__* would override the configuration)",
                         e.name
                     ),
                 });

@@ -190,7 +190,7 @@ impl Coordinator {
             .states()
             .iter()
             .filter(|s| s.fetch_stalled_ms(now) > limit)
-            .map(|s| s.tp().partition)
+            .map(|s| s.tp().to_string())
             .collect();
         if !stuck.is_empty() {
             if let Some(n) = self.stuck_log.tick() {

@@ -6,8 +6,9 @@
 //! connection before its token expires and refuses an expired one), and keep the pipeline
 //! running for several token lifetimes with nothing missing. The client secret comes only
 //! from the environment variable the config names and never appears in the worker's log,
-//! metrics or config file. A secret the provider refuses leaves the worker running,
-//! reading nothing, with the provider's answer in its log.
+//! metrics or config file. A secret the provider refuses leaves the worker up (no exit:
+//! on a node only the liveness rule for a worker out of its group restarts it), reading
+//! nothing, with the provider's answer in its log.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;

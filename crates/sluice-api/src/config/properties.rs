@@ -42,6 +42,8 @@ pub const RESERVED_CONSUMER_PROPERTIES: &[(&str, &str)] = &[
     ("sasl.oauthbearer.extensions", "set source.security.oauth.extensions"),
     ("https.ca.location", "set source.security.oauth.caFile"),
     ("https.ca.pem", "set source.security.oauth.caFile"),
+    ("enable.sasl.oauthbearer.unsecure.jwt", "unsigned tokens are for tests: set source.security.oauth"),
+    ("sasl.oauthbearer.", "OAUTHBEARER is set by source.security.oauth (OIDC client credentials); its other methods and their keys are not configurable here"),
     ("statistics.interval.ms", "the worker's liveness rule expects librdkafka's statistics every 5 s; another interval (or none) would fail /healthz for good"),
 ];
 
@@ -69,6 +71,10 @@ pub const RESERVED_PRODUCER_PROPERTIES: &[(&str, &str)] = &[
     ("sasl.oauthbearer.client.credentials.client.secret", "a secret never goes into the configuration: set source.security.oauth.clientSecretRef"),
     ("sasl.oauthbearer.scope", "the sink uses source.security"),
     ("sasl.oauthbearer.extensions", "the sink uses source.security"),
+    ("https.ca.location", "the sink uses source.security"),
+    ("https.ca.pem", "the sink uses source.security"),
+    ("enable.sasl.oauthbearer.unsecure.jwt", "the sink uses source.security"),
+    ("sasl.oauthbearer.", "the sink uses source.security"),
 ];
 
 /// Refuse a reserved key of `props` (found at `field`), naming the key and the reason.
@@ -84,7 +90,12 @@ pub(super) fn check(
                 "a property name must not be empty",
             ));
         }
-        if let Some((_, why)) = reserved.iter().find(|(k, _)| *k == key.trim()) {
+        // An entry ending in `.` reserves every property under it.
+        let k = key.trim();
+        if let Some((_, why)) = reserved
+            .iter()
+            .find(|(r, _)| *r == k || (r.ends_with('.') && k.starts_with(r)))
+        {
             return Err(ConfigError::invalid(
                 format!("{field}[{key:?}]"),
                 format!("`{key}` may not be set: {why}"),

@@ -385,6 +385,17 @@ impl OAuthConfig {
                 format!("{url:?} is not an http(s) URL: the identity provider's token endpoint, e.g. https://login.example.com/realms/kafka/protocol/openid-connect/token"),
             ));
         }
+        let authority = rest
+            .unwrap_or_default()
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        if authority.contains('@') {
+            return Err(ConfigError::invalid(
+                format!("{at}.tokenEndpointUrl"),
+                "credentials do not go in the URL (they would be in the ConfigMap and in librdkafka's errors): the client secret comes from clientSecretRef",
+            ));
+        }
         for (field, v) in [
             ("clientId", Some(&self.client_id)),
             ("clientSecretEnv", Some(&self.client_secret_env)),
@@ -649,6 +660,11 @@ mod tests {
                 "not an http(s) URL",
             );
         }
+        refused(
+            with(&|o| o.token_endpoint_url = "https://orders:s3cret@idp/token".into()),
+            "source.security.oauth.tokenEndpointUrl",
+            "credentials do not go in the URL",
+        );
         assert!(
             with(&|o| o.token_endpoint_url = "http://127.0.0.1:9180/token".into())
                 .check(at)

@@ -142,17 +142,13 @@ impl TopicPattern {
                 "the pattern matches whole topic names already: leave out `^` and `$`",
             ));
         }
-        // What POSIX extended regular expressions (librdkafka's, through regcomp) do not
-        // have, or read otherwise: Rust's escapes and groups with options.
-        if let Some(bad) = [
-            "(?", "\\d", "\\D", "\\w", "\\W", "\\s", "\\S", "\\b", "\\p", "*?", "+?", "??",
-        ]
-        .into_iter()
-        .find(|b| pattern.contains(b))
-        {
+        let ast = regex_syntax::ast::parse::Parser::new()
+            .parse(pattern)
+            .map_err(|e| ConfigError::invalid(field, format!("not a regular expression: {e}")))?;
+        if let Err(what) = posix_ere(&ast) {
             return Err(ConfigError::invalid(
                 field,
-                format!("`{bad}` is not in the POSIX extended regular expressions librdkafka matches topics with: use classes like [0-9] and [a-z-]"),
+                format!("{what} is not read the same by librdkafka (POSIX extended regular expressions, which the workers subscribe with) and by the controller: use literals, `.`, `( )`, `|`, `* + ? {{m,n}}`, classes like `[a-z0-9._-]` and `[[:digit:]]`, and `\\.` for a literal dot"),
             ));
         }
         let anchored = regex::Regex::new(&format!("^(?:{pattern})$"))
@@ -176,6 +172,69 @@ impl TopicPattern {
     /// The subscription librdkafka takes: a regex subscription starts with `^`.
     pub fn librdkafka(&self) -> String {
         format!("^({})$", self.source)
+    }
+}
+
+/// Whether `ast` is in the part of regular-expression syntax that Rust's `regex` (the
+/// controller's matching) and POSIX extended regular expressions (glibc's `regcomp`,
+/// librdkafka's subscription) read alike: an allowlist, so anything either reads otherwise
+/// (`\d`, `\A`, `\x2d`, lazy repetition, flags, nested classes and class operations, a
+/// backslash inside brackets, Rust-only class names) is refused. Returns what is not.
+fn posix_ere(ast: &regex_syntax::ast::Ast) -> Result<(), String> {
+    use regex_syntax::ast::{
+        Ast, ClassAsciiKind, ClassSet, ClassSetItem, GroupKind, Literal, LiteralKind,
+    };
+    let literal = |l: &Literal, in_class: bool| match l.kind {
+        LiteralKind::Verbatim if l.c.is_ascii() => Ok(()),
+        LiteralKind::Meta if !in_class && ".[]{}()\\*+?^$|".contains(l.c) => Ok(()),
+        _ => Err(format!("`{}`", &l.c)),
+    };
+    fn item(
+        i: &ClassSetItem,
+        literal: &dyn Fn(&Literal, bool) -> Result<(), String>,
+    ) -> Result<(), String> {
+        match i {
+            ClassSetItem::Literal(l) => literal(l, true),
+            ClassSetItem::Range(r) => {
+                literal(&r.start, true)?;
+                literal(&r.end, true)
+            }
+            ClassSetItem::Ascii(a)
+                if !a.negated
+                    && !matches!(a.kind, ClassAsciiKind::Ascii | ClassAsciiKind::Word) =>
+            {
+                Ok(())
+            }
+            ClassSetItem::Ascii(_) => Err("that character class name".into()),
+            ClassSetItem::Union(u) => u.items.iter().try_for_each(|i| item(i, literal)),
+            ClassSetItem::Bracketed(_) => Err("a class inside a class".into()),
+            _ => Err("that character class".into()),
+        }
+    }
+    match ast {
+        Ast::Literal(l) => literal(l, false),
+        Ast::Dot(_) => Ok(()),
+        Ast::Group(g) => match g.kind {
+            GroupKind::CaptureIndex(_) => posix_ere(&g.ast),
+            _ => Err("a named or non-capturing group".into()),
+        },
+        Ast::Repetition(r) if r.greedy => posix_ere(&r.ast),
+        Ast::Repetition(_) => Err("a lazy repetition".into()),
+        Ast::Alternation(a) => a.asts.iter().try_for_each(|b| match b {
+            Ast::Empty(_) => Err("an empty alternative".into()),
+            b => posix_ere(b),
+        }),
+        Ast::Concat(c) => c.asts.iter().try_for_each(posix_ere),
+        Ast::ClassBracketed(c) => match &c.kind {
+            ClassSet::Item(i) => item(i, &literal),
+            ClassSet::BinaryOp(_) => Err("a class operation (`&&`, `--`, `~~`)".into()),
+        },
+        Ast::Assertion(_) => Err("an anchor or word boundary".into()),
+        Ast::ClassPerl(_) | Ast::ClassUnicode(_) => {
+            Err("an escape class (`\\d`, `\\w`, `\\p{..}`)".into())
+        }
+        Ast::Flags(_) => Err("a flag group".into()),
+        Ast::Empty(_) => Err("an empty pattern".into()),
     }
 }
 

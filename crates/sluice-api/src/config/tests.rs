@@ -387,6 +387,36 @@ fn a_pipeline_reads_one_topic_a_list_or_a_pattern_and_exactly_one_of_them() {
             "source.topicPattern",
             "not a regular expression",
         ),
+        // What glibc's regcomp and Rust's regex would read differently, or one of them not.
+        (r"topicPattern: '\Aorders'", "source.topicPattern", "anchor"),
+        (
+            r"topicPattern: 'orders\x2dall'",
+            "source.topicPattern",
+            "POSIX",
+        ),
+        (
+            "topicPattern: '[[:word:]]+'",
+            "source.topicPattern",
+            "class name",
+        ),
+        (r"topicPattern: '[a\.]+'", "source.topicPattern", "POSIX"),
+        (
+            "topicPattern: '[a[bc]]'",
+            "source.topicPattern",
+            "class inside a class",
+        ),
+        ("topicPattern: 'a+?'", "source.topicPattern", "lazy"),
+        (
+            "topicPattern: 'a|'",
+            "source.topicPattern",
+            "empty alternative",
+        ),
+        // Unbalanced: `^(a)|(b)$` would match any name starting with a or ending with b.
+        (
+            "topicPattern: 'a)|(b'",
+            "source.topicPattern",
+            "not a regular expression",
+        ),
         ("topicPattern: ''", "source.topicPattern", "1 to 249"),
     ] {
         let e = err(&with(topics));
@@ -395,6 +425,15 @@ fn a_pipeline_reads_one_topic_a_list_or_a_pattern_and_exactly_one_of_them() {
     let many: Vec<String> = (0..101).map(|i| format!("t{i}")).collect();
     let e = err(&with(&format!("topics: [{}]", many.join(", "))));
     assert!(e.contains("at most 100"), "{e}");
+    for fine in [
+        r"orders-[a-z]+\.events",
+        "orders|payments",
+        "iot-(eu|us)-[[:digit:]]{1,3}",
+        "[^.]+-raw",
+    ] {
+        WorkerConfig::from_yaml(&with(&format!("topicPattern: '{fine}'")))
+            .unwrap_or_else(|e| panic!("{fine}: {e}"));
+    }
     // An output a pattern would read back is the input.
     let e = err(&with("topicPattern: 'o.*'"));
     assert!(

@@ -28,9 +28,18 @@ pub enum LagError {
         /// "transport failure".
         cause: Option<String>,
     },
-    /// The topic does not exist (or has no partitions).
-    #[error("topic {0} not found")]
+    /// The topic does not exist (or has no partitions), or no topic matches the pattern.
+    #[error("{}", not_found(.0))]
     TopicNotFound(String),
+}
+
+/// The message of [`LagError::TopicNotFound`]: a topic's name, or `/pattern/`.
+fn not_found(what: &str) -> String {
+    if what.starts_with('/') {
+        format!("no topic matches {what} yet")
+    } else {
+        format!("topic {what} not found")
+    }
 }
 
 impl From<KafkaError> for LagError {
@@ -130,6 +139,18 @@ pub fn partition_lag(low: i64, high: i64, committed: Option<i64>, start: StartFr
     (high - from).max(0) as u64
 }
 
+/// Where a partition without a commit starts, as the workers decide it
+/// (`kafka/start_from.rs` in the worker): `latest` applies only while the group has no
+/// commit at all on the topics it reads; once it has one, a partition without a commit
+/// (added later, of a topic that started matching later) is read from its first record,
+/// so its whole log is lag. Pure.
+pub fn uncommitted_start(start: StartFrom, group_has_commits: bool) -> StartFrom {
+    match start {
+        StartFrom::Latest if group_has_commits => StartFrom::Earliest,
+        s => s,
+    }
+}
+
 /// Partition ids of `topic`; a topic that does not exist (or has none) is an error.
 fn topic_partitions(c: &Inspector, topic: &str, timeout: Duration) -> Result<Vec<i32>, LagError> {
     let md = c
@@ -189,6 +210,12 @@ pub fn group_lag(
     let committed = c
         .committed_offsets(tpl, timeout)
         .map_err(|e| explained(&c, e))?;
+    let started = ids.iter().any(|&p| {
+        committed
+            .find_partition(topic, p)
+            .is_some_and(|e| matches!(e.offset(), Offset::Offset(_)))
+    });
+    let start = uncommitted_start(start, started);
     let mut out = Vec::with_capacity(ids.len());
     for p in ids {
         let (low, high) = c
@@ -214,6 +241,27 @@ pub fn group_lag(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lag of a partition without a commit follows where the workers will start it: at
+    /// the end only while the group has no commit at all.
+    #[test]
+    fn latest_counts_an_uncommitted_partition_in_full_once_the_group_has_started() {
+        let (low, high) = (100, 1_000);
+        let lag = |started| {
+            partition_lag(
+                low,
+                high,
+                None,
+                uncommitted_start(StartFrom::Latest, started),
+            )
+        };
+        assert_eq!(lag(false), 0);
+        assert_eq!(lag(true), 900);
+        assert_eq!(
+            uncommitted_start(StartFrom::Earliest, false),
+            StartFrom::Earliest
+        );
+    }
 
     /// N13: a per-partition error of the committed-offsets answer makes the lag unknown
     /// (the controller holds) instead of reading as "no commit".

@@ -29,7 +29,9 @@ impl StallDetector {
         after: Duration,
     ) -> Vec<String> {
         let mut stalled = Vec::new();
+        let mut present = std::collections::HashSet::with_capacity(parts.len());
         for p in parts {
+            present.insert((p.topic.clone(), p.partition));
             let entry = self
                 .seen
                 .entry((p.topic.clone(), p.partition))
@@ -40,8 +42,7 @@ impl StallDetector {
                 stalled.push((p.topic.clone(), p.partition));
             }
         }
-        self.seen
-            .retain(|(t, id), _| parts.iter().any(|p| p.partition == *id && p.topic == *t));
+        self.seen.retain(|k, _| present.contains(k));
         stalled.sort_unstable();
         stalled
             .into_iter()

@@ -15,7 +15,9 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::group_offsets::committed;
 use super::{Answer, Query, Requests, Topics};
-use crate::autoscale::lag::{explained, partition_lag, LagError, LastError, PartitionLag};
+use crate::autoscale::lag::{
+    explained, partition_lag, uncommitted_start, LagError, LastError, PartitionLag,
+};
 
 /// A partition: topic and number.
 type Tp = (String, i32);
@@ -144,6 +146,18 @@ impl Cluster {
                     let commits = offsets[l.group.as_str()]
                         .as_ref()
                         .map_err(|e| LagError::from(e.clone()))?;
+                    // As the workers decide it: `latest` only while the group has no
+                    // commit on any of these partitions.
+                    let started = topics.iter().any(|t| {
+                        partitions[*t].iter().any(|&p| {
+                            commits
+                                .get(&(t.to_string(), p))
+                                .copied()
+                                .flatten()
+                                .is_some()
+                        })
+                    });
+                    let start = uncommitted_start(l.start, started);
                     let mut out = Vec::new();
                     for topic in &topics {
                         let name: std::sync::Arc<str> = Arc::from(*topic);
@@ -161,7 +175,7 @@ impl Cluster {
                                 low,
                                 high,
                                 committed,
-                                lag: partition_lag(low, high, committed, l.start),
+                                lag: partition_lag(low, high, committed, start),
                             });
                         }
                     }

@@ -92,9 +92,7 @@ impl Topics {
                     None => Vec::new(),
                 };
                 if matched.is_empty() {
-                    return Err(LagError::TopicNotFound(format!(
-                        "matching /{p}/ (no topic matches the pattern yet)"
-                    )));
+                    return Err(LagError::TopicNotFound(format!("/{p}/")));
                 }
                 Ok(matched)
             }

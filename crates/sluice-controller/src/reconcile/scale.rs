@@ -187,7 +187,7 @@ pub(crate) fn decide(
                 if scaling.min_replicas == 0 {
                     scale.idle_blocked = Some(format!(
                         "source.startFrom is latest and partition(s) {} have no committed offset: scaled to zero, the workers would start after the records that woke them, so the pipeline stays up until every partition has a commit",
-                        uncommitted.join(", ")
+                        super::status::listed(&uncommitted)
                     ));
                 }
                 None

@@ -272,6 +272,21 @@ fn cond(
     }
 }
 
+/// `items` for a condition's message: the first 20, then how many more (a pattern over many
+/// topics can name thousands of partitions).
+pub fn listed(items: &[String]) -> String {
+    const SHOWN: usize = 20;
+    if items.len() <= SHOWN {
+        items.join(", ")
+    } else {
+        format!(
+            "{} and {} more",
+            items[..SHOWN].join(", "),
+            items.len() - SHOWN
+        )
+    }
+}
+
 /// The conditions Ready, Progressing, Degraded, PartitionStalled, ScalingLimited, Paused,
 /// Idle and OffsetsExpiring. A condition
 /// whose status did not change keeps its previous `lastTransitionTime`.
@@ -323,7 +338,7 @@ pub fn conditions(o: &Observed, generation: Option<i64>, previous: &[Condition])
     let stall_message = (!o.stalled.is_empty()).then(|| {
         format!(
             "partition(s) {} have lag but their committed offset has not moved: a record may be failing with no dead-letter topic, or a sink may be down (see sluice_partition_stalled and the worker logs)",
-            o.stalled.join(", ")
+            listed(&o.stalled)
         )
     });
     // An invalid spec is not Degraded (nothing runs to degrade); every other blocker is.
@@ -570,6 +585,18 @@ mod tests {
         assert_ne!(
             get(&changed, "Ready").last_transition_time,
             get(&old, "Ready").last_transition_time
+        );
+    }
+
+    #[test]
+    fn a_long_list_in_a_message_names_twenty_and_counts_the_rest() {
+        let few: Vec<String> = (0..3).map(|p| format!("in/{p}")).collect();
+        assert_eq!(listed(&few), "in/0, in/1, in/2");
+        let many: Vec<String> = (0..2_000).map(|p| format!("in/{p}")).collect();
+        let m = listed(&many);
+        assert!(
+            m.starts_with("in/0, in/1") && m.ends_with("in/19 and 1980 more"),
+            "{m}"
         );
     }
 

@@ -597,6 +597,24 @@ mod tests {
                 &[r#"["sasl.oauthbearer.client.secret"]"#, "clientSecretRef"],
             ),
             (
+                "another OAUTHBEARER method's key in the consumer properties",
+                "p",
+                consumer(
+                    "sasl.oauthbearer.assertion.private.key.passphrase",
+                    "hunter2",
+                ),
+                &[
+                    r#"["sasl.oauthbearer.assertion.private.key.passphrase"]"#,
+                    "source.security.oauth",
+                ],
+            ),
+            (
+                "the token endpoint's CA in a sink's producer properties",
+                "p",
+                producer("https.ca.location", "/etc/ssl/idp.pem"),
+                &[r#"["https.ca.location"]"#, "source.security"],
+            ),
+            (
                 "the OAuth client secret variable from secretEnv",
                 "p",
                 serde_json::json!({"secretEnv": [{"name": "SLUICE_OAUTH_CLIENT_SECRET", "secretKeyRef": {"name": "s", "key": "k"}}]}),

@@ -40,7 +40,8 @@ pub fn consumer_config(
 
 /// How many partitions the input topics have together (a worker may own all of them),
 /// asked with a short-lived client before the consumer is made; `None` when the broker
-/// does not say (or no topic matches yet).
+/// does not say. A pattern that matches nothing yet is 0: the consumer is then re-made,
+/// sized, when topics come (`PipelineError::Resize`).
 pub async fn input_partitions(config: &WorkerConfig) -> Option<usize> {
     let s = &config.source;
     let cfg = base_config(
@@ -54,9 +55,7 @@ pub async fn input_partitions(config: &WorkerConfig) -> Option<usize> {
         let c: rdkafka::consumer::BaseConsumer = cfg.create().ok()?;
         for _ in 0..3 {
             if let Ok(parts) = subscribed_partitions(&c, &subscription, Duration::from_secs(10)) {
-                if !parts.is_empty() {
-                    return Some(parts.len());
-                }
+                return Some(parts.len());
             }
         }
         None
@@ -68,7 +67,9 @@ pub async fn input_partitions(config: &WorkerConfig) -> Option<usize> {
 
 /// Every partition of every topic `subscription` reads now: one metadata request (for
 /// the named topics, or for all topics to match a pattern). A named topic the broker does
-/// not know is an error; a pattern that matches nothing is an empty list.
+/// not know (or reports an error for) is an error; a matching topic with an error (one
+/// being created or deleted) is left out, and a pattern that matches nothing is an empty
+/// list.
 pub fn subscribed_partitions<C: rdkafka::consumer::ConsumerContext>(
     c: &impl Consumer<C>,
     subscription: &Subscription,
@@ -87,7 +88,10 @@ pub fn subscribed_partitions<C: rdkafka::consumer::ConsumerContext>(
             continue;
         }
         if let Some(e) = t.error() {
-            return Err(format!("topic {}: {:?}", t.name(), e));
+            if subscription.names().is_some() {
+                return Err(format!("topic {}: {:?}", t.name(), e));
+            }
+            continue;
         }
         for p in t.partitions() {
             out.push(crate::engine::partition::TopicPartition::new(

@@ -260,7 +260,7 @@ impl ConsumerContext for SluiceContext {
                         }
                     }
                 }
-                tracing::info!(partitions = ?queues.iter().map(|q| q.0.partition).collect::<Vec<_>>(), "partitions assigned");
+                tracing::info!(partitions = ?queues.iter().map(|q| q.0.to_string()).collect::<Vec<_>>(), "partitions assigned");
                 let _busy = self.health.in_callback();
                 let _ = self.events.send(RebalanceEvent::Assigned(queues));
             }
@@ -278,9 +278,9 @@ impl ConsumerContext for SluiceContext {
                     ])
                     .inc();
                 if lost {
-                    tracing::warn!(partitions = ?parts.iter().map(|q| q.partition).collect::<Vec<_>>(), "assignment lost (the group session expired); releasing the partitions without a commit, their uncommitted work will be redelivered");
+                    tracing::warn!(partitions = ?parts.iter().map(|q| q.to_string()).collect::<Vec<_>>(), "assignment lost (the group session expired); releasing the partitions without a commit, their uncommitted work will be redelivered");
                 } else {
-                    tracing::info!(partitions = ?parts.iter().map(|q| q.partition).collect::<Vec<_>>(), "partitions revoked; draining");
+                    tracing::info!(partitions = ?parts.iter().map(|q| q.to_string()).collect::<Vec<_>>(), "partitions revoked; draining");
                 }
                 let (done, wait) = std::sync::mpsc::sync_channel(2);
                 let _busy = self.health.in_callback();

@@ -122,7 +122,25 @@ pub async fn start_latest(
             };
             // Every partition of every topic read now: a commit anywhere means the group
             // has started, so a topic that began to match later is read from its start.
-            let all = subscribed_partitions(&*c, &subscription, Duration::from_secs(10))?;
+            // (A metadata error is asked again before it sends every partition of the
+            // assignment to its first record.)
+            let mut all = Err(String::new());
+            for attempt in 0..5 {
+                if attempt > 0 {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                all = subscribed_partitions(&*c, &subscription, Duration::from_secs(10));
+                if all.is_ok() {
+                    break;
+                }
+            }
+            let mut all = all?;
+            // The assignment's own partitions, whatever the metadata said of them.
+            for tp in &parts {
+                if !all.contains(tp) {
+                    all.push(tp.clone());
+                }
+            }
             let committed = committed_offsets(&c, &all)?;
             let any = committed.iter().any(|(_, o)| o.is_some());
             let mut out = Vec::new();
