@@ -103,6 +103,33 @@ fn pipeline(name: &str, sasl: &str, topic: &str, kafka_secret: &str) -> StreamPi
     .unwrap()
 }
 
+/// Wait until the controller has counted `partitions` partitions for `name` (it reached
+/// Kafka); fail with `what` and the controller's log after 90 s.
+async fn partitions_counted(
+    api: &Api<StreamPipeline>,
+    name: &str,
+    partitions: i32,
+    what: &str,
+    controller: &Controller,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while api
+        .get(name)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.partitions)
+        != Some(partitions)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: {what}:\n{}",
+            controller.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// The Ready condition's (reason, message) once it is `reason`.
 async fn ready_reason(api: &Api<StreamPipeline>, name: &str, reason: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -158,22 +185,14 @@ async fn no_secret_reaches_a_configmap_a_deployment_a_status_an_event_or_the_log
     }
 
     // The good password reached Kafka: the partitions were counted, the workers planned.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while api
-        .get("good")
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.partitions)
-        != Some(3)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the controller never read the topic through SASL:\n{}",
-            controller.log()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    partitions_counted(
+        &api,
+        "good",
+        3,
+        "the controller never read the topic through SASL",
+        &controller,
+    )
+    .await;
     // The wrong one is refused by the broker, and the condition says so.
     let refused = ready_reason(&api, "refused", "KafkaUnavailable").await;
     assert!(
@@ -370,22 +389,14 @@ async fn the_controller_reads_kafka_with_the_workers_client_certificate_and_name
     }
     // Both good certificates reach Kafka: the partitions are counted.
     for name in ["plain-key", "encrypted-key"] {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while api
-            .get(name)
-            .await
-            .unwrap()
-            .status
-            .and_then(|s| s.partitions)
-            != Some(3)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{name}: the controller never read the topic with the client certificate:\n{}",
-                controller.log()
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+        partitions_counted(
+            &api,
+            name,
+            3,
+            "the controller never read the topic with the client certificate",
+            &controller,
+        )
+        .await;
     }
     // The stranger's certificate is refused by the broker, and the condition says why.
     let refused = ready_reason(&api, "stranger", "KafkaUnavailable").await;
@@ -472,22 +483,14 @@ async fn the_controller_reads_kafka_with_oidc_client_credentials_and_names_a_ref
             .expect("create pipeline");
     }
     // The good secret reaches Kafka: the partitions are counted.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while api
-        .get("good")
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.partitions)
-        != Some(3)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the controller never read the topic with an OIDC token:\n{}",
-            controller.log()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    partitions_counted(
+        &api,
+        "good",
+        3,
+        "the controller never read the topic with an OIDC token",
+        &controller,
+    )
+    .await;
     // The provider refuses the wrong one, and the condition says so.
     let refused = ready_reason(&api, "refused", "KafkaUnavailable").await;
     eprintln!("refused: {refused}");
