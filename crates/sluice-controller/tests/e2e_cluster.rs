@@ -567,6 +567,8 @@ struct Timeline {
     to_peak: f64,
     peak: i64,
     to_drained: f64,
+    /// The last moment the lag asked for more than one replica (over `lagPerReplica`).
+    last_wanting_more: f64,
     to_scale_down: f64,
     decisions: usize,
     replicas_seen: Vec<(f64, i64)>,
@@ -623,7 +625,11 @@ fn autoscale(p: &Pipeline) -> Timeline {
         // How soon replicas rise is measured (the timeline), not asserted: a timed assertion
         // on a shared 2-core node fails by load, not by behaviour. That they rise at all
         // while the backlog lasts is asserted below (peak > 1).
-        if !drained && p.lag() == 0 {
+        let lag = p.lag();
+        if lag > LAG_PER_REPLICA as i64 {
+            tl.last_wanting_more = el;
+        }
+        if !drained && lag == 0 {
             drained = true;
             tl.to_drained = el;
         }
@@ -633,8 +639,13 @@ fn autoscale(p: &Pipeline) -> Timeline {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(tl.peak > 1, "scaled up: {tl:?}");
+    // The window runs from the controller's last recommendation of more than one replica,
+    // made at a lag read (every POLL) while the lag was over lagPerReplica: no earlier than
+    // POLL before the lag fell under it, which this loop saw last at `last_wanting_more`.
+    // (The lag reaching 0 comes later, by the drain of that last lagPerReplica and a commit:
+    // measured from it, the window looked up to that much short.)
     assert!(
-        tl.to_scale_down - tl.to_drained >= STABILIZATION as f64 - POLL as f64,
+        tl.to_scale_down - tl.last_wanting_more >= STABILIZATION as f64 - POLL as f64,
         "scale-down waited for the stabilization window: {tl:?}"
     );
     // The scale-up and the scale-down rebalances both drain before letting go.
