@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub mod chaos;
 pub mod cluster;
+pub mod http_receiver;
 pub mod replicated;
 
 pub use sluice_loadgen::{

@@ -139,14 +139,14 @@ pub struct StreamPipelineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<DeadLetterConfig>,
     /// Environment variables of the worker filled from Secrets, e.g. the PostgreSQL
-    /// connection string a `postgres` sink's `connectionEnv` names. Values never enter the
-    /// rendered configuration.
+    /// connection string a `postgres` sink's `connectionEnv` names, or the token an `http`
+    /// sink's header `valueEnv` names. Values never enter the rendered configuration.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = SECRET_ENV_MAX))]
     pub secret_env: Vec<SecretEnv>,
     /// Files of the worker filled from Secret keys (a CA certificate for Kafka's or
     /// PostgreSQL's TLS, say), mounted read-only at `/etc/sluice/secrets/<name>`: point
-    /// `source.security.caFile` or a postgres sink's `caFile` there.
+    /// `source.security.caFile` or a postgres or http sink's `caFile` there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = SECRET_FILES_MAX))]
     pub secret_files: Vec<SecretFile>,
@@ -877,6 +877,21 @@ impl StreamPipeline {
             log_level_filter(level)?;
         }
         for (i, sink) in sinks.iter().enumerate() {
+            if let SinkConfig::Http(h) = sink {
+                for (j, header) in h.headers.iter().enumerate() {
+                    let Some(env) = &header.value_env else {
+                        continue;
+                    };
+                    if !secret_env.iter().any(|e| &e.name == env) {
+                        return Err(ConfigError::Invalid {
+                            field: format!("sinks[{i}].http.headers[{j}].valueEnv"),
+                            message: format!(
+                                "`{env}` must be filled from a Secret: add it to spec.secretEnv"
+                            ),
+                        });
+                    }
+                }
+            }
             if let SinkConfig::Postgres(pg) = sink {
                 if !secret_env.iter().any(|e| e.name == pg.connection_env) {
                     return Err(ConfigError::Invalid {
@@ -915,6 +930,11 @@ impl StreamPipeline {
             if let SinkConfig::Postgres(pg) = sink {
                 if let Some(f) = &pg.ca_file {
                     files.push((format!("sinks[{i}].postgres.caFile"), f));
+                }
+            }
+            if let SinkConfig::Http(h) = sink {
+                if let Some(f) = &h.ca_file {
+                    files.push((format!("sinks[{i}].http.caFile"), f));
                 }
             }
         }

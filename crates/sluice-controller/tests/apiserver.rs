@@ -54,9 +54,25 @@ async fn the_api_server_accepts_a_minimal_pipeline_and_fills_in_defaults() {
     assert_eq!(spec["replicas"], 1);
     assert_eq!(spec["processor"], json!({"passthrough": {}}));
     // The typed client reads it back and it renders a valid worker config.
-    let typed: Api<StreamPipeline> = Api::namespaced(c, &ns);
+    let typed: Api<StreamPipeline> = Api::namespaced(c.clone(), &ns);
     let sp = typed.get("iot").await.unwrap();
     assert_eq!(sp.worker_config().unwrap().pipeline, "iot");
+
+    // An http sink with its defaults and a header from a Secret.
+    let mut obj = minimal("iot-http");
+    obj["spec"]["sinks"] = json!([{"http": {"url": "https://ingest.example.com/v1/events",
+        "headers": [{"name": "Authorization", "valueEnv": "INGEST_TOKEN"}, {"name": "X-Team", "value": "iot"}]}}]);
+    obj["spec"]["secretEnv"] =
+        json!([{"name": "INGEST_TOKEN", "secretKeyRef": {"name": "ingest", "key": "token"}}]);
+    let created = create(&dynamic(&c, &ns), obj).await.expect("an http sink");
+    let http = &created["spec"]["sinks"][0]["http"];
+    assert_eq!(http["method"], "POST");
+    assert_eq!(http["batch"], json!({"as": "array"}));
+    assert_eq!(http["timeout"], "10s");
+    assert_eq!(http["idempotencyHeader"], "Idempotency-Key");
+    assert_eq!(http["maxInFlight"], 4);
+    let sp = typed.get("iot-http").await.unwrap();
+    assert!(sp.worker_config().is_ok());
 }
 
 #[tokio::test]
@@ -103,6 +119,21 @@ async fn the_api_server_rejects_invalid_pipelines_with_actionable_messages() {
             "unknown sink kind",
             json!({"sinks": [{"s3": {"bucket": "b"}}]}),
             "spec.sinks[0]",
+        ),
+        (
+            "an http header with a value and a valueEnv",
+            json!({"sinks": [{"http": {"url": "https://x.example/y", "headers": [{"name": "A", "value": "v", "valueEnv": "E"}]}}]}),
+            "a header has exactly one of value and valueEnv",
+        ),
+        (
+            "an http method sluice does not send",
+            json!({"sinks": [{"http": {"url": "https://x.example/y", "method": "GET"}}]}),
+            "spec.sinks[0].http.method",
+        ),
+        (
+            "an http URL that is no URL",
+            json!({"sinks": [{"http": {"url": "x.example/y"}}]}),
+            "spec.sinks[0].http.url",
         ),
         (
             "sasl without a secret",

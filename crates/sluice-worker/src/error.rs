@@ -1,6 +1,7 @@
 //! Why a pipeline stopped with an error.
 
 use crate::delivery::exactly_once::TxnError;
+use crate::sink::http::HttpSetupError;
 use crate::sink::postgres::PostgresSetupError;
 
 /// Why the pipeline stopped with an error.
@@ -18,6 +19,9 @@ pub enum PipelineError {
     /// The PostgreSQL sink could not start.
     #[error(transparent)]
     Postgres(#[from] PostgresSetupError),
+    /// The HTTP sink could not start.
+    #[error(transparent)]
+    Http(#[from] HttpSetupError),
     /// A fatal producer or consumer error; restart resumes from the last commit.
     #[error("fatal {0} error; restarting resumes from the last committed offsets")]
     Fatal(&'static str),

@@ -31,6 +31,7 @@ use crate::ops::health::{Health, LivenessLimits};
 use crate::ops::metrics::Metrics;
 use crate::processor::Processor;
 use crate::retry::RetryPolicy;
+use crate::sink::http::HttpSink;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::kafka_txn::{Refusals, TxnKafkaSink};
 use crate::sink::null::NullSink;
@@ -145,6 +146,13 @@ async fn build_sinks(
             SinkConfig::Postgres(pg) => {
                 PostgresSink::connect(pg, retry.clone(), sm, dead_letters.clone()).await?
             }
+            SinkConfig::Http(h) => HttpSink::new(
+                h,
+                config.workers.ordering,
+                retry.clone(),
+                sm,
+                dead_letters.clone(),
+            )?,
             SinkConfig::Null {} => Arc::new(NullSink::new(sm)),
             SinkConfig::Stdout {} => Arc::new(StdoutSink::new(sm)),
         };

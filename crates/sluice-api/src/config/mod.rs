@@ -51,7 +51,8 @@ pub use properties::{RESERVED_CONSUMER_PROPERTIES, RESERVED_PRODUCER_PROPERTIES}
 pub use retry::{DeadLetterConfig, RetryConfig};
 pub use security::{OAuthConfig, SaslMechanism, SecurityConfig, SecurityProtocol};
 pub use sink::{
-    ColumnMapping, KafkaSinkConfig, KeySource, OnConflict, PostgresSinkConfig, SinkConfig,
+    ColumnMapping, HttpBatch, HttpBatchAs, HttpHeader, HttpMethod, HttpSinkConfig, KafkaSinkConfig,
+    KeySource, OnConflict, PostgresSinkConfig, SinkConfig,
 };
 pub use source::{subscription, SourceConfig, StartFrom, Subscription, TopicPattern};
 
@@ -171,7 +172,7 @@ impl WorkerConfig {
         if sinks.is_empty() {
             return Err(ConfigError::invalid(
                 "sinks",
-                "at least one sink is required (kafka, postgres, stdout or null)",
+                "at least one sink is required (kafka, postgres, http, stdout or null)",
             ));
         }
         for (i, sink) in sinks.iter().enumerate() {

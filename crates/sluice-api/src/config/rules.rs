@@ -52,6 +52,8 @@ pub const MAX_ATTEMPTS: Bounds<u32> = Bounds {
     min: 0,
     max: 1_000_000,
 };
+/// An http sink's `maxInFlight`.
+pub const HTTP_IN_FLIGHT: Bounds<u32> = Bounds { min: 1, max: 64 };
 /// A postgres sink's `poolSize`.
 pub const POOL_SIZE: Bounds<u32> = Bounds { min: 1, max: 64 };
 

@@ -1,4 +1,4 @@
-//! `sinks`: where outputs go (Kafka, PostgreSQL, standard output, nowhere), and each sink's
+//! `sinks`: where outputs go (Kafka, PostgreSQL, HTTP, standard output, nowhere), and each sink's
 //! own checks. What spans sinks (a topic written twice, a sink that feeds the pipeline's
 //! input) is checked in [`super::WorkerConfig::validate`].
 
@@ -9,10 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use super::properties::{self, RESERVED_PRODUCER_PROPERTIES};
 use super::rules::{
-    identifier, non_empty, topic_name, IDENTIFIER_MAX_LEN, IDENTIFIER_PATTERN, POOL_SIZE,
-    TABLE_LEN, TABLE_PATTERN, TOPIC_NAME_LEN, TOPIC_NAME_PATTERN,
+    identifier, non_empty, topic_name, HTTP_IN_FLIGHT, IDENTIFIER_MAX_LEN, IDENTIFIER_PATTERN,
+    POOL_SIZE, TABLE_LEN, TABLE_PATTERN, TOPIC_NAME_LEN, TOPIC_NAME_PATTERN,
 };
 use super::ConfigError;
+use crate::units::HumanDuration;
 
 /// One destination of the pipeline's outputs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -23,6 +24,9 @@ pub enum SinkConfig {
     /// A PostgreSQL table, written in batches (one multi-row `INSERT ... SELECT FROM
     /// UNNEST` per batch). Each output value must be a JSON object.
     Postgres(PostgresSinkConfig),
+    /// An HTTP endpoint (a webhook, a microservice): each batch, or each output, is one
+    /// request, delivered when the answer is a 2xx.
+    Http(HttpSinkConfig),
     /// Print each output on standard output (debugging).
     Stdout {},
     /// Acknowledge and discard (benchmarks).
@@ -35,6 +39,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Kafka(_) => "kafka",
             SinkConfig::Postgres(_) => "postgres",
+            SinkConfig::Http(_) => "http",
             SinkConfig::Stdout {} => "stdout",
             SinkConfig::Null {} => "null",
         }
@@ -159,6 +164,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Kafka(k) => k.check(&format!("{at}.kafka")),
             SinkConfig::Postgres(pg) => pg.check(&format!("{at}.postgres")),
+            SinkConfig::Http(h) => h.check(&format!("{at}.http")),
             SinkConfig::Stdout {} | SinkConfig::Null {} => Ok(()),
         }
     }
@@ -243,6 +249,281 @@ impl PostgresSinkConfig {
                 format!("{at}.conflictKey"),
                 "required with onConflict: update (the unique columns that identify a row)",
             ));
+        }
+        Ok(())
+    }
+}
+
+/// An HTTP endpoint.
+///
+/// ```yaml
+/// http:
+///   url: https://ingest.example.com/v1/events
+///   headers:
+///     - {name: Authorization, valueEnv: INGEST_TOKEN}   # INGEST_TOKEN from spec.secretEnv
+///     - {name: X-Source, value: sluice}
+///   batch: {as: array}          # array | lines | onePerRequest
+///   timeout: 10s
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpSinkConfig {
+    /// The endpoint: `https://...`, or `http://...` inside a trusted network. No
+    /// credentials in it: they go in a header whose value comes from a Secret.
+    #[schemars(
+        length(min = 8, max = 2048),
+        regex(pattern = r"^https?://[^/@\s]+(/\S*)?$")
+    )]
+    pub url: String,
+    /// The request method.
+    #[serde(default)]
+    pub method: HttpMethod,
+    /// Headers of every request. `Content-Type` defaults to what `batch.as` writes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub headers: Vec<HttpHeader>,
+    /// How outputs become request bodies.
+    #[serde(default)]
+    pub batch: HttpBatch,
+    /// Longest wait for a whole answer; a request that takes longer is retried.
+    #[serde(default = "default_http_timeout")]
+    pub timeout: HumanDuration,
+    /// PEM file of the CA certificates to trust for an `https://` URL (without it, the
+    /// system's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// The header naming the source records of a request (`topic/partition/offset`, see
+    /// the README), so a receiver can drop a redelivery. Empty: none is sent.
+    #[serde(default = "default_idempotency_header")]
+    pub idempotency_header: String,
+    /// Requests in flight at once when `workers.ordering` is `unordered`. With `key` or
+    /// `partition` ordering, one request is in flight at a time for each source partition
+    /// (`onePerRequest`) or for the sink (`array`, `lines`: a batch mixes partitions).
+    #[serde(default = "default_http_in_flight")]
+    #[schemars(range(min = HTTP_IN_FLIGHT.min, max = HTTP_IN_FLIGHT.max))]
+    pub max_in_flight: u32,
+}
+
+/// The HTTP request method.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    /// `POST` (default).
+    #[default]
+    Post,
+    /// `PUT`.
+    Put,
+    /// `PATCH`.
+    Patch,
+}
+
+impl HttpMethod {
+    /// The method's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Post => "POST",
+            HttpMethod::Put => "PUT",
+            HttpMethod::Patch => "PATCH",
+        }
+    }
+}
+
+/// One request header: a fixed value, or one read from an environment variable (filled
+/// from a Secret through `spec.secretEnv`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.value) != has(self.valueEnv)",
+     "message": "a header has exactly one of value and valueEnv"}
+]))]
+pub struct HttpHeader {
+    /// The header name.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    )]
+    pub name: String,
+    /// The value, as it is (it is stored in the ConfigMap: no secrets here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub value: Option<String>,
+    /// Name of the environment variable holding the value (a token, an API key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_env: Option<String>,
+}
+
+/// How the outputs of a batch become requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpBatch {
+    /// `array` (default): one request per batch, its body a JSON array of the output
+    /// values (each must be JSON); `lines`: one request per batch, one output value per
+    /// line (`application/x-ndjson`; a value must not hold a line break);
+    /// `onePerRequest`: each output is a request of its own, its body the value as it is.
+    #[serde(rename = "as", default)]
+    pub as_: HttpBatchAs,
+}
+
+/// The body shapes of [`HttpBatch`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum HttpBatchAs {
+    /// A JSON array of the batch's output values.
+    #[default]
+    Array,
+    /// One output value per line.
+    Lines,
+    /// One request per output.
+    OnePerRequest,
+}
+
+/// `timeout` of an HTTP sink when it is not set.
+pub fn default_http_timeout() -> HumanDuration {
+    HumanDuration::from_millis(10_000)
+}
+
+/// `idempotencyHeader` when it is not set.
+pub fn default_idempotency_header() -> String {
+    "Idempotency-Key".into()
+}
+
+/// `maxInFlight` when it is not set.
+pub fn default_http_in_flight() -> u32 {
+    4
+}
+
+/// Whether `name` is an HTTP header name (RFC 9110's token).
+pub fn header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+.^_`|~-".contains(&b))
+}
+
+/// Headers sluice sets itself (or the connection does): refused in `headers`.
+pub const RESERVED_HTTP_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+impl HttpSinkConfig {
+    /// The checks of an http sink at `at` (`sinks[0].http`).
+    fn check(&self, at: &str) -> Result<(), ConfigError> {
+        let HttpSinkConfig {
+            url,
+            method: _,
+            headers,
+            batch: _,
+            timeout,
+            ca_file,
+            idempotency_header,
+            max_in_flight,
+        } = self;
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"));
+        let authority = rest.map(|r| r.split('/').next().unwrap_or_default());
+        if rest.is_none()
+            || authority.is_none_or(str::is_empty)
+            || url.contains(char::is_whitespace)
+            || url.len() > 2048
+        {
+            return Err(ConfigError::invalid(
+                format!("{at}.url"),
+                format!("{url:?} is not an http(s) URL, e.g. https://ingest.example.com/v1/events"),
+            ));
+        }
+        if authority.is_some_and(|a| a.contains('@')) {
+            return Err(ConfigError::invalid(
+                format!("{at}.url"),
+                "credentials do not go in the URL (it is stored in the ConfigMap and logged): send them in a header with valueEnv",
+            ));
+        }
+        if ca_file.is_some() && url.starts_with("http://") {
+            return Err(ConfigError::invalid(
+                format!("{at}.caFile"),
+                "is for an https:// URL; this one is http://",
+            ));
+        }
+        if let Some(f) = ca_file {
+            non_empty(&format!("{at}.caFile"), f)?;
+        }
+        if timeout.get().is_zero() {
+            return Err(ConfigError::invalid(
+                format!("{at}.timeout"),
+                "must be more than 0",
+            ));
+        }
+        HTTP_IN_FLIGHT.check(&format!("{at}.maxInFlight"), *max_in_flight)?;
+        if !idempotency_header.is_empty() && !header_name(idempotency_header) {
+            return Err(ConfigError::invalid(
+                format!("{at}.idempotencyHeader"),
+                format!("`{idempotency_header}` is not an HTTP header name"),
+            ));
+        }
+        if headers.len() > 32 {
+            return Err(ConfigError::invalid(
+                format!("{at}.headers"),
+                format!("at most 32 headers, got {}", headers.len()),
+            ));
+        }
+        for (j, h) in headers.iter().enumerate() {
+            let field = format!("{at}.headers[{j}]");
+            if !header_name(&h.name) {
+                return Err(ConfigError::invalid(
+                    format!("{field}.name"),
+                    format!("`{}` is not an HTTP header name", h.name),
+                ));
+            }
+            let lower = h.name.to_ascii_lowercase();
+            if RESERVED_HTTP_HEADERS.contains(&lower.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{field}.name"),
+                    format!("`{}` is set by the HTTP client itself", h.name),
+                ));
+            }
+            if lower == idempotency_header.to_ascii_lowercase() {
+                return Err(ConfigError::invalid(
+                    format!("{field}.name"),
+                    format!(
+                        "`{}` is the idempotencyHeader, which sluice sets for each request",
+                        h.name
+                    ),
+                ));
+            }
+            if headers[..j]
+                .iter()
+                .any(|o| o.name.eq_ignore_ascii_case(&h.name))
+            {
+                return Err(ConfigError::invalid(
+                    format!("{field}.name"),
+                    format!("`{}` is given twice", h.name),
+                ));
+            }
+            match (&h.value, &h.value_env) {
+                (Some(v), None) => {
+                    if v.len() > 4096 || v.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+                        return Err(ConfigError::invalid(
+                            format!("{field}.value"),
+                            "must be at most 4096 characters without line breaks or control characters",
+                        ));
+                    }
+                }
+                (None, Some(env)) => non_empty(&format!("{field}.valueEnv"), env)?,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        field,
+                        "a header has exactly one of value and valueEnv",
+                    ))
+                }
+            }
         }
         Ok(())
     }

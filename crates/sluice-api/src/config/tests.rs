@@ -441,3 +441,112 @@ fn a_pipeline_reads_one_topic_a_list_or_a_pattern_and_exactly_one_of_them() {
         "{e}"
     );
 }
+
+#[test]
+fn an_http_sink_takes_its_defaults_and_refuses_what_it_cannot_send() {
+    let with =
+        |http: &str| MINIMAL.replace("[{kafka: {topic: out}}]", &format!("[{{http: {http}}}]"));
+    let c = WorkerConfig::from_yaml(&with("{url: 'https://ingest.example.com/v1/e'}")).unwrap();
+    let SinkConfig::Http(h) = &c.sinks[0] else {
+        panic!("{:?}", c.sinks)
+    };
+    assert_eq!(h.method, HttpMethod::Post);
+    assert_eq!(h.batch.as_, HttpBatchAs::Array);
+    assert_eq!(h.timeout.get(), std::time::Duration::from_secs(10));
+    assert_eq!(h.idempotency_header, "Idempotency-Key");
+    assert_eq!(h.max_in_flight, 4);
+    assert_eq!(c.sinks[0].kind(), "http");
+    let c = WorkerConfig::from_yaml(&with(
+        "{url: 'http://svc.ns:8080/x', method: PATCH, batch: {as: onePerRequest}, headers: [{name: X-Api-Key, valueEnv: KEY}], idempotencyHeader: ''}",
+    ))
+    .unwrap();
+    let SinkConfig::Http(h) = &c.sinks[0] else {
+        panic!()
+    };
+    assert_eq!(
+        (h.method, h.batch.as_),
+        (HttpMethod::Patch, HttpBatchAs::OnePerRequest)
+    );
+    let cases = [
+        (
+            "{url: 'ftp://x/y'}",
+            "sinks[0].http.url",
+            "not an http(s) URL",
+        ),
+        (
+            "{url: 'https://'}",
+            "sinks[0].http.url",
+            "not an http(s) URL",
+        ),
+        (
+            "{url: 'https://user:pw@x/y'}",
+            "sinks[0].http.url",
+            "credentials",
+        ),
+        (
+            "{url: 'http://x/y', caFile: /ca.pem}",
+            "sinks[0].http.caFile",
+            "https",
+        ),
+        (
+            "{url: 'https://x/y', timeout: 0s}",
+            "sinks[0].http.timeout",
+            "more than 0",
+        ),
+        (
+            "{url: 'https://x/y', maxInFlight: 0}",
+            "sinks[0].http.maxInFlight",
+            "between 1 and 64",
+        ),
+        ("{url: 'https://x/y', method: GET}", "sinks[0]", "POST"),
+        (
+            "{url: 'https://x/y', batch: {as: csv}}",
+            "sinks[0]",
+            "onePerRequest",
+        ),
+        (
+            "{url: 'https://x/y', headers: [{name: 'X A', value: v}]}",
+            "sinks[0].http.headers[0].name",
+            "not an HTTP header name",
+        ),
+        (
+            "{url: 'https://x/y', headers: [{name: Host, value: v}]}",
+            "sinks[0].http.headers[0].name",
+            "HTTP client itself",
+        ),
+        (
+            "{url: 'https://x/y', headers: [{name: Idempotency-Key, value: v}]}",
+            "sinks[0].http.headers[0].name",
+            "idempotencyHeader",
+        ),
+        (
+            "{url: 'https://x/y', headers: [{name: A, value: v}, {name: a, value: w}]}",
+            "sinks[0].http.headers[1].name",
+            "twice",
+        ),
+        (
+            "{url: 'https://x/y', headers: [{name: A}]}",
+            "sinks[0].http.headers[0]",
+            "exactly one of value and valueEnv",
+        ),
+        (
+            "{url: 'https://x/y', headers: [{name: A, value: v, valueEnv: E}]}",
+            "sinks[0].http.headers[0]",
+            "exactly one of value and valueEnv",
+        ),
+        (
+            "{url: 'https://x/y', headers: [{name: A, value: \"a\\nb\"}]}",
+            "sinks[0].http.headers[0].value",
+            "line breaks",
+        ),
+        (
+            "{url: 'https://x/y', idempotencyHeader: 'a b'}",
+            "sinks[0].http.idempotencyHeader",
+            "not an HTTP header name",
+        ),
+    ];
+    for (http, field, want) in cases {
+        let e = err(&with(http));
+        assert!(e.contains(field) && e.contains(want), "{http}: {e}");
+    }
+}

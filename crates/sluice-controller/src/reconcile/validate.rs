@@ -458,6 +458,30 @@ mod tests {
                 ],
             ),
             (
+                "exactly-once with an http sink",
+                "p",
+                serde_json::json!({"sinks": [{"kafka": {"topic": "out"}}, {"http": {"url": "https://x/y"}}], "deadLetter": {"topic": "dlq"}, "delivery": {"guarantee": "exactly-once"}}),
+                &["sinks[1].http", "cannot take part in the Kafka transaction"],
+            ),
+            (
+                "an http header from an undeclared Secret env",
+                "p",
+                serde_json::json!({"sinks": [{"http": {"url": "https://x/y", "headers": [{"name": "Authorization", "valueEnv": "TOKEN"}]}}]}),
+                &["sinks[0].http.headers[0].valueEnv", "spec.secretEnv"],
+            ),
+            (
+                "an http caFile that is not mounted",
+                "p",
+                serde_json::json!({"sinks": [{"http": {"url": "https://x/y", "caFile": "/etc/sluice/secrets/ingest-ca.pem"}}]}),
+                &["sinks[0].http.caFile", "secretFiles"],
+            ),
+            (
+                "an http URL with credentials",
+                "p",
+                serde_json::json!({"sinks": [{"http": {"url": "https://u:p@x/y"}}]}),
+                &["sinks[0].http.url", "credentials"],
+            ),
+            (
                 "exactly-once with a sink on another cluster",
                 "p",
                 serde_json::json!({"sinks": [{"kafka": {"topic": "out", "bootstrapServers": "other:9092"}}], "deadLetter": {"topic": "dlq"}, "delivery": {"guarantee": "exactly-once"}}),

@@ -1,12 +1,14 @@
 //! Sinks: where outputs are delivered. Each sink gets its own batcher
 //! ([`crate::engine::batcher::run_batcher`]) and acknowledges whole batches.
 
+pub mod http;
 pub mod kafka;
 pub mod kafka_txn;
 pub mod null;
 pub mod postgres;
 pub mod produce;
 pub mod stdout;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};

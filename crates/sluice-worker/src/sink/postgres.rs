@@ -31,6 +31,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::tls::{chain, TlsError};
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
 use crate::retry::{ErrorClass, RetryPolicy};
@@ -68,62 +69,15 @@ pub enum PostgresSetupError {
     },
 }
 
-/// An error and its sources, one after the other (a TLS failure is several layers down).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = cause.source();
-    }
-    out
-}
-
-/// The TLS connector for `sslmode=require`: rustls (ring), trusting `ca_file`'s
-/// certificates, or the system's roots without one. The server's certificate and host
-/// name are always verified.
+/// The TLS connector for `sslmode=require` (see [`super::tls`]).
 fn tls_connector(ca_file: Option<&str>) -> Result<MakeRustlsConnect, PostgresSetupError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let bad = |message: String| PostgresSetupError::CaFile {
-                path: path.to_string(),
-                message,
-            };
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| bad(e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(bad("no PEM certificate in it".into()));
-            }
-            for c in certs {
-                roots.add(c).map_err(|e| bad(e.to_string()))?;
-            }
+    match super::tls::client_config(ca_file) {
+        Ok(config) => Ok(MakeRustlsConnect::new(config)),
+        Err(TlsError::CaFile { path, message }) => {
+            Err(PostgresSetupError::CaFile { path, message })
         }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                return Err(PostgresSetupError::Connect(
-                    "sslmode=require, no caFile and no system root certificates to verify the server with".into(),
-                ));
-            }
-        }
+        Err(e) => Err(PostgresSetupError::Connect(format!("sslmode=require: {e}"))),
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| PostgresSetupError::Connect(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(MakeRustlsConnect::new(config))
 }
 
 /// A resolved column: name, JSON field, SQL type.

@@ -1,0 +1,361 @@
+//! The http sink against a real HTTP server on loopback (`sluice_testkit::http_receiver`)
+//! and the real broker: every record delivered with its headers and idempotency key; an
+//! endpoint that fails, slows down past the timeout, answers 429 with `Retry-After` and
+//! refuses some records; and per-partition order with one output per request.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use sluice_testkit::http_receiver::{Answer, HttpReceiver, Received};
+use sluice_testkit::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice-worker");
+
+struct Pipeline {
+    input: String,
+    group: String,
+    worker: WorkerProcess,
+}
+
+/// A worker reading `input` (passthrough unless `extra` says otherwise) into `sink` (one
+/// YAML list item), with `env` set.
+fn start(name: &str, input: &str, sink: &str, extra: &str, env: &[(&str, &str)]) -> Pipeline {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let group = unique(&format!("{name}-g"));
+    let cfg = format!(
+        r#"pipeline: {name}
+source:
+  bootstrapServers: "{b}"
+  topic: {input}
+  groupId: {group}
+  sessionTimeout: 10s
+sinks:
+  - {sink}
+commit: {{interval: 500ms, drainTimeout: 8s}}
+server: {{listen: "{addr}"}}
+{extra}
+"#,
+        b = bootstrap()
+    );
+    let worker = WorkerProcess::start_with_env(BIN, &unique(name), &cfg, &addr, env);
+    wait_for(
+        "the worker's metrics endpoint",
+        Duration::from_secs(30),
+        || !worker.metrics().is_empty(),
+    );
+    Pipeline {
+        input: input.to_string(),
+        group,
+        worker,
+    }
+}
+
+impl Pipeline {
+    fn wait_committed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = uncommitted(&bootstrap(), &self.group, &self.input);
+            if left == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{left} records still uncommitted after {timeout:?}\n{}",
+                self.worker.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn stop(mut self) {
+        self.worker.signal("TERM");
+        let st = self.worker.wait(Duration::from_secs(30)).expect("exit");
+        assert!(st.success(), "{st:?}\n{}", self.worker.log_tail(30));
+    }
+}
+
+fn seq_values(n: u64, poison: impl Fn(u64) -> bool) -> impl Iterator<Item = TestRecord> {
+    (0..n).map(move |i| TestRecord {
+        tombstone: false,
+        partition: None,
+        key: Some(key(i)),
+        value: format!(r#"{{"seq":{i},"poison":{}}}"#, poison(i)).into_bytes(),
+    })
+}
+
+/// The `seq` of each JSON value in a body of `batch.as` array or lines.
+fn seqs(r: &Received) -> Vec<u64> {
+    let text = r.text();
+    let values: Vec<serde_json::Value> = if text.starts_with('[') {
+        serde_json::from_str(&text).unwrap()
+    } else {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    values.iter().map(|v| v["seq"].as_u64().unwrap()).collect()
+}
+
+/// `topic/partition/first-last` ranges of a batch's idempotency key.
+fn ranges(key: &str) -> Vec<(String, i32, i64, i64)> {
+    key.split(',')
+        .map(|part| {
+            let mut it = part.rsplitn(3, '/');
+            let offsets = it.next().unwrap();
+            let partition = it.next().unwrap().parse().unwrap();
+            let topic = it.next().unwrap().to_string();
+            let (lo, hi) = match offsets.split_once('-') {
+                Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
+                None => (offsets.parse().unwrap(), offsets.parse().unwrap()),
+            };
+            (topic, partition, lo, hi)
+        })
+        .collect()
+}
+
+#[test]
+fn every_record_is_posted_once_as_json_arrays_with_secret_headers_and_idempotency_keys() {
+    let input = unique("http-in");
+    create_topic_now(&input, 2);
+    let n: u64 = 4_000;
+    produce_records(&input, seq_values(n, |_| false));
+    let rx = HttpReceiver::start(|r| {
+        if r.header("authorization") == Some("Bearer s3cret") {
+            Answer::ok()
+        } else {
+            Answer::status(401).body("who are you?")
+        }
+    });
+    let p = start(
+        "http-array",
+        &input,
+        &format!(
+            "http: {{url: \"{}\", headers: [{{name: Authorization, valueEnv: INGEST_TOKEN}}, {{name: X-Source, value: sluice}}]}}",
+            rx.url("/v1/events?src=test")
+        ),
+        "processor: {jq: {program: '{seq, doubled: (.seq * 2)}'}}\nbatching: {maxMessages: 300, linger: 20ms}",
+        &[("INGEST_TOKEN", "Bearer s3cret")],
+    );
+    p.wait_committed(Duration::from_secs(120));
+    let failed = p.worker.metric("sluice_dead_letters_total", "");
+    p.stop();
+    assert_eq!(failed, 0.0, "nothing was dead-lettered");
+    let log = rx.log();
+    assert!(
+        log.iter().all(|r| r.status == 200),
+        "every request authorized"
+    );
+    let mut got = BTreeMap::new();
+    for r in &log {
+        assert_eq!(r.method, "POST");
+        assert_eq!(r.path, "/v1/events?src=test");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("x-source"), Some("sluice"));
+        assert!(r.header("user-agent").unwrap().starts_with("sluice/"));
+        let values: Vec<serde_json::Value> = serde_json::from_slice(&r.body).unwrap();
+        assert!(values.len() <= 300, "batching.maxMessages holds");
+        for v in &values {
+            let s = v["seq"].as_u64().unwrap();
+            assert_eq!(
+                v["doubled"].as_u64(),
+                Some(2 * s),
+                "the processor's output is posted"
+            );
+            *got.entry(s).or_insert(0) += 1;
+        }
+        // The key names the source partitions and offsets the body came from.
+        let key = r.header("idempotency-key").expect("an idempotency key");
+        let rs = ranges(key);
+        assert!(
+            rs.iter()
+                .all(|(t, p, lo, hi)| t == &input && (0..2).contains(p) && lo <= hi),
+            "{key}"
+        );
+        let span: i64 = rs.iter().map(|(_, _, lo, hi)| hi - lo + 1).sum();
+        assert!(
+            span >= values.len() as i64,
+            "{key} covers {} outputs",
+            values.len()
+        );
+    }
+    assert_eq!(got.len() as u64, n, "every record posted");
+    assert!(got.values().all(|&c| c == 1), "no record posted twice");
+    assert!(
+        log.len() < n as usize / 10,
+        "batched: {} requests for {n} records",
+        log.len()
+    );
+}
+
+#[test]
+fn failures_slowdowns_and_429s_are_ridden_out_and_only_refused_records_are_dead_lettered() {
+    let input = unique("http-fault-in");
+    let dlq = unique("http-fault-dlq");
+    create_topic_now(&input, 1);
+    create_topic_now(&dlq, 1);
+    let n: u64 = 2_000;
+    let poison = |i: u64| i % 250 == 7;
+    produce_records(&input, seq_values(n, poison));
+    let slowed = std::sync::atomic::AtomicBool::new(false);
+    let rx = HttpReceiver::start(move |r| match r.n {
+        0..=2 => Answer::status(503).body("warming up"),
+        3 => Answer::status(429).header("Retry-After", "1"),
+        _ if r.text().contains(r#""poison":true"#) => {
+            Answer::status(400).body(r#"{"error": "poison record refused"}"#)
+        }
+        // Once, slower than the sink's timeout: the sink gives up on it and sends it
+        // again, and this answer (200 all the same) makes a duplicate by key.
+        n if n >= 5 && !slowed.swap(true, std::sync::atomic::Ordering::SeqCst) => {
+            Answer::ok().after(Duration::from_millis(3_000))
+        }
+        n if n % 7 == 0 => Answer::ok().after(Duration::from_millis(200)),
+        _ => Answer::ok(),
+    });
+    let p = start(
+        "http-fault",
+        &input,
+        &format!(
+            "http: {{url: \"{}\", batch: {{as: lines}}, timeout: 1s}}",
+            rx.url("/ingest")
+        ),
+        &format!(
+            "batching: {{maxMessages: 100, linger: 20ms}}\ndeadLetter: {{topic: {dlq}}}\nretry: {{initialBackoff: 50ms, maxBackoff: 500ms}}"
+        ),
+        &[],
+    );
+    p.wait_committed(Duration::from_secs(180));
+    let retries = p
+        .worker
+        .metric("sluice_sink_retries_total", "sink=\"http\"");
+    p.stop();
+    assert!(
+        retries > 0.0,
+        "the 503s, the 429 and the timeout were retried"
+    );
+    let log = rx.log();
+    assert_eq!(log[0].header("content-type"), Some("application/x-ndjson"));
+    // Retry-After: the request after the 429 came no sooner than a second later.
+    let after_429 = log
+        .iter()
+        .find(|r| r.n == 4)
+        .expect("a request after the 429");
+    let answered_429 = log.iter().find(|r| r.n == 3).unwrap().answered;
+    assert!(
+        after_429.at.duration_since(answered_429) >= Duration::from_millis(950),
+        "Retry-After honoured: {:?}",
+        after_429.at.duration_since(answered_429)
+    );
+    // Delivered, deduplicated by idempotency key as a receiver would: every good record once.
+    let mut seen_keys = BTreeSet::new();
+    let mut got: BTreeMap<u64, u32> = BTreeMap::new();
+    for r in log.iter().filter(|r| r.status == 200) {
+        let key = r.header("idempotency-key").unwrap().to_string();
+        if !seen_keys.insert(key) {
+            continue;
+        }
+        for s in seqs(r) {
+            *got.entry(s).or_insert(0) += 1;
+        }
+    }
+    let want: BTreeSet<u64> = (0..n).filter(|&i| !poison(i)).collect();
+    assert_eq!(
+        got.keys().copied().collect::<BTreeSet<_>>(),
+        want,
+        "every good record delivered, no poison one"
+    );
+    assert!(
+        got.values().all(|&c| c == 1),
+        "once each, by idempotency key"
+    );
+    let letters = read_all(&dlq, Duration::from_secs(30));
+    let mut parked: Vec<u64> = letters
+        .iter()
+        .map(|l| {
+            assert_eq!(l.header("sluice.error.class"), Some("http_rejected"));
+            assert_eq!(l.header("sluice.error.stage"), Some("http"));
+            let m = l.header("sluice.error.message").unwrap();
+            assert!(
+                m.contains("HTTP 400") && m.contains("poison record refused"),
+                "{m}"
+            );
+            let v: serde_json::Value = serde_json::from_slice(l.value.as_ref().unwrap()).unwrap();
+            v["seq"].as_u64().unwrap()
+        })
+        .collect();
+    parked.sort();
+    assert_eq!(parked, (0..n).filter(|&i| poison(i)).collect::<Vec<_>>());
+}
+
+#[test]
+fn one_output_per_request_keeps_each_partitions_order_with_one_request_in_flight_per_partition() {
+    let input = unique("http-order-in");
+    create_topic_now(&input, 3);
+    let n: u64 = 600;
+    produce_records(&input, seq_values(n, |_| false));
+    let rx = HttpReceiver::start(|r| match r.n {
+        40 => Answer::status(500).body("oops"),
+        n => Answer::ok().after(Duration::from_millis(n % 4)),
+    });
+    let p = start(
+        "http-order",
+        &input,
+        &format!(
+            "http: {{url: \"{}\", method: PUT, batch: {{as: onePerRequest}}, maxInFlight: 4, idempotencyHeader: X-Source-Record}}",
+            rx.url("/one")
+        ),
+        "workers: {perPartition: 4, ordering: partition}\nbatching: {maxMessages: 50, linger: 5ms}\nretry: {initialBackoff: 50ms}",
+        &[],
+    );
+    p.wait_committed(Duration::from_secs(120));
+    p.stop();
+    let log = rx.log();
+    assert!(
+        rx.max_in_flight() <= 4,
+        "maxInFlight: {}",
+        rx.max_in_flight()
+    );
+    // (partition, offset, came, answered, status) of each request, from its key.
+    let mut by_partition: BTreeMap<i32, Vec<(i64, Instant, Instant, u16)>> = BTreeMap::new();
+    for r in &log {
+        assert_eq!(r.method, "PUT");
+        let key = r.header("x-source-record").expect("the idempotency header");
+        let (topic, partition, lo, hi) = ranges(key).remove(0);
+        assert_eq!(
+            (topic.as_str(), lo),
+            (input.as_str(), hi),
+            "one record: {key}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(v["seq"].is_u64(), "the body is the value as it is");
+        by_partition
+            .entry(partition)
+            .or_default()
+            .push((lo, r.at, r.answered, r.status));
+    }
+    let mut delivered = 0;
+    for (partition, mut reqs) in by_partition {
+        reqs.sort_by_key(|r| r.1);
+        for w in reqs.windows(2) {
+            assert!(
+                w[1].1 >= w[0].2,
+                "partition {partition}: a request began before the one before it was answered"
+            );
+            let (a, b) = (w[0], w[1]);
+            if a.3 == 200 {
+                assert!(
+                    b.0 > a.0,
+                    "partition {partition}: offset {} after {}",
+                    b.0,
+                    a.0
+                );
+            } else {
+                assert_eq!(
+                    b.0, a.0,
+                    "partition {partition}: a failed request is sent again first"
+                );
+            }
+        }
+        delivered += reqs.iter().filter(|r| r.3 == 200).count();
+    }
+    assert_eq!(delivered as u64, n, "every record delivered once");
+}
