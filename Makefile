@@ -30,7 +30,9 @@ demo:
 ## Kubernetes (scripts/cluster.sh, images from scripts/images.sh).
 ## SLUICE_TEST_BOOTSTRAP=host:port runs them against another Kafka or Redpanda;
 ## SLUICE_TEST_POSTGRES=url against another PostgreSQL (with SLUICE_TEST_POSTGRES_CA=ca.pem
-## for its TLS test); SLUICE_TEST_KUBECONFIG=path against another API server;
+## for its TLS test); SLUICE_TEST_REGISTRY=url against another Confluent-compatible schema
+## registry (default: Apicurio Registry, scripts/registry.sh; the records are written and read
+## by Confluent's Python client, scripts/registry-roundtrip.py, in a virtualenv it makes); SLUICE_TEST_KUBECONFIG=path against another API server;
 ## SLUICE_E2E_KUBECONFIG=path (and SLUICE_E2E_*, see tests/src/cluster.rs) on another cluster.
 ## Every test binary runs even when one fails; the end lists every failed test.
 ## `kafka.sh start` starts the OpenID Connect server (Keycloak, scripts/oidc.sh) first: the
@@ -38,6 +40,8 @@ demo:
 test: setup vendor-check
 	@if [[ -z "$${SLUICE_TEST_BOOTSTRAP:-}" ]]; then scripts/kafka.sh start; fi
 	@if [[ -z "$${SLUICE_TEST_POSTGRES:-}" ]]; then scripts/postgres.sh start; fi
+	@if [[ -z "$${SLUICE_TEST_REGISTRY:-}" ]]; then scripts/registry.sh start; fi
+	@python3 scripts/registry-roundtrip.py setup >/dev/null
 	@if [[ -z "$${SLUICE_TEST_KUBECONFIG:-}" ]]; then scripts/k8s.sh start; fi
 	@if [[ -z "$${SLUICE_E2E_KUBECONFIG:-}" ]]; then scripts/cluster.sh up && scripts/images.sh load; fi
 	$(CARGO) build --workspace --all-targets

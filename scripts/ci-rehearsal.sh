@@ -63,6 +63,7 @@ export SLUICE_OIDC_DIR="$W/state/oidc" SLUICE_OIDC_PORT="${SLUICE_REHEARSAL_OIDC
 # default ports (9300-9321) are the ones a `make test` in the main checkout uses.
 export SLUICE_KAFKA_CLUSTER_DIR="$W/state/kafka-cluster" SLUICE_KAFKA_CLUSTER_PORT="${SLUICE_REHEARSAL_KAFKA_CLUSTER_PORT:-29300}"
 export SLUICE_PG_DIR="$W/state/pg" SLUICE_PG_PORT="${SLUICE_REHEARSAL_PG_PORT:-25433}"
+export SLUICE_REGISTRY_DIR="$W/state/registry" SLUICE_REGISTRY_PORT="${SLUICE_REHEARSAL_REGISTRY_PORT:-29280}"
 export SLUICE_K8S_DIR="$W/state/k8s" SLUICE_K8S_PORT="${SLUICE_REHEARSAL_K8S_PORT:-26443}"
 export SLUICE_CLUSTER_DIR="$W/state/cluster"
 
@@ -86,6 +87,7 @@ stop_all() {
   "$s/postgres.sh" stop >/dev/null 2>&1 || true
   "$s/kafka.sh" stop >/dev/null 2>&1 || true
   "$s/oidc.sh" stop >/dev/null 2>&1 || true
+  "$s/registry.sh" stop >/dev/null 2>&1 || true
   "$s/kafka-cluster.sh" stop >/dev/null 2>&1 || true
 }
 trap stop_all EXIT

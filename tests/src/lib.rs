@@ -1040,3 +1040,29 @@ impl Drop for TcpProxy {
         let _ = TcpStream::connect(&self.addr);
     }
 }
+
+/// The Confluent-compatible base URL of the schema registry under test:
+/// `SLUICE_TEST_REGISTRY` when set, otherwise the local Apicurio Registry of
+/// `scripts/registry.sh` (started here if it is not up).
+pub fn registry_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| match std::env::var("SLUICE_TEST_REGISTRY") {
+        Ok(u) if !u.is_empty() => u,
+        _ => {
+            script("registry.sh", "start");
+            script("registry.sh", "url").trim().to_string()
+        }
+    })
+    .clone()
+}
+
+/// Run `scripts/registry-roundtrip.py` (Confluent's own Python client, serializers and
+/// deserializers) with `args`; its standard output.
+pub fn registry_client(args: &[&str]) -> String {
+    run_ok(
+        Command::new("python3")
+            .arg(repo_root().join("scripts/registry-roundtrip.py"))
+            .args(args)
+            .stderr(Stdio::inherit()),
+    )
+}

@@ -414,6 +414,10 @@ pub struct PipelineSource {
     /// Extra librdkafka consumer properties.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub consumer_properties: BTreeMap<String, String>,
+    /// How record values are encoded (a schema registry's wire format); without it they
+    /// reach the processor as they are. `credentialsEnv` must be one of `secretEnv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<crate::config::SourceFormat>,
 }
 
 fn default_replicas() -> i32 {
@@ -777,6 +781,7 @@ impl StreamPipeline {
             session_timeout,
             security,
             consumer_properties,
+            format,
         } = source;
         let PipelineSecurity {
             protocol,
@@ -831,6 +836,7 @@ impl StreamPipeline {
                     }),
                 },
                 consumer_properties: consumer_properties.clone(),
+                format: format.clone(),
             },
             processor: processor.clone(),
             sinks: sinks.clone(),
@@ -875,6 +881,19 @@ impl StreamPipeline {
         }
         if let Some(level) = log_level {
             log_level_filter(level)?;
+        }
+        if let Some(env) = format
+            .as_ref()
+            .and_then(|f| f.schema_registry.credentials_env.as_ref())
+        {
+            if !secret_env.iter().any(|e| &e.name == env) {
+                return Err(ConfigError::Invalid {
+                    field: "source.format.schemaRegistry.credentialsEnv".into(),
+                    message: format!(
+                        "`{env}` must be filled from a Secret: add it to spec.secretEnv"
+                    ),
+                });
+            }
         }
         for (i, sink) in sinks.iter().enumerate() {
             if let SinkConfig::Http(h) = sink {
@@ -925,6 +944,12 @@ impl StreamPipeline {
         }
         if let Some(f) = oauth.as_ref().and_then(|o| o.ca_file.as_ref()) {
             files.push(("source.security.oauth.caFile".into(), f));
+        }
+        if let Some(f) = format
+            .as_ref()
+            .and_then(|f| f.schema_registry.ca_file.as_ref())
+        {
+            files.push(("source.format.schemaRegistry.caFile".into(), f));
         }
         for (i, sink) in sinks.iter().enumerate() {
             if let SinkConfig::Postgres(pg) = sink {

@@ -136,6 +136,11 @@ async fn the_api_server_rejects_invalid_pipelines_with_actionable_messages() {
             "spec.sinks[0].http.url",
         ),
         (
+            "a registry URL that is no URL",
+            json!({"source": {"bootstrapServers": "k:9092", "topic": "t", "groupId": "g", "format": {"schemaRegistry": {"url": "registry:8081"}}}}),
+            "spec.source.format.schemaRegistry.url",
+        ),
+        (
             "sasl without a secret",
             json!({"source": {"bootstrapServers": "k:9092", "topic": "t", "groupId": "g", "security": {"protocol": "SASL_SSL"}}}),
             "passwordSecretRef",

@@ -22,6 +22,9 @@ pub enum PipelineError {
     /// The HTTP sink could not start.
     #[error(transparent)]
     Http(#[from] HttpSetupError),
+    /// The schema registry client could not be made.
+    #[error(transparent)]
+    Registry(#[from] crate::format::registry::RegistrySetupError),
     /// A fatal producer or consumer error; restart resumes from the last commit.
     #[error("fatal {0} error; restarting resumes from the last committed offsets")]
     Fatal(&'static str),

@@ -56,6 +56,7 @@ pub mod deadletter;
 pub mod delivery;
 pub mod engine;
 pub mod error;
+pub mod format;
 pub mod kafka;
 pub mod ops;
 pub mod pipeline;

@@ -262,6 +262,20 @@ async fn run(
     )
     .await?;
 
+    // Values in a schema registry's wire format are decoded before the processor.
+    let processor: Arc<dyn Processor> = match &config.source.format {
+        Some(f) => {
+            let registry = crate::format::registry::Registry::new(&f.schema_registry, &|k| {
+                std::env::var(k).ok()
+            })?;
+            tracing::info!(
+                registry = registry.url(),
+                "decoding values by their schema-registry schema"
+            );
+            Arc::new(crate::format::Decoding::new(registry, processor))
+        }
+        None => processor,
+    };
     let at_least = rt.sized_at_least.load(AtomicOrdering::Acquire);
     let sized_from_metadata = input_partitions(&config).await.map(|n| n.max(at_least));
     let partitions = match sized_from_metadata {

@@ -54,7 +54,10 @@ pub use sink::{
     ColumnMapping, HttpBatch, HttpBatchAs, HttpHeader, HttpMethod, HttpSinkConfig, KafkaSinkConfig,
     KeySource, OnConflict, PostgresSinkConfig, SinkConfig,
 };
-pub use source::{subscription, SourceConfig, StartFrom, Subscription, TopicPattern};
+pub use source::{
+    subscription, SchemaRegistryConfig, SourceConfig, SourceFormat, StartFrom, Subscription,
+    TopicPattern,
+};
 
 use overrides::apply_override;
 use rules::non_empty;

@@ -103,6 +103,29 @@ pub fn topic_name(field: &str, v: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// An `http://` or `https://` URL with a host and no credentials (an http sink's endpoint,
+/// a schema registry).
+pub fn http_url(field: &str, url: &str) -> Result<(), ConfigError> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    let authority = rest.map(|r| r.split('/').next().unwrap_or_default());
+    if authority.is_none_or(str::is_empty) || url.contains(char::is_whitespace) || url.len() > 2048
+    {
+        return Err(ConfigError::invalid(
+            field,
+            format!("{url:?} is not an http(s) URL, e.g. https://ingest.example.com/v1/events"),
+        ));
+    }
+    if authority.is_some_and(|a| a.contains('@')) {
+        return Err(ConfigError::invalid(
+            field,
+            "credentials do not go in the URL (it is stored in the ConfigMap and logged): they come from an environment variable filled from a Secret",
+        ));
+    }
+    Ok(())
+}
+
 /// A plain SQL identifier ([`IDENTIFIER_PATTERN`], at most [`IDENTIFIER_MAX_LEN`]).
 pub fn identifier(field: &str, v: &str) -> Result<(), ConfigError> {
     let ok = !v.is_empty()

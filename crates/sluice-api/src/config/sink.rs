@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::properties::{self, RESERVED_PRODUCER_PROPERTIES};
 use super::rules::{
-    identifier, non_empty, topic_name, HTTP_IN_FLIGHT, IDENTIFIER_MAX_LEN, IDENTIFIER_PATTERN,
-    POOL_SIZE, TABLE_LEN, TABLE_PATTERN, TOPIC_NAME_LEN, TOPIC_NAME_PATTERN,
+    http_url, identifier, non_empty, topic_name, HTTP_IN_FLIGHT, IDENTIFIER_MAX_LEN,
+    IDENTIFIER_PATTERN, POOL_SIZE, TABLE_LEN, TABLE_PATTERN, TOPIC_NAME_LEN, TOPIC_NAME_PATTERN,
 };
 use super::ConfigError;
 use crate::units::HumanDuration;
@@ -426,26 +426,7 @@ impl HttpSinkConfig {
             idempotency_header,
             max_in_flight,
         } = self;
-        let rest = url
-            .strip_prefix("https://")
-            .or_else(|| url.strip_prefix("http://"));
-        let authority = rest.map(|r| r.split('/').next().unwrap_or_default());
-        if rest.is_none()
-            || authority.is_none_or(str::is_empty)
-            || url.contains(char::is_whitespace)
-            || url.len() > 2048
-        {
-            return Err(ConfigError::invalid(
-                format!("{at}.url"),
-                format!("{url:?} is not an http(s) URL, e.g. https://ingest.example.com/v1/events"),
-            ));
-        }
-        if authority.is_some_and(|a| a.contains('@')) {
-            return Err(ConfigError::invalid(
-                format!("{at}.url"),
-                "credentials do not go in the URL (it is stored in the ConfigMap and logged): send them in a header with valueEnv",
-            ));
-        }
+        http_url(&format!("{at}.url"), url)?;
         if ca_file.is_some() && url.starts_with("http://") {
             return Err(ConfigError::invalid(
                 format!("{at}.caFile"),

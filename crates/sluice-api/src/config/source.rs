@@ -45,6 +45,68 @@ pub struct SourceConfig {
     /// Extra librdkafka consumer properties, applied last.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub consumer_properties: BTreeMap<String, String>,
+    /// How record values are encoded. Without it they reach the processor as they are
+    /// (JSON for the jq processor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<SourceFormat>,
+}
+
+/// The encoding of the source's record values.
+///
+/// ```yaml
+/// format:
+///   schemaRegistry:
+///     url: https://registry.example.com
+///     credentialsEnv: SLUICE_REGISTRY_CREDENTIALS   # user:password, from spec.secretEnv
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceFormat {
+    /// Values in the Confluent wire format (a zero byte, the schema id, the payload):
+    /// Avro, Protobuf and JSON Schema records are decoded into JSON by their schema,
+    /// fetched from this registry and kept.
+    pub schema_registry: SchemaRegistryConfig,
+}
+
+/// A Confluent-compatible schema registry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// The registry's base URL (`https://...`; Apicurio: `.../apis/ccompat/v7`). No
+    /// credentials in it.
+    #[schemars(
+        length(min = 8, max = 2048),
+        regex(pattern = r"^https?://[^/@\s]+(/\S*)?$")
+    )]
+    pub url: String,
+    /// Name of the environment variable holding `user:password` for HTTP basic
+    /// authentication (Confluent Cloud: the API key and secret). None: no authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_env: Option<String>,
+    /// PEM file of the CA certificates to trust for an `https://` URL (without it, the
+    /// system's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+impl SchemaRegistryConfig {
+    /// The checks of the registry at `at` (`source.format.schemaRegistry`).
+    pub fn check(&self, at: &str) -> Result<(), ConfigError> {
+        super::rules::http_url(&format!("{at}.url"), &self.url)?;
+        if let Some(env) = &self.credentials_env {
+            non_empty(&format!("{at}.credentialsEnv"), env)?;
+        }
+        if let Some(f) = &self.ca_file {
+            non_empty(&format!("{at}.caFile"), f)?;
+            if self.url.starts_with("http://") {
+                return Err(ConfigError::invalid(
+                    format!("{at}.caFile"),
+                    "is for an https:// URL; this one is http://",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where a group without a committed offset starts reading.
@@ -82,8 +144,12 @@ impl SourceConfig {
             group_instance_id: _,
             security,
             consumer_properties,
+            format,
         } = self;
         non_empty("source.bootstrapServers", bootstrap_servers)?;
+        if let Some(f) = format {
+            f.schema_registry.check("source.format.schemaRegistry")?;
+        }
         self.subscription()?;
         non_empty("source.groupId", group_id)?;
         properties::check(

@@ -550,3 +550,48 @@ fn an_http_sink_takes_its_defaults_and_refuses_what_it_cannot_send() {
         assert!(e.contains(field) && e.contains(want), "{http}: {e}");
     }
 }
+
+#[test]
+fn a_schema_registry_format_is_checked_where_it_is_written() {
+    let with = |f: &str| {
+        MINIMAL.replace(
+            "groupId: g}",
+            &format!("groupId: g, format: {{schemaRegistry: {f}}}}}"),
+        )
+    };
+    let c = WorkerConfig::from_yaml(&with(
+        "{url: 'http://127.0.0.1:8081', credentialsEnv: SR_CREDS}",
+    ))
+    .unwrap();
+    let f = c.source.format.as_ref().unwrap();
+    assert_eq!(
+        f.schema_registry.credentials_env.as_deref(),
+        Some("SR_CREDS")
+    );
+    for (f, field, want) in [
+        (
+            "{url: 'registry:8081'}",
+            "source.format.schemaRegistry.url",
+            "not an http(s) URL",
+        ),
+        (
+            "{url: 'https://u:p@r/'}",
+            "source.format.schemaRegistry.url",
+            "credentials",
+        ),
+        (
+            "{url: 'http://r:8081', caFile: /ca.pem}",
+            "source.format.schemaRegistry.caFile",
+            "https",
+        ),
+        (
+            "{url: 'http://r:8081', credentialsEnv: ''}",
+            "source.format.schemaRegistry.credentialsEnv",
+            "empty",
+        ),
+        ("{url: 'http://r:8081', subjects: x}", "source", "subjects"),
+    ] {
+        let e = err(&with(f));
+        assert!(e.contains(field) && e.contains(want), "{f}: {e}");
+    }
+}

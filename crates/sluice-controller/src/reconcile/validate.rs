@@ -476,6 +476,21 @@ mod tests {
                 &["sinks[0].http.caFile", "secretFiles"],
             ),
             (
+                "registry credentials from an undeclared Secret env",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "k:9092", "topic": "t", "groupId": "g", "format": {"schemaRegistry": {"url": "https://r.example", "credentialsEnv": "SR_CREDS"}}}}),
+                &[
+                    "source.format.schemaRegistry.credentialsEnv",
+                    "spec.secretEnv",
+                ],
+            ),
+            (
+                "a registry caFile that is not mounted",
+                "p",
+                serde_json::json!({"source": {"bootstrapServers": "k:9092", "topic": "t", "groupId": "g", "format": {"schemaRegistry": {"url": "https://r.example", "caFile": "/etc/sluice/secrets/sr-ca.pem"}}}}),
+                &["source.format.schemaRegistry.caFile", "secretFiles"],
+            ),
+            (
                 "an http URL with credentials",
                 "p",
                 serde_json::json!({"sinks": [{"http": {"url": "https://u:p@x/y"}}]}),

@@ -55,6 +55,10 @@ async fn run_worker(
             token.abort();
             continue;
         }
+        if !prepared(processor.as_ref(), &records, &state).await {
+            token.abort();
+            continue;
+        }
         let mut outputs: Vec<(Output, Origin)> = Vec::with_capacity(records.len());
         let mut letters: Vec<Letter> = Vec::new();
         for r in &records {
@@ -76,7 +80,7 @@ async fn run_worker(
                         key: r.key.clone(),
                         value: r.value.clone(),
                         headers: r.headers.clone(),
-                        stage: processor.name().to_string(),
+                        stage: e.stage.unwrap_or(processor.name()).to_string(),
                         class: e.class,
                         message: e.message,
                         attempts: 1,
@@ -122,6 +126,30 @@ async fn run_worker(
     }
 }
 
+/// Let the processor make ready for `records` ([`Processor::prepare`]), holding the batch
+/// while a service it needs is unreachable: the lane waits, its channel fills, and the
+/// partition is paused; nothing is failed. False when the partition was revoked meanwhile.
+async fn prepared(processor: &dyn Processor, records: &[Record], state: &PartitionState) -> bool {
+    let mut waits = 0u32;
+    while let Some(ready) = processor.prepare(records) {
+        match ready.await {
+            Ok(()) => return true,
+            Err(e) => {
+                if waits % 10 == 0 {
+                    tracing::warn!(partition = state.tp().partition, error = %e.message, wait = ?e.wait, waits,
+                        "holding a batch: a service the processor needs is unreachable");
+                }
+                waits += 1;
+                tokio::time::sleep(e.wait).await;
+                if state.is_cancelled() {
+                    return false;
+                }
+            }
+        }
+    }
+    true
+}
+
 /// Run the processor over one record. A panic in it is the record's failure (class
 /// `panic`, dead-lettered like any processor error), not the end of the lane: a lane that
 /// died would stall its partition for good, and under exactly-once stop the worker at
@@ -140,10 +168,10 @@ fn process(
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "the processor panicked".into());
-            Err(ProcessError {
-                class: "panic",
-                message: format!("the processor panicked: {message}"),
-            })
+            Err(ProcessError::new(
+                "panic",
+                format!("the processor panicked: {message}"),
+            ))
         }
     }
 }

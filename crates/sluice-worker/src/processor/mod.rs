@@ -20,6 +20,9 @@ pub struct ProcessError {
     pub class: &'static str,
     /// A human-readable message.
     pub message: String,
+    /// The stage that failed, when it is not the processor itself (`decode`: the
+    /// source's format); it names the stage in the dead letter.
+    pub stage: Option<&'static str>,
 }
 
 impl ProcessError {
@@ -28,7 +31,14 @@ impl ProcessError {
         ProcessError {
             class,
             message: message.into(),
+            stage: None,
         }
+    }
+
+    /// The same error, of stage `stage`.
+    pub fn at(mut self, stage: &'static str) -> Self {
+        self.stage = Some(stage);
+        self
     }
 }
 
@@ -45,4 +55,25 @@ pub trait Processor: Send + Sync + 'static {
     /// Push the outputs for `record` onto `out`. Pushing nothing filters the record out;
     /// it still counts as done.
     fn process(&self, record: &Record, out: &mut Vec<Output>) -> Result<(), ProcessError>;
+
+    /// Make ready for a batch before [`Processor::process`] runs over its records: fetch
+    /// what they need from a service (the schemas of a schema registry). `None` (the
+    /// default): nothing to fetch. `Err`: the service cannot be reached; the lane holds
+    /// the batch, waits [`Unready::wait`] and asks again: the records are never failed
+    /// for it.
+    fn prepare<'a>(
+        &'a self,
+        _records: &'a [Record],
+    ) -> Option<futures::future::BoxFuture<'a, Result<(), Unready>>> {
+        None
+    }
+}
+
+/// Why [`Processor::prepare`] could not make ready: a service is unreachable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unready {
+    /// What failed.
+    pub message: String,
+    /// How long to wait before asking again.
+    pub wait: std::time::Duration,
 }

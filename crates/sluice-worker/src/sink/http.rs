@@ -34,14 +34,10 @@ use futures::StreamExt;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use sluice_api::config::{HttpBatchAs, HttpMethod, HttpSinkConfig, Ordering};
 use tokio::sync::Semaphore;
 
-use super::tls::{chain, TlsError};
+use super::tls::{chain, HttpClient, TlsError};
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
 use crate::record::{Origin, Output};
@@ -51,8 +47,6 @@ use crate::retry::RetryPolicy;
 const BODY_LIMIT: usize = 64 << 10;
 /// How much of a refusal's body goes into the dead letter's message and the log.
 const BODY_START: usize = 256;
-/// How long an idle pooled connection is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why the sink could not start.
 #[derive(Debug, thiserror::Error)]
@@ -275,8 +269,6 @@ fn nth_of_record(items: &[(Output, Origin)]) -> Vec<usize> {
     out
 }
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
 /// Deliver outputs to an HTTP endpoint.
 pub struct HttpSink(Arc<Inner>);
 
@@ -354,26 +346,13 @@ impl HttpSink {
                 })?,
             )
         };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.timeout.get()));
-        let tls = if uri.scheme_str() == Some("https") {
-            super::tls::client_config(config.ca_file.as_deref())?
-        } else {
-            // Never used for an http:// URL, but the connector needs one.
-            empty_tls()?
-        };
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
         let max_in_flight = config.max_in_flight.max(1) as usize;
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .pool_max_idle_per_host(max_in_flight)
-            .build(connector);
+        let client = super::tls::http_client(
+            uri.scheme_str() == Some("https"),
+            config.ca_file.as_deref(),
+            config.timeout.get(),
+            max_in_flight,
+        )?;
         let ordered = ordering != Ordering::Unordered;
         let batch_slots = if ordered { 1 } else { max_in_flight as u32 };
         tracing::info!(sink = "http", url = %uri, mode = ?config.batch.as_, ordered, max_in_flight, "http sink ready");
@@ -399,17 +378,6 @@ impl HttpSink {
             dead_letters,
         }))))
     }
-}
-
-/// A TLS configuration with no roots: what an `http://` sink's connector holds (it never
-/// makes a TLS connection).
-fn empty_tls() -> Result<rustls::ClientConfig, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth())
 }
 
 /// Every request's headers: the configured ones (values from the environment where

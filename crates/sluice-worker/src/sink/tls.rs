@@ -1,8 +1,57 @@
-//! TLS for the sinks that speak it themselves (PostgreSQL, HTTP): rustls with ring,
-//! trusting a CA file's certificates or, without one, the system's roots. The server's
-//! certificate and host name are always verified.
+//! TLS for the clients that speak it themselves (the PostgreSQL and HTTP sinks, the schema
+//! registry): rustls with ring, trusting a CA file's certificates or, without one, the
+//! system's roots. The server's certificate and host name are always verified. And the
+//! pooled HTTP/1.1 client the HTTP sink and the registry share.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// A pooled HTTP/1.1 client (`http://` and `https://`).
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// How long an idle pooled connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A pooled client keeping up to `max_idle` idle connections per host. For `https`, it
+/// trusts `ca_file` (or the system's roots); otherwise it makes no TLS connection.
+pub fn http_client(
+    https: bool,
+    ca_file: Option<&str>,
+    connect_timeout: Duration,
+    max_idle: usize,
+) -> Result<HttpClient, TlsError> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let tls = if https {
+        client_config(ca_file)?
+    } else {
+        // Never used for an http:// URL, but the connector needs one.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(IDLE_TIMEOUT)
+        .pool_max_idle_per_host(max_idle)
+        .build(connector))
+}
 
 /// Why no TLS configuration could be made.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,11 @@
-//! The http sink against a real HTTP server on loopback (`sluice_testkit::http_receiver`)
-//! and the real broker: every record delivered with its headers and idempotency key; an
-//! endpoint that fails, slows down past the timeout, answers 429 with `Retry-After` and
-//! refuses some records; and per-partition order with one output per request.
+//! Formats and services against real ones: the http sink against a real HTTP server on
+//! loopback (`sluice_testkit::http_receiver`) and the real broker: every record delivered
+//! with its headers and idempotency key; an endpoint that fails, slows down past the
+//! timeout, answers 429 with `Retry-After` and refuses some records; per-partition order
+//! with one output per request. Schema-registry records written by Confluent's own
+//! serializers (Python `confluent-kafka`, Avro and Protobuf) and registered in a real
+//! registry (Apicurio, `scripts/registry.sh`) decoded into JSON; bad ones dead-lettered by
+//! class; an unreachable registry holding records, never failing them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -18,9 +22,13 @@ struct Pipeline {
 }
 
 /// A worker reading `input` (passthrough unless `extra` says otherwise) into `sink` (one
-/// YAML list item), with `env` set.
+/// YAML list item), with `env` set; `extra`'s lines indented by two spaces go in `source`.
 fn start(name: &str, input: &str, sink: &str, extra: &str, env: &[(&str, &str)]) -> Pipeline {
     let addr = format!("127.0.0.1:{}", free_port());
+    // Lines of `extra` indented by two spaces belong to `source`.
+    let (source_extra, extra): (Vec<&str>, Vec<&str>) =
+        extra.lines().partition(|l| l.starts_with("  "));
+    let (source_extra, extra) = (source_extra.join("\n"), extra.join("\n"));
     let group = unique(&format!("{name}-g"));
     let cfg = format!(
         r#"pipeline: {name}
@@ -29,6 +37,7 @@ source:
   topic: {input}
   groupId: {group}
   sessionTimeout: 10s
+{source_extra}
 sinks:
   - {sink}
 commit: {{interval: 500ms, drainTimeout: 8s}}
@@ -358,4 +367,163 @@ fn one_output_per_request_keeps_each_partitions_order_with_one_request_in_flight
         delivered += reqs.iter().filter(|r| r.3 == 200).count();
     }
     assert_eq!(delivered as u64, n, "every record delivered once");
+}
+
+/// What the registry client writes for record `i` (in both formats).
+fn reading(i: u64) -> serde_json::Value {
+    serde_json::json!({"id": i, "name": format!("sensor-{i}"), "temp": 20.0 + i as f64 / 4.0})
+}
+
+/// Write `n` Avro and `n` Protobuf records with Confluent's serializers into `topic`.
+fn produce_registry_records(topic: &str, n: u64) {
+    let out = registry_client(&[
+        "produce",
+        "--bootstrap",
+        &bootstrap(),
+        "--registry",
+        &registry_url(),
+        "--topic",
+        topic,
+        "-n",
+        &n.to_string(),
+    ]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+}
+
+#[test]
+fn avro_and_protobuf_records_from_confluents_serializers_are_decoded_and_bad_ones_dead_lettered() {
+    let input = unique("sr-in");
+    let dlq = unique("sr-dlq");
+    let n = 200;
+    produce_registry_records(&input, n);
+    create_topic_now(&dlq, 1);
+    // Three that cannot be decoded: an id the registry does not have, a value that is no
+    // wire format, and a known id with a payload that does not fit its schema.
+    let avro_id = {
+        let r = read_all(&input, Duration::from_secs(30));
+        assert_eq!(r.len() as u64, 2 * n);
+        u32::from_be_bytes(r[0].value.as_ref().unwrap()[1..5].try_into().unwrap())
+    };
+    let mut bad_id = vec![0u8, 0x7f, 0xff, 0xff, 0x01];
+    bad_id.extend_from_slice(b"whatever");
+    let mut truncated = vec![0u8];
+    truncated.extend_from_slice(&avro_id.to_be_bytes());
+    truncated.extend_from_slice(&[0x02, 0x20, b's']);
+    produce_records(
+        &input,
+        [bad_id, br#"{"plain":"json"}"#.to_vec(), truncated]
+            .into_iter()
+            .map(|value| TestRecord {
+                tombstone: false,
+                partition: None,
+                key: None,
+                value,
+            }),
+    );
+    let rx = HttpReceiver::start(|_| Answer::ok());
+    let p = start(
+        "sr-decode",
+        &input,
+        &format!("http: {{url: \"{}\", batch: {{as: lines}}}}", rx.url("/readings")),
+        &format!(
+            "  format: {{schemaRegistry: {{url: \"{}\"}}}}\nprocessor: {{jq: {{program: '{{id, name, temp}}'}}}}\ndeadLetter: {{topic: {dlq}}}",
+            registry_url()
+        ),
+        &[],
+    );
+    p.wait_committed(Duration::from_secs(120));
+    p.stop();
+    let mut got: Vec<serde_json::Value> = rx
+        .log()
+        .iter()
+        .flat_map(|r| {
+            r.text()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    got.sort_by_key(|v| v["id"].as_u64());
+    let want: Vec<serde_json::Value> = (0..n).flat_map(|i| [reading(i), reading(i)]).collect();
+    assert_eq!(got, want, "every Avro and Protobuf record, field for field");
+    let letters = read_all(&dlq, Duration::from_secs(30));
+    let mut classes: Vec<&str> = letters
+        .iter()
+        .map(|l| {
+            assert_eq!(l.header("sluice.error.stage"), Some("decode"));
+            l.header("sluice.error.class").unwrap()
+        })
+        .collect();
+    classes.sort();
+    assert_eq!(
+        classes,
+        ["not_wire_format", "schema_decode", "schema_unknown"],
+        "{letters:?}"
+    );
+}
+
+#[test]
+fn an_unreachable_registry_holds_records_until_it_answers_and_fails_none() {
+    let input = unique("sr-hold-in");
+    let dlq = unique("sr-hold-dlq");
+    create_topic_now(&dlq, 1);
+    let n = 50;
+    produce_registry_records(&input, n);
+    // The worker reaches the registry through a proxy that is cut before it starts.
+    let target = registry_url();
+    let authority = target
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let path = &target[target.find(&authority).unwrap() + authority.len()..];
+    let proxy = TcpProxy::start(&authority);
+    proxy.cut();
+    let rx = HttpReceiver::start(|_| Answer::ok());
+    let p = start(
+        "sr-hold",
+        &input,
+        &format!("http: {{url: \"{}\"}}", rx.url("/r")),
+        &format!(
+            "  format: {{schemaRegistry: {{url: \"http://{}{path}\"}}}}\ndeadLetter: {{topic: {dlq}}}",
+            proxy.addr
+        ),
+        &[],
+    );
+    // Held: nothing delivered, nothing dead-lettered, nothing committed, the worker live.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        rx.log().is_empty(),
+        "nothing delivered while the registry is unreachable"
+    );
+    assert_eq!(uncommitted(&bootstrap(), &p.group, &p.input), 2 * n as i64);
+    assert_eq!(
+        http_status(&p.worker.metrics_addr, "/healthz"),
+        Some(200),
+        "live while holding"
+    );
+    assert!(
+        p.worker
+            .log_tail(200)
+            .contains("schema registry unreachable"),
+        "the hold is logged"
+    );
+    proxy.restore();
+    p.wait_committed(Duration::from_secs(60));
+    let delivered: usize = rx
+        .log()
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Vec<serde_json::Value>>(&r.body)
+                .unwrap()
+                .len()
+        })
+        .sum();
+    p.stop();
+    assert_eq!(delivered as u64, 2 * n);
+    assert!(
+        read_all(&dlq, Duration::from_secs(5)).is_empty(),
+        "no record failed for it"
+    );
 }
