@@ -896,6 +896,22 @@ impl StreamPipeline {
             }
         }
         for (i, sink) in sinks.iter().enumerate() {
+            if let SinkConfig::Kafka(k) = sink {
+                let env = k
+                    .format
+                    .as_ref()
+                    .and_then(|f| f.schema_registry.credentials_env.as_ref());
+                if let Some(env) = env {
+                    if !secret_env.iter().any(|e| &e.name == env) {
+                        return Err(ConfigError::Invalid {
+                            field: format!("sinks[{i}].kafka.format.schemaRegistry.credentialsEnv"),
+                            message: format!(
+                                "`{env}` must be filled from a Secret: add it to spec.secretEnv"
+                            ),
+                        });
+                    }
+                }
+            }
             if let SinkConfig::Http(h) = sink {
                 for (j, header) in h.headers.iter().enumerate() {
                     let Some(env) = &header.value_env else {
@@ -960,6 +976,15 @@ impl StreamPipeline {
             if let SinkConfig::Http(h) = sink {
                 if let Some(f) = &h.ca_file {
                     files.push((format!("sinks[{i}].http.caFile"), f));
+                }
+            }
+            if let SinkConfig::Kafka(k) = sink {
+                if let Some(f) = k
+                    .format
+                    .as_ref()
+                    .and_then(|f| f.schema_registry.ca_file.as_ref())
+                {
+                    files.push((format!("sinks[{i}].kafka.format.schemaRegistry.caFile"), f));
                 }
             }
         }

@@ -25,6 +25,9 @@ pub enum PipelineError {
     /// The schema registry client could not be made.
     #[error(transparent)]
     Registry(#[from] crate::format::registry::RegistrySetupError),
+    /// A Kafka sink's schema could not be compiled or registered.
+    #[error(transparent)]
+    Encoder(#[from] crate::format::encode::EncoderSetupError),
     /// A fatal producer or consumer error; restart resumes from the last commit.
     #[error("fatal {0} error; restarting resumes from the last committed offsets")]
     Fatal(&'static str),

@@ -18,6 +18,7 @@ use crate::delivery::exactly_once::{self, ExactlyOnce, Transactions};
 use crate::delivery::Delivery;
 use crate::engine::registry::Registry;
 use crate::engine::SinkSet;
+use crate::format::encode::Encoder;
 use crate::kafka::assignment::Assignment;
 use crate::kafka::client::base_config;
 use crate::kafka::config::{
@@ -36,6 +37,7 @@ use crate::sink::kafka::KafkaSink;
 use crate::sink::kafka_txn::{Refusals, TxnKafkaSink};
 use crate::sink::null::NullSink;
 use crate::sink::postgres::PostgresSink;
+use crate::sink::produce::OutputTarget;
 use crate::sink::stdout::StdoutSink;
 use crate::sink::{DynSink, SinkMetrics};
 
@@ -116,11 +118,23 @@ async fn build_sinks(
     for (i, sc) in config.sinks.iter().enumerate() {
         let name = sc.kind();
         let sm = SinkMetrics::new(metrics, name);
+        let target = match sc {
+            SinkConfig::Kafka(k) => {
+                let encoder = match &k.format {
+                    Some(f) => Some(Arc::new(
+                        Encoder::new(&f.schema_registry, &k.topic, &|v| std::env::var(v).ok())
+                            .await?,
+                    )),
+                    None => None,
+                };
+                Some(OutputTarget::new(k, limits[i]).encoded(encoder))
+            }
+            _ => None,
+        };
         let sink: DynSink = match sc {
-            SinkConfig::Kafka(k) if txn.is_some() => TxnKafkaSink::new(
+            SinkConfig::Kafka(_) if txn.is_some() => TxnKafkaSink::new(
                 txn.expect("exactly-once").producer().clone(),
-                k,
-                limits[i],
+                target.expect("a kafka sink's target"),
                 sm,
                 dead_letters.clone(),
                 refusals.clone(),
@@ -135,8 +149,7 @@ async fn build_sinks(
                 )?;
                 let s = KafkaSink::new(
                     with(cfg, clients::sink_producer(config, k)),
-                    k,
-                    limits[i],
+                    target.expect("a kafka sink's target"),
                     sm,
                     dead_letters.clone(),
                 )?;

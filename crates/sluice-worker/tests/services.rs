@@ -527,3 +527,64 @@ fn an_unreachable_registry_holds_records_until_it_answers_and_fails_none() {
         "no record failed for it"
     );
 }
+
+#[test]
+fn outputs_encoded_in_avro_and_protobuf_are_read_back_by_confluents_deserializers() {
+    let input = unique("sr-rt-in");
+    let avro_out = unique("sr-rt-avro");
+    let proto_out = unique("sr-rt-pb");
+    let dlq = unique("sr-rt-dlq");
+    for t in [&avro_out, &proto_out, &dlq] {
+        create_topic_now(t, 1);
+    }
+    let n = 100;
+    produce_registry_records(&input, n);
+    let avro_schema = r#"{"type":"record","name":"Reading","namespace":"sluice.test","fields":[{"name":"id","type":"long"},{"name":"name","type":"string"},{"name":"temp","type":"double"}]}"#;
+    let proto = "syntax = \"proto3\";\npackage sluice.regprobe.pb;\nmessage Envelope { string source = 1; }\nmessage Reading { int64 id = 1; string name = 2; double temp = 3; }\n";
+    let registry = registry_url();
+    // Record 7 is made not to fit either schema (a string where a double goes).
+    let p = start(
+        "sr-roundtrip",
+        &input,
+        &format!(
+            "kafka: {{topic: {avro_out}, format: {{schemaRegistry: {{url: \"{registry}\", schema: {{avro: '{avro_schema}'}}}}}}}}\n  - kafka: {{topic: {proto_out}, format: {{schemaRegistry: {{url: \"{registry}\", subjectStrategy: record, schema: {{protobuf: {{proto: {proto:?}, message: sluice.regprobe.pb.Reading}}}}}}}}}}"
+        ),
+        &format!(
+            "  format: {{schemaRegistry: {{url: \"{registry}\"}}}}\nprocessor: {{jq: {{program: 'if .id == 7 then .temp = \"hot\" else . end'}}}}\ndeadLetter: {{topic: {dlq}}}"
+        ),
+        &[],
+    );
+    p.wait_committed(Duration::from_secs(120));
+    p.stop();
+    let good = (2 * n - 2).to_string();
+    for topic in [&avro_out, &proto_out] {
+        let out = registry_client(&[
+            "consume",
+            "--bootstrap",
+            &bootstrap(),
+            "--registry",
+            &registry,
+            "--topic",
+            topic,
+            "-n",
+            &good,
+            "--verify",
+        ]);
+        assert_eq!(
+            out.lines().count().to_string(),
+            good,
+            "{topic}: every good record, field for field"
+        );
+    }
+    let letters = read_all(&dlq, Duration::from_secs(30));
+    assert_eq!(
+        letters.len(),
+        4,
+        "record 7 in both formats, refused by both sinks"
+    );
+    for l in &letters {
+        assert_eq!(l.header("sluice.error.class"), Some("schema_mismatch"));
+        let v: serde_json::Value = serde_json::from_slice(l.value.as_ref().unwrap()).unwrap();
+        assert_eq!(v["id"], 7, "the output that did not fit, as JSON");
+    }
+}

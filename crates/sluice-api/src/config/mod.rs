@@ -52,7 +52,8 @@ pub use retry::{DeadLetterConfig, RetryConfig};
 pub use security::{OAuthConfig, SaslMechanism, SecurityConfig, SecurityProtocol};
 pub use sink::{
     ColumnMapping, HttpBatch, HttpBatchAs, HttpHeader, HttpMethod, HttpSinkConfig, KafkaSinkConfig,
-    KeySource, OnConflict, PostgresSinkConfig, SinkConfig,
+    KeySource, OnConflict, PostgresSinkConfig, SinkConfig, SinkFormat, SinkRegistryConfig,
+    SubjectStrategy, WriterSchema,
 };
 pub use source::{
     subscription, SchemaRegistryConfig, SourceConfig, SourceFormat, StartFrom, Subscription,

@@ -70,6 +70,123 @@ pub struct KafkaSinkConfig {
     /// Extra librdkafka producer properties, applied last.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub producer_properties: BTreeMap<String, String>,
+    /// How output values are encoded. Without it they are written as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<SinkFormat>,
+}
+
+/// The encoding of a Kafka sink's output values.
+///
+/// ```yaml
+/// format:
+///   schemaRegistry:
+///     url: http://registry.example.com:8081
+///     subjectStrategy: topic          # topic (<topic>-value) | record | topicRecord
+///     schema:
+///       avro: '{"type": "record", "name": "Reading", "fields": [...]}'
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SinkFormat {
+    /// Values in the Confluent wire format: each output value (JSON) is encoded with
+    /// `schema`, registered in this registry at start-up.
+    pub schema_registry: SinkRegistryConfig,
+}
+
+/// A schema registry and the schema a Kafka sink writes with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SinkRegistryConfig {
+    /// The registry's base URL (as `source.format.schemaRegistry.url`).
+    #[schemars(
+        length(min = 8, max = 2048),
+        regex(pattern = r"^https?://[^/@\s]+(/\S*)?$")
+    )]
+    pub url: String,
+    /// Name of the environment variable holding `user:password` for basic authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_env: Option<String>,
+    /// PEM file of the CA certificates to trust for an `https://` URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// The subject the schema is registered under.
+    #[serde(default)]
+    pub subject_strategy: SubjectStrategy,
+    /// The schema.
+    pub schema: WriterSchema,
+    /// Register the schema at start-up when the subject does not have it (default);
+    /// false: it must be registered already (start-up fails otherwise).
+    #[serde(default = "default_true")]
+    pub auto_register: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Confluent's subject name strategies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SubjectStrategy {
+    /// `<topic>-value` (TopicNameStrategy).
+    #[default]
+    Topic,
+    /// The record's full name (RecordNameStrategy).
+    Record,
+    /// `<topic>-<record full name>` (TopicRecordNameStrategy).
+    TopicRecord,
+}
+
+/// The schema a sink writes with: Avro, or Protobuf with the message to write.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum WriterSchema {
+    /// An Avro schema (JSON text).
+    Avro(String),
+    /// A `.proto` file's text and the full name of the message each value is.
+    Protobuf {
+        /// The `.proto` text.
+        proto: String,
+        /// The message's full name (`package.Message`); default: the file's first message.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+}
+
+impl SinkRegistryConfig {
+    /// The checks at `at` (`sinks[0].kafka.format.schemaRegistry`).
+    fn check(&self, at: &str) -> Result<(), ConfigError> {
+        http_url(&format!("{at}.url"), &self.url)?;
+        if let Some(env) = &self.credentials_env {
+            non_empty(&format!("{at}.credentialsEnv"), env)?;
+        }
+        if let Some(f) = &self.ca_file {
+            non_empty(&format!("{at}.caFile"), f)?;
+            if self.url.starts_with("http://") {
+                return Err(ConfigError::invalid(
+                    format!("{at}.caFile"),
+                    "is for an https:// URL; this one is http://",
+                ));
+            }
+        }
+        match &self.schema {
+            WriterSchema::Avro(text) => {
+                if serde_json::from_str::<serde_json::Value>(text).is_err() {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.schema.avro"),
+                        "an Avro schema is JSON (e.g. {\"type\": \"record\", \"name\": \"Reading\", \"fields\": [...]})",
+                    ));
+                }
+            }
+            WriterSchema::Protobuf { proto, message } => {
+                non_empty(&format!("{at}.schema.protobuf.proto"), proto)?;
+                if let Some(m) = message {
+                    non_empty(&format!("{at}.schema.protobuf.message"), m)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Which key a Kafka sink writes.
@@ -179,8 +296,13 @@ impl KafkaSinkConfig {
             key: _,
             trace_header,
             producer_properties,
+            format,
         } = self;
         topic_name(&format!("{at}.topic"), topic)?;
+        if let Some(f) = format {
+            f.schema_registry
+                .check(&format!("{at}.format.schemaRegistry"))?;
+        }
         properties::check(
             &format!("{at}.producerProperties"),
             producer_properties,

@@ -595,3 +595,50 @@ fn a_schema_registry_format_is_checked_where_it_is_written() {
         assert!(e.contains(field) && e.contains(want), "{f}: {e}");
     }
 }
+
+#[test]
+fn a_kafka_sinks_schema_is_checked_where_it_is_written() {
+    let with = |f: &str| {
+        MINIMAL.replace(
+            "{kafka: {topic: out}}",
+            &format!("{{kafka: {{topic: out, format: {{schemaRegistry: {f}}}}}}}"),
+        )
+    };
+    let c = WorkerConfig::from_yaml(&with(
+        "{url: 'http://r:8081', schema: {avro: '{\"type\": \"string\"}'}}",
+    ))
+    .unwrap();
+    let SinkConfig::Kafka(k) = &c.sinks[0] else {
+        panic!()
+    };
+    let f = &k.format.as_ref().unwrap().schema_registry;
+    assert_eq!(f.subject_strategy, SubjectStrategy::Topic);
+    assert!(f.auto_register);
+    let at = "sinks[0].kafka.format.schemaRegistry";
+    for (f, field, want) in [
+        (
+            "{url: 'r:8081', schema: {avro: '{}'}}",
+            format!("{at}.url"),
+            "not an http(s) URL",
+        ),
+        (
+            "{url: 'http://r', schema: {avro: 'record Reading'}}",
+            format!("{at}.schema.avro"),
+            "JSON",
+        ),
+        (
+            "{url: 'http://r', schema: {protobuf: {proto: ''}}}",
+            format!("{at}.schema.protobuf.proto"),
+            "empty",
+        ),
+        (
+            "{url: 'http://r', schema: {avro: '{}'}, subjectStrategy: name}",
+            "sinks[0]".into(),
+            "topicRecord",
+        ),
+        ("{url: 'http://r'}", "sinks[0]".into(), "schema"),
+    ] {
+        let e = err(&with(f));
+        assert!(e.contains(&field) && e.contains(want), "{f}: {e}");
+    }
+}

@@ -491,6 +491,15 @@ mod tests {
                 &["source.format.schemaRegistry.caFile", "secretFiles"],
             ),
             (
+                "a sink's registry credentials from an undeclared Secret env",
+                "p",
+                serde_json::json!({"sinks": [{"kafka": {"topic": "out", "format": {"schemaRegistry": {"url": "https://r.example", "credentialsEnv": "SR_CREDS", "schema": {"avro": "{\"type\": \"string\"}"}}}}}]}),
+                &[
+                    "sinks[0].kafka.format.schemaRegistry.credentialsEnv",
+                    "spec.secretEnv",
+                ],
+            ),
+            (
                 "an http URL with credentials",
                 "p",
                 serde_json::json!({"sinks": [{"http": {"url": "https://u:p@x/y"}}]}),

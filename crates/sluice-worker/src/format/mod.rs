@@ -11,6 +11,7 @@
 //! is not in the wire format (`not_wire_format`) or does not decode with its schema
 //! (`schema_decode`) goes to the dead-letter path, stage `decode`, with the value as read.
 
+pub mod encode;
 pub mod registry;
 mod schema;
 

@@ -161,27 +161,106 @@ impl Registry {
         subject: &str,
         version: i64,
     ) -> Result<RegisteredSchema, FetchError> {
-        let subject: String = subject
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
+        self.get(&format!(
+            "/subjects/{}/versions/{version}",
+            encode_path(subject)
+        ))
+        .await
+    }
+
+    /// Register `schema` under `subject` (or find it there): its id.
+    pub async fn register(
+        &self,
+        subject: &str,
+        schema: &str,
+        schema_type: SchemaType,
+    ) -> Result<u32, FetchError> {
+        let path = format!("/subjects/{}/versions", encode_path(subject));
+        self.id_of(&path, schema, schema_type).await
+    }
+
+    /// The id `schema` has under `subject`, which must have it.
+    pub async fn lookup(
+        &self,
+        subject: &str,
+        schema: &str,
+        schema_type: SchemaType,
+    ) -> Result<u32, FetchError> {
+        let path = format!("/subjects/{}", encode_path(subject));
+        self.id_of(&path, schema, schema_type).await
+    }
+
+    async fn id_of(
+        &self,
+        path: &str,
+        schema: &str,
+        schema_type: SchemaType,
+    ) -> Result<u32, FetchError> {
+        let mut doc = serde_json::json!({ "schema": schema });
+        match schema_type {
+            SchemaType::Avro => {}
+            SchemaType::Protobuf => doc["schemaType"] = "PROTOBUF".into(),
+            SchemaType::Json => doc["schemaType"] = "JSON".into(),
+        }
+        let body = serde_json::to_vec(&doc).unwrap_or_default();
+        let answer = self.call(http::Method::POST, path, Some(body)).await?;
+        #[derive(Deserialize)]
+        struct Id {
+            id: u32,
+        }
+        serde_json::from_slice::<Id>(&answer)
+            .map(|i| i.id)
+            .map_err(|e| {
+                FetchError::Unavailable(format!("{}{path}: no id in the answer: {e}", self.base))
             })
-            .collect();
-        self.get(&format!("/subjects/{subject}/versions/{version}"))
-            .await
     }
 
     async fn get(&self, path: &str) -> Result<RegisteredSchema, FetchError> {
         let url = format!("{}{path}", self.base);
+        let body = self.call(http::Method::GET, path, None).await?;
+        let wire: Wire = serde_json::from_slice(&body)
+            .map_err(|e| FetchError::Unavailable(format!("{url}: not a schema document: {e}")))?;
+        let schema_type = match wire
+            .schema_type
+            .as_deref()
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+        {
+            None | Some("AVRO") => SchemaType::Avro,
+            Some("PROTOBUF") => SchemaType::Protobuf,
+            Some("JSON") => SchemaType::Json,
+            Some(other) => {
+                return Err(FetchError::NotFound(format!(
+                    "{url}: schema type {other} is not one sluice decodes (AVRO, PROTOBUF, JSON)"
+                )))
+            }
+        };
+        Ok(RegisteredSchema {
+            schema: wire.schema,
+            schema_type,
+            references: wire.references,
+        })
+    }
+
+    /// One request: the body of a `200`; `NotFound` for a `404`, and for a `409` or `422`
+    /// (a schema the registry refuses), with its message; `Unavailable` otherwise.
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, FetchError> {
+        let url = format!("{}{path}", self.base);
         let unavailable = |m: String| FetchError::Unavailable(format!("{url}: {m}"));
-        let mut req = Request::new(Full::new(Bytes::new()));
+        let mut req = Request::new(Full::new(body.map(Bytes::from).unwrap_or_default()));
+        *req.method_mut() = method;
         *req.uri_mut() = url
             .parse()
             .map_err(|e: http::uri::InvalidUri| unavailable(e.to_string()))?;
+        req.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/vnd.schemaregistry.v1+json"),
+        );
         req.headers_mut().insert(
             ACCEPT,
             HeaderValue::from_static("application/vnd.schemaregistry.v1+json, application/json"),
@@ -213,33 +292,25 @@ impl Registry {
                 .join(" ")
         };
         match status {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND => {
-                return Err(FetchError::NotFound(format!("{url}: HTTP 404: {}", text())))
-            }
-            s => return Err(unavailable(format!("HTTP {}: {}", s.as_u16(), text()))),
+            StatusCode::OK => Ok(body),
+            StatusCode::NOT_FOUND | StatusCode::UNPROCESSABLE_ENTITY | StatusCode::CONFLICT => Err(
+                FetchError::NotFound(format!("{url}: HTTP {}: {}", status.as_u16(), text())),
+            ),
+            s => Err(unavailable(format!("HTTP {}: {}", s.as_u16(), text()))),
         }
-        let wire: Wire = serde_json::from_slice(&body)
-            .map_err(|e| unavailable(format!("not a schema document: {e}")))?;
-        let schema_type = match wire
-            .schema_type
-            .as_deref()
-            .map(str::to_ascii_uppercase)
-            .as_deref()
-        {
-            None | Some("AVRO") => SchemaType::Avro,
-            Some("PROTOBUF") => SchemaType::Protobuf,
-            Some("JSON") => SchemaType::Json,
-            Some(other) => {
-                return Err(FetchError::NotFound(format!(
-                    "{url}: schema type {other} is not one sluice decodes (AVRO, PROTOBUF, JSON)"
-                )))
-            }
-        };
-        Ok(RegisteredSchema {
-            schema: wire.schema,
-            schema_type,
-            references: wire.references,
-        })
     }
+}
+
+/// `subject` as one path segment.
+fn encode_path(subject: &str) -> String {
+    subject
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

@@ -28,7 +28,6 @@ use futures::future::BoxFuture;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext};
-use sluice_api::config::KafkaSinkConfig;
 use tokio::sync::Notify;
 
 use super::produce::{while_queue_full, OutputRecord, OutputTarget, Outstanding};
@@ -298,12 +297,11 @@ impl KafkaSink {
     /// `batch.size` is capped at it.
     pub fn new(
         mut client: ClientConfig,
-        config: &KafkaSinkConfig,
-        limit: Option<usize>,
+        target: OutputTarget,
         metrics: SinkMetrics,
         dead_letters: Arc<DeadLetters>,
     ) -> Result<Arc<Self>, KafkaError> {
-        if let Some(l) = limit {
+        if let Some(l) = target.limit {
             limits::cap_batch_size(&mut client, l);
         }
         let shared = Arc::new(Shared {
@@ -318,11 +316,11 @@ impl KafkaSink {
         });
         let producer = client.create_with_context(SinkContext {
             shared: shared.clone(),
-            topic: config.topic.clone(),
+            topic: target.topic.clone(),
         })?;
         let sink = Arc::new(KafkaSink {
             producer,
-            target: OutputTarget::new(config, limit),
+            target,
             shared,
         });
         Ok(sink)
@@ -343,7 +341,7 @@ impl KafkaSink {
         if let Some(k) = record.key {
             rec = rec.key(k);
         }
-        if let Some(v) = record.value {
+        if let Some(v) = record.value.as_deref() {
             rec = rec.payload(v);
         }
         if let Some(h) = record.kafka_headers() {
@@ -388,7 +386,18 @@ impl Sink for KafkaSink {
             // The producer copies what it is given, so the sends borrow the batch itself.
             for (index, (o, origin)) in batch.items.iter().enumerate() {
                 let opaque = opaque(slot, index);
-                let record = self.target.record(o, origin);
+                let record = match self.target.record(o, origin) {
+                    Ok(r) => r,
+                    Err(f) => {
+                        if let Some(n) = self.shared.reject_log.tick() {
+                            tracing::error!(sink = "kafka", topic = %self.target.topic, error = %f.message, outputs = n,
+                                "an output does not fit the sink's schema; it goes to the dead-letter topic");
+                        }
+                        self.shared.reject(opaque, f.class, f.message, 1);
+                        hold.unsent -= 1;
+                        continue;
+                    }
+                };
                 if let Some((size, limit)) = record.over(self.target.limit) {
                     if let Some(n) = self.shared.reject_log.tick() {
                         tracing::error!(sink = "kafka", topic = %self.target.topic, size, max_message_bytes = limit, outputs = n,
@@ -479,17 +488,17 @@ mod tests {
             .set("bootstrap.servers", mock.bootstrap_servers())
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", "20000");
-        let config = KafkaSinkConfig {
+        let config = sluice_api::config::KafkaSinkConfig {
             topic: "out".into(),
             bootstrap_servers: None,
             key: Default::default(),
             trace_header: None,
             producer_properties: Default::default(),
+            format: None,
         };
         let sink = KafkaSink::new(
             client,
-            &config,
-            None,
+            OutputTarget::new(&config, None),
             SinkMetrics::new(&metrics, "kafka"),
             dead_letters.clone(),
         )

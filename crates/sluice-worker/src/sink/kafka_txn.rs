@@ -26,7 +26,6 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureRecord, Producer};
-use sluice_api::config::KafkaSinkConfig;
 
 use crate::deadletter::DeadLetters;
 use crate::kafka::limits;
@@ -148,15 +147,14 @@ impl TxnKafkaSink {
     /// `crate::kafka::limits`).
     pub fn new(
         producer: SharedProducer,
-        config: &KafkaSinkConfig,
-        limit: Option<usize>,
+        target: OutputTarget,
         metrics: SinkMetrics,
         dead_letters: Arc<DeadLetters>,
         refusals: Arc<Refusals>,
     ) -> Arc<Self> {
         Arc::new(TxnKafkaSink {
             producer,
-            target: OutputTarget::new(config, limit),
+            target,
             metrics,
             dead_letters,
             outstanding: Arc::default(),
@@ -195,7 +193,17 @@ impl Sink for TxnKafkaSink {
                     Some(Refusal::Suspect) => true,
                     None => false,
                 };
-                let record = self.target.record(o, origin);
+                let record = match self.target.record(o, origin) {
+                    Ok(r) => r,
+                    Err(f) => {
+                        // Never produced, like a record over the size limit below.
+                        if suspect {
+                            self.refusals.set(origin, output, None);
+                        }
+                        rejected.push((index, f));
+                        continue;
+                    }
+                };
                 if let Some((size, limit)) = record.over(self.target.limit) {
                     // Never produced: the transaction stays healthy and the letter
                     // joins it, with no abort and no batch-mate touched.
@@ -226,7 +234,7 @@ impl Sink for TxnKafkaSink {
                 if let Some(k) = record.key {
                     rec = rec.key(k);
                 }
-                if let Some(v) = record.value {
+                if let Some(v) = record.value.as_deref() {
                     rec = rec.payload(v);
                 }
                 if let Some(h) = record.kafka_headers() {

@@ -4,6 +4,7 @@
 //! the producer's queue is full ([`while_queue_full`]), and the count of batches still
 //! waiting for the broker that `flush` waits on ([`Outstanding`]).
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ pub struct OutputTarget {
     pub trace_header: Option<String>,
     /// The topic's `max.message.bytes`, when it could be read.
     pub limit: Option<usize>,
+    /// Encodes values in a schema registry's wire format (`format.schemaRegistry`).
+    pub encoder: Option<std::sync::Arc<crate::format::encode::Encoder>>,
 }
 
 impl OutputTarget {
@@ -37,17 +40,42 @@ impl OutputTarget {
             key: config.key,
             trace_header: config.trace_header.clone(),
             limit,
+            encoder: None,
         }
     }
 
-    /// The record `output` (from `origin`) is produced as.
-    pub fn record<'a>(&'a self, output: &'a Output, origin: &'a Origin) -> OutputRecord<'a> {
-        OutputRecord {
+    /// With values encoded by `encoder`.
+    pub fn encoded(
+        mut self,
+        encoder: Option<std::sync::Arc<crate::format::encode::Encoder>>,
+    ) -> Self {
+        self.encoder = encoder;
+        self
+    }
+
+    /// The record `output` (from `origin`) is produced as; with an encoder, the output's
+    /// value in its wire format, or why it does not fit the schema (a tombstone stays one).
+    pub fn record<'a>(
+        &'a self,
+        output: &'a Output,
+        origin: &'a Origin,
+    ) -> Result<OutputRecord<'a>, crate::sink::SinkFailure> {
+        let value = match (&self.encoder, output.value.as_deref()) {
+            (Some(e), Some(v)) => Some(Cow::Owned(e.encode(v).map_err(|message| {
+                crate::sink::SinkFailure {
+                    class: "schema_mismatch",
+                    message,
+                    attempts: 1,
+                }
+            })?)),
+            (_, v) => v.map(Cow::Borrowed),
+        };
+        Ok(OutputRecord {
             key: match self.key {
                 KeySource::Output => output.key.as_deref(),
                 KeySource::Input => origin.key.as_deref(),
             },
-            value: output.value.as_deref(),
+            value,
             headers: &output.headers,
             trace: self.trace_header.as_deref().map(|name| {
                 (
@@ -55,7 +83,7 @@ impl OutputTarget {
                     format!("{}/{}/{}", origin.topic, origin.partition, origin.offset),
                 )
             }),
-        }
+        })
     }
 }
 
@@ -64,8 +92,8 @@ impl OutputTarget {
 pub struct OutputRecord<'a> {
     /// The record key.
     pub key: Option<&'a [u8]>,
-    /// The record value.
-    pub value: Option<&'a [u8]>,
+    /// The record value (encoded, with an encoder).
+    pub value: Option<Cow<'a, [u8]>>,
     headers: &'a [crate::record::Header],
     trace: Option<(&'a str, String)>,
 }
@@ -92,7 +120,7 @@ impl OutputRecord<'_> {
     /// broker would refuse it, and its whole produce batch with it.
     pub fn over(&self, limit: Option<usize>) -> Option<(usize, usize)> {
         let limit = limit?;
-        let size = limits::batch_size_alone(self.key, self.value, self.headers());
+        let size = limits::batch_size_alone(self.key, self.value.as_deref(), self.headers());
         (size > limit).then_some((size, limit))
     }
 }
@@ -168,6 +196,7 @@ mod tests {
             key,
             trace_header: trace.map(String::from),
             limit: None,
+            encoder: None,
         }
     }
 
@@ -192,7 +221,7 @@ mod tests {
     fn key_source_and_trace_header_shape_the_record() {
         let (o, origin) = output();
         let t = target(KeySource::Input, Some("sluice-source"));
-        let r = t.record(&o, &origin);
+        let r = t.record(&o, &origin).unwrap();
         assert_eq!(r.key, Some(&b"k-in"[..]));
         let h: Vec<_> = r.headers().collect();
         assert_eq!(
@@ -203,21 +232,21 @@ mod tests {
             ]
         );
         let t = target(KeySource::Output, None);
-        let r = t.record(&o, &origin);
+        let r = t.record(&o, &origin).unwrap();
         assert_eq!(r.key, Some(&b"k-out"[..]));
         assert_eq!(r.headers().count(), 1);
         let bare = Output {
             headers: vec![],
             ..o.clone()
         };
-        assert!(t.record(&bare, &origin).kafka_headers().is_none());
+        assert!(t.record(&bare, &origin).unwrap().kafka_headers().is_none());
     }
 
     #[test]
     fn over_the_limit_only_when_the_record_alone_is() {
         let (o, origin) = output();
         let t = target(KeySource::Output, None);
-        let r = t.record(&o, &origin);
+        let r = t.record(&o, &origin).unwrap();
         assert_eq!(r.over(None), None);
         let (size, _) = r.over(Some(1)).expect("over 1 byte");
         assert_eq!(
