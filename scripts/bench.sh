@@ -109,6 +109,9 @@ print(json.dumps({"mode": "kafka-end-to-end-latency-tool", "records": int(sys.ar
 
 python3 scripts/bench_summary.py "$RESULTS" | tee "$OUT/summary.md"
 
+# Schema-registry records and the http sink, beside the JSON path (its own table).
+scripts/bench-formats.sh
+
 # Instructions per record and per stage (callgrind), for a fixed small workload.
 scripts/profile.sh
 

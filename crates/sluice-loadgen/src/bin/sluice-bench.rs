@@ -17,6 +17,15 @@
 //! - `latency-relay` / `latency-sluice`: end-to-end latency at an offered `--rate`
 //! - `sluice-relay-eos` / `latency-sluice-eos`: `sluice-relay` / `latency-sluice` with
 //!   `delivery: exactly-once` (one transaction per `--window`)
+//! - `preload-avro`  fill `--topic` with the same records in Avro, in a schema registry's
+//!   wire format (`--registry`; the schema registered as `<topic>-value`)
+//! - `http-receiver` an HTTP server on `--listen` answering 200 to every request after
+//!   reading it (run apart, so its CPU is not the pipeline's); `--print` writes each body
+//!   on a line of standard output (the e2e suite's HTTP service in the cluster)
+//! - `sluice-http`   the sluice pipeline posting JSON arrays to `--http-url`; with
+//!   `--registry`, reading Avro records decoded by their schema (reported as
+//!   `sluice-http-avro`, else `sluice-http-json`). `sluice-null --registry` is the decoding
+//!   alone (`sluice-null-avro`)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -70,6 +79,101 @@ struct Args {
     /// test: the plain baselines' and sluice's (`source.consumerProperties`).
     #[arg(long = "consumer-property", value_parser = parse_property)]
     consumer_properties: Vec<(String, String)>,
+    /// A Confluent-compatible schema registry: `preload-avro` registers its schema there;
+    /// the sluice modes decode their input by it (`source.format.schemaRegistry`).
+    #[arg(long)]
+    registry: Option<String>,
+    /// The endpoint of `sluice-http`.
+    #[arg(long, default_value = "http://127.0.0.1:9290/ingest")]
+    http_url: String,
+    /// Where `http-receiver` listens.
+    #[arg(long, default_value = "127.0.0.1:9290")]
+    listen: String,
+    /// `http-receiver`: print each request's body on a line of its own.
+    #[arg(long)]
+    print: bool,
+}
+
+/// The Avro schema of the load generator's records (`sluice_loadgen::payload`).
+const AVRO_SCHEMA: &str = r#"{"type":"record","name":"Reading","namespace":"sluice.bench","fields":[{"name":"seq","type":"long"},{"name":"deviceId","type":"string"},{"name":"tempC","type":"double"},{"name":"pad","type":"string"}]}"#;
+
+/// Fill `a.topic` with `a.count` records like `preload`'s, Avro-encoded in the wire format.
+async fn preload_avro(a: &Args) -> anyhow::Result<()> {
+    let url = a
+        .registry
+        .clone()
+        .context("preload-avro needs --registry")?;
+    create_topic(&a.bootstrap, &a.topic, a.partitions).await?;
+    let config = sluice_api::config::SinkRegistryConfig {
+        url,
+        credentials_env: None,
+        ca_file: None,
+        subject_strategy: Default::default(),
+        schema: sluice_api::config::WriterSchema::Avro(AVRO_SCHEMA.into()),
+        auto_register: true,
+    };
+    let encoder =
+        Arc::new(sluice_worker::format::encode::Encoder::new(&config, &a.topic, &|_| None).await?);
+    let id = encoder.id;
+    let (bootstrap, topic, count) = (a.bootstrap.clone(), a.topic.clone(), a.count);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+            ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("linger.ms", "5")
+                .set("batch.num.messages", "10000")
+                .set("queue.buffering.max.messages", "1000000")
+                .set("enable.idempotence", "true")
+                .create()?;
+        for seq in 0..count {
+            let v = encoder
+                .encode(&sluice_loadgen::payload(seq, 100))
+                .map_err(|e| anyhow::anyhow!("record {seq}: {e}"))?;
+            let k = sluice_loadgen::key(seq);
+            let mut rec = BaseRecord::to(&topic).key(&k).payload(&v);
+            loop {
+                match producer.send(rec) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => anyhow::bail!("produce failed: {e}"),
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(120))?;
+        Ok(())
+    })
+    .await??;
+    eprintln!("preloaded {} Avro records (schema id {id})", a.count);
+    Ok(())
+}
+
+/// An HTTP server answering 200 to every request once its body is read; with `--print`,
+/// each body is written to standard output on a line of its own (what the e2e suite reads
+/// back from the pod's log).
+async fn http_receiver(a: &Args) -> anyhow::Result<()> {
+    use std::io::Write;
+    let print = a.print;
+    let take = move |body: axum::body::Bytes| async move {
+        if print {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&body);
+            let _ = out.write_all(b"\n");
+            let _ = out.flush();
+        }
+        std::hint::black_box(body.len());
+        "ok"
+    };
+    let listener = tokio::net::TcpListener::bind(&a.listen).await?;
+    eprintln!("http receiver on {}", a.listen);
+    let app = axum::Router::new()
+        .fallback(take)
+        .layer(axum::extract::DefaultBodyLimit::max(256 << 20));
+    axum::serve(listener, app).await?;
+    Ok(())
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
@@ -349,10 +453,14 @@ fn sluice_config(a: &Args, input: &str, sink: &str) -> anyhow::Result<WorkerConf
     } else {
         String::new()
     };
+    let format = match &a.registry {
+        Some(url) => format!(", format: {{schemaRegistry: {{url: \"{url}\"}}}}"),
+        None => String::new(),
+    };
     Ok(WorkerConfig::from_yaml(&format!(
         r#"
 pipeline: bench
-source: {{bootstrapServers: "{}", topic: {input}, groupId: bench-sluice-{}, consumerProperties: {}}}
+source: {{bootstrapServers: "{}", topic: {input}, groupId: bench-sluice-{}, consumerProperties: {}{format}}}
 sinks: [{sink}]
 workers: {{perPartition: 2, queueCapacity: 8192, ordering: key}}
 batching: {{maxMessages: 5000, maxBytes: 1MiB, linger: {}}}
@@ -771,6 +879,10 @@ fn clone_args(a: &Args) -> Args {
         window: a.window.clone(),
         consumer_properties: a.consumer_properties.clone(),
         visible: a.visible,
+        registry: a.registry.clone(),
+        http_url: a.http_url.clone(),
+        listen: a.listen.clone(),
+        print: a.print,
     }
 }
 
@@ -820,9 +932,30 @@ fn main() -> anyhow::Result<()> {
             }
             "sluice-null" => {
                 let (n, secs, cpu, _) = sluice(&a, &a.topic, "{null: {}}", None, None).await?;
-                report("sluice-null", n, secs, cpu, serde_json::json!({}));
+                let mode = if a.registry.is_some() {
+                    "sluice-null-avro"
+                } else {
+                    "sluice-null"
+                };
+                report(mode, n, secs, cpu, serde_json::json!({}));
                 Ok(())
             }
+            "sluice-http" => {
+                let sink = format!(
+                    "{{http: {{url: \"{}\", batch: {{as: array}}, maxInFlight: 4}}}}",
+                    a.http_url
+                );
+                let (n, secs, cpu, _) = sluice(&a, &a.topic, &sink, None, None).await?;
+                let mode = if a.registry.is_some() {
+                    "sluice-http-avro"
+                } else {
+                    "sluice-http-json"
+                };
+                report(mode, n, secs, cpu, serde_json::json!({}));
+                Ok(())
+            }
+            "preload-avro" => preload_avro(&a).await,
+            "http-receiver" => http_receiver(&a).await,
             "sluice-relay" | "sluice-relay-eos" => {
                 let out = format!("bench-out-{}", run_id());
                 create_topic(&a.bootstrap, &out, a.partitions).await?;
