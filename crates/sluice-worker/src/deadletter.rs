@@ -423,7 +423,7 @@ mod tests {
             attempts in any::<u32>(),
         ) {
             let letter = Letter {
-                origin: Origin { topic: "in".into(), partition, offset, timestamp_ms, key: None },
+                origin: Origin { topic: "in".into(), partition, offset, timestamp_ms, key: None, output: 0 },
                 key: None,
                 value: None,
                 headers: own.iter().map(|(k, v)| (k.clone(), v.clone().map(Bytes::from))).collect(),

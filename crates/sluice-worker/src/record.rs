@@ -216,9 +216,17 @@ pub struct Origin {
     pub timestamp_ms: Option<i64>,
     /// Source record key.
     pub key: Option<Bytes>,
+    /// Which output of its record this is, from 0 (a processor may emit several).
+    pub output: u32,
 }
 
 impl Origin {
+    /// The same origin, for the record's output number `output`.
+    pub fn output(mut self, output: usize) -> Self {
+        self.output = u32::try_from(output).unwrap_or(u32::MAX);
+        self
+    }
+
     /// The origin of `record`.
     pub fn of(record: &Record) -> Self {
         Origin {
@@ -227,6 +235,7 @@ impl Origin {
             offset: record.offset,
             timestamp_ms: record.timestamp_ms,
             key: record.key.clone(),
+            output: 0,
         }
     }
 }

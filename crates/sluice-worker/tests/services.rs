@@ -588,3 +588,34 @@ fn outputs_encoded_in_avro_and_protobuf_are_read_back_by_confluents_deserializer
         assert_eq!(v["id"], 7, "the output that did not fit, as JSON");
     }
 }
+
+#[test]
+fn each_output_of_a_record_has_its_own_idempotency_key_however_it_is_batched() {
+    let input = unique("http-keys-in");
+    create_topic_now(&input, 1);
+    let n: u64 = 200;
+    produce_records(&input, seq_values(n, |_| false));
+    let rx = HttpReceiver::start(|_| Answer::ok());
+    // Two outputs per record, batches of 3: a record's outputs often land in two batches.
+    let p = start(
+        "http-keys",
+        &input,
+        &format!("http: {{url: \"{}\", batch: {{as: onePerRequest}}}}", rx.url("/k")),
+        "processor: {jq: {program: '{seq}, {seq, again: true}'}}\nbatching: {maxMessages: 3, linger: 1ms}",
+        &[],
+    );
+    p.wait_committed(Duration::from_secs(120));
+    p.stop();
+    let mut keys = BTreeMap::new();
+    for r in rx.log() {
+        let key = r.header("idempotency-key").unwrap().to_string();
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(
+            keys.insert(key.clone(), v.clone()).is_none(),
+            "{key} sent twice"
+        );
+        let again = v.get("again").is_some();
+        assert_eq!(key.ends_with(".1"), again, "{key}: {v}");
+    }
+    assert_eq!(keys.len() as u64, 2 * n, "a key for every output");
+}

@@ -67,10 +67,16 @@ async fn run_worker(
                 Ok(()) => {
                     // One origin per record, moved into its last output (most records
                     // have exactly one), cloned only for the others.
+                    let n = scratch.len();
                     if let Some(last) = scratch.pop() {
                         let origin = Origin::of(r);
-                        outputs.extend(scratch.drain(..).map(|o| (o, origin.clone())));
-                        outputs.push((last, origin));
+                        outputs.extend(
+                            scratch
+                                .drain(..)
+                                .enumerate()
+                                .map(|(i, o)| (o, origin.clone().output(i))),
+                        );
+                        outputs.push((last, origin.output(n - 1)));
                     }
                 }
                 Err(e) => {
@@ -128,7 +134,9 @@ async fn run_worker(
 
 /// Let the processor make ready for `records` ([`Processor::prepare`]), holding the batch
 /// while a service it needs is unreachable: the lane waits, its channel fills, and the
-/// partition is paused; nothing is failed. False when the partition was revoked meanwhile.
+/// partition is paused; nothing is failed. False when the partition was revoked (or the
+/// worker is stopping, or an exactly-once window was aborted) meanwhile: the batch is then
+/// left uncommitted for whoever reads the partition next, never delivered late.
 async fn prepared(processor: &dyn Processor, records: &[Record], state: &PartitionState) -> bool {
     let mut waits = 0u32;
     while let Some(ready) = processor.prepare(records) {
@@ -136,12 +144,15 @@ async fn prepared(processor: &dyn Processor, records: &[Record], state: &Partiti
             Ok(()) => return true,
             Err(e) => {
                 if waits % 10 == 0 {
-                    tracing::warn!(partition = state.tp().partition, error = %e.message, wait = ?e.wait, waits,
+                    tracing::warn!(topic = %state.tp().topic, partition = state.tp().partition, error = %e.message, wait = ?e.wait, waits,
                         "holding a batch: a service the processor needs is unreachable");
                 }
                 waits += 1;
-                tokio::time::sleep(e.wait).await;
-                if state.is_cancelled() {
+                tokio::select! {
+                    _ = tokio::time::sleep(e.wait) => {}
+                    _ = state.cancelled() => {}
+                }
+                if state.is_cancelled() || state.is_retired() {
                     return false;
                 }
             }

@@ -4,6 +4,7 @@
 //! registered (or looked up) once, at start-up. A value that does not fit the schema is the
 //! caller's to dead-letter, with the reason.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use apache_avro::Schema as AvroSchema;
@@ -44,7 +45,11 @@ pub enum EncoderSetupError {
 
 /// What a value is written with.
 enum Writer {
-    Avro(AvroSchema),
+    /// The schema, and its named types by name (what a `Ref` in it points at).
+    Avro(
+        Box<AvroSchema>,
+        HashMap<apache_avro::schema::Name, AvroSchema>,
+    ),
     Protobuf(MessageDescriptor),
 }
 
@@ -130,6 +135,65 @@ fn too_big(v: &serde_json::Value) -> bool {
     }
 }
 
+/// Every number written to an Avro `int` fits one: apache-avro would cut a larger one to
+/// 32 bits without a word.
+fn ints_fit(
+    v: &serde_json::Value,
+    s: &AvroSchema,
+    names: &HashMap<apache_avro::schema::Name, AvroSchema>,
+) -> Result<(), String> {
+    use serde_json::Value as J;
+    let out_of_int = |v: &J| v.as_i64().is_some_and(|n| i32::try_from(n).is_err());
+    match (v, s) {
+        (_, AvroSchema::Ref { name }) => match names.get(name) {
+            Some(s) => ints_fit(v, s, names),
+            None => Ok(()),
+        },
+        (J::Number(_), AvroSchema::Int) if out_of_int(v) => {
+            Err(format!("{v} does not fit an Avro int"))
+        }
+        (J::Number(_), AvroSchema::Union(u)) if out_of_int(v) => {
+            let wide = u
+                .variants()
+                .iter()
+                .any(|s| matches!(s, AvroSchema::Long | AvroSchema::Float | AvroSchema::Double));
+            if u.variants().iter().any(|s| matches!(s, AvroSchema::Int)) && !wide {
+                Err(format!("{v} does not fit an Avro int"))
+            } else {
+                Ok(())
+            }
+        }
+        (J::Object(o), AvroSchema::Record(r)) => {
+            r.fields.iter().try_for_each(|f| match o.get(&f.name) {
+                Some(v) => ints_fit(v, &f.schema, names),
+                None => Ok(()),
+            })
+        }
+        (J::Object(o), AvroSchema::Map(m)) => {
+            o.values().try_for_each(|v| ints_fit(v, &m.types, names))
+        }
+        (J::Array(a), AvroSchema::Array(items)) => {
+            a.iter().try_for_each(|v| ints_fit(v, &items.items, names))
+        }
+        (_, AvroSchema::Union(u)) if !v.is_null() => {
+            // The first branch of the value's shape, as apache-avro's resolution picks it.
+            match u.variants().iter().find(|s| {
+                matches!(
+                    (v, s),
+                    (
+                        J::Object(_),
+                        AvroSchema::Record(_) | AvroSchema::Map(_) | AvroSchema::Ref { .. }
+                    ) | (J::Array(_), AvroSchema::Array(_))
+                )
+            }) {
+                Some(s) => ints_fit(v, s, names),
+                None => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Encoder {
     /// Compile the sink's schema and register it (or look it up) under its subject for
     /// `topic`, asking an unreachable registry again for up to a minute.
@@ -158,7 +222,18 @@ impl Encoder {
                     .name()
                     .map(|n| n.fullname(None))
                     .unwrap_or_else(|| "value".to_string());
-                (text.clone(), SchemaType::Avro, Writer::Avro(schema), name)
+                let names = apache_avro::schema::ResolvedSchema::try_from(&schema)
+                    .map_err(|e| bad(format!("not an Avro schema: {e}")))?
+                    .get_names()
+                    .iter()
+                    .map(|(n, s)| (n.clone(), (*s).clone()))
+                    .collect();
+                (
+                    text.clone(),
+                    SchemaType::Avro,
+                    Writer::Avro(Box::new(schema), names),
+                    name,
+                )
             }
             WriterSchema::Protobuf { proto, message } => {
                 let reg = super::registry::RegisteredSchema {
@@ -215,7 +290,9 @@ impl Encoder {
                     tracing::warn!(subject, error = %m, "schema registry unreachable; asking again");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
-                Err(FetchError::Unavailable(m) | FetchError::NotFound(m)) => {
+                Err(
+                    FetchError::Unavailable(m) | FetchError::NotFound(m) | FetchError::Unusable(m),
+                ) => {
                     return Err(EncoderSetupError::Register {
                         topic: topic.to_string(),
                         subject,
@@ -247,12 +324,13 @@ impl Encoder {
     pub fn encode(&self, value: &[u8]) -> Result<Vec<u8>, String> {
         let mut out = self.prefix.clone();
         match &self.writer {
-            Writer::Avro(schema) => {
+            Writer::Avro(schema, names) => {
                 let json: serde_json::Value = serde_json::from_slice(value)
                     .map_err(|e| format!("the output value is not JSON: {e}"))?;
                 if too_big(&json) {
                     return Err("a number is larger than an Avro long holds".into());
                 }
+                ints_fit(&json, schema, names)?;
                 let v = apache_avro::types::Value::from(json)
                     .resolve(schema)
                     .map_err(|e| format!("the value does not fit the Avro schema: {e}"))?;
@@ -292,6 +370,24 @@ mod tests {
             let (got, rest) = super::super::schema::message_indexes(&out).unwrap();
             assert_eq!(got, path.iter().map(|&i| i as usize).collect::<Vec<_>>());
             assert!(rest.is_empty());
+        }
+    }
+
+    #[test]
+    fn numbers_past_an_int_are_caught_where_the_schema_has_an_int() {
+        let schema = AvroSchema::parse_str(
+            r#"{"type":"record","name":"R","fields":[{"name":"n","type":"int"},{"name":"m","type":["null","int"]},{"name":"l","type":"long"},{"name":"xs","type":{"type":"array","items":"int"}}]}"#,
+        )
+        .unwrap();
+        let names = HashMap::new();
+        let ok = serde_json::json!({"n": 1, "m": null, "l": 3000000000i64, "xs": [1, -2147483648]});
+        assert!(ints_fit(&ok, &schema, &names).is_ok());
+        for bad in [
+            serde_json::json!({"n": 3000000000i64, "m": null, "l": 1, "xs": []}),
+            serde_json::json!({"n": 1, "m": -3000000000i64, "l": 1, "xs": []}),
+            serde_json::json!({"n": 1, "m": null, "l": 1, "xs": [2147483648i64]}),
+        ] {
+            assert!(ints_fit(&bad, &schema, &names).is_err(), "{bad}");
         }
     }
 

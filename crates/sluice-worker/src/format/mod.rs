@@ -30,6 +30,12 @@ use crate::record::{Output, Record};
 
 /// How long "the registry has no schema of this id" is believed before asking again.
 const UNKNOWN_FOR: Duration = Duration::from_secs(30);
+/// Schema ids kept at most before those that are not ready are forgotten.
+const CACHE_MAX: usize = 10_000;
+/// The most an Avro value may make apache-avro allocate at once (a string's, bytes' or a
+/// block's length): a record's bytes are untrusted, and a forged block count would
+/// otherwise ask for gigabytes. Larger than any record a broker accepts by default.
+pub const AVRO_MAX_ALLOCATION: usize = 16 << 20;
 /// The wait before asking an unreachable registry again.
 const UNREACHABLE_WAIT: Duration = Duration::from_secs(1);
 
@@ -98,6 +104,7 @@ impl Decoding {
                     until: Instant::now() + UNKNOWN_FOR,
                 })
             }
+            Err(FetchError::Unusable(m)) => return Ok(Entry::Invalid(m)),
             Err(FetchError::Unavailable(m)) => return Err(m),
         };
         // The references, depth first, each once.
@@ -118,16 +125,21 @@ impl Decoding {
                     queue.extend(s.references.iter().cloned());
                     refs.push((r.name.clone(), s));
                 }
-                Err(FetchError::NotFound(m)) => {
+                Err(FetchError::NotFound(m) | FetchError::Unusable(m)) => {
                     return Ok(Entry::Invalid(format!(
-                        "schema id {id} references {} (subject {} version {}), which the registry does not have: {m}",
+                        "schema id {id} references {} (subject {} version {}), which the registry does not have or sluice cannot use: {m}",
                         r.name, r.subject, r.version
                     )))
                 }
                 Err(FetchError::Unavailable(m)) => return Err(m),
             }
         }
-        Ok(match Compiled::new(&main, &refs) {
+        // Registry answers are untrusted input to the compilers: a panic in one is this
+        // schema's failure, not the lane's.
+        let compiled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Compiled::new(&main, &refs)))
+                .unwrap_or_else(|_| Err("compiling it panicked".into()));
+        Ok(match compiled {
             Ok(c) => {
                 tracing::info!(
                     id,
@@ -203,7 +215,13 @@ impl Processor for Decoding {
                         if let Entry::Unknown { message, .. } | Entry::Invalid(message) = &entry {
                             tracing::warn!(id, error = %message, "schema not usable; its records go to the dead-letter path");
                         }
-                        self.cache.write().unwrap().insert(id, entry);
+                        let mut cache = self.cache.write().unwrap();
+                        // Ids come from record bytes: garbage must not grow the cache
+                        // without end. Forgetting what is unknown costs only a lookup.
+                        if cache.len() >= CACHE_MAX {
+                            cache.retain(|_, e| matches!(e, Entry::Ready(_)));
+                        }
+                        cache.insert(id, entry);
                     }
                     Err(message) => {
                         return Err(Unready {

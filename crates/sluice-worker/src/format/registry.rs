@@ -44,9 +44,14 @@ pub enum RegistrySetupError {
 /// Why a lookup failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchError {
-    /// The registry answered that there is no such schema (`404`).
+    /// The registry answered that there is no such schema (a `404` with the registry's
+    /// own error code, 40401-40403), or refused one (`409`, `422`).
     NotFound(String),
-    /// The registry could not be asked, or did not answer usefully: try again later.
+    /// The registry has the schema, but sluice cannot use it (a schema type it does not
+    /// know).
+    Unusable(String),
+    /// The registry could not be asked, or did not answer usefully (a `404` without the
+    /// registry's error code is a wrong path or a proxy's answer): try again later.
     Unavailable(String),
 }
 
@@ -230,7 +235,7 @@ impl Registry {
             Some("PROTOBUF") => SchemaType::Protobuf,
             Some("JSON") => SchemaType::Json,
             Some(other) => {
-                return Err(FetchError::NotFound(format!(
+                return Err(FetchError::Unusable(format!(
                     "{url}: schema type {other} is not one sluice decodes (AVRO, PROTOBUF, JSON)"
                 )))
             }
@@ -291,12 +296,29 @@ impl Registry {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        // The registry's own answer carries its error code: 40401 no such subject, 40402 no
+        // such version, 40403 no such schema.
+        let code = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error_code").and_then(serde_json::Value::as_i64));
         match status {
             StatusCode::OK => Ok(body),
-            StatusCode::NOT_FOUND | StatusCode::UNPROCESSABLE_ENTITY | StatusCode::CONFLICT => Err(
-                FetchError::NotFound(format!("{url}: HTTP {}: {}", status.as_u16(), text())),
-            ),
-            s => Err(unavailable(format!("HTTP {}: {}", s.as_u16(), text()))),
+            StatusCode::NOT_FOUND if matches!(code, Some(40401..=40403)) => {
+                Err(FetchError::NotFound(format!("{url}: HTTP 404: {}", text())))
+            }
+            StatusCode::UNPROCESSABLE_ENTITY | StatusCode::CONFLICT => Err(FetchError::NotFound(
+                format!("{url}: HTTP {}: {}", status.as_u16(), text()),
+            )),
+            s => Err(unavailable(format!(
+                "HTTP {}: {}{}",
+                s.as_u16(),
+                text(),
+                if s == StatusCode::NOT_FOUND {
+                    " (not the registry's own answer: is the url its Confluent-compatible API, e.g. .../apis/ccompat/v7 for Apicurio?)"
+                } else {
+                    ""
+                }
+            ))),
         }
     }
 }

@@ -78,8 +78,6 @@ pub enum Compiled {
         schema: Box<AvroSchema>,
         /// The schemas it references.
         refs: Vec<AvroSchema>,
-        /// Every named type of both, by name (what a `Ref` points at).
-        names: HashMap<apache_avro::schema::Name, AvroSchema>,
     },
     /// Protobuf: the schema's file in a pool with its imports.
     Protobuf {
@@ -103,6 +101,8 @@ impl Compiled {
         match main.schema_type {
             SchemaType::Json => Ok(Compiled::Json),
             SchemaType::Avro => {
+                // Before any decode (apache-avro reads the limit once, at its first decode).
+                apache_avro::util::max_allocation_bytes(super::AVRO_MAX_ALLOCATION);
                 let texts: Vec<&str> = refs.iter().map(|(_, s)| s.schema.as_str()).collect();
                 let (schema, refs) = if texts.is_empty() {
                     let schema = AvroSchema::parse_str(&main.schema)
@@ -112,18 +112,9 @@ impl Compiled {
                     AvroSchema::parse_str_with_list(&main.schema, texts)
                         .map_err(|e| format!("not an Avro schema (with its references): {e}"))?
                 };
-                let mut all: Vec<&AvroSchema> = vec![&schema];
-                all.extend(refs.iter());
-                let names = apache_avro::schema::ResolvedSchema::try_from(all)
-                    .map_err(|e| format!("not an Avro schema: {e}"))?
-                    .get_names()
-                    .iter()
-                    .map(|(n, s)| (n.clone(), (*s).clone()))
-                    .collect();
                 Ok(Compiled::Avro {
                     schema: Box::new(schema),
                     refs,
-                    names,
                 })
             }
             SchemaType::Protobuf => {
@@ -171,12 +162,11 @@ impl Compiled {
                     .map_err(|e| format!("not JSON: {e}"))?;
                 Ok(wire.rest.to_vec())
             }
-            Compiled::Avro {
-                schema,
-                refs,
-                names,
-            } => {
-                let mut reader = wire.rest;
+            Compiled::Avro { schema, refs } => {
+                let mut reader = Exact {
+                    rest: wire.rest,
+                    short: false,
+                };
                 let value = if refs.is_empty() {
                     apache_avro::from_avro_datum(schema, &mut reader, None)
                 } else {
@@ -188,12 +178,11 @@ impl Compiled {
                     )
                 }
                 .map_err(|e| e.to_string())?;
-                if !reader.is_empty() {
-                    return Err(format!("{} bytes left after the record", reader.len()));
+                if reader.short {
+                    return Err("the payload ends early".into());
                 }
-                // apache-avro reads a string or bytes cut short at the end as null.
-                if cut_short(&value, schema, names) {
-                    return Err("the payload ends early (a string or bytes cut short)".into());
+                if !reader.rest.is_empty() {
+                    return Err(format!("{} bytes left after the record", reader.rest.len()));
                 }
                 let json = serde_json::Value::try_from(value).map_err(|e| e.to_string())?;
                 serde_json::to_vec(&json).map_err(|e| e.to_string())
@@ -216,30 +205,23 @@ impl Compiled {
     }
 }
 
-/// Whether `v` holds a null where `s` has a string or bytes: what apache-avro reads when
-/// the payload ends inside one (it reads the end of input there as null, not an error).
-fn cut_short(
-    v: &apache_avro::types::Value,
-    s: &AvroSchema,
-    names: &HashMap<apache_avro::schema::Name, AvroSchema>,
-) -> bool {
-    use apache_avro::types::Value as V;
-    match (v, s) {
-        (_, AvroSchema::Ref { name }) => names.get(name).is_some_and(|s| cut_short(v, s, names)),
-        (V::Null, AvroSchema::String | AvroSchema::Bytes) => true,
-        (V::Record(fields), AvroSchema::Record(r)) => fields
-            .iter()
-            .zip(&r.fields)
-            .any(|((_, v), f)| cut_short(v, &f.schema, names)),
-        (V::Union(i, b), AvroSchema::Union(u)) => u
-            .variants()
-            .get(*i as usize)
-            .is_some_and(|s| cut_short(b, s, names)),
-        (V::Array(items), AvroSchema::Array(a)) => {
-            items.iter().any(|v| cut_short(v, &a.items, names))
+/// The payload as apache-avro reads it, remembering whether it asked for more than there
+/// was: apache-avro reads the end of input inside some values (a string, bytes, a boolean,
+/// a union's branch) as null instead of failing, so a record cut short would decode.
+struct Exact<'a> {
+    rest: &'a [u8],
+    short: bool,
+}
+
+impl std::io::Read for Exact<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.len() > self.rest.len() {
+            self.short = true;
         }
-        (V::Map(m), AvroSchema::Map(t)) => m.values().any(|v| cut_short(v, &t.types, names)),
-        _ => false,
+        let n = buf.len().min(self.rest.len());
+        buf[..n].copy_from_slice(&self.rest[..n]);
+        self.rest = &self.rest[n..];
+        Ok(n)
     }
 }
 
@@ -361,6 +343,29 @@ mod tests {
         });
         assert!(short.is_err(), "{:?}", short.map(String::from_utf8));
         assert!(Compiled::new(&registered(SchemaType::Avro, "{not avro"), &[]).is_err());
+    }
+
+    #[test]
+    fn a_forged_avro_block_count_is_a_decode_error_not_an_allocation() {
+        let c = Compiled::new(
+            &registered(SchemaType::Avro, r#"{"type":"array","items":"long"}"#),
+            &[],
+        )
+        .unwrap();
+        // A block of 500,000,000 longs (zigzag 1e9), then nothing.
+        let mut payload = Vec::new();
+        let mut z: u64 = 1_000_000_000;
+        while z >= 0x80 {
+            payload.push((z as u8) | 0x80);
+            z >>= 7;
+        }
+        payload.push(z as u8);
+        assert!(c
+            .decode(&WireValue {
+                id: 1,
+                rest: &payload
+            })
+            .is_err());
     }
 
     #[test]

@@ -16,9 +16,10 @@
 //!
 //! Every request carries the idempotency header (`Idempotency-Key` by default) naming
 //! its source records, so a receiver can drop a redelivery after a restart:
-//! `topic/partition/offset` for one output (`/n` appended for the n-th further output of
-//! the same record), and for a batch `topic/partition/first-last` for each source
-//! partition in it, in the order they first appear.
+//! `topic/partition/offset` for one output (`offset.n` for the n-th further output of the
+//! same record: each output's own, however it is batched), and for a batch
+//! `topic/partition/first-last` for each source partition in it, in the order they first
+//! appear.
 //!
 //! Order: with `workers.ordering` `key` or `partition`, a batch is sent only once the one
 //! before it is delivered (or dead-lettered), and `onePerRequest` sends the outputs of one
@@ -40,7 +41,7 @@ use tokio::sync::Semaphore;
 use super::tls::{chain, HttpClient, TlsError};
 use super::{Sink, SinkBatch, SinkFailure, SinkMetrics};
 use crate::deadletter::DeadLetters;
-use crate::record::{Origin, Output};
+use crate::record::Origin;
 use crate::retry::RetryPolicy;
 
 /// How much of an answer's body is read (the rest is dropped with the connection).
@@ -110,11 +111,18 @@ fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> A
             message,
             retry_after,
         },
-        300..=399 => Answer::Permanent {
-            class: "http_redirect",
+        // The endpoint refuses every request, whatever it carries (a redirect, a token
+        // that expired, a wrong path): no output is at fault, so none is dead-lettered for
+        // it until `retry.maxElapsed` runs out; the log says what to fix.
+        300..=399 => Answer::Transient {
             message: format!(
                 "{message} (redirects are not followed: point url at the final address)"
             ),
+            retry_after,
+        },
+        401 | 403 | 404 | 405 | 407 | 421 | 426 => Answer::Transient {
+            message: format!("{message} (the endpoint refuses the request itself: check url, method and headers)"),
+            retry_after,
         },
         _ => Answer::Permanent {
             class: "http_rejected",
@@ -209,64 +217,62 @@ fn body(mode: HttpBatchAs, parts: &[&Bytes]) -> Bytes {
     }
 }
 
-/// The idempotency key of one output: `topic/partition/offset`, `/n` appended for the
-/// n-th (from 1) further output of the same record before it in `earlier`.
-fn output_key(origin: &Origin, nth: usize) -> String {
-    if nth == 0 {
-        format!("{}/{}/{}", origin.topic, origin.partition, origin.offset)
+/// Where an output stands in its source partition: the record's offset, then which of the
+/// record's outputs it is. Written `offset` for a record's first output, `offset.n` for its
+/// n-th further one.
+fn position(o: &Origin) -> String {
+    if o.output == 0 {
+        o.offset.to_string()
     } else {
-        format!(
-            "{}/{}/{}/{nth}",
-            origin.topic, origin.partition, origin.offset
-        )
+        format!("{}.{}", o.offset, o.output)
     }
 }
 
-/// The idempotency key of a batch: `topic/partition/first-last` for each source
-/// partition, in the order they first appear, `,`-separated (`topic/partition/offset`
-/// when a partition has one offset).
+/// The idempotency key of one output: `topic/partition/offset` (`offset.n` for a record's
+/// n-th further output): the same for the same output however it is batched or redelivered.
+fn output_key(origin: &Origin) -> String {
+    format!("{}/{}/{}", origin.topic, origin.partition, position(origin))
+}
+
+/// The idempotency key of a batch: `topic/partition/first-last` for each source partition,
+/// in the order they first appear, `,`-separated (`topic/partition/first` when a partition
+/// has one output in it); positions as in [`output_key`].
 fn batch_key<'a>(origins: impl Iterator<Item = &'a Origin>) -> String {
-    let mut ranges: Vec<(&Origin, i64, i64)> = Vec::new();
+    let mut ranges: Vec<(&Origin, &Origin, &Origin)> = Vec::new();
+    let at = |o: &Origin| (o.offset, o.output);
     for o in origins {
         match ranges
             .iter_mut()
             .find(|(r, _, _)| r.partition == o.partition && r.topic == o.topic)
         {
             Some((_, lo, hi)) => {
-                *lo = (*lo).min(o.offset);
-                *hi = (*hi).max(o.offset);
+                if at(o) < at(lo) {
+                    *lo = o;
+                }
+                if at(o) > at(hi) {
+                    *hi = o;
+                }
             }
-            None => ranges.push((o, o.offset, o.offset)),
+            None => ranges.push((o, o, o)),
         }
     }
     ranges
         .iter()
         .map(|(o, lo, hi)| {
-            if lo == hi {
-                format!("{}/{}/{lo}", o.topic, o.partition)
+            if at(lo) == at(hi) {
+                format!("{}/{}/{}", o.topic, o.partition, position(lo))
             } else {
-                format!("{}/{}/{lo}-{hi}", o.topic, o.partition)
+                format!(
+                    "{}/{}/{}-{}",
+                    o.topic,
+                    o.partition,
+                    position(lo),
+                    position(hi)
+                )
             }
         })
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// For each output of a batch, how many outputs of the same record come before it.
-fn nth_of_record(items: &[(Output, Origin)]) -> Vec<usize> {
-    let mut out = Vec::with_capacity(items.len());
-    for (i, (_, o)) in items.iter().enumerate() {
-        // Outputs of one record are adjacent in practice: look back while they are.
-        let n = items[..i]
-            .iter()
-            .rev()
-            .take_while(|(_, p)| {
-                p.offset == o.offset && p.partition == o.partition && p.topic == o.topic
-            })
-            .count();
-        out.push(n);
-    }
-    out
 }
 
 /// Deliver outputs to an HTTP endpoint.
@@ -475,24 +481,25 @@ impl Inner {
         &self,
         batch: &SinkBatch,
         parts: &[(usize, Bytes)],
-        nth: &[usize],
     ) -> Vec<(usize, SinkFailure)> {
         let mut rejected = Vec::new();
         // Ranges of `parts` still to send, the next one last.
         let mut pending: Vec<std::ops::Range<usize>> = Vec::new();
         pending.push(0..parts.len());
-        let mut started: Option<Instant> = None;
         while let Some(range) = pending.pop() {
             let group = &parts[range.clone()];
             if group.is_empty() {
                 continue;
             }
+            // Each group's retries have the whole budget (a half split off after a long
+            // outage is not left with none).
+            let mut started: Option<Instant> = None;
             let refs: Vec<&Bytes> = group.iter().map(|(_, b)| b).collect();
             let body = body(self.mode, &refs);
             let key = self.idempotency.as_ref().map(|_| match self.mode {
                 HttpBatchAs::OnePerRequest => {
                     let i = group[0].0;
-                    output_key(&batch.items[i].1, nth[i])
+                    output_key(&batch.items[i].1)
                 }
                 _ => batch_key(group.iter().map(|(i, _)| &batch.items[*i].1)),
             });
@@ -509,11 +516,13 @@ impl Inner {
                         retry_after,
                     } => {
                         let since = *started.get_or_insert_with(Instant::now);
+                        // At least what Retry-After asks, within what is left of the budget.
+                        let left = self.retry.max_elapsed.saturating_sub(since.elapsed());
                         let delay = self
                             .retry
                             .next_delay(attempts, since.elapsed())
-                            .map(|d| d.max(retry_after.unwrap_or_default()))
-                            .filter(|d| since.elapsed() + *d <= self.retry.max_elapsed);
+                            .map(|d| d.max(retry_after.unwrap_or_default()).min(left))
+                            .filter(|d| !d.is_zero() || !left.is_zero());
                         match delay {
                             Some(d) => {
                                 tracing::warn!(sink = "http", error = %message, attempts, delay = ?d, outputs = group.len(),
@@ -579,14 +588,9 @@ impl Inner {
                 }
             }
         }
-        let nth = if self.mode == HttpBatchAs::OnePerRequest {
-            nth_of_record(&batch.items)
-        } else {
-            Vec::new()
-        };
         match self.mode {
             HttpBatchAs::Array | HttpBatchAs::Lines => {
-                rejected.extend(self.deliver(batch, &parts, &nth).await);
+                rejected.extend(self.deliver(batch, &parts).await);
             }
             HttpBatchAs::OnePerRequest => {
                 // Lanes: one per source partition when ordered (sent one after the
@@ -610,12 +614,11 @@ impl Inner {
                 } else {
                     lanes = parts.into_iter().map(|p| vec![p]).collect();
                 }
-                let nth = &nth;
                 let failed: Vec<Vec<(usize, SinkFailure)>> = futures::stream::iter(lanes)
                     .map(|lane| async move {
                         let mut out = Vec::new();
                         for p in lane {
-                            out.extend(self.deliver(batch, std::slice::from_ref(&p), nth).await);
+                            out.extend(self.deliver(batch, std::slice::from_ref(&p)).await);
                         }
                         out
                     })
@@ -672,6 +675,7 @@ mod tests {
             offset,
             timestamp_ms: None,
             key: None,
+            output: 0,
         }
     }
 
@@ -703,15 +707,15 @@ mod tests {
             }
         );
         assert!(
-            matches!(classify(StatusCode::NOT_FOUND, None, b""), Answer::Permanent { class: "http_rejected", message } if message == "HTTP 404 Not Found")
+            matches!(classify(StatusCode::CONFLICT, None, b""), Answer::Permanent { class: "http_rejected", message } if message == "HTTP 409 Conflict")
         );
-        assert!(matches!(
-            classify(StatusCode::MOVED_PERMANENTLY, None, b""),
-            Answer::Permanent {
-                class: "http_redirect",
-                ..
-            }
-        ));
+        for s in [301, 401, 403, 404, 405] {
+            let a = classify(StatusCode::from_u16(s).unwrap(), None, b"");
+            assert!(
+                matches!(a, Answer::Transient { .. }),
+                "{s}: the endpoint's, no output's: {a:?}"
+            );
+        }
         let long = vec![b'x'; 1000];
         let Answer::Permanent { message, .. } =
             classify(StatusCode::UNPROCESSABLE_ENTITY, None, &long)
@@ -792,24 +796,12 @@ mod tests {
         ];
         assert_eq!(batch_key(os.iter()), "in/0/5-7,in/1/9");
         assert_eq!(batch_key(os[1..2].iter()), "in/1/9");
-        assert_eq!(output_key(&os[0], 0), "in/0/5");
-        assert_eq!(output_key(&os[0], 2), "in/0/5/2");
-        let out = Output {
-            key: None,
-            value: None,
-            headers: vec![],
-        };
-        let items: Vec<(Output, Origin)> = [
-            origin("a", 0, 1),
-            origin("a", 0, 1),
-            origin("b", 0, 1),
-            origin("a", 0, 1),
-            origin("a", 0, 2),
-        ]
-        .into_iter()
-        .map(|o| (out.clone(), o))
-        .collect();
-        assert_eq!(nth_of_record(&items), vec![0, 1, 0, 0, 0]);
+        assert_eq!(output_key(&os[0]), "in/0/5");
+        // A record's further outputs have keys of their own, in batches too.
+        let second = os[0].clone().output(2);
+        assert_eq!(output_key(&second), "in/0/5.2");
+        assert_eq!(batch_key([&os[0], &second].into_iter()), "in/0/5-5.2");
+        assert_eq!(batch_key([&second, &os[2]].into_iter()), "in/0/5.2-7");
     }
 
     proptest! {

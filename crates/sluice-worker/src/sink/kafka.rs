@@ -461,6 +461,7 @@ mod tests {
                         offset: first + i,
                         timestamp_ms: None,
                         key: None,
+                        output: 0,
                     };
                     (output, origin)
                 })

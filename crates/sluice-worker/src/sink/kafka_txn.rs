@@ -397,6 +397,7 @@ mod tests {
             offset,
             timestamp_ms: None,
             key: None,
+            output: 0,
         };
         let f = SinkFailure {
             class: "record_too_large",

@@ -213,6 +213,7 @@ mod tests {
                 offset: 42,
                 timestamp_ms: None,
                 key: Some(Bytes::from_static(b"k-in")),
+                output: 0,
             },
         )
     }
