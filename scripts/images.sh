@@ -12,6 +12,8 @@
 # Images (tag $TAG, registry name sluice.local, so nothing tries to pull them):
 #   sluice-controller, sluice-worker   the release binaries of this checkout
 #   sluice-enrich-worker               examples/enrich-worker (a custom processor)
+#   sluice-bench                       sluice-loadgen's sluice-bench: the e2e suite's HTTP
+#                                      service in the cluster (`http-receiver --print`)
 #   prometheus                         Prometheus $PROM_VERSION built from Go modules with
 #                                      only Kubernetes service discovery (Debian's build has
 #                                      none, so it cannot serve the Prometheus Operator)
@@ -35,7 +37,7 @@ PROFILE_DIR="$TARGET/$PROFILE"
 
 log() { echo "[images] $*" >&2; }
 
-ALL=(sluice-controller sluice-worker sluice-enrich-worker prometheus prometheus-operator prometheus-config-reloader)
+ALL=(sluice-controller sluice-worker sluice-enrich-worker sluice-bench prometheus prometheus-operator prometheus-config-reloader)
 PROM_VERSION="${SLUICE_PROMETHEUS_VERSION:-3.5.0}"
 PROM_CACHE="${SLUICE_CACHE:-$HOME/.cache/sluice}/prometheus-$PROM_VERSION"
 PO_VERSION="${SLUICE_PROMETHEUS_OPERATOR_VERSION:-0.85.0}"
@@ -97,6 +99,7 @@ binary() {
     sluice-controller) echo "$PROFILE_DIR/sluice-controller" ;;
     sluice-worker) echo "$PROFILE_DIR/sluice-worker" ;;
     sluice-enrich-worker) echo "$PROFILE_DIR/enrich-worker" ;;
+    sluice-bench) echo "$PROFILE_DIR/sluice-bench" ;;
     prometheus) prometheus_server; echo "$PROM_CACHE/bin/prometheus" ;;
     prometheus-operator) prometheus_operator; echo "$PO_CACHE/bin/operator" ;;
     prometheus-config-reloader) prometheus_operator; echo "$PO_CACHE/bin/prometheus-config-reloader" ;;
@@ -137,6 +140,7 @@ build_one() {
   case "$name" in
     sluice-controller) args+=(--port 8080) ;;
     sluice-worker | sluice-enrich-worker) args+=(--port 9095) ;;
+    sluice-bench) args+=(--port 8080) ;;
     prometheus)
       mkdir -p "$dir/prometheus"
       args+=(--port 9090 --cmd=--config.file=/etc/prometheus/prometheus.yml --cmd=--storage.tsdb.path=/prometheus)
@@ -155,6 +159,7 @@ build() {
       sluice-controller) need_cargo+=(-p sluice-controller) ;;
       sluice-worker) need_cargo+=(-p sluice-worker) ;;
       sluice-enrich-worker) need_cargo+=(-p enrich-worker) ;;
+      sluice-bench) need_cargo+=(-p sluice-loadgen) ;;
     esac
   done
   if ((${#need_cargo[@]})); then

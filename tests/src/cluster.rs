@@ -5,7 +5,7 @@
 //!
 //! External cluster variables: `SLUICE_E2E_KUBECONFIG`, `SLUICE_E2E_BOOTSTRAP` (Kafka as the
 //! pods see it), `SLUICE_E2E_CONTROLLER_IMAGE`, `SLUICE_E2E_WORKER_IMAGE`,
-//! `SLUICE_E2E_ENRICH_IMAGE`, `SLUICE_E2E_PROMETHEUS_IMAGE` (repository:tag each),
+//! `SLUICE_E2E_ENRICH_IMAGE`, `SLUICE_E2E_BENCH_IMAGE`, `SLUICE_E2E_PROMETHEUS_IMAGE` (repository:tag each),
 //! `SLUICE_E2E_PROMETHEUS_VERSION` and, for the operator's own images,
 //! `SLUICE_E2E_PROMETHEUS_OPERATOR_IMAGE`, `SLUICE_E2E_CONFIG_RELOADER_IMAGE`; the test
 //! itself reaches Kafka through `SLUICE_TEST_BOOTSTRAP` (e.g. a port-forward).
@@ -30,6 +30,9 @@ pub struct Cluster {
     pub worker_image: String,
     /// The custom-processor example's image (examples/enrich-worker).
     pub enrich_image: String,
+    /// sluice-loadgen's `sluice-bench` (its `http-receiver` is an HTTP service in the
+    /// cluster).
+    pub bench_image: String,
     /// A Prometheus server image with Kubernetes service discovery.
     pub prometheus_image: String,
     /// Its version, as the Prometheus Operator wants it (`v3.5.0`).
@@ -131,6 +134,7 @@ pub fn cluster() -> Cluster {
                 controller_image: need("SLUICE_E2E_CONTROLLER_IMAGE"),
                 worker_image: need("SLUICE_E2E_WORKER_IMAGE"),
                 enrich_image: need("SLUICE_E2E_ENRICH_IMAGE"),
+                bench_image: need("SLUICE_E2E_BENCH_IMAGE"),
                 prometheus_image: need("SLUICE_E2E_PROMETHEUS_IMAGE"),
                 prometheus_version: need("SLUICE_E2E_PROMETHEUS_VERSION"),
                 prometheus_operator_image: need("SLUICE_E2E_PROMETHEUS_OPERATOR_IMAGE"),
@@ -175,6 +179,7 @@ pub fn cluster() -> Cluster {
             controller_image: image("sluice-controller"),
             worker_image: image("sluice-worker"),
             enrich_image: image("sluice-enrich-worker"),
+            bench_image: image("sluice-bench"),
             prometheus_image: image("prometheus"),
             prometheus_version: sh("images.sh", &["prometheus-version"]).trim().to_string(),
             prometheus_operator_image: image("prometheus-operator"),

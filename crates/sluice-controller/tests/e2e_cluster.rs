@@ -381,6 +381,13 @@ fn helm_install_apply_autoscale_faults_delete_and_observe_on_a_real_node() {
         || custom_processor(&c, &p.ns),
     );
 
+    // 7a'. Formats and services: schema-registry records (Confluent's serializers) decoded
+    //     and posted to an HTTP service running in the cluster.
+    step(
+        "schema-registry records posted to an HTTP service in the cluster",
+        || registry_records_to_an_http_service(&c, &p.ns),
+    );
+
     // 7b. A platform's cluster: a node tainted for a dedicated pool, and a SCRAM password
     //     rotated on the broker and in its Secret while records flow.
     step(
@@ -958,6 +965,122 @@ fn custom_processor(c: &Cluster, ns: &str) {
         "enriched by the custom processor: {first}"
     );
     c.k(&["delete", "sp", "-n", ns, "enrich", "--wait=true"]);
+}
+
+/// Avro and Protobuf records written by Confluent's Python serializers, registered in the
+/// test's registry (reached by the pods through a proxy on the cluster's bridge), read by a
+/// worker pod that decodes them and posts JSON arrays to an HTTP service in the cluster
+/// (`sluice-bench http-receiver`, which prints each body): every record, field for field.
+fn registry_records_to_an_http_service(c: &Cluster, ns: &str) {
+    if !c.local {
+        eprintln!(
+            "[e2e] skipped on an external cluster: its pods cannot reach the test's registry"
+        );
+        return;
+    }
+    let suffix = unique("sr");
+    let input = format!("e2e-sr-in-{suffix}");
+    let n: u64 = 300;
+    let registry = sluice_testkit::registry_url();
+    let out = sluice_testkit::registry_client(&[
+        "produce",
+        "--bootstrap",
+        &bootstrap(),
+        "--registry",
+        &registry,
+        "--topic",
+        &input,
+        "-n",
+        &n.to_string(),
+    ]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    // The registry listens on loopback; the pods reach it on the bridge, as the broker.
+    let authority = registry
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let path = registry[registry.find(&authority).unwrap() + authority.len()..].to_string();
+    let bridge = c.pod_bootstrap.rsplit_once(':').unwrap().0.to_string();
+    let proxy = sluice_testkit::TcpProxy::start_on(&format!("{bridge}:0"), &authority);
+    let pod_registry = format!("http://{}{path}", proxy.addr);
+    c.apply(
+        &serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "ingest", "namespace": ns, "labels": {"app": "ingest"}},
+            "spec": {
+                "containers": [{"name": "receiver", "image": c.bench_image,
+                    "args": ["http-receiver", "--listen", "0.0.0.0:8080", "--print"],
+                    "ports": [{"containerPort": 8080}],
+                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                    "resources": {"requests": {"cpu": "20m", "memory": "16Mi"}}}],
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532},
+            }
+        })
+        .to_string(),
+    );
+    c.k(&[
+        "wait",
+        "-n",
+        ns,
+        "--for=condition=Ready",
+        "pod/ingest",
+        "--timeout=120s",
+    ]);
+    let ip = c.jsonpath(ns, "pod/ingest", "{.status.podIP}");
+    c.apply(
+        &serde_json::json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "StreamPipeline",
+            "metadata": {"name": "readings-http", "namespace": ns},
+            "spec": {
+                "source": {"bootstrapServers": c.pod_bootstrap, "topic": input, "groupId": format!("e2e-sr-{suffix}"),
+                           "format": {"schemaRegistry": {"url": pod_registry}}},
+                "processor": {"jq": {"program": "{id, name, temp}"}},
+                "sinks": [{"http": {"url": format!("http://{ip}:8080/readings"), "batch": {"as": "array"}}}],
+                "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+                "scaling": {"minReplicas": 1, "maxReplicas": 1},
+            }
+        })
+        .to_string(),
+    );
+    c.wait_condition(
+        Some(ns),
+        &["sp/readings-http"],
+        "Ready",
+        Duration::from_secs(180),
+    );
+    let got = poll(
+        "every record posted to the HTTP service",
+        Duration::from_secs(120),
+        || {
+            let logs = c.k(&["logs", "-n", ns, "pod/ingest"]);
+            let values: Vec<Value> = logs
+                .lines()
+                .filter(|l| l.starts_with('['))
+                .flat_map(|l| serde_json::from_str::<Vec<Value>>(l).unwrap_or_default())
+                .collect();
+            if values.len() as u64 >= 2 * n {
+                Ok(values)
+            } else {
+                Err(format!("{} of {} so far", values.len(), 2 * n))
+            }
+        },
+    );
+    let mut ids: Vec<u64> = got
+        .iter()
+        .map(|v| {
+            let i = v["id"].as_u64().expect("an id");
+            assert_eq!(v["name"], format!("sensor-{i}"), "{v}");
+            assert_eq!(v["temp"].as_f64(), Some(20.0 + i as f64 / 4.0), "{v}");
+            i
+        })
+        .collect();
+    ids.sort_unstable();
+    let want: Vec<u64> = (0..n).flat_map(|i| [i, i]).collect();
+    assert_eq!(ids, want, "each record once in each format");
+    c.k(&["delete", "sp", "-n", ns, "readings-http", "--wait=true"]);
+    c.k(&["delete", "pod", "-n", ns, "ingest", "--wait=false"]);
 }
 
 /// The taint a node of a dedicated pool carries in this test.
