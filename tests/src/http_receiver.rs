@@ -107,6 +107,7 @@ struct Shared {
 /// The server; it stops when dropped.
 pub struct HttpReceiver {
     addr: SocketAddr,
+    scheme: &'static str,
     shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -115,6 +116,40 @@ pub struct HttpReceiver {
 impl HttpReceiver {
     /// Start on a free loopback port, answering as `policy` says.
     pub fn start(policy: impl Fn(&Received) -> Answer + Send + Sync + 'static) -> Self {
+        Self::start_with(None, policy)
+    }
+
+    /// Start speaking HTTPS with the certificate chain `cert` and key `key` (PEM files).
+    pub fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        policy: impl Fn(&Received) -> Answer + Send + Sync + 'static,
+    ) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(cert)
+            .expect("the certificate file")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("PEM certificates");
+        let key = PrivateKeyDer::from_pem_file(key).expect("the key file");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("a certificate and its key");
+        Self::start_with(
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            policy,
+        )
+    }
+
+    fn start_with(
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        policy: impl Fn(&Received) -> Answer + Send + Sync + 'static,
+    ) -> Self {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let shared = Arc::new(Shared {
             policy: Box::new(policy),
             log: Mutex::new(Vec::new()),
@@ -133,13 +168,57 @@ impl HttpReceiver {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 ready.send(listener.local_addr().unwrap()).unwrap();
-                let app = axum::Router::new().fallback(handle).with_state(state);
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    .unwrap();
+                match tls {
+                    None => {
+                        let app = axum::Router::new().fallback(handle).with_state(state);
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(async {
+                                let _ = stopped.await;
+                            })
+                            .await
+                            .unwrap();
+                    }
+                    Some(acceptor) => {
+                        let accept = async move {
+                            loop {
+                                let Ok((tcp, _)) = listener.accept().await else {
+                                    continue;
+                                };
+                                let (acceptor, state) = (acceptor.clone(), state.clone());
+                                tokio::spawn(async move {
+                                    // A client that does not trust the certificate ends here.
+                                    let Ok(tls) = acceptor.accept(tcp).await else {
+                                        return;
+                                    };
+                                    let service = hyper::service::service_fn(
+                                        move |req: hyper::Request<hyper::body::Incoming>| {
+                                            let state = state.clone();
+                                            async move {
+                                                Ok::<_, std::convert::Infallible>(
+                                                    handle(
+                                                        State(state),
+                                                        req.map(axum::body::Body::new),
+                                                    )
+                                                    .await,
+                                                )
+                                            }
+                                        },
+                                    );
+                                    let _ = hyper::server::conn::http1::Builder::new()
+                                        .serve_connection(
+                                            hyper_util::rt::TokioIo::new(tls),
+                                            service,
+                                        )
+                                        .await;
+                                });
+                            }
+                        };
+                        tokio::select! {
+                            _ = accept => {}
+                            _ = stopped => {}
+                        }
+                    }
+                }
             });
         });
         let addr = addr
@@ -147,15 +226,16 @@ impl HttpReceiver {
             .expect("the HTTP receiver listens");
         HttpReceiver {
             addr,
+            scheme,
             shared,
             stop: Some(stop),
             thread: Some(thread),
         }
     }
 
-    /// `http://127.0.0.1:port` + `path`.
+    /// `http://127.0.0.1:port` (or `https://`) + `path`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     /// Every request answered so far, in the order they were answered (a request whose
@@ -257,4 +337,74 @@ async fn handle(State(shared): State<Arc<Shared>>, req: axum::extract::Request) 
         );
     }
     resp
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with `openssl` in `dir`:
+/// (the CA's PEM file, the server's certificate, its key).
+pub fn test_certificates(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sluice-test-ca",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }

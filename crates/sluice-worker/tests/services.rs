@@ -619,3 +619,62 @@ fn each_output_of_a_record_has_its_own_idempotency_key_however_it_is_batched() {
     }
     assert_eq!(keys.len() as u64, 2 * n, "a key for every output");
 }
+
+#[test]
+fn an_https_endpoint_is_verified_against_the_ca_file_and_refused_without_it() {
+    let dir = std::env::temp_dir().join(unique("sluice-https"));
+    let (ca, cert, key) = sluice_testkit::http_receiver::test_certificates(&dir);
+    let rx = HttpReceiver::start_tls(&cert, &key, |_| Answer::ok());
+    let input = unique("https-in");
+    let dlq = unique("https-dlq");
+    create_topic_now(&input, 1);
+    create_topic_now(&dlq, 1);
+    let n: u64 = 100;
+    produce_records(&input, seq_values(n, |_| false));
+    // Trusting the test's CA: every record over TLS.
+    let p = start(
+        "https-ca",
+        &input,
+        &format!(
+            "http: {{url: \"{}\", caFile: {}}}",
+            rx.url("/s"),
+            ca.display()
+        ),
+        "",
+        &[],
+    );
+    p.wait_committed(Duration::from_secs(60));
+    p.stop();
+    let delivered: usize = rx
+        .log()
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Vec<serde_json::Value>>(&r.body)
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(delivered as u64, n, "every record over HTTPS");
+    // Without caFile (the system's roots), the server is not trusted: nothing is sent, and
+    // once the retries run out the records are dead-lettered with the reason.
+    let before = rx.log().len();
+    let p = start(
+        "https-untrusted",
+        &input,
+        &format!("http: {{url: \"{}\"}}", rx.url("/s")),
+        &format!("retry: {{initialBackoff: 100ms, maxBackoff: 200ms, maxElapsed: 2s}}\ndeadLetter: {{topic: {dlq}}}"),
+        &[],
+    );
+    p.wait_committed(Duration::from_secs(60));
+    p.stop();
+    assert_eq!(rx.log().len(), before, "no request reached the server");
+    let letters = read_all(&dlq, Duration::from_secs(30));
+    assert_eq!(letters.len() as u64, n);
+    let m = letters[0].header("sluice.error.message").unwrap();
+    assert_eq!(
+        letters[0].header("sluice.error.class"),
+        Some("retries_exhausted")
+    );
+    assert!(m.to_lowercase().contains("certificate"), "{m}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -154,21 +154,18 @@ pub enum WriterSchema {
 }
 
 impl SinkRegistryConfig {
+    /// The registry this sink talks to (its URL, credentials and CA).
+    pub fn registry(&self) -> super::SchemaRegistryConfig {
+        super::SchemaRegistryConfig {
+            url: self.url.clone(),
+            credentials_env: self.credentials_env.clone(),
+            ca_file: self.ca_file.clone(),
+        }
+    }
+
     /// The checks at `at` (`sinks[0].kafka.format.schemaRegistry`).
     fn check(&self, at: &str) -> Result<(), ConfigError> {
-        http_url(&format!("{at}.url"), &self.url)?;
-        if let Some(env) = &self.credentials_env {
-            non_empty(&format!("{at}.credentialsEnv"), env)?;
-        }
-        if let Some(f) = &self.ca_file {
-            non_empty(&format!("{at}.caFile"), f)?;
-            if self.url.starts_with("http://") {
-                return Err(ConfigError::invalid(
-                    format!("{at}.caFile"),
-                    "is for an https:// URL; this one is http://",
-                ));
-            }
-        }
+        self.registry().check(at)?;
         match &self.schema {
             WriterSchema::Avro(text) => {
                 if serde_json::from_str::<serde_json::Value>(text).is_err() {

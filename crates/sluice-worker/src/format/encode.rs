@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use apache_avro::Schema as AvroSchema;
 use prost_reflect::{DeserializeOptions, DynamicMessage, MessageDescriptor};
-use sluice_api::config::{SchemaRegistryConfig, SinkRegistryConfig, SubjectStrategy, WriterSchema};
+use sluice_api::config::{SinkRegistryConfig, SubjectStrategy, WriterSchema};
 
 use super::registry::{FetchError, Registry, RegistrySetupError, SchemaType};
 use super::schema::Compiled;
@@ -202,14 +202,7 @@ impl Encoder {
         topic: &str,
         env: &(dyn Fn(&str) -> Option<String> + Sync),
     ) -> Result<Self, EncoderSetupError> {
-        let registry = Registry::new(
-            &SchemaRegistryConfig {
-                url: config.url.clone(),
-                credentials_env: config.credentials_env.clone(),
-                ca_file: config.ca_file.clone(),
-            },
-            env,
-        )?;
+        let registry = Registry::new(&config.registry(), env)?;
         let bad = |message: String| EncoderSetupError::Schema {
             topic: topic.to_string(),
             message,
