@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureRecord, Producer};
 
 use crate::kafka::log::LoggingContext;
 
@@ -120,7 +120,9 @@ enum Target {
 enum Written {
     /// Every letter is stored.
     All,
-    /// exactly-once: not in this window's transaction; the window is processed again.
+    /// Not stored, through no fault of the letters: exactly-once, not in this window's
+    /// transaction (the window is processed again); at-least-once, the producer failed
+    /// fatally (the worker stops; its restart delivers the records again).
     Retry,
     /// A letter cannot be stored: its records' partitions stop advancing.
     Failed,
@@ -346,10 +348,38 @@ impl DeadLetters {
             if too_large && send_letter(producer, topic, l, false).await.is_ok() {
                 continue;
             }
+            // The producer failed fatally: not the letter's failure. Its records are
+            // neither stalled nor committed; the worker stops (`fatal`) and its restart
+            // delivers them again.
+            if producer.client().fatal_error().is_some() {
+                if let Some(n) = self.log.tick() {
+                    tracing::error!(%topic, error = %e, letters = n, "the dead-letter producer failed fatally; the worker stops and resumes from its last commit");
+                }
+                if !matches!(written, Written::Failed) {
+                    written = Written::Retry;
+                }
+                continue;
+            }
             tracing::error!(%topic, error = %e, "a dead letter could not be written; its partition stops advancing");
             written = Written::Failed;
         }
         written
+    }
+
+    /// True once the dead-letter topic's own (at-least-once) producer failed fatally (an
+    /// idempotence sequence it cannot reason about, a fenced id): it can store no letter
+    /// any more, so the worker stops and a restart resumes from the last commit, the way a
+    /// Kafka sink's fatal error does. The exactly-once letters share the transactional
+    /// producer, whose fatal errors the window renews in place.
+    pub fn fatal(&self) -> bool {
+        match &self.target {
+            Target::Kafka {
+                producer,
+                transactional: None,
+                ..
+            } => producer.get().client().fatal_error().is_some(),
+            _ => false,
+        }
     }
 
     /// Wait until every parked letter is stored or failed, up to `timeout`.
@@ -448,5 +478,96 @@ mod tests {
                 timestamp_ms
             );
         }
+    }
+
+    /// A fatal error of the dead-letter topic's own producer (here the broker answers a
+    /// produce request with a sequence the idempotent producer cannot reason about, which
+    /// librdkafka makes fatal) is reported by [`DeadLetters::fatal`], so the worker stops
+    /// and its restart resumes from the last commit; the letters it failed are not the
+    /// records' failure: their partition neither stalls nor advances. Before, the
+    /// partition stalled and the worker ran on with a producer that could store nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fatal_error_of_the_dead_letter_producer_stops_the_worker_and_stalls_nothing() {
+        use crate::engine::ack::BatchAck;
+        use crate::engine::partition::{Incarnation, NoControl, PartitionState, TopicPartition};
+        use crate::ops::metrics::Metrics;
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("dlq", 1, 1).unwrap();
+        let metrics = Metrics::new("dlq-fatal");
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "20000");
+        let dl = DeadLetters::kafka(client, "dlq", &metrics).unwrap();
+        let partition = PartitionState::new(
+            Incarnation::new(TopicPartition::new("in", 0), 0),
+            64,
+            Arc::new(NoControl),
+            metrics.partition("in", 0),
+            metrics.processing_latency.clone(),
+        );
+        let park = |first: i64, n: usize| {
+            partition.register(first, first + n as i64 - 1).unwrap();
+            let token = BatchAck::open(partition.clone(), first, n, None);
+            let letters = (first..first + n as i64)
+                .map(|offset| Letter {
+                    origin: Origin {
+                        topic: "in".into(),
+                        partition: 0,
+                        offset,
+                        timestamp_ms: None,
+                        key: None,
+                        output: 0,
+                    },
+                    key: None,
+                    value: Some(Bytes::from_static(b"v")),
+                    headers: Vec::new(),
+                    stage: "jq".into(),
+                    class: "jq_error",
+                    message: "failed".into(),
+                    attempts: 1,
+                })
+                .collect();
+            dl.park(letters, vec![token]);
+        };
+
+        park(0, 5);
+        assert!(
+            dl.flush(Duration::from_secs(30)).await,
+            "first letters settle"
+        );
+        assert_eq!(
+            partition.watermark(),
+            Some(5),
+            "stored letters let the partition pass"
+        );
+        assert!(!dl.fatal());
+
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+        );
+        park(5, 5);
+        assert!(
+            dl.flush(Duration::from_secs(30)).await,
+            "second letters settle"
+        );
+        assert!(
+            dl.fatal(),
+            "the dead-letter producer's fatal error is reported"
+        );
+        assert_eq!(
+            partition.watermark(),
+            Some(5),
+            "nothing after it is committed"
+        );
+        assert!(
+            !partition.is_stalled(),
+            "the letters' partition is not stalled for the producer's failure"
+        );
     }
 }

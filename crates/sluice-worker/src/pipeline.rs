@@ -354,7 +354,7 @@ async fn run(
         processor,
         metrics.clone(),
         consumer.clone(),
-        Arc::new(ConsumerControl(Arc::downgrade(&consumer))),
+        Arc::new(ConsumerControl::new(Arc::downgrade(&consumer))?),
         sinks.set.senders.clone(),
         dead_letters.clone(),
         delivery.gate(),
@@ -365,6 +365,8 @@ async fn run(
     let fatal = || {
         if sinks.kafka.iter().any(|k| k.fatal()) {
             Some(PipelineError::Fatal("producer"))
+        } else if dead_letters.fatal() {
+            Some(PipelineError::Fatal("dead-letter producer"))
         } else if consumer.context().is_fatal() || consumer.client().fatal_error().is_some() {
             // librdkafka's own word too: an error event may carry a fatal error's cause
             // rather than `_FATAL` (as the producer's do, sink/kafka.rs).

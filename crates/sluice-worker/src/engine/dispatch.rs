@@ -134,6 +134,8 @@ impl PartitionDispatch {
                     let before = records.len();
                     records.retain(|r| r.offset > seen);
                     self.redelivered += (before - records.len()) as u64;
+                    let dropped = &self.state.metrics.dropped_redelivered;
+                    dropped.inc_by((before - records.len()) as u64);
                     if let Some(n) = self.rewind_log.tick() {
                         tracing::warn!(topic = %self.state.tp().topic, partition = self.state.tp().partition,
                             last_registered = seen, dropped = before - records.len(), events = n,
@@ -147,6 +149,8 @@ impl PartitionDispatch {
                 if records.first().is_some_and(|r| r.offset < start) {
                     let before = records.len();
                     records.retain(|r| r.offset >= start);
+                    let dropped = &self.state.metrics.dropped_before_start;
+                    dropped.inc_by((before - records.len()) as u64);
                     if let Some(n) = self.rewind_log.tick() {
                         tracing::info!(topic = %self.state.tp().topic, partition = self.state.tp().partition,
                             start, skipped = before - records.len(), events = n,
@@ -176,6 +180,7 @@ impl PartitionDispatch {
                 return;
             }
             let token = BatchAck::open(self.state.clone(), first, n, Some(permit));
+            self.state.metrics.consumed.inc_by(n as u64);
             self.state.enqueued(n);
             (records, token, n)
         };
@@ -329,6 +334,8 @@ mod tests {
         assert!(!st.is_stalled());
         assert_eq!(st.watermark(), Some(15));
         assert_eq!(lane.redelivered(), 5);
+        assert_eq!(st.metrics.consumed.get(), 15, "each record counted once");
+        assert_eq!(st.metrics.dropped_redelivered.get(), 5);
         // a batch entirely below: nothing dispatched at all
         lane.dispatch((0..3).map(record).collect()).await;
         assert!(rx.try_recv().is_err());
@@ -354,6 +361,9 @@ mod tests {
         batch.token.ack();
         assert_eq!(st.watermark(), Some(1_005));
         assert!(!st.is_stalled());
+        // Issue 19: what was skipped is counted as dropped, not as consumed.
+        assert_eq!(st.metrics.consumed.get(), 5);
+        assert_eq!(st.metrics.dropped_before_start.get(), 15);
     }
 
     /// Waits (with a deadline) until `st` registered up to `offset`.

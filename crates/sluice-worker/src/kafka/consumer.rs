@@ -346,29 +346,64 @@ impl ConsumerContext for SluiceContext {
     }
 }
 
-/// Pauses and resumes partitions on the consumer.
+/// Pauses and resumes partitions on the consumer, from a thread of its own.
+///
+/// librdkafka's `rd_kafka_pause_partitions` and `rd_kafka_resume_partitions` wait, without
+/// a time limit (`RD_SYNC`, `RD_POLL_INFINITE`), until the thread that serves the
+/// partition (its leader's broker thread) took the request, and a broker thread can be
+/// held for seconds (it resolves a broker's address itself). Callers (dispatchers, a
+/// partition's flow control under its lock, the assignment) must not wait on that: they
+/// queue the request here, in the order they make them, and one thread applies them in
+/// that order. The thread ends when the last handle is dropped.
 #[derive(Clone)]
-pub struct ConsumerControl(pub Weak<SluiceConsumer>);
+pub struct ConsumerControl {
+    requests: std::sync::mpsc::Sender<(String, i32, bool)>,
+}
 
 impl ConsumerControl {
-    /// Pause (`true`) or resume one partition, if the consumer is still alive.
-    fn set_paused(&self, topic: &str, partition: i32, pause: bool) {
-        let Some(c) = self.0.upgrade() else { return };
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, partition);
-        let res = if pause { c.pause(&tpl) } else { c.resume(&tpl) };
-        if let Err(e) = res {
-            tracing::warn!(%topic, partition, pause, error = %e, "pause/resume failed");
-        }
+    /// Control `consumer`'s partitions while it is alive.
+    pub fn new(consumer: Weak<SluiceConsumer>) -> std::io::Result<Self> {
+        let (requests, rx) = std::sync::mpsc::channel::<(String, i32, bool)>();
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name("sluice-pause".into())
+            .spawn(move || {
+                let _span = span.enter();
+                while let Ok((topic, partition, pause)) = rx.recv() {
+                    set_paused(&consumer, &topic, partition, pause);
+                }
+            })?;
+        Ok(ConsumerControl { requests })
+    }
+
+    fn request(&self, topic: &str, partition: i32, pause: bool) {
+        // The thread is gone only if it panicked: nothing to pause any more.
+        let _ = self.requests.send((topic.to_string(), partition, pause));
+    }
+}
+
+/// Pause (`true`) or resume one partition, if the consumer is still alive.
+fn set_paused(consumer: &Weak<SluiceConsumer>, topic: &str, partition: i32, pause: bool) {
+    let Some(c) = consumer.upgrade() else { return };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let started = std::time::Instant::now();
+    let res = if pause { c.pause(&tpl) } else { c.resume(&tpl) };
+    if let Err(e) = res {
+        tracing::warn!(%topic, partition, pause, error = %e, "pause/resume failed");
+    }
+    let took = started.elapsed();
+    if took > Duration::from_secs(1) {
+        tracing::warn!(%topic, partition, pause, took_ms = took.as_millis() as u64, "librdkafka took long to pause or resume a partition (its broker thread was busy)");
     }
 }
 
 impl PartitionControl for ConsumerControl {
     fn pause(&self, topic: &str, partition: i32) {
-        self.set_paused(topic, partition, true);
+        self.request(topic, partition, true);
     }
     fn resume(&self, topic: &str, partition: i32) {
-        self.set_paused(topic, partition, false);
+        self.request(topic, partition, false);
     }
 }
 

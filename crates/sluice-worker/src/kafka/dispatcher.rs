@@ -35,7 +35,6 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
     position: impl Fn() -> Option<i64>,
 ) {
     let topic = lane.state().tp().topic.clone();
-    let consumed = lane.state().metrics.consumed.clone();
     let stream = queue.stream();
     tokio::pin!(stream);
     // Each record is charged to the in-flight budget as it is taken from librdkafka, so
@@ -70,7 +69,6 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
             };
             match m {
                 Some(Ok(m)) => {
-                    consumed.inc();
                     lane.state().fetched();
                     batch.push(&m);
                     RecordBatchBuilder::budget_cost(&m)
@@ -90,11 +88,9 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
             _ = stop.changed() => break,
             p = lane.charge(first_cost) => p,
         };
-        let mut read = 0;
         while batch.len() < DISPATCH_BATCH {
             match stream.next().now_or_never() {
                 Some(Some(Ok(m))) => {
-                    read += 1;
                     let cost = RecordBatchBuilder::budget_cost(&m);
                     match lane.try_charge(cost) {
                         Some(p) => {
@@ -115,7 +111,6 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
                 _ => break,
             }
         }
-        consumed.inc_by(read);
         lane.state().fetched();
         let records = batch.finish(&topic);
         lane.dispatch_charged(records, permit).await;

@@ -13,6 +13,7 @@ pub struct Metrics {
     pub registry: Registry,
     pipeline: String,
     consumed: IntCounterVec,
+    dropped: IntCounterVec,
     processed: IntCounterVec,
     delivered: IntCounterVec,
     failed: IntCounterVec,
@@ -55,8 +56,13 @@ pub struct Metrics {
 /// Handles for one partition, resolved once so the hot path does no label lookups.
 #[derive(Clone, Debug)]
 pub struct PartitionMetrics {
-    /// Records read from the partition.
+    /// Records read from the partition and handed to processing.
     pub consumed: IntCounter,
+    /// Records read and not handed over: received already by this incarnation.
+    pub dropped_redelivered: IntCounter,
+    /// Records read and not handed over: below where `startFrom: latest` started the
+    /// partition.
+    pub dropped_before_start: IntCounter,
     /// Records processed.
     pub processed: IntCounter,
     /// Records whose outputs were all acknowledged.
@@ -115,7 +121,8 @@ impl Metrics {
         let size_buckets = prometheus::exponential_buckets(1.0, 4.0, 10).expect("buckets");
         let m = Metrics {
             pipeline: pipeline.to_string(),
-            consumed: counter("sluice_messages_consumed_total", "Records read from the source partition.", &p),
+            consumed: counter("sluice_messages_consumed_total", "Records read from the source partition and handed to processing (each once per partition owner; see sluice_records_dropped_total for the rest).", &p),
+            dropped: counter("sluice_records_dropped_total", "Records read from the source and not handed to processing, by reason: redelivered (this partition's owner received it already: it is in flight or done), before_start (below where startFrom: latest started the partition).", &["pipeline", "reason"]),
             processed: counter("sluice_messages_processed_total", "Records run through the processor.", &p),
             delivered: counter("sluice_messages_delivered_total", "Records whose outputs every sink acknowledged.", &p),
             failed: counter("sluice_messages_failed_total", "Records that failed, by stage (processor or sink).", &["pipeline", "topic", "partition", "stage"]),
@@ -169,6 +176,12 @@ impl Metrics {
         };
         PartitionMetrics {
             consumed: self.consumed.with_label_values(&l),
+            dropped_redelivered: self
+                .dropped
+                .with_label_values(&[self.pipeline.as_str(), "redelivered"]),
+            dropped_before_start: self
+                .dropped
+                .with_label_values(&[self.pipeline.as_str(), "before_start"]),
             processed: self.processed.with_label_values(&l),
             delivered: self.delivered.with_label_values(&l),
             failed_processor: stage("processor"),
