@@ -110,7 +110,7 @@ async fn build_sinks(
     dead_letters: &Arc<DeadLetters>,
     txn: Option<&Transactions>,
     refusals: &Arc<Refusals>,
-    limits: &[Option<usize>],
+    limits: &[limits::TopicRules],
 ) -> Result<Sinks, PipelineError> {
     let retry = RetryPolicy::from(&config.retry);
     let mut all = Vec::new();
@@ -178,13 +178,13 @@ async fn build_sinks(
     })
 }
 
-/// Each sink's output topic's `max.message.bytes` (`None`: not a Kafka sink, or it could
+/// What each sink's output topic refuses (nothing known: not a Kafka sink, or it could
 /// not be read), by sink index; see [`crate::kafka::limits`].
-async fn sink_limits(config: &WorkerConfig) -> Result<Vec<Option<usize>>, PipelineError> {
+async fn sink_limits(config: &WorkerConfig) -> Result<Vec<limits::TopicRules>, PipelineError> {
     let mut out = Vec::with_capacity(config.sinks.len());
     for (i, sc) in config.sinks.iter().enumerate() {
         let SinkConfig::Kafka(k) = sc else {
-            out.push(None);
+            out.push(limits::TopicRules::default());
             continue;
         };
         let cfg = base_config(
@@ -194,7 +194,7 @@ async fn sink_limits(config: &WorkerConfig) -> Result<Vec<Option<usize>>, Pipeli
             &config.source.security,
             &format!("sluice-{}-sink{i}-admin", config.pipeline),
         )?;
-        out.push(limits::max_message_bytes(&cfg, &k.topic).await);
+        out.push(limits::topic_rules(&cfg, &k.topic).await);
     }
     Ok(out)
 }
@@ -205,7 +205,7 @@ async fn sink_limits(config: &WorkerConfig) -> Result<Vec<Option<usize>>, Pipeli
 async fn transactions(
     config: &WorkerConfig,
     metrics: &Metrics,
-    limits: &[Option<usize>],
+    limits: &[limits::TopicRules],
 ) -> Result<Option<Transactions>, PipelineError> {
     if !config.delivery.exactly_once() {
         return Ok(None);
@@ -217,8 +217,8 @@ async fn transactions(
     )?;
     let id = exactly_once::transactional_id(&config.pipeline);
     let mut client = with(client, clients::transactional_producer(config, &id));
-    if let Some(l) = limits.iter().flatten().min() {
-        limits::cap_batch_size(&mut client, *l);
+    if let Some(l) = limits.iter().filter_map(|r| r.max_message_bytes).min() {
+        limits::cap_batch_size(&mut client, l);
     }
     let t = Transactions::start(
         client,

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, NewPartitions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
@@ -106,9 +106,34 @@ fn produce_keyed(topic: &str, records: impl IntoIterator<Item = (Option<String>,
     );
 }
 
+/// Set `topic`'s configuration to `config` (AlterConfigs: what is not named goes back to
+/// the broker's default).
+fn alter_topic(topic: &str, config: &[(&str, &str)]) {
+    block_on(async {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .create()
+            .unwrap();
+        let alter = config
+            .iter()
+            .fold(AlterConfig::new(ResourceSpecifier::Topic(topic)), |a, (k, v)| a.set(k, v));
+        for r in admin
+            .alter_configs([&alter], &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    });
+}
+
 /// N1: under exactly-once, an output the broker refuses for good (too large for the
 /// output topic; a keyless record to a compacted topic) reaches the dead-letter topic once,
 /// in a later transaction, and the worker goes on: no exit, no other record lost or doubled.
+///
+/// The worker refuses both itself when it knows the topic's rules (tests/output_size_limit.rs);
+/// here the rules change after it read them at start (the limit lowered, compaction turned
+/// on), so both reach the broker, and the abort-and-search path finds them.
 #[test]
 fn exactly_once_an_output_refused_for_good_is_dead_lettered_once_and_the_worker_lives_on() {
     let (input, output, dlq, group) = (
@@ -119,9 +144,28 @@ fn exactly_once_an_output_refused_for_good_is_dead_lettered_once_and_the_worker_
     );
     block_on(create_topic(&bootstrap(), &input, 2)).unwrap();
     block_on(create_topic(&bootstrap(), &dlq, 1)).unwrap();
-    topic_with(
+    topic_with(&output, 2, &[]);
+    let mut w = worker(
+        "refused",
+        &input,
+        &group,
+        "",
+        &format!(
+            "sinks: [{{kafka: {{topic: {output}}}}}]\ndeadLetter: {{topic: {dlq}}}\ndelivery: {{guarantee: exactly-once}}\ncommit: {{drainTimeout: 5s}}"
+        ),
+    );
+    wait_for(
+        "the worker read the output topic's rules",
+        Duration::from_secs(60),
+        || {
+            assert_alive(&mut w);
+            std::fs::read_to_string(&w.log)
+                .unwrap_or_default()
+                .contains("dead-lettered before they are produced")
+        },
+    );
+    alter_topic(
         &output,
-        2,
         &[
             ("cleanup.policy", "compact"),
             ("max.message.bytes", "50000"),
@@ -133,15 +177,6 @@ fn exactly_once_an_output_refused_for_good_is_dead_lettered_once_and_the_worker_
     records.insert(100, (Some("big".into()), vec![b'x'; 60_000]));
     records.insert(200, (None, b"keyless".to_vec()));
     produce_keyed(&input, records);
-    let mut w = worker(
-        "refused",
-        &input,
-        &group,
-        "",
-        &format!(
-            "sinks: [{{kafka: {{topic: {output}}}}}]\ndeadLetter: {{topic: {dlq}}}\ndelivery: {{guarantee: exactly-once}}\ncommit: {{drainTimeout: 5s}}"
-        ),
-    );
     wait_for(
         "the input committed to its end",
         Duration::from_secs(90),
@@ -171,6 +206,11 @@ fn exactly_once_an_output_refused_for_good_is_dead_lettered_once_and_the_worker_
         classes,
         ["invalid_record", "record_too_large"],
         "{letters:?}"
+    );
+    let log = std::fs::read_to_string(&w.log).unwrap_or_default();
+    assert!(
+        log.contains("the window was aborted"),
+        "the refusals reached the broker and a window was aborted to find them"
     );
     w.signal("TERM");
     assert!(w.wait(Duration::from_secs(30)).is_some_and(|s| s.success()));

@@ -1,9 +1,10 @@
-//! Outputs over the output topic's `max.message.bytes` (issue 19, R8 on the replicated
-//! cluster): the broker refuses a whole produce batch, so an oversized output sent to it
-//! takes its batch-mates down (at-least-once: dead-lettered with it; exactly-once: the
-//! window aborted whole, again and again under load). The worker refuses such an output
-//! itself, before it joins a batch or a transaction: only it is dead-lettered, every other
-//! output is delivered once, and exactly-once windows keep committing.
+//! Outputs the output topic refuses (issue 19, R8 on the replicated cluster): over its
+//! `max.message.bytes`, or without a key on a compacted topic. The broker refuses a whole
+//! produce batch for either, so such an output sent to it takes its batch-mates down
+//! (at-least-once: dead-lettered with it; exactly-once: the window aborted whole, again and
+//! again under load). The worker refuses such an output itself, before it joins a batch or
+//! a transaction: only it is dead-lettered, every other output is delivered once, and
+//! exactly-once windows keep committing.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -36,10 +37,35 @@ fn topic_with(topic: &str, partitions: i32, config: &[(&str, &str)]) {
     block_on(create_topic_with(&bootstrap(), topic, partitions, config)).unwrap();
 }
 
-/// The record offered at `i`: a small one, or (every `EVERY`th) one of 150 KB.
-fn record(i: usize) -> Vec<u8> {
+/// What makes every `EVERY`th output one the topic refuses.
+#[derive(Clone, Copy, PartialEq)]
+enum Refused {
+    /// 150 KB against the topic's `max.message.bytes` of `LIMIT`.
+    TooLarge,
+    /// No key, to a compacted topic.
+    Keyless,
+}
+
+impl Refused {
+    /// The dead-letter class the worker gives it.
+    fn class(self) -> &'static str {
+        match self {
+            Refused::TooLarge => "record_too_large",
+            Refused::Keyless => "invalid_record",
+        }
+    }
+}
+
+/// Whether record `i` is one the topic refuses.
+fn refused(i: usize) -> bool {
+    i % EVERY == EVERY - 1
+}
+
+/// The record offered at `i`: a small one, or (every `EVERY`th, for `TooLarge`) one of
+/// 150 KB.
+fn record(i: usize, case: Refused) -> Vec<u8> {
     let mut v = format!("r{i:06}:").into_bytes();
-    if i % EVERY == EVERY - 1 {
+    if refused(i) && case == Refused::TooLarge {
         v.resize(150_000, b'x');
     }
     v
@@ -48,8 +74,14 @@ fn record(i: usize) -> Vec<u8> {
 /// A backlog of `RECORDS` records (so the worker's produce batches are full ones) through
 /// a worker with `guarantee`; returns what the output and the dead-letter topic hold
 /// (read_committed) and the worker's log.
-fn relay(guarantee: &str) -> (Vec<ReadRecord>, Vec<ReadRecord>, String) {
-    let tag = format!("size-{guarantee}");
+fn relay(guarantee: &str, case: Refused) -> (Vec<ReadRecord>, Vec<ReadRecord>, String) {
+    let tag = format!(
+        "{}-{guarantee}",
+        match case {
+            Refused::TooLarge => "size",
+            Refused::Keyless => "keyless",
+        }
+    );
     let (input, output, dlq, group) = (
         unique(&format!("{tag}-in")),
         unique(&format!("{tag}-out")),
@@ -58,13 +90,16 @@ fn relay(guarantee: &str) -> (Vec<ReadRecord>, Vec<ReadRecord>, String) {
     );
     block_on(create_topic(&bootstrap(), &input, 4)).unwrap();
     block_on(create_topic(&bootstrap(), &dlq, 1)).unwrap();
-    topic_with(&output, 2, &[("max.message.bytes", &LIMIT.to_string())]);
+    match case {
+        Refused::TooLarge => topic_with(&output, 2, &[("max.message.bytes", &LIMIT.to_string())]),
+        Refused::Keyless => topic_with(&output, 2, &[("cleanup.policy", "compact")]),
+    }
     produce_records(
         &input,
         (0..RECORDS).map(|i| TestRecord {
-            partition: None,
-            key: Some(format!("k{i}")),
-            value: record(i),
+            partition: Some((i % 4) as i32),
+            key: (case == Refused::TooLarge || !refused(i)).then(|| format!("k{i}")),
+            value: record(i, case),
             tombstone: false,
         }),
     );
@@ -95,10 +130,14 @@ fn relay(guarantee: &str) -> (Vec<ReadRecord>, Vec<ReadRecord>, String) {
     (out, letters, log)
 }
 
-/// Only the oversized records are dead-lettered (class `record_too_large`), each once;
-/// every other record is in the output exactly once.
-fn assert_only_the_oversized_are_dead_lettered(out: &[ReadRecord], letters: &[ReadRecord]) {
-    let oversized: Vec<usize> = (0..RECORDS).filter(|i| i % EVERY == EVERY - 1).collect();
+/// Only the refused records are dead-lettered (with `case`'s class), each once; every
+/// other record is in the output exactly once.
+fn assert_only_the_refused_are_dead_lettered(
+    out: &[ReadRecord],
+    letters: &[ReadRecord],
+    case: Refused,
+) {
+    let expected: Vec<usize> = (0..RECORDS).filter(|&i| refused(i)).collect();
     let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
     for r in out {
         *seen.entry(r.value.clone().unwrap_or_default()).or_default() += 1;
@@ -106,52 +145,77 @@ fn assert_only_the_oversized_are_dead_lettered(out: &[ReadRecord], letters: &[Re
     let twice = seen.values().filter(|&&n| n > 1).count();
     assert_eq!(twice, 0, "outputs delivered more than once");
     let missing = (0..RECORDS)
-        .filter(|i| i % EVERY != EVERY - 1 && !seen.contains_key(&record(*i)))
+        .filter(|&i| !refused(i) && !seen.contains_key(&record(i, case)))
         .count();
-    assert_eq!(missing, 0, "fitting outputs not in the output topic");
+    assert_eq!(
+        missing, 0,
+        "outputs the topic takes not in the output topic"
+    );
     assert_eq!(
         out.len(),
-        RECORDS - oversized.len(),
-        "the output holds every fitting record, once, and nothing else"
+        RECORDS - expected.len(),
+        "the output holds every record the topic takes, once, and nothing else"
     );
-    let mut keys: Vec<String> = letters
+    // A letter is named by its value's prefix (`r000099:`): keyless ones have no key.
+    let mut names: Vec<String> = letters
         .iter()
-        .map(|l| String::from_utf8_lossy(l.key.as_deref().unwrap_or_default()).into_owned())
+        .map(|l| {
+            let v = l.value.as_deref().unwrap_or_default();
+            String::from_utf8_lossy(&v[..v.len().min(8)]).into_owned()
+        })
         .collect();
-    keys.sort();
-    let mut expected: Vec<String> = oversized.iter().map(|i| format!("k{i}")).collect();
-    expected.sort();
+    names.sort();
+    let want: Vec<String> = expected.iter().map(|i| format!("r{i:06}:")).collect();
     assert_eq!(
-        keys.len(),
-        expected.len(),
-        "dead letters: only the oversized records, once each (batch-mates dead-lettered?)"
+        names.len(),
+        want.len(),
+        "dead letters: only the refused records, once each (batch-mates dead-lettered?)"
     );
-    assert_eq!(keys, expected, "the dead letters are the oversized records");
+    assert_eq!(names, want, "the dead letters are the refused records");
     for l in letters {
-        assert_eq!(
-            l.header("sluice.error.class"),
-            Some("record_too_large"),
-            "{l:?}"
-        );
+        assert_eq!(l.header("sluice.error.class"), Some(case.class()), "{l:?}");
     }
+}
+
+/// No exactly-once window was aborted: nothing refused reached the broker.
+fn assert_no_abort(log: &str) {
+    let aborts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("window is aborted"))
+        .collect();
+    assert!(aborts.is_empty(), "windows were aborted:\n{aborts:#?}");
 }
 
 /// At-least-once: an oversized output's batch-mates are produced, not dead-lettered.
 #[test]
 fn at_least_once_only_outputs_over_the_topic_limit_are_dead_lettered() {
-    let (out, letters, _) = relay("at-least-once");
-    assert_only_the_oversized_are_dead_lettered(&out, &letters);
+    let (out, letters, _) = relay("at-least-once", Refused::TooLarge);
+    assert_only_the_refused_are_dead_lettered(&out, &letters, Refused::TooLarge);
 }
 
 /// Exactly-once: an oversized output never reaches the broker, so it never aborts a
 /// window; it is dead-lettered in the window's own transaction and every window commits.
 #[test]
 fn exactly_once_outputs_over_the_topic_limit_are_dead_lettered_without_an_abort() {
-    let (out, letters, log) = relay("exactly-once");
-    assert_only_the_oversized_are_dead_lettered(&out, &letters);
-    let aborts: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("window is aborted"))
-        .collect();
-    assert!(aborts.is_empty(), "windows were aborted:\n{aborts:#?}");
+    let (out, letters, log) = relay("exactly-once", Refused::TooLarge);
+    assert_only_the_refused_are_dead_lettered(&out, &letters, Refused::TooLarge);
+    assert_no_abort(&log);
+}
+
+/// At-least-once, a compacted output topic: a keyless output is dead-lettered alone.
+/// Before, the broker refused its produce batch, librdkafka reported the batch-mates as
+/// `_INVALID_DIFFERENT_RECORD`, and they were dead-lettered with it (`retries_exhausted`).
+#[test]
+fn at_least_once_only_keyless_outputs_to_a_compacted_topic_are_dead_lettered() {
+    let (out, letters, _) = relay("at-least-once", Refused::Keyless);
+    assert_only_the_refused_are_dead_lettered(&out, &letters, Refused::Keyless);
+}
+
+/// Exactly-once, a compacted output topic: a keyless output never reaches the broker,
+/// so no window is aborted to search for it.
+#[test]
+fn exactly_once_keyless_outputs_to_a_compacted_topic_are_dead_lettered_without_an_abort() {
+    let (out, letters, log) = relay("exactly-once", Refused::Keyless);
+    assert_only_the_refused_are_dead_lettered(&out, &letters, Refused::Keyless);
+    assert_no_abort(&log);
 }

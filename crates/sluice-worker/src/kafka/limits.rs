@@ -1,4 +1,5 @@
-//! The output topic's size limit, enforced before an output is produced.
+//! What the output topic refuses, enforced before an output is produced: its size limit
+//! and, on a compacted topic, a record without a key.
 //!
 //! The broker refuses a whole produce batch (a record batch) larger than the topic's
 //! `max.message.bytes`, so an oversized output sent to librdkafka takes its batch-mates
@@ -23,9 +24,14 @@
 //!   over `min(message.max.bytes, batch.size)` (`rd_kafka_msgset_writer_write_msgq`; only
 //!   a batch's first message may overshoot, and alone it passed the check above), so the
 //!   sinks cap their producer's `batch.size` at the limit ([`cap_batch_size`]).
-//! - The broker's refusal stays handled as before (a limit that could not be read, or
-//!   lowered while the worker runs): at-least-once dead-letters the batch, exactly-once
-//!   aborts and searches for the culprit.
+//! - A compacted topic (`cleanup.policy` with `compact`) refuses a record without a key,
+//!   and with it its whole produce batch (librdkafka 2.12 reports the culprit as
+//!   `INVALID_RECORD` and its batch-mates as `_INVALID_DIFFERENT_RECORD`: not written). Such
+//!   an output is refused here too, with class `invalid_record`, so no batch-mate is
+//!   touched and no exactly-once window is aborted.
+//! - The broker's refusal stays handled as before (a rule that could not be read, or
+//!   changed while the worker runs, or another record validation of the broker's):
+//!   at-least-once dead-letters the batch, exactly-once aborts and searches for the culprit.
 
 use std::time::Duration;
 
@@ -72,14 +78,28 @@ pub fn cap_batch_size(client: &mut ClientConfig, limit: usize) {
     }
 }
 
-/// The effective `max.message.bytes` of `topic` (its own or the broker's default), or
-/// `None` when it cannot be read (then only the broker enforces it).
-pub async fn max_message_bytes(client: &ClientConfig, topic: &str) -> Option<usize> {
+/// What an output topic refuses, as read at start (see the module's doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TopicRules {
+    /// The topic's effective `max.message.bytes`, when it could be read.
+    pub max_message_bytes: Option<usize>,
+    /// True when the topic's `cleanup.policy` compacts: a record needs a key.
+    pub compacted: bool,
+}
+
+/// Whether a `cleanup.policy` value (`delete`, `compact`, `compact,delete`) compacts.
+fn compacts(policy: &str) -> bool {
+    policy.split(',').any(|p| p.trim() == "compact")
+}
+
+/// The rules of `topic` (its own configuration or the broker's defaults); the default
+/// (nothing known) when they cannot be read: then only the broker enforces them.
+pub async fn topic_rules(client: &ClientConfig, topic: &str) -> TopicRules {
     let admin: AdminClient<DefaultClientContext> = match client.create() {
         Ok(a) => a,
         Err(e) => {
-            tracing::warn!(%topic, error = %e, "could not read the output topic's max.message.bytes; oversized outputs are found by the broker's refusal");
-            return None;
+            tracing::warn!(%topic, error = %e, "could not read the output topic's max.message.bytes and cleanup.policy; outputs it refuses are found by the broker's refusal");
+            return TopicRules::default();
         }
     };
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
@@ -88,12 +108,19 @@ pub async fn max_message_bytes(client: &ClientConfig, topic: &str) -> Option<usi
         let res = admin
             .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
             .await;
-        let limit = match res {
+        let rules = match res {
             Ok(rs) => rs.into_iter().next().and_then(|r| match r {
                 Ok(c) => c
                     .get("max.message.bytes")
                     .and_then(|e| e.value.as_deref())
-                    .and_then(|v| v.parse::<usize>().ok()),
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .map(|limit| TopicRules {
+                        max_message_bytes: Some(limit),
+                        compacted: c
+                            .get("cleanup.policy")
+                            .and_then(|e| e.value.as_deref())
+                            .is_some_and(compacts),
+                    }),
                 Err(e) => {
                     last = e.to_string();
                     None
@@ -104,22 +131,26 @@ pub async fn max_message_bytes(client: &ClientConfig, topic: &str) -> Option<usi
                 None
             }
         };
-        if let Some(l) = limit {
-            tracing::info!(%topic, max_message_bytes = l, "outputs over the output topic's max.message.bytes are dead-lettered before they are produced");
-            return Some(l);
+        if let Some(r) = rules {
+            tracing::info!(%topic, max_message_bytes = r.max_message_bytes, compacted = r.compacted,
+                "outputs the output topic would refuse (over max.message.bytes; without a key on a compacted topic) are dead-lettered before they are produced");
+            return r;
         }
         // Said at once, not after the last attempt: a broker that refuses the login or
         // the certificate answers nothing, and start-up would wait 30 s in silence.
-        tracing::warn!(%topic, attempt, of = 3, error = %last, "reading the output topic's max.message.bytes failed (DescribeConfigs); is the broker reachable and are the credentials accepted?");
+        tracing::warn!(%topic, attempt, of = 3, error = %last, "reading the output topic's max.message.bytes and cleanup.policy failed (DescribeConfigs); is the broker reachable and are the credentials accepted?");
     }
-    tracing::warn!(%topic, error = %last, "could not read the output topic's max.message.bytes; oversized outputs are found by the broker's refusal");
-    None
+    tracing::warn!(%topic, error = %last, "could not read the output topic's max.message.bytes and cleanup.policy; outputs it refuses are found by the broker's refusal");
+    TopicRules::default()
 }
 
 /// The failure of an output refused by the size check.
 pub fn too_large(size: usize, limit: usize) -> String {
     format!("the output is {size} bytes in a record batch alone, over the topic's max.message.bytes {limit}; refused before it was produced")
 }
+
+/// The failure of an output without a key, refused for a compacted topic.
+pub const KEYLESS_ON_COMPACTED: &str = "the output has no key and the topic is compacted (cleanup.policy compact), which refuses records without a key; refused before it was produced";
 
 #[cfg(test)]
 mod tests {
@@ -134,6 +165,16 @@ mod tests {
             batch_size_alone(Some(b"k"), Some(&[0; 100]), h),
             empty + 1 + 100 + 10 + 5 + 5
         );
+    }
+
+    #[test]
+    fn compact_in_any_cleanup_policy_compacts() {
+        assert!(compacts("compact"));
+        assert!(compacts("compact,delete"));
+        assert!(compacts("delete, compact"));
+        assert!(!compacts("delete"));
+        assert!(!compacts(""));
+        assert!(!compacts("compaction"));
     }
 
     #[test]

@@ -301,7 +301,7 @@ impl KafkaSink {
         metrics: SinkMetrics,
         dead_letters: Arc<DeadLetters>,
     ) -> Result<Arc<Self>, KafkaError> {
-        if let Some(l) = target.limit {
+        if let Some(l) = target.rules.max_message_bytes {
             limits::cap_batch_size(&mut client, l);
         }
         let shared = Arc::new(Shared {
@@ -398,17 +398,12 @@ impl Sink for KafkaSink {
                         continue;
                     }
                 };
-                if let Some((size, limit)) = record.over(self.target.limit) {
+                if let Some(f) = record.refused(&self.target.rules) {
                     if let Some(n) = self.shared.reject_log.tick() {
-                        tracing::error!(sink = "kafka", topic = %self.target.topic, size, max_message_bytes = limit, outputs = n,
-                            "an output is over the topic's max.message.bytes; it goes to the dead-letter topic, its batch-mates are produced");
+                        tracing::error!(sink = "kafka", topic = %self.target.topic, class = f.class, error = %f.message, outputs = n,
+                            "the topic would refuse an output; it goes to the dead-letter topic, its batch-mates are produced");
                     }
-                    self.shared.reject(
-                        opaque,
-                        "record_too_large",
-                        limits::too_large(size, limit),
-                        1,
-                    );
+                    self.shared.reject(opaque, f.class, f.message, f.attempts);
                     hold.unsent -= 1;
                     continue;
                 }
@@ -499,7 +494,7 @@ mod tests {
         };
         let sink = KafkaSink::new(
             client,
-            OutputTarget::new(&config, None),
+            OutputTarget::new(&config, Default::default()),
             SinkMetrics::new(&metrics, "kafka"),
             dead_letters.clone(),
         )

@@ -28,7 +28,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureRecord, Producer};
 
 use crate::deadletter::DeadLetters;
-use crate::kafka::limits;
 use crate::kafka::producer::SharedProducer;
 use crate::ops::throttle::LogThrottle;
 use crate::record::{Origin, Output};
@@ -204,24 +203,17 @@ impl Sink for TxnKafkaSink {
                         continue;
                     }
                 };
-                if let Some((size, limit)) = record.over(self.target.limit) {
+                if let Some(f) = record.refused(&self.target.rules) {
                     // Never produced: the transaction stays healthy and the letter
                     // joins it, with no abort and no batch-mate touched.
                     if let Some(n) = self.reject_log.tick() {
-                        tracing::error!(sink = "kafka", topic = %self.target.topic, size, max_message_bytes = limit, outputs = n,
-                            "an output is over the topic's max.message.bytes; it goes to the dead-letter topic in this transaction");
+                        tracing::error!(sink = "kafka", topic = %self.target.topic, class = f.class, error = %f.message, outputs = n,
+                            "the topic would refuse an output; it goes to the dead-letter topic in this transaction");
                     }
                     if suspect {
                         self.refusals.set(origin, output, None);
                     }
-                    rejected.push((
-                        index,
-                        SinkFailure {
-                            class: "record_too_large",
-                            message: limits::too_large(size, limit),
-                            attempts: 1,
-                        },
-                    ));
+                    rejected.push((index, f));
                     continue;
                 }
                 if suspect {

@@ -17,7 +17,7 @@ use crate::kafka::limits;
 use crate::record::{Origin, Output};
 
 /// How a Kafka sink turns an output into a record: its topic, the key it takes, the trace
-/// header it adds, and the topic's size limit.
+/// header it adds, and what the topic refuses.
 #[derive(Clone, Debug)]
 pub struct OutputTarget {
     /// The output topic.
@@ -26,20 +26,21 @@ pub struct OutputTarget {
     pub key: KeySource,
     /// The name of a header carrying `source-topic/partition/offset`, if any.
     pub trace_header: Option<String>,
-    /// The topic's `max.message.bytes`, when it could be read.
-    pub limit: Option<usize>,
+    /// What the topic refuses (its `max.message.bytes`, whether it needs keys), as read
+    /// at start.
+    pub rules: limits::TopicRules,
     /// Encodes values in a schema registry's wire format (`format.schemaRegistry`).
     pub encoder: Option<std::sync::Arc<crate::format::encode::Encoder>>,
 }
 
 impl OutputTarget {
     /// The target of a sink `config`.
-    pub fn new(config: &KafkaSinkConfig, limit: Option<usize>) -> Self {
+    pub fn new(config: &KafkaSinkConfig, rules: limits::TopicRules) -> Self {
         OutputTarget {
             topic: config.topic.clone(),
             key: config.key,
             trace_header: config.trace_header.clone(),
-            limit,
+            rules,
             encoder: None,
         }
     }
@@ -116,12 +117,24 @@ impl OutputRecord<'_> {
         })
     }
 
-    /// `Some((size, limit))` when the record alone is over the topic's `limit`: the
-    /// broker would refuse it, and its whole produce batch with it.
-    pub fn over(&self, limit: Option<usize>) -> Option<(usize, usize)> {
-        let limit = limit?;
+    /// Why the topic would refuse this record (and its whole produce batch with it), by
+    /// `rules`: over its `max.message.bytes` alone (`record_too_large`), or without a key
+    /// for a compacted topic (`invalid_record`). `None`: it may be produced.
+    pub fn refused(&self, rules: &limits::TopicRules) -> Option<crate::sink::SinkFailure> {
+        let failure = |class, message| crate::sink::SinkFailure {
+            class,
+            message,
+            attempts: 1,
+        };
+        if rules.compacted && self.key.is_none() {
+            return Some(failure(
+                "invalid_record",
+                limits::KEYLESS_ON_COMPACTED.to_string(),
+            ));
+        }
+        let limit = rules.max_message_bytes?;
         let size = limits::batch_size_alone(self.key, self.value.as_deref(), self.headers());
-        (size > limit).then_some((size, limit))
+        (size > limit).then(|| failure("record_too_large", limits::too_large(size, limit)))
     }
 }
 
@@ -195,7 +208,7 @@ mod tests {
             topic: "out".into(),
             key,
             trace_header: trace.map(String::from),
-            limit: None,
+            rules: Default::default(),
             encoder: None,
         }
     }
@@ -248,13 +261,49 @@ mod tests {
         let (o, origin) = output();
         let t = target(KeySource::Output, None);
         let r = t.record(&o, &origin).unwrap();
-        assert_eq!(r.over(None), None);
-        let (size, _) = r.over(Some(1)).expect("over 1 byte");
-        assert_eq!(
-            r.over(Some(size)),
-            None,
+        let limit = |l| limits::TopicRules {
+            max_message_bytes: Some(l),
+            compacted: false,
+        };
+        assert!(r.refused(&limits::TopicRules::default()).is_none());
+        let f = r.refused(&limit(1)).expect("over 1 byte");
+        assert_eq!(f.class, "record_too_large");
+        let size = limits::batch_size_alone(r.key, r.value.as_deref(), r.headers());
+        assert!(
+            r.refused(&limit(size)).is_none(),
             "a record of exactly the limit fits"
         );
+    }
+
+    /// A compacted topic refuses a record without a key (and its produce batch with it):
+    /// refused before it is produced; a keyed one, or any on a topic that does not
+    /// compact, is not.
+    #[test]
+    fn a_keyless_output_is_refused_only_for_a_compacted_topic() {
+        let (o, origin) = output();
+        let compacted = limits::TopicRules {
+            max_message_bytes: None,
+            compacted: true,
+        };
+        let t = target(KeySource::Output, None);
+        assert!(t.record(&o, &origin).unwrap().refused(&compacted).is_none());
+        let keyless = Output {
+            key: None,
+            ..o.clone()
+        };
+        let r = t.record(&keyless, &origin).unwrap();
+        assert_eq!(
+            r.refused(&compacted).map(|f| f.class),
+            Some("invalid_record")
+        );
+        assert!(r.refused(&limits::TopicRules::default()).is_none());
+        // The key the sink takes is what counts: the input's here.
+        let t = target(KeySource::Input, None);
+        assert!(t
+            .record(&keyless, &origin)
+            .unwrap()
+            .refused(&compacted)
+            .is_none());
     }
 
     #[tokio::test(start_paused = true)]
