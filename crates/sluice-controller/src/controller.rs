@@ -155,6 +155,15 @@ pub async fn run_in(ctx: Arc<Context>, namespace: Option<&str>) {
         // digest on their pod template changes and the workers roll (reconcile/secrets.rs).
         .watches_stream(triggers.secrets, move |s| {
             readers_of(&pipelines_read, &s.metadata)
+        })
+        // A worker pod that became (or stopped being) unschedulable: its pipeline's Ready
+        // condition says so at once rather than at the next poll.
+        .watches_stream(triggers.pending_pods, {
+            let ar = ar.clone();
+            move |p| {
+                crate::cache::pipeline_of(&p)
+                    .map(|((ns, name), _)| ObjectRef::new_with(&name, ar.clone()).within(&ns))
+            }
         });
     // Deleted pipelines: their memory and metric series go (the watch cache is the truth
     // of what exists; it is read once it has its first full list).

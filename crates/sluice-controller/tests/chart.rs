@@ -164,7 +164,7 @@ fn rbac_is_least_privilege() {
         got,
         vec![
             "/configmaps: get,list,watch,create,patch",
-            "/pods: list",
+            "/pods: list,watch",
             "/secrets: get,list,watch",
             "/services: get,list,watch,create,patch",
             "apiextensions.k8s.io/customresourcedefinitions: get",

@@ -114,9 +114,10 @@ fn alter_topic(topic: &str, config: &[(&str, &str)]) {
             .set("bootstrap.servers", bootstrap())
             .create()
             .unwrap();
-        let alter = config
-            .iter()
-            .fold(AlterConfig::new(ResourceSpecifier::Topic(topic)), |a, (k, v)| a.set(k, v));
+        let alter = config.iter().fold(
+            AlterConfig::new(ResourceSpecifier::Topic(topic)),
+            |a, (k, v)| a.set(k, v),
+        );
         for r in admin
             .alter_configs([&alter], &AdminOptions::new())
             .await

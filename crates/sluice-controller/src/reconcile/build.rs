@@ -204,13 +204,16 @@ impl Children {
     }
 }
 
+/// The label naming a worker pod's pipeline (beside the recommended `app.kubernetes.io/*`).
+pub const PIPELINE_LABEL: &str = "sluice.dev/pipeline";
+
 /// Labels of every child, and the worker pods' selector.
 pub fn labels(pipeline: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".into(), "sluice-worker".into()),
         ("app.kubernetes.io/instance".into(), pipeline.into()),
         ("app.kubernetes.io/managed-by".into(), "sluice".into()),
-        ("sluice.dev/pipeline".into(), pipeline.into()),
+        (PIPELINE_LABEL.into(), pipeline.into()),
     ])
 }
 

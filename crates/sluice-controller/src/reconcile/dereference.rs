@@ -6,17 +6,17 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::api::{ApiResource, DynamicObject};
 use kube::{Api, ResourceExt};
 use rdkafka::ClientConfig;
 use sluice_api::config::WorkerConfig;
 use sluice_api::crd::StreamPipeline;
 
-use super::build::{selector_string, ChildNames, APPLIED_HASH};
+use super::build::{ChildNames, APPLIED_HASH};
 use super::scale;
 use super::secrets::PodSecrets;
 use super::status::Blocker;
@@ -249,8 +249,9 @@ pub async fn dereference(
         .and_then(|d| d.status.as_ref()?.ready_replicas)
         .unwrap_or(0)
         .max(0) as u32;
+    // From the watch of pending worker pods (cache.rs), not a request.
     let unschedulable = if ready < current {
-        unschedulable(ctx, &ns, &name).await?
+        ctx.cache.get().and_then(|c| c.unschedulable(&ns, &name))
     } else {
         None
     };
@@ -270,36 +271,6 @@ pub async fn dereference(
     })
 }
 
-/// A worker pod of the pipeline that the scheduler cannot place (`PodScheduled=False,
-/// reason=Unschedulable`: no node matches its selector, tolerations or affinity, or none has
-/// room), named with the scheduler's message.
-async fn unschedulable(ctx: &Context, ns: &str, name: &str) -> Result<Option<String>, Stop> {
-    ctx.api.take(Verb::List).await;
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns)
-        .list(&ListParams::default().labels(&selector_string(name)))
-        .await
-        .map_err(|error| Stop::Child {
-            kind: "Pod",
-            name: format!("{name}-*"),
-            error,
-        })?;
-    Ok(pods.items.iter().find_map(|p| {
-        let c = p
-            .status
-            .as_ref()?
-            .conditions
-            .as_ref()?
-            .iter()
-            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
-        (c.reason.as_deref() == Some("Unschedulable")).then(|| {
-            format!(
-                "pod {} cannot be scheduled: {}",
-                p.name_any(),
-                c.message.as_deref().unwrap_or("no reason given")
-            )
-        })
-    }))
-}
 /// Whether the Prometheus Operator's ServiceMonitor CRD exists (checked at most once a minute).
 async fn has_service_monitors(ctx: &Context) -> Result<bool, kube::Error> {
     if let Some((at, known)) = *ctx.service_monitor_crd.lock().expect("crd cache lock") {
