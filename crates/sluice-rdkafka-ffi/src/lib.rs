@@ -1,5 +1,7 @@
 //! The one crate of sluice that calls librdkafka directly (issue 21): batch consume of one
-//! partition's split-off queue.
+//! partition's split-off queue; and a consumed message's leader epoch ([`leader_epoch`],
+//! issue 19: how the worker tells new records at reused offsets after a log truncation
+//! from redelivered ones).
 //!
 //! The rest of the workspace denies `unsafe_code`; this crate holds what rust-rdkafka 0.39
 //! does not wrap, and nothing else. Its lints deny `unsafe_op_in_unsafe_fn`,
@@ -360,6 +362,21 @@ where
         // checks it right after this callback and puts the remaining ops back.
         unsafe { rd::rd_kafka_yield(ctx.rk.as_ptr()) };
     }
+}
+
+/// The leader epoch of the partition leader a consumed message was fetched from
+/// (`rd_kafka_message_leader_epoch`, KIP-320), or `None` when librdkafka does not know it
+/// (-1: a broker without leader epochs, or not a consumed message).
+///
+/// Two records at the same offset with different epochs are different records: the log
+/// was truncated between them (an unclean leader election), and new records were written
+/// at the offsets the old ones had.
+pub fn leader_epoch(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<i32> {
+    // SAFETY: `m.ptr()` is the `rd_kafka_message_t` that `m` borrows from librdkafka and
+    // keeps alive for `m`'s lifetime; the call only reads it (and its topic handle's
+    // client type) and returns an integer.
+    let epoch = unsafe { rd::rd_kafka_message_leader_epoch(m.ptr()) };
+    (epoch >= 0).then_some(epoch)
 }
 
 /// A message borrowed from librdkafka for one call of [`PartitionFeed::drain`]'s closure.

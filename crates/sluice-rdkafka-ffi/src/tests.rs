@@ -688,3 +688,30 @@ async fn a_panic_in_the_closure_surfaces_after_the_drain_and_keeps_the_rest() {
     collect(&c, &mut feed, n - 3, &mut rest, |_| Flow::Continue).await;
     assert_eq!(rest.offsets, (3..n as i64).collect::<Vec<_>>());
 }
+
+/// A consumed message carries the epoch of the leader it was fetched from, and a record
+/// written after a leader change carries a higher one.
+#[test]
+fn a_record_written_after_a_leader_change_has_a_higher_leader_epoch() {
+    let topic = "epochs";
+    let cl = MockCluster::new(2).unwrap();
+    cl.create_topic(topic, 1, 2).unwrap();
+    cl.partition_leader(topic, 0, Some(1)).unwrap();
+    produce(&cl, topic, 0, 1);
+    let c = consumer(&cl, &[]);
+    assign(&c, topic);
+    let epoch_of = |c: &TestConsumer| {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            assert!(std::time::Instant::now() < deadline, "no record");
+            if let Some(m) = c.poll(Duration::from_millis(100)) {
+                return crate::leader_epoch(&m.unwrap());
+            }
+        }
+    };
+    let first = epoch_of(&c).expect("the mock cluster knows leader epochs");
+    cl.partition_leader(topic, 0, Some(2)).unwrap();
+    produce(&cl, topic, 1, 1);
+    let second = epoch_of(&c).expect("an epoch");
+    assert!(second > first, "{second} after {first}");
+}

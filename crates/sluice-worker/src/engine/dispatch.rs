@@ -18,6 +18,16 @@ use crate::engine::lanes::{lane_for_key, WorkItem};
 use crate::engine::partition::PartitionState;
 use crate::record::Record;
 
+/// The leader epochs (KIP-320) of a batch's first and last records, when the source knows
+/// them (`None`: unknown).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Epochs {
+    /// The first record's.
+    pub first: Option<i32>,
+    /// The last record's.
+    pub last: Option<i32>,
+}
+
 /// The dispatching half of one partition: its worker lanes and the byte budget.
 #[derive(Debug)]
 pub struct PartitionDispatch {
@@ -27,6 +37,10 @@ pub struct PartitionDispatch {
     budget: ByteBudget,
     next_unordered: usize,
     redelivered: u64,
+    /// The leader epoch of the last record registered, when known (N12: a record at an
+    /// offset already registered but of a later epoch is a new record; the log was
+    /// truncated).
+    last_epoch: Option<i32>,
     rewind_log: crate::ops::throttle::LogThrottle,
     /// The barrier between delivery windows, when the delivery guarantee has them
     /// (exactly-once: see `delivery/exactly_once.rs`).
@@ -49,6 +63,7 @@ impl PartitionDispatch {
             budget,
             next_unordered: 0,
             redelivered: 0,
+            last_epoch: None,
             rewind_log: Default::default(),
             gate: None,
         }
@@ -101,14 +116,17 @@ impl PartitionDispatch {
     pub async fn dispatch(&mut self, records: Vec<Record>) {
         let bytes: usize = records.iter().map(Record::budget_cost).sum();
         let permit = self.charge(bytes).await;
-        self.dispatch_charged(records, permit).await;
+        self.dispatch_charged(records, permit, Epochs::default())
+            .await;
     }
 
-    /// [`PartitionDispatch::dispatch`] for records already charged to the budget with `permit`.
+    /// [`PartitionDispatch::dispatch`] for records already charged to the budget with
+    /// `permit`, whose first and last records have leader `epochs`.
     pub async fn dispatch_charged(
         &mut self,
         mut records: Vec<Record>,
         permit: OwnedSemaphorePermit,
+        epochs: Epochs,
     ) {
         // Registered inside the window's gate, handed over outside it. The window's end
         // waits for the gate (`WindowGate::close`) and then for everything registered to
@@ -131,15 +149,33 @@ impl PartitionDispatch {
             // flight or done, so they are dropped here instead of stalling the tracker.
             if let Some(seen) = self.state.last_registered() {
                 if records.first().is_some_and(|r| r.offset <= seen) {
-                    let before = records.len();
+                    let (before, first) = (records.len(), records[0].offset);
                     records.retain(|r| r.offset > seen);
-                    self.redelivered += (before - records.len()) as u64;
-                    let dropped = &self.state.metrics.dropped_redelivered;
-                    dropped.inc_by((before - records.len()) as u64);
-                    if let Some(n) = self.rewind_log.tick() {
-                        tracing::warn!(topic = %self.state.tp().topic, partition = self.state.tp().partition,
-                            last_registered = seen, dropped = before - records.len(), events = n,
-                            "records redelivered below what this partition already received; dropped (they are in flight or done)");
+                    let n = (before - records.len()) as u64;
+                    // N12: leader epochs only grow along a partition's log, so a record at an
+                    // offset already registered with a later epoch than the last registered
+                    // one is not the record received there: the log was truncated below
+                    // (an unclean leader election) and new records were written at reused
+                    // offsets. They cannot be registered again (the tracker's offsets are
+                    // in flight or committed); they are counted and named, not hidden.
+                    let truncated = match (epochs.first, self.last_epoch) {
+                        (Some(e), Some(known)) => e > known,
+                        _ => false,
+                    };
+                    if truncated {
+                        self.state.metrics.dropped_truncated.inc_by(n);
+                        tracing::error!(topic = %self.state.tp().topic, partition = self.state.tp().partition,
+                            first, last = first + n as i64 - 1, last_registered = seen,
+                            leader_epoch = epochs.first, registered_epoch = self.last_epoch,
+                            "the partition's log was truncated below what this worker had received (an unclean leader election?): the new records at reused offsets first..=last are NOT processed; to process them, reset the group's offset of this partition to `first` (kafka-consumer-groups --reset-offsets --to-offset) with the pipeline stopped, which delivers what follows again");
+                    } else {
+                        self.redelivered += n;
+                        self.state.metrics.dropped_redelivered.inc_by(n);
+                        if let Some(events) = self.rewind_log.tick() {
+                            tracing::warn!(topic = %self.state.tp().topic, partition = self.state.tp().partition,
+                                last_registered = seen, dropped = n, events,
+                                "records redelivered below what this partition already received; dropped (they are in flight or done)");
+                        }
                     }
                 }
             }
@@ -178,6 +214,9 @@ impl PartitionDispatch {
                 // Never dispatch what the tracker cannot account for.
                 self.state.stall(&e.to_string());
                 return;
+            }
+            if epochs.last.is_some() {
+                self.last_epoch = epochs.last;
             }
             let token = BatchAck::open(self.state.clone(), first, n, Some(permit));
             self.state.metrics.consumed.inc_by(n as u64);
@@ -339,6 +378,56 @@ mod tests {
         // a batch entirely below: nothing dispatched at all
         lane.dispatch((0..3).map(record).collect()).await;
         assert!(rx.try_recv().is_err());
+        assert!(!st.is_stalled());
+    }
+
+    /// N12: after an unclean leader election the log is truncated below what the partition
+    /// received and new records are written at the reused offsets, with a later leader
+    /// epoch. They are told from a redelivery by their epoch and counted as `truncated`
+    /// (with an error naming the offsets), never silently as redelivered; a redelivery
+    /// (same or no epoch) stays what it was.
+    #[tokio::test]
+    async fn records_at_reused_offsets_of_a_later_epoch_are_counted_as_truncated() {
+        let st = state(Arc::new(NoControl));
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut lane = lane(&st, tx);
+        let epochs = |first, last| Epochs {
+            first: Some(first),
+            last: Some(last),
+        };
+        let send = |lane: &mut PartitionDispatch, from: i64, to: i64, e: Epochs| {
+            let records: Vec<Record> = (from..to).map(record).collect();
+            let bytes = records.iter().map(Record::budget_cost).sum();
+            let permit = lane.try_charge(bytes).expect("budget");
+            (records, permit, e)
+        };
+        let (r, p, e) = send(&mut lane, 0, 10, epochs(3, 3));
+        lane.dispatch_charged(r, p, e).await;
+        rx.recv().await.unwrap().token.ack();
+        // A redelivery of the same records (same epoch): dropped as redelivered.
+        let (r, p, e) = send(&mut lane, 5, 10, epochs(3, 3));
+        lane.dispatch_charged(r, p, e).await;
+        assert_eq!(st.metrics.dropped_redelivered.get(), 5);
+        assert_eq!(st.metrics.dropped_truncated.get(), 0);
+        // Truncated to 6; new records at 6..=9 (epoch 5), then 10..12 new ones.
+        let (r, p, e) = send(&mut lane, 6, 12, epochs(5, 5));
+        lane.dispatch_charged(r, p, e).await;
+        assert_eq!(
+            st.metrics.dropped_truncated.get(),
+            4,
+            "6..=9 named, not hidden"
+        );
+        assert_eq!(st.metrics.dropped_redelivered.get(), 5);
+        let next = rx.recv().await.unwrap();
+        assert_eq!(
+            next.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            vec![10, 11],
+            "what is past the received offsets goes on"
+        );
+        // Unknown epochs (a broker without them): a redelivery, as before.
+        let (r, p, _) = send(&mut lane, 0, 3, Epochs::default());
+        lane.dispatch_charged(r, p, Epochs::default()).await;
+        assert_eq!(st.metrics.dropped_redelivered.get(), 8);
         assert!(!st.is_stalled());
     }
 

@@ -8,7 +8,7 @@ use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::ConsumerContext;
 use tokio::sync::watch;
 
-use crate::engine::dispatch::PartitionDispatch;
+use crate::engine::dispatch::{Epochs, PartitionDispatch};
 use crate::engine::lanes::DISPATCH_BATCH;
 use crate::record::RecordBatchBuilder;
 
@@ -44,12 +44,15 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
     let mut batch = RecordBatchBuilder::new();
     let mut next = RecordBatchBuilder::new();
     let mut next_cost = 0;
+    // The leader epochs of `batch`'s first and last records, and of the one in `next` (N12:
+    // how a record at a reused offset is told from one received before).
+    let mut next_epoch = None;
     loop {
         if *stop.borrow() {
             break;
         }
         std::mem::swap(&mut batch, &mut next);
-        let first_cost = if batch.is_empty() {
+        let (first_cost, mut epochs) = if batch.is_empty() {
             let m = tokio::select! {
                 biased;
                 _ = stop.changed() => break,
@@ -70,8 +73,12 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
             match m {
                 Some(Ok(m)) => {
                     lane.state().fetched();
+                    let e = sluice_rdkafka_ffi::leader_epoch(&m);
                     batch.push(&m);
-                    RecordBatchBuilder::budget_cost(&m)
+                    (
+                        RecordBatchBuilder::budget_cost(&m),
+                        Epochs { first: e, last: e },
+                    )
                 }
                 Some(Err(e)) => {
                     tracing::warn!(topic = %topic, partition = lane.state().tp().partition, error = %e, "consumer error on partition queue");
@@ -80,7 +87,11 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
                 None => break,
             }
         } else {
-            next_cost
+            let carried = Epochs {
+                first: next_epoch,
+                last: next_epoch,
+            };
+            (next_cost, carried)
         };
         let mut permit = tokio::select! {
             biased;
@@ -92,14 +103,17 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
             match stream.next().now_or_never() {
                 Some(Some(Ok(m))) => {
                     let cost = RecordBatchBuilder::budget_cost(&m);
+                    let e = sluice_rdkafka_ffi::leader_epoch(&m);
                     match lane.try_charge(cost) {
                         Some(p) => {
                             permit.merge(p);
                             batch.push(&m);
+                            epochs.last = e;
                         }
                         None => {
                             next.push(&m);
                             next_cost = cost;
+                            next_epoch = e;
                             break;
                         }
                     }
@@ -113,6 +127,6 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
         }
         lane.state().fetched();
         let records = batch.finish(&topic);
-        lane.dispatch_charged(records, permit).await;
+        lane.dispatch_charged(records, permit, epochs).await;
     }
 }

@@ -63,6 +63,9 @@ pub struct PartitionMetrics {
     /// Records read and not handed over: below where `startFrom: latest` started the
     /// partition.
     pub dropped_before_start: IntCounter,
+    /// Records read and not handed over: new records at offsets this partition's owner
+    /// received before the log was truncated (an unclean leader election).
+    pub dropped_truncated: IntCounter,
     /// Records processed.
     pub processed: IntCounter,
     /// Records whose outputs were all acknowledged.
@@ -122,7 +125,7 @@ impl Metrics {
         let m = Metrics {
             pipeline: pipeline.to_string(),
             consumed: counter("sluice_messages_consumed_total", "Records read from the source partition and handed to processing (each once per partition owner; see sluice_records_dropped_total for the rest).", &p),
-            dropped: counter("sluice_records_dropped_total", "Records read from the source and not handed to processing, by reason: redelivered (this partition's owner received it already: it is in flight or done), before_start (below where startFrom: latest started the partition).", &["pipeline", "reason"]),
+            dropped: counter("sluice_records_dropped_total", "Records read from the source and not handed to processing, by reason: redelivered (this partition's owner received it already: it is in flight or done), before_start (below where startFrom: latest started the partition), truncated (new records at offsets the owner had received before the partition's log was truncated: an unclean leader election; not processed).", &["pipeline", "reason"]),
             processed: counter("sluice_messages_processed_total", "Records run through the processor.", &p),
             delivered: counter("sluice_messages_delivered_total", "Records whose outputs every sink acknowledged.", &p),
             failed: counter("sluice_messages_failed_total", "Records that failed, by stage (processor or sink).", &["pipeline", "topic", "partition", "stage"]),
@@ -182,6 +185,9 @@ impl Metrics {
             dropped_before_start: self
                 .dropped
                 .with_label_values(&[self.pipeline.as_str(), "before_start"]),
+            dropped_truncated: self
+                .dropped
+                .with_label_values(&[self.pipeline.as_str(), "truncated"]),
             processed: self.processed.with_label_values(&l),
             delivered: self.delivered.with_label_values(&l),
             failed_processor: stage("processor"),
