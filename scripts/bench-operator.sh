@@ -44,14 +44,15 @@ trap 'scripts/k8s.sh stop' EXIT
 python3 - "$OUT/operator.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("| pipelines (topics x partitions) | every pipeline has status | lag freshness p50 / p99 / max (pollInterval) | controller CPU, steady | RSS start -> steady -> after delete | threads | Kafka TCP connections | API requests/min, steady | API requests during the lag change | Kafka requests/min, steady | per-pipeline series left | machine load (1 min) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| pipelines (topics x partitions) | every pipeline has status | lag freshness p50 / p99 / max (pollInterval) | freshness of one topic's pipelines among N, p50 / max | controller CPU, steady | RSS start -> steady -> after delete | threads | Kafka TCP connections | API requests/min, steady | API requests during the lag change | Kafka requests/min, steady | per-pipeline series left | machine load (1 min) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     api = ", ".join(f"{k} {int(v)}" for k, v in sorted(r["api_per_min_steady"].items()) if v) or "0"
     fresh = ", ".join(f"{k} {int(v)}" for k, v in sorted(r["api_during_fresh"].items()) if v) or "0"
     kafka = ", ".join(f"{k} {int(v)}" for k, v in sorted(r.get("kafka_per_min_steady", {}).items()) if v) or "0"
     print(f"| {r['n']:,} ({r['topics']} x {r['partitions']}) | {r['all_status_s']:.0f} s (creating took {r['create_s']:.0f} s; worst own {r['worst_own_status_s']:.0f} s) "
           f"| {r['fresh_p50_s']:.1f} / {r['fresh_p99_s']:.1f} / {r['fresh_max_s']:.1f} s ({r['poll_s']} s; {r['fresh_n']:,} of {r['n']:,}) "
+          f"| {r.get('fresh_one_topic_p50_s', float('nan')):.1f} / {r.get('fresh_one_topic_max_s', float('nan')):.1f} s ({r.get('fresh_one_topic_n', 0)} of {r.get('fresh_one_topic_of', 0)}) "
           f"| {r['steady_cpu_s_per_min']:.1f} CPU-s/min | {r['rss_start_mib']} -> {r['rss_steady_mib']} -> {r['rss_after_delete_mib']} MiB "
           f"| {r['threads']} | {r['kafka_tcp']} | {api} | {fresh} | {kafka} | {r['series_left']} | {r.get('load_avg_steady', float('nan')):.1f} |")
 PY

@@ -28,9 +28,14 @@ use crate::reconcile::report::Report;
 use crate::reconcile::status::Blocker;
 use crate::reconcile::{validate, Stop};
 
-/// Reconciles running at once (the others wait in the queue): enough to keep the API and
-/// Kafka budgets busy, few enough that a start with thousands of pipelines is a queue.
-const RECONCILES_AT_ONCE: u16 = 128;
+/// Reconciles running at once (the others wait in the queue). A steady reconcile spends
+/// most of its time waiting for its lag read, which joins the connection's next Kafka batch
+/// (kafka/reads.rs: a 100 ms linger, then one batch at a time), so the reconciles running
+/// at once are also the most queries a batch holds. At 128, 10,000 pipelines polled every
+/// 30 s (333 reconciles a second) saturated it: reconciles took 0.5 s on average, about 256
+/// a second, the queue fell behind and new pipelines waited behind overdue polls (up to
+/// 514 s for their first status). API requests stay bounded by `--api-qps` whatever this is.
+const RECONCILES_AT_ONCE: u16 = 1024;
 
 /// How often memory of deleted pipelines (and their metric series) is dropped.
 const FORGET_EVERY: Duration = Duration::from_secs(5);
