@@ -489,7 +489,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_fatal_error_of_the_dead_letter_producer_stops_the_worker_and_stalls_nothing() {
         use crate::engine::ack::BatchAck;
-        use crate::engine::partition::{Incarnation, NoControl, PartitionState, TopicPartition};
+        use crate::engine::partition::{NoControl, PartitionState};
         use crate::ops::metrics::Metrics;
         use rdkafka::mocking::MockCluster;
         use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -503,13 +503,7 @@ mod tests {
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", "20000");
         let dl = DeadLetters::kafka(client, "dlq", &metrics).unwrap();
-        let partition = PartitionState::new(
-            Incarnation::new(TopicPartition::new("in", 0), 0),
-            64,
-            Arc::new(NoControl),
-            metrics.partition("in", 0),
-            metrics.processing_latency.clone(),
-        );
+        let partition = PartitionState::for_test("in", &metrics, Arc::new(NoControl));
         let park = |first: i64, n: usize| {
             partition.register(first, first + n as i64 - 1).unwrap();
             let token = BatchAck::open(partition.clone(), first, n, None);

@@ -267,16 +267,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_batcher_task_flushes_on_linger_and_splits_at_max_messages() {
         use crate::engine::ack::BatchAck;
-        use crate::engine::partition::{Incarnation, NoControl, PartitionState, TopicPartition};
+        use crate::engine::partition::{NoControl, PartitionState};
         use std::sync::Arc;
         let m = crate::ops::metrics::Metrics::new("t");
-        let st = PartitionState::new(
-            Incarnation::new(TopicPartition::new("t", 0), 0),
-            64,
-            Arc::new(NoControl),
-            m.partition("t", 0),
-            m.processing_latency.clone(),
-        );
+        let st = PartitionState::for_test("t", &m, Arc::new(NoControl));
         let sink = Arc::new(Counting {
             batches: Default::default(),
             metrics: crate::sink::SinkMetrics::new(&m, "counting"),

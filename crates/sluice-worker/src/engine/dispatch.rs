@@ -304,7 +304,7 @@ impl PartitionDispatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::partition::{Incarnation, NoControl, PartitionControl, TopicPartition};
+    use crate::engine::partition::{NoControl, PartitionControl};
     use std::sync::Mutex;
 
     fn record(offset: i64) -> Record {
@@ -334,13 +334,7 @@ mod tests {
 
     fn state(control: Arc<dyn PartitionControl>) -> Arc<PartitionState> {
         let m = crate::ops::metrics::Metrics::new("t");
-        PartitionState::new(
-            Incarnation::new(TopicPartition::new("t", 0), 0),
-            64,
-            control,
-            m.partition("t", 0),
-            m.processing_latency.clone(),
-        )
+        PartitionState::for_test("t", &m, control)
     }
 
     /// A dispatcher of `st` feeding one ordered lane `tx`, with a 1 MiB budget.

@@ -520,18 +520,31 @@ pub fn past_control_records(wm: i64, handed_over: Option<(Option<i64>, i64)>) ->
 }
 
 #[cfg(test)]
+impl PartitionState {
+    /// Partition 0 of `topic` (epoch 0, 64 slots), counted in `metrics`, paused through
+    /// `control`: the state the unit tests build.
+    pub(crate) fn for_test(
+        topic: &str,
+        metrics: &crate::ops::metrics::Metrics,
+        control: Arc<dyn PartitionControl>,
+    ) -> Arc<Self> {
+        PartitionState::new(
+            Incarnation::new(TopicPartition::new(topic, 0), 0),
+            64,
+            control,
+            metrics.partition(topic, 0),
+            metrics.processing_latency.clone(),
+        )
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     fn state() -> Arc<PartitionState> {
         let m = crate::ops::metrics::Metrics::new("t");
-        PartitionState::new(
-            Incarnation::new(TopicPartition::new("t", 0), 0),
-            64,
-            Arc::new(NoControl),
-            m.partition("t", 0),
-            m.processing_latency.clone(),
-        )
+        PartitionState::for_test("t", &m, Arc::new(NoControl))
     }
 
     /// N10: a drained transactional input ends in a commit marker the consumer never

@@ -430,7 +430,7 @@ impl Drop for KafkaSink {
 mod tests {
     use super::*;
     use crate::engine::ack::BatchAck;
-    use crate::engine::partition::{Incarnation, NoControl, PartitionState, TopicPartition};
+    use crate::engine::partition::{NoControl, PartitionState};
     use crate::ops::metrics::Metrics;
     use crate::record::{Origin, Output};
     use rdkafka::mocking::MockCluster;
@@ -499,13 +499,7 @@ mod tests {
             dead_letters.clone(),
         )
         .unwrap();
-        let partition = PartitionState::new(
-            Incarnation::new(TopicPartition::new("in", 0), 0),
-            64,
-            Arc::new(NoControl),
-            metrics.partition("in", 0),
-            metrics.processing_latency.clone(),
-        );
+        let partition = PartitionState::for_test("in", &metrics, Arc::new(NoControl));
 
         // Delivered as usual first: the partition advances.
         sink.deliver(batch(&partition, 0, 10)).await;
