@@ -263,7 +263,7 @@ where
             Err(e) => log(format!("list after delete_collection: {e}")),
         }
         if attempt >= 30 {
-            log("objects still left after 30 attempts".to_string());
+            log("objects still left after 30 attempts");
             return;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
