@@ -577,6 +577,14 @@ async fn main() {
             one.len(),
             fresh_one.len()
         ));
+        // Every other topic gets the same records, so all start the next N level.
+        {
+            let (b, t, p) = (a.bootstrap.clone(), topics[1..].to_vec(), a.partitions);
+            tokio::task::spawn_blocking(move || produce(&b, &t, p, per))
+                .await
+                .unwrap();
+        }
+        produced_per_partition += per;
 
         // 4. Delete every pipeline and its children (no garbage collector runs here).
         log(format!("N={n}: deleting"));

@@ -34,9 +34,9 @@ pub enum PipelineError {
     /// exactly-once: a transaction failed and was aborted (see `delivery/exactly_once.rs`).
     #[error("transaction aborted ({0}); restarting resumes from the offsets of the last committed transaction")]
     Transaction(#[from] TxnError),
-    /// A thread of the worker could not be started.
-    #[error("starting a thread: {0}")]
-    Thread(#[from] std::io::Error),
+    /// A thread of the worker could not be started (which, and why).
+    #[error("starting {0}")]
+    Thread(String),
     /// The input topic grew: this worker owns more partitions than its consumer's
     /// prefetch was sized for. Not a failure: the pipeline is drained, committed and run
     /// again in the same process, its consumer sized for the topic as it is now.

@@ -321,6 +321,9 @@ async fn run(
     let subscription = config.source.subscription()?;
     let topics = subscription.librdkafka();
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+    // Made before the poller, so a failure here leaves no thread behind.
+    let (control, control_stop) = ConsumerControl::new(Arc::downgrade(&consumer))
+        .map_err(|e| PipelineError::Thread(format!("the pause thread: {e}")))?;
     let stop_poller = Arc::new(AtomicBool::new(false));
     let (stray_tx, mut stray) = tokio::sync::mpsc::unbounded_channel();
     let poller = spawn_main_queue_thread(consumer.clone(), stop_poller.clone(), stray_tx);
@@ -354,7 +357,7 @@ async fn run(
         processor,
         metrics.clone(),
         consumer.clone(),
-        Arc::new(ConsumerControl::new(Arc::downgrade(&consumer))?),
+        Arc::new(control),
         sinks.set.senders.clone(),
         dead_letters.clone(),
         delivery.gate(),
@@ -453,6 +456,8 @@ async fn run(
     stop_poller.store(true, AtomicOrdering::Release);
     let _ = tokio::task::spawn_blocking(move || poller.join()).await;
     drop(co);
+    // No pause or resume holds the consumer from here on.
+    let _ = tokio::task::spawn_blocking(move || control_stop.stop(Duration::from_secs(5))).await;
     // Leave the group now rather than after the session timeout.
     match Arc::try_unwrap(consumer) {
         Ok(c) => {

@@ -150,6 +150,13 @@ impl PartitionDispatch {
             if let Some(seen) = self.state.last_registered() {
                 if records.first().is_some_and(|r| r.offset <= seen) {
                     let (before, first) = (records.len(), records[0].offset);
+                    // In offset order: what is dropped is a prefix (with gaps: transaction
+                    // markers, a compacted input).
+                    let last = records
+                        .iter()
+                        .take_while(|r| r.offset <= seen)
+                        .last()
+                        .map_or(first, |r| r.offset);
                     records.retain(|r| r.offset > seen);
                     let n = (before - records.len()) as u64;
                     // N12: leader epochs only grow along a partition's log, so a record at an
@@ -165,7 +172,7 @@ impl PartitionDispatch {
                     if truncated {
                         self.state.metrics.dropped_truncated.inc_by(n);
                         tracing::error!(topic = %self.state.tp().topic, partition = self.state.tp().partition,
-                            first, last = first + n as i64 - 1, last_registered = seen,
+                            first, last, last_registered = seen,
                             leader_epoch = epochs.first, registered_epoch = self.last_epoch,
                             "the partition's log was truncated below what this worker had received (an unclean leader election?): the new records at reused offsets first..=last are NOT processed; to process them, reset the group's offset of this partition to `first` (kafka-consumer-groups --reset-offsets --to-offset) with the pipeline stopped, which delivers what follows again");
                     } else {

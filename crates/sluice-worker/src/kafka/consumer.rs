@@ -14,6 +14,7 @@
 //!
 //! The main queue is served by a dedicated thread (it runs the callbacks, which block).
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -353,32 +354,127 @@ impl ConsumerContext for SluiceContext {
 /// partition (its leader's broker thread) took the request, and a broker thread can be
 /// held for seconds (it resolves a broker's address itself). Callers (dispatchers, a
 /// partition's flow control under its lock, the assignment) must not wait on that: they
-/// queue the request here, in the order they make them, and one thread applies them in
-/// that order. The thread ends when the last handle is dropped.
+/// state what they want of the partition here, and one thread applies it. Only the latest
+/// wish per partition is kept (a pause then a resume not yet applied is just a resume), so
+/// what waits behind a held broker thread is bounded by the partitions, not the requests.
 #[derive(Clone)]
 pub struct ConsumerControl {
-    requests: std::sync::mpsc::Sender<(String, i32, bool)>,
+    handle: Arc<ControlHandle>,
+}
+
+/// What the pause thread has to do, under one lock.
+#[derive(Default)]
+struct Wishes {
+    /// The latest wish per partition (true: paused), not yet applied.
+    pending: HashMap<(String, i32), bool>,
+    /// No more wishes are applied; the thread ends.
+    closed: bool,
+    /// The thread is applying wishes (holding the consumer).
+    busy: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    wishes: std::sync::Mutex<Wishes>,
+    changed: std::sync::Condvar,
+}
+
+impl Shared {
+    fn close(&self) {
+        self.wishes.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Closes the pause thread when the last [`ConsumerControl`] goes.
+struct ControlHandle(Arc<Shared>);
+
+impl Drop for ControlHandle {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// The pipeline's hold on the pause thread: [`ControlStop::stop`] before the consumer is
+/// closed, so no pause or resume holds it then.
+pub struct ControlStop {
+    shared: Arc<Shared>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ControlStop {
+    /// Apply no more wishes, and wait (up to `timeout`) until a call in progress returns;
+    /// the thread then ends. Blocking: call it off the runtime's threads.
+    pub fn stop(self, timeout: Duration) {
+        self.shared.close();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut w = self.shared.wishes.lock().unwrap_or_else(|e| e.into_inner());
+        while w.busy {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!("a pause or resume is still inside librdkafka at the stop");
+                return;
+            }
+            w = self
+                .shared
+                .changed
+                .wait_timeout(w, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(w);
+        let _ = self.thread.join();
+    }
 }
 
 impl ConsumerControl {
-    /// Control `consumer`'s partitions while it is alive.
-    pub fn new(consumer: Weak<SluiceConsumer>) -> std::io::Result<Self> {
-        let (requests, rx) = std::sync::mpsc::channel::<(String, i32, bool)>();
+    /// Control `consumer`'s partitions while it is alive, and the hold to stop that.
+    pub fn new(consumer: Weak<SluiceConsumer>) -> std::io::Result<(Self, ControlStop)> {
+        let shared = Arc::new(Shared::default());
         let span = tracing::Span::current();
-        std::thread::Builder::new()
-            .name("sluice-pause".into())
-            .spawn(move || {
-                let _span = span.enter();
-                while let Ok((topic, partition, pause)) = rx.recv() {
-                    set_paused(&consumer, &topic, partition, pause);
-                }
-            })?;
-        Ok(ConsumerControl { requests })
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("sluice-pause".into())
+                .spawn(move || {
+                    let _span = span.enter();
+                    loop {
+                        let wishes = {
+                            let mut w = shared.wishes.lock().unwrap_or_else(|e| e.into_inner());
+                            while w.pending.is_empty() && !w.closed {
+                                w = shared.changed.wait(w).unwrap_or_else(|e| e.into_inner());
+                            }
+                            if w.closed {
+                                break;
+                            }
+                            w.busy = true;
+                            std::mem::take(&mut w.pending)
+                        };
+                        for ((topic, partition), pause) in wishes {
+                            set_paused(&consumer, &topic, partition, pause);
+                        }
+                        shared.wishes.lock().unwrap_or_else(|e| e.into_inner()).busy = false;
+                        shared.changed.notify_all();
+                    }
+                })?
+        };
+        Ok((
+            ConsumerControl {
+                handle: Arc::new(ControlHandle(shared.clone())),
+            },
+            ControlStop { shared, thread },
+        ))
     }
 
     fn request(&self, topic: &str, partition: i32, pause: bool) {
-        // The thread is gone only if it panicked: nothing to pause any more.
-        let _ = self.requests.send((topic.to_string(), partition, pause));
+        let shared = &self.handle.0;
+        let mut w = shared.wishes.lock().unwrap_or_else(|e| e.into_inner());
+        if w.closed {
+            return;
+        }
+        w.pending.insert((topic.to_string(), partition), pause);
+        drop(w);
+        shared.changed.notify_all();
     }
 }
 
@@ -445,6 +541,38 @@ pub fn spawn_main_queue_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pause thread keeps the latest wish per partition, ends at the stop (the join
+    /// returns), and takes no wish after it.
+    #[test]
+    fn the_pause_thread_keeps_the_latest_wish_and_ends_at_the_stop() {
+        let (c, stop) = ConsumerControl::new(Weak::new()).expect("thread");
+        let shared = c.handle.0.clone();
+        // Twenty wishes for two partitions, each pair ending in a resume.
+        for i in 0..10 {
+            c.pause("t", i % 2);
+            c.resume("t", i % 2);
+        }
+        stop.stop(Duration::from_secs(30));
+        let w = shared.wishes.lock().unwrap();
+        assert!(w.closed && !w.busy);
+        assert!(
+            w.pending.len() <= 2 && w.pending.values().all(|p| !p),
+            "at most the latest wish of each partition, a resume: {:?}",
+            w.pending
+        );
+        drop(w);
+        c.pause("t", 5);
+        assert!(
+            !shared
+                .wishes
+                .lock()
+                .unwrap()
+                .pending
+                .contains_key(&("t".to_string(), 5)),
+            "no wish after the stop"
+        );
+    }
 
     fn stats(
         f: impl FnOnce(&mut rdkafka::statistics::Partition),

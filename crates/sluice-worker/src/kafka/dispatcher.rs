@@ -52,7 +52,7 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
             break;
         }
         std::mem::swap(&mut batch, &mut next);
-        let (first_cost, mut epochs) = if batch.is_empty() {
+        let (first_cost, epochs) = if batch.is_empty() {
             let m = tokio::select! {
                 biased;
                 _ = stop.changed() => break,
@@ -104,11 +104,20 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
                 Some(Some(Ok(m))) => {
                     let cost = RecordBatchBuilder::budget_cost(&m);
                     let e = sluice_rdkafka_ffi::leader_epoch(&m);
+                    // One leader epoch per batch: a batch that began with redelivered
+                    // records of the old epoch and ran on into new ones at reused offsets
+                    // would be judged by its first record (N12). Epochs change only with
+                    // a partition's leader, so this cuts almost never.
+                    if e != epochs.last {
+                        next.push(&m);
+                        next_cost = cost;
+                        next_epoch = e;
+                        break;
+                    }
                     match lane.try_charge(cost) {
                         Some(p) => {
                             permit.merge(p);
                             batch.push(&m);
-                            epochs.last = e;
                         }
                         None => {
                             next.push(&m);

@@ -110,17 +110,18 @@ pub async fn topic_rules(client: &ClientConfig, topic: &str) -> TopicRules {
             .await;
         let rules = match res {
             Ok(rs) => rs.into_iter().next().and_then(|r| match r {
-                Ok(c) => c
-                    .get("max.message.bytes")
-                    .and_then(|e| e.value.as_deref())
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .map(|limit| TopicRules {
-                        max_message_bytes: Some(limit),
-                        compacted: c
-                            .get("cleanup.policy")
-                            .and_then(|e| e.value.as_deref())
-                            .is_some_and(compacts),
-                    }),
+                // Each read on its own: a limit that does not parse still lets the
+                // policy count, and the other way round.
+                Ok(c) => Some(TopicRules {
+                    max_message_bytes: c
+                        .get("max.message.bytes")
+                        .and_then(|e| e.value.as_deref())
+                        .and_then(|v| v.parse::<usize>().ok()),
+                    compacted: c
+                        .get("cleanup.policy")
+                        .and_then(|e| e.value.as_deref())
+                        .is_some_and(compacts),
+                }),
                 Err(e) => {
                     last = e.to_string();
                     None

@@ -124,7 +124,7 @@ impl Metrics {
         let size_buckets = prometheus::exponential_buckets(1.0, 4.0, 10).expect("buckets");
         let m = Metrics {
             pipeline: pipeline.to_string(),
-            consumed: counter("sluice_messages_consumed_total", "Records read from the source partition and handed to processing (each once per partition owner; see sluice_records_dropped_total for the rest).", &p),
+            consumed: counter("sluice_messages_consumed_total", "Records read from the source partition and handed to processing (again when processed again: a rebalance, an exactly-once rewind); see sluice_records_dropped_total for records read and dropped.", &p),
             dropped: counter("sluice_records_dropped_total", "Records read from the source and not handed to processing, by reason: redelivered (this partition's owner received it already: it is in flight or done), before_start (below where startFrom: latest started the partition), truncated (new records at offsets the owner had received before the partition's log was truncated: an unclean leader election; not processed).", &["pipeline", "reason"]),
             processed: counter("sluice_messages_processed_total", "Records run through the processor.", &p),
             delivered: counter("sluice_messages_delivered_total", "Records whose outputs every sink acknowledged.", &p),
