@@ -144,28 +144,19 @@ pub fn load_config(path: &std::path::Path) -> anyhow::Result<WorkerConfig> {
     Ok(WorkerConfig::from_yaml_with_env(&text, std::env::vars())?)
 }
 
-/// Resolves once SIGTERM or SIGINT arrives. The handlers are installed when this is
-/// called (inside the runtime), not when the future is first awaited: a SIGTERM during
-/// start-up, before anything awaits the future, is then a request to stop once start-up is
-/// done, not the default action (death by the signal, exit status 143). The chaos suite's
-/// clean-SIGTERM scenario met that when a worker took its signal while still starting.
-pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate()).ok();
-    let int = signal(SignalKind::interrupt()).ok();
-    async move {
-        let wait = |s: Option<tokio::signal::unix::Signal>| async move {
-            match s {
-                Some(mut s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending::<()>().await,
+/// Resolves once SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
             }
-        };
-        tokio::select! {
-            _ = wait(term) => {},
-            _ = wait(int) => {},
+            Err(_) => std::future::pending::<()>().await,
         }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
     }
 }
 
