@@ -110,6 +110,46 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// Print what explains a failed step: the pods, and per namespace in `namespaces` its
+    /// recent events and the last log lines of each of its pods; then whether this host
+    /// reaches Kafka where the pods are told to. Best effort: a failing command prints
+    /// its error and the rest still runs.
+    pub fn diagnose(&self, namespaces: &[&str]) {
+        let show = |title: &str, args: &[&str]| match self.kubectl().args(args).output() {
+            Ok(o) => eprintln!(
+                "[diagnose] {title}:\n{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("[diagnose] {title}: cannot run kubectl: {e}"),
+        };
+        show("pods", &["get", "pods", "-A", "-o", "wide"]);
+        for ns in namespaces {
+            show(
+                &format!("events in {ns}"),
+                &["get", "events", "-n", ns, "--sort-by=.lastTimestamp"],
+            );
+            let pods = self
+                .k_opt(&["get", "pods", "-n", ns, "-o", "name"])
+                .unwrap_or_default();
+            for pod in pods.lines().filter(|l| !l.is_empty()) {
+                show(
+                    &format!("logs of {ns}/{pod} (last 40 lines)"),
+                    &["logs", "-n", ns, pod, "--all-containers", "--tail=40"],
+                );
+            }
+        }
+        eprintln!(
+            "[diagnose] this host {} Kafka's address for pods, {}",
+            if accepts(&self.pod_bootstrap, Duration::from_secs(3)) {
+                "reaches"
+            } else {
+                "does NOT reach"
+            },
+            self.pod_bootstrap
+        );
+    }
+
     /// Poll until every object in `what` has the condition `ty` with status `True`
     /// ([`crate::wait_condition`]).
     pub fn wait_condition(&self, ns: Option<&str>, what: &[&str], ty: &str, timeout: Duration) {
@@ -170,12 +210,15 @@ pub fn cluster() -> Cluster {
             .next()
             .and_then(|p| p.parse().ok())
             .expect("broker port");
+        ensure_pod_listener(port + 8, &|action| {
+            sh("kafka.sh", &[action]);
+        });
         let tag = env("SLUICE_IMAGE_TAG").unwrap_or_else(|| "dev".into());
         let image = |n: &str| format!("sluice.local/{n}:{tag}");
         eprintln!("[testkit] cluster: local single node (scripts/cluster.sh), kubeconfig {}", kubeconfig.display());
         Cluster {
             kubeconfig,
-            pod_bootstrap: format!("10.244.0.1:{}", port + 8),
+            pod_bootstrap: format!("{BRIDGE_ADDR}:{}", port + 8),
             controller_image: image("sluice-controller"),
             worker_image: image("sluice-worker"),
             enrich_image: image("sluice-enrich-worker"),
@@ -188,6 +231,43 @@ pub fn cluster() -> Cluster {
         }
     })
     .clone()
+}
+
+/// The cluster bridge's address, where the local broker has its listener for pods
+/// (`scripts/kafka.sh`, port + 8) and the API server its address (`scripts/cluster.sh`).
+pub const BRIDGE_ADDR: &str = "10.244.0.1";
+
+/// Whether `addr` accepts a TCP connection within `timeout`.
+fn accepts(addr: &str, timeout: Duration) -> bool {
+    addr.parse()
+        .ok()
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, timeout).is_ok())
+}
+
+/// The local broker adds its listener for pods only when the cluster's bridge exists as it
+/// starts (`scripts/kafka.sh` makes it with `scripts/cluster.sh net`, which needs root; a
+/// failure there leaves the listener out with one line of log). Without it every pod's
+/// connection is refused and the suite would fail minutes later with `KafkaUnavailable`:
+/// check it here, restart the broker with it (a restart keeps the data) when it is missing,
+/// and say plainly what is wrong when that does not help.
+fn ensure_pod_listener(port: u16, kafka_sh: &dyn Fn(&str)) {
+    let addr = format!("{BRIDGE_ADDR}:{port}");
+    if accepts(&addr, Duration::from_secs(3)) {
+        return;
+    }
+    eprintln!(
+        "[testkit] the local broker has no listener for pods on {addr} (started before the cluster's bridge existed?): restarting it (scripts/kafka.sh restart keeps its data)"
+    );
+    kafka_sh("restart");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !accepts(&addr, Duration::from_secs(3)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the local broker still has no listener for pods on {addr} after a restart: see the broker's log (scripts/kafka.sh) for its `listeners=` and `scripts/cluster.sh net`"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("[testkit] the broker's listener for pods on {addr} accepts connections");
 }
 
 /// Split `repository:tag`.

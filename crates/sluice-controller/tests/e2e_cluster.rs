@@ -45,6 +45,21 @@ fn step<T>(name: &str, f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// Prints the cluster's state ([`Cluster::diagnose`]) when the test fails while it lives.
+struct DiagnoseOnPanic<'c> {
+    c: &'c Cluster,
+    namespaces: Vec<String>,
+}
+
+impl Drop for DiagnoseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let ns: Vec<&str> = self.namespaces.iter().map(String::as_str).collect();
+            self.c.diagnose(&ns);
+        }
+    }
+}
+
 fn produce_range(topic: &str, from: u64, count: u64, rate: Option<f64>) {
     let spec = ProduceSpec {
         bootstrap: bootstrap(),
@@ -197,6 +212,10 @@ fn helm_install_apply_autoscale_faults_delete_and_observe_on_a_real_node() {
             format!("e2e-archive-{suffix}"),
         ],
         group: format!("e2e-iot-enrich-{suffix}"),
+    };
+    let _diagnose = DiagnoseOnPanic {
+        c: &c,
+        namespaces: vec![RELEASE_NS.into(), p.ns.clone()],
     };
     rt().block_on(async {
         for t in [&p.input, &p.outputs[0], &p.outputs[1]] {
