@@ -715,3 +715,39 @@ fn a_record_written_after_a_leader_change_has_a_higher_leader_epoch() {
     let second = epoch_of(&c).expect("an epoch");
     assert!(second > first, "{second} after {first}");
 }
+
+/// The same through a feed ([`Msg::leader_epoch`]): what the worker's dispatcher reads.
+#[tokio::test]
+async fn a_fed_record_carries_its_leader_epoch() {
+    let topic = "fed-epochs";
+    let cl = MockCluster::new(2).unwrap();
+    cl.create_topic(topic, 1, 2).unwrap();
+    cl.partition_leader(topic, 0, Some(1)).unwrap();
+    produce(&cl, topic, 0, 1);
+    let c = consumer(&cl, &[]);
+    let mut feed = split(&c, topic);
+    assign(&c, topic);
+    async fn next_epoch(feed: &mut PartitionFeed) -> Option<i32> {
+        loop {
+            tokio::time::timeout(PATIENCE, feed.ready())
+                .await
+                .expect("a record");
+            let mut epoch = None;
+            if feed.drain(|m| {
+                assert!(m.error().is_none(), "{:?}", m.error());
+                epoch = Some(m.leader_epoch());
+                Flow::Stop
+            }) > 0
+            {
+                return epoch.expect("one record");
+            }
+        }
+    }
+    let first = next_epoch(&mut feed)
+        .await
+        .expect("the mock cluster knows leader epochs");
+    cl.partition_leader(topic, 0, Some(2)).unwrap();
+    produce(&cl, topic, 1, 1);
+    let second = next_epoch(&mut feed).await.expect("an epoch");
+    assert!(second > first, "{second} after {first}");
+}

@@ -827,8 +827,7 @@ impl ExactlyOnce {
                 if !sought {
                     return Err(format!("seeking {t}/{p} to {to:?}: {last}"));
                 }
-                let q = consumer
-                    .split_partition_queue(t, p)
+                let q = sluice_rdkafka_ffi::PartitionFeed::split(&consumer, t, p)
                     .ok_or_else(|| format!("could not split the queue of {t}/{p}"))?;
                 tracing::info!(topic = %t, partition = p, offset = ?to, "exactly-once: rewound to the committed offset");
                 parts.push((tp, q));

@@ -18,16 +18,6 @@ use crate::engine::lanes::{lane_for_key, WorkItem};
 use crate::engine::partition::PartitionState;
 use crate::record::Record;
 
-/// The leader epochs (KIP-320) of a batch's first and last records, when the source knows
-/// them (`None`: unknown).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Epochs {
-    /// The first record's.
-    pub first: Option<i32>,
-    /// The last record's.
-    pub last: Option<i32>,
-}
-
 /// The dispatching half of one partition: its worker lanes and the byte budget.
 #[derive(Debug)]
 pub struct PartitionDispatch {
@@ -116,17 +106,17 @@ impl PartitionDispatch {
     pub async fn dispatch(&mut self, records: Vec<Record>) {
         let bytes: usize = records.iter().map(Record::budget_cost).sum();
         let permit = self.charge(bytes).await;
-        self.dispatch_charged(records, permit, Epochs::default())
-            .await;
+        self.dispatch_charged(records, permit, None).await;
     }
 
     /// [`PartitionDispatch::dispatch`] for records already charged to the budget with
-    /// `permit`, whose first and last records have leader `epochs`.
+    /// `permit`, all fetched at leader epoch `epoch` (KIP-320; `None`: unknown). The Kafka
+    /// dispatcher cuts a batch where the epoch changes, so one value is the whole batch's.
     pub async fn dispatch_charged(
         &mut self,
         mut records: Vec<Record>,
         permit: OwnedSemaphorePermit,
-        epochs: Epochs,
+        epoch: Option<i32>,
     ) {
         // Registered inside the window's gate, handed over outside it. The window's end
         // waits for the gate (`WindowGate::close`) and then for everything registered to
@@ -165,7 +155,7 @@ impl PartitionDispatch {
                     // (an unclean leader election) and new records were written at reused
                     // offsets. They cannot be registered again (the tracker's offsets are
                     // in flight or committed); they are counted and named, not hidden.
-                    let truncated = match (epochs.first, self.last_epoch) {
+                    let truncated = match (epoch, self.last_epoch) {
                         (Some(e), Some(known)) => e > known,
                         _ => false,
                     };
@@ -173,7 +163,7 @@ impl PartitionDispatch {
                         self.state.metrics.dropped_truncated.inc_by(n);
                         tracing::error!(topic = %self.state.tp().topic, partition = self.state.tp().partition,
                             first, last, last_registered = seen,
-                            leader_epoch = epochs.first, registered_epoch = self.last_epoch,
+                            leader_epoch = epoch, registered_epoch = self.last_epoch,
                             "the partition's log was truncated below what this worker had received (an unclean leader election?): the new records at reused offsets first..=last are NOT processed; to process them, reset the group's offset of this partition to `first` (kafka-consumer-groups --reset-offsets --to-offset) with the pipeline stopped, which delivers what follows again");
                     } else {
                         self.redelivered += n;
@@ -222,8 +212,8 @@ impl PartitionDispatch {
                 self.state.stall(&e.to_string());
                 return;
             }
-            if epochs.last.is_some() {
-                self.last_epoch = epochs.last;
+            if epoch.is_some() {
+                self.last_epoch = epoch;
             }
             let token = BatchAck::open(self.state.clone(), first, n, Some(permit));
             self.state.metrics.consumed.inc_by(n as u64);
@@ -392,26 +382,22 @@ mod tests {
         let st = state(Arc::new(NoControl));
         let (tx, mut rx) = mpsc::channel(16);
         let mut lane = lane(&st, tx);
-        let epochs = |first, last| Epochs {
-            first: Some(first),
-            last: Some(last),
-        };
-        let send = |lane: &mut PartitionDispatch, from: i64, to: i64, e: Epochs| {
+        let send = |lane: &mut PartitionDispatch, from: i64, to: i64, e: Option<i32>| {
             let records: Vec<Record> = (from..to).map(record).collect();
             let bytes = records.iter().map(Record::budget_cost).sum();
             let permit = lane.try_charge(bytes).expect("budget");
             (records, permit, e)
         };
-        let (r, p, e) = send(&mut lane, 0, 10, epochs(3, 3));
+        let (r, p, e) = send(&mut lane, 0, 10, Some(3));
         lane.dispatch_charged(r, p, e).await;
         rx.recv().await.unwrap().token.ack();
         // A redelivery of the same records (same epoch): dropped as redelivered.
-        let (r, p, e) = send(&mut lane, 5, 10, epochs(3, 3));
+        let (r, p, e) = send(&mut lane, 5, 10, Some(3));
         lane.dispatch_charged(r, p, e).await;
         assert_eq!(st.metrics.dropped_redelivered.get(), 5);
         assert_eq!(st.metrics.dropped_truncated.get(), 0);
         // Truncated to 6; new records at 6..=9 (epoch 5), then 10..12 new ones.
-        let (r, p, e) = send(&mut lane, 6, 12, epochs(5, 5));
+        let (r, p, e) = send(&mut lane, 6, 12, Some(5));
         lane.dispatch_charged(r, p, e).await;
         assert_eq!(
             st.metrics.dropped_truncated.get(),
@@ -426,8 +412,8 @@ mod tests {
             "what is past the received offsets goes on"
         );
         // Unknown epochs (a broker without them): a redelivery, as before.
-        let (r, p, _) = send(&mut lane, 0, 3, Epochs::default());
-        lane.dispatch_charged(r, p, Epochs::default()).await;
+        let (r, p, e) = send(&mut lane, 0, 3, None);
+        lane.dispatch_charged(r, p, e).await;
         assert_eq!(st.metrics.dropped_redelivered.get(), 8);
         assert!(!st.is_stalled());
     }

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use sluice_api::config::{StartFrom, Subscription, WorkerConfig};
 use tokio::sync::{mpsc, watch};
 
@@ -19,7 +18,7 @@ use crate::engine::lanes::lane_geometry;
 use crate::engine::partition::{Incarnation, PartitionControl, PartitionState, TopicPartition};
 use crate::engine::pool::spawn_workers;
 use crate::engine::registry::{Entry, Registry};
-use crate::kafka::consumer::{SluiceConsumer, SluiceContext};
+use crate::kafka::consumer::SluiceConsumer;
 use crate::kafka::dispatcher::run_kafka_dispatcher;
 use crate::kafka::start_from::start_latest;
 use crate::ops::health::Health;
@@ -27,7 +26,7 @@ use crate::ops::metrics::Metrics;
 use crate::processor::Processor;
 
 /// A partition's split-off queue, as the rebalance callback hands it over.
-pub type PartitionQueue = StreamPartitionQueue<SluiceContext>;
+pub type PartitionQueue = sluice_rdkafka_ffi::PartitionFeed;
 
 /// The owned partitions and what a new incarnation needs.
 pub struct Assignment {

@@ -18,12 +18,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
+use sluice_rdkafka_ffi::PartitionFeed;
 use tokio::sync::mpsc;
 
 use crate::engine::partition::{PartitionControl, TopicPartition};
@@ -37,7 +37,7 @@ pub type SluiceConsumer = StreamConsumer<SluiceContext>;
 /// A rebalance, as seen by the coordinator.
 pub enum RebalanceEvent {
     /// New partitions, each with its own queue already split off.
-    Assigned(Vec<(TopicPartition, StreamPartitionQueue<SluiceContext>)>),
+    Assigned(Vec<(TopicPartition, PartitionFeed)>),
     /// librdkafka applied an assignment (after [`RebalanceEvent::Assigned`]): the
     /// coordinator states each partition's pause flag again. A pause or resume issued
     /// before the assignment took effect can be dropped by librdkafka as outdated (starting
@@ -254,7 +254,7 @@ impl ConsumerContext for SluiceContext {
                 };
                 let mut queues = Vec::with_capacity(parts.len());
                 for tp in parts {
-                    match consumer.split_partition_queue(&tp.topic, tp.partition) {
+                    match PartitionFeed::split(&consumer, &tp.topic, tp.partition) {
                         Some(q) => queues.push((tp, q)),
                         None => {
                             tracing::error!(topic = %tp.topic, partition = tp.partition, "could not split the partition queue")

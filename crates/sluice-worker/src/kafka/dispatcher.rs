@@ -1,14 +1,14 @@
-//! The Kafka source of a partition: reads its split-off librdkafka queue into the
-//! partition's [`PartitionDispatch`], cutting what is ready into batches.
+//! The Kafka source of a partition: drains its split-off librdkafka queue (a
+//! [`PartitionFeed`]) into the partition's [`PartitionDispatch`], cutting what is ready into
+//! batches.
 
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
-use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
-use rdkafka::consumer::ConsumerContext;
+use rdkafka::message::Message;
+use sluice_rdkafka_ffi::{Flow, Msg, PartitionFeed};
 use tokio::sync::watch;
 
-use crate::engine::dispatch::{Epochs, PartitionDispatch};
+use crate::engine::dispatch::PartitionDispatch;
 use crate::engine::lanes::DISPATCH_BATCH;
 use crate::record::RecordBatchBuilder;
 
@@ -16,47 +16,59 @@ use crate::record::RecordBatchBuilder;
 /// handed over (a transaction's commit marker at the end of the log).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
-/// Read `queue` into `lane` until `stop` turns true. A record read but not dispatched
+/// Read `feed` into `lane` until `stop` turns true. A record taken but not dispatched
 /// when it stops (it was waiting for budget) is never registered, so never committed
 /// past: the partition's next owner reads it again.
 ///
-/// Per record this does only what must be per record: take the message from librdkafka,
-/// copy its key and value into the batch's one buffer ([`RecordBatchBuilder`]) and take
-/// its cost from the budget; counters and the hand-off are per batch.
+/// Records are taken a batch at a time: one [`PartitionFeed::drain`] hands over every
+/// record ready (up to a dispatch batch, or what the budget allows) under one lock of
+/// librdkafka's queue, instead of one `poll` (an event, an `Arc`, clock reads and lock
+/// pairs) per record. Per record this does only what must be per record: copy its key and
+/// value into the batch's one buffer ([`RecordBatchBuilder`]), read its leader epoch and
+/// take its cost from the budget; counters and the hand-off are per batch.
+///
+/// A record the drain gave is taken (librdkafka moved its application position past it,
+/// and a pause resumes after it): one that does not fit the budget or begins a new leader
+/// epoch is kept in `next`, copied, and begins the next batch; it is never left behind.
 ///
 /// While idle, when statistics show the consumer's fetch position beyond what was handed
 /// over (transaction markers, aborted records: never handed over), it reads librdkafka's
 /// application position with `position` and reports it (see
 /// [`crate::engine::partition::PartitionState::handed_over`]), so the commit can pass them.
-pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
-    queue: StreamPartitionQueue<C>,
-    mut lane: PartitionDispatch,
-    mut stop: watch::Receiver<bool>,
+pub async fn run_kafka_dispatcher(
+    mut feed: PartitionFeed,
+    lane: PartitionDispatch,
+    stop: watch::Receiver<bool>,
     position: impl Fn() -> Option<i64>,
 ) {
+    let mut lane = lane;
+    let mut stop = stop;
     let topic = lane.state().tp().topic.clone();
-    let stream = queue.stream();
-    tokio::pin!(stream);
+    let partition = lane.state().tp().partition;
+    let consumer_error = |m: &Msg<'_>| {
+        let reason = m.payload().map(String::from_utf8_lossy).unwrap_or_default();
+        tracing::warn!(topic = %topic, partition, error = ?m.error(), offset = m.offset(), %reason, "consumer error on partition queue");
+    };
     // Each record is charged to the in-flight budget as it is taken from librdkafka, so
-    // what a dispatcher holds uncharged is at most one record (`next`: read, and waiting
+    // what a dispatcher holds uncharged is at most one record (`next`: taken, and waiting
     // for budget) and its batch buffer's slack (at most 64 KiB, `record.rs`), not a
     // whole batch per partition.
     let mut batch = RecordBatchBuilder::new();
     let mut next = RecordBatchBuilder::new();
     let mut next_cost = 0;
-    // The leader epochs of `batch`'s first and last records, and of the one in `next` (N12:
-    // how a record at a reused offset is told from one received before).
+    // The leader epoch of the record in `next` (N12: how a record at a reused offset is
+    // told from one received before).
     let mut next_epoch = None;
     loop {
         if *stop.borrow() {
             break;
         }
         std::mem::swap(&mut batch, &mut next);
-        let (first_cost, epochs) = if batch.is_empty() {
-            let m = tokio::select! {
+        let (first_cost, epoch) = if batch.is_empty() {
+            tokio::select! {
                 biased;
                 _ = stop.changed() => break,
-                m = stream.next() => m,
+                () = feed.ready() => {}
                 // Nothing received for a while: everything received is registered, and
                 // the queue was served up to now.
                 _ = tokio::time::sleep(IDLE_CHECK) => {
@@ -69,29 +81,24 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
                     }
                     continue;
                 }
-            };
-            match m {
-                Some(Ok(m)) => {
-                    lane.state().fetched();
-                    let e = sluice_rdkafka_ffi::leader_epoch(&m);
-                    batch.push(&m);
-                    (
-                        RecordBatchBuilder::budget_cost(&m),
-                        Epochs { first: e, last: e },
-                    )
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(topic = %topic, partition = lane.state().tp().partition, error = %e, "consumer error on partition queue");
-                    continue;
-                }
-                None => break,
             }
+            // The first record: taken whatever the budget, which is waited for below.
+            let mut first = None;
+            feed.drain(|m| {
+                if m.error().is_some() {
+                    consumer_error(m);
+                    return Flow::Continue;
+                }
+                batch.push(m);
+                first = Some((RecordBatchBuilder::budget_cost(m), m.leader_epoch()));
+                Flow::Stop
+            });
+            // Only errors, or ops librdkafka dropped as outdated (a seek, a pause).
+            let Some(first) = first else { continue };
+            lane.state().fetched();
+            first
         } else {
-            let carried = Epochs {
-                first: next_epoch,
-                last: next_epoch,
-            };
-            (next_cost, carried)
+            (next_cost, next_epoch)
         };
         let mut permit = tokio::select! {
             biased;
@@ -99,43 +106,45 @@ pub async fn run_kafka_dispatcher<C: ConsumerContext + 'static>(
             _ = stop.changed() => break,
             p = lane.charge(first_cost) => p,
         };
-        while batch.len() < DISPATCH_BATCH {
-            match stream.next().now_or_never() {
-                Some(Some(Ok(m))) => {
-                    let cost = RecordBatchBuilder::budget_cost(&m);
-                    let e = sluice_rdkafka_ffi::leader_epoch(&m);
-                    // One leader epoch per batch: a batch that began with redelivered
-                    // records of the old epoch and ran on into new ones at reused offsets
-                    // would be judged by its first record (N12). Epochs change only with
-                    // a partition's leader, so this cuts almost never.
-                    if e != epochs.last {
-                        next.push(&m);
+        // The rest of what is ready, while it fits the batch and the budget.
+        if batch.len() < DISPATCH_BATCH {
+            feed.drain(|m| {
+                if m.error().is_some() {
+                    consumer_error(m);
+                    return Flow::Stop;
+                }
+                let cost = RecordBatchBuilder::budget_cost(m);
+                let e = m.leader_epoch();
+                // One leader epoch per batch: a batch that began with redelivered records
+                // of the old epoch and ran on into new ones at reused offsets would be
+                // judged by its first record (N12). Epochs change only with a partition's
+                // leader, so this cuts almost never.
+                let charged = if e == epoch {
+                    lane.try_charge(cost)
+                } else {
+                    None
+                };
+                match charged {
+                    Some(p) => {
+                        permit.merge(p);
+                        batch.push(m);
+                        if batch.len() < DISPATCH_BATCH {
+                            Flow::Continue
+                        } else {
+                            Flow::Stop
+                        }
+                    }
+                    None => {
+                        next.push(m);
                         next_cost = cost;
                         next_epoch = e;
-                        break;
-                    }
-                    match lane.try_charge(cost) {
-                        Some(p) => {
-                            permit.merge(p);
-                            batch.push(&m);
-                        }
-                        None => {
-                            next.push(&m);
-                            next_cost = cost;
-                            next_epoch = e;
-                            break;
-                        }
+                        Flow::Stop
                     }
                 }
-                Some(Some(Err(e))) => {
-                    tracing::warn!(topic = %topic, partition = lane.state().tp().partition, error = %e, "consumer error on partition queue");
-                    break;
-                }
-                _ => break,
-            }
+            });
         }
         lane.state().fetched();
         let records = batch.finish(&topic);
-        lane.dispatch_charged(records, permit, epochs).await;
+        lane.dispatch_charged(records, permit, epoch).await;
     }
 }
