@@ -256,8 +256,13 @@ impl ConsumerContext for SluiceContext {
                 for tp in parts {
                     match PartitionFeed::split(&consumer, &tp.topic, tp.partition) {
                         Some(q) => queues.push((tp, q)),
+                        // A partition assigned without its own queue would never be read by
+                        // a dispatcher (its records would go to the main queue, or stay in a
+                        // queue split off before): not a state to run on. Stop the worker
+                        // (like a fatal error); its restart begins with a fresh client.
                         None => {
-                            tracing::error!(topic = %tp.topic, partition = tp.partition, "could not split the partition queue")
+                            tracing::error!(topic = %tp.topic, partition = tp.partition, "could not split the partition's queue (librdkafka gave none, or a feed of it is still alive): stopping the worker");
+                            self.fatal.store(true, std::sync::atomic::Ordering::Release);
                         }
                     }
                 }

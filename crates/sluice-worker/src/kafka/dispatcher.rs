@@ -59,6 +59,11 @@ pub async fn run_kafka_dispatcher(
     // The leader epoch of the record in `next` (N12: how a record at a reused offset is
     // told from one received before).
     let mut next_epoch = None;
+    // When to check for records the consumer moved past without handing them over: one
+    // deadline, moved on only when a record is taken or the check ran, so a stream of ops
+    // that are not records (aborted transactions' markers, outdated ops) cannot postpone it.
+    let idle = tokio::time::sleep(IDLE_CHECK);
+    tokio::pin!(idle);
     loop {
         if *stop.borrow() {
             break;
@@ -71,7 +76,8 @@ pub async fn run_kafka_dispatcher(
                 () = feed.ready() => {}
                 // Nothing received for a while: everything received is registered, and
                 // the queue was served up to now.
-                _ = tokio::time::sleep(IDLE_CHECK) => {
+                () = &mut idle => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + IDLE_CHECK);
                     let st = lane.state();
                     let known = st.handed_over_position().or(st.last_registered().map(|l| l + 1));
                     if st.fetch_position().is_some_and(|f| known.is_none_or(|k| f > k)) {
@@ -146,5 +152,7 @@ pub async fn run_kafka_dispatcher(
         lane.state().fetched();
         let records = batch.finish(&topic);
         lane.dispatch_charged(records, permit, epoch).await;
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + IDLE_CHECK);
     }
 }
