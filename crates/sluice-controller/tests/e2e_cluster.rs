@@ -134,6 +134,17 @@ impl Pipeline<'_> {
         uncommitted(&bootstrap(), &self.group, &self.input)
     }
 
+    /// The input's lag in total and the number of its partitions with any lag (one read).
+    fn lag_and_busy(&self) -> (i64, usize) {
+        match sluice_testkit::offsets::committed_and_end(&bootstrap(), &self.group, &self.input) {
+            Ok(parts) => {
+                let lags: Vec<i64> = parts.iter().map(|(c, hi)| hi - c.unwrap_or(0)).collect();
+                (lags.iter().sum(), lags.iter().filter(|l| **l > 0).count())
+            }
+            Err(_) => (i64::MAX, usize::MAX),
+        }
+    }
+
     fn wait_drained(&self, what: &str, timeout: Duration) {
         wait_for(what, timeout, || self.lag() == 0);
     }
@@ -651,8 +662,12 @@ fn autoscale(p: &Pipeline) -> Timeline {
         // How soon replicas rise is measured (the timeline), not asserted: a timed assertion
         // on a shared 2-core node fails by load, not by behaviour. That they rise at all
         // while the backlog lasts is asserted below (peak > 1).
-        let lag = p.lag();
-        if lag > LAG_PER_REPLICA as i64 {
+        // The controller wants more than one replica while the lag is over lagPerReplica
+        // *and* on more than one partition (`autoscale/policy.rs`: desired =
+        // min(ceil(lag / lagPerReplica), partitions with lag)): near the end of a drain the
+        // last lag is often on one partition, which one replica serves as fast as four.
+        let (lag, busy) = p.lag_and_busy();
+        if lag > LAG_PER_REPLICA as i64 && busy > 1 {
             tl.last_wanting_more = el;
         }
         if !drained && lag == 0 {
@@ -666,8 +681,9 @@ fn autoscale(p: &Pipeline) -> Timeline {
     }
     assert!(tl.peak > 1, "scaled up: {tl:?}");
     // The window runs from the controller's last recommendation of more than one replica,
-    // made at a lag read (every POLL) while the lag was over lagPerReplica: no earlier than
-    // POLL before the lag fell under it, which this loop saw last at `last_wanting_more`.
+    // made at a lag read (every POLL) while the lag was over lagPerReplica on more than one
+    // partition: no earlier than POLL before that ended, which this loop saw last at
+    // `last_wanting_more`.
     // (The lag reaching 0 comes later, by the drain of that last lagPerReplica and a commit:
     // measured from it, the window looked up to that much short.)
     assert!(
