@@ -689,16 +689,23 @@ async fn a_panic_in_the_closure_surfaces_after_the_drain_and_keeps_the_rest() {
     assert_eq!(rest.offsets, (3..n as i64).collect::<Vec<_>>());
 }
 
-/// A consumed message carries the epoch of the leader it was fetched from, and a record
-/// written after a leader change carries a higher one.
-#[test]
-fn a_record_written_after_a_leader_change_has_a_higher_leader_epoch() {
-    let topic = "epochs";
+/// A two-broker mock cluster with `topic` (one partition, replicated, led by broker 1) holding
+/// one record, and a consumer of it (not yet assigned).
+fn one_record_on_broker_1(topic: &str) -> (Cluster, Arc<TestConsumer>) {
     let cl = MockCluster::new(2).unwrap();
     cl.create_topic(topic, 1, 2).unwrap();
     cl.partition_leader(topic, 0, Some(1)).unwrap();
     produce(&cl, topic, 0, 1);
     let c = consumer(&cl, &[]);
+    (cl, c)
+}
+
+/// A consumed message carries the epoch of the leader it was fetched from, and a record
+/// written after a leader change carries a higher one.
+#[test]
+fn a_record_written_after_a_leader_change_has_a_higher_leader_epoch() {
+    let topic = "epochs";
+    let (cl, c) = one_record_on_broker_1(topic);
     assign(&c, topic);
     let epoch_of = |c: &TestConsumer| {
         let deadline = std::time::Instant::now() + PATIENCE;
@@ -720,11 +727,7 @@ fn a_record_written_after_a_leader_change_has_a_higher_leader_epoch() {
 #[tokio::test]
 async fn a_fed_record_carries_its_leader_epoch() {
     let topic = "fed-epochs";
-    let cl = MockCluster::new(2).unwrap();
-    cl.create_topic(topic, 1, 2).unwrap();
-    cl.partition_leader(topic, 0, Some(1)).unwrap();
-    produce(&cl, topic, 0, 1);
-    let c = consumer(&cl, &[]);
+    let (cl, c) = one_record_on_broker_1(topic);
     let mut feed = split(&c, topic);
     assign(&c, topic);
     async fn next_epoch(feed: &mut PartitionFeed) -> Option<i32> {
